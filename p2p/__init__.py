@@ -1,0 +1,89 @@
+"""p2p: a peer-to-peer, local-first sync engine for chat.
+
+The public surface is re-exported here (and pinned by ``tests/test_exports.py``);
+everything else lives in modules an app need not import.
+"""
+
+from p2p.core import DeviceState, Enrollment
+from p2p.errors import (
+    AlreadyInitialized,
+    BadSignature,
+    CryptoError,
+    DecryptionFailed,
+    DeviceListError,
+    FrameTooLarge,
+    HandshakeFailed,
+    InvalidUpdate,
+    MalformedFrame,
+    NodeError,
+    NotInitialized,
+    P2PError,
+    ProtocolError,
+    RemovedDevice,
+    ReplayDetected,
+    RollbackRefused,
+    StoreCorrupt,
+    StoreError,
+    TooManyDevices,
+    UnknownChat,
+    UnknownDevice,
+    UnknownKey,
+    UnsupportedVersion,
+    WireError,
+)
+from p2p.events import (
+    ChatChanged,
+    DeviceListChanged,
+    EntryRejected,
+    Event,
+    InputRejected,
+    PeerConnected,
+    PeerDisconnected,
+)
+from p2p.home import default_home, init_account
+from p2p.model import Message
+from p2p.node import Node, open_node
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlreadyInitialized",
+    "BadSignature",
+    "ChatChanged",
+    "CryptoError",
+    "DecryptionFailed",
+    "DeviceListChanged",
+    "DeviceListError",
+    "DeviceState",
+    "Enrollment",
+    "EntryRejected",
+    "Event",
+    "FrameTooLarge",
+    "HandshakeFailed",
+    "InputRejected",
+    "InvalidUpdate",
+    "MalformedFrame",
+    "Message",
+    "Node",
+    "NodeError",
+    "NotInitialized",
+    "P2PError",
+    "PeerConnected",
+    "PeerDisconnected",
+    "ProtocolError",
+    "RemovedDevice",
+    "ReplayDetected",
+    "RollbackRefused",
+    "StoreCorrupt",
+    "StoreError",
+    "TooManyDevices",
+    "UnknownChat",
+    "UnknownDevice",
+    "UnknownKey",
+    "UnsupportedVersion",
+    "WireError",
+    "__version__",
+    "default_home",
+    "init_account",
+    "open_node",
+]

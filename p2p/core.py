@@ -1,0 +1,414 @@
+"""A device's state and every operation on it, without I/O: the engine's pure heart.
+
+:class:`DeviceState` holds the keys, the signed device list, one :class:`Replica` per
+space with its epoch keys, the envelope counter and the replay windows. Each operation
+returns the :class:`WriteBatch` that makes it durable; the node (``p2p.node``) writes
+batches to its store and talks to the network. Tests drive this class directly to check
+the protocol without sockets, threads or clocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from p2p import envelope
+from p2p.clock import HybridClock
+from p2p.errors import (
+    DeviceListError,
+    MalformedFrame,
+    NotInitialized,
+    StoreCorrupt,
+    UnknownChat,
+    UnknownKey,
+    WireError,
+)
+from p2p.identity import (
+    AccountKey,
+    DeviceEntry,
+    DeviceKeys,
+    DeviceList,
+    accept_device_list,
+    parse_device_list,
+)
+from p2p.model import Entry, Kind, Replica, new_id
+from p2p.storage.base import Store, WriteBatch
+from p2p.wire import MAX_ID, pack, unpack
+
+COUNTER_BLOCK: Final = 1024
+"""Envelope counters reserved per store write: a crash skips at most this many."""
+NOTES: Final = "notes"
+"""Name of the conversation every account starts with (a note-to-self chat)."""
+
+SpaceKind = Literal["account", "chat"]
+
+
+@dataclass
+class Space:
+    """A replicated document and the keys that open it."""
+
+    id: str
+    kind: SpaceKind
+    name: str
+    epoch: int
+    keys: dict[int, bytes]
+    replica: Replica
+
+    def meta_record(self) -> bytes:
+        return pack([self.kind, self.name, self.epoch])
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ingested:
+    """An envelope accepted into a replica."""
+
+    space: str
+    sender: str
+    counter: int
+    update: bytes
+    batch: WriteBatch
+
+
+@dataclass(frozen=True, kw_only=True)
+class Enrollment:
+    """What a new device needs to join its account: list, spaces, keys, history.
+
+    Issue-4 linking delivers this sealed to the new device; tests and ``p2p.testing``
+    hand it over in memory.
+    """
+
+    account_pk: bytes
+    device_list: bytes
+    spaces: list[tuple[str, str, str, int, dict[int, bytes], bytes]]
+    """(space id, kind, name, epoch, epoch -> key, full-state update)."""
+
+
+class DeviceState:
+    """Everything one device knows; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        keys: DeviceKeys,
+        name: str,
+        device_list: DeviceList,
+        account_key: AccountKey | None = None,
+    ) -> None:
+        self.keys = keys
+        self.name = name
+        self.device_list = device_list
+        self.account_key = account_key
+        self.spaces: dict[str, Space] = {}
+        self.counter = 0
+        self.counter_reserved = 0
+        self.replay: dict[str, envelope.ReplayWindow] = {}
+        self.clock = HybridClock()
+        self.unsaved = WriteBatch()
+
+    # ---- identity ------------------------------------------------------------------
+
+    @property
+    def device_id(self) -> str:
+        return self.keys.device_id
+
+    @property
+    def account_id(self) -> str:
+        return self.device_list.account_id
+
+    @property
+    def is_primary(self) -> bool:
+        return self.account_key is not None
+
+    def current_signing_key(self, device_id: str) -> bytes:
+        """Signing key of a device on the current list (UnknownDevice/RemovedDevice)."""
+        return self.device_list.entry(device_id).sign_pk
+
+    def any_signing_key(self, device_id: str) -> bytes | None:
+        """Signing key of any device this account ever had: to check what it wrote."""
+        return self.device_list.signing_key_of(device_id)
+
+    def account_of(self, device_id: str) -> str | None:
+        return self.account_id if self.device_list.signing_key_of(device_id) else None
+
+    def spaces_for(self, device_id: str) -> list[str]:
+        """Spaces a device may read: all of them for our own current devices."""
+        return sorted(self.spaces) if device_id in self.device_list.ids else []
+
+    # ---- creation and loading ------------------------------------------------------
+
+    @classmethod
+    def create_account(cls, name: str) -> tuple[DeviceState, WriteBatch]:
+        """A new account whose primary is this device, with its account and notes spaces."""
+        keys, account = DeviceKeys.generate(), AccountKey.generate()
+        state = cls(
+            keys=keys,
+            name=name,
+            device_list=DeviceList.create(account, keys, name),
+            account_key=account,
+        )
+        batches = [state._identity_batch()]
+        batches.append(state.add_space(new_id(), "account", "account"))
+        batches.append(state.add_space(new_id(), "chat", NOTES))
+        return state, merge_batches(batches)
+
+    @classmethod
+    def from_enrollment(
+        cls, keys: DeviceKeys, name: str, bundle: Enrollment
+    ) -> tuple[DeviceState, WriteBatch]:
+        """A companion's state from the bundle its primary sent."""
+        device_list = parse_device_list(bundle.device_list, bundle.account_pk)
+        if keys.device_id not in device_list.ids:
+            raise DeviceListError("the enrollment's device list does not hold this device")
+        state = cls(keys=keys, name=name, device_list=device_list)
+        batches = [state._identity_batch()]
+        for space_id, kind, space_name, epoch, space_keys, update in bundle.spaces:
+            if kind not in ("account", "chat"):
+                raise DeviceListError(f"enrollment names an unknown space kind {kind!r}")
+            batches.append(
+                state.add_space(space_id, kind, space_name, epoch=epoch, keys=space_keys)  # type: ignore[arg-type]
+            )
+            state.spaces[space_id].replica.apply(update)
+            batches.append(WriteBatch(appends=[(space_id, update)]))
+        return state, merge_batches(batches)
+
+    def enroll(self, new_device: DeviceKeys, name: str) -> tuple[Enrollment, WriteBatch]:
+        """Primary only: add a companion to the list and build its enrollment bundle.
+
+        The companion's private keys never leave it in the real flow; here the caller
+        passes them because tests create both ends in one process.
+        """
+        if self.account_key is None:
+            raise DeviceListError("only the primary can link a device")
+        entry = DeviceEntry(
+            name=name, role="companion", sign_pk=new_device.sign_pk, box_pk=new_device.box_pk
+        )
+        self.device_list = self.device_list.with_device(self.account_key, entry)
+        bundle = Enrollment(
+            account_pk=self.device_list.account_pk,
+            device_list=self.device_list.encode(),
+            spaces=[
+                (s.id, s.kind, s.name, s.epoch, dict(s.keys), s.replica.snapshot())
+                for s in self.spaces.values()
+            ],
+        )
+        return bundle, WriteBatch(records={"account/list": self.device_list.encode()})
+
+    def _identity_batch(self) -> WriteBatch:
+        records = {
+            "device/keys": self.keys.to_record(),
+            "device/name": self.name.encode(),
+            "account/pk": self.device_list.account_pk,
+            "account/list": self.device_list.encode(),
+        }
+        if self.account_key is not None:
+            records["account/key"] = self.account_key.seed
+        return WriteBatch(records=records)
+
+    def add_space(
+        self,
+        space_id: str,
+        kind: SpaceKind,
+        name: str,
+        *,
+        epoch: int = 0,
+        keys: dict[int, bytes] | None = None,
+    ) -> WriteBatch:
+        keys = keys if keys is not None else {epoch: envelope.new_space_key()}
+        self.spaces[space_id] = Space(space_id, kind, name, epoch, dict(keys), Replica(space_id))
+        records = {f"space/{space_id}": self.spaces[space_id].meta_record()}
+        for e, k in keys.items():
+            records[f"spacekey/{space_id}/{e}"] = k
+        return WriteBatch(records=records)
+
+    @classmethod
+    def load(cls, store: Store) -> DeviceState:
+        """Rebuild the state from a store: records, then each space's snapshot and tail."""
+        raw_keys = store.get("device/keys")
+        if raw_keys is None:
+            raise NotInitialized("this home holds no device")
+        try:
+            keys = DeviceKeys.from_record(raw_keys)
+            account_pk = _required(store, "account/pk")
+            device_list = parse_device_list(_required(store, "account/list"), account_pk)
+            seed = store.get("account/key")
+            state = cls(
+                keys=keys,
+                name=_required(store, "device/name").decode(),
+                device_list=device_list,
+                account_key=AccountKey(seed) if seed else None,
+            )
+            for name in store.names("space/"):
+                space_id = name.removeprefix("space/")
+                kind, space_name, epoch = unpack(_required(store, name), what="space record")
+                space_keys = {
+                    int(k.rsplit("/", 1)[1]): _required(store, k)
+                    for k in store.names(f"spacekey/{space_id}/")
+                }
+                state.spaces[space_id] = Space(
+                    space_id, kind, space_name, epoch, space_keys, Replica(space_id)
+                )
+                log = store.load_space(space_id)
+                replica = state.spaces[space_id].replica
+                if log.snapshot is not None:
+                    replica.apply(log.snapshot)
+                for update in log.updates:
+                    replica.apply(update)
+            for name in store.names("replay/"):
+                state.replay[name.removeprefix("replay/")] = envelope.ReplayWindow.from_record(
+                    _required(store, name)
+                )
+            reserved = store.get("counter")
+            state.counter = state.counter_reserved = (
+                unpack(reserved, what="counter") if reserved else 0
+            )
+            last = store.get("clock")
+            if last:
+                state.clock = HybridClock(last.decode())
+        except (WireError, DeviceListError, ValueError, TypeError, KeyError) as exc:
+            raise StoreCorrupt(f"device records are unreadable: {exc}") from exc
+        return state
+
+    # ---- writing locally -----------------------------------------------------------
+
+    def space(self, space_id: str) -> Space:
+        try:
+            return self.spaces[space_id]
+        except KeyError:
+            raise UnknownChat(space_id) from None
+
+    def chat_by_name(self, name: str) -> Space:
+        """A chat by id, or by its name when no id matches."""
+        if name in self.spaces:
+            return self.spaces[name]
+        for s in self.spaces.values():
+            if s.kind == "chat" and s.name == name:
+                return s
+        raise UnknownChat(name)
+
+    def new_entry(
+        self, space_id: str, kind: Kind, wall_ms: int, *, body: str = "", target: str = ""
+    ) -> Entry:
+        """A signed entry authored by this device, timestamped now."""
+        entry = Entry(
+            id=new_id(),
+            kind=kind,
+            account=self.account_id,
+            device=self.device_id,
+            ts=self.clock.now(wall_ms),
+            target=target,
+            body=body,
+        )
+        return entry.signed(space_id, self.keys)
+
+    def write_local(self, space_id: str, entries: list[Entry]) -> tuple[bytes, WriteBatch]:
+        """Put entries in the replica; return the update and the batch persisting it."""
+        update = self.space(space_id).replica.write(entries)
+        batch = WriteBatch(
+            records={"clock": self.clock.last.encode()}, appends=[(space_id, update)]
+        )
+        return update, batch
+
+    # ---- sealing and opening -------------------------------------------------------
+
+    def seal(self, space_id: str, payload: bytes) -> bytes:
+        """Seal ``payload`` for a space with the next counter.
+
+        Counters are reserved in blocks; a new reservation waits in :attr:`unsaved`
+        until the node writes it (after a crash, counting resumes past the block).
+        """
+        space = self.space(space_id)
+        self.counter += 1
+        if self.counter > self.counter_reserved:
+            self.counter_reserved = self.counter + COUNTER_BLOCK
+            self.unsaved.records["counter"] = pack(self.counter_reserved)
+        return envelope.seal(
+            self.keys,
+            space=space_id,
+            epoch=space.epoch,
+            key=space.keys[space.epoch],
+            counter=self.counter,
+            payload=payload,
+        )
+
+    def take_unsaved(self) -> WriteBatch:
+        """Records changed outside an operation's own batch (counter reservations)."""
+        batch, self.unsaved = self.unsaved, WriteBatch()
+        return batch
+
+    def state_vector(self, space_id: str) -> bytes:
+        return self.space(space_id).replica.state_vector()
+
+    def diff(self, space_id: str, state_vector: bytes) -> bytes:
+        return self.space(space_id).replica.diff(state_vector)
+
+    def space_key(self, space_id: str, epoch: int) -> bytes:
+        space = self.spaces.get(space_id)
+        if space is None or epoch not in space.keys:
+            raise UnknownKey(space_id, epoch)
+        return space.keys[epoch]
+
+    def ingest(self, data: bytes) -> Ingested:
+        """Verify, decrypt, replay-check and apply one envelope.
+
+        Raises a typed error and changes nothing when any check fails (the replay window
+        moves only after the update applied).
+        """
+        parsed = envelope.parse(data)
+        window = self.replay.get(parsed.sender) or envelope.ReplayWindow()
+        window.check(parsed.sender, parsed.counter)  # cheap, before any signature check
+        opened = envelope.open_parsed(
+            parsed, signing_key_of=self.current_signing_key, space_key=self.space_key
+        )
+        self.spaces[opened.space].replica.apply(opened.payload)
+        window.accept(opened.counter)
+        self.replay[opened.sender] = window
+        batch = WriteBatch(
+            records={f"replay/{opened.sender}": window.to_record()},
+            appends=[(opened.space, opened.payload)],
+        )
+        return Ingested(
+            space=opened.space,
+            sender=opened.sender,
+            counter=opened.counter,
+            update=opened.payload,
+            batch=batch,
+        )
+
+    def offer_device_list(self, data: bytes) -> WriteBatch | None:
+        """Adopt a newer signed device list; None if it is the one we hold.
+
+        RollbackRefused for an older one, DeviceListError for a forged one.
+        """
+        try:
+            offered = DeviceList.decode(data)
+        except WireError as exc:
+            raise DeviceListError(f"device list is malformed: {exc}") from exc
+        kept = accept_device_list(self.device_list, offered)
+        if kept is self.device_list:
+            return None
+        self.device_list = kept
+        return WriteBatch(records={"account/list": kept.encode()})
+
+
+def _required(store: Store, name: str) -> bytes:
+    value = store.get(name)
+    if value is None:
+        raise KeyError(f"record {name} is missing")
+    return value
+
+
+def merge_batches(batches: list[WriteBatch]) -> WriteBatch:
+    """One batch doing what all of ``batches`` do, in order (for group commit)."""
+    out = WriteBatch()
+    for b in batches:
+        out.records.update(b.records)
+        out.deletes -= set(b.records)
+        out.deletes |= b.deletes
+        out.appends.extend(b.appends)
+    return out
+
+
+def check_id(value: str) -> str:
+    if not (0 < len(value) <= MAX_ID):
+        raise MalformedFrame(f"id of {len(value)} characters")
+    return value

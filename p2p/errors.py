@@ -1,0 +1,161 @@
+"""The error tree of p2p: one root, one branch per layer, fields that say what went wrong.
+
+Every input from outside (frames, envelopes, CRDT updates, files, pairing codes) that is
+refused raises one of these, never a bare ``ValueError`` or a pycrdt panic. Callers that
+embed the engine catch :class:`P2PError`; a node that receives bad input from a peer
+closes that peer's connection and keeps running.
+"""
+
+from __future__ import annotations
+
+
+class P2PError(Exception):
+    """Root of every error p2p raises on purpose."""
+
+
+# --- wire ---------------------------------------------------------------------------
+
+
+class WireError(P2PError):
+    """Bytes that are not a valid frame of our protocol."""
+
+
+class FrameTooLarge(WireError):
+    """A frame (or a length prefix announcing one) exceeds the hard size limit."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"frame of {size} bytes exceeds the limit of {limit}")
+        self.size = size
+        self.limit = limit
+
+
+class MalformedFrame(WireError):
+    """Not decodable msgpack, or not shaped like any frame we know."""
+
+
+class UnsupportedVersion(WireError):
+    """A frame of a protocol version this node does not speak (or a downgrade)."""
+
+    def __init__(self, version: object) -> None:
+        super().__init__(f"unsupported protocol version {version!r}")
+        self.version = version
+
+
+# --- identity and crypto ------------------------------------------------------------
+
+
+class CryptoError(P2PError):
+    """A signature, ciphertext or key that does not check out."""
+
+
+class BadSignature(CryptoError):
+    """A signature that does not verify under the key it claims."""
+
+
+class DecryptionFailed(CryptoError):
+    """A ciphertext that does not open under the key it names (tampered or wrong key)."""
+
+
+class UnknownKey(CryptoError):
+    """A space key or epoch this device does not hold."""
+
+    def __init__(self, space: str, epoch: int) -> None:
+        super().__init__(f"no key for space {space} epoch {epoch}")
+        self.space = space
+        self.epoch = epoch
+
+
+class ReplayDetected(CryptoError):
+    """An envelope whose (sender, counter) was already accepted, or is too old to judge."""
+
+    def __init__(self, sender: str, counter: int) -> None:
+        super().__init__(f"replayed envelope from {sender} counter {counter}")
+        self.sender = sender
+        self.counter = counter
+
+
+class DeviceListError(CryptoError):
+    """A device list that is invalid: bad signature, wrong account, broken rules."""
+
+
+class RollbackRefused(DeviceListError):
+    """A device list with a lower version than one already accepted."""
+
+    def __init__(self, offered: int, current: int) -> None:
+        super().__init__(f"device list version {offered} is older than {current}")
+        self.offered = offered
+        self.current = current
+
+
+class TooManyDevices(DeviceListError):
+    """A device list with more companions than the account allows."""
+
+
+class UnknownDevice(CryptoError):
+    """A device that is not on the account's signed device list."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__(f"device {device} is not on the device list")
+        self.device = device
+
+
+class RemovedDevice(UnknownDevice):
+    """A device that was on the device list once and has been unlinked."""
+
+    def __init__(self, device: str) -> None:
+        P2PError.__init__(self, f"device {device} has been removed from the device list")
+        self.device = device
+
+
+# --- sync protocol ------------------------------------------------------------------
+
+
+class ProtocolError(P2PError):
+    """A peer broke the sync protocol: wrong frame for the state, bad handshake."""
+
+
+class HandshakeFailed(ProtocolError):
+    """The mutual authentication did not complete."""
+
+
+class InvalidUpdate(ProtocolError):
+    """A CRDT update that pycrdt refused (or that is too large to try)."""
+
+    def __init__(self, space: str, reason: str) -> None:
+        super().__init__(f"invalid update for space {space}: {reason}")
+        self.space = space
+        self.reason = reason
+
+
+# --- storage ------------------------------------------------------------------------
+
+
+class StoreError(P2PError):
+    """The local store is unusable: corrupt file, wrong schema, locked by another node."""
+
+
+class StoreCorrupt(StoreError):
+    """The store's file exists but its content cannot be trusted."""
+
+
+class AlreadyInitialized(StoreError):
+    """``init`` on a home that already holds a device."""
+
+
+class NotInitialized(StoreError):
+    """A home without a device (run ``p2p init`` or ``p2p link`` first)."""
+
+
+# --- node ---------------------------------------------------------------------------
+
+
+class NodeError(P2PError):
+    """The node facade was misused (closed node, unknown chat, ...)."""
+
+
+class UnknownChat(NodeError):
+    """A chat id this device holds no space for."""
+
+    def __init__(self, chat: str) -> None:
+        super().__init__(f"unknown chat {chat}")
+        self.chat = chat

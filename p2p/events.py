@@ -1,0 +1,73 @@
+"""What a running node tells the app: frozen, keyword-only values (``Node.events()``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChatChanged:
+    """A chat's content changed: a local write or updates from a peer."""
+
+    chat: str
+    """The chat's space id."""
+    origin: str
+    """Device id that wrote the change (ours for a local write)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerConnected:
+    """A linked device completed the handshake."""
+
+    device: str
+    remote: str
+    """Where the connection goes (address), for display."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerDisconnected:
+    """A session with a linked device ended."""
+
+    device: str
+    reason: str
+    """Empty for a clean close, else the error's class name and message."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputRejected:
+    """Bad input from a connection was refused (and the connection closed, where it hurts)."""
+
+    remote: str
+    device: str | None
+    """The peer's device id when it had authenticated, else None."""
+    error: str
+    """The typed error's class name."""
+    detail: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class EntryRejected:
+    """An entry in a chat failed its author's signature check and is hidden."""
+
+    chat: str
+    entry_id: str
+    device: str
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceListChanged:
+    """A newer signed device list was adopted."""
+
+    version: int
+    devices: tuple[str, ...]
+
+
+Event = (
+    ChatChanged
+    | PeerConnected
+    | PeerDisconnected
+    | InputRejected
+    | EntryRejected
+    | DeviceListChanged
+)

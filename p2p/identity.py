@@ -1,0 +1,344 @@
+"""Keys and the signed device list: who belongs to an account, proven by its key.
+
+Pure functions and frozen values over pynacl; no I/O. The account key (Ed25519) lives on
+the primary device only and signs the device list. Each device has an Ed25519 signing key
+(its identity: device id = short hash of it) and an X25519 key (to receive sealed keys).
+
+Every signature here is over ``domain || canonical msgpack``: a domain string per use, so
+a signature made for one purpose can never be replayed as another.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any, Final, Literal
+
+from nacl.exceptions import BadSignatureError
+from nacl.public import PrivateKey
+from nacl.signing import SigningKey, VerifyKey
+
+from p2p.errors import (
+    BadSignature,
+    DeviceListError,
+    MalformedFrame,
+    RemovedDevice,
+    RollbackRefused,
+    TooManyDevices,
+    UnknownDevice,
+    WireError,
+)
+from p2p.wire import pack, unpack
+
+DOMAIN_DEVICE_LIST: Final = b"p2p/device-list/v1\x00"
+MAX_COMPANIONS: Final = 4
+"""Companions per account by default (one primary plus four, as the product we model)."""
+MAX_NAME: Final = 64
+
+Role = Literal["primary", "companion"]
+
+
+def short_id(public_key: bytes) -> str:
+    """A short, stable, printable id for a public key (80 bits of BLAKE2b, base32)."""
+    digest = hashlib.blake2b(public_key, digest_size=10, person=b"p2p-id").digest()
+    return base64.b32encode(digest).decode("ascii").lower()
+
+
+def verify(public_key: bytes, domain: bytes, message: bytes, signature: bytes) -> None:
+    """Check an Ed25519 signature made with :meth:`DeviceKeys.sign`; BadSignature if not."""
+    try:
+        VerifyKey(public_key).verify(domain + message, signature)
+    except (BadSignatureError, ValueError, TypeError) as exc:
+        raise BadSignature(
+            f"signature does not verify ({domain.rstrip(bytes(1)).decode()})"
+        ) from exc
+
+
+@dataclass(frozen=True)
+class DeviceKeys:
+    """A device's private keys. ``repr`` never shows them (keys are never logged)."""
+
+    signing_seed: bytes = field(repr=False)
+    box_secret: bytes = field(repr=False)
+
+    @classmethod
+    def generate(cls) -> DeviceKeys:
+        """Fresh random keys for a new installation."""
+        return cls(os.urandom(32), bytes(PrivateKey.generate()))
+
+    @property
+    def signing_key(self) -> SigningKey:
+        return SigningKey(self.signing_seed)
+
+    @property
+    def sign_pk(self) -> bytes:
+        return bytes(self.signing_key.verify_key)
+
+    @property
+    def box_pk(self) -> bytes:
+        return bytes(PrivateKey(self.box_secret).public_key)
+
+    @property
+    def device_id(self) -> str:
+        return short_id(self.sign_pk)
+
+    def sign(self, domain: bytes, message: bytes) -> bytes:
+        """Ed25519 signature over ``domain || message`` (64 bytes)."""
+        return bytes(self.signing_key.sign(domain + message).signature)
+
+    def to_record(self) -> bytes:
+        return pack([self.signing_seed, self.box_secret])
+
+    @classmethod
+    def from_record(cls, data: bytes) -> DeviceKeys:
+        value = unpack(data, what="device keys")
+        if not (
+            isinstance(value, list)
+            and len(value) == 2
+            and all(isinstance(v, bytes) and len(v) == 32 for v in value)
+        ):
+            raise MalformedFrame("device keys record is malformed")
+        return cls(value[0], value[1])
+
+
+@dataclass(frozen=True)
+class AccountKey:
+    """The account's identity key; only the primary holds it."""
+
+    seed: bytes = field(repr=False)
+
+    @classmethod
+    def generate(cls) -> AccountKey:
+        return cls(os.urandom(32))
+
+    @property
+    def public_key(self) -> bytes:
+        return bytes(SigningKey(self.seed).verify_key)
+
+    @property
+    def account_id(self) -> str:
+        return short_id(self.public_key)
+
+    def sign(self, domain: bytes, message: bytes) -> bytes:
+        return bytes(SigningKey(self.seed).sign(domain + message).signature)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceEntry:
+    """One device on the list: its public keys, its name and its role."""
+
+    name: str
+    role: Role
+    sign_pk: bytes
+    box_pk: bytes
+
+    @property
+    def device_id(self) -> str:
+        return short_id(self.sign_pk)
+
+    def to_wire(self) -> list[Any]:
+        return [self.name, self.role, self.sign_pk, self.box_pk]
+
+    @classmethod
+    def from_wire(cls, value: object) -> DeviceEntry:
+        if not (isinstance(value, list) and len(value) == 4):
+            raise MalformedFrame("device entry is malformed")
+        name, role, sign_pk, box_pk = value
+        if not (isinstance(name, str) and 0 < len(name) <= MAX_NAME):
+            raise MalformedFrame("device name is malformed")
+        if role not in ("primary", "companion"):
+            raise MalformedFrame("device role is malformed")
+        if not (isinstance(sign_pk, bytes) and len(sign_pk) == 32):
+            raise MalformedFrame("device signing key is malformed")
+        if not (isinstance(box_pk, bytes) and len(box_pk) == 32):
+            raise MalformedFrame("device box key is malformed")
+        return cls(name=name, role=role, sign_pk=sign_pk, box_pk=box_pk)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceList:
+    """The account's signed, versioned device list.
+
+    ``removed`` keeps the public keys of unlinked devices: peers must tell "removed" from
+    "never known", and readers still verify the signatures of messages those devices wrote
+    while they were linked.
+    """
+
+    account_pk: bytes
+    version: int
+    devices: tuple[DeviceEntry, ...]
+    removed: tuple[DeviceEntry, ...] = ()
+    max_companions: int = MAX_COMPANIONS
+    signature: bytes = b""
+
+    @property
+    def account_id(self) -> str:
+        return short_id(self.account_pk)
+
+    def _body(self) -> bytes:
+        return pack(
+            [
+                self.account_pk,
+                self.version,
+                [d.to_wire() for d in self.devices],
+                [d.to_wire() for d in self.removed],
+                self.max_companions,
+            ]
+        )
+
+    @classmethod
+    def create(cls, account: AccountKey, primary: DeviceKeys, name: str) -> DeviceList:
+        """Version 1: the primary alone."""
+        entry = DeviceEntry(
+            name=name, role="primary", sign_pk=primary.sign_pk, box_pk=primary.box_pk
+        )
+        return cls(account_pk=account.public_key, version=1, devices=(entry,)).signed(account)
+
+    def signed(self, account: AccountKey) -> DeviceList:
+        """This list, checked against the rules and signed by ``account``."""
+        if account.public_key != self.account_pk:
+            raise DeviceListError("signing key is not this list's account key")
+        unsigned = replace(self, signature=b"")
+        unsigned.check_rules()
+        return replace(unsigned, signature=account.sign(DOMAIN_DEVICE_LIST, unsigned._body()))
+
+    def with_device(self, account: AccountKey, entry: DeviceEntry) -> DeviceList:
+        """A new version with ``entry`` added (refused past the companion limit)."""
+        if entry.device_id in self.ids or entry.device_id in self.removed_ids:
+            raise DeviceListError(f"device {entry.device_id} is already known to this account")
+        grown = replace(self, version=self.version + 1, devices=(*self.devices, entry))
+        return grown.signed(account)
+
+    def without_device(self, account: AccountKey, device_id: str) -> DeviceList:
+        """A new version with ``device_id`` moved to ``removed``."""
+        entry = self.entry(device_id)
+        if entry.role == "primary":
+            raise DeviceListError("the primary cannot be removed")
+        kept = tuple(d for d in self.devices if d.device_id != device_id)
+        shrunk = replace(
+            self, version=self.version + 1, devices=kept, removed=(*self.removed, entry)
+        )
+        return shrunk.signed(account)
+
+    def check_rules(self) -> None:
+        """One primary, companions within the limit, no device twice."""
+        primaries = [d for d in self.devices if d.role == "primary"]
+        if len(primaries) != 1:
+            raise DeviceListError("a device list has exactly one primary")
+        companions = len(self.devices) - 1
+        if companions > self.max_companions:
+            raise TooManyDevices(
+                f"{companions} companions exceed the limit of {self.max_companions}"
+            )
+        ids = [d.device_id for d in (*self.devices, *self.removed)]
+        if len(ids) != len(set(ids)):
+            raise DeviceListError("a device appears twice on the list")
+        if self.version < 1:
+            raise DeviceListError("device list versions start at 1")
+
+    def verify(self, account_pk: bytes) -> None:
+        """Check signature, account and rules; raise a DeviceListError subclass if not."""
+        if self.account_pk != account_pk:
+            raise DeviceListError("device list belongs to another account")
+        try:
+            verify(self.account_pk, DOMAIN_DEVICE_LIST, self._body(), self.signature)
+        except BadSignature as exc:
+            raise DeviceListError("device list signature does not verify") from exc
+        self.check_rules()
+
+    @property
+    def ids(self) -> frozenset[str]:
+        return frozenset(d.device_id for d in self.devices)
+
+    @property
+    def removed_ids(self) -> frozenset[str]:
+        return frozenset(d.device_id for d in self.removed)
+
+    @property
+    def primary(self) -> DeviceEntry:
+        return next(d for d in self.devices if d.role == "primary")
+
+    def entry(self, device_id: str) -> DeviceEntry:
+        """The current entry of ``device_id``: RemovedDevice or UnknownDevice otherwise."""
+        for d in self.devices:
+            if d.device_id == device_id:
+                return d
+        if device_id in self.removed_ids:
+            raise RemovedDevice(device_id)
+        raise UnknownDevice(device_id)
+
+    def signing_key_of(self, device_id: str) -> bytes | None:
+        """Signing key of a current or removed device (to check what it once wrote)."""
+        for d in (*self.devices, *self.removed):
+            if d.device_id == device_id:
+                return d.sign_pk
+        return None
+
+    def encode(self) -> bytes:
+        return pack([self._body(), self.signature])
+
+    @classmethod
+    def decode(cls, data: bytes) -> DeviceList:
+        """Parse (not verify) a device list from outside; WireError if malformed."""
+        outer = unpack(data, what="device list", max_size=64 * 1024)
+        try:
+            body_bytes, signature = outer
+            body = unpack(body_bytes, what="device list body", max_size=64 * 1024)
+            account_pk, version, devices, removed, max_companions = body
+            ok = (
+                isinstance(signature, bytes)
+                and len(signature) == 64
+                and isinstance(account_pk, bytes)
+                and len(account_pk) == 32
+                and type(version) is int
+                and 0 < version < 2**62
+                and type(max_companions) is int
+                and 0 <= max_companions <= 64
+                and isinstance(devices, list)
+                and isinstance(removed, list)
+                and len(devices) + len(removed) <= 1024
+            )
+        except (TypeError, ValueError) as exc:
+            raise MalformedFrame("device list is malformed") from exc
+        if not ok:
+            raise MalformedFrame("device list is malformed")
+        decoded = cls(
+            account_pk=account_pk,
+            version=version,
+            devices=tuple(DeviceEntry.from_wire(d) for d in devices),
+            removed=tuple(DeviceEntry.from_wire(d) for d in removed),
+            max_companions=max_companions,
+            signature=signature,
+        )
+        if decoded._body() != body_bytes:
+            raise MalformedFrame("device list is not in canonical form")
+        return decoded
+
+
+def accept_device_list(current: DeviceList, offered: DeviceList) -> DeviceList:
+    """The list to keep when ``offered`` arrives: the newer one, verified.
+
+    Raises RollbackRefused for an older version, DeviceListError for a forged or broken
+    one, and for the same version with other content (an account key signing two lists of
+    one version is a fork we refuse to pick from).
+    """
+    offered.verify(current.account_pk)
+    if offered.version < current.version:
+        raise RollbackRefused(offered.version, current.version)
+    if offered.version == current.version:
+        if offered.encode() != current.encode():
+            raise DeviceListError(f"two different device lists claim version {offered.version}")
+        return current
+    return offered
+
+
+def parse_device_list(data: bytes, account_pk: bytes) -> DeviceList:
+    """Decode and verify a device list for ``account_pk`` in one step."""
+    try:
+        dl = DeviceList.decode(data)
+    except WireError as exc:
+        raise DeviceListError(f"device list is malformed: {exc}") from exc
+    dl.verify(account_pk)
+    return dl

@@ -1,0 +1,554 @@
+"""The embedding API: a running device, owning one trio nursery.
+
+``async with open_node(home) as node:`` loads the device from its store, serves its
+transport, dials its peers, and runs three kinds of tasks, all inside the node's nursery:
+
+- a *writer* that group-commits write batches to the store (``send`` awaits its own
+  batch: a message that ``send`` returned is durable);
+- a *gossiper* that coalesces local updates per space into one sealed envelope and
+  pushes it to every open session that may read the space;
+- one task per connection, driving a sans-I/O :class:`~p2p.sync.Session`: it feeds the
+  session frames and time, and carries out what the session returns.
+
+Leaving the ``async with`` flushes pending writes, then cancels and joins everything.
+Errors from inside surface as our own :class:`~p2p.errors.P2PError`, not as exception
+groups.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Final
+
+import pycrdt
+import trio
+
+from p2p import events as ev
+from p2p.core import DeviceState, Space, merge_batches
+from p2p.errors import (
+    NodeError,
+    P2PError,
+    ReplayDetected,
+    UnknownKey,
+)
+from p2p.home import open_home_store
+from p2p.model import MAX_BODY, Message
+from p2p.storage.base import Store, WriteBatch
+from p2p.storage.memory import MemoryStore
+from p2p.sync import Authenticated, Closed, DeviceListIn, EnvelopeIn, Output, Send, Session, State
+from p2p.transport.base import Connection, TransportError
+from p2p.transport.base import Transport as TransportT
+from p2p.wire import MAX_FRAME
+
+log = logging.getLogger("p2p.node")
+
+SEND_QUEUE: Final = 1024
+"""Frames queued per peer; a peer that falls this far behind is disconnected (and
+caught up by state vectors when it reconnects) instead of growing our memory."""
+WRITE_QUEUE: Final = 4096
+"""Batches waiting for the store before receivers are made to wait too."""
+EVENT_QUEUE: Final = 1024
+BACKOFF_MIN: Final = 0.2
+BACKOFF_MAX: Final = 30.0
+COALESCE_MAX: Final = MAX_FRAME // 2
+"""Largest merged update sealed as one envelope."""
+
+
+def wall_clock_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class _Peer:
+    session: Session
+    queue: trio.MemorySendChannel[bytes]
+    remote: str
+    since: float
+
+
+class Node:
+    """A running device. Create with :func:`open_node`."""
+
+    def __init__(
+        self,
+        state: DeviceState,
+        store: Store,
+        nursery: trio.Nursery,
+        *,
+        transport: TransportT | None,
+        wall_ms: Callable[[], int],
+    ) -> None:
+        self.state = state
+        self.store = store
+        self.transport = transport
+        self._nursery = nursery
+        self._wall_ms = wall_ms
+        self._peers: dict[str, _Peer] = {}
+        self._peers_changed = trio.Event()
+        self._writes: list[tuple[WriteBatch, trio.Event]] = []
+        self._write_wakeup = trio.Event()
+        self._write_room = trio.Event()
+        self._outbox: dict[str, list[bytes]] = {}
+        self._outbox_wakeup = trio.Event()
+        self._subscribers: list[trio.MemorySendChannel[ev.Event]] = []
+        self._reported: set[tuple[str, str]] = set()
+        self._closed = False
+        self.dropped_events = 0
+
+    # ---- identity and reading ------------------------------------------------------
+
+    @property
+    def device_id(self) -> str:
+        return self.state.device_id
+
+    @property
+    def account_id(self) -> str:
+        return self.state.account_id
+
+    @property
+    def address(self) -> str | None:
+        """Where peers can dial this node, when it serves a transport."""
+        return self.transport.address if self.transport else None
+
+    @property
+    def connected_peers(self) -> list[str]:
+        """Device ids with an authenticated session right now."""
+        return sorted(self._peers)
+
+    def chats(self) -> list[Space]:
+        """Conversation spaces this device holds."""
+        return [s for s in self.state.spaces.values() if s.kind == "chat"]
+
+    def default_chat(self) -> str:
+        """The chat used when none is named: the account's notes chat."""
+        return self.chats()[0].id if len(self.chats()) == 1 else self.state.chat_by_name("notes").id
+
+    def messages(self, chat: str | None = None) -> list[Message]:
+        """Messages of a chat in display order (the same on every replica).
+
+        Entries whose signature fails are left out and reported once each as
+        :class:`~p2p.events.EntryRejected`.
+        """
+        space = self.state.chat_by_name(chat) if chat else self.state.space(self.default_chat())
+        shown, rejected = space.replica.view(self.state.any_signing_key, self.state.account_of)
+        for r in rejected:
+            if (r.space, r.entry_id) not in self._reported:
+                self._reported.add((r.space, r.entry_id))
+                log.warning(
+                    "hidden entry %s in %s from %s: %s", r.entry_id, r.space, r.device, r.reason
+                )
+                self._emit(
+                    ev.EntryRejected(
+                        chat=r.space, entry_id=r.entry_id, device=r.device, reason=r.reason
+                    )
+                )
+        return shown
+
+    def status(self) -> dict[str, Any]:
+        """What ``p2p status`` shows: this device, its peers, its spaces, pending work."""
+        now = trio.current_time()
+        return {
+            "device": self.device_id,
+            "name": self.state.name,
+            "account": self.account_id,
+            "role": "primary" if self.state.is_primary else "companion",
+            "address": self.address,
+            "device_list_version": self.state.device_list.version,
+            "peers": [
+                {"device": d, "remote": p.remote, "connected_for": round(now - p.since, 3)}
+                for d, p in sorted(self._peers.items())
+            ],
+            "spaces": [
+                {
+                    "id": s.id,
+                    "kind": s.kind,
+                    "name": s.name,
+                    "epoch": s.epoch,
+                    "entries": s.replica.count(),
+                }
+                for s in self.state.spaces.values()
+            ],
+            "pending_writes": len(self._writes),
+            "pending_gossip": sum(len(v) for v in self._outbox.values()),
+        }
+
+    async def events(self) -> AsyncIterator[ev.Event]:
+        """Events from now on, until the node closes. A slow reader loses events (counted
+        in ``dropped_events``) rather than making the node buffer without bound."""
+        send, receive = trio.open_memory_channel[ev.Event](EVENT_QUEUE)
+        self._subscribers.append(send)
+        try:
+            async with receive:
+                async for event in receive:
+                    yield event
+        finally:
+            if send in self._subscribers:
+                self._subscribers.remove(send)
+
+    # ---- writing -------------------------------------------------------------------
+
+    async def send(self, text: str, *, chat: str | None = None) -> str:
+        """Send a message; returns its id once it is durable in the store."""
+        if len(text.encode("utf-8", "surrogatepass")) > MAX_BODY:
+            raise NodeError(f"message longer than {MAX_BODY} bytes")
+        return await self._write(chat, "msg", body=text)
+
+    async def edit(self, message_id: str, text: str, *, chat: str | None = None) -> str:
+        """Replace a message's text (only its author's account can)."""
+        if len(text.encode("utf-8", "surrogatepass")) > MAX_BODY:
+            raise NodeError(f"message longer than {MAX_BODY} bytes")
+        return await self._write(chat, "edit", body=text, target=message_id)
+
+    async def delete(self, message_id: str, *, chat: str | None = None) -> str:
+        """Delete a message for everyone (a tombstone; only its author's account can)."""
+        return await self._write(chat, "del", target=message_id)
+
+    async def react(self, message_id: str, emoji: str, *, chat: str | None = None) -> str:
+        """Set this account's reaction to a message ('' withdraws it)."""
+        if len(emoji) > 16:
+            raise NodeError("a reaction is at most 16 characters")
+        return await self._write(chat, "react", body=emoji, target=message_id)
+
+    async def mark_read(self, *, chat: str | None = None) -> str:
+        """Record that this device has shown the chat up to its newest message."""
+        shown = self.messages(chat)
+        return await self._write(chat, "read", body=shown[-1].ts if shown else "")
+
+    async def _write(self, chat: str | None, kind: Any, *, body: str = "", target: str = "") -> str:
+        if self._closed:
+            raise NodeError("the node is closed")
+        space = self.state.chat_by_name(chat) if chat else self.state.space(self.default_chat())
+        entry = self.state.new_entry(space.id, kind, self._wall_ms(), body=body, target=target)
+        update, batch = self.state.write_local(space.id, [entry])
+        await self._commit(batch)
+        self._outbox.setdefault(space.id, []).append(update)
+        self._outbox_wakeup.set()
+        self._emit(ev.ChatChanged(chat=space.id, origin=self.device_id))
+        return entry.id
+
+    def _queue_write(self, batch: WriteBatch) -> trio.Event:
+        """Queue a batch for the writer, in order; the event fires once it is durable."""
+        done = trio.Event()
+        self._writes.append((batch, done))
+        self._write_wakeup.set()
+        return done
+
+    async def _commit(self, batch: WriteBatch) -> None:
+        """Write a batch and wait until it is durable."""
+        await self._queue_write(batch).wait()
+
+    async def _write_backpressure(self) -> None:
+        """Make a receiver wait while the store is far behind (bounded memory)."""
+        while len(self._writes) >= WRITE_QUEUE:
+            self._write_room = trio.Event()
+            await self._write_room.wait()
+
+    async def _writer(self) -> None:
+        while True:
+            await self._write_wakeup.wait()
+            self._write_wakeup = trio.Event()
+            await self._flush_writes()
+
+    async def _flush_writes(self) -> None:
+        while self._writes or self.state.unsaved:
+            taken, self._writes = self._writes, []
+            self._write_room.set()
+            batch = merge_batches([b for b, _ in taken] + [self.state.take_unsaved()])
+            if batch:
+                if isinstance(self.store, MemoryStore):
+                    self.store.write(batch)
+                else:
+                    await trio.to_thread.run_sync(self.store.write, batch)
+            for _, done in taken:
+                done.set()
+
+    # ---- gossip --------------------------------------------------------------------
+
+    async def _gossiper(self) -> None:
+        while True:
+            await self._outbox_wakeup.wait()
+            self._outbox_wakeup = trio.Event()
+            await trio.lowlevel.checkpoint()  # let concurrent sends join this round
+            outbox, self._outbox = self._outbox, {}
+            for space_id, updates in outbox.items():
+                for payload in _coalesce(updates):
+                    self._broadcast(space_id, self.state.seal(space_id, payload), exclude=())
+            if self.state.unsaved:
+                self._queue_write(WriteBatch())
+
+    def _broadcast(self, space_id: str, envelope: bytes, *, exclude: Sequence[str]) -> None:
+        for device, peer in list(self._peers.items()):
+            if device in exclude or space_id not in self.state.spaces_for(device):
+                continue
+            self._carry_out(peer, peer.session.send_envelope(envelope))
+
+    # ---- connections ---------------------------------------------------------------
+
+    async def connect(self, address: str) -> None:
+        """Keep a connection to ``address`` (dial, redial with backoff) until the node closes."""
+        self._nursery.start_soon(self._dial_loop, address)
+
+    async def _dial_loop(self, address: str) -> None:
+        assert self.transport is not None
+        backoff = BACKOFF_MIN
+        while True:
+            try:
+                conn = await self.transport.dial(address)
+            except TransportError as exc:
+                log.debug("dial %s failed: %s", address, exc)
+                await trio.sleep(backoff * random.uniform(0.5, 1.5))
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            backoff = BACKOFF_MIN
+            duplicate_of = await self._run_connection(conn, initiator=True)
+            if duplicate_of is not None:
+                # another connection to this device won; redial only once it is gone
+                while duplicate_of in self._peers:
+                    await self._peers_changed.wait()
+            await trio.sleep(BACKOFF_MIN * random.uniform(0.5, 1.5))
+
+    async def _accept(self, conn: Connection) -> None:
+        await self._run_connection(conn, initiator=False)
+
+    async def _run_connection(self, conn: Connection, *, initiator: bool) -> str | None:
+        """Drive one session over ``conn`` until it ends; returns the peer's device id if
+        the session was dropped as a duplicate of another connection to that device."""
+        session = Session(self.state, initiator=initiator, now=trio.current_time())
+        send_q, recv_q = trio.open_memory_channel[bytes](SEND_QUEUE)
+        peer = _Peer(session, send_q, conn.remote, trio.current_time())
+        duplicate: str | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump_out, conn, recv_q, nursery.cancel_scope)
+                if not self._carry_out(peer, session.start()):
+                    return None
+                while session.state is not State.CLOSED:
+                    with trio.move_on_at(session.next_deadline()) as timer:
+                        try:
+                            data = await conn.receive()
+                        except TransportError as exc:
+                            self._carry_out(peer, session.close(exc))
+                            break
+                        self._carry_out(peer, session.receive(data, trio.current_time()))
+                    if timer.cancelled_caught:
+                        self._carry_out(peer, session.tick(trio.current_time()))
+                    if (
+                        session.state is State.OPEN
+                        and self._peers.get(session.peer or "") is not peer
+                    ):
+                        duplicate = session.peer  # the other connection to this device won
+                        self._carry_out(peer, session.close())
+                    await self._write_backpressure()
+                send_q.close()  # let the pump flush what is queued, then end
+        finally:
+            if session.peer is not None and self._peers.get(session.peer) is peer:
+                del self._peers[session.peer]
+                self._peers_changed.set()
+                self._peers_changed = trio.Event()
+            with trio.CancelScope(shield=True):
+                await conn.aclose()
+        return duplicate
+
+    async def _pump_out(
+        self, conn: Connection, frames: trio.MemoryReceiveChannel[bytes], scope: trio.CancelScope
+    ) -> None:
+        try:
+            async with frames:
+                async for frame in frames:
+                    await conn.send(frame)
+        except TransportError:
+            scope.cancel()
+
+    def _carry_out(self, peer: _Peer, outputs: list[Output]) -> bool:
+        """Do what the session asked; False once the session is closed."""
+        alive = True
+        for out in outputs:
+            if isinstance(out, Send):
+                try:
+                    peer.queue.send_nowait(out.data)
+                except trio.WouldBlock:
+                    log.warning("peer %s is too slow; disconnecting it", peer.session.peer)
+                    self._carry_out(peer, peer.session.close(NodeError("peer too slow")))
+                    alive = False
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    alive = False
+            elif isinstance(out, EnvelopeIn):
+                self._receive_envelope(peer, out.data)
+            elif isinstance(out, Authenticated):
+                self._on_authenticated(peer, out.device)
+            elif isinstance(out, DeviceListIn):
+                self._adopt_device_list(peer, out.data)
+            elif isinstance(out, Closed):
+                alive = False
+                self._on_closed(peer, out.error)
+        return alive and peer.session.state is not State.CLOSED
+
+    def _on_authenticated(self, peer: _Peer, device: str) -> None:
+        existing = self._peers.get(device)
+        if existing is not None and existing.session.state is State.OPEN:
+            # one connection per device pair, the same one chosen at both ends
+            if not self._keep_new(peer, existing):
+                return  # the connection loop notices it is not registered and closes it
+            self._carry_out(existing, existing.session.close())
+        self._peers[device] = peer
+        peer.since = trio.current_time()
+        self._peers_changed.set()
+        self._peers_changed = trio.Event()
+        log.info("connected to %s via %s", device, peer.remote)
+        self._emit(ev.PeerConnected(device=device, remote=peer.remote))
+
+    def _keep_new(self, new: _Peer, existing: _Peer) -> bool:
+        """Deterministic choice between two connections to the same device: both ends
+        keep the one dialed by the device with the smaller id."""
+        assert new.session.peer is not None
+        if new.session.initiator == existing.session.initiator:
+            return True  # a redial: the old connection is stale
+        smaller_is_me = self.device_id < new.session.peer
+        # keep the connection where the smaller device is the initiator
+        return (
+            new.session.initiator == smaller_is_me and existing.session.initiator != smaller_is_me
+        )
+
+    def _on_closed(self, peer: _Peer, error: P2PError | None) -> None:
+        device = peer.session.peer
+        if error is not None and not isinstance(error, TransportError):
+            log.warning("closed connection %s (%s): %s", peer.remote, device, error)
+            self._emit(
+                ev.InputRejected(
+                    remote=peer.remote, device=device, error=type(error).__name__, detail=str(error)
+                )
+            )
+        if device is not None and self._peers.get(device) is peer:
+            self._emit(
+                ev.PeerDisconnected(
+                    device=device,
+                    reason="" if error is None else f"{type(error).__name__}: {error}",
+                )
+            )
+
+    def _receive_envelope(self, peer: _Peer, data: bytes) -> None:
+        try:
+            ingested = self.state.ingest(data)
+        except (ReplayDetected, UnknownKey) as exc:
+            # the same envelope over two gossip paths, or a space we don't hold: harmless
+            log.debug("dropped envelope from %s: %s", peer.session.peer, exc)
+            return
+        except P2PError as exc:
+            self._carry_out(peer, peer.session.close(exc))
+            return
+        self._queue_write(ingested.batch)  # durable soon, in order
+        self._broadcast(ingested.space, data, exclude=(peer.session.peer or "", ingested.sender))
+        self._emit(ev.ChatChanged(chat=ingested.space, origin=ingested.sender))
+
+    def _adopt_device_list(self, peer: _Peer, data: bytes) -> None:
+        try:
+            batch = self.state.offer_device_list(data)
+        except P2PError as exc:
+            self._carry_out(peer, peer.session.close(exc))
+            return
+        if batch is not None:
+            self._queue_write(batch)
+            dl = self.state.device_list
+            self._emit(ev.DeviceListChanged(version=dl.version, devices=tuple(sorted(dl.ids))))
+
+    def _emit(self, event: ev.Event) -> None:
+        for sub in list(self._subscribers):
+            try:
+                sub.send_nowait(event)
+            except trio.WouldBlock:
+                self.dropped_events += 1
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                self._subscribers.remove(sub)
+
+    async def _close(self) -> None:
+        self._closed = True
+        await self._flush_writes()
+        for sub in self._subscribers:
+            sub.close()
+
+
+def _coalesce(updates: list[bytes]) -> list[bytes]:
+    """Merge consecutive updates into as few payloads as fit in one envelope."""
+    out: list[bytes] = []
+    group: list[bytes] = []
+    size = 0
+    for u in updates:
+        if group and size + len(u) > COALESCE_MAX:
+            out.append(_merge(group))
+            group, size = [], 0
+        group.append(u)
+        size += len(u)
+    if group:
+        out.append(_merge(group))
+    return out
+
+
+def _merge(updates: list[bytes]) -> bytes:
+    return updates[0] if len(updates) == 1 else bytes(pycrdt.merge_updates(*updates))
+
+
+@asynccontextmanager
+async def open_node(
+    home: str | os.PathLike[str] | None = None,
+    *,
+    store: Store | None = None,
+    transport: TransportT | None = None,
+    peers: Sequence[str] = (),
+    wall_ms: Callable[[], int] = wall_clock_ms,
+) -> AsyncIterator[Node]:
+    """Run the device stored in ``home`` (or in ``store``) until the block exits.
+
+    ``transport`` accepts and makes connections (none: the node works offline);
+    ``peers`` are addresses to keep connected to. ``wall_ms`` is the time used for
+    message timestamps (tests pass a virtual clock).
+    """
+    if (home is None) == (store is None):
+        raise NodeError("open_node needs exactly one of home or store")
+    owned = store is None
+    the_store: Store = open_home_store(home) if store is None else store  # type: ignore[arg-type]
+    try:
+        state = await trio.to_thread.run_sync(DeviceState.load, the_store)
+        try:
+            async with trio.open_nursery() as nursery:
+                node = Node(state, the_store, nursery, transport=transport, wall_ms=wall_ms)
+                nursery.start_soon(node._writer)
+                nursery.start_soon(node._gossiper)
+                if transport is not None:
+                    await nursery.start(transport.serve, node._accept)
+                for address in peers:
+                    await node.connect(address)
+                try:
+                    yield node
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await node._close()
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise _unwrap(group) from None
+    finally:
+        if owned:
+            the_store.close()
+
+
+def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one meaningful error inside a group from the node's nursery."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    for leaf in leaves:
+        if not isinstance(leaf, trio.Cancelled):
+            return leaf
+    return group

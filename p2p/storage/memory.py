@@ -1,0 +1,232 @@
+"""The in-memory store: the reference semantics of :class:`~p2p.storage.base.Store`.
+
+Tests and the in-memory cluster use it so that a node can run without touching the disk.
+It behaves exactly like :class:`~p2p.storage.sqlite.SqliteStore` (same acceptance suite,
+same refusals), so a test that passes against it says something about the real thing.
+
+This module also holds the input checks both adapters share (:func:`check_name`,
+:func:`check_value`, :func:`check_batch`, :func:`check_seq`): a store refuses a bad
+name or value *before* touching any state, which is what makes a refused batch apply
+nothing, and sharing the checks is what keeps the two adapters refusing the same things.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Final
+
+from p2p.errors import StoreError
+from p2p.storage.base import SpaceLog, WriteBatch
+
+MAX_NAME: Final = 512
+"""Longest record name or space id, in characters: names are keys, not payloads."""
+
+
+def check_name(name: object, what: str = "record name", *, allow_empty: bool = False) -> str:
+    """Return ``name`` if it is usable as a record name or space id, else raise StoreError.
+
+    Space ids can come from peers, so they are bounded. NUL and lone surrogates are
+    refused because SQLite stores text as UTF-8 and would either choke on them or compare
+    them differently from Python, and both adapters must agree on every name.
+    """
+    if not isinstance(name, str):
+        raise StoreError(f"{what} must be str, not {type(name).__name__}")
+    if not name and not allow_empty:
+        raise StoreError(f"{what} must not be empty")
+    if len(name) > MAX_NAME:
+        raise StoreError(f"{what} of {len(name)} characters exceeds the limit of {MAX_NAME}")
+    if "\x00" in name:
+        raise StoreError(f"{what} {name!r} contains NUL")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise StoreError(f"{what} {name!r} is not valid Unicode: {e.reason}") from None
+    return name
+
+
+def check_value(value: object, what: str = "value") -> bytes:
+    """Return an immutable copy of ``value`` (bytes-like), else raise StoreError.
+
+    The copy is the point: a caller that keeps a ``bytearray`` it passed in and mutates
+    it later must not be able to change what the store holds.
+    """
+    if isinstance(value, bytes):
+        return value  # immutable already: sharing it is as good as a copy
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    raise StoreError(f"{what} must be bytes, not {type(value).__name__}")
+
+
+def check_seq(seq: object, what: str = "sequence number") -> int:
+    """Return ``seq`` if it is a plain non-negative int (bool refused), else StoreError."""
+    if type(seq) is not int or seq < 0:
+        raise StoreError(f"{what} must be a non-negative int, not {seq!r}")
+    return seq
+
+
+@dataclass(frozen=True)
+class CheckedBatch:
+    """A :class:`WriteBatch` after validation: names checked, values copied.
+
+    Adapters apply this, never the caller's batch, so a caller mutating its batch from
+    another thread during ``write`` cannot make the store apply half-checked input.
+    """
+
+    records: dict[str, bytes]
+    deletes: list[str]
+    appends: list[tuple[str, bytes]]
+
+
+def check_batch(batch: object) -> CheckedBatch:
+    """Validate every name and value of ``batch`` and copy them, or raise StoreError.
+
+    A name may be both set and deleted: adapters apply ``deletes`` after ``records``, so
+    it ends up deleted. That is what ``p2p.core.merge_batches`` produces for "set X, then
+    delete X" (and it drops X from ``deletes`` for "delete X, then set X").
+    """
+    if not isinstance(batch, WriteBatch):
+        raise StoreError(f"write takes a WriteBatch, not {type(batch).__name__}")
+    records = {
+        check_name(name): check_value(value, f"value of record {name!r}")
+        for name, value in list(batch.records.items())
+    }
+    deletes = sorted(check_name(name) for name in list(batch.deletes))
+    appends = [
+        (check_name(space, "space id"), check_value(update, f"update for space {space!r}"))
+        for space, update in list(batch.appends)
+    ]
+    return CheckedBatch(records=records, deletes=deletes, appends=appends)
+
+
+def check_compact(snapshot_seq: int, last_seq: int, upto_seq: int, space: str) -> None:
+    """Refuse a compaction that would lose or invent history (shared by both adapters).
+
+    ``upto_seq`` past the last update would make the snapshot claim updates that were
+    never stored (and the next append would reuse their numbers); below the current
+    snapshot it would replace a snapshot with an older one.
+    """
+    if upto_seq > last_seq:
+        raise StoreError(
+            f"cannot compact space {space!r} up to seq {upto_seq}: last seq is {last_seq}"
+        )
+    if upto_seq < 1 or upto_seq < snapshot_seq:
+        raise StoreError(
+            f"cannot compact space {space!r} up to seq {upto_seq}: "
+            f"the current snapshot already covers seq {snapshot_seq}"
+        )
+
+
+@dataclass
+class _Space:
+    """One space's log: a snapshot standing for seqs 1..snapshot_seq, then the tail."""
+
+    snapshot: bytes | None = None
+    snapshot_seq: int = 0
+    updates: list[bytes] = field(default_factory=list)
+
+    @property
+    def last_seq(self) -> int:
+        # The tail is contiguous after the snapshot, so its length gives the last seq.
+        return self.snapshot_seq + len(self.updates)
+
+
+@dataclass
+class _State:
+    """What a MemoryStore holds; shared by every handle :meth:`MemoryStore.reopen` makes."""
+
+    records: dict[str, bytes] = field(default_factory=dict)
+    spaces: dict[str, _Space] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class MemoryStore:
+    """A :class:`~p2p.storage.base.Store` held in memory; lost when the process exits.
+
+    Thread-safe (one lock, like SqliteStore) because the node calls its store from trio
+    worker threads. ``close`` makes this handle unusable, as with a file; the state lives
+    on so that :meth:`reopen` can simulate a node restarting on the same data.
+    """
+
+    def __init__(self) -> None:
+        self._state = _State()
+        self._closed = False
+
+    def reopen(self) -> MemoryStore:
+        """A new open handle on the same state, as if the node reopened its file."""
+        other = MemoryStore()
+        other._state = self._state
+        return other
+
+    def _open_state(self) -> _State:
+        if self._closed:
+            raise StoreError("the store is closed")
+        return self._state
+
+    def get(self, name: str) -> bytes | None:
+        """The record called ``name``, or None."""
+        check_name(name)
+        state = self._open_state()
+        with state.lock:
+            return state.records.get(name)
+
+    def names(self, prefix: str) -> list[str]:
+        """Names of every record starting with ``prefix``, sorted."""
+        check_name(prefix, "prefix", allow_empty=True)
+        state = self._open_state()
+        with state.lock:
+            return sorted(name for name in state.records if name.startswith(prefix))
+
+    def write(self, batch: WriteBatch) -> None:
+        """Apply ``batch`` atomically: everything is checked first, then nothing can fail."""
+        checked = check_batch(batch)
+        state = self._open_state()
+        with state.lock:
+            state.records.update(checked.records)
+            for name in checked.deletes:  # after records: a name in both ends up deleted
+                state.records.pop(name, None)
+            for space, update in checked.appends:
+                state.spaces.setdefault(space, _Space()).updates.append(update)
+
+    def spaces(self) -> list[str]:
+        """Ids of every space with a snapshot or at least one update, sorted."""
+        state = self._open_state()
+        with state.lock:
+            return sorted(sid for sid, sp in state.spaces.items() if sp.last_seq > 0)
+
+    def load_space(self, space: str) -> SpaceLog:
+        """The snapshot and the tail of updates of ``space`` (empty log if unknown)."""
+        check_name(space, "space id")
+        state = self._open_state()
+        with state.lock:
+            sp = state.spaces.get(space) or _Space()
+            return SpaceLog(
+                snapshot=sp.snapshot,
+                snapshot_seq=sp.snapshot_seq,
+                updates=list(sp.updates),  # a copy: the caller may consume or extend it
+                last_seq=sp.last_seq,
+            )
+
+    def compact(self, space: str, snapshot: bytes, upto_seq: int) -> None:
+        """Replace updates with seq <= ``upto_seq`` by ``snapshot``; later ones stay."""
+        check_name(space, "space id")
+        data = check_value(snapshot, "snapshot")
+        check_seq(upto_seq, "upto_seq")
+        state = self._open_state()
+        with state.lock:
+            sp = state.spaces.get(space) or _Space()
+            check_compact(sp.snapshot_seq, sp.last_seq, upto_seq, space)
+            del sp.updates[: upto_seq - sp.snapshot_seq]
+            sp.snapshot = data
+            sp.snapshot_seq = upto_seq
+            state.spaces[space] = sp
+
+    def close(self) -> None:
+        """Make this handle unusable (idempotent); the state survives for :meth:`reopen`."""
+        self._closed = True
+
+    def __enter__(self) -> MemoryStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,418 @@
+"""The SQLite store: the default, durable :class:`~p2p.storage.base.Store`.
+
+Layout (schema version :data:`SCHEMA_VERSION`, kept in ``PRAGMA user_version``)::
+
+    records(name TEXT PRIMARY KEY, value BLOB)
+    updates(space TEXT, seq INTEGER, data BLOB, PRIMARY KEY (space, seq)) WITHOUT ROWID
+    snapshots(space TEXT PRIMARY KEY, seq INTEGER, data BLOB)
+
+``updates`` is WITHOUT ROWID so that the rows of one space sit together in primary-key
+order: loading a space's tail is one range scan, with no sort and no second lookup.
+
+Durability: WAL journal, ``synchronous=FULL`` by default, and every ``write`` and
+``compact`` is a single ``BEGIN IMMEDIATE ... COMMIT``. With FULL, SQLite syncs the WAL
+before COMMIT returns, so an acknowledged write survives a crash of the process *and* of
+the machine. ``synchronous="NORMAL"`` is faster and still survives a killed process, but
+may lose the last commits on power loss; only use it where that is acceptable.
+
+Bad input: the file on disk is input too. Opening refuses, with
+:class:`~p2p.errors.StoreCorrupt` naming the path, a file that is not SQLite, a database
+of another schema version or without our tables, and one that fails ``quick_check``.
+Values read back are type-checked, and a space's log must be contiguous. No raw
+``sqlite3`` exception ever leaves this module: they become :class:`~p2p.errors.StoreError`.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Final
+
+from p2p.errors import StoreCorrupt, StoreError
+from p2p.storage.base import SpaceLog, WriteBatch
+from p2p.storage.memory import check_batch, check_compact, check_name, check_seq, check_value
+
+SCHEMA_VERSION: Final = 1
+"""Bump on any change to the tables below (and teach :class:`SqliteStore` to migrate)."""
+
+_SCHEMA: Final = (
+    "CREATE TABLE records (name TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL)",
+    "CREATE TABLE updates (space TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL,"
+    " PRIMARY KEY (space, seq)) WITHOUT ROWID",
+    "CREATE TABLE snapshots (space TEXT PRIMARY KEY NOT NULL, seq INTEGER NOT NULL,"
+    " data BLOB NOT NULL)",
+)
+_COLUMNS: Final = {
+    "records": ["name", "value"],
+    "updates": ["space", "seq", "data"],
+    "snapshots": ["space", "seq", "data"],
+}
+_SYNCHRONOUS: Final = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
+_BUSY_TIMEOUT: Final = 5.0
+"""Seconds to wait for another connection's lock before giving up with StoreError."""
+_CORRUPT_CODES: Final = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
+
+# The last seq of a space: its snapshot may cover more than its remaining updates (after
+# a full compaction there are none left), so take the larger of the two.
+_LAST_SEQ_SQL: Final = (
+    "SELECT max(coalesce((SELECT max(seq) FROM updates WHERE space = ?1), 0),"
+    " coalesce((SELECT seq FROM snapshots WHERE space = ?1), 0))"
+)
+
+# Distinct spaces of ``updates`` by skip-scan: jump from one space to the next through the
+# primary key instead of reading every update (0.1 ms instead of 14 ms at 100k updates).
+_SPACES_SQL: Final = (
+    "WITH RECURSIVE s(space) AS ("
+    " SELECT min(space) FROM updates"
+    " UNION ALL"
+    " SELECT (SELECT min(space) FROM updates WHERE space > s.space) FROM s"
+    " WHERE s.space IS NOT NULL)"
+    " SELECT space FROM s WHERE space IS NOT NULL"
+    " UNION SELECT space FROM snapshots ORDER BY 1"
+)
+
+
+def _is_corrupt(error: sqlite3.Error) -> bool:
+    """Whether SQLite says the file's content is bad (as opposed to busy, full, I/O...)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return isinstance(code, int) and (code & 0xFF) in _CORRUPT_CODES
+
+
+class SqliteStore:
+    """A :class:`~p2p.storage.base.Store` in one SQLite file (plus its ``-wal``/``-shm``).
+
+    One connection, shared by the threads the node runs its storage calls in
+    (``check_same_thread=False``), serialized by a lock: SQLite connections are not safe
+    to use from two threads at once, and one writer at a time is all a node needs.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL") -> None:
+        self._path = os.fspath(path)
+        sync = synchronous.upper() if isinstance(synchronous, str) else ""
+        if sync not in _SYNCHRONOUS:
+            raise StoreError(
+                f"synchronous must be one of {sorted(_SYNCHRONOUS)}, not {synchronous!r}"
+            )
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = self._open(sync)
+
+    @property
+    def path(self) -> str:
+        """The database file this store lives in."""
+        return self._path
+
+    def __repr__(self) -> str:
+        state = "closed" if self._conn is None else "open"
+        return f"SqliteStore({self._path!r}, {state})"
+
+    # --- opening ----------------------------------------------------------------------
+
+    def _open(self, synchronous: str) -> sqlite3.Connection:
+        try:
+            # isolation_level=None: the sqlite3 module must not open transactions behind
+            # our back; write() and compact() say BEGIN IMMEDIATE / COMMIT themselves.
+            conn = sqlite3.connect(
+                self._path,
+                timeout=_BUSY_TIMEOUT,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open store {self._path}: {e}") from e
+        try:
+            with self._errors("open"):
+                self._prepare(conn, synchronous)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _prepare(self, conn: sqlite3.Connection, synchronous: str) -> None:
+        """Check (or create) the schema, verify the file, then set WAL and sync level.
+
+        Checks come before anything that writes, so that opening a file that is not ours
+        never modifies it.
+        """
+        # A crafted file could hold views or triggers calling SQL functions; we never
+        # want them to run with side effects.
+        conn.execute("PRAGMA trusted_schema = OFF")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        objects = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if version == 0 and objects == 0:
+            self._set_wal(conn)
+            self._create(conn)
+        else:
+            self._check_schema(conn, version)
+            self._quick_check(conn)
+            self._set_wal(conn)
+        conn.execute(f"PRAGMA synchronous = {synchronous}")  # one of _SYNCHRONOUS
+
+    def _set_wal(self, conn: sqlite3.Connection) -> None:
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StoreError(f"cannot use WAL journal mode for {self._path} (got {mode!r})")
+
+    def _create(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Another process may have created the schema since we looked: look again
+            # now that we hold the write lock.
+            if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            self._rollback(conn)
+            raise
+        self._check_schema(conn, conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def _check_schema(self, conn: sqlite3.Connection, version: object) -> None:
+        if version != SCHEMA_VERSION:
+            raise StoreCorrupt(
+                f"{self._path}: schema version {version!r}, expected {SCHEMA_VERSION}"
+                " (not a p2p store, or one written by another version of p2p)"
+            )
+        kinds: dict[str, str] = {
+            name: kind
+            for kind, name in conn.execute("SELECT type, name FROM sqlite_master").fetchall()
+        }
+        for table, columns in _COLUMNS.items():
+            if kinds.get(table) != "table":
+                raise StoreCorrupt(f"{self._path}: table {table!r} is missing")
+            found = [row[1] for row in conn.execute(f"PRAGMA table_info({table})").fetchall()]
+            if found != columns:
+                raise StoreCorrupt(
+                    f"{self._path}: table {table!r} has columns {found}, expected {columns}"
+                )
+        foreign = sorted(name for name, kind in kinds.items() if kind in ("view", "trigger"))
+        if foreign:
+            raise StoreCorrupt(f"{self._path}: unexpected views or triggers {foreign}")
+
+    def _quick_check(self, conn: sqlite3.Connection) -> None:
+        # quick_check reads every page (O(size of the file)) but skips the costly
+        # index-vs-table cross checks of integrity_check; it catches truncated and
+        # overwritten pages, which is what crashes and bad disks produce.
+        problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)").fetchall()]
+        if problems != ["ok"]:
+            raise StoreCorrupt(f"{self._path}: integrity check failed: {'; '.join(problems)}")
+
+    # --- plumbing ---------------------------------------------------------------------
+
+    @contextmanager
+    def _errors(self, operation: str) -> Iterator[None]:
+        """Turn any sqlite3 error into StoreError, StoreCorrupt when the file is bad.
+
+        "Bad" is SQLite's own verdict (SQLITE_CORRUPT, SQLITE_NOTADB): a busy lock, a full
+        disk or a missing directory are problems of their own, not corruption.
+        """
+        try:
+            yield
+        except sqlite3.Error as e:
+            if _is_corrupt(e):
+                raise StoreCorrupt(f"{self._path}: not a usable p2p store: {e}") from e
+            raise StoreError(f"{operation} failed on store {self._path}: {e}") from e
+
+    @contextmanager
+    def _session(self, operation: str) -> Iterator[sqlite3.Connection]:
+        """The open connection, held under the lock, with sqlite3 errors translated."""
+        with self._lock:
+            if self._conn is None:
+                raise StoreError(f"{operation} on closed store {self._path}")
+            with self._errors(operation):
+                yield self._conn
+
+    @contextmanager
+    def _transaction(self, operation: str) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception.
+
+        IMMEDIATE takes the write lock up front, so the seq numbers we read inside the
+        transaction cannot be taken by another connection before we COMMIT.
+        """
+        with self._session(operation) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                self._rollback(conn)
+                raise
+
+    @staticmethod
+    def _rollback(conn: sqlite3.Connection) -> None:
+        try:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # SQLite already rolled back (e.g. after an I/O error); nothing to undo
+
+    # --- the Store interface ------------------------------------------------------------
+
+    def get(self, name: str) -> bytes | None:
+        """The record called ``name``, or None."""
+        check_name(name)
+        with self._session("get") as conn:
+            row = conn.execute("SELECT value FROM records WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            return None
+        return self._blob(row[0], f"record {name!r}")
+
+    def names(self, prefix: str) -> list[str]:
+        """Names of every record starting with ``prefix``, sorted.
+
+        Scans the primary key from ``prefix`` on and stops at the first name past it, so
+        the cost is the number of matches, not of records. (SQLite's BINARY collation
+        orders UTF-8 bytes, which is code point order, the same as Python's.)
+        """
+        check_name(prefix, "prefix", allow_empty=True)
+        found: list[str] = []
+        with self._session("names") as conn:
+            cursor = conn.execute(
+                "SELECT name FROM records WHERE name >= ? ORDER BY name", (prefix,)
+            )
+            for (name,) in cursor:
+                if not isinstance(name, str):
+                    raise StoreCorrupt(f"{self._path}: record name {name!r} is not text")
+                if not name.startswith(prefix):
+                    break
+                found.append(name)
+            cursor.close()
+        return found
+
+    def write(self, batch: WriteBatch) -> None:
+        """Apply ``batch`` in one transaction; durable when this returns.
+
+        Each update gets the next seq of its space: one past the larger of the space's
+        last update and its snapshot, read inside the transaction.
+        """
+        checked = check_batch(batch)
+        with self._transaction("write") as conn:
+            if checked.records:
+                conn.executemany(
+                    "INSERT INTO records (name, value) VALUES (?, ?)"
+                    " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                    checked.records.items(),
+                )
+            if checked.deletes:  # after records: a name in both ends up deleted
+                conn.executemany(
+                    "DELETE FROM records WHERE name = ?", [(n,) for n in checked.deletes]
+                )
+            if checked.appends:
+                last: dict[str, int] = {}
+                rows: list[tuple[str, int, bytes]] = []
+                for space, update in checked.appends:
+                    if space not in last:
+                        last[space] = self._last_seq(conn, space)
+                    last[space] += 1
+                    rows.append((space, last[space], update))
+                conn.executemany("INSERT INTO updates (space, seq, data) VALUES (?, ?, ?)", rows)
+
+    def spaces(self) -> list[str]:
+        """Ids of every space with a snapshot or at least one update, sorted."""
+        with self._session("spaces") as conn:
+            rows = conn.execute(_SPACES_SQL).fetchall()
+        spaces = [row[0] for row in rows]
+        for space in spaces:
+            if not isinstance(space, str):
+                raise StoreCorrupt(f"{self._path}: space id {space!r} is not text")
+        return spaces
+
+    def load_space(self, space: str) -> SpaceLog:
+        """The snapshot and the tail of updates of ``space`` (empty log if unknown).
+
+        One range scan of the primary key in seq order, fetching only the blobs, and
+        ``fetchall``: that is about as fast as the sqlite3 module hands rows over, and
+        it is what keeps opening a long history quick (see the module docstring).
+        """
+        check_name(space, "space id")
+        with self._session("load_space") as conn:
+            snap = conn.execute(
+                "SELECT seq, data FROM snapshots WHERE space = ?", (space,)
+            ).fetchone()
+            snapshot_seq, snapshot = (0, None) if snap is None else snap
+            rows = conn.execute(
+                "SELECT data FROM updates WHERE space = ? AND seq > ? ORDER BY seq",
+                (space, snapshot_seq),
+            ).fetchall()
+            last_seq = self._last_seq(conn, space)
+        if snap is not None:
+            if type(snapshot_seq) is not int or snapshot_seq < 1:
+                raise StoreCorrupt(f"{self._path}: space {space!r} has snapshot seq {snap[0]!r}")
+            snapshot = self._blob(snapshot, f"snapshot of space {space!r}")
+        updates = [row[0] for row in rows]
+        # seqs are unique integers above snapshot_seq, so "last - snapshot == count" means
+        # the tail is exactly snapshot_seq+1 .. last_seq. A gap would silently drop
+        # messages: that is corruption, not something to paper over.
+        if last_seq - snapshot_seq != len(updates):
+            raise StoreCorrupt(
+                f"{self._path}: the update log of space {space!r} has gaps"
+                f" ({len(updates)} updates between seq {snapshot_seq} and {last_seq})"
+            )
+        if not all(type(data) is bytes for data in updates):
+            raise StoreCorrupt(f"{self._path}: space {space!r} holds updates that are not blobs")
+        return SpaceLog(
+            snapshot=snapshot,
+            snapshot_seq=snapshot_seq,
+            updates=updates,
+            last_seq=last_seq,
+        )
+
+    def compact(self, space: str, snapshot: bytes, upto_seq: int) -> None:
+        """Replace updates with seq <= ``upto_seq`` by ``snapshot``, in one transaction.
+
+        Deleting the updates and writing the snapshot commit together, so a crash leaves
+        either the old log or the new snapshot, never a snapshot missing its updates or
+        the other way round.
+        """
+        check_name(space, "space id")
+        data = check_value(snapshot, "snapshot")
+        check_seq(upto_seq, "upto_seq")
+        with self._transaction("compact") as conn:
+            row = conn.execute("SELECT seq FROM snapshots WHERE space = ?", (space,)).fetchone()
+            snapshot_seq = 0 if row is None else row[0]
+            if type(snapshot_seq) is not int:
+                raise StoreCorrupt(f"{self._path}: space {space!r} has snapshot seq {row}")
+            check_compact(snapshot_seq, self._last_seq(conn, space), upto_seq, space)
+            conn.execute("DELETE FROM updates WHERE space = ? AND seq <= ?", (space, upto_seq))
+            conn.execute(
+                "INSERT INTO snapshots (space, seq, data) VALUES (?, ?, ?)"
+                " ON CONFLICT (space) DO UPDATE SET seq = excluded.seq, data = excluded.data",
+                (space, upto_seq, data),
+            )
+
+    def close(self) -> None:
+        """Close the connection (idempotent); SQLite checkpoints the WAL into the file."""
+        with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is None:
+                return
+            with self._errors("close"):
+                conn.close()
+
+    def __enter__(self) -> SqliteStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _last_seq(self, conn: sqlite3.Connection, space: str) -> int:
+        """Last seq of ``space`` (0 if none), read from the database, not cached.
+
+        Reading it inside the caller's transaction keeps numbering right even if some
+        other connection (a second process opened on the same file) appended meanwhile.
+        """
+        value = conn.execute(_LAST_SEQ_SQL, (space,)).fetchone()[0]
+        if type(value) is not int:
+            raise StoreCorrupt(f"{self._path}: space {space!r} has a non-integer seq {value!r}")
+        return value
+
+    def _blob(self, value: object, what: str) -> bytes:
+        """``value`` if SQLite handed back bytes; text or numbers mean the file was edited."""
+        if type(value) is not bytes:
+            raise StoreCorrupt(f"{self._path}: {what} is {type(value).__name__}, not a blob")
+        return value

@@ -1,0 +1,364 @@
+"""The sync protocol between two devices, sans-I/O: frames in, frames and events out.
+
+One :class:`Session` per connected peer. It never touches a socket, a clock or a file:
+the caller feeds it received frames (:meth:`Session.receive`), local envelopes to send
+(:meth:`Session.send_envelope`) and the time (:meth:`Session.tick`), and carries out what
+it returns (:class:`Send` these bytes, :class:`Closed` this connection, or pass an
+event up). Same pattern as h11 and iroh-gossip.
+
+States and the rules they keep::
+
+    HELLO   both sides send ``hello`` at once (device id, signed device list, ephemeral
+            X25519 key, nonce). On the peer's hello: check its list and device, derive
+            the session keys, send ``auth`` (signature over the transcript).
+    AUTH    on the peer's ``auth``: verify it with the peer's device key  -> OPEN;
+            then send one ``sv`` per shared space.
+    OPEN    every frame is boxed (XChaCha20-Poly1305 with the direction's session key and
+            an implicit counter nonce, so a dropped, replayed or reordered frame fails).
+            ``sv`` -> reply ``env`` with exactly what the peer lacks (nothing if level);
+            ``env`` -> :class:`EnvelopeIn` for the caller to verify and apply;
+            ``ping`` -> ``pong``; ``bye`` -> closed.
+    CLOSED  everything is ignored.
+
+Any error (bad frame, bad signature, unknown device, frame in the wrong state) closes the
+session with a typed error; the caller closes the connection. Each side sends its state
+vectors once it has authenticated the peer, and answers the peer's at once: two replicas
+are level one round trip after the handshake.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Final, Protocol
+
+import nacl.bindings as sodium
+from nacl.exceptions import CryptoError as NaclCryptoError
+from nacl.public import PrivateKey
+
+from p2p.errors import (
+    DecryptionFailed,
+    DeviceListError,
+    HandshakeFailed,
+    P2PError,
+    ProtocolError,
+    WireError,
+)
+from p2p.identity import DeviceKeys, DeviceList, verify
+from p2p.wire import decode_frame, encode_frame
+
+DOMAIN_HANDSHAKE: Final = b"p2p/handshake/v1\x00"
+DOMAIN_SESSION_KEYS: Final = b"p2p-session-keys"
+HANDSHAKE_TIMEOUT: Final = 10.0
+PING_INTERVAL: Final = 15.0
+IDLE_TIMEOUT: Final = 45.0
+EMPTY_UPDATE: Final = b"\x00\x00"
+
+
+class Replicas(Protocol):
+    """What a session needs from the device it speaks for (``core.DeviceState``)."""
+
+    keys: DeviceKeys
+    device_list: DeviceList
+
+    def spaces_for(self, device_id: str) -> list[str]: ...
+
+    def state_vector(self, space_id: str) -> bytes: ...
+
+    def diff(self, space_id: str, state_vector: bytes) -> bytes: ...
+
+    def seal(self, space_id: str, payload: bytes) -> bytes: ...
+
+
+# ---- outputs -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Send:
+    """Write these bytes to the connection, as one frame."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Authenticated:
+    """The peer proved it is ``device`` of our account; sync starts."""
+
+    device: str
+
+
+@dataclass(frozen=True)
+class DeviceListIn:
+    """The peer presented a device list newer than ours (verified by the account key)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class EnvelopeIn:
+    """A sealed envelope from the peer, to open and apply (``DeviceState.ingest``)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Closed:
+    """The session is over; close the connection. ``error`` is None for a clean bye."""
+
+    error: P2PError | None
+
+
+Output = Send | Authenticated | DeviceListIn | EnvelopeIn | Closed
+
+
+class State(Enum):
+    HELLO = "hello"
+    AUTH = "auth"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+@dataclass
+class Stats:
+    """Counters a test or a benchmark reads: frames and bytes each way, sync rounds."""
+
+    frames_out: int = 0
+    frames_in: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+    catchup_bytes_out: int = 0
+    """Bytes of envelopes sent in answer to the peer's state vectors."""
+    sv_in: int = 0
+    envelopes_in: int = 0
+
+
+@dataclass
+class Session:
+    """One peer's protocol state; see the module docstring."""
+
+    local: Replicas
+    initiator: bool
+    now: float
+    state: State = State.HELLO
+    peer: str | None = None
+    stats: Stats = field(default_factory=Stats)
+    _eph: PrivateKey = field(default_factory=PrivateKey.generate)
+    _nonce: bytes = field(default_factory=lambda: os.urandom(32))
+    _hello_out: bytes = b""
+    _hello_in: bytes = b""
+    _peer_sign_pk: bytes = b""
+    _tx_key: bytes = b""
+    _rx_key: bytes = b""
+    _tx_seq: int = 0
+    _rx_seq: int = 0
+    _started: float = 0.0
+    _last_in: float = 0.0
+    _last_out: float = 0.0
+
+    def start(self) -> list[Output]:
+        """Begin: our hello goes out at once (both sides do this)."""
+        self._started = self._last_in = self._last_out = self.now
+        self._hello_out = encode_frame(
+            "hello",
+            dev=self.local.keys.device_id,
+            list=self.local.device_list.encode(),
+            eph=bytes(self._eph.public_key),
+            nonce=self._nonce,
+        )
+        return [self._send_raw(self._hello_out)]
+
+    # ---- input ---------------------------------------------------------------------
+
+    def receive(self, data: bytes, now: float) -> list[Output]:
+        """Handle one frame from the peer."""
+        if self.state is State.CLOSED:
+            return []
+        self.now = self._last_in = now
+        self.stats.frames_in += 1
+        self.stats.bytes_in += len(data)
+        try:
+            if self.state is State.HELLO:
+                return self._on_hello(data)
+            if self.state is State.AUTH:
+                return self._on_auth(data)
+            return self._on_open(self._unbox(data))
+        except P2PError as exc:
+            return self._fail(exc)
+
+    def send_envelope(self, data: bytes) -> list[Output]:
+        """Forward a sealed envelope (ours or gossiped) to the peer, if open."""
+        if self.state is not State.OPEN:
+            return []
+        return [self._send_boxed(encode_frame("env", e=data))]
+
+    def tick(self, now: float) -> list[Output]:
+        """Let time pass: handshake timeout, keep-alive pings, idle timeout."""
+        if self.state is State.CLOSED:
+            return []
+        self.now = now
+        if self.state is not State.OPEN:
+            if now - self._started > HANDSHAKE_TIMEOUT:
+                return self._fail(HandshakeFailed("handshake timed out"))
+            return []
+        if now - self._last_in > IDLE_TIMEOUT:
+            return self._fail(ProtocolError("peer silent past the idle timeout"))
+        if now - self._last_out >= PING_INTERVAL:
+            return [self._send_boxed(encode_frame("ping", n=int(now)))]
+        return []
+
+    def next_deadline(self) -> float:
+        """When :meth:`tick` next has something to do."""
+        if self.state is not State.OPEN:
+            return self._started + HANDSHAKE_TIMEOUT
+        return min(self._last_out + PING_INTERVAL, self._last_in + IDLE_TIMEOUT)
+
+    def close(self, error: P2PError | None = None) -> list[Output]:
+        """End the session from our side (a bye when open, then Closed)."""
+        if self.state is State.CLOSED:
+            return []
+        out: list[Output] = []
+        if self.state is State.OPEN:
+            code = type(error).__name__ if error else "bye"
+            out.append(self._send_boxed(encode_frame("bye", code=code)))
+        self.state = State.CLOSED
+        out.append(Closed(error))
+        return out
+
+    # ---- handshake -----------------------------------------------------------------
+
+    def _on_hello(self, data: bytes) -> list[Output]:
+        frame = decode_frame(data)
+        if frame["t"] == "reject":
+            raise HandshakeFailed(f"peer refused us: {frame['code']}")
+        if frame["t"] != "hello":
+            raise HandshakeFailed(f"expected hello, got {frame['t']}")
+        out: list[Output] = []
+        ours = self.local.device_list
+        try:
+            theirs = DeviceList.decode(frame["list"])
+        except WireError as exc:
+            raise DeviceListError(f"peer's device list is malformed: {exc}") from exc
+        theirs.verify(ours.account_pk)  # DeviceListError: another account or forged
+        newest = theirs if theirs.version > ours.version else ours
+        if newest is theirs:
+            out.append(DeviceListIn(frame["list"]))
+        peer = frame["dev"]
+        entry = newest.entry(peer)  # UnknownDevice / RemovedDevice
+        if peer == self.local.keys.device_id:
+            raise HandshakeFailed("connected to ourselves")
+        self.peer = peer
+        self._peer_sign_pk = entry.sign_pk
+        self._hello_in = data
+        try:
+            shared = sodium.crypto_scalarmult(bytes(self._eph), frame["eph"])
+        except (NaclCryptoError, ValueError, TypeError) as exc:
+            raise HandshakeFailed("peer's ephemeral key is invalid") from exc
+        transcript = self._transcript()
+        okm = hashlib.blake2b(
+            shared, key=transcript[:64], digest_size=64, person=DOMAIN_SESSION_KEYS[:16]
+        ).digest()
+        i2r, r2i = okm[:32], okm[32:]
+        self._tx_key, self._rx_key = (i2r, r2i) if self.initiator else (r2i, i2r)
+        role = b"I" if self.initiator else b"R"
+        sig = self.local.keys.sign(DOMAIN_HANDSHAKE, role + transcript)
+        self.state = State.AUTH
+        out.append(self._send_raw(encode_frame("auth", sig=sig)))
+        return out
+
+    def _transcript(self) -> bytes:
+        first, second = (
+            (self._hello_out, self._hello_in)
+            if self.initiator
+            else (self._hello_in, self._hello_out)
+        )
+        return hashlib.blake2b(
+            len(first).to_bytes(4, "big") + first + second, digest_size=64
+        ).digest()
+
+    def _on_auth(self, data: bytes) -> list[Output]:
+        frame = decode_frame(data)
+        if frame["t"] != "auth":
+            raise HandshakeFailed(f"expected auth, got {frame['t']}")
+        role = b"R" if self.initiator else b"I"
+        try:
+            verify(self._peer_sign_pk, DOMAIN_HANDSHAKE, role + self._transcript(), frame["sig"])
+        except P2PError as exc:
+            raise HandshakeFailed(f"device {self.peer} failed to prove its key") from exc
+        self.state = State.OPEN
+        assert self.peer is not None
+        out: list[Output] = [Authenticated(self.peer)]
+        for space_id in self.local.spaces_for(self.peer):
+            sv = self.local.state_vector(space_id)
+            out.append(self._send_boxed(encode_frame("sv", s=space_id, sv=sv)))
+        return out
+
+    # ---- open session --------------------------------------------------------------
+
+    def _on_open(self, frame: dict[str, Any]) -> list[Output]:
+        kind = frame["t"]
+        if kind == "env":
+            self.stats.envelopes_in += 1
+            return [EnvelopeIn(frame["e"])]
+        if kind == "sv":
+            self.stats.sv_in += 1
+            return self._on_state_vector(frame["s"], frame["sv"])
+        if kind == "ping":
+            return [self._send_boxed(encode_frame("pong", n=frame["n"]))]
+        if kind == "pong":
+            return []
+        if kind == "bye":
+            self.state = State.CLOSED
+            return [Closed(None)]
+        raise ProtocolError(f"unexpected {kind} frame in an open session")
+
+    def _on_state_vector(self, space_id: str, sv: bytes) -> list[Output]:
+        assert self.peer is not None
+        if space_id not in self.local.spaces_for(self.peer):
+            return []  # a space we don't share with this device: say nothing about it
+        missing = self.local.diff(space_id, sv)
+        if missing == EMPTY_UPDATE:
+            return []
+        sealed = self.local.seal(space_id, missing)
+        frame = self._send_boxed(encode_frame("env", e=sealed))
+        self.stats.catchup_bytes_out += len(frame.data)
+        return [frame]
+
+    # ---- framing -------------------------------------------------------------------
+
+    def _send_raw(self, data: bytes) -> Send:
+        self._last_out = self.now
+        self.stats.frames_out += 1
+        self.stats.bytes_out += len(data)
+        return Send(data)
+
+    def _send_boxed(self, inner: bytes) -> Send:
+        nonce = self._tx_seq.to_bytes(24, "little")
+        self._tx_seq += 1
+        return self._send_raw(
+            sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(inner, None, nonce, self._tx_key)
+        )
+
+    def _unbox(self, data: bytes) -> dict[str, Any]:
+        nonce = self._rx_seq.to_bytes(24, "little")
+        try:
+            inner = sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
+                data, None, nonce, self._rx_key
+            )
+        except (NaclCryptoError, ValueError, TypeError) as exc:
+            raise DecryptionFailed(
+                f"frame {self._rx_seq} from {self.peer} does not decrypt"
+            ) from exc
+        self._rx_seq += 1
+        return decode_frame(inner)
+
+    def _fail(self, error: P2PError) -> list[Output]:
+        out: list[Output] = []
+        if self.state in (State.HELLO, State.AUTH):
+            out.append(self._send_raw(encode_frame("reject", code=type(error).__name__)))
+        elif self.state is State.OPEN:
+            out.append(self._send_boxed(encode_frame("bye", code=type(error).__name__)))
+        self.state = State.CLOSED
+        out.append(Closed(error))
+        return out

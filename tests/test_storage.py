@@ -1,0 +1,528 @@
+"""Acceptance suite of the storage layer: every adapter must pass the same tests.
+
+The shared tests run once per adapter through the ``store`` fixture; what only makes
+sense for a file (reopening, corrupt files, a process killed mid-write) is SQLite-only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from p2p.errors import StoreCorrupt, StoreError
+from p2p.storage import (
+    MemoryStore,
+    SpaceLog,
+    SqliteStore,
+    Store,
+    WriteBatch,
+    open_store,
+)
+from p2p.storage.memory import MAX_NAME
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A fresh, empty store of each adapter; closed after the test."""
+    s: Store = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "p2p.db")
+    yield s
+    s.close()
+
+
+def append(store: Store, space: str, *updates: bytes) -> None:
+    store.write(WriteBatch(appends=[(space, u) for u in updates]))
+
+
+# --- records ------------------------------------------------------------------------
+
+
+def test_records_get_put_replace_delete(store: Store) -> None:
+    assert store.get("device/key") is None
+    store.write(WriteBatch(records={"device/key": b"k1", "device/name": b"phone"}))
+    assert store.get("device/key") == b"k1"
+    store.write(WriteBatch(records={"device/key": b"k2"}))
+    assert store.get("device/key") == b"k2"
+    assert store.get("device/name") == b"phone"
+    store.write(WriteBatch(deletes={"device/key", "never/there"}))
+    assert store.get("device/key") is None
+    assert store.get("device/name") == b"phone"
+
+
+def test_empty_value_is_not_absent(store: Store) -> None:
+    store.write(WriteBatch(records={"counter": b""}))
+    assert store.get("counter") == b""
+
+
+def test_names_by_prefix_sorted(store: Store) -> None:
+    names = ["keys/b", "keys/a", "keys/a/2", "keysx", "kez", "list", "keys/%_", "keys/é"]
+    store.write(WriteBatch(records={n: n.encode() for n in names}))
+    assert store.names("keys/") == ["keys/%_", "keys/a", "keys/a/2", "keys/b", "keys/é"]
+    assert store.names("keys") == ["keys/%_", "keys/a", "keys/a/2", "keys/b", "keys/é", "keysx"]
+    assert store.names("") == sorted(names)
+    assert store.names("nothing/") == []
+    assert store.names("keys/a/2") == ["keys/a/2"]
+
+
+def test_stored_bytes_are_a_copy(store: Store) -> None:
+    value = bytearray(b"secret")
+    update = bytearray(b"update")
+    store.write(WriteBatch(records={"r": value}, appends=[("s", update)]))  # type: ignore[dict-item,list-item]
+    value[:] = b"XXXXXX"
+    update[:] = b"YYYYYY"
+    assert store.get("r") == b"secret"
+    assert store.load_space("s").updates == [b"update"]
+    assert type(store.get("r")) is bytes
+
+
+@pytest.mark.parametrize(
+    "bad_name",
+    ["", "x" * (MAX_NAME + 1), "nul\x00inside", "surrogate\udc80", 42, None, b"bytes"],
+)
+def test_bad_names_refused(store: Store, bad_name: object) -> None:
+    with pytest.raises(StoreError):
+        store.write(WriteBatch(records={bad_name: b"v"}))  # type: ignore[dict-item]
+    with pytest.raises(StoreError):
+        store.get(bad_name)  # type: ignore[arg-type]
+    with pytest.raises(StoreError):
+        store.write(WriteBatch(appends=[(bad_name, b"u")]))  # type: ignore[list-item]
+    with pytest.raises(StoreError):
+        store.load_space(bad_name)  # type: ignore[arg-type]
+    assert store.names("") == []
+    assert store.spaces() == []
+
+
+def test_longest_name_accepted(store: Store) -> None:
+    name = "n" * MAX_NAME
+    store.write(WriteBatch(records={name: b"v"}, appends=[(name, b"u")]))
+    assert store.get(name) == b"v"
+    assert store.spaces() == [name]
+
+
+def test_bad_values_refused(store: Store) -> None:
+    with pytest.raises(StoreError):
+        store.write(WriteBatch(records={"r": "text"}))  # type: ignore[dict-item]
+    with pytest.raises(StoreError):
+        store.write(WriteBatch(appends=[("s", None)]))  # type: ignore[list-item]
+    with pytest.raises(StoreError):
+        store.write("not a batch")  # type: ignore[arg-type]
+    assert store.get("r") is None
+    assert store.spaces() == []
+
+
+# --- atomicity ------------------------------------------------------------------------
+
+
+def test_batch_with_one_bad_name_applies_nothing(store: Store) -> None:
+    store.write(WriteBatch(records={"keep": b"old"}))
+    bad = WriteBatch(
+        records={"keep": b"new", "other": b"x"},
+        deletes={"gone"},
+        appends=[("s", b"u1"), ("x" * (MAX_NAME + 1), b"u2")],
+    )
+    with pytest.raises(StoreError):
+        store.write(bad)
+    assert store.get("keep") == b"old"
+    assert store.get("other") is None
+    assert store.load_space("s") == SpaceLog(snapshot=None, snapshot_seq=0, updates=[], last_seq=0)
+    assert store.spaces() == []
+
+
+def test_set_and_delete_same_name_deletes(store: Store) -> None:
+    """Deletes apply after records: core.merge_batches relies on it for "set, then delete"."""
+    store.write(WriteBatch(records={"r": b"old", "keep": b"k"}))
+    store.write(WriteBatch(records={"r": b"new", "keep": b"k2"}, deletes={"r"}))
+    assert store.get("r") is None
+    assert store.get("keep") == b"k2"
+
+
+def test_empty_batch_is_a_no_op(store: Store) -> None:
+    store.write(WriteBatch())
+    assert store.names("") == []
+    assert store.spaces() == []
+
+
+# --- update logs ----------------------------------------------------------------------
+
+
+def test_unknown_space_is_an_empty_log(store: Store) -> None:
+    log = store.load_space("nobody")
+    assert log == SpaceLog(snapshot=None, snapshot_seq=0, updates=[], last_seq=0)
+    assert store.spaces() == []
+
+
+def test_appends_keep_order_and_number_from_one(store: Store) -> None:
+    append(store, "a", b"a1", b"a2")
+    store.write(WriteBatch(appends=[("b", b"b1"), ("a", b"a3"), ("b", b"b2")]))
+    append(store, "a", b"a4")
+    a = store.load_space("a")
+    assert a.updates == [b"a1", b"a2", b"a3", b"a4"]
+    assert (a.snapshot, a.snapshot_seq, a.last_seq) == (None, 0, 4)
+    b = store.load_space("b")
+    assert b.updates == [b"b1", b"b2"]
+    assert b.last_seq == 2
+
+
+def test_spaces_sorted_and_distinct(store: Store) -> None:
+    for space in ["zeta", "alpha", "mid", "alpha", "zeta"]:
+        append(store, space, b"u")
+    store.write(WriteBatch(records={"not/a/space": b"r"}))
+    assert store.spaces() == ["alpha", "mid", "zeta"]
+
+
+def test_load_space_returns_a_fresh_list(store: Store) -> None:
+    append(store, "s", b"u1")
+    store.load_space("s").updates.append(b"sneaky")
+    assert store.load_space("s").updates == [b"u1"]
+
+
+def test_compaction_keeps_later_updates(store: Store) -> None:
+    append(store, "s", *[f"u{i}".encode() for i in range(1, 11)])
+    store.compact("s", b"snap@6", 6)
+    log = store.load_space("s")
+    assert log.snapshot == b"snap@6"
+    assert log.snapshot_seq == 6
+    assert log.updates == [b"u7", b"u8", b"u9", b"u10"]
+    assert log.last_seq == 10
+    # numbering continues after the snapshot and the tail
+    append(store, "s", b"u11")
+    assert store.load_space("s").last_seq == 11
+    store.compact("s", b"snap@9", 9)
+    log = store.load_space("s")
+    assert (log.snapshot, log.snapshot_seq, log.updates) == (b"snap@9", 9, [b"u10", b"u11"])
+
+
+def test_full_compaction_keeps_space_and_numbering(store: Store) -> None:
+    append(store, "s", b"u1", b"u2", b"u3")
+    store.compact("s", b"all", 3)
+    log = store.load_space("s")
+    assert (log.snapshot, log.snapshot_seq, log.updates, log.last_seq) == (b"all", 3, [], 3)
+    assert store.spaces() == ["s"]
+    append(store, "s", b"u4")
+    log = store.load_space("s")
+    assert (log.updates, log.last_seq) == ([b"u4"], 4)
+    store.compact("s", b"all again", 3)  # same point, new bytes: allowed
+    assert store.load_space("s").snapshot == b"all again"
+
+
+@pytest.mark.parametrize("upto", [6, 100, 0, 1, -1])
+def test_compaction_refuses_bad_upto(store: Store, upto: int) -> None:
+    append(store, "s", b"u1", b"u2", b"u3", b"u4", b"u5")
+    store.compact("s", b"snap@2", 2)
+    with pytest.raises(StoreError):
+        store.compact("s", b"bad", upto)  # past the end, or older than the snapshot
+    log = store.load_space("s")
+    assert (log.snapshot, log.snapshot_seq, log.updates) == (b"snap@2", 2, [b"u3", b"u4", b"u5"])
+
+
+def test_compaction_of_unknown_space_refused(store: Store) -> None:
+    with pytest.raises(StoreError):
+        store.compact("nobody", b"snap", 1)
+    assert store.spaces() == []
+
+
+def test_compaction_refuses_bad_arguments(store: Store) -> None:
+    append(store, "s", b"u1")
+    with pytest.raises(StoreError):
+        store.compact("s", "text", 1)  # type: ignore[arg-type]
+    with pytest.raises(StoreError):
+        store.compact("s", b"snap", True)
+    with pytest.raises(StoreError):
+        store.compact("s", b"snap", 1.0)  # type: ignore[arg-type]
+    assert store.load_space("s").snapshot is None
+
+
+def test_concurrent_writers_lose_nothing(store: Store) -> None:
+    """The node calls the store from several worker threads: each write must stay whole."""
+    errors: list[BaseException] = []
+
+    def writer(k: int) -> None:
+        try:
+            for i in range(50):
+                store.write(WriteBatch(records={f"w/{k}": b"%d" % i}, appends=[("s", b"%d" % k)]))
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    log = store.load_space("s")
+    assert log.last_seq == 200
+    assert sorted(log.updates) == sorted([b"%d" % k for k in range(4)] * 50)
+    assert store.names("w/") == ["w/0", "w/1", "w/2", "w/3"]
+
+
+# --- closing ---------------------------------------------------------------------------
+
+
+def test_close_is_idempotent_and_final(store: Store) -> None:
+    store.close()
+    store.close()
+    with pytest.raises(StoreError):
+        store.get("r")
+    with pytest.raises(StoreError):
+        store.write(WriteBatch(records={"r": b"v"}))
+    with pytest.raises(StoreError):
+        store.load_space("s")
+
+
+def test_memory_reopen_shares_state() -> None:
+    first = MemoryStore()
+    append(first, "s", b"u1")
+    first.close()
+    second = first.reopen()
+    assert second.load_space("s").updates == [b"u1"]
+    with pytest.raises(StoreError):
+        first.get("r")
+
+
+def test_open_store_picks_the_adapter(tmp_path: Path) -> None:
+    memory = open_store(None)
+    assert isinstance(memory, MemoryStore)
+    disk = open_store(tmp_path / "x.db")
+    assert isinstance(disk, SqliteStore)
+    disk.close()
+
+
+# --- SQLite only ------------------------------------------------------------------------
+
+
+def test_sqlite_reopen_keeps_everything(tmp_path: Path) -> None:
+    path = tmp_path / "p2p.db"
+    with SqliteStore(path) as s:
+        s.write(WriteBatch(records={"device/key": b"k", "gone": b"x"}))
+        s.write(WriteBatch(deletes={"gone"}))
+        append(s, "a", b"a1", b"a2", b"a3")
+        append(s, "b", b"b1")
+        s.compact("a", b"snap", 2)
+    with SqliteStore(str(path)) as s:
+        assert s.names("") == ["device/key"]
+        assert s.get("device/key") == b"k"
+        assert s.spaces() == ["a", "b"]
+        assert s.load_space("a") == SpaceLog(
+            snapshot=b"snap", snapshot_seq=2, updates=[b"a3"], last_seq=3
+        )
+        append(s, "a", b"a4")
+        assert s.load_space("a").last_seq == 4
+
+
+def test_sqlite_uses_wal_and_schema_version(tmp_path: Path) -> None:
+    path = tmp_path / "p2p.db"
+    SqliteStore(path).close()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] >= 1
+    finally:
+        conn.close()
+
+
+def test_sqlite_garbage_file_is_corrupt(tmp_path: Path) -> None:
+    path = tmp_path / "p2p.db"
+    garbage = b"this is not a database, just some bytes\n" * 200
+    path.write_bytes(garbage)
+    with pytest.raises(StoreCorrupt, match=re.escape(str(path))):
+        SqliteStore(path)
+    assert path.read_bytes() == garbage  # opening did not touch it
+
+
+def _filled_db(path: Path) -> int:
+    with SqliteStore(path) as s:
+        for i in range(40):
+            s.write(WriteBatch(records={f"r/{i}": bytes(600)}, appends=[("s", bytes(1500))]))
+    return path.stat().st_size
+
+
+@pytest.mark.parametrize("keep", [50, 4096, 0.5, 0.9])
+def test_sqlite_truncated_file_is_refused(tmp_path: Path, keep: float) -> None:
+    path = tmp_path / "p2p.db"
+    size = _filled_db(path)
+    with path.open("r+b") as f:
+        f.truncate(int(size * keep) if isinstance(keep, float) else keep)
+    # Whatever SQLite notices first (open, quick_check or a read), it is a StoreError.
+    with pytest.raises(StoreError, match=re.escape(str(path))):
+        _open_and_read_all(path)
+
+
+def _open_and_read_all(path: Path) -> None:
+    with SqliteStore(path) as s:
+        for name in s.names(""):
+            s.get(name)
+        for space in s.spaces():
+            s.load_space(space)
+
+
+def test_sqlite_overwritten_page_is_corrupt(tmp_path: Path) -> None:
+    path = tmp_path / "p2p.db"
+    _filled_db(path)
+    with path.open("r+b") as f:
+        f.seek(3 * 4096)
+        f.write(b"\xa5" * 4096)
+    with pytest.raises(StoreCorrupt, match=re.escape(str(path))):
+        SqliteStore(path)
+
+
+def _edit_db(path: Path, *statements: str) -> None:
+    conn = sqlite3.connect(path)
+    try:
+        for statement in statements:
+            conn.execute(statement)
+        conn.commit()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    "statements",
+    [
+        ("PRAGMA user_version = 99",),
+        ("PRAGMA user_version = 0",),
+        ("DROP TABLE snapshots",),
+        ("CREATE TRIGGER t AFTER INSERT ON records BEGIN DELETE FROM records; END",),
+    ],
+    ids=["future-version", "version-zero", "missing-table", "trigger"],
+)
+def test_sqlite_foreign_schema_is_corrupt(tmp_path: Path, statements: tuple[str, ...]) -> None:
+    path = tmp_path / "p2p.db"
+    SqliteStore(path).close()
+    _edit_db(path, *statements)
+    with pytest.raises(StoreCorrupt, match=re.escape(str(path))):
+        SqliteStore(path)
+
+
+def test_sqlite_other_apps_database_is_corrupt(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    _edit_db(path, "CREATE TABLE contacts (id INTEGER PRIMARY KEY, name TEXT)")
+    with pytest.raises(StoreCorrupt, match=re.escape(str(path))):
+        SqliteStore(path)
+
+
+def test_sqlite_gap_in_log_is_corrupt(tmp_path: Path) -> None:
+    path = tmp_path / "p2p.db"
+    with SqliteStore(path) as s:
+        append(s, "s", b"u1", b"u2", b"u3")
+    _edit_db(path, "DELETE FROM updates WHERE seq = 2")
+    with SqliteStore(path) as s, pytest.raises(StoreCorrupt, match="gaps"):
+        s.load_space("s")
+
+
+def test_sqlite_non_blob_values_are_corrupt(tmp_path: Path) -> None:
+    path = tmp_path / "p2p.db"
+    with SqliteStore(path) as s:
+        s.write(WriteBatch(records={"r": b"v"}, appends=[("s", b"u1")]))
+    _edit_db(path, "UPDATE records SET value = 'text'", "UPDATE updates SET data = 7")
+    with SqliteStore(path) as s:
+        with pytest.raises(StoreCorrupt):
+            s.get("r")
+        with pytest.raises(StoreCorrupt):
+            s.load_space("s")
+
+
+def test_sqlite_missing_directory_is_store_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no/such/dir"):
+        SqliteStore(tmp_path / "no" / "such" / "dir" / "p2p.db")
+
+
+def test_sqlite_bad_synchronous_refused(tmp_path: Path) -> None:
+    with pytest.raises(StoreError):
+        SqliteStore(tmp_path / "p2p.db", synchronous="SOMETIMES")
+    SqliteStore(tmp_path / "p2p.db", synchronous="normal").close()
+
+
+# --- a real process killed mid-write --------------------------------------------------
+
+_CHILD = textwrap.dedent(
+    """
+    import sys
+    from p2p.storage import SqliteStore, WriteBatch
+
+    store = SqliteStore(sys.argv[1])
+    for seq in range(1, 100_001):
+        store.write(WriteBatch(appends=[("space", b"update-%d" % seq)]))
+        # Printed only once write() returned: every seq printed is an acknowledged write.
+        print(seq, flush=True)
+    """
+)
+
+
+def _read_lines_until(
+    stream: int, enough: Callable[[list[str]], bool], deadline: float
+) -> tuple[list[str], bytes]:
+    """Read complete lines from a pipe fd until ``enough`` or EOF, never past ``deadline``."""
+    lines: list[str] = []
+    buffer = b""
+    with selectors.DefaultSelector() as sel:
+        sel.register(stream, selectors.EVENT_READ)
+        while not enough(lines):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"child printed only {len(lines)} lines before deadline")
+            if not sel.select(timeout=remaining):
+                continue
+            chunk = os.read(stream, 65536)
+            if not chunk:
+                break
+            buffer += chunk
+            *complete, buffer = buffer.split(b"\n")
+            lines.extend(line.decode() for line in complete)
+    return lines, buffer
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="needs SIGKILL")
+def test_sqlite_acknowledged_writes_survive_sigkill(tmp_path: Path) -> None:
+    path = tmp_path / "p2p.db"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert child.stdout is not None
+        lines, partial = _read_lines_until(
+            child.stdout.fileno(), lambda seen: len(seen) >= 200, time.monotonic() + 120
+        )
+        child.send_signal(signal.SIGKILL)
+        # Lines the child printed after our last read were acknowledged too: collect them.
+        rest, err = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=30)
+    assert len(lines) >= 200, f"child stopped early: {err.decode()}"
+    assert child.returncode == -signal.SIGKILL
+    tail = (partial + rest).decode().split("\n")[:-1]  # drop a half-written last line
+    acked = [int(line) for line in [*lines, *tail]]
+    assert len(acked) >= 200
+    assert acked == list(range(1, len(acked) + 1))
+
+    with SqliteStore(path) as s:  # opening runs quick_check too
+        log = s.load_space("space")
+        assert log.last_seq >= acked[-1]
+        assert log.updates[: len(acked)] == [b"update-%d" % seq for seq in acked]
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+    finally:
+        conn.close()
