@@ -185,7 +185,7 @@ class ReplayWindow:
     def accept(self, counter: int) -> None:
         """Record ``counter`` as accepted (after :meth:`check` passed)."""
         if counter > self.high:
-            shift = counter - self.high
+            shift = min(counter - self.high, REPLAY_WINDOW)  # a long jump clears all
             self.bitmap = ((self.bitmap << shift) | 1) & ((1 << REPLAY_WINDOW) - 1)
             self.high = counter
         else:

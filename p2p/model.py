@@ -34,6 +34,7 @@ from p2p.clock import is_ts
 from p2p.errors import BadSignature, InvalidUpdate
 from p2p.identity import DeviceKeys, verify
 from p2p.wire import MAX_FRAME, pack
+from p2p.yupdate import check_update
 
 DOMAIN_ENTRY: Final = b"p2p/entry/v1\x00"
 MAX_BODY: Final = 64 * 1024
@@ -199,6 +200,7 @@ class Replica:
         """Integrate a remote update (idempotent); InvalidUpdate if pycrdt refuses it."""
         if len(update) > MAX_UPDATE:
             raise InvalidUpdate(self.space, f"{len(update)} bytes exceed {MAX_UPDATE}")
+        check_update(update, self.space)  # before pycrdt trusts its declared counts
         try:
             self.doc.apply_update(update)
         except (KeyboardInterrupt, SystemExit, GeneratorExit):
@@ -340,3 +342,43 @@ def _verify_entry(space: str, entry: Entry, signing_key_of: SigningKeyLookup) ->
     except (BadSignature, ValueError):
         return False
     return True
+
+
+def decode_state_vector(sv: bytes) -> dict[int, int]:
+    """client id -> clock of a Yjs v1 state vector; InvalidUpdate if malformed."""
+    out: dict[int, int] = {}
+    pos = 0
+
+    def varuint() -> int:
+        nonlocal pos
+        value = shift = 0
+        while True:
+            if pos >= len(sv) or shift > 63:
+                raise InvalidUpdate("?", "malformed state vector")
+            byte = sv[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value
+
+    count = varuint()
+    if count > len(sv):
+        raise InvalidUpdate("?", "malformed state vector")
+    for _ in range(count):
+        client = varuint()
+        out[client] = varuint()
+    if pos != len(sv):
+        raise InvalidUpdate("?", "trailing bytes after the state vector")
+    return out
+
+
+def covers(theirs: bytes, ours: bytes) -> bool:
+    """Whether a replica at ``theirs`` holds every struct of one at ``ours``.
+
+    Our schema only ever *sets* map keys (an overwrite deletes the old value in the same
+    transaction that adds the new struct), so a replica holding all our structs also holds
+    every deletion we know of: there is nothing to send it.
+    """
+    have = decode_state_vector(theirs)
+    return all(have.get(client, 0) >= clock for client, clock in decode_state_vector(ours).items())

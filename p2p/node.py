@@ -277,6 +277,8 @@ class Node:
             await trio.lowlevel.checkpoint()  # let concurrent sends join this round
             outbox, self._outbox = self._outbox, {}
             for space_id, updates in outbox.items():
+                if not any(space_id in self.state.spaces_for(d) for d in self._peers):
+                    continue  # nobody to tell now; state vectors catch peers up later
                 for payload in _coalesce(updates):
                     self._broadcast(space_id, self.state.seal(space_id, payload), exclude=())
             if self.state.unsaved:

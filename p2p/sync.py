@@ -47,6 +47,7 @@ from p2p.errors import (
     WireError,
 )
 from p2p.identity import DeviceKeys, DeviceList, verify
+from p2p.model import covers
 from p2p.wire import decode_frame, encode_frame
 
 DOMAIN_HANDSHAKE: Final = b"p2p/handshake/v1\x00"
@@ -199,12 +200,12 @@ class Session:
             return []
         self.now = now
         if self.state is not State.OPEN:
-            if now - self._started > HANDSHAKE_TIMEOUT:
+            if now >= self._started + HANDSHAKE_TIMEOUT:
                 return self._fail(HandshakeFailed("handshake timed out"))
             return []
-        if now - self._last_in > IDLE_TIMEOUT:
+        if now >= self._last_in + IDLE_TIMEOUT:
             return self._fail(ProtocolError("peer silent past the idle timeout"))
-        if now - self._last_out >= PING_INTERVAL:
+        if now >= self._last_out + PING_INTERVAL:
             return [self._send_boxed(encode_frame("ping", n=int(now)))]
         return []
 
@@ -251,6 +252,8 @@ class Session:
         self.peer = peer
         self._peer_sign_pk = entry.sign_pk
         self._hello_in = data
+        if len(frame["eph"]) != 32:  # pynacl does not check: libsodium would read past it
+            raise HandshakeFailed("peer's ephemeral key is invalid")
         try:
             shared = sodium.crypto_scalarmult(bytes(self._eph), frame["eph"])
         except (NaclCryptoError, ValueError, TypeError) as exc:
@@ -317,6 +320,8 @@ class Session:
         assert self.peer is not None
         if space_id not in self.local.spaces_for(self.peer):
             return []  # a space we don't share with this device: say nothing about it
+        if covers(sv, self.local.state_vector(space_id)):
+            return []  # the peer already holds everything we have
         missing = self.local.diff(space_id, sv)
         if missing == EMPTY_UPDATE:
             return []

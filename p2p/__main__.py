@@ -1,0 +1,7 @@
+"""``python -m p2p``: the same as the ``p2p`` command."""
+
+import sys
+
+from p2p.cli import main
+
+sys.exit(main())

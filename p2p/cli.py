@@ -1,0 +1,158 @@
+"""The ``p2p`` command: a thin shell over the Node API.
+
+Exit codes are a contract (docs/architecture.md): 0 success, 1 a failed operation with
+one line on stderr (never a traceback), 2 a usage error (argparse's own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from p2p.clock import parse_ts
+from p2p.errors import P2PError
+from p2p.home import default_home, init_account, open_home_store
+from p2p.node import open_node
+
+
+def _home(args: argparse.Namespace) -> Path:
+    return Path(args.home) if args.home else default_home()
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    state = init_account(_home(args), args.name)
+    if args.json:
+        print(
+            json.dumps({"device": state.device_id, "account": state.account_id, "name": state.name})
+        )
+    else:
+        print(
+            f"account {state.account_id} created; "
+            f"this device ({state.name}) is its primary {state.device_id}"
+        )
+    return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    async def run() -> str:
+        async with open_node(_home(args)) as node:
+            return await node.send(args.text, chat=args.chat)
+
+    message_id = trio.run(run)
+    if args.json:
+        print(json.dumps({"id": message_id}))
+    else:
+        print(message_id)
+    return 0
+
+
+def _time_of(ts: str) -> str:
+    ms, _ = parse_ts(ts)
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    async def run() -> list[dict[str, Any]]:
+        async with open_node(_home(args)) as node:
+            return [m.to_json() for m in node.messages(args.chat)]
+
+    for m in trio.run(run):
+        if args.json:
+            print(json.dumps(m, ensure_ascii=False))
+        else:
+            flags = " (deleted)" if m["deleted"] else " (edited)" if m["edited"] else ""
+            print(f"{_time_of(m['ts'])} {m['device']}: {m['text']}{flags}")
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from p2p.core import DeviceState
+
+    store = open_home_store(_home(args))
+    try:
+        state = DeviceState.load(store)
+    finally:
+        store.close()
+    dl = state.device_list
+    for d in dl.devices:
+        row = {
+            "id": d.device_id,
+            "name": d.name,
+            "role": d.role,
+            "this": d.device_id == state.device_id,
+            "list_version": dl.version,
+        }
+        if args.json:
+            print(json.dumps(row))
+        else:
+            mark = " (this device)" if row["this"] else ""
+            print(f"{d.device_id}  {d.role:<9}  {d.name}{mark}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from p2p.demo import run_demo
+
+    return run_demo(messages=args.messages, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="p2p", description="Peer-to-peer, local-first chat sync.")
+    parser.add_argument(
+        "--home", help="device data folder (default $P2P_HOME or the user data dir)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(
+        name: str, handler: Callable[[argparse.Namespace], int], help: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.set_defaults(handler=handler)
+        p.add_argument("--json", action="store_true", help="print JSON (one object per line)")
+        p.add_argument("--home", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        return p
+
+    p = add("init", cmd_init, "new account; this device is its primary")
+    p.add_argument("--name", required=True, help="this device's name")
+    p = add("send", cmd_send, "send a message")
+    p.add_argument("--chat", help="chat id or name (default: notes)")
+    p.add_argument("text")
+    p = add("log", cmd_log, "messages in display order")
+    p.add_argument("--chat", help="chat id or name (default: notes)")
+    add("devices", cmd_devices, "the signed device list")
+    p = add("demo", cmd_demo, "the multi-device scenario, in one process")
+    p.add_argument(
+        "--messages", type=int, default=200, help="messages sent while the phone is away"
+    )
+    p.add_argument("--seed", type=int, default=1)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``p2p`` console script."""
+    args = build_parser().parse_args(argv)
+    if args.home and not args.home.strip():
+        print("p2p: --home is empty", file=sys.stderr)
+        return 2
+    try:
+        code: int = args.handler(args)
+    except P2PError as exc:
+        print(f"p2p: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        print(f"p2p: {exc.strerror or exc} ({exc.filename or ''})".rstrip(" ()"), file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

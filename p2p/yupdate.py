@@ -1,0 +1,453 @@
+"""A structural check of Yjs update v1 bytes, run before pycrdt sees them.
+
+Why: pycrdt's ``Doc.apply_update`` (yrs 0.28 underneath) trusts the counts an update
+declares. It reserves memory for a declared number of clients, structs, ``Any`` values,
+map entries and delete ranges *before* reading them, so 20 hostile bytes make it spend
+0.5-0.9 s and 512 MB before it refuses them; nested ``Any`` values make it recurse
+without a limit; and it takes string bytes as UTF-8 without checking them. Updates come from
+peers, so :func:`check_update` walks the whole encoding first, in pure Python, and refuses
+(:class:`~p2p.errors.InvalidUpdate`) anything that is not well-formed, that declares more
+elements than there are bytes left to hold them, or that exceeds sane limits. Whatever
+passes is read by yrs the way it is read here, so each of its allocations is backed by
+bytes of the input.
+
+The format (yrs ``Update::decode`` with ``DecoderV1``; lib0 ``Any``)::
+
+    update     = structs delete_set                         (nothing may follow)
+    structs    = varuint n, n * (varuint count, varuint client, varuint clock,
+                                 count * struct)
+    struct     = info byte: 0 = GC, 10 = Skip, each followed by a varuint length;
+                 otherwise an Item: content kind = info & 0x1f; 0x80: origin id,
+                 0x40: right origin id (id = varuint client, varuint clock); with
+                 neither: varuint parent info (1: parent name string, 0: parent id)
+                 and, if 0x20, a parent-sub key string; then the content
+    delete_set = varuint n, n * (varuint client, varuint m, m * (varuint clock, len))
+
+Refused on purpose although yrs knows them, because pycrdt never writes them and yrs
+and Yjs disagree on how to read them: JSON content (kind 2: yrs reads one string more
+than the declared count), Move content (kind 11), and the XmlHook (5), WeakLink (7) and
+Undefined (15) type refs.
+
+Speed (a full-state update of 10,000 chat messages): single-byte lengths are read
+inline; UTF-8 is checked once at the end over everything that is not binary structure
+rather than string by string; and runs of the commonest struct (a root-map entry set to
+a dict of short strings) are matched by one compiled regular expression.
+"""
+
+from __future__ import annotations
+
+import codecs
+import functools
+import json
+import re
+from typing import Final
+
+from p2p.errors import InvalidUpdate
+
+MAX_DEPTH: Final = 64
+"""Deepest nesting of ``Any`` arrays and maps."""
+MAX_CLOCK: Final = 2**32 - 1
+"""yrs clocks and lengths are u32: a client's clock plus a length stays within this."""
+_U32: Final = 2**32
+_CLIENT: Final = 2**53
+"""Client ids are at most 53 bits (pycrdt refuses more, Yjs cannot represent more)."""
+_U64: Final = 2**64
+_I64: Final = 2**63
+
+_GC: Final = 0
+_SKIP: Final = 10
+_HAS_ORIGIN: Final = 0x80
+_HAS_RIGHT_ORIGIN: Final = 0x40
+_HAS_PARENT_SUB: Final = 0x20
+
+_DELETED: Final = 1
+_BINARY: Final = 3
+_STRING: Final = 4
+_EMBED: Final = 5
+_FORMAT: Final = 6
+_TYPE: Final = 7
+_ANY: Final = 8
+_DOC: Final = 9
+
+_TYPE_XML_ELEMENT: Final = 3
+_PLAIN_TYPE_REFS: Final = frozenset({0, 1, 2, 4, 6, 9})
+"""Array, Map, Text, XmlFragment, XmlText, SubDoc: nothing follows the type ref."""
+
+_LANE_INFO: Final = _HAS_PARENT_SUB | _ANY
+_LANE_MIN: Final = 16
+"""Client sections with fewer structs do not use (nor compile) the regular expression.
+Where it keeps missing structs of its shape (strings of 128 bytes or more, floats), it
+is skipped for 8, 16, ... up to 1024 structs, so such updates pay little for it."""
+_CHUNK: Final = 1 << 16
+
+Blanks = list[tuple[int, int]]
+"""Spans of structure that may hold bytes >= 0x80 (multi-byte varints, flag bytes,
+numbers, binary payloads), in increasing order. All other bytes are ASCII structure or
+string bytes, and every string is bounded on both sides by one or the other, so the
+strings are valid UTF-8 exactly when the gaps between these spans are."""
+
+
+class _Bad(Exception):
+    """Internal: why an update is refused."""
+
+
+def check_update(data: bytes, space: str) -> None:
+    """Raise InvalidUpdate unless ``data`` is a well-formed, bounded Yjs update v1."""
+    reason = _refusal(bytes(data))
+    if reason is not None:
+        raise InvalidUpdate(space, reason)
+
+
+def _refusal(data: bytes, lane: bool = True) -> str | None:
+    """Why ``data`` is refused, or None. ``lane=False`` skips the regex (for tests)."""
+    blanks: Blanks = []
+    try:
+        end = _delete_set(data, _structs(data, blanks, lane), blanks)
+        if end > len(data):
+            raise IndexError
+        if end < len(data):
+            raise _Bad(f"{len(data) - end} trailing bytes after the delete set")
+        _check_utf8(data, blanks)
+    except _Bad as exc:
+        return str(exc)
+    except IndexError:
+        return "truncated update"
+    return None
+
+
+# ---- primitives -------------------------------------------------------------------
+# Positions only move forward. A length may carry one past the end: the next read then
+# raises IndexError (reported as truncation), or the final position is wrong.
+
+
+def _uvar(data: bytes, pos: int, limit: int, blanks: Blanks) -> tuple[int, int]:
+    """lib0 varuint (LEB128, at most 10 bytes) below ``limit``: (value, next position)."""
+    start = pos
+    b = data[pos]
+    pos += 1
+    if b < 0x80:
+        return b, pos
+    value = b & 0x7F
+    shift = 7
+    while True:
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            break
+        shift += 7
+        if shift >= 70:
+            raise _Bad("varuint longer than 10 bytes")
+    if value >= limit:
+        raise _Bad(f"varuint {value} out of range")
+    blanks.append((start, pos))
+    return value, pos
+
+
+def _ivar(data: bytes, pos: int, blanks: Blanks) -> int:
+    """Skip a lib0 signed varint (6 value bits and a sign bit first, then 7 bits a byte)."""
+    start = pos
+    b = data[pos]
+    pos += 1
+    if b < 0x80:
+        return pos
+    value = b & 0x3F
+    shift = 6
+    while True:
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            break
+        shift += 7
+        if shift >= 69:
+            raise _Bad("varint longer than 10 bytes")
+    if value >= _I64:
+        raise _Bad("varint out of the i64 range")
+    blanks.append((start, pos))
+    return pos
+
+
+def _string(data: bytes, pos: int, blanks: Blanks) -> int:
+    """Skip a length-prefixed string (its UTF-8 is checked at the end, with the rest)."""
+    n = data[pos]
+    if n < 0x80:
+        return pos + 1 + n
+    high = data[pos + 1]
+    if high < 0x80:  # two bytes: up to 16 KiB
+        blanks.append((pos, pos + 2))
+        return pos + 2 + ((n & 0x7F) | high << 7)
+    n, pos = _uvar(data, pos, _U32, blanks)
+    return pos + n
+
+
+def _buffer(data: bytes, pos: int, blanks: Blanks) -> int:
+    """Skip a length-prefixed byte string (any bytes: blanked for the UTF-8 check)."""
+    n = data[pos]
+    if n < 0x80:
+        pos += 1
+    else:
+        n, pos = _uvar(data, pos, _U32, blanks)
+    end = pos + n
+    if end > len(data):
+        raise _Bad(f"declares {n} bytes, {len(data) - pos} left")
+    blanks.append((pos, end))
+    return end
+
+
+def _text(data: bytes, pos: int, blanks: Blanks) -> tuple[str, int]:
+    """A length-prefixed string, decoded: (text, next position)."""
+    n = data[pos]
+    if n < 0x80:
+        pos += 1
+    else:
+        n, pos = _uvar(data, pos, _U32, blanks)
+    end = pos + n
+    if end > len(data):
+        raise _Bad(f"declares {n} bytes, {len(data) - pos} left")
+    try:
+        return data[pos:end].decode("utf-8"), end
+    except UnicodeDecodeError:
+        raise _Bad("a string is not valid UTF-8") from None
+
+
+def _count(n: int, data: bytes, pos: int, each: int, what: str) -> None:
+    """A declared number of elements, each at least ``each`` bytes, must fit what is left."""
+    if n * each > len(data) - pos:
+        raise _Bad(f"declares {n} {what}, only {max(0, len(data) - pos)} bytes left")
+
+
+def _check_utf8(data: bytes, blanks: Blanks) -> None:
+    """The bytes outside ``blanks`` (strings and ASCII structure) must be valid UTF-8."""
+    prev = 0
+    for start, end in blanks:  # in order, not overlapping: each byte is read once
+        if start > prev:
+            _check_gap(data, prev, start)
+        prev = end
+    if len(data) > prev:
+        _check_gap(data, prev, len(data))
+
+
+def _check_gap(data: bytes, start: int, end: int) -> None:
+    try:
+        if end - start <= _CHUNK:
+            gap = data[start:end]
+            if not gap.isascii():
+                gap.decode("utf-8")
+            return
+        # a big gap: in slices small enough to stay off mmap, ASCII ones skipped
+        for i in range(start, end, _CHUNK):
+            if not data[i : min(i + _CHUNK, end)].isascii():
+                decoder = codecs.getincrementaldecoder("utf-8")()
+                for j in range(i, end, _CHUNK):
+                    decoder.decode(data[j : min(j + _CHUNK, end)])
+                decoder.decode(b"", True)
+                return
+    except UnicodeDecodeError:
+        raise _Bad("a string is not valid UTF-8") from None
+
+
+# ---- the update -------------------------------------------------------------------
+
+
+def _structs(data: bytes, blanks: Blanks, lane: bool) -> int:
+    size = len(data)
+    clients, pos = _uvar(data, 0, _U32, blanks)
+    _count(clients, data, pos, 3, "clients")
+    for _ in range(clients):
+        count, pos = _uvar(data, pos, _U32, blanks)
+        _client, pos = _uvar(data, pos, _CLIENT, blanks)
+        clock, pos = _uvar(data, pos, _U32, blanks)
+        _count(count, data, pos, 2, "structs")
+        fast = _lane().match if lane and count >= _LANE_MIN else None
+        misses = pause = 0  # after 4 misses in a row, structs skip the lane a while
+        for _ in range(count):
+            info = data[pos]
+            if info == _LANE_INFO and fast is not None:
+                if pause:
+                    pause -= 1
+                else:
+                    match = fast(data, pos)
+                    if match is not None:
+                        pos = match.end()
+                        clock += 1
+                        misses = 0
+                        continue
+                    misses += 1
+                    if misses >= 4:
+                        pause = 8 << min(misses - 4, 7)
+            pos += 1
+            if info in (_GC, _SKIP):
+                length, pos = _uvar(data, pos, _U32, blanks)
+                clock += length
+                continue
+            if info & (_HAS_ORIGIN | _HAS_RIGHT_ORIGIN):
+                blanks.append((pos - 1, pos))
+                if info & _HAS_ORIGIN:
+                    pos = _id(data, pos, blanks)
+                if info & _HAS_RIGHT_ORIGIN:
+                    pos = _id(data, pos, blanks)
+                # 0x20 may be set here too (Yjs sets it), but no parent-sub follows
+            else:
+                parent = data[pos]
+                if parent == 1:
+                    n = data[pos + 1]
+                    pos = pos + 2 + n if n < 0x80 else _string(data, pos + 1, blanks)
+                elif parent == 0:
+                    pos = _id(data, pos + 1, blanks)
+                else:
+                    raise _Bad(f"parent info {parent}")
+                if info & _HAS_PARENT_SUB:
+                    n = data[pos]
+                    pos = pos + 1 + n if n < 0x80 else _string(data, pos, blanks)
+            kind = info & 0x1F
+            if kind == _ANY:
+                n = data[pos]
+                if n < 0x80:
+                    pos += 1
+                else:
+                    n, pos = _uvar(data, pos, _U32, blanks)
+                if n > size - pos:
+                    raise _Bad(f"declares {n} values, only {size - pos} bytes left")
+                for _ in range(n):
+                    pos = _any(data, pos, 0, blanks)
+                clock += n
+            else:
+                length, pos = _content(data, pos, kind, blanks)
+                clock += length
+        if clock > MAX_CLOCK:
+            raise _Bad("a clock overflows u32")
+    return pos
+
+
+def _id(data: bytes, pos: int, blanks: Blanks) -> int:
+    _client, pos = _uvar(data, pos, _CLIENT, blanks)
+    _clock, pos = _uvar(data, pos, _U32, blanks)
+    return pos
+
+
+def _content(data: bytes, pos: int, kind: int, blanks: Blanks) -> tuple[int, int]:
+    """Item content other than Any: (its length in clock units, next position)."""
+    if kind == _STRING:  # length in UTF-16 code units, as yrs and Yjs count it
+        text, pos = _text(data, pos, blanks)
+        if text.isascii():
+            return len(text), pos
+        return len(text.encode("utf-16-le")) // 2, pos
+    if kind == _DELETED:
+        return _uvar(data, pos, _U32, blanks)
+    if kind == _TYPE:
+        ref = data[pos]
+        pos += 1
+        if ref == _TYPE_XML_ELEMENT:
+            pos = _string(data, pos, blanks)  # the element's tag name
+        elif ref not in _PLAIN_TYPE_REFS:
+            raise _Bad(f"type ref {ref}")
+        return 1, pos
+    if kind == _BINARY:
+        return 1, _buffer(data, pos, blanks)
+    if kind == _EMBED:
+        return 1, _json(data, pos, blanks)
+    if kind == _FORMAT:  # key string, then a JSON value as a string
+        return 1, _json(data, _string(data, pos, blanks), blanks)
+    if kind == _DOC:  # guid string, then the options as an Any
+        return 1, _any(data, _string(data, pos, blanks), 0, blanks)
+    raise _Bad(f"content kind {kind}")
+
+
+def _json(data: bytes, pos: int, blanks: Blanks) -> int:
+    text, pos = _text(data, pos, blanks)
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        raise _Bad("embedded JSON does not parse") from None
+    return pos
+
+
+def _any(data: bytes, pos: int, depth: int, blanks: Blanks) -> int:
+    """Skip one lib0 Any value."""
+    tag = data[pos]
+    pos += 1
+    if tag == 119:  # string
+        n = data[pos]
+        return pos + 1 + n if n < 0x80 else _string(data, pos, blanks)
+    if tag == 118:  # object: count, then (key string, value) pairs
+        if depth >= MAX_DEPTH:
+            raise _Bad(f"Any values nested deeper than {MAX_DEPTH}")
+        n = data[pos]
+        if n < 0x80:
+            pos += 1
+        else:
+            n, pos = _uvar(data, pos, _U64, blanks)
+        _count(n, data, pos, 2, "object entries")
+        depth += 1
+        for _ in range(n):
+            k = data[pos]
+            pos = pos + 1 + k if k < 0x80 else _string(data, pos, blanks)
+            if data[pos] == 119:
+                k = data[pos + 1]
+                pos = pos + 2 + k if k < 0x80 else _string(data, pos + 1, blanks)
+            else:
+                pos = _any(data, pos, depth, blanks)
+        return pos
+    if tag == 117:  # array
+        if depth >= MAX_DEPTH:
+            raise _Bad(f"Any values nested deeper than {MAX_DEPTH}")
+        n, pos = _uvar(data, pos, _U64, blanks)
+        _count(n, data, pos, 1, "array values")
+        for _ in range(n):
+            pos = _any(data, pos, depth + 1, blanks)
+        return pos
+    if 120 <= tag <= 127:
+        if tag <= 121 or tag >= 126:  # true, false, null, undefined
+            return pos
+        if tag == 125:  # integer
+            return _ivar(data, pos, blanks)
+        end = pos + (4 if tag == 124 else 8)  # float32; float64 (123), bigint (122)
+    elif tag == 116:  # Uint8Array
+        return _buffer(data, pos, blanks)
+    else:
+        raise _Bad(f"Any tag {tag}")
+    if end > len(data):
+        raise _Bad("truncated number")
+    blanks.append((pos, end))
+    return end
+
+
+def _delete_set(data: bytes, pos: int, blanks: Blanks) -> int:
+    clients, pos = _uvar(data, pos, _U32, blanks)
+    _count(clients, data, pos, 2, "delete-set clients")
+    for _ in range(clients):
+        _client, pos = _uvar(data, pos, _CLIENT, blanks)
+        ranges, pos = _uvar(data, pos, _U32, blanks)
+        _count(ranges, data, pos, 2, "deleted ranges")
+        for _ in range(ranges):
+            clock, pos = _uvar(data, pos, _U32, blanks)
+            length, pos = _uvar(data, pos, _U32, blanks)
+            if clock + length > MAX_CLOCK:
+                raise _Bad("a deleted range overflows u32")
+    return pos
+
+
+# ---- the fast lane ----------------------------------------------------------------
+
+
+@functools.cache
+def _lane() -> re.Pattern[bytes]:
+    """One whole struct of the commonest shape, read exactly as :func:`_structs` reads it.
+
+    An Item with no origins (info 0x28), parent named by a string, a parent-sub key, and
+    one Any value: a short string or scalar, or an object of up to 15 entries with such
+    values. Strings have single-byte lengths, so every byte of structure is ASCII and
+    nothing needs blanking; the Any count is 1, so the struct advances the clock by 1.
+    Compiled on first use (~0.1 s): a big update has to pay for it, a small one never.
+    """
+
+    def byte(n: int) -> bytes:
+        return re.escape(bytes([n]))
+
+    string = b"(?:" + b"|".join(byte(n) + b".{%d}" % n for n in range(0x80)) + b")"
+    value = rb"(?:\x77" + string + rb"|[\x78\x79\x7e\x7f]|\x7d[\x00-\x7f])"
+    entry = b"(?:" + string + value + b")"
+    dict_ = rb"\x76(?:" + b"|".join(byte(n) + entry + b"{%d}" % n for n in range(16)) + b")"
+    item = rb"\x28\x01" + string + string + rb"\x01(?:" + dict_ + b"|" + value + b")"
+    return re.compile(item, re.DOTALL)

@@ -1,0 +1,65 @@
+"""A node killed with SIGKILL mid-stream keeps every message whose ``send`` returned."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+import p2p
+
+CHILD = textwrap.dedent(
+    """
+    import sys, trio, p2p
+
+    async def main():
+        async with p2p.open_node(sys.argv[1]) as node:
+            for i in range(100_000):
+                message_id = await node.send(f"message {i}")
+                print(message_id, flush=True)
+
+    trio.run(main)
+    """
+)
+
+
+def messages_in(home: Path) -> list[p2p.Message]:
+    async def read() -> list[p2p.Message]:
+        async with p2p.open_node(home) as node:
+            return node.messages()
+
+    return trio.run(read)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("round_", range(3))
+def test_sigkill_mid_stream_loses_no_acknowledged_send(tmp_path: Path, round_: int) -> None:
+    home = tmp_path / "phone"
+    p2p.init_account(home, "phone")
+    acknowledged: list[str] = []
+    for _ in range(2):  # kill, reopen, kill again: the reopened store keeps working
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(home)], stdout=subprocess.PIPE, text=True
+        )
+        assert child.stdout is not None
+        deadline = time.monotonic() + 60
+        wanted = len(acknowledged) + 150 + 50 * round_
+        while len(acknowledged) < wanted and time.monotonic() < deadline:
+            line = child.stdout.readline()
+            if not line:
+                break
+            acknowledged.append(line.strip())
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=10)
+        child.stdout.close()
+        assert len(acknowledged) >= wanted, "the child did not get far enough to test anything"
+    stored = {m.id for m in messages_in(home)}
+    missing = [m for m in acknowledged if m not in stored]
+    assert not missing, f"{len(missing)} acknowledged sends lost, first {missing[:3]}"
