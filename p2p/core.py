@@ -53,6 +53,10 @@ class Space:
     epoch: int
     keys: dict[int, bytes]
     replica: Replica
+    log_seq: int = 0
+    """Sequence number of the last update of this space in the store."""
+    snapshot_seq: int = 0
+    """Sequence number the store's snapshot of this space covers."""
 
     def meta_record(self) -> bytes:
         return pack([self.kind, self.name, self.epoch])
@@ -253,6 +257,8 @@ class DeviceState:
                     replica.apply(log.snapshot)
                 for update in log.updates:
                     replica.apply(update)
+                state.spaces[space_id].log_seq = log.last_seq
+                state.spaces[space_id].snapshot_seq = log.snapshot_seq
             for name in store.names("replay/"):
                 state.replay[name.removeprefix("replay/")] = envelope.ReplayWindow.from_record(
                     _required(store, name)

@@ -56,6 +56,8 @@ WRITE_QUEUE: Final = 4096
 EVENT_QUEUE: Final = 1024
 BACKOFF_MIN: Final = 0.2
 BACKOFF_MAX: Final = 30.0
+COMPACT_AFTER: Final = 5000
+"""Updates appended to a space's log before it is folded into a snapshot."""
 COALESCE_MAX: Final = MAX_FRAME // 2
 """Largest merged update sealed as one envelope."""
 
@@ -261,12 +263,31 @@ class Node:
             self._write_room.set()
             batch = merge_batches([b for b, _ in taken] + [self.state.take_unsaved()])
             if batch:
-                if isinstance(self.store, MemoryStore):
-                    self.store.write(batch)
-                else:
-                    await trio.to_thread.run_sync(self.store.write, batch)
+                await self._run_store(self.store.write, batch)
+                for space_id, _update in batch.appends:
+                    self.state.spaces[space_id].log_seq += 1
+                await self._compact(batch.appends)
             for _, done in taken:
                 done.set()
+
+    async def _compact(self, appends: list[tuple[str, bytes]]) -> None:
+        """Fold a space's update log into a snapshot once its tail grows long, so that
+        opening the store stays fast (one snapshot plus a short tail)."""
+        for space_id in {s for s, _ in appends}:
+            space = self.state.spaces[space_id]
+            if space.log_seq - space.snapshot_seq < COMPACT_AFTER:
+                continue
+            # every update up to log_seq is in the replica, so this snapshot covers them
+            snapshot, upto = space.replica.snapshot(), space.log_seq
+            await self._run_store(self.store.compact, space_id, snapshot, upto)
+            space.snapshot_seq = upto
+
+    async def _run_store(self, fn: Callable[..., None], *args: Any) -> None:
+        """Call the store off the trio thread when it does disk I/O."""
+        if isinstance(self.store, MemoryStore):
+            fn(*args)
+        else:
+            await trio.to_thread.run_sync(fn, *args)
 
     # ---- gossip --------------------------------------------------------------------
 
