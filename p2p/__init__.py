@@ -1,6 +1,6 @@
 """p2p: a peer-to-peer, local-first sync engine for chat.
 
-The public surface is re-exported here (and pinned by ``tests/test_exports.py``);
+The public surface is re-exported here (and pinned by ``tests/test_layers.py``);
 everything else lives in modules an app need not import.
 """
 

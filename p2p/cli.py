@@ -11,11 +11,13 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from p2p import control
 from p2p.clock import parse_ts
 from p2p.errors import P2PError
 from p2p.home import default_home, init_account, open_home_store
@@ -45,7 +47,9 @@ def cmd_send(args: argparse.Namespace) -> int:
         async with open_node(_home(args)) as node:
             return await node.send(args.text, chat=args.chat)
 
-    message_id = trio.run(run)
+    # through the running node when there is one (it owns the store and gossips at once)
+    reply = control.request(_home(args), {"op": "send", "text": args.text, "chat": args.chat})
+    message_id = str(reply["id"]) if reply is not None else trio.run(run)
     if args.json:
         print(json.dumps({"id": message_id}))
     else:
@@ -63,13 +67,56 @@ def cmd_log(args: argparse.Namespace) -> int:
         async with open_node(_home(args)) as node:
             return [m.to_json() for m in node.messages(args.chat)]
 
-    for m in trio.run(run):
+    reply = control.request(_home(args), {"op": "log", "chat": args.chat})
+    for m in reply["messages"] if reply is not None else trio.run(run):
         if args.json:
             print(json.dumps(m, ensure_ascii=False))
         else:
             flags = " (deleted)" if m["deleted"] else " (edited)" if m["edited"] else ""
             print(f"{_time_of(m['ts'])} {m['device']}: {m['text']}{flags}")
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    reply = control.request(_home(args), {"op": "status"})
+    if reply is None:
+
+        async def offline() -> dict[str, Any]:
+            async with open_node(_home(args)) as node:
+                return {**node.status(), "running": False}
+
+        status = trio.run(offline)
+    else:
+        status = {**reply["status"], "running": True}
+    if args.json:
+        print(json.dumps(status))
+        return 0
+    state = "running" if status["running"] else "not running"
+    print(f"device {status['device']} ({status['name']}, {status['role']}), {state}")
+    print(f"account {status['account']}, device list version {status['device_list_version']}")
+    if status.get("address"):
+        print(f"listening on {status['address']}")
+    for p in status["peers"]:
+        print(f"  peer {p['device']} via {p['remote']} ({p['found_via']})")
+    for s in status["spaces"]:
+        print(f"  {s['kind']:<7} {s['name']:<10} {s['id']}  {s['entries']} entries")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from p2p.daemon import run_daemon
+
+    return trio.run(
+        partial(
+            run_daemon,
+            _home(args),
+            listen=args.listen,
+            peers=args.peer,
+            mdns=not args.no_mdns,
+            mdns_interfaces=args.mdns_interface,
+            as_json=args.json,
+        )
+    )
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
@@ -127,6 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("log", cmd_log, "messages in display order")
     p.add_argument("--chat", help="chat id or name (default: notes)")
     add("devices", cmd_devices, "the signed device list")
+    add("status", cmd_status, "this device, its peers, its spaces")
+    p = add("run", cmd_run, "run the node until SIGINT/SIGTERM")
+    p.add_argument("--listen", default="0.0.0.0:0", help="HOST:PORT to accept peers on")
+    p.add_argument("--peer", action="append", default=[], help="HOST:PORT of a peer (repeatable)")
+    p.add_argument("--no-mdns", action="store_true", help="do not use mDNS discovery")
+    p.add_argument(
+        "--mdns-interface",
+        action="append",
+        default=[],
+        help="address of an interface for mDNS (repeatable; default all)",
+    )
     p = add("demo", cmd_demo, "the multi-device scenario, in one process")
     p.add_argument(
         "--messages", type=int, default=200, help="messages sent while the phone is away"
@@ -138,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``p2p`` console script."""
     args = build_parser().parse_args(argv)
-    if args.home and not args.home.strip():
+    if args.home is not None and not args.home.strip():
         print("p2p: --home is empty", file=sys.stderr)
         return 2
     try:

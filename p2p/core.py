@@ -9,6 +9,7 @@ the protocol without sockets, threads or clocks.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -133,6 +134,14 @@ class DeviceState:
 
     def account_of(self, device_id: str) -> str | None:
         return self.account_id if self.device_list.signing_key_of(device_id) else None
+
+    def discovery_key(self) -> bytes:
+        """A secret every current device of the account can derive (from the account
+        space's current key), so LAN announcements mean something only to them."""
+        account = next(s for s in self.spaces.values() if s.kind == "account")
+        return hashlib.blake2b(
+            account.keys[account.epoch], digest_size=32, person=b"p2p-discovery"
+        ).digest()
 
     def spaces_for(self, device_id: str) -> list[str]:
         """Spaces a device may read: all of them for our own current devices."""
@@ -319,14 +328,14 @@ class DeviceState:
     def seal(self, space_id: str, payload: bytes) -> bytes:
         """Seal ``payload`` for a space with the next counter.
 
-        Counters are reserved in blocks; a new reservation waits in :attr:`unsaved`
-        until the node writes it (after a crash, counting resumes past the block).
+        Counters come from a reserved block (see :meth:`reserve_counters`); half-way
+        through a block the next one is reserved in :attr:`unsaved`, which the node
+        writes long before the first block runs out.
         """
         space = self.space(space_id)
         self.counter += 1
-        if self.counter > self.counter_reserved:
-            self.counter_reserved = self.counter + COUNTER_BLOCK
-            self.unsaved.records["counter"] = pack(self.counter_reserved)
+        if self.counter > self.counter_reserved - COUNTER_BLOCK // 2:
+            self.unsaved = merge_batches([self.unsaved, self.reserve_counters()])
         return envelope.seal(
             self.keys,
             space=space_id,
@@ -335,6 +344,15 @@ class DeviceState:
             counter=self.counter,
             payload=payload,
         )
+
+    def reserve_counters(self) -> WriteBatch:
+        """Reserve the next block of envelope counters; durable before any is used.
+
+        After a crash the device resumes past everything it ever reserved, so no
+        counter is used twice (peers would drop the second use as a replay).
+        """
+        self.counter_reserved = max(self.counter, self.counter_reserved) + COUNTER_BLOCK
+        return WriteBatch(records={"counter": pack(self.counter_reserved)})
 
     def take_unsaved(self) -> WriteBatch:
         """Records changed outside an operation's own batch (counter reservations)."""

@@ -45,6 +45,16 @@ def open_home_store(home: str | os.PathLike[str]) -> SqliteStore:
     return SqliteStore(store_path(home))
 
 
+def create_store(home: str | os.PathLike[str]) -> SqliteStore:
+    """Open (creating if needed) the store of ``home``, readable by its owner only: it
+    holds the device's private keys."""
+    old_umask = os.umask(0o077)
+    try:
+        return SqliteStore(store_path(home))
+    finally:
+        os.umask(old_umask)
+
+
 def init_account(home: str | os.PathLike[str], name: str) -> DeviceState:
     """Create a new account in ``home`` with this device as its primary.
 
@@ -53,7 +63,7 @@ def init_account(home: str | os.PathLike[str], name: str) -> DeviceState:
     """
     path = Path(home)
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    store = SqliteStore(store_path(path))
+    store = create_store(path)
     try:
         if store.get("device/keys") is not None:
             raise AlreadyInitialized(f"{path} already holds a device")

@@ -31,6 +31,7 @@ import trio
 
 from p2p import events as ev
 from p2p.core import DeviceState, Space, merge_batches
+from p2p.discovery.base import Discovery, Found, Source, StaticPeers
 from p2p.errors import (
     NodeError,
     P2PError,
@@ -42,7 +43,7 @@ from p2p.model import MAX_BODY, Message
 from p2p.storage.base import Store, WriteBatch
 from p2p.storage.memory import MemoryStore
 from p2p.sync import Authenticated, Closed, DeviceListIn, EnvelopeIn, Output, Send, Session, State
-from p2p.transport.base import Connection, TransportError
+from p2p.transport.base import Connection, ConnectionClosed, TransportError
 from p2p.transport.base import Transport as TransportT
 from p2p.wire import MAX_FRAME
 
@@ -100,7 +101,12 @@ class Node:
         self._outbox_wakeup = trio.Event()
         self._subscribers: list[trio.MemorySendChannel[ev.Event]] = []
         self._reported: set[tuple[str, str]] = set()
+        self._unobserved: set[str] = set()
+        """Spaces changed by peers since our clock last saw their timestamps."""
         self._closed = False
+        self._found_send, self._found_receive = trio.open_memory_channel[Found](64)
+        self._dialing: dict[str, str] = {}
+        """Address -> where it was found ('static', 'mdns', ...), one dial loop each."""
         self.dropped_events = 0
 
     # ---- identity and reading ------------------------------------------------------
@@ -139,6 +145,9 @@ class Node:
         """
         space = self.state.chat_by_name(chat) if chat else self.state.space(self.default_chat())
         shown, rejected = space.replica.view(self.state.any_signing_key, self.state.account_of)
+        self._unobserved.discard(space.id)
+        if shown:  # our next timestamp sorts after everything we have shown
+            self.state.clock.observe(max(m.ts for m in shown), self._wall_ms())
         for r in rejected:
             if (r.space, r.entry_id) not in self._reported:
                 self._reported.add((r.space, r.entry_id))
@@ -163,7 +172,12 @@ class Node:
             "address": self.address,
             "device_list_version": self.state.device_list.version,
             "peers": [
-                {"device": d, "remote": p.remote, "connected_for": round(now - p.since, 3)}
+                {
+                    "device": d,
+                    "remote": p.remote,
+                    "found_via": self._dialing.get(p.remote, "incoming"),
+                    "connected_for": round(now - p.since, 3),
+                }
                 for d, p in sorted(self._peers.items())
             ],
             "spaces": [
@@ -181,17 +195,20 @@ class Node:
         }
 
     async def events(self) -> AsyncIterator[ev.Event]:
-        """Events from now on, until the node closes. A slow reader loses events (counted
-        in ``dropped_events``) rather than making the node buffer without bound."""
+        """Events from now on, until the node closes (see :meth:`subscribe`)."""
+        async with self.subscribe() as receive:
+            async for event in receive:
+                yield event
+
+    def subscribe(self) -> trio.MemoryReceiveChannel[ev.Event]:
+        """A channel of events from this instant on, until the node closes.
+
+        A slow reader loses events (counted in ``dropped_events``) rather than making the
+        node buffer without bound. Close the channel to unsubscribe.
+        """
         send, receive = trio.open_memory_channel[ev.Event](EVENT_QUEUE)
         self._subscribers.append(send)
-        try:
-            async with receive:
-                async for event in receive:
-                    yield event
-        finally:
-            if send in self._subscribers:
-                self._subscribers.remove(send)
+        return receive
 
     # ---- writing -------------------------------------------------------------------
 
@@ -226,6 +243,8 @@ class Node:
         if self._closed:
             raise NodeError("the node is closed")
         space = self.state.chat_by_name(chat) if chat else self.state.space(self.default_chat())
+        if space.id in self._unobserved:
+            self.messages(space.id)  # let the clock see what peers wrote since
         entry = self.state.new_entry(space.id, kind, self._wall_ms(), body=body, target=target)
         update, batch = self.state.write_local(space.id, [entry])
         await self._commit(batch)
@@ -313,9 +332,31 @@ class Node:
 
     # ---- connections ---------------------------------------------------------------
 
-    async def connect(self, address: str) -> None:
+    async def connect(self, address: str, *, source: Source = "static") -> None:
         """Keep a connection to ``address`` (dial, redial with backoff) until the node closes."""
+        if self.transport is None:
+            raise NodeError("this node has no transport to dial with")
+        if address in self._dialing or address == self.transport.address:
+            return
+        self._dialing[address] = source
         self._nursery.start_soon(self._dial_loop, address)
+
+    async def add_discovery(self, adapter: Discovery) -> None:
+        """Run a discovery adapter in the node; what it finds is dialed (once started)."""
+        if self.transport is None:
+            raise NodeError("discovery needs a transport to dial with")
+        await self._nursery.start(adapter.run, self._found_send.clone())
+
+    async def _merge_found(self) -> None:
+        """Dial every new address any discovery adapter reports."""
+        async with self._found_receive:
+            async for found in self._found_receive:
+                if found.device is not None and (
+                    found.device in self._peers or found.device == self.device_id
+                ):
+                    continue
+                log.info("found %s via %s (%s)", found.address, found.source, found.device)
+                await self.connect(found.address, source=found.source)
 
     async def _dial_loop(self, address: str) -> None:
         assert self.transport is not None
@@ -355,7 +396,7 @@ class Node:
                     with trio.move_on_at(session.next_deadline()) as timer:
                         try:
                             data = await conn.receive()
-                        except TransportError as exc:
+                        except P2PError as exc:  # broken connection, or an oversized frame
                             self._carry_out(peer, session.close(exc))
                             break
                         self._carry_out(peer, session.receive(data, trio.current_time()))
@@ -440,7 +481,7 @@ class Node:
 
     def _on_closed(self, peer: _Peer, error: P2PError | None) -> None:
         device = peer.session.peer
-        if error is not None and not isinstance(error, TransportError):
+        if error is not None and not isinstance(error, ConnectionClosed):
             log.warning("closed connection %s (%s): %s", peer.remote, device, error)
             self._emit(
                 ev.InputRejected(
@@ -466,6 +507,7 @@ class Node:
             self._carry_out(peer, peer.session.close(exc))
             return
         self._queue_write(ingested.batch)  # durable soon, in order
+        self._unobserved.add(ingested.space)
         self._broadcast(ingested.space, data, exclude=(peer.session.peer or "", ingested.sender))
         self._emit(ev.ChatChanged(chat=ingested.space, origin=ingested.sender))
 
@@ -523,12 +565,14 @@ async def open_node(
     store: Store | None = None,
     transport: TransportT | None = None,
     peers: Sequence[str] = (),
+    discovery: Sequence[Discovery] = (),
     wall_ms: Callable[[], int] = wall_clock_ms,
 ) -> AsyncIterator[Node]:
     """Run the device stored in ``home`` (or in ``store``) until the block exits.
 
     ``transport`` accepts and makes connections (none: the node works offline);
-    ``peers`` are addresses to keep connected to. ``wall_ms`` is the time used for
+    ``peers`` are addresses to keep connected to; ``discovery`` adapters report more
+    (mDNS, ...) as they find them. ``wall_ms`` is the time used for
     message timestamps (tests pass a virtual clock).
     """
     if (home is None) == (store is None):
@@ -537,6 +581,8 @@ async def open_node(
     the_store: Store = open_home_store(home) if store is None else store  # type: ignore[arg-type]
     try:
         state = await trio.to_thread.run_sync(DeviceState.load, the_store)
+        # counters used from now on are reserved on disk before anything is sealed
+        await trio.to_thread.run_sync(the_store.write, state.reserve_counters())
         try:
             async with trio.open_nursery() as nursery:
                 node = Node(state, the_store, nursery, transport=transport, wall_ms=wall_ms)
@@ -544,8 +590,9 @@ async def open_node(
                 nursery.start_soon(node._gossiper)
                 if transport is not None:
                     await nursery.start(transport.serve, node._accept)
-                for address in peers:
-                    await node.connect(address)
+                nursery.start_soon(node._merge_found)
+                for adapter in [*discovery, StaticPeers(list(peers))] if peers else discovery:
+                    await node.add_discovery(adapter)
                 try:
                     yield node
                 finally:

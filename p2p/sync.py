@@ -242,6 +242,8 @@ class Session:
         except WireError as exc:
             raise DeviceListError(f"peer's device list is malformed: {exc}") from exc
         theirs.verify(ours.account_pk)  # DeviceListError: another account or forged
+        if theirs.version == ours.version and theirs.signature != ours.signature:
+            raise DeviceListError(f"two different device lists claim version {ours.version}")
         newest = theirs if theirs.version > ours.version else ours
         if newest is theirs:
             out.append(DeviceListIn(frame["list"]))

@@ -21,16 +21,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Final
 
 import trio
 
 from p2p.core import DeviceState
+from p2p.home import create_store
 from p2p.identity import DeviceKeys
 from p2p.model import Message
 from p2p.node import Node, open_node
+from p2p.storage.base import Store
 from p2p.storage.memory import MemoryStore
 from p2p.transport.memory import Faults, MemoryNetwork
 
@@ -40,24 +44,45 @@ EPOCH_MS: Final = 1_767_225_600_000
 
 
 def provision_account(n: int) -> list[MemoryStore]:
-    """Stores of one account with ``n`` devices: index 0 is the primary.
+    """In-memory stores of one account with ``n`` devices: index 0 is the primary.
 
     Linking over the network comes with ``p2p link``; this does the same in memory.
     """
-    if not 1 <= n <= len(DEVICE_NAMES):
+    stores = [MemoryStore() for _ in range(n)]
+    _provision(stores)
+    return stores
+
+
+def provision_homes(homes: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """Create one account across real homes (index 0 the primary); device ids by index.
+
+    For tests that run ``p2p run`` processes before linking is used to set them up.
+    """
+    stores = []
+    for home in homes:
+        Path(home).mkdir(parents=True, exist_ok=True, mode=0o700)
+        stores.append(create_store(home))
+    try:
+        return _provision(stores)
+    finally:
+        for store in stores:
+            store.close()
+
+
+def _provision(stores: Sequence[Store]) -> list[str]:
+    if not 1 <= len(stores) <= len(DEVICE_NAMES):
         raise ValueError(f"an account has 1 to {len(DEVICE_NAMES)} devices")
     primary, batch = DeviceState.create_account(DEVICE_NAMES[0])
-    stores = [MemoryStore()]
     stores[0].write(batch)
-    for name in DEVICE_NAMES[1:n]:
+    ids = [primary.device_id]
+    for name, store in zip(DEVICE_NAMES[1:], stores[1:], strict=False):
         keys = DeviceKeys.generate()
         bundle, primary_batch = primary.enroll(keys, name)
         stores[0].write(primary_batch)
-        _, companion_batch = DeviceState.from_enrollment(keys, name, bundle)
-        store = MemoryStore()
+        companion, companion_batch = DeviceState.from_enrollment(keys, name, bundle)
         store.write(companion_batch)
-        stores.append(store)
-    return stores
+        ids.append(companion.device_id)
+    return ids
 
 
 def digest(messages: list[Message]) -> str:

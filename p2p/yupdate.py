@@ -28,10 +28,12 @@ and Yjs disagree on how to read them: JSON content (kind 2: yrs reads one string
 than the declared count), Move content (kind 11), and the XmlHook (5), WeakLink (7) and
 Undefined (15) type refs.
 
-Speed (a full-state update of 10,000 chat messages): single-byte lengths are read
-inline; UTF-8 is checked once at the end over everything that is not binary structure
-rather than string by string; and runs of the commonest struct (a root-map entry set to
-a dict of short strings) are matched by one compiled regular expression.
+Speed: single-byte lengths are read inline; UTF-8 is checked once at the end, over all
+bytes that are not binary structure, rather than string by string; and the commonest
+struct (a root-map entry set to a dict of short strings) is matched whole by a compiled
+regular expression. On a full-state update of 10,000 chat messages (3.5 MB) the check
+costs ~40 % of what pycrdt's ``apply_update`` of it costs (~60 % without the regex);
+~80-100 % when every message body is 128 bytes or longer (the regex then stands aside).
 """
 
 from __future__ import annotations

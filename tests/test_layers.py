@@ -33,6 +33,8 @@ def imports_of(module: str) -> set[str]:
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
+            if node.module == "p2p":  # from p2p import envelope
+                found |= {f"p2p.{alias.name}" for alias in node.names}
     return found
 
 

@@ -134,7 +134,7 @@ def test_the_test_encoder_speaks_pycrdt() -> None:
     assert str(doc.get("t", type=pycrdt.Text)) == "😀hi "  # no origins: each at the start
 
 
-# ---- the three 20-byte updates pycrdt needs ~0.9 s and ~512 MB to refuse -------------
+# ---- the three 20-byte updates pycrdt needs ~0.5-0.9 s and 512 MB to refuse ----------
 
 
 @pytest.mark.parametrize("hexed", HOSTILE)
@@ -153,7 +153,7 @@ def test_replica_apply_refuses_them_before_pycrdt(hexed: str) -> None:
         replica.apply(bytes.fromhex(hexed))
     assert time.perf_counter() - start < 0.05
     assert info.value.space == "s"
-    assert "Panic" not in info.value.reason  # refused by the validator, not by pycrdt
+    assert info.value.reason == yupdate._refusal(bytes.fromhex(hexed))  # not pycrdt's
 
 
 # ---- pycrdt's own updates ----------------------------------------------------------
@@ -320,7 +320,7 @@ def message(rnd: random.Random, body: str | None = None) -> dict[str, str]:
 
 
 def test_ten_thousand_messages_are_checked_quickly() -> None:
-    """~3.4 MB; measured at ~40-50 % of pycrdt's own apply (see the module of yupdate)."""
+    """3.5 MB, ~40 % of pycrdt's apply_update (p2p.yupdate); here only a loose bound."""
     rnd = random.Random(1)
     doc = pycrdt.Doc()
     m = doc.get("m", type=pycrdt.Map)

@@ -1,0 +1,138 @@
+"""The local control socket: how ``p2p send/log/status`` reach a running node.
+
+A unix socket ``<home>/control.sock``, owner-only (0600, in a 0700 home). One JSON
+request per connection, one JSON reply, both a single line of at most
+:data:`MAX_LINE` bytes::
+
+    {"op": "send", "text": "...", "chat": null}   -> {"ok": true, "id": "..."}
+    {"op": "log", "chat": null}                     -> {"ok": true, "messages": [...]}
+    {"op": "status"}                                -> {"ok": true, "status": {...}}
+
+A failed request gets ``{"ok": false, "error": "<ErrorClass>", "message": "..."}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Final
+
+import trio
+
+from p2p.errors import NodeError, P2PError
+from p2p.node import Node
+
+SOCKET_FILE: Final = "control.sock"
+MAX_LINE: Final = 256 * 1024
+REQUEST_TIMEOUT: Final = 10.0
+
+
+class ControlError(NodeError):
+    """The running node refused a control request (the reason is in the message)."""
+
+
+def socket_path(home: str | os.PathLike[str]) -> Path:
+    return Path(home) / SOCKET_FILE
+
+
+async def _handle(node: Node, request: object) -> dict[str, Any]:
+    if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+        raise ControlError("a request is an object with an 'op'")
+    op = request["op"]
+    chat = request.get("chat")
+    if chat is not None and not isinstance(chat, str):
+        raise ControlError("'chat' must be a string")
+    if op == "send":
+        text = request.get("text")
+        if not isinstance(text, str):
+            raise ControlError("'text' must be a string")
+        return {"id": await node.send(text, chat=chat)}
+    if op == "log":
+        return {"messages": [m.to_json() for m in node.messages(chat)]}
+    if op == "status":
+        return {"status": node.status()}
+    raise ControlError(f"unknown op {op[:32]!r}")
+
+
+async def serve_control(
+    node: Node,
+    home: str | os.PathLike[str],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Answer control requests for ``node`` until cancelled; removes the socket after."""
+    path = socket_path(home)
+    path.unlink(missing_ok=True)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # the socket file is born owner-only
+    try:
+        await sock.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+
+    async def answer(stream: trio.SocketStream) -> None:
+        async with stream:
+            reply: dict[str, Any]
+            try:
+                with trio.fail_after(REQUEST_TIMEOUT):
+                    line = await _read_line(stream)
+                    reply = {"ok": True, **(await _handle(node, json.loads(line)))}
+            except (P2PError, ValueError, trio.TooSlowError) as exc:
+                reply = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(json.dumps(reply).encode() + b"\n")
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, answer, [listener])
+            task_status.started()
+    finally:
+        path.unlink(missing_ok=True)
+
+
+async def _read_line(stream: trio.abc.ReceiveStream) -> bytes:
+    data = bytearray()
+    while b"\n" not in data:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > MAX_LINE:
+            raise ControlError(f"request longer than {MAX_LINE} bytes")
+    return bytes(data.split(b"\n", 1)[0])
+
+
+def request(home: str | os.PathLike[str], payload: dict[str, Any]) -> dict[str, Any] | None:
+    """Ask the node running for ``home``; None if no node is running there.
+
+    Blocking on purpose: the CLI calls it before (or instead of) starting trio.
+    """
+    path = socket_path(home)
+    if not path.exists():
+        return None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(REQUEST_TIMEOUT)
+        try:
+            sock.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return None  # a stale socket from a node that died
+        sock.sendall(json.dumps(payload).encode() + b"\n")
+        data = bytearray()
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            if len(data) > 64 * MAX_LINE:
+                raise ControlError("reply too long")
+    reply = json.loads(data)
+    if not isinstance(reply, dict):
+        raise ControlError("malformed reply from the node")
+    if not reply.get("ok"):
+        raise ControlError(f"{reply.get('error')}: {reply.get('message')}")
+    return reply

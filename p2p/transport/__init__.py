@@ -1,0 +1,1 @@
+"""Transport adapters: in-memory (tests), TCP (LAN), relay websocket (later)."""

@@ -1,0 +1,174 @@
+"""Real processes on loopback: ``p2p run`` nodes find each other, sync, and refuse strangers."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from procs import Node, log, p2p, wait_until
+
+from p2p.testing import provision_homes
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def nodes() -> Iterator[list[Node]]:
+    started: list[Node] = []
+    yield started
+    for node in started:
+        node.stop()
+
+
+def texts(home: Path) -> list[str]:
+    return [m["text"] for m in log(home)]
+
+
+def test_three_nodes_with_static_peers_converge_in_the_same_order(
+    tmp_path: Path, nodes: list[Node]
+) -> None:
+    homes = [tmp_path / n for n in ("phone", "laptop", "desktop")]
+    provision_homes(homes)
+    phone = Node(homes[0], "--listen", "127.0.0.1:0", "--no-mdns")
+    nodes.append(phone)
+    for home in homes[1:]:
+        nodes.append(Node(home, "--listen", "127.0.0.1:0", "--no-mdns", "--peer", phone.address))
+    for node in nodes[1:]:
+        node.wait_for("peer_connected", device=phone.device)
+    sent = []
+    for i in range(3):
+        for home in homes:
+            text = f"{home.name} {i}"
+            p2p(home, "send", text)
+            sent.append(text)
+    wait_until(lambda: all(len(log(h)) == len(sent) for h in homes), timeout=20)
+    logs = [log(h) for h in homes]
+    assert sorted(m["text"] for m in logs[0]) == sorted(sent)
+    assert logs[0] == logs[1] == logs[2]  # same messages, same order, same fields
+    for field in ("id", "chat", "ts", "device", "account", "text"):
+        assert field in logs[0][0]
+
+
+def test_phone_offline_companions_keep_talking(tmp_path: Path, nodes: list[Node]) -> None:
+    homes = [tmp_path / n for n in ("phone", "laptop", "desktop")]
+    provision_homes(homes)
+    phone = Node(homes[0], "--listen", "127.0.0.1:0", "--no-mdns")
+    laptop = Node(homes[1], "--listen", "127.0.0.1:0", "--no-mdns", "--peer", phone.address)
+    desktop = Node(
+        homes[2],
+        "--listen",
+        "127.0.0.1:0",
+        "--no-mdns",
+        "--peer",
+        laptop.address,
+        "--peer",
+        phone.address,
+    )
+    nodes.extend([laptop, desktop])
+    p2p(homes[0], "send", "before the phone left")
+    wait_until(lambda: len(log(homes[2])) == 1)
+    assert phone.stop() == 0  # SIGTERM: a clean shutdown
+    for i in range(20):
+        p2p(homes[1 + i % 2], "send", f"while away {i}")
+    p2p(homes[0], "send", "written on the phone while offline")  # into its store directly
+    wait_until(lambda: len(log(homes[1])) == 21 and len(log(homes[2])) == 21)
+    phone = Node(homes[0], "--listen", phone.address, "--no-mdns")
+    nodes.append(phone)
+    wait_until(lambda: all(len(log(h)) == 22 for h in homes), timeout=30)
+    assert log(homes[0]) == log(homes[1]) == log(homes[2])
+
+
+def test_a_strangers_device_is_refused_and_learns_nothing(
+    tmp_path: Path, nodes: list[Node]
+) -> None:
+    ours = [tmp_path / "phone", tmp_path / "laptop"]
+    provision_homes(ours)
+    stranger_home = tmp_path / "stranger"
+    provision_homes([stranger_home])
+    phone = Node(ours[0], "--listen", "127.0.0.1:0", "--no-mdns")
+    nodes.append(phone)
+    p2p(ours[0], "send", "secret plans")
+    stranger = Node(stranger_home, "--listen", "127.0.0.1:0", "--no-mdns", "--peer", phone.address)
+    nodes.append(stranger)
+    refused = phone.wait_for("input_rejected")
+    assert refused["error"] == "DeviceListError"
+    stranger.wait_for("input_rejected")
+    laptop = Node(ours[1], "--listen", "127.0.0.1:0", "--no-mdns", "--peer", phone.address)
+    nodes.append(laptop)
+    wait_until(lambda: texts(ours[1]) == ["secret plans"])
+    assert texts(stranger_home) == []
+    assert not [e for e in stranger.drain() if e["event"] == "peer_connected"]
+
+
+def raw_connection(address: str) -> socket.socket:
+    host, port = address.rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=5)
+
+
+def closed_by_peer(sock: socket.socket, within: float) -> bool:
+    sock.settimeout(within)
+    try:
+        while sock.recv(65536):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+    return True
+
+
+def test_garbage_half_frames_and_silence_are_dropped_without_disturbing_peers(
+    tmp_path: Path, nodes: list[Node]
+) -> None:
+    homes = [tmp_path / "phone", tmp_path / "laptop"]
+    provision_homes(homes)
+    phone = Node(homes[0], "--listen", "127.0.0.1:0", "--no-mdns")
+    laptop = Node(homes[1], "--listen", "127.0.0.1:0", "--no-mdns", "--peer", phone.address)
+    nodes.extend([phone, laptop])
+    laptop.wait_for("peer_connected")
+
+    garbage = raw_connection(phone.address)
+    garbage.sendall((50).to_bytes(4, "big") + os.urandom(50))
+    oversized = raw_connection(phone.address)
+    oversized.sendall((2**31).to_bytes(4, "big") + b"x" * 100)
+    half = raw_connection(phone.address)
+    half.sendall((1000).to_bytes(4, "big") + b"y" * 10)
+    silent = raw_connection(phone.address)
+
+    assert closed_by_peer(garbage, within=5)
+    assert closed_by_peer(oversized, within=5)
+    started = time.monotonic()
+    p2p(homes[1], "send", "still syncing")  # the legitimate pair is undisturbed meanwhile
+    wait_until(lambda: texts(homes[0]) == ["still syncing"], timeout=10)
+    assert closed_by_peer(half, within=20)
+    assert closed_by_peer(silent, within=20)
+    assert time.monotonic() - started < 20  # the handshake timeout, not forever
+    for sock in (garbage, oversized, half, silent):
+        sock.close()
+    errors = {e["error"] for e in phone.drain() if e["event"] == "input_rejected"}
+    assert {"MalformedFrame", "FrameTooLarge", "HandshakeFailed"} <= errors
+    p2p(homes[0], "send", "and back")
+    wait_until(lambda: texts(homes[1]) == ["still syncing", "and back"], timeout=10)
+
+
+def test_one_node_per_home_and_clean_shutdown(tmp_path: Path, nodes: list[Node]) -> None:
+    home = tmp_path / "phone"
+    provision_homes([home])
+    first = Node(home, "--listen", "127.0.0.1:0", "--no-mdns")
+    second = p2p(home, "run", "--listen", "127.0.0.1:0", "--no-mdns", check=False)
+    assert second.returncode == 1
+    assert "already running" in second.stderr
+    assert "Traceback" not in second.stderr
+    status = json.loads(p2p(home, "status", "--json").stdout)
+    assert status["running"] is True
+    assert status["address"] == first.address
+    assert (home / "control.sock").stat().st_mode & 0o077 == 0
+    assert (home / "p2p.db").stat().st_mode & 0o077 == 0
+    assert first.stop() == 0
+    assert not (home / "control.sock").exists()
+    assert json.loads(p2p(home, "status", "--json").stdout)["running"] is False
