@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from functools import partial
@@ -119,6 +120,151 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
 
 
+class _LinkScreen:
+    """What ``p2p link`` prints: a QR code and progress, or JSON lines."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self._shown = -1
+        self._bar: Any = None
+
+    def _emit(self, **fields: Any) -> None:
+        print(json.dumps(fields), flush=True)
+
+    def code(self, text: str, device: str) -> None:
+        if self.as_json:
+            self._emit(code=text, device=device)
+            return
+        from p2p.pairing import qr_text
+
+        print(qr_text(text))
+        print(f"pairing code (on the primary: p2p approve CODE):\n{text}\n", flush=True)
+        print("waiting for the primary...", flush=True)
+
+    def check(self, digits: str) -> None:
+        if self.as_json:
+            self._emit(event="check", check=digits)
+        else:
+            print(f"check code: {digits}  (the primary must show the same)", flush=True)
+
+    def progress(self, done: int, total: int) -> None:
+        percent = 100 * done // total if total else 100
+        if self.as_json:
+            if percent // 10 != self._shown // 10 or done == total:
+                self._shown = percent
+                self._emit(event="progress", done=done, total=total)
+            return
+        if self._bar is None:
+            from rich.progress import Progress
+
+            self._bar = Progress(transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task("history", total=total)
+        self._bar.update(self._task, completed=done)
+        if done >= total:
+            self._bar.stop()
+
+    def failed(self, error: P2PError) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+        if self.as_json:
+            self._emit(event="failed", error=type(error).__name__, detail=str(error))
+        else:
+            print(f"link attempt failed: {error}; still waiting", file=sys.stderr, flush=True)
+
+
+def cmd_link(args: argparse.Namespace) -> int:
+    from p2p.linking import wait_for_primary
+
+    screen = _LinkScreen(args.json)
+    state = trio.run(
+        partial(
+            wait_for_primary,
+            _home(args),
+            args.name,
+            listen=args.listen,
+            ttl_s=args.ttl,
+            now_s=int(time.time()),
+            ui=screen,
+        )
+    )
+    if args.json:
+        print(
+            json.dumps(
+                {"event": "enrolled", "device": state.device_id, "account": state.account_id}
+            )
+        )
+    else:
+        print(
+            f"linked: this device ({state.name}, {state.device_id}) "
+            f"joined account {state.account_id}"
+        )
+    return 0
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    from p2p.pairing import CheckCodeMismatch, same_check_code
+
+    home = _home(args)
+    request = {"op": "approve", "code": args.code, "check": args.check, "connect": args.connect}
+    if args.yes or args.check:
+        reply = control.request(home, request)
+        if reply is not None:  # a node runs for this home: it links the device itself
+            print(f"linked {reply['name']} ({reply['device']})")
+            return 0
+    elif control.request(home, {"op": "status"}) is not None:
+        print("p2p: a node is running for this home: pass --yes or --check DIGITS", file=sys.stderr)
+        return 1
+
+    async def confirm(digits: str) -> bool:
+        if args.yes:
+            return True
+        if args.check:
+            if not same_check_code(digits, args.check):
+                raise CheckCodeMismatch(
+                    f"check code {args.check} differs from {digits}: nothing linked"
+                )
+            return True
+        answer = await trio.to_thread.run_sync(
+            input, f"check code {digits}: does the new device show the same? [y/N] "
+        )
+        return answer.strip().lower() in ("y", "yes")
+
+    screen = _LinkScreen(args.json)
+
+    async def run() -> tuple[str, str]:
+        async with open_node(home) as node:
+            linked = await node.approve(
+                args.code, confirm=confirm, connect=args.connect, progress=screen.progress
+            )
+            return linked.name, linked.device
+
+    name, device = trio.run(run)
+    if args.json:
+        print(json.dumps({"event": "linked", "device": device, "name": name}))
+    else:
+        print(f"linked {name} ({device})")
+    return 0
+
+
+def cmd_unlink(args: argparse.Namespace) -> int:
+    home = _home(args)
+    reply = control.request(home, {"op": "unlink", "device": args.device})
+    if reply is None:
+
+        async def run() -> int:
+            async with open_node(home) as node:
+                await node.unlink(args.device)
+                return node.state.device_list.version
+
+        version = trio.run(run)
+    else:
+        version = int(reply["version"])
+    print(f"unlinked {args.device}; keys rotated; device list version {version}")
+    return 0
+
+
 def cmd_devices(args: argparse.Namespace) -> int:
     from p2p.core import DeviceState
 
@@ -174,6 +320,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("log", cmd_log, "messages in display order")
     p.add_argument("--chat", help="chat id or name (default: notes)")
     add("devices", cmd_devices, "the signed device list")
+    p = add("link", cmd_link, "new device: show a pairing code and wait for the primary")
+    p.add_argument("--name", required=True, help="this device's name")
+    p.add_argument("--listen", default="0.0.0.0:0", help="HOST:PORT the primary dials")
+    p.add_argument("--ttl", type=int, default=600, help="seconds the code stays valid")
+    p = add("approve", cmd_approve, "primary: link the device that shows CODE")
+    p.add_argument("code")
+    p.add_argument("--yes", action="store_true", help="skip comparing check codes (scripts)")
+    p.add_argument("--check", help="the check code the new device shows")
+    p.add_argument("--connect", help="HOST:PORT to reach the new device (overrides the code)")
+    p = add("unlink", cmd_unlink, "primary: remove a device and rotate keys")
+    p.add_argument("device", help="device id")
     add("status", cmd_status, "this device, its peers, its spaces")
     p = add("run", cmd_run, "run the node until SIGINT/SIGTERM")
     p.add_argument("--listen", default="0.0.0.0:0", help="HOST:PORT to accept peers on")

@@ -24,6 +24,7 @@ import trio
 
 from p2p.errors import NodeError, P2PError
 from p2p.node import Node
+from p2p.pairing import same_check_code
 
 SOCKET_FILE: Final = "control.sock"
 MAX_LINE: Final = 256 * 1024
@@ -54,6 +55,22 @@ async def _handle(node: Node, request: object) -> dict[str, Any]:
         return {"messages": [m.to_json() for m in node.messages(chat)]}
     if op == "status":
         return {"status": node.status()}
+    if op == "approve":
+        code, check = request.get("code"), request.get("check")
+        if not isinstance(code, str) or not (check is None or isinstance(check, str)):
+            raise ControlError("'code' must be a string, 'check' a string or null")
+
+        async def confirm(digits: str) -> bool:
+            return check is None or same_check_code(digits, check)
+
+        linked = await node.approve(code, confirm=confirm, connect=request.get("connect"))
+        return {"device": linked.device, "name": linked.name}
+    if op == "unlink":
+        device = request.get("device")
+        if not isinstance(device, str):
+            raise ControlError("'device' must be a string")
+        await node.unlink(device)
+        return {"version": node.state.device_list.version}
     raise ControlError(f"unknown op {op[:32]!r}")
 
 

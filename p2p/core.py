@@ -13,6 +13,9 @@ import hashlib
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from nacl.exceptions import CryptoError as NaclCryptoError
+from nacl.public import PrivateKey, PublicKey, SealedBox
+
 from p2p import envelope
 from p2p.clock import HybridClock
 from p2p.errors import (
@@ -190,12 +193,19 @@ class DeviceState:
         The companion's private keys never leave it in the real flow; here the caller
         passes them because tests create both ends in one process.
         """
+        return self.enroll_public(
+            DeviceEntry(
+                name=name, role="companion", sign_pk=new_device.sign_pk, box_pk=new_device.box_pk
+            )
+        )
+
+    def enroll_public(self, entry: DeviceEntry) -> tuple[Enrollment, WriteBatch]:
+        """Primary only: :meth:`enroll` knowing only the new device's public keys (again
+        for a device already on the list: a link resumed after a drop)."""
         if self.account_key is None:
             raise DeviceListError("only the primary can link a device")
-        entry = DeviceEntry(
-            name=name, role="companion", sign_pk=new_device.sign_pk, box_pk=new_device.box_pk
-        )
-        self.device_list = self.device_list.with_device(self.account_key, entry)
+        if entry.device_id not in self.device_list.ids:
+            self.device_list = self.device_list.with_device(self.account_key, entry, self._grant)
         bundle = Enrollment(
             account_pk=self.device_list.account_pk,
             device_list=self.device_list.encode(),
@@ -205,6 +215,57 @@ class DeviceState:
             ],
         )
         return bundle, WriteBatch(records={"account/list": self.device_list.encode()})
+
+    def _grant(self, device: DeviceEntry) -> bytes:
+        """The current key of every space, sealed to ``device`` (see DeviceList.grants)."""
+        keys = [[s.id, s.epoch, s.keys[s.epoch]] for s in self.spaces.values()]
+        return bytes(SealedBox(PublicKey(device.box_pk)).encrypt(pack(keys)))
+
+    def _open_grant(self, device_list: DeviceList) -> WriteBatch:
+        """Take the keys a newer list grants us: new epochs after a rotation."""
+        sealed = device_list.grant_for(self.device_id)
+        batch = WriteBatch()
+        if sealed is None:
+            return batch
+        try:
+            granted = unpack(
+                SealedBox(PrivateKey(self.keys.box_secret)).decrypt(sealed), what="key grant"
+            )
+            items = [(str(s), int(e), bytes(k)) for s, e, k in granted]
+        except (NaclCryptoError, WireError, ValueError, TypeError) as exc:
+            raise DeviceListError(
+                f"our key grant in device list {device_list.version} is unusable"
+            ) from exc
+        for space_id, epoch, key in items:
+            space = self.spaces.get(space_id)
+            if space is None or len(key) != envelope.KEY_SIZE or not 0 <= epoch < 2**32:
+                continue  # a space we do not hold yet, or junk: nothing to take
+            if epoch not in space.keys:
+                space.keys[epoch] = key
+                batch.records[f"spacekey/{space_id}/{epoch}"] = key
+            if epoch > space.epoch:
+                space.epoch = epoch
+                batch.records[f"space/{space_id}"] = space.meta_record()
+        return batch
+
+    def unlink(self, device_id: str) -> WriteBatch:
+        """Primary only: remove a device and rotate the key of every space it could read.
+
+        The new keys travel only inside the new device list, sealed to each remaining
+        companion; the removed device keeps what it had and can open nothing sent later.
+        """
+        if self.account_key is None:
+            raise DeviceListError("only the primary can unlink a device")
+        self.device_list.entry(device_id)  # UnknownDevice / RemovedDevice first
+        batch = WriteBatch()
+        for space in self.spaces.values():
+            space.epoch += 1
+            space.keys[space.epoch] = envelope.new_space_key()
+            batch.records[f"space/{space.id}"] = space.meta_record()
+            batch.records[f"spacekey/{space.id}/{space.epoch}"] = space.keys[space.epoch]
+        self.device_list = self.device_list.without_device(self.account_key, device_id, self._grant)
+        batch.records["account/list"] = self.device_list.encode()
+        return batch
 
     def _identity_batch(self) -> WriteBatch:
         records = {
@@ -239,6 +300,8 @@ class DeviceState:
         raw_keys = store.get("device/keys")
         if raw_keys is None:
             raise NotInitialized("this home holds no device")
+        if store.get("account/list") is None:
+            raise NotInitialized("this device is not linked to an account yet (p2p link)")
         try:
             keys = DeviceKeys.from_record(raw_keys)
             account_pk = _required(store, "account/pk")
@@ -410,8 +473,9 @@ class DeviceState:
         kept = accept_device_list(self.device_list, offered)
         if kept is self.device_list:
             return None
+        grants = self._open_grant(kept)
         self.device_list = kept
-        return WriteBatch(records={"account/list": kept.encode()})
+        return merge_batches([grants, WriteBatch(records={"account/list": kept.encode()})])
 
 
 def _required(store: Store, name: str) -> bytes:

@@ -159,3 +159,44 @@ class UnknownChat(NodeError):
     def __init__(self, chat: str) -> None:
         super().__init__(f"unknown chat {chat}")
         self.chat = chat
+
+
+# --- relay --------------------------------------------------------------------------
+
+
+class RelayError(P2PError):
+    """The rendezvous relay refused a request, misbehaved, or could not be reached."""
+
+
+class RelayUnavailable(RelayError):
+    """No authenticated connection to the relay right now (it may be down or unreachable)."""
+
+
+class RelayAuthFailed(RelayError):
+    """The relay refused our device signature, or it is not the relay we meant to reach."""
+
+
+class RelayRefused(RelayError):
+    """The relay answered a request with an error code (see ``code``)."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"relay refused: {code} ({detail})")
+        self.code = code
+        self.detail = detail
+
+
+class MailboxFull(RelayRefused):
+    """The recipient's mailbox (or the sender's or the relay's storage quota) is full."""
+
+    def __init__(self, recipient: str, code: str) -> None:
+        super().__init__(code, f"no room for mail to {recipient}")
+        self.recipient = recipient
+
+
+class MailTooLarge(RelayRefused):
+    """A mail item larger than the relay accepts."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__("too_large", f"{size} bytes exceed the limit of {limit}")
+        self.size = size
+        self.limit = limit

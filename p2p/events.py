@@ -61,6 +61,9 @@ class DeviceListChanged:
 
     version: int
     devices: tuple[str, ...]
+    added: tuple[str, ...] = ()
+    """Devices new on this list ("new device linked")."""
+    removed: tuple[str, ...] = ()
 
 
 Event = (

@@ -50,6 +50,7 @@ def create_store(home: str | os.PathLike[str]) -> SqliteStore:
     holds the device's private keys."""
     old_umask = os.umask(0o077)
     try:
+        Path(home).mkdir(parents=True, exist_ok=True, mode=0o700)
         return SqliteStore(store_path(home))
     finally:
         os.umask(old_umask)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Final, Literal
@@ -39,6 +40,8 @@ MAX_COMPANIONS: Final = 4
 MAX_NAME: Final = 64
 
 Role = Literal["primary", "companion"]
+Granter = Callable[["DeviceEntry"], bytes]
+"""Seals the current space keys to one companion (see ``DeviceList.grants``)."""
 
 
 def short_id(public_key: bytes) -> str:
@@ -178,6 +181,10 @@ class DeviceList:
     devices: tuple[DeviceEntry, ...]
     removed: tuple[DeviceEntry, ...] = ()
     max_companions: int = MAX_COMPANIONS
+    grants: tuple[tuple[str, bytes], ...] = ()
+    """(device id, sealed box) pairs: the current space keys, sealed by the primary to
+    each companion's X25519 key. Every list carries them, so a device that missed a key
+    rotation catches up from whichever newer list reaches it first."""
     signature: bytes = b""
 
     @property
@@ -192,6 +199,7 @@ class DeviceList:
                 [d.to_wire() for d in self.devices],
                 [d.to_wire() for d in self.removed],
                 self.max_companions,
+                [[device, sealed] for device, sealed in self.grants],
             ]
         )
 
@@ -211,15 +219,19 @@ class DeviceList:
         unsigned.check_rules()
         return replace(unsigned, signature=account.sign(DOMAIN_DEVICE_LIST, unsigned._body()))
 
-    def with_device(self, account: AccountKey, entry: DeviceEntry) -> DeviceList:
+    def with_device(
+        self, account: AccountKey, entry: DeviceEntry, grant: Granter | None = None
+    ) -> DeviceList:
         """A new version with ``entry`` added (refused past the companion limit)."""
         if entry.device_id in self.ids or entry.device_id in self.removed_ids:
             raise DeviceListError(f"device {entry.device_id} is already known to this account")
         grown = replace(self, version=self.version + 1, devices=(*self.devices, entry))
-        return grown.signed(account)
+        return grown._with_grants(grant).signed(account)
 
-    def without_device(self, account: AccountKey, device_id: str) -> DeviceList:
-        """A new version with ``device_id`` moved to ``removed``."""
+    def without_device(
+        self, account: AccountKey, device_id: str, grant: Granter | None = None
+    ) -> DeviceList:
+        """A new version with ``device_id`` moved to ``removed`` (no grant for it)."""
         entry = self.entry(device_id)
         if entry.role == "primary":
             raise DeviceListError("the primary cannot be removed")
@@ -227,7 +239,13 @@ class DeviceList:
         shrunk = replace(
             self, version=self.version + 1, devices=kept, removed=(*self.removed, entry)
         )
-        return shrunk.signed(account)
+        return shrunk._with_grants(grant).signed(account)
+
+    def _with_grants(self, grant: Granter | None) -> DeviceList:
+        if grant is None:
+            return replace(self, grants=())
+        companions = [d for d in self.devices if d.role == "companion"]
+        return replace(self, grants=tuple((d.device_id, grant(d)) for d in companions))
 
     def check_rules(self) -> None:
         """One primary, companions within the limit, no device twice."""
@@ -267,6 +285,9 @@ class DeviceList:
     def primary(self) -> DeviceEntry:
         return next(d for d in self.devices if d.role == "primary")
 
+    def grant_for(self, device_id: str) -> bytes | None:
+        return next((sealed for d, sealed in self.grants if d == device_id), None)
+
     def entry(self, device_id: str) -> DeviceEntry:
         """The current entry of ``device_id``: RemovedDevice or UnknownDevice otherwise."""
         for d in self.devices:
@@ -293,7 +314,7 @@ class DeviceList:
         try:
             body_bytes, signature = outer
             body = unpack(body_bytes, what="device list body", max_size=64 * 1024)
-            account_pk, version, devices, removed, max_companions = body
+            account_pk, version, devices, removed, max_companions, grants = body
             ok = (
                 isinstance(signature, bytes)
                 and len(signature) == 64
@@ -306,6 +327,17 @@ class DeviceList:
                 and isinstance(devices, list)
                 and isinstance(removed, list)
                 and len(devices) + len(removed) <= 1024
+                and isinstance(grants, list)
+                and len(grants) <= 64
+                and all(
+                    isinstance(g, list)
+                    and len(g) == 2
+                    and isinstance(g[0], str)
+                    and len(g[0]) <= 64
+                    and isinstance(g[1], bytes)
+                    and len(g[1]) <= 16 * 1024
+                    for g in grants
+                )
             )
         except (TypeError, ValueError) as exc:
             raise MalformedFrame("device list is malformed") from exc
@@ -317,6 +349,7 @@ class DeviceList:
             devices=tuple(DeviceEntry.from_wire(d) for d in devices),
             removed=tuple(DeviceEntry.from_wire(d) for d in removed),
             max_companions=max_companions,
+            grants=tuple((g[0], g[1]) for g in grants),
             signature=signature,
         )
         if decoded._body() != body_bytes:

@@ -21,7 +21,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final
@@ -35,10 +35,13 @@ from p2p.discovery.base import Discovery, Found, Source, StaticPeers
 from p2p.errors import (
     NodeError,
     P2PError,
+    RemovedDevice,
     ReplayDetected,
+    RollbackRefused,
     UnknownKey,
 )
 from p2p.home import open_home_store
+from p2p.linking import Linked, approve_code
 from p2p.model import MAX_BODY, Message
 from p2p.storage.base import Store, WriteBatch
 from p2p.storage.memory import MemoryStore
@@ -102,6 +105,7 @@ class Node:
         self._subscribers: list[trio.MemorySendChannel[ev.Event]] = []
         self._reported: set[tuple[str, str]] = set()
         self._unobserved: set[str] = set()
+        self._known_devices = set(state.device_list.ids)
         """Spaces changed by peers since our clock last saw their timestamps."""
         self._closed = False
         self._found_send, self._found_receive = trio.open_memory_channel[Found](64)
@@ -514,13 +518,73 @@ class Node:
     def _adopt_device_list(self, peer: _Peer, data: bytes) -> None:
         try:
             batch = self.state.offer_device_list(data)
+        except RollbackRefused:
+            return  # an older list through a slower path: ours is newer, nothing to do
         except P2PError as exc:
             self._carry_out(peer, peer.session.close(exc))
             return
         if batch is not None:
             self._queue_write(batch)
-            dl = self.state.device_list
-            self._emit(ev.DeviceListChanged(version=dl.version, devices=tuple(sorted(dl.ids))))
+            self._device_list_changed()
+
+    def _device_list_changed(self) -> None:
+        """Tell every peer about our newer list, drop removed ones, tell the app."""
+        dl = self.state.device_list
+        data = dl.encode()
+        for device, peer in list(self._peers.items()):
+            if device not in dl.ids:
+                self._carry_out(peer, peer.session.close(RemovedDevice(device)))
+            else:
+                self._carry_out(peer, peer.session.send_device_list(data))
+        added = tuple(sorted(dl.ids - self._known_devices))
+        removed = tuple(sorted(self._known_devices - dl.ids))
+        self._known_devices = set(dl.ids)
+        log.info("device list version %d: added %s, removed %s", dl.version, added, removed)
+        self._emit(
+            ev.DeviceListChanged(
+                version=dl.version, devices=tuple(sorted(dl.ids)), added=added, removed=removed
+            )
+        )
+
+    async def unlink(self, device_id: str) -> None:
+        """Primary only: remove a device, rotate keys, tell the remaining devices now."""
+        await self._commit(self.state.unlink(device_id))
+        self._device_list_changed()
+
+    async def approve(
+        self,
+        code: str,
+        *,
+        confirm: Callable[[str], Awaitable[bool]],
+        connect: str | None = None,
+        progress: Callable[[int, int], None] = lambda done, total: None,
+    ) -> Linked:
+        """Primary only: link the device showing pairing ``code`` (see ``p2p.linking``)."""
+
+        async def read(name: str) -> bytes | None:
+            return await trio.to_thread.run_sync(self.store.get, name)
+
+        linked = await approve_code(
+            self.state,
+            code,
+            read=read,
+            write=self._commit,
+            confirm=confirm,
+            now_s=self._wall_ms() // 1000,
+            connect=connect,
+            progress=progress,
+        )
+        self._device_list_changed()
+        return linked
+
+    async def reload_device_list(self) -> None:
+        """Adopt a newer list another process wrote to our store (``p2p approve``)."""
+        data = await trio.to_thread.run_sync(self.store.get, "account/list")
+        if data is not None:
+            batch = self.state.offer_device_list(data)
+            if batch is not None:
+                await self._commit(batch)
+                self._device_list_changed()
 
     def _emit(self, event: ev.Event) -> None:
         for sub in list(self._subscribers):

@@ -17,6 +17,7 @@ States and the rules they keep::
             an implicit counter nonce, so a dropped, replayed or reordered frame fails).
             ``sv`` -> reply ``env`` with exactly what the peer lacks (nothing if level);
             ``env`` -> :class:`EnvelopeIn` for the caller to verify and apply;
+            ``list`` -> :class:`DeviceListIn` (a newer device list, gossiped);
             ``ping`` -> ``pong``; ``bye`` -> closed.
     CLOSED  everything is ignored.
 
@@ -34,12 +35,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Final, Protocol
 
-import nacl.bindings as sodium
-from nacl.exceptions import CryptoError as NaclCryptoError
 from nacl.public import PrivateKey
 
+from p2p.box import Box, shared_secret
 from p2p.errors import (
-    DecryptionFailed,
     DeviceListError,
     HandshakeFailed,
     P2PError,
@@ -51,7 +50,6 @@ from p2p.model import covers
 from p2p.wire import decode_frame, encode_frame
 
 DOMAIN_HANDSHAKE: Final = b"p2p/handshake/v1\x00"
-DOMAIN_SESSION_KEYS: Final = b"p2p-session-keys"
 HANDSHAKE_TIMEOUT: Final = 10.0
 PING_INTERVAL: Final = 15.0
 IDLE_TIMEOUT: Final = 45.0
@@ -150,10 +148,7 @@ class Session:
     _hello_out: bytes = b""
     _hello_in: bytes = b""
     _peer_sign_pk: bytes = b""
-    _tx_key: bytes = b""
-    _rx_key: bytes = b""
-    _tx_seq: int = 0
-    _rx_seq: int = 0
+    _box: Box | None = None
     _started: float = 0.0
     _last_in: float = 0.0
     _last_out: float = 0.0
@@ -193,6 +188,12 @@ class Session:
         if self.state is not State.OPEN:
             return []
         return [self._send_boxed(encode_frame("env", e=data))]
+
+    def send_device_list(self, data: bytes) -> list[Output]:
+        """Gossip a newer signed device list to the peer, if open."""
+        if self.state is not State.OPEN:
+            return []
+        return [self._send_boxed(encode_frame("list", l=data))]
 
     def tick(self, now: float) -> list[Output]:
         """Let time pass: handshake timeout, keep-alive pings, idle timeout."""
@@ -254,20 +255,10 @@ class Session:
         self.peer = peer
         self._peer_sign_pk = entry.sign_pk
         self._hello_in = data
-        if len(frame["eph"]) != 32:  # pynacl does not check: libsodium would read past it
-            raise HandshakeFailed("peer's ephemeral key is invalid")
-        try:
-            shared = sodium.crypto_scalarmult(bytes(self._eph), frame["eph"])
-        except (NaclCryptoError, ValueError, TypeError) as exc:
-            raise HandshakeFailed("peer's ephemeral key is invalid") from exc
-        transcript = self._transcript()
-        okm = hashlib.blake2b(
-            shared, key=transcript[:64], digest_size=64, person=DOMAIN_SESSION_KEYS[:16]
-        ).digest()
-        i2r, r2i = okm[:32], okm[32:]
-        self._tx_key, self._rx_key = (i2r, r2i) if self.initiator else (r2i, i2r)
+        shared = shared_secret(bytes(self._eph), frame["eph"])
+        self._box = Box(shared, self._transcript(), initiator=self.initiator)
         role = b"I" if self.initiator else b"R"
-        sig = self.local.keys.sign(DOMAIN_HANDSHAKE, role + transcript)
+        sig = self.local.keys.sign(DOMAIN_HANDSHAKE, role + self._transcript())
         self.state = State.AUTH
         out.append(self._send_raw(encode_frame("auth", sig=sig)))
         return out
@@ -309,6 +300,8 @@ class Session:
         if kind == "sv":
             self.stats.sv_in += 1
             return self._on_state_vector(frame["s"], frame["sv"])
+        if kind == "list":
+            return [DeviceListIn(frame["l"])]
         if kind == "ping":
             return [self._send_boxed(encode_frame("pong", n=frame["n"]))]
         if kind == "pong":
@@ -341,24 +334,12 @@ class Session:
         return Send(data)
 
     def _send_boxed(self, inner: bytes) -> Send:
-        nonce = self._tx_seq.to_bytes(24, "little")
-        self._tx_seq += 1
-        return self._send_raw(
-            sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(inner, None, nonce, self._tx_key)
-        )
+        assert self._box is not None
+        return self._send_raw(self._box.seal(inner))
 
     def _unbox(self, data: bytes) -> dict[str, Any]:
-        nonce = self._rx_seq.to_bytes(24, "little")
-        try:
-            inner = sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
-                data, None, nonce, self._rx_key
-            )
-        except (NaclCryptoError, ValueError, TypeError) as exc:
-            raise DecryptionFailed(
-                f"frame {self._rx_seq} from {self.peer} does not decrypt"
-            ) from exc
-        self._rx_seq += 1
-        return decode_frame(inner)
+        assert self._box is not None
+        return decode_frame(self._box.open(data, who=str(self.peer)))
 
     def _fail(self, error: P2PError) -> list[Output]:
         out: list[Output] = []

@@ -55,6 +55,29 @@ SCHEMA: Final[dict[str, dict[str, Field]]] = {
     "reject": {
         "code": Field(_S, 64),  # machine-readable reason (error class name)
     },
+    # device linking (p2p.linking): in the clear, then boxed
+    "lhello": {
+        "pk": Field(_B, 32),  # the primary's device signing key
+        "eph": Field(_B, 32),  # its ephemeral X25519 key
+        "mac": Field(_B, 32),  # keyed by the code's secret: proves it read the code
+    },
+    "lauth": {
+        "eph": Field(_B, 32),  # the new device's ephemeral X25519 key
+        "sig": Field(_B, 64),  # by the key in the code, over the transcript so far
+    },
+    "lhave": {"have": Field(_B, 64 * KiB)},  # history parts kept from an earlier try
+    "enroll": {
+        "list": Field(_B, 64 * KiB),  # the signed device list that includes the new device
+        "keys": Field(_B, 1024 * KiB),  # every space: id, kind, name, epoch, epoch keys
+        "sizes": Field(_B, 64 * KiB),  # every space: history hash and size in bytes
+    },
+    "chunk": {
+        "s": Field(_S, MAX_ID),
+        "o": Field(_I, 2**40),
+        "d": Field(_B, 1024 * KiB),
+    },
+    "ldone": {"n": Field(_I, 2**40)},
+    "abort": {"code": Field(_S, 64)},
     # inside the session box, after the handshake
     "sv": {
         "s": Field(_S, MAX_ID),  # space id
@@ -62,6 +85,9 @@ SCHEMA: Final[dict[str, dict[str, Field]]] = {
     },
     "env": {
         "e": Field(_B, MAX_FRAME - KiB),  # one sealed envelope (crypto.Envelope)
+    },
+    "list": {
+        "l": Field(_B, 64 * KiB),  # a newer signed device list, gossiped
     },
     "ping": {"n": Field(_I, 2**63 - 1)},
     "pong": {"n": Field(_I, 2**63 - 1)},

@@ -248,13 +248,15 @@ class World:
         }[state]
         session = copy.copy(template)
         session.stats = Stats()
+        session._box = copy.copy(template._box)  # its counters move as frames arrive
         return session
 
     def boxed(self, session: Session, inner: bytes) -> bytes:
         """``inner`` boxed as the peer would, for ``session``'s next expected frame."""
-        nonce = session._rx_seq.to_bytes(24, "little")
+        assert session._box is not None
+        nonce = session._box.rx_seq.to_bytes(24, "little")
         data: bytes = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(
-            inner, None, nonce, session._rx_key
+            inner, None, nonce, session._box._rx_key
         )
         return data
 

@@ -10,15 +10,16 @@ devices, so only they can tell which of their own devices a service is, by recom
 ``t`` for each linked device id. Everyone else sees random bytes that change every run.
 A service is only a hint where to dial: the transport's handshake still authenticates.
 
-Threading: zeroconf runs its own asyncio loop on its own thread. Its blocking calls (open,
-register ~1.6 s while probing, unregister, close) run in ``trio.to_thread.run_sync``; the
+Threading: zeroconf runs its own asyncio loop on its own thread. Opening and closing it
+block, so they run in ``trio.to_thread.run_sync``. Registration (~1.6 s of probing) and
+each resolve run as coroutines on zeroconf's loop, waited for in a worker thread with a
+timeout; when trio cancels, that future is cancelled too, so the worker returns at once
+(a node cancelled while probing does not wait for the probe to end). The
 ``ServiceBrowser`` handler runs on zeroconf's browser thread and only hands ``(name,
 change)`` to trio with ``trio.from_thread.run_sync`` (a non-blocking ``send_nowait`` into a
-bounded channel; overflow is dropped, never waited on). Each resolve waits for zeroconf's
-future in a worker thread, with a timeout, and cancels that future when trio cancels, so
-the thread returns at once. On cancellation the browser is stopped, the service withdrawn
-(goodbye packets) and zeroconf closed, in a shielded worker thread: no thread outlives
-:meth:`MdnsDiscovery.run`.
+bounded channel; overflow is dropped, never waited on). On cancellation the browser is
+stopped and zeroconf closed (which sends goodbyes for our service) in a shielded worker
+thread: no thread outlives :meth:`MdnsDiscovery.run`.
 
 Queries ask for multicast answers (QM), not zeroconf's default unicast-response (QU)
 first query: when several mDNS stacks share a host (processes on 127.0.0.1 in tests,
@@ -38,7 +39,8 @@ import hmac
 import ipaddress
 import logging
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, TypeVar
 
 import ifaddr
 import trio
@@ -56,11 +58,14 @@ from p2p.discovery.base import Found
 __all__ = ["MdnsDiscovery", "txt_tag"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_SERVICE_TYPE = "_p2p-sync._tcp.local."
 TXT_VERSION = b"1"
 NONCE_BYTES = 16
 TAG_BYTES = 16
+REGISTER_TIMEOUT = 10.0
+"""Seconds for probing and announcing (~1.6 s normally)."""
 RESOLVE_TIMEOUT = 3.0
 """Seconds to wait for a service's SRV/TXT/A records."""
 MAX_TXT_BYTES = 255
@@ -82,15 +87,46 @@ def txt_tag(secret: bytes, nonce: bytes, device_id: str) -> bytes:
     ).digest()
 
 
+async def _on_loop(
+    zc: Zeroconf,
+    coro: Coroutine[Any, Any, T],
+    seconds: float,
+    limiter: trio.CapacityLimiter | None = None,
+) -> T:
+    """Run ``coro`` on zeroconf's event loop; wait for it in a worker thread.
+
+    On trio cancellation the worker is abandoned and the future cancelled, which cancels
+    the coroutine on zeroconf's loop and wakes the worker at once: no thread lingers.
+    Raises ``TimeoutError`` after ``seconds`` (the coroutine is cancelled too).
+    """
+    loop = zc.loop
+    if loop is None or loop.is_closed():
+        coro.close()
+        raise RuntimeError("zeroconf is not running")
+    future = asyncio.run_coroutine_threadsafe(coro, loop)
+    try:
+        return await trio.to_thread.run_sync(
+            future.result, seconds, abandon_on_cancel=True, limiter=limiter
+        )
+    finally:
+        future.cancel()
+
+
+async def _register(zc: Zeroconf, info: ServiceInfo) -> None:
+    """Probe for the name, then announce; done once the announcements are sent."""
+    broadcast = await zc.async_register_service(info)
+    await broadcast
+
+
 def _hex_field(props: dict[bytes, bytes | None], key: bytes, size: int) -> bytes | None:
     value = props.get(key)
     if value is None or len(value) != 2 * size:
         return None
     try:
-        text = value.decode("ascii")
-        return bytes.fromhex(text)
+        raw = bytes.fromhex(value.decode("ascii"))
     except ValueError:  # UnicodeDecodeError is a ValueError
         return None
+    return raw if len(raw) == size else None  # fromhex skips whitespace
 
 
 def _format_address(host: str, port: int) -> str | None:
@@ -244,7 +280,6 @@ class MdnsDiscovery:
         info = self._service_info()
         zc = await trio.to_thread.run_sync(self._open)
         browser: ServiceBrowser | None = None
-        registered = False
         try:
             browser = await trio.to_thread.run_sync(
                 lambda: ServiceBrowser(
@@ -254,32 +289,27 @@ class MdnsDiscovery:
             async with trio.open_nursery() as nursery:
                 # Events the browser sees while we probe wait in the channel.
                 nursery.start_soon(self._consume, zc, events_out, found)
-                await trio.to_thread.run_sync(zc.register_service, info)
-                registered = True
+                await _on_loop(zc, _register(zc, info), REGISTER_TIMEOUT)
                 log.debug("mdns: registered %s on %s", info.name, info.parsed_addresses())
                 task_status.started()
         finally:
             events_in.close()
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._shutdown, zc, browser, info, registered)
+                await trio.to_thread.run_sync(self._shutdown, zc, browser)
 
     def _open(self) -> Zeroconf:
         interfaces = InterfaceChoice.All if self.interfaces is None else list(self.interfaces)
         return Zeroconf(interfaces=interfaces, use_asyncio=False)
 
     @staticmethod
-    def _shutdown(
-        zc: Zeroconf, browser: ServiceBrowser | None, info: ServiceInfo, registered: bool
-    ) -> None:  # worker thread
+    def _shutdown(zc: Zeroconf, browser: ServiceBrowser | None) -> None:  # worker thread
         try:
             if browser is not None:
                 browser.cancel()
-            if registered:
-                zc.unregister_service(info)
         except Exception:
-            log.warning("mdns: error while withdrawing the service", exc_info=True)
+            log.warning("mdns: error while stopping the browser", exc_info=True)
         finally:
-            zc.close()
+            zc.close()  # sends goodbyes for our service if it got registered
 
     async def _consume(
         self,
@@ -321,28 +351,15 @@ class MdnsDiscovery:
             inflight.pop(name, None)
 
     async def _resolve(self, zc: Zeroconf, name: str) -> ServiceInfo | None:
-        loop = zc.loop
-        if loop is None or loop.is_closed():
-            return None
         info = ServiceInfo(self.service_type, name)
-        future: concurrent.futures.Future[bool] = asyncio.run_coroutine_threadsafe(
-            info.async_request(zc, int(RESOLVE_TIMEOUT * 1000), DNSQuestionType.QM), loop
-        )
+        request = info.async_request(zc, int(RESOLVE_TIMEOUT * 1000), DNSQuestionType.QM)
         try:
-            ok = await trio.to_thread.run_sync(
-                future.result,
-                RESOLVE_TIMEOUT + 0.5,
-                abandon_on_cancel=True,
-                limiter=self._limiter,
-            )
-        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+            ok = await _on_loop(zc, request, RESOLVE_TIMEOUT + 0.5, self._limiter)
+        except (TimeoutError, concurrent.futures.CancelledError):
             ok = False
         except Exception:
             log.debug("mdns: resolving %r failed", name, exc_info=True)
             ok = False
-        finally:
-            # Wakes the worker at once if trio gave up on it (cancellation).
-            future.cancel()
         if not ok:
             log.debug("mdns: could not resolve %r", name)
             return None

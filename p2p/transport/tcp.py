@@ -37,6 +37,24 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def advertised_addresses(bound: str) -> list[str]:
+    """Addresses a peer can dial to reach a listener bound at ``bound``.
+
+    A wildcard bind (0.0.0.0 or ::) is reachable on every interface: list the IPv4
+    addresses of the machine's interfaces, loopback last.
+    """
+    host, port = parse_address(bound)
+    if host not in ("0.0.0.0", "::"):
+        return [bound]
+    import ifaddr
+
+    found = [
+        ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips if isinstance(ip.ip, str)
+    ]
+    found.sort(key=lambda a: a.startswith("127."))
+    return [format_address(a, port) for a in found] or [format_address("127.0.0.1", port)]
+
+
 class TcpConnection:
     """One framed TCP connection."""
 

@@ -1,0 +1,508 @@
+"""Linking a new device to an account: the exchange behind ``p2p link`` / ``p2p approve``.
+
+The new device shows a pairing code (``p2p.pairing``) and listens; the primary reads the
+code and dials it. Then, over one connection::
+
+    primary -> new   lhello  primary's signing key, ephemeral key, MAC keyed by the secret
+    new -> primary   lauth   ephemeral key, signature by the key in the code
+                     (both now show the same six-digit check code)
+    new -> primary   lhave   history parts kept from an interrupted earlier try     [boxed]
+    primary -> new   enroll  signed device list with the new device, space keys     [boxed]
+    primary -> new   chunk*  each space's history, in 256 KiB chunks                 [boxed]
+    new -> primary   ldone                                                          [boxed]
+
+The MAC proves to the new device that the dialer read its code; the signature proves to
+the primary that the device holds the key the code names. Boxed frames use the same
+channel as sync sessions (``p2p.box``), keyed by both ephemeral keys *and* the secret.
+
+History is a snapshot per space, computed once per code and kept by the primary until
+the link completes; the new device keeps every chunk it receives on disk, so a link cut
+midway resumes where it stopped, with nothing sent twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import trio
+from nacl.public import PrivateKey
+
+from p2p.box import Box, shared_secret
+from p2p.core import DeviceState, Enrollment, merge_batches
+from p2p.errors import (
+    AlreadyInitialized,
+    BadSignature,
+    DeviceListError,
+    HandshakeFailed,
+    P2PError,
+    TooManyDevices,
+    WireError,
+)
+from p2p.identity import DeviceEntry, DeviceKeys, DeviceList, verify
+from p2p.pairing import (
+    CheckCodeMismatch,
+    CodeAlreadyUsed,
+    ExpiredCode,
+    PairingCode,
+    PairingError,
+    check_code,
+)
+from p2p.storage.base import Store, WriteBatch
+from p2p.transport.base import Connection
+from p2p.wire import MAX_ID, decode_frame, encode_frame, pack, unpack
+
+DOMAIN_LINK: Final = b"p2p/link/v1\x00"
+CHUNK: Final = 256 * 1024
+STEP_TIMEOUT: Final = 60.0
+"""Longest wait for any one frame (the person comparing check codes included)."""
+MAX_HISTORY: Final = 1 << 34
+
+Progress = Callable[[int, int], None]
+"""Called with (bytes done, bytes in all) as history moves."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Linked:
+    """The result on the primary's side."""
+
+    device: str
+    name: str
+    sent: int
+    """History bytes sent in this attempt (less than the total when resumed)."""
+
+
+def _mac(secret: bytes, *parts: bytes) -> bytes:
+    return hashlib.blake2b(b"".join(parts), key=secret, digest_size=32, person=b"p2p-link").digest()
+
+
+def _digest(blob: bytes) -> bytes:
+    return hashlib.blake2b(blob, digest_size=32).digest()
+
+
+async def _receive(conn: Connection, box: Box | None, who: str) -> dict[str, Any]:
+    with trio.fail_after(STEP_TIMEOUT):
+        data = await conn.receive()
+    frame = decode_frame(box.open(data, who=who) if box else data)
+    if frame["t"] == "abort":
+        raise PairingError(f"the other side stopped the link: {frame['code']}")
+    return frame
+
+
+def _expect(frame: dict[str, Any], kind: str) -> dict[str, Any]:
+    if frame["t"] != kind:
+        raise HandshakeFailed(f"expected {kind}, got {frame['t']}")
+    return frame
+
+
+# ---- primary ------------------------------------------------------------------------
+
+
+async def approve(
+    state: DeviceState,
+    code: PairingCode,
+    conn: Connection,
+    *,
+    confirm: Callable[[str], Awaitable[bool]],
+    persist: Callable[[WriteBatch], Awaitable[None]],
+    history: Callable[[str], Awaitable[bytes]],
+    progress: Progress = lambda done, total: None,
+) -> Linked:
+    """Primary side. ``confirm(check)`` decides (a person comparing screens, or a script);
+    ``persist`` makes the new device list durable before the device learns of it;
+    ``history(space)`` returns the space's history snapshot for this code."""
+    eph = PrivateKey.generate()
+    eph_pk = bytes(eph.public_key)
+    hello = encode_frame(
+        "lhello",
+        pk=state.keys.sign_pk,
+        eph=eph_pk,
+        mac=_mac(code.secret, code.sign_pk, state.keys.sign_pk, eph_pk),
+    )
+    await conn.send(hello)
+    auth_bytes = await _raw(conn)
+    auth = _expect(decode_frame(auth_bytes), "lauth")
+    try:
+        verify(code.sign_pk, DOMAIN_LINK, hello + auth["eph"], auth["sig"])
+    except BadSignature as exc:
+        raise PairingError("the device does not hold the key its code names") from exc
+    transcript = hello + auth_bytes
+    box = Box(
+        shared_secret(bytes(eph), auth["eph"]),
+        hashlib.blake2b(transcript).digest(),
+        initiator=True,
+        extra=code.secret,
+    )
+    if not await confirm(check_code(transcript, code.secret)):
+        await conn.send(box.seal(encode_frame("abort", code="CheckCodeMismatch")))
+        raise CheckCodeMismatch("the check codes differ: nothing linked")
+    have = _parse_have(_expect(await _receive(conn, box, code.device_id), "lhave")["have"])
+
+    entry = DeviceEntry(name=code.name, role="companion", sign_pk=code.sign_pk, box_pk=code.box_pk)
+    bundle, batch = state.enroll_public(entry)
+    await persist(batch)
+    blobs = {space_id: await history(space_id) for space_id, *_ in bundle.spaces}
+    sizes = {s: [_digest(b), len(b)] for s, b in blobs.items()}
+    keys = [
+        [s_id, kind, name, epoch, [[e, k] for e, k in space_keys.items()]]
+        for s_id, kind, name, epoch, space_keys, _ in bundle.spaces
+    ]
+    await conn.send(
+        box.seal(
+            encode_frame("enroll", list=bundle.device_list, keys=pack(keys), sizes=pack(sizes))
+        )
+    )
+    total = sum(len(b) for b in blobs.values())
+    done = sum(
+        min(have.get(s, (b"", 0))[1], len(b)) if have.get(s, (b"", 0))[0] == _digest(b) else 0
+        for s, b in blobs.items()
+    )
+    sent = 0
+    progress(done, total)
+    for space_id, blob in blobs.items():
+        start = have[space_id][1] if space_id in have and have[space_id][0] == _digest(blob) else 0
+        for offset in range(start, len(blob), CHUNK):
+            piece = blob[offset : offset + CHUNK]
+            await conn.send(box.seal(encode_frame("chunk", s=space_id, o=offset, d=piece)))
+            sent += len(piece)
+            progress(done + sent, total)
+    _expect(await _receive(conn, box, code.device_id), "ldone")
+    return Linked(device=code.device_id, name=code.name, sent=sent)
+
+
+async def _raw(conn: Connection) -> bytes:
+    with trio.fail_after(STEP_TIMEOUT):
+        data = await conn.receive()
+    frame = decode_frame(data)
+    if frame["t"] == "abort":
+        raise PairingError(f"the other side stopped the link: {frame['code']}")
+    return data
+
+
+def _parse_have(data: bytes) -> dict[str, tuple[bytes, int]]:
+    value = unpack(data, what="history parts")
+    if not isinstance(value, dict) or len(value) > 1024:
+        raise WireError("history parts are malformed")
+    out = {}
+    for space_id, item in value.items():
+        if not (
+            isinstance(space_id, str)
+            and len(space_id) <= MAX_ID
+            and isinstance(item, list)
+            and len(item) == 2
+        ):
+            raise WireError("history parts are malformed")
+        digest, size = item
+        if not (
+            isinstance(digest, bytes)
+            and len(digest) == 32
+            and type(size) is int
+            and 0 <= size < MAX_HISTORY
+        ):
+            raise WireError("history parts are malformed")
+        out[space_id] = (digest, size)
+    return out
+
+
+# ---- new device ---------------------------------------------------------------------
+
+
+class Parts:
+    """History chunks a new device has received, kept in its store across attempts."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def have(self) -> dict[str, tuple[bytes, int]]:
+        """For each space, the history hash and how many leading bytes are here."""
+        out: dict[str, tuple[bytes, int]] = {}
+        for name in self.store.names("link/part/"):
+            _, _, space_id, digest_hex, offset = name.split("/")
+            size = len(self.store.get(name) or b"")
+            digest = bytes.fromhex(digest_hex)
+            known = out.get(space_id)
+            if known is None or known[0] != digest:
+                out[space_id] = (digest, 0)
+            if int(offset) == out[space_id][1]:
+                out[space_id] = (digest, out[space_id][1] + size)
+        return out
+
+    def batch(self, space_id: str, digest: bytes, offset: int, data: bytes) -> WriteBatch:
+        return WriteBatch(records={f"link/part/{space_id}/{digest.hex()}/{offset:012d}": data})
+
+    def assemble(self, space_id: str, digest: bytes) -> bytes:
+        prefix = f"link/part/{space_id}/{digest.hex()}/"
+        return b"".join(self.store.get(n) or b"" for n in self.store.names(prefix))
+
+    def clear(self) -> WriteBatch:
+        return WriteBatch(deletes=set(self.store.names("link/part/")))
+
+
+async def accept(
+    keys: DeviceKeys,
+    name: str,
+    code: PairingCode,
+    conn: Connection,
+    parts: Parts,
+    *,
+    write: Callable[[WriteBatch], Awaitable[None]],
+    show_check: Callable[[str], None],
+    progress: Progress = lambda done, total: None,
+) -> tuple[DeviceState, WriteBatch]:
+    """New-device side: answer the primary, receive and keep the history, and return
+    the device's state with the batch that makes it durable."""
+    hello_bytes = await _raw(conn)
+    hello = _expect(decode_frame(hello_bytes), "lhello")
+    if hello["mac"] != _mac(code.secret, code.sign_pk, hello["pk"], hello["eph"]):
+        await conn.send(encode_frame("abort", code="WrongSecret"))
+        raise PairingError("the dialer did not read our pairing code")
+    eph = PrivateKey.generate()
+    eph_pk = bytes(eph.public_key)
+    auth = encode_frame("lauth", eph=eph_pk, sig=keys.sign(DOMAIN_LINK, hello_bytes + eph_pk))
+    await conn.send(auth)
+    transcript = hello_bytes + auth
+    show_check(check_code(transcript, code.secret))
+    box = Box(
+        shared_secret(bytes(eph), hello["eph"]),
+        hashlib.blake2b(transcript).digest(),
+        initiator=False,
+        extra=code.secret,
+    )
+    await conn.send(
+        box.seal(
+            encode_frame("lhave", have=pack({s: [d, n] for s, (d, n) in parts.have().items()}))
+        )
+    )
+
+    enroll = _expect(await _receive(conn, box, "primary"), "enroll")
+    device_list, spaces, sizes = _parse_enroll(enroll, keys, hello["pk"])
+    have = parts.have()
+    total = sum(size for _, size in sizes.values())
+    done = sum(have[s][1] for s in sizes if s in have and have[s][0] == sizes[s][0])
+    progress(done, total)
+    received = {s: (have[s][1] if s in have and have[s][0] == sizes[s][0] else 0) for s in sizes}
+    while any(received[s] < sizes[s][1] for s in sizes):
+        chunk = _expect(await _receive(conn, box, "primary"), "chunk")
+        space_id, offset, data = chunk["s"], chunk["o"], chunk["d"]
+        if (
+            space_id not in sizes
+            or offset != received[space_id]
+            or offset + len(data) > sizes[space_id][1]
+        ):
+            raise HandshakeFailed("history chunk out of order")
+        await write(parts.batch(space_id, sizes[space_id][0], offset, data))
+        received[space_id] += len(data)
+        done += len(data)
+        progress(done, total)
+    histories = {}
+    for space_id, (digest, _size) in sizes.items():
+        blob = parts.assemble(space_id, digest)
+        if _digest(blob) != digest:
+            raise HandshakeFailed(f"history of space {space_id} does not match its hash")
+        histories[space_id] = blob
+    bundle = Enrollment(
+        account_pk=device_list.account_pk,
+        device_list=device_list.encode(),
+        spaces=[
+            (s, kind, sname, epoch, space_keys, histories[s])
+            for s, kind, sname, epoch, space_keys in spaces
+        ],
+    )
+    state, batch = DeviceState.from_enrollment(keys, name, bundle)
+    await conn.send(box.seal(encode_frame("ldone", n=total)))
+    return state, batch
+
+
+def _parse_enroll(
+    frame: dict[str, Any], keys: DeviceKeys, primary_pk: bytes
+) -> tuple[
+    DeviceList, list[tuple[str, str, str, int, dict[int, bytes]]], dict[str, tuple[bytes, int]]
+]:
+    try:
+        device_list = DeviceList.decode(frame["list"])
+    except WireError as exc:
+        raise DeviceListError(f"the enrollment's device list is malformed: {exc}") from exc
+    device_list.verify(device_list.account_pk)
+    if keys.device_id not in device_list.ids:
+        raise DeviceListError("the enrollment's device list does not hold this device")
+    if device_list.primary.sign_pk != primary_pk:
+        raise DeviceListError("the device that dialed us is not the account's primary")
+    try:
+        spaces = []
+        for s, kind, sname, epoch, space_keys in unpack(frame["keys"], what="space keys"):
+            key_map = {int(e): bytes(k) for e, k in space_keys}
+            if not (
+                isinstance(s, str)
+                and kind in ("account", "chat")
+                and isinstance(sname, str)
+                and epoch in key_map
+            ):
+                raise ValueError("space entry")
+            if any(len(k) != 32 for k in key_map.values()):
+                raise ValueError("key size")
+            spaces.append((s, str(kind), sname, int(epoch), key_map))
+        sizes = {
+            str(s): (bytes(d), int(n)) for s, (d, n) in unpack(frame["sizes"], what="sizes").items()
+        }
+    except (P2PError, ValueError, TypeError) as exc:
+        raise WireError(f"the enrollment is malformed: {exc}") from exc
+    if set(sizes) != {s for s, *_ in spaces} or any(n >= MAX_HISTORY for _, n in sizes.values()):
+        raise WireError("the enrollment's history sizes do not match its spaces")
+    return device_list, spaces, sizes
+
+
+# ---- orchestration: what `p2p approve` and `p2p link` run ----------------------------
+
+
+async def approve_code(
+    state: DeviceState,
+    code_text: str,
+    *,
+    read: Callable[[str], Awaitable[bytes | None]],
+    write: Callable[[WriteBatch], Awaitable[None]],
+    confirm: Callable[[str], Awaitable[bool]],
+    now_s: int,
+    connect: str | None = None,
+    progress: Progress = lambda done, total: None,
+) -> Linked:
+    """Check a pairing code and link the device that shows it (primary side).
+
+    Refuses, before dialing: a malformed, expired or used code, a non-primary, and a
+    fifth companion. ``read``/``write`` reach the primary's store; the history snapshot
+    is cached there per code until the link completes, so a retry resumes.
+    """
+    code = PairingCode.decode(code_text)
+    code.check_fresh(now_s)
+    if not state.is_primary:
+        raise PairingError("only the account's primary device can approve a link")
+    if await read(f"link/used/{code.code_id}") is not None:
+        raise CodeAlreadyUsed("this pairing code was used already; show a new one with p2p link")
+    dl = state.device_list
+    if code.device_id not in dl.ids and len(dl.devices) - 1 >= dl.max_companions:
+        raise TooManyDevices(
+            f"the account already has {dl.max_companions} companions; unlink one first"
+        )
+    conn = await _dial_any([connect] if connect else list(code.addresses))
+    cached = f"link/blob/{code.code_id}/"
+
+    async def history(space_id: str) -> bytes:
+        blob = await read(cached + space_id)
+        if blob is None:
+            blob = state.space(space_id).replica.snapshot()
+            await write(WriteBatch(records={cached + space_id: blob}))
+        return blob
+
+    try:
+        linked = await approve(
+            state, code, conn, confirm=confirm, persist=write, history=history, progress=progress
+        )
+    finally:
+        await conn.aclose()
+    await write(
+        WriteBatch(
+            records={f"link/used/{code.code_id}": b"1"},
+            deletes={cached + s for s in state.spaces},
+        )
+    )
+    return linked
+
+
+async def _dial_any(addresses: list[str]) -> Connection:
+    from p2p.transport.tcp import TcpTransport
+
+    errors = []
+    for address in addresses:
+        try:
+            return await TcpTransport().dial(address)
+        except P2PError as exc:
+            errors.append(str(exc))
+    raise PairingError("cannot reach the new device: " + ("; ".join(errors) or "no address"))
+
+
+class LinkUI(Protocol):
+    """What ``p2p link`` shows while it waits (terminal or JSON lines)."""
+
+    def code(self, text: str, device: str) -> None: ...
+
+    def check(self, digits: str) -> None: ...
+
+    def progress(self, done: int, total: int) -> None: ...
+
+    def failed(self, error: P2PError) -> None: ...
+
+
+async def wait_for_primary(
+    home: str | os.PathLike[str],
+    name: str,
+    *,
+    listen: str,
+    ttl_s: int,
+    now_s: int,
+    ui: LinkUI,
+) -> DeviceState:
+    """New-device side of ``p2p link``: create keys, show a code, serve until enrolled.
+
+    Failed attempts (wrong secret, dropped connection, refused check code) are reported
+    and the device keeps waiting with the same code until it expires, so an interrupted
+    history transfer resumes when the primary tries again.
+    """
+    from p2p.home import create_store
+    from p2p.transport.tcp import TcpTransport, advertised_addresses
+
+    store = create_store(home)
+    try:
+        if store.get("account/list") is not None:
+            raise AlreadyInitialized(f"{home} already holds a linked device")
+        raw = store.get("device/keys")
+        keys = DeviceKeys.from_record(raw) if raw else DeviceKeys.generate()
+        await trio.to_thread.run_sync(
+            store.write,
+            WriteBatch(records={"device/keys": keys.to_record(), "device/name": name.encode()}),
+        )
+        parts = Parts(store)
+        transport = TcpTransport(listen)
+        enrolled: list[DeviceState] = []
+        attempt = trio.Lock()
+
+        async def write(batch: WriteBatch) -> None:
+            await trio.to_thread.run_sync(store.write, batch)
+
+        async with trio.open_nursery() as nursery:
+
+            async def handle(conn: Connection) -> None:
+                async with attempt:
+                    try:
+                        if enrolled:
+                            return
+                        state, batch = await accept(
+                            keys, name, code, conn, parts,
+                            write=write, show_check=ui.check, progress=ui.progress,
+                        )  # fmt: skip
+                        await write(merge_batches([batch, parts.clear()]))
+                        enrolled.append(state)
+                        nursery.cancel_scope.cancel()
+                    except (P2PError, trio.TooSlowError) as exc:
+                        ui.failed(exc if isinstance(exc, P2PError) else PairingError("timed out"))
+                    finally:
+                        await conn.aclose()
+
+            await nursery.start(transport.serve, handle)
+            code = PairingCode.create(
+                sign_pk=keys.sign_pk,
+                box_pk=keys.box_pk,
+                name=name,
+                addresses=advertised_addresses(transport.address),
+                now_s=now_s,
+                ttl_s=ttl_s,
+            )
+            ui.code(code.encode(), keys.device_id)
+            await trio.sleep(ttl_s)
+            nursery.cancel_scope.cancel()
+        if not enrolled:
+            raise ExpiredCode("the pairing code expired before a primary approved it")
+        return enrolled[0]
+    finally:
+        store.close()

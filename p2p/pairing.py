@@ -1,0 +1,178 @@
+"""Pairing codes: what a new device shows so its primary can find and trust it.
+
+A code carries the new device's public keys, a one-time secret, an expiry, its name and
+where it listens. Text form: ``P2P1:`` + base32 (uppercase, no padding: QR codes store
+that in their dense alphanumeric mode) of ``msgpack payload || BLAKE2b-32 checksum``. A
+mistyped or altered code fails the checksum before anything else is tried.
+
+The *check code* (six digits both screens show) is derived from the link handshake's
+transcript and the secret: a code swapped by an attacker (QR phishing) gives the primary
+a different transcript than the device in the owner's hand, so the digits differ.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Final
+
+from p2p.errors import P2PError
+from p2p.identity import MAX_NAME, short_id
+from p2p.wire import pack, unpack
+
+PREFIX: Final = "P2P1:"
+CODE_VERSION: Final = 1
+SECRET_SIZE: Final = 16
+MAX_CODE: Final = 2048
+MAX_ADDRESSES: Final = 8
+DEFAULT_TTL_S: Final = 600
+
+
+class PairingError(P2PError):
+    """A pairing code or link attempt that is refused."""
+
+
+class MalformedCode(PairingError):
+    """Not a pairing code: bad prefix, encoding, checksum or fields (typo or tampering)."""
+
+
+class ExpiredCode(PairingError):
+    """A pairing code past its expiry."""
+
+
+class CodeAlreadyUsed(PairingError):
+    """A pairing code this primary has already linked a device with."""
+
+
+class CheckCodeMismatch(PairingError):
+    """The six digits differ between the two screens: someone is in the middle."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PairingCode:
+    sign_pk: bytes
+    box_pk: bytes
+    secret: bytes
+    expires_s: int
+    """Unix time (seconds) after which the code is refused."""
+    name: str
+    addresses: tuple[str, ...]
+
+    @property
+    def device_id(self) -> str:
+        return short_id(self.sign_pk)
+
+    @property
+    def code_id(self) -> str:
+        """A name for this code that does not reveal its secret (for 'used' records)."""
+        return hashlib.blake2b(self.secret, digest_size=10, person=b"p2p-code-id").hexdigest()
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        sign_pk: bytes,
+        box_pk: bytes,
+        name: str,
+        addresses: list[str],
+        now_s: int,
+        ttl_s: int,
+    ) -> PairingCode:
+        return cls(
+            sign_pk=sign_pk,
+            box_pk=box_pk,
+            secret=os.urandom(SECRET_SIZE),
+            expires_s=now_s + ttl_s,
+            name=name,
+            addresses=tuple(addresses[:MAX_ADDRESSES]),
+        )
+
+    def encode(self) -> str:
+        payload = pack(
+            [
+                CODE_VERSION,
+                self.sign_pk,
+                self.box_pk,
+                self.secret,
+                self.expires_s,
+                self.name,
+                list(self.addresses),
+            ]
+        )
+        checksum = hashlib.blake2b(payload, digest_size=4, person=b"p2p-code").digest()
+        return PREFIX + base64.b32encode(payload + checksum).decode("ascii").rstrip("=")
+
+    @classmethod
+    def decode(cls, text: str) -> PairingCode:
+        """Parse a code; MalformedCode for anything that is not exactly one."""
+        text = "".join(text.split()).upper()
+        if len(text) > MAX_CODE or not text.startswith(PREFIX):
+            raise MalformedCode("not a p2p pairing code")
+        body = text[len(PREFIX) :]
+        try:
+            raw = base64.b32decode(body + "=" * (-len(body) % 8))
+        except ValueError as exc:
+            raise MalformedCode("the pairing code is not valid base32") from exc
+        payload, checksum = raw[:-4], raw[-4:]
+        if hashlib.blake2b(payload, digest_size=4, person=b"p2p-code").digest() != checksum:
+            raise MalformedCode("the pairing code's checksum does not match (typo or tampering)")
+        try:
+            value = unpack(payload, what="pairing code")
+            version, sign_pk, box_pk, secret, expires_s, name, addresses = value
+        except (P2PError, ValueError, TypeError) as exc:
+            raise MalformedCode("the pairing code's fields are malformed") from exc
+        ok = (
+            version == CODE_VERSION
+            and isinstance(sign_pk, bytes)
+            and len(sign_pk) == 32
+            and isinstance(box_pk, bytes)
+            and len(box_pk) == 32
+            and isinstance(secret, bytes)
+            and len(secret) == SECRET_SIZE
+            and type(expires_s) is int
+            and isinstance(name, str)
+            and 0 < len(name) <= MAX_NAME
+            and isinstance(addresses, list)
+            and len(addresses) <= MAX_ADDRESSES
+            and all(isinstance(a, str) and 0 < len(a) <= 256 for a in addresses)
+        )
+        if not ok:
+            raise MalformedCode("the pairing code's fields are malformed")
+        return cls(
+            sign_pk=sign_pk,
+            box_pk=box_pk,
+            secret=secret,
+            expires_s=expires_s,
+            name=name,
+            addresses=tuple(addresses),
+        )
+
+    def check_fresh(self, now_s: int) -> None:
+        if now_s > self.expires_s:
+            raise ExpiredCode(f"the pairing code expired {now_s - self.expires_s} s ago")
+
+
+def check_code(transcript: bytes, secret: bytes) -> str:
+    """Six digits, shown as ``123-456`` on both screens."""
+    digest = hashlib.blake2b(transcript, key=secret, digest_size=8, person=b"p2p-check").digest()
+    digits = f"{int.from_bytes(digest, 'big') % 1_000_000:06d}"
+    return f"{digits[:3]}-{digits[3:]}"
+
+
+def same_check_code(shown: str, typed: str) -> bool:
+    """Whether a check code typed by a person matches (spaces and dashes ignored)."""
+    digits = "".join(c for c in typed if c.isdigit())
+    return digits == shown.replace("-", "")
+
+
+def qr_text(code: str) -> str:
+    """The code as a QR code drawn with terminal characters."""
+    import io
+
+    import segno
+
+    out = io.StringIO()
+    segno.make(code, error="m").terminal(out=out, compact=True)
+    return out.getvalue()

@@ -1,0 +1,600 @@
+"""The rendezvous relay: authenticated websockets, pipes, presence, and a mailbox.
+
+Devices connect over a websocket, prove they hold their device key (challenge, signed
+``auth``), and then may: watch the presence of up to 16 devices, open pipes to online
+devices (the relay forwards opaque chunks; the two devices run their own end-to-end
+encrypted sync session through it), and post mail for devices that are offline (kept in
+SQLite, bounded, expiring). The relay never holds a key that opens anything it carries.
+What it can and cannot see is in docs/relay.md.
+
+Structure (trio-websocket's habit): :func:`serve_relay` runs inside the caller's
+nursery (``server = await nursery.start(serve_relay, host, port, ...)``) and owns a
+:class:`RelayServer`, the shared state. Each websocket is one connection task with its own
+nursery: a writer task drains the connection's bounded outbound queue into the socket,
+the connection task reads, checks and dispatches messages, and after auth a mail pump
+streams the device's mailbox. Leaving the connection's nursery (client gone, violation,
+eviction, relay shutdown) unregisters it: its pipes are closed towards the other ends,
+its watchers learn it went offline.
+
+Bad input never reaches past :mod:`p2p.relay.protocol` unchecked, and never ends the
+relay: a client that sends something it should not is disconnected with a websocket
+close code and one log line (1008 policy violation: bad auth, auth timeout, malformed or
+unexpected message, rate limit, too slow; 1009 message too big; 1003 text message).
+
+Back-pressure: forwarding a pipe chunk waits for room in the receiver's outbound queue,
+so a slow receiver slows its sender (whose socket we stop reading) rather than growing
+our memory. A receiver whose queue stays full for ``slow_timeout`` is disconnected, so one
+stuck device cannot stall its peers forever.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Final
+
+import trio
+from trio_websocket import (
+    ConnectionClosed as WsClosed,
+)
+from trio_websocket import (
+    Endpoint,
+    WebSocketConnection,
+    WebSocketRequest,
+    WebSocketServer,
+)
+
+from p2p.errors import BadSignature, FrameTooLarge, RelayError, StoreError, WireError
+from p2p.identity import short_id, verify
+from p2p.relay._queue import ByteQueue, QueueClosed
+from p2p.relay.mailbox import FILE_NAME, Mailbox, MailQuota
+from p2p.relay.protocol import (
+    CLIENT_CID_LIMIT,
+    DOMAIN_AUTH,
+    MAX_CID,
+    MAX_MESSAGE,
+    MAX_PAYLOAD,
+    NONCE_BYTES,
+    TokenBucket,
+    auth_message,
+    decode_client,
+    encode_server,
+)
+
+log = logging.getLogger("p2p.relay")
+
+MiB: Final = 1024 * 1024
+MAIL_PAGE: Final = 16
+"""Mail items read from the store at a time by a connection's mail pump."""
+CLOSE_TIMEOUT: Final = 2.0
+"""Seconds to wait for a websocket's closing handshake before dropping the socket."""
+
+POLICY: Final = 1008
+TOO_BIG: Final = 1009
+UNSUPPORTED: Final = 1003
+NORMAL: Final = 1000
+INTERNAL: Final = 1011
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """Every bound the relay keeps, with its default. ``p2p relay`` has a flag for each."""
+
+    max_message: int = MAX_MESSAGE
+    """Largest websocket message accepted, in bytes (bigger: closed with 1009)."""
+    max_mail: int = MiB
+    """Largest mail item, in bytes."""
+    mailbox_count: int = 10_000
+    """Items waiting for one device."""
+    mailbox_bytes: int = 64 * MiB
+    """Bytes waiting for one device."""
+    sender_bytes: int = 256 * MiB
+    """Bytes of undelivered mail one device may have on the relay, all recipients."""
+    total_bytes: int = 4096 * MiB
+    """Bytes of mail on the whole relay."""
+    mail_ttl: float = 30 * 24 * 3600.0
+    """Seconds mail is kept for delivery (30 days)."""
+    purge_interval: float = 3600.0
+    """Seconds between purges of expired mail (at most a quarter of the TTL)."""
+    auth_timeout: float = 5.0
+    """Seconds a new connection has to complete the websocket handshake and ``auth``."""
+    idle_timeout: float = 120.0
+    """Seconds without a message before a connection is closed (clients ping)."""
+    connections_per_device: int = 4
+    """Connections one device may hold; a newer one evicts the oldest."""
+    max_connections: int = 10_000
+    """Websockets open at once, authenticated or not."""
+    max_pipes: int = 32
+    """Pipes open at once on one connection (both directions together)."""
+    msg_rate: int = 2000
+    """Messages per second a connection may send, sustained (token bucket)."""
+    msg_burst: int = 10_000
+    """Messages a connection may send at once (bucket size)."""
+    byte_rate: int = 8 * MiB
+    """Bytes per second a connection may send, sustained."""
+    byte_burst: int = 40 * MiB
+    """Bytes a connection may send at once: two 16 MiB sync frames and change."""
+    queue_bytes: int = 4 * MiB
+    """Bytes queued towards one connection before senders to it must wait."""
+    slow_timeout: float = 20.0
+    """Seconds a connection's outbound queue may stay full before it is disconnected."""
+
+    def check(self) -> None:
+        """Refuse settings the relay cannot keep (RelayError naming the setting)."""
+        for f in fields(self):
+            if getattr(self, f.name) <= 0:
+                raise RelayError(f"relay limit {f.name} must be positive")
+        if self.max_message > MAX_MESSAGE:
+            raise RelayError(f"max_message cannot exceed the protocol's {MAX_MESSAGE}")
+        if self.max_mail > min(MAX_PAYLOAD, self.max_message - 1024):
+            raise RelayError("max_mail must leave 1 KiB of a message for its envelope")
+        if self.byte_burst < self.max_message:
+            raise RelayError("byte_burst must be at least max_message")
+
+    def quota(self) -> MailQuota:
+        return MailQuota(
+            max_mail=self.max_mail,
+            mailbox_count=self.mailbox_count,
+            mailbox_bytes=self.mailbox_bytes,
+            sender_bytes=self.sender_bytes,
+            total_bytes=self.total_bytes,
+            ttl=self.mail_ttl,
+        )
+
+
+class _Violation(Exception):
+    """A client broke the rules: close its websocket with ``code``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class _Conn:
+    """One websocket, before and after auth."""
+
+    def __init__(self, ws: WebSocketConnection, remote: str, limits: Limits) -> None:
+        now = trio.current_time()
+        self.ws = ws
+        self.remote = remote
+        self.device: str | None = None
+        self.out = ByteQueue(limits.queue_bytes)
+        self.pipes: dict[int, tuple[_Conn, int]] = {}
+        """Our cid -> (the other end's connection, its cid)."""
+        self.next_cid = CLIENT_CID_LIMIT
+        self.watching: tuple[str, ...] = ()
+        self.mail_event = trio.Event()
+        self.scope = trio.CancelScope()
+        self.close_code = NORMAL
+        self.close_reason = ""
+        self.messages = TokenBucket(limits.msg_rate, limits.msg_burst, now)
+        self.bytes = TokenBucket(limits.byte_rate, limits.byte_burst, now)
+
+    def __str__(self) -> str:
+        return f"{self.remote} ({self.device or 'unauthenticated'})"
+
+    def kick(self, code: int, reason: str) -> None:
+        """End this connection from another task, with a close code and a reason."""
+        if not self.close_reason:
+            self.close_code, self.close_reason = code, reason
+        self.scope.cancel()
+
+    def tell(self, message: bytes) -> None:
+        """Queue a small control message without waiting; a connection that has let
+        thousands of them pile up is not reading and is disconnected."""
+        if not self.out.put_nowait(message) and not self.out.closed:
+            self.kick(POLICY, "too slow: control messages piled up unread")
+
+
+@dataclass
+class RelayStats:
+    """Counters for operators and tests."""
+
+    connections: int = 0
+    accepted: int = 0
+    refused: int = 0
+    authenticated: int = 0
+    violations: int = 0
+    pipes_opened: int = 0
+    chunks_relayed: int = 0
+    bytes_relayed: int = 0
+    mail_posted: int = 0
+    mail_refused: int = 0
+    mail_delivered: int = 0
+    mail_acked: int = 0
+    mail_purged: int = 0
+
+
+class RelayServer:
+    """The relay's state: who is connected, who watches whom, the pipes, the mailbox."""
+
+    def __init__(self, mailbox: Mailbox, limits: Limits, relay_id: str, url: str) -> None:
+        self.mailbox = mailbox
+        self.limits = limits
+        self.relay_id = relay_id
+        """The name devices sign in ``auth`` (clients check it is the relay they dialed)."""
+        self.url = url
+        """Where this relay listens, as a ``ws://`` URL."""
+        self.port = 0
+        self.conns: set[_Conn] = set()
+        self.devices: dict[str, list[_Conn]] = {}
+        """Device id -> its authenticated connections, oldest first."""
+        self.watchers: dict[str, set[_Conn]] = {}
+        self.stats = RelayStats()
+
+    def snapshot(self) -> dict[str, Any]:
+        """What is happening now, as plain values (for logs, status and tests)."""
+        return {
+            **asdict(self.stats),
+            "connections": len(self.conns),
+            "devices_online": len(self.devices),
+            "pipes": sum(len(c.pipes) for c in self.conns) // 2,
+            "mail_items": len(self.mailbox),
+            "mail_bytes": self.mailbox.total_bytes,
+        }
+
+    # ---- one connection -------------------------------------------------------------
+
+    async def handle(self, request: WebSocketRequest) -> None:
+        """Serve one websocket until it ends. Never raises (but Cancelled): a bug or a
+        bad client must not take the listener down with it."""
+        remote = _format_remote(request.remote)
+        if len(self.conns) >= self.limits.max_connections:
+            self.stats.refused += 1
+            log.warning("refusing %s: %d connections open", remote, len(self.conns))
+            await request.reject(503, body=b"relay full")
+            return
+        ws = await request.accept()
+        conn = _Conn(ws, remote, self.limits)
+        self.conns.add(conn)
+        self.stats.accepted += 1
+        try:
+            with conn.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer, conn)
+                    try:
+                        await self._session(conn, nursery)
+                    except _Violation as v:
+                        conn.kick(v.code, v.reason)
+                    except StoreError as exc:
+                        log.error("relay mailbox failed: %s", exc)
+                        conn.kick(INTERNAL, "relay storage failed")
+                    nursery.cancel_scope.cancel()
+        except Exception:
+            log.exception("bug while serving %s", conn)
+            conn.close_code, conn.close_reason = INTERNAL, "internal error"
+        finally:
+            self.conns.discard(conn)
+            self._unregister(conn)
+            if conn.close_code not in (NORMAL,):
+                self.stats.violations += 1
+                log.warning("closed %s: %d %s", conn, conn.close_code, conn.close_reason)
+            elif conn.close_reason:
+                log.info("closed %s: %s", conn, conn.close_reason)
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                await ws.aclose(conn.close_code, conn.close_reason[:120] or None)
+
+    async def _writer(self, conn: _Conn) -> None:
+        try:
+            while True:
+                await conn.ws.send_message(await conn.out.get())
+        except QueueClosed:
+            pass
+        except WsClosed:
+            conn.scope.cancel()
+
+    async def _receive(self, conn: _Conn) -> bytes | None:
+        """The next message, rate-checked; None once the client has gone."""
+        try:
+            raw = await conn.ws.get_message()
+        except WsClosed as exc:
+            if exc.reason is not None and exc.reason.code == TOO_BIG:
+                # trio-websocket has already closed it with 1009; say so in our log
+                conn.close_code, conn.close_reason = TOO_BIG, "message too big"
+            return None
+        if isinstance(raw, str):
+            raise _Violation(UNSUPPORTED, "text messages are not part of the protocol")
+        now = trio.current_time()
+        if not (conn.messages.take(1, now) and conn.bytes.take(len(raw), now)):
+            raise _Violation(POLICY, "rate limit exceeded")
+        return raw
+
+    def _decode(self, raw: bytes) -> dict[str, Any]:
+        try:
+            return decode_client(raw, limit=self.limits.max_message)
+        except FrameTooLarge as exc:
+            raise _Violation(TOO_BIG, str(exc)) from exc
+        except WireError as exc:
+            raise _Violation(POLICY, f"malformed message: {exc}") from exc
+
+    async def _session(self, conn: _Conn, nursery: trio.Nursery) -> None:
+        nonce = os.urandom(NONCE_BYTES)
+        conn.tell(encode_server("challenge", nonce=nonce, relay=self.relay_id))
+        with trio.move_on_after(self.limits.auth_timeout) as timer:
+            raw = await self._receive(conn)
+        if timer.cancelled_caught:
+            raise _Violation(POLICY, "authentication timeout")
+        if raw is None:
+            return
+        msg = self._decode(raw)
+        if msg["t"] != "auth":
+            raise _Violation(POLICY, f"expected auth, got {msg['t']}")
+        if short_id(msg["pk"]) != msg["dev"]:
+            raise _Violation(POLICY, "auth failed: device id does not match its key")
+        try:
+            verify(msg["pk"], DOMAIN_AUTH, auth_message(nonce, self.relay_id), msg["sig"])
+        except BadSignature as exc:
+            raise _Violation(POLICY, "auth failed: bad signature") from exc
+        self._register(conn, msg["dev"])
+        lim = self.limits
+        conn.tell(
+            encode_server(
+                "welcome",
+                msg_rate=lim.msg_rate,
+                msg_burst=lim.msg_burst,
+                byte_rate=lim.byte_rate,
+                byte_burst=lim.byte_burst,
+                max_message=lim.max_message,
+                max_mail=lim.max_mail,
+                max_pipes=lim.max_pipes,
+            )
+        )
+        nursery.start_soon(self._mail_pump, conn)
+        while True:
+            with trio.move_on_after(lim.idle_timeout) as timer:
+                raw = await self._receive(conn)
+            if timer.cancelled_caught:
+                conn.kick(NORMAL, "idle timeout")
+                return
+            if raw is None:
+                return
+            await self._dispatch(conn, self._decode(raw))
+
+    async def _dispatch(self, conn: _Conn, msg: dict[str, Any]) -> None:
+        kind = msg["t"]
+        if kind == "data":
+            await self._data(conn, msg["cid"], msg["data"], msg["more"])
+        elif kind == "ping":
+            conn.tell(encode_server("pong", n=msg["n"]))
+        elif kind == "open":
+            self._open(conn, msg["to"], msg["cid"])
+        elif kind == "close":
+            self._close_pipe(conn, msg["cid"], "closed")
+        elif kind == "watch":
+            self._watch(conn, msg["ids"])
+        elif kind == "post":
+            await self._post(conn, msg["to"], msg["id"], msg["data"])
+        elif kind == "ack":
+            assert conn.device is not None
+            acked = await trio.to_thread.run_sync(self.mailbox.ack, conn.device, msg["ids"])
+            self.stats.mail_acked += acked
+        else:  # "auth" again
+            raise _Violation(POLICY, f"unexpected {kind} after auth")
+
+    # ---- presence -------------------------------------------------------------------
+
+    def _register(self, conn: _Conn, device: str) -> None:
+        conn.device = device
+        self.stats.authenticated += 1
+        conns = self.devices.setdefault(device, [])
+        conns.append(conn)
+        log.debug("authenticated %s", conn)
+        if len(conns) == 1:
+            self._announce(device, online=True)
+        while len(conns) > self.limits.connections_per_device:
+            oldest = conns.pop(0)
+            oldest.kick(POLICY, "replaced by a newer connection of the same device")
+
+    def _unregister(self, conn: _Conn) -> None:
+        """Forget a connection that ended (idempotent)."""
+        conn.out.abort()
+        for device in conn.watching:
+            watchers = self.watchers.get(device)
+            if watchers is not None:
+                watchers.discard(conn)
+                if not watchers:
+                    del self.watchers[device]
+        conn.watching = ()
+        for other, other_cid in conn.pipes.values():
+            if other.pipes.pop(other_cid, None) is not None:
+                other.tell(encode_server("closed", cid=other_cid, code="gone"))
+        conn.pipes.clear()
+        device = conn.device
+        if device is not None and conn in self.devices.get(device, ()):
+            self.devices[device].remove(conn)
+            if not self.devices[device]:
+                del self.devices[device]
+                self._announce(device, online=False)
+
+    def _announce(self, device: str, *, online: bool) -> None:
+        message = encode_server("presence", id=device, online=online)
+        for watcher in list(self.watchers.get(device, ())):
+            watcher.tell(message)
+
+    def _watch(self, conn: _Conn, ids: list[str]) -> None:
+        for device in conn.watching:
+            self.watchers.get(device, set()).discard(conn)
+            if not self.watchers.get(device, True):
+                del self.watchers[device]
+        conn.watching = tuple(ids)
+        for device in ids:
+            self.watchers.setdefault(device, set()).add(conn)
+            conn.tell(encode_server("presence", id=device, online=device in self.devices))
+
+    # ---- pipes ----------------------------------------------------------------------
+
+    def _open(self, conn: _Conn, to: str, cid: int) -> None:
+        if cid in conn.pipes:
+            raise _Violation(POLICY, f"pipe {cid} is already open")
+        refusal = None
+        targets = self.devices.get(to)
+        if to == conn.device:
+            refusal = "self"
+        elif len(conn.pipes) >= self.limits.max_pipes:
+            refusal = "too_many"
+        elif not targets:
+            refusal = "offline"
+        elif len(targets[-1].pipes) >= self.limits.max_pipes or targets[-1].next_cid > MAX_CID:
+            refusal = "busy"
+        if refusal is not None or not targets:
+            conn.tell(encode_server("closed", cid=cid, code=refusal or "offline"))
+            return
+        target = targets[-1]  # the newest connection of that device
+        their_cid = target.next_cid
+        target.next_cid += 1
+        conn.pipes[cid] = (target, their_cid)
+        target.pipes[their_cid] = (conn, cid)
+        assert conn.device is not None
+        self.stats.pipes_opened += 1
+        target.tell(encode_server("open", **{"from": conn.device, "cid": their_cid}))
+        conn.tell(encode_server("opened", cid=cid))
+
+    def _close_pipe(self, conn: _Conn, cid: int, code: str) -> None:
+        end = conn.pipes.pop(cid, None)
+        if end is None:
+            return  # already closed by the other end: the messages crossed
+        other, other_cid = end
+        if other.pipes.pop(other_cid, None) is not None:
+            other.tell(encode_server("closed", cid=other_cid, code=code))
+
+    async def _data(self, conn: _Conn, cid: int, data: bytes, more: bool) -> None:
+        end = conn.pipes.get(cid)
+        if end is None:
+            return  # the pipe closed while this chunk was on its way: drop it
+        other, other_cid = end
+        message = encode_server("data", cid=other_cid, data=data, more=more)
+        with trio.move_on_after(self.limits.slow_timeout) as timer:
+            await other.out.put(message)
+        if timer.cancelled_caught:
+            other.kick(POLICY, f"too slow: its queue stayed full for {self.limits.slow_timeout}s")
+            return
+        self.stats.chunks_relayed += 1
+        self.stats.bytes_relayed += len(data)
+
+    # ---- mailbox --------------------------------------------------------------------
+
+    async def _post(self, conn: _Conn, to: str, mail_id: bytes, data: bytes) -> None:
+        assert conn.device is not None
+        code = await trio.to_thread.run_sync(
+            self.mailbox.post, to, conn.device, mail_id, data, time.time()
+        )
+        if code == "posted":
+            self.stats.mail_posted += 1
+            conn.tell(encode_server("posted", id=mail_id))
+            for recipient in self.devices.get(to, ()):
+                recipient.mail_event.set()
+        else:
+            self.stats.mail_refused += 1
+            log.info("refused mail from %s to %s: %s", conn.device, to, code)
+            conn.tell(encode_server("error", id=mail_id, code=code))
+
+    async def _mail_pump(self, conn: _Conn) -> None:
+        """Send the device its mail: what waits now, then what arrives while connected."""
+        device = conn.device
+        assert device is not None
+        last = 0
+        while True:
+            event = conn.mail_event = trio.Event()
+            items = await trio.to_thread.run_sync(
+                self.mailbox.fetch, device, last, MAIL_PAGE, time.time()
+            )
+            for item in items:
+                message = encode_server("mail", id=item.id, data=item.data, **{"from": item.sender})
+                if not await conn.out.put(message):
+                    return
+                last = item.seq
+                self.stats.mail_delivered += 1
+            if len(items) < MAIL_PAGE:
+                await event.wait()
+
+    async def purge_loop(self) -> None:
+        """Delete expired mail now and then (also done once when the relay starts)."""
+        interval = min(self.limits.purge_interval, self.limits.mail_ttl / 4)
+        while True:
+            await trio.sleep(interval)
+            try:
+                purged = await trio.to_thread.run_sync(self.mailbox.purge, time.time())
+            except StoreError as exc:
+                log.error("purging expired mail failed: %s", exc)
+                continue
+            self.stats.mail_purged += purged
+            if purged:
+                log.info("purged %d expired mail items", purged)
+
+
+def _format_remote(endpoint: Endpoint | str) -> str:
+    if isinstance(endpoint, Endpoint):
+        host = str(endpoint.address)
+        return f"[{host}]:{endpoint.port}" if ":" in host else f"{host}:{endpoint.port}"
+    return str(endpoint)
+
+
+def default_url(host: str, port: int) -> str:
+    """``ws://host:port`` (brackets around an IPv6 host)."""
+    return f"ws://[{host}]:{port}" if ":" in host else f"ws://{host}:{port}"
+
+
+async def serve_relay(
+    host: str,
+    port: int,
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    relay_id: str | None = None,
+    limits: Limits = Limits(),  # noqa: B008 (frozen, so one shared default is safe)
+    task_status: trio.TaskStatus[RelayServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a relay on ``host:port`` (port 0 picks one) until cancelled.
+
+    Start it with ``server = await nursery.start(serve_relay, ...)``: once it accepts
+    connections, ``server.port`` and ``server.url`` say where. Mail lives in
+    ``data_dir/relay.db`` (created, mode 0700); without ``data_dir`` it is kept in memory
+    only and lost when the relay stops. ``relay_id`` is the name devices sign when they
+    authenticate and must be the URL clients use to reach the relay; by default it is
+    ``ws://host:port`` as bound, which is right unless the relay listens on a wildcard
+    address or sits behind a proxy.
+
+    Raises RelayError if it cannot listen or a limit is invalid, StoreError if the
+    mailbox file is unusable.
+    """
+    limits.check()
+    path: Path | None = None
+    if data_dir is not None:
+        path = Path(data_dir)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = path / FILE_NAME
+    mailbox = await trio.to_thread.run_sync(Mailbox, path, limits.quota(), time.time())
+    try:
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            reason = "address in use" if exc.errno == errno.EADDRINUSE else str(exc)
+            raise RelayError(f"cannot listen on {host}:{port}: {reason}") from exc
+        bound = listeners[0].socket.getsockname()[1]
+        url = default_url(host, bound)
+        if relay_id is None and host in ("0.0.0.0", "::", ""):
+            log.warning(
+                "listening on a wildcard address: clients will refuse relay id %s;"
+                " pass the URL clients use as the relay id (--id)",
+                url,
+            )
+        server = RelayServer(mailbox, limits, relay_id or url, url)
+        server.port = bound
+        ws_server = WebSocketServer(
+            server.handle,
+            listeners,
+            max_message_size=limits.max_message,
+            connect_timeout=limits.auth_timeout,
+            disconnect_timeout=CLOSE_TIMEOUT,
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(ws_server.run)
+            nursery.start_soon(server.purge_loop)
+            log.info("relay %s listening on %s, mail in %s", server.relay_id, url, mailbox.path)
+            task_status.started(server)
+    finally:
+        mailbox.close()
