@@ -28,11 +28,14 @@ from p2p.errors import (
     WireError,
 )
 from p2p.identity import (
+    LEASE_MS,
     AccountKey,
     DeviceEntry,
     DeviceKeys,
     DeviceList,
     accept_device_list,
+    check_lease,
+    issue_lease,
     parse_device_list,
 )
 from p2p.model import Entry, Kind, Replica, new_id
@@ -89,6 +92,8 @@ class Enrollment:
     device_list: bytes
     spaces: list[tuple[str, str, str, int, dict[int, bytes], bytes]]
     """(space id, kind, name, epoch, epoch -> key, full-state update)."""
+    lease: bytes = b""
+    """The new companion's first lease (see ``identity.issue_lease``)."""
 
 
 class DeviceState:
@@ -112,6 +117,8 @@ class DeviceState:
         self.replay: dict[str, envelope.ReplayWindow] = {}
         self.clock = HybridClock()
         self.unsaved = WriteBatch()
+        self.lease = b""
+        """A companion's latest lease from its primary, shown to peers at handshakes."""
 
     # ---- identity ------------------------------------------------------------------
 
@@ -176,7 +183,8 @@ class DeviceState:
         if keys.device_id not in device_list.ids:
             raise DeviceListError("the enrollment's device list does not hold this device")
         state = cls(keys=keys, name=name, device_list=device_list)
-        batches = [state._identity_batch()]
+        state.lease = bundle.lease
+        batches = [state._identity_batch(), WriteBatch(records={"device/lease": bundle.lease})]
         for space_id, kind, space_name, epoch, space_keys, update in bundle.spaces:
             if kind not in ("account", "chat"):
                 raise DeviceListError(f"enrollment names an unknown space kind {kind!r}")
@@ -199,7 +207,23 @@ class DeviceState:
             )
         )
 
-    def enroll_public(self, entry: DeviceEntry) -> tuple[Enrollment, WriteBatch]:
+    def issue_lease(self, device_id: str, now_ms: int | None) -> bytes:
+        """Primary only: a lease for a companion, running LEASE_MS from ``now_ms``
+        (None: one that does not run out, for devices provisioned in memory by tests)."""
+        if self.account_key is None:
+            raise DeviceListError("only the primary issues leases")
+        expires = 2**62 if now_ms is None else now_ms + LEASE_MS
+        return issue_lease(self.account_key, device_id, expires)
+
+    def accept_lease(self, data: bytes, now_ms: int) -> WriteBatch:
+        """Companion: keep a renewed lease from the primary (LeaseExpired if invalid)."""
+        check_lease(data, self.device_list.account_pk, self.device_id, now_ms)
+        self.lease = data
+        return WriteBatch(records={"device/lease": data})
+
+    def enroll_public(
+        self, entry: DeviceEntry, *, now_ms: int | None = None
+    ) -> tuple[Enrollment, WriteBatch]:
         """Primary only: :meth:`enroll` knowing only the new device's public keys (again
         for a device already on the list: a link resumed after a drop)."""
         if self.account_key is None:
@@ -207,6 +231,7 @@ class DeviceState:
         if entry.device_id not in self.device_list.ids:
             self.device_list = self.device_list.with_device(self.account_key, entry, self._grant)
         bundle = Enrollment(
+            lease=self.issue_lease(entry.device_id, now_ms),
             account_pk=self.device_list.account_pk,
             device_list=self.device_list.encode(),
             spaces=[
@@ -339,6 +364,7 @@ class DeviceState:
             state.counter = state.counter_reserved = (
                 unpack(reserved, what="counter") if reserved else 0
             )
+            state.lease = store.get("device/lease") or b""
             last = store.get("clock")
             if last:
                 state.clock = HybridClock(last.decode())

@@ -91,6 +91,14 @@ class TooManyDevices(DeviceListError):
     """A device list with more companions than the account allows."""
 
 
+class LeaseExpired(CryptoError):
+    """A companion whose lease from the primary ran out (or that never had one)."""
+
+    def __init__(self, device: str, reason: str) -> None:
+        super().__init__(f"companion {device} is not accepted: {reason}")
+        self.device = device
+
+
 class UnknownDevice(CryptoError):
     """A device that is not on the account's signed device list."""
 

@@ -25,6 +25,7 @@ from nacl.signing import SigningKey, VerifyKey
 from p2p.errors import (
     BadSignature,
     DeviceListError,
+    LeaseExpired,
     MalformedFrame,
     RemovedDevice,
     RollbackRefused,
@@ -355,6 +356,32 @@ class DeviceList:
         if decoded._body() != body_bytes:
             raise MalformedFrame("device list is not in canonical form")
         return decoded
+
+
+DOMAIN_LEASE: Final = b"p2p/lease/v1\x00"
+LEASE_MS: Final = 14 * 24 * 3600 * 1000
+"""How long a companion stays accepted after its last contact with the primary."""
+
+
+def issue_lease(account: AccountKey, device_id: str, expires_ms: int) -> bytes:
+    """The primary's word that ``device_id`` is in good standing until ``expires_ms``."""
+    body = pack([device_id, expires_ms])
+    return pack([body, account.sign(DOMAIN_LEASE, body)])
+
+
+def check_lease(data: bytes, account_pk: bytes, device_id: str, now_ms: int) -> int:
+    """The lease's expiry, if it is the account's and still runs; LeaseExpired if not."""
+    try:
+        body, signature = unpack(data, what="lease", max_size=256)
+        leased, expires_ms = unpack(body, what="lease body", max_size=256)
+        verify(account_pk, DOMAIN_LEASE, body, signature)
+    except (WireError, BadSignature, ValueError, TypeError) as exc:
+        raise LeaseExpired(device_id, "no valid lease from the primary") from exc
+    if leased != device_id or type(expires_ms) is not int:
+        raise LeaseExpired(device_id, "the lease names another device")
+    if expires_ms <= now_ms:
+        raise LeaseExpired(device_id, "its lease expired: it has not met the primary in time")
+    return expires_ms
 
 
 def accept_device_list(current: DeviceList, offered: DeviceList) -> DeviceList:

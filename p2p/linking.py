@@ -109,6 +109,7 @@ async def approve(
     confirm: Callable[[str], Awaitable[bool]],
     persist: Callable[[WriteBatch], Awaitable[None]],
     history: Callable[[str], Awaitable[bytes]],
+    now_ms: int,
     progress: Progress = lambda done, total: None,
 ) -> Linked:
     """Primary side. ``confirm(check)`` decides (a person comparing screens, or a script);
@@ -142,7 +143,7 @@ async def approve(
     have = _parse_have(_expect(await _receive(conn, box, code.device_id), "lhave")["have"])
 
     entry = DeviceEntry(name=code.name, role="companion", sign_pk=code.sign_pk, box_pk=code.box_pk)
-    bundle, batch = state.enroll_public(entry)
+    bundle, batch = state.enroll_public(entry, now_ms=now_ms)
     await persist(batch)
     blobs = {space_id: await history(space_id) for space_id, *_ in bundle.spaces}
     sizes = {s: [_digest(b), len(b)] for s, b in blobs.items()}
@@ -152,7 +153,13 @@ async def approve(
     ]
     await conn.send(
         box.seal(
-            encode_frame("enroll", list=bundle.device_list, keys=pack(keys), sizes=pack(sizes))
+            encode_frame(
+                "enroll",
+                list=bundle.device_list,
+                keys=pack(keys),
+                sizes=pack(sizes),
+                lease=bundle.lease,
+            )
         )
     )
     total = sum(len(b) for b in blobs.values())
@@ -304,6 +311,7 @@ async def accept(
             raise HandshakeFailed(f"history of space {space_id} does not match its hash")
         histories[space_id] = blob
     bundle = Enrollment(
+        lease=enroll["lease"],
         account_pk=device_list.account_pk,
         device_list=device_list.encode(),
         spaces=[
@@ -397,7 +405,14 @@ async def approve_code(
 
     try:
         linked = await approve(
-            state, code, conn, confirm=confirm, persist=write, history=history, progress=progress
+            state,
+            code,
+            conn,
+            confirm=confirm,
+            persist=write,
+            history=history,
+            now_ms=now_s * 1000,
+            progress=progress,
         )
     finally:
         await conn.aclose()

@@ -45,7 +45,17 @@ from p2p.linking import Linked, approve_code
 from p2p.model import MAX_BODY, Message
 from p2p.storage.base import Store, WriteBatch
 from p2p.storage.memory import MemoryStore
-from p2p.sync import Authenticated, Closed, DeviceListIn, EnvelopeIn, Output, Send, Session, State
+from p2p.sync import (
+    Authenticated,
+    Closed,
+    DeviceListIn,
+    EnvelopeIn,
+    LeaseIn,
+    Output,
+    Send,
+    Session,
+    State,
+)
 from p2p.transport.base import Connection, ConnectionClosed, TransportError
 from p2p.transport.base import Transport as TransportT
 from p2p.wire import MAX_FRAME
@@ -387,7 +397,9 @@ class Node:
     async def _run_connection(self, conn: Connection, *, initiator: bool) -> str | None:
         """Drive one session over ``conn`` until it ends; returns the peer's device id if
         the session was dropped as a duplicate of another connection to that device."""
-        session = Session(self.state, initiator=initiator, now=trio.current_time())
+        session = Session(
+            self.state, initiator=initiator, now=trio.current_time(), wall_ms=self._wall_ms()
+        )
         send_q, recv_q = trio.open_memory_channel[bytes](SEND_QUEUE)
         peer = _Peer(session, send_q, conn.remote, trio.current_time())
         duplicate: str | None = None
@@ -452,6 +464,11 @@ class Node:
                 self._on_authenticated(peer, out.device)
             elif isinstance(out, DeviceListIn):
                 self._adopt_device_list(peer, out.data)
+            elif isinstance(out, LeaseIn):
+                try:
+                    self._queue_write(self.state.accept_lease(out.data, self._wall_ms()))
+                except P2PError as exc:
+                    self._carry_out(peer, peer.session.close(exc))
             elif isinstance(out, Closed):
                 alive = False
                 self._on_closed(peer, out.error)

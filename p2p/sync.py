@@ -18,6 +18,8 @@ States and the rules they keep::
             ``sv`` -> reply ``env`` with exactly what the peer lacks (nothing if level);
             ``env`` -> :class:`EnvelopeIn` for the caller to verify and apply;
             ``list`` -> :class:`DeviceListIn` (a newer device list, gossiped);
+            ``lease`` -> :class:`LeaseIn` (the primary renews a companion's lease, which
+            the primary sends right after authenticating a companion);
             ``ping`` -> ``pong``; ``bye`` -> closed.
     CLOSED  everything is ignored.
 
@@ -45,7 +47,7 @@ from p2p.errors import (
     ProtocolError,
     WireError,
 )
-from p2p.identity import DeviceKeys, DeviceList, verify
+from p2p.identity import DeviceKeys, DeviceList, check_lease, verify
 from p2p.model import covers
 from p2p.wire import decode_frame, encode_frame
 
@@ -61,6 +63,12 @@ class Replicas(Protocol):
 
     keys: DeviceKeys
     device_list: DeviceList
+    lease: bytes
+
+    @property
+    def is_primary(self) -> bool: ...
+
+    def issue_lease(self, device_id: str, now_ms: int | None) -> bytes: ...
 
     def spaces_for(self, device_id: str) -> list[str]: ...
 
@@ -103,13 +111,20 @@ class EnvelopeIn:
 
 
 @dataclass(frozen=True)
+class LeaseIn:
+    """The primary renewed our lease; keep it (``DeviceState.accept_lease``)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
 class Closed:
     """The session is over; close the connection. ``error`` is None for a clean bye."""
 
     error: P2PError | None
 
 
-Output = Send | Authenticated | DeviceListIn | EnvelopeIn | Closed
+Output = Send | Authenticated | DeviceListIn | EnvelopeIn | LeaseIn | Closed
 
 
 class State(Enum):
@@ -140,6 +155,8 @@ class Session:
     local: Replicas
     initiator: bool
     now: float
+    wall_ms: int = 0
+    """Wall-clock time at the handshake, to judge leases (0: leases never run out)."""
     state: State = State.HELLO
     peer: str | None = None
     stats: Stats = field(default_factory=Stats)
@@ -149,6 +166,7 @@ class Session:
     _hello_in: bytes = b""
     _peer_sign_pk: bytes = b""
     _box: Box | None = None
+    _peer_is_companion: bool = False
     _started: float = 0.0
     _last_in: float = 0.0
     _last_out: float = 0.0
@@ -162,6 +180,7 @@ class Session:
             list=self.local.device_list.encode(),
             eph=bytes(self._eph.public_key),
             nonce=self._nonce,
+            lease=self.local.lease,
         )
         return [self._send_raw(self._hello_out)]
 
@@ -252,6 +271,11 @@ class Session:
         entry = newest.entry(peer)  # UnknownDevice / RemovedDevice
         if peer == self.local.keys.device_id:
             raise HandshakeFailed("connected to ourselves")
+        if entry.role == "companion" and not self.local.is_primary:
+            # companions accept each other only while the primary vouches for them;
+            # the primary itself always answers, to renew
+            check_lease(frame["lease"], ours.account_pk, peer, self.wall_ms)
+        self._peer_is_companion = entry.role == "companion"
         self.peer = peer
         self._peer_sign_pk = entry.sign_pk
         self._hello_in = data
@@ -285,6 +309,9 @@ class Session:
         self.state = State.OPEN
         assert self.peer is not None
         out: list[Output] = [Authenticated(self.peer)]
+        if self.local.is_primary and self._peer_is_companion:
+            lease = self.local.issue_lease(self.peer, self.wall_ms or None)
+            out.append(self._send_boxed(encode_frame("lease", l=lease)))
         for space_id in self.local.spaces_for(self.peer):
             sv = self.local.state_vector(space_id)
             out.append(self._send_boxed(encode_frame("sv", s=space_id, sv=sv)))
@@ -302,6 +329,8 @@ class Session:
             return self._on_state_vector(frame["s"], frame["sv"])
         if kind == "list":
             return [DeviceListIn(frame["l"])]
+        if kind == "lease":
+            return [LeaseIn(frame["l"])]
         if kind == "ping":
             return [self._send_boxed(encode_frame("pong", n=frame["n"]))]
         if kind == "pong":

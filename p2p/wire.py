@@ -48,6 +48,7 @@ SCHEMA: Final[dict[str, dict[str, Field]]] = {
         "list": Field(_B, 64 * KiB),  # sender's signed device list (identity.DeviceList)
         "eph": Field(_B, 32),  # ephemeral X25519 public key for this session
         "nonce": Field(_B, 32),  # fresh random bytes, bind the transcript to this session
+        "lease": Field(_B, 256),  # a companion's lease from the primary (empty otherwise)
     },
     "auth": {
         "sig": Field(_B, 64),  # device signature over the handshake transcript
@@ -70,6 +71,7 @@ SCHEMA: Final[dict[str, dict[str, Field]]] = {
         "list": Field(_B, 64 * KiB),  # the signed device list that includes the new device
         "keys": Field(_B, 1024 * KiB),  # every space: id, kind, name, epoch, epoch keys
         "sizes": Field(_B, 64 * KiB),  # every space: history hash and size in bytes
+        "lease": Field(_B, 256),  # the new companion's first lease
     },
     "chunk": {
         "s": Field(_S, MAX_ID),
@@ -89,6 +91,7 @@ SCHEMA: Final[dict[str, dict[str, Field]]] = {
     "list": {
         "l": Field(_B, 64 * KiB),  # a newer signed device list, gossiped
     },
+    "lease": {"l": Field(_B, 256)},  # primary -> companion: a renewed lease
     "ping": {"n": Field(_I, 2**63 - 1)},
     "pong": {"n": Field(_I, 2**63 - 1)},
     "bye": {"code": Field(_S, 64)},

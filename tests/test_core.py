@@ -36,3 +36,50 @@ def test_a_reload_restores_spaces_keys_and_history() -> None:
     assert again.space(chat).keys == created.space(chat).keys
     shown, _ = again.space(chat).replica.view(again.any_signing_key, again.account_of)
     assert [m.text for m in shown] == ["hello"]
+
+
+def test_a_companion_out_of_touch_with_the_primary_is_refused_until_renewed() -> None:
+    from p2p.errors import LeaseExpired
+    from p2p.identity import LEASE_MS, DeviceEntry, DeviceKeys
+    from p2p.sync import Closed, LeaseIn, Send, Session
+
+    day = 24 * 3600 * 1000
+    phone, _ = DeviceState.create_account("phone")
+    companions = []
+    for name in ("laptop", "tablet"):
+        keys = DeviceKeys.generate()
+        entry = DeviceEntry(name=name, role="companion", sign_pk=keys.sign_pk, box_pk=keys.box_pk)
+        bundle, _ = phone.enroll_public(entry, now_ms=0)
+        companions.append(DeviceState.from_enrollment(keys, name, bundle)[0])
+    laptop, tablet = companions
+    laptop.offer_device_list(phone.device_list.encode())
+
+    def meet(a: DeviceState, b: DeviceState, wall_ms: int) -> list[object]:
+        """Run a handshake; return what each side ended with (errors and leases)."""
+        sa = Session(local=a, initiator=True, now=0.0, wall_ms=wall_ms)
+        sb = Session(local=b, initiator=False, now=0.0, wall_ms=wall_ms)
+        # (session that produced it, output)
+        flights = [(sa, o) for o in sa.start()] + [(sb, o) for o in sb.start()]
+        seen: list[object] = []
+        while flights:
+            source, out = flights.pop(0)
+            if isinstance(out, Send):
+                peer = sb if source is sa else sa
+                flights += [(peer, o) for o in peer.receive(out.data, 0.0)]
+            elif isinstance(out, LeaseIn):
+                (a if source is sa else b).accept_lease(out.data, wall_ms)
+                seen.append(out)
+            elif isinstance(out, Closed) and out.error is not None:
+                seen.append(out.error)
+        return seen
+
+    assert meet(laptop, tablet, 13 * day) == []  # both leases still run
+    late = LEASE_MS + day
+    refused = meet(laptop, tablet, late)
+    assert any(isinstance(e, LeaseExpired) for e in refused)
+    renewed = meet(laptop, phone, late)  # the primary always answers, and renews
+    assert any(isinstance(e, LeaseIn) for e in renewed)
+    still = meet(tablet, laptop, late)  # the laptop is fine now, the tablet is not
+    assert LeaseExpired in {type(e) for e in still}  # the laptop refuses the tablet
+    meet(tablet, phone, late)
+    assert meet(laptop, tablet, late) == []

@@ -36,6 +36,7 @@ from p2p.sync import (
     Closed,
     DeviceListIn,
     EnvelopeIn,
+    LeaseIn,
     Output,
     Send,
     Session,
@@ -121,6 +122,7 @@ class Peer:
     received: list[bytes] = field(default_factory=list)
     authenticated: list[str] = field(default_factory=list)
     lists_in: list[bytes] = field(default_factory=list)
+    leases_in: list[bytes] = field(default_factory=list)
     envelopes_in: list[bytes] = field(default_factory=list)
     ingested: list[Ingested] = field(default_factory=list)
     ingest_errors: list[P2PError] = field(default_factory=list)
@@ -172,6 +174,9 @@ class Link:
                     src.ingested.append(src.state.ingest(out.data))
                 except P2PError as exc:
                     src.ingest_errors.append(exc)
+            elif isinstance(out, LeaseIn):
+                src.state.accept_lease(out.data, 0)
+                src.leases_in.append(out.data)
             elif isinstance(out, Closed):
                 src.closed.append(out)
             else:  # pragma: no cover
@@ -250,8 +255,9 @@ def test_divergent_replicas_level_in_one_round_trip() -> None:
     while link.in_flight:
         sync_flights.append(link.flight())
     # one round trip after the handshake: a flight of state vectors (one per shared space,
-    # each way), then a flight of the missing updates (phone: 2 spaces, laptop: 1), done.
-    assert sync_flights == [2 + 2, 2 + 1]
+    # each way, plus the phone's lease renewal for the laptop), then a flight of the
+    # missing updates (phone: 2 spaces, laptop: 1), done.
+    assert sync_flights == [2 + 2 + 1, 2 + 1]
     assert link.a.session.stats.sv_in == link.b.session.stats.sv_in == 2
     assert link.a.session.stats.envelopes_in == 1
     assert link.b.session.stats.envelopes_in == 2
@@ -533,11 +539,11 @@ def test_tampered_boxed_frame_is_decryption_failed(which: str) -> None:
         write(phone, notes(phone), 5, "phone")
         return phone, laptop
 
-    # frames the laptop receives: hello, auth, sv (account), sv (notes), env (notes)
-    index = 2 if which == "sv" else 4
+    # frames the laptop receives: hello, auth, lease, sv (account), sv (notes), env (notes)
+    index = 3 if which == "sv" else 5
     probe = Link(*accounts()).connect()
     probe.run()
-    assert len(probe.b.received) == 5
+    assert len(probe.b.received) == 6
     assert len(probe.b.envelopes_in) == 1
     length = len(probe.b.received[index])
     for pos in range(0, length, max(1, length // 40)):
@@ -574,10 +580,10 @@ def test_replayed_boxed_frame_is_decryption_failed() -> None:
 def test_reordered_boxed_frames_are_decryption_failed() -> None:
     phone, [laptop] = new_account("laptop")
     link = Link(phone, laptop).connect()
-    # swap the two state vectors in flight to the laptop
+    # swap two boxed frames in flight to the laptop (the lease and the first state vector)
     to_b = [(d, x) for d, x in link.in_flight if d is link.b]
-    assert len(to_b) == 2
-    link.in_flight = [to_b[1], to_b[0]]
+    assert len(to_b) == 3
+    link.in_flight = [to_b[1], to_b[0], to_b[2]]
     link.flight()
     assert type(link.b.error) is DecryptionFailed
 
