@@ -116,6 +116,7 @@ class Node:
         self._reported: set[tuple[str, str]] = set()
         self._unobserved: set[str] = set()
         self._known_devices = set(state.device_list.ids)
+        self._closed_stats = {"bytes_out": 0, "bytes_in": 0, "frames_out": 0, "frames_in": 0}
         """Spaces changed by peers since our clock last saw their timestamps."""
         self._closed = False
         self._found_send, self._found_receive = trio.open_memory_channel[Found](64)
@@ -206,6 +207,17 @@ class Node:
             ],
             "pending_writes": len(self._writes),
             "pending_gossip": sum(len(v) for v in self._outbox.values()),
+            "traffic": self.traffic(),
+        }
+
+    def traffic(self) -> dict[str, int]:
+        """Bytes and frames this node sent and received over all its sessions so far."""
+        live = [p.session.stats for p in self._peers.values()]
+        return {
+            "bytes_out": self._closed_stats["bytes_out"] + sum(s.bytes_out for s in live),
+            "bytes_in": self._closed_stats["bytes_in"] + sum(s.bytes_in for s in live),
+            "frames_out": self._closed_stats["frames_out"] + sum(s.frames_out for s in live),
+            "frames_in": self._closed_stats["frames_in"] + sum(s.frames_in for s in live),
         }
 
     async def events(self) -> AsyncIterator[ev.Event]:
@@ -427,6 +439,8 @@ class Node:
                     await self._write_backpressure()
                 send_q.close()  # let the pump flush what is queued, then end
         finally:
+            for key in self._closed_stats:  # live sessions are summed in traffic()
+                self._closed_stats[key] += getattr(session.stats, key)
             if session.peer is not None and self._peers.get(session.peer) is peer:
                 del self._peers[session.peer]
                 self._peers_changed.set()
