@@ -37,13 +37,14 @@ def log(home: Path, chat: str | None = None) -> list[dict[str, Any]]:
 class Node:
     """A ``p2p run --json`` process; its events are read on a thread into a queue."""
 
-    def __init__(self, home: Path, *args: str) -> None:
+    def __init__(self, home: Path, *args: str, prefix: tuple[str, ...] = ()) -> None:
+        """``prefix`` runs the node under another command (``ip netns exec NS``)."""
         self.home = home
         self.args = args
         self.events: list[dict[str, Any]] = []
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.proc = subprocess.Popen(
-            [*P2P, "--home", str(home), "run", "--json", *args],
+            [*prefix, *P2P, "--home", str(home), "run", "--json", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -172,3 +172,51 @@ def test_one_node_per_home_and_clean_shutdown(tmp_path: Path, nodes: list[Node])
     assert first.stop() == 0
     assert not (home / "control.sock").exists()
     assert json.loads(p2p(home, "status", "--json").stdout)["running"] is False
+
+
+def test_nodes_find_each_other_by_mdns_on_loopback(tmp_path: Path, nodes: list[Node]) -> None:
+    homes = [tmp_path / n for n in ("phone", "laptop", "desktop")]
+    devices = provision_homes(homes)
+    for home in homes:  # no --peer: mDNS, bound to loopback, is the only way to meet
+        nodes.append(Node(home, "--listen", "127.0.0.1:0", "--mdns-interface", "127.0.0.1"))
+    for node, device in zip(nodes, devices, strict=True):
+        for other in devices:
+            if other != device:
+                node.wait_for("peer_connected", device=other, timeout=30)
+    for home in homes:
+        p2p(home, "send", f"hello from {home.name}")
+    wait_until(lambda: all(len(log(h)) == 3 for h in homes), timeout=20)
+    assert log(homes[0]) == log(homes[1]) == log(homes[2])
+    status = json.loads(p2p(homes[0], "status", "--json").stdout)
+    dialed = [p for p in status["peers"] if p["found_via"] != "incoming"]
+    assert all(p["found_via"] == "mdns" for p in dialed)
+
+
+def test_nodes_find_each_other_by_mdns_across_network_namespaces(
+    tmp_path: Path, nodes: list[Node]
+) -> None:
+    from netns import make_namespaces
+
+    spaces = make_namespaces(3)
+    namespaces = next(spaces)
+    try:
+        homes = [tmp_path / n for n in ("phone", "laptop", "desktop")]
+        devices = provision_homes(homes)
+        for i, (home, address) in enumerate(zip(homes, namespaces.addresses, strict=True)):
+            prefix = (namespaces.ip, "netns", "exec", namespaces.nodes[i])
+            # the last node uses every interface, as on a real LAN: here only its veth
+            mdns = [] if i == 2 else ["--mdns-interface", address]
+            nodes.append(Node(home, "--listen", f"{address}:0", *mdns, prefix=prefix))
+        for node, device in zip(nodes, devices, strict=True):
+            for other in devices:
+                if other != device:
+                    node.wait_for("peer_connected", device=other, timeout=30)
+        for home in homes:  # the control socket is a file: reachable from here
+            p2p(home, "send", f"hello from {home.name}")
+        wait_until(lambda: all(len(log(h)) == 3 for h in homes), timeout=20)
+        assert log(homes[0]) == log(homes[1]) == log(homes[2])
+    finally:
+        while nodes:
+            nodes.pop().stop()
+        for _ in spaces:  # runs the generator's cleanup (namespaces deleted, checked)
+            pass
