@@ -250,6 +250,24 @@ def cmd_approve(args: argparse.Namespace) -> int:
 
 def cmd_unlink(args: argparse.Namespace) -> int:
     home = _home(args)
+    if args.self:
+        if args.device:
+            print("p2p: give a DEVICE or --self, not both", file=sys.stderr)
+            return 2
+        if control.request(home, {"op": "leave"}) is None:
+
+            async def leave() -> None:
+                async with open_node(home) as node:
+                    await node.leave()
+
+            trio.run(leave)
+            print("asked to be unlinked: the request goes to the primary at the next meeting")
+        else:
+            print("asked the primary to unlink this device")
+        return 0
+    if not args.device:
+        print("p2p: unlink needs a DEVICE id (or --self on a companion)", file=sys.stderr)
+        return 2
     reply = control.request(home, {"op": "unlink", "device": args.device})
     if reply is None:
 
@@ -330,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", help="the check code the new device shows")
     p.add_argument("--connect", help="HOST:PORT to reach the new device (overrides the code)")
     p = add("unlink", cmd_unlink, "primary: remove a device and rotate keys")
-    p.add_argument("device", help="device id")
+    p.add_argument("device", nargs="?", help="device id")
+    p.add_argument("--self", action="store_true", help="companion: ask the primary to unlink us")
     add("status", cmd_status, "this device, its peers, its spaces")
     p = add("run", cmd_run, "run the node until SIGINT/SIGTERM")
     p.add_argument("--listen", default="0.0.0.0:0", help="HOST:PORT to accept peers on")

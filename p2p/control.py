@@ -65,6 +65,9 @@ async def _handle(node: Node, request: object) -> dict[str, Any]:
 
         linked = await node.approve(code, confirm=confirm, connect=request.get("connect"))
         return {"device": linked.device, "name": linked.name}
+    if op == "leave":
+        await node.leave()
+        return {}
     if op == "unlink":
         device = request.get("device")
         if not isinstance(device, str):

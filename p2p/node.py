@@ -51,6 +51,7 @@ from p2p.sync import (
     DeviceListIn,
     EnvelopeIn,
     LeaseIn,
+    LeaveRequested,
     Output,
     Send,
     Session,
@@ -116,6 +117,8 @@ class Node:
         self._reported: set[tuple[str, str]] = set()
         self._unobserved: set[str] = set()
         self._known_devices = set(state.device_list.ids)
+        self._leaving = False
+        """Set once ``leave`` was asked for (kept in the store until the primary acts)."""
         self._closed_stats = {"bytes_out": 0, "bytes_in": 0, "frames_out": 0, "frames_in": 0}
         """Spaces changed by peers since our clock last saw their timestamps."""
         self._closed = False
@@ -460,9 +463,16 @@ class Node:
             scope.cancel()
 
     def _carry_out(self, peer: _Peer, outputs: list[Output]) -> bool:
-        """Do what the session asked; False once the session is closed."""
+        """Do what the session asked; False once the session is closed.
+
+        Frames go out first, in the order the session sealed them: handling the other
+        outputs may make this session seal more (a leave request, a bye), and its box
+        numbers frames, so those must queue behind the ones already sealed.
+        """
         alive = True
-        for out in outputs:
+        ordered = [o for o in outputs if isinstance(o, Send)]
+        ordered += [o for o in outputs if not isinstance(o, Send)]
+        for out in ordered:
             if isinstance(out, Send):
                 try:
                     peer.queue.send_nowait(out.data)
@@ -478,6 +488,10 @@ class Node:
                 self._on_authenticated(peer, out.device)
             elif isinstance(out, DeviceListIn):
                 self._adopt_device_list(peer, out.data)
+            elif isinstance(out, LeaveRequested):
+                if self.state.is_primary and out.device in self.state.device_list.ids:
+                    log.info("device %s asked to be unlinked", out.device)
+                    self._nursery.start_soon(self.unlink, out.device)
             elif isinstance(out, LeaseIn):
                 try:
                     self._queue_write(self.state.accept_lease(out.data, self._wall_ms()))
@@ -497,6 +511,8 @@ class Node:
             self._carry_out(existing, existing.session.close())
         self._peers[device] = peer
         peer.since = trio.current_time()
+        if device == self.state.device_list.primary.device_id and self._leaving:
+            self._carry_out(peer, peer.session.send_leave())
         self._peers_changed.set()
         self._peers_changed = trio.Event()
         log.info("connected to %s via %s", device, peer.remote)
@@ -608,6 +624,17 @@ class Node:
         self._device_list_changed()
         return linked
 
+    async def leave(self) -> None:
+        """Companion: ask the primary to unlink this device, now if it is connected, else
+        at the next meeting (the request is kept in the store until then)."""
+        if self.state.is_primary:
+            raise NodeError("the primary cannot leave its own account")
+        await self._commit(WriteBatch(records={"leave/requested": b"1"}))
+        self._leaving = True
+        primary = self._peers.get(self.state.device_list.primary.device_id)
+        if primary is not None:
+            self._carry_out(primary, primary.session.send_leave())
+
     async def reload_device_list(self) -> None:
         """Adopt a newer list another process wrote to our store (``p2p approve``)."""
         data = await trio.to_thread.run_sync(self.store.get, "account/list")
@@ -681,6 +708,7 @@ async def open_node(
         try:
             async with trio.open_nursery() as nursery:
                 node = Node(state, the_store, nursery, transport=transport, wall_ms=wall_ms)
+                node._leaving = the_store.get("leave/requested") is not None
                 nursery.start_soon(node._writer)
                 nursery.start_soon(node._gossiper)
                 if transport is not None:

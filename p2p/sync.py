@@ -118,13 +118,20 @@ class LeaseIn:
 
 
 @dataclass(frozen=True)
+class LeaveRequested:
+    """The peer (a companion) asks to be unlinked (``p2p unlink --self``)."""
+
+    device: str
+
+
+@dataclass(frozen=True)
 class Closed:
     """The session is over; close the connection. ``error`` is None for a clean bye."""
 
     error: P2PError | None
 
 
-Output = Send | Authenticated | DeviceListIn | EnvelopeIn | LeaseIn | Closed
+Output = Send | Authenticated | DeviceListIn | EnvelopeIn | LeaseIn | LeaveRequested | Closed
 
 
 class State(Enum):
@@ -213,6 +220,12 @@ class Session:
         if self.state is not State.OPEN:
             return []
         return [self._send_boxed(encode_frame("list", l=data))]
+
+    def send_leave(self) -> list[Output]:
+        """Ask the peer (our primary) to unlink this device, if open."""
+        if self.state is not State.OPEN:
+            return []
+        return [self._send_boxed(encode_frame("leave", n=0))]
 
     def tick(self, now: float) -> list[Output]:
         """Let time pass: handshake timeout, keep-alive pings, idle timeout."""
@@ -331,6 +344,9 @@ class Session:
             return [DeviceListIn(frame["l"])]
         if kind == "lease":
             return [LeaseIn(frame["l"])]
+        if kind == "leave":
+            assert self.peer is not None
+            return [LeaveRequested(self.peer)]
         if kind == "ping":
             return [self._send_boxed(encode_frame("pong", n=frame["n"]))]
         if kind == "pong":

@@ -92,6 +92,7 @@ SCHEMA: Final[dict[str, dict[str, Field]]] = {
         "l": Field(_B, 64 * KiB),  # a newer signed device list, gossiped
     },
     "lease": {"l": Field(_B, 256)},  # primary -> companion: a renewed lease
+    "leave": {"n": Field(_I, 2**31)},  # companion -> primary: unlink me (p2p unlink --self)
     "ping": {"n": Field(_I, 2**63 - 1)},
     "pong": {"n": Field(_I, 2**63 - 1)},
     "bye": {"code": Field(_S, 64)},

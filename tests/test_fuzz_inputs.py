@@ -274,7 +274,7 @@ def _sample(kind: str) -> dict[str, Any]:
         elif spec.kind is str:
             out[name] = "id"
         else:
-            out[name] = 3
+            out[name] = min(3, spec.bound)
     return out
 
 

@@ -38,7 +38,7 @@ import os
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Final
@@ -101,6 +101,7 @@ class Mailbox:
         self._box_bytes: Counter[str] = Counter()
         self._sender_bytes: Counter[str] = Counter()
         self._total = 0
+        self._items = 0
         self._conn: sqlite3.Connection | None = None
         self._conn = self._open()
         self.purge(now)
@@ -116,10 +117,10 @@ class Mailbox:
 
     def count(self, recipient: str) -> int:
         """Items waiting for ``recipient``."""
-        return self._box_count[recipient]
+        return self._box_count.get(recipient, 0)
 
     def __len__(self) -> int:
-        return sum(self._box_count.values())
+        return self._items
 
     # ---- opening --------------------------------------------------------------------
 
@@ -200,6 +201,7 @@ class Mailbox:
         self._box_bytes = Counter({r: int(b or 0) for r, _, b in boxes})
         self._sender_bytes = Counter({s: int(b or 0) for s, b in senders})
         self._total = sum(self._box_bytes.values())
+        self._items = sum(self._box_count.values())
 
     def close(self) -> None:
         with self._lock:
@@ -245,6 +247,7 @@ class Mailbox:
         self._box_bytes[recipient] += size
         self._sender_bytes[sender] += size
         self._total += size
+        self._items += 1
         return "posted"
 
     def fetch(self, recipient: str, after: int, limit: int, now: float) -> list[StoredMail]:
@@ -270,7 +273,8 @@ class Mailbox:
                 bad.append(seq)
         if bad:
             log.warning("deleting %d malformed mail rows for %s", len(bad), recipient)
-            self._delete("seq IN (%s)" % ",".join("?" * len(bad)), bad)
+            marks = ",".join("?" * len(bad))
+            self._delete(f"seq IN ({marks})", bad)
         return good
 
     def ack(self, recipient: str, ids: Iterable[bytes]) -> int:
@@ -285,7 +289,7 @@ class Mailbox:
         """Delete items past the TTL; returns how many."""
         return self._delete("created <= ?", [now - self.quota.ttl])
 
-    def _delete(self, where: str, args: list[object]) -> int:
+    def _delete(self, where: str, args: Sequence[object]) -> int:
         with self._db() as conn:
             conn.execute("BEGIN IMMEDIATE")
             gone = conn.execute(
@@ -300,6 +304,7 @@ class Mailbox:
             self._box_bytes[recipient] -= size
             self._sender_bytes[sender] -= size
             self._total -= size
+            self._items -= 1
         for counter in (self._box_count, self._box_bytes, self._sender_bytes):
             for key in [k for k, v in counter.items() if v <= 0]:
                 del counter[key]

@@ -130,6 +130,7 @@ MAIL_ERRORS: Final = {
     "relay_full": "the relay's mail storage is full",
     "too_large": "the item is larger than the relay accepts",
     "self": "a device cannot post to itself",
+    "unavailable": "the relay could not store the item (try again later)",
 }
 
 

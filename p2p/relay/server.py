@@ -31,22 +31,16 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 
 import trio
-from trio_websocket import (
-    ConnectionClosed as WsClosed,
-)
-from trio_websocket import (
-    Endpoint,
-    WebSocketConnection,
-    WebSocketRequest,
-    WebSocketServer,
-)
+from trio_websocket import ConnectionClosed as WsClosed
+from trio_websocket import WebSocketConnection, WebSocketRequest, wrap_server_stream
 
 from p2p.errors import BadSignature, FrameTooLarge, RelayError, StoreError, WireError
 from p2p.identity import short_id, verify
@@ -72,6 +66,9 @@ MAIL_PAGE: Final = 16
 """Mail items read from the store at a time by a connection's mail pump."""
 CLOSE_TIMEOUT: Final = 2.0
 """Seconds to wait for a websocket's closing handshake before dropping the socket."""
+RECEIVE_BUFFER: Final = 64 * 1024
+"""Bytes read from a socket at once (trio-websocket's default, 4 KiB, halves the speed
+of large frames); memory stays bounded by trio-websocket's one-message queue."""
 
 POLICY: Final = 1008
 TOO_BIG: Final = 1009
@@ -80,48 +77,54 @@ NORMAL: Final = 1000
 INTERNAL: Final = 1011
 
 
+def _limit(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True, kw_only=True)
 class Limits:
-    """Every bound the relay keeps, with its default. ``p2p relay`` has a flag for each."""
+    """Every bound the relay keeps, with its default. ``p2p relay`` has a flag for each
+    (``--max-message`` ...), and ``help`` in each field's metadata is that flag's help."""
 
-    max_message: int = MAX_MESSAGE
-    """Largest websocket message accepted, in bytes (bigger: closed with 1009)."""
-    max_mail: int = MiB
-    """Largest mail item, in bytes."""
-    mailbox_count: int = 10_000
-    """Items waiting for one device."""
-    mailbox_bytes: int = 64 * MiB
-    """Bytes waiting for one device."""
-    sender_bytes: int = 256 * MiB
-    """Bytes of undelivered mail one device may have on the relay, all recipients."""
-    total_bytes: int = 4096 * MiB
-    """Bytes of mail on the whole relay."""
-    mail_ttl: float = 30 * 24 * 3600.0
-    """Seconds mail is kept for delivery (30 days)."""
-    purge_interval: float = 3600.0
-    """Seconds between purges of expired mail (at most a quarter of the TTL)."""
-    auth_timeout: float = 5.0
-    """Seconds a new connection has to complete the websocket handshake and ``auth``."""
-    idle_timeout: float = 120.0
-    """Seconds without a message before a connection is closed (clients ping)."""
-    connections_per_device: int = 4
-    """Connections one device may hold; a newer one evicts the oldest."""
-    max_connections: int = 10_000
-    """Websockets open at once, authenticated or not."""
-    max_pipes: int = 32
-    """Pipes open at once on one connection (both directions together)."""
-    msg_rate: int = 2000
-    """Messages per second a connection may send, sustained (token bucket)."""
-    msg_burst: int = 10_000
-    """Messages a connection may send at once (bucket size)."""
-    byte_rate: int = 8 * MiB
-    """Bytes per second a connection may send, sustained."""
-    byte_burst: int = 40 * MiB
-    """Bytes a connection may send at once: two 16 MiB sync frames and change."""
-    queue_bytes: int = 4 * MiB
-    """Bytes queued towards one connection before senders to it must wait."""
-    slow_timeout: float = 20.0
-    """Seconds a connection's outbound queue may stay full before it is disconnected."""
+    max_message: int = _limit(
+        MAX_MESSAGE, "Largest websocket message accepted, in bytes (bigger: closed with 1009)."
+    )
+    max_mail: int = _limit(MiB, "Largest mail item, in bytes.")
+    mailbox_count: int = _limit(10_000, "Items waiting for one device.")
+    mailbox_bytes: int = _limit(64 * MiB, "Bytes waiting for one device.")
+    sender_bytes: int = _limit(
+        256 * MiB, "Bytes of undelivered mail one device may have on the relay, all recipients."
+    )
+    total_bytes: int = _limit(4096 * MiB, "Bytes of mail on the whole relay.")
+    mail_ttl: float = _limit(30 * 24 * 3600.0, "Seconds mail is kept for delivery (30 days).")
+    purge_interval: float = _limit(
+        3600.0, "Seconds between purges of expired mail (at most a quarter of the TTL)."
+    )
+    auth_timeout: float = _limit(
+        5.0, "Seconds a new connection has to complete the websocket handshake and ``auth``."
+    )
+    idle_timeout: float = _limit(
+        120.0, "Seconds without a message before a connection is closed (clients ping)."
+    )
+    connections_per_device: int = _limit(
+        4, "Connections one device may hold; a newer one evicts the oldest."
+    )
+    max_connections: int = _limit(10_000, "Websockets open at once, authenticated or not.")
+    max_pipes: int = _limit(32, "Pipes open at once on one connection (both directions together).")
+    msg_rate: int = _limit(
+        2000, "Messages per second a connection may send, sustained (token bucket)."
+    )
+    msg_burst: int = _limit(10_000, "Messages a connection may send at once (bucket size).")
+    byte_rate: int = _limit(8 * MiB, "Bytes per second a connection may send, sustained.")
+    byte_burst: int = _limit(
+        40 * MiB, "Bytes a connection may send at once: two 16 MiB sync frames and change."
+    )
+    queue_bytes: int = _limit(
+        4 * MiB, "Bytes queued towards one connection before senders to it must wait."
+    )
+    slow_timeout: float = _limit(
+        20.0, "Seconds a connection's outbound queue may stay full before it is disconnected."
+    )
 
     def check(self) -> None:
         """Refuse settings the relay cannot keep (RelayError naming the setting)."""
@@ -195,11 +198,11 @@ class _Conn:
 class RelayStats:
     """Counters for operators and tests."""
 
-    connections: int = 0
     accepted: int = 0
     refused: int = 0
     authenticated: int = 0
-    violations: int = 0
+    kicked: int = 0
+    """Connections closed by the relay for a reason (violation, eviction, slowness)."""
     pipes_opened: int = 0
     chunks_relayed: int = 0
     bytes_relayed: int = 0
@@ -240,10 +243,37 @@ class RelayServer:
 
     # ---- one connection -------------------------------------------------------------
 
-    async def handle(self, request: WebSocketRequest) -> None:
-        """Serve one websocket until it ends. Never raises (but Cancelled): a bug or a
-        bad client must not take the listener down with it."""
-        remote = _format_remote(request.remote)
+    async def accept(self, stream: trio.SocketStream) -> None:
+        """Serve one TCP connection: the websocket handshake, then :meth:`handle`.
+
+        We own the stream (``wrap_server_stream`` rather than ``serve_websocket``) so that
+        it is closed however the websocket ends: trio-websocket 0.12 leaves the socket
+        open when the peer drops the TCP connection without a closing handshake. Never
+        raises (but Cancelled): a bug or a bad client must not take the listener down.
+        """
+        try:
+            remote = _format_remote(stream)
+            deadline = trio.current_time() + self.limits.auth_timeout
+            async with trio.open_nursery() as nursery:  # trio-websocket's reader task
+                request = None
+                with trio.move_on_at(deadline):
+                    request = await wrap_server_stream(
+                        nursery,
+                        stream,
+                        max_message_size=self.limits.max_message,
+                        receive_buffer_size=RECEIVE_BUFFER,
+                    )
+                if request is not None:
+                    await self.handle(request, remote, deadline)
+                nursery.cancel_scope.cancel()
+        except Exception:
+            log.exception("bug while serving a connection")
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def handle(self, request: WebSocketRequest, remote: str, auth_deadline: float) -> None:
+        """Serve one websocket until it ends (called by :meth:`accept`); ``auth`` must
+        arrive by ``auth_deadline`` (trio time)."""
         if len(self.conns) >= self.limits.max_connections:
             self.stats.refused += 1
             log.warning("refusing %s: %d connections open", remote, len(self.conns))
@@ -258,12 +288,9 @@ class RelayServer:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._writer, conn)
                     try:
-                        await self._session(conn, nursery)
+                        await self._session(conn, nursery, auth_deadline)
                     except _Violation as v:
                         conn.kick(v.code, v.reason)
-                    except StoreError as exc:
-                        log.error("relay mailbox failed: %s", exc)
-                        conn.kick(INTERNAL, "relay storage failed")
                     nursery.cancel_scope.cancel()
         except Exception:
             log.exception("bug while serving %s", conn)
@@ -271,13 +298,14 @@ class RelayServer:
         finally:
             self.conns.discard(conn)
             self._unregister(conn)
-            if conn.close_code not in (NORMAL,):
-                self.stats.violations += 1
+            if conn.close_code != NORMAL:
+                self.stats.kicked += 1
                 log.warning("closed %s: %d %s", conn, conn.close_code, conn.close_reason)
             elif conn.close_reason:
                 log.info("closed %s: %s", conn, conn.close_reason)
-            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
-                await ws.aclose(conn.close_code, conn.close_reason[:120] or None)
+            if trio.current_effective_deadline() != -math.inf:  # not shutting down
+                with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                    await ws.aclose(conn.close_code, conn.close_reason[:120] or None)
 
     async def _writer(self, conn: _Conn) -> None:
         try:
@@ -312,10 +340,10 @@ class RelayServer:
         except WireError as exc:
             raise _Violation(POLICY, f"malformed message: {exc}") from exc
 
-    async def _session(self, conn: _Conn, nursery: trio.Nursery) -> None:
+    async def _session(self, conn: _Conn, nursery: trio.Nursery, auth_deadline: float) -> None:
         nonce = os.urandom(NONCE_BYTES)
         conn.tell(encode_server("challenge", nonce=nonce, relay=self.relay_id))
-        with trio.move_on_after(self.limits.auth_timeout) as timer:
+        with trio.move_on_at(auth_deadline) as timer:
             raw = await self._receive(conn)
         if timer.cancelled_caught:
             raise _Violation(POLICY, "authentication timeout")
@@ -371,7 +399,11 @@ class RelayServer:
             await self._post(conn, msg["to"], msg["id"], msg["data"])
         elif kind == "ack":
             assert conn.device is not None
-            acked = await trio.to_thread.run_sync(self.mailbox.ack, conn.device, msg["ids"])
+            try:
+                acked = await trio.to_thread.run_sync(self.mailbox.ack, conn.device, msg["ids"])
+            except StoreError as exc:  # the mail stays, and is delivered again: harmless
+                log.error("deleting acked mail of %s failed: %s", conn.device, exc)
+                return
             self.stats.mail_acked += acked
         else:  # "auth" again
             raise _Violation(POLICY, f"unexpected {kind} after auth")
@@ -393,13 +425,7 @@ class RelayServer:
     def _unregister(self, conn: _Conn) -> None:
         """Forget a connection that ended (idempotent)."""
         conn.out.abort()
-        for device in conn.watching:
-            watchers = self.watchers.get(device)
-            if watchers is not None:
-                watchers.discard(conn)
-                if not watchers:
-                    del self.watchers[device]
-        conn.watching = ()
+        self._unwatch(conn)
         for other, other_cid in conn.pipes.values():
             if other.pipes.pop(other_cid, None) is not None:
                 other.tell(encode_server("closed", cid=other_cid, code="gone"))
@@ -416,11 +442,18 @@ class RelayServer:
         for watcher in list(self.watchers.get(device, ())):
             watcher.tell(message)
 
-    def _watch(self, conn: _Conn, ids: list[str]) -> None:
+    def _unwatch(self, conn: _Conn) -> None:
         for device in conn.watching:
-            self.watchers.get(device, set()).discard(conn)
-            if not self.watchers.get(device, True):
-                del self.watchers[device]
+            watchers = self.watchers.get(device)
+            if watchers is not None:
+                watchers.discard(conn)
+                if not watchers:
+                    del self.watchers[device]
+        conn.watching = ()
+
+    def _watch(self, conn: _Conn, ids: list[str]) -> None:
+        """Replace what ``conn`` watches, and tell it the presence of each now."""
+        self._unwatch(conn)
         conn.watching = tuple(ids)
         for device in ids:
             self.watchers.setdefault(device, set()).add(conn)
@@ -480,9 +513,13 @@ class RelayServer:
 
     async def _post(self, conn: _Conn, to: str, mail_id: bytes, data: bytes) -> None:
         assert conn.device is not None
-        code = await trio.to_thread.run_sync(
-            self.mailbox.post, to, conn.device, mail_id, data, time.time()
-        )
+        try:
+            code = await trio.to_thread.run_sync(
+                self.mailbox.post, to, conn.device, mail_id, data, time.time()
+            )
+        except StoreError as exc:
+            log.error("storing mail from %s failed: %s", conn.device, exc)
+            code = "unavailable"
         if code == "posted":
             self.stats.mail_posted += 1
             conn.tell(encode_server("posted", id=mail_id))
@@ -500,9 +537,13 @@ class RelayServer:
         last = 0
         while True:
             event = conn.mail_event = trio.Event()
-            items = await trio.to_thread.run_sync(
-                self.mailbox.fetch, device, last, MAIL_PAGE, time.time()
-            )
+            try:
+                items = await trio.to_thread.run_sync(
+                    self.mailbox.fetch, device, last, MAIL_PAGE, time.time()
+                )
+            except StoreError as exc:
+                log.error("reading mail for %s failed: %s", device, exc)
+                return
             for item in items:
                 message = encode_server("mail", id=item.id, data=item.data, **{"from": item.sender})
                 if not await conn.out.put(message):
@@ -527,11 +568,12 @@ class RelayServer:
                 log.info("purged %d expired mail items", purged)
 
 
-def _format_remote(endpoint: Endpoint | str) -> str:
-    if isinstance(endpoint, Endpoint):
-        host = str(endpoint.address)
-        return f"[{host}]:{endpoint.port}" if ":" in host else f"{host}:{endpoint.port}"
-    return str(endpoint)
+def _format_remote(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "?"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def default_url(host: str, port: int) -> str:
@@ -545,7 +587,7 @@ async def serve_relay(
     *,
     data_dir: str | os.PathLike[str] | None = None,
     relay_id: str | None = None,
-    limits: Limits = Limits(),  # noqa: B008 (frozen, so one shared default is safe)
+    limits: Limits = Limits(),  # frozen: one shared default is safe
     task_status: trio.TaskStatus[RelayServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a relay on ``host:port`` (port 0 picks one) until cancelled.
@@ -584,15 +626,8 @@ async def serve_relay(
             )
         server = RelayServer(mailbox, limits, relay_id or url, url)
         server.port = bound
-        ws_server = WebSocketServer(
-            server.handle,
-            listeners,
-            max_message_size=limits.max_message,
-            connect_timeout=limits.auth_timeout,
-            disconnect_timeout=CLOSE_TIMEOUT,
-        )
         async with trio.open_nursery() as nursery:
-            await nursery.start(ws_server.run)
+            await nursery.start(trio.serve_listeners, server.accept, listeners)
             nursery.start_soon(server.purge_loop)
             log.info("relay %s listening on %s, mail in %s", server.relay_id, url, mailbox.path)
             task_status.started(server)
