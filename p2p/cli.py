@@ -211,7 +211,14 @@ def cmd_approve(args: argparse.Namespace) -> int:
     if args.yes or args.check:
         reply = control.request(home, request)
         if reply is not None:  # a node runs for this home: it links the device itself
-            print(f"linked {reply['name']} ({reply['device']})")
+            if args.json:
+                print(
+                    json.dumps(
+                        {"event": "linked", "device": reply["device"], "name": reply["name"]}
+                    )
+                )
+            else:
+                print(f"linked {reply['name']} ({reply['device']})")
             return 0
     elif control.request(home, {"op": "status"}) is not None:
         print("p2p: a node is running for this home: pass --yes or --check DIGITS", file=sys.stderr)

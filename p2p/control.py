@@ -29,6 +29,9 @@ from p2p.pairing import same_check_code
 SOCKET_FILE: Final = "control.sock"
 MAX_LINE: Final = 256 * 1024
 REQUEST_TIMEOUT: Final = 10.0
+"""Longest wait for a request line (an owner's client that stalls is cut off)."""
+REPLY_TIMEOUT: Final = 600.0
+"""Longest wait for a reply: a link moves a whole history before it answers."""
 
 
 class ControlError(NodeError):
@@ -56,14 +59,16 @@ async def _handle(node: Node, request: object) -> dict[str, Any]:
     if op == "status":
         return {"status": node.status()}
     if op == "approve":
-        code, check = request.get("code"), request.get("check")
-        if not isinstance(code, str) or not (check is None or isinstance(check, str)):
-            raise ControlError("'code' must be a string, 'check' a string or null")
+        code, check, connect = request.get("code"), request.get("check"), request.get("connect")
+        if not isinstance(code, str) or not all(
+            v is None or isinstance(v, str) for v in (check, connect)
+        ):
+            raise ControlError("'code' must be a string, 'check' and 'connect' strings or null")
 
         async def confirm(digits: str) -> bool:
             return check is None or same_check_code(digits, check)
 
-        linked = await node.approve(code, confirm=confirm, connect=request.get("connect"))
+        linked = await node.approve(code, confirm=confirm, connect=connect)
         return {"device": linked.device, "name": linked.name}
     if op == "leave":
         await node.leave()
@@ -101,7 +106,7 @@ async def serve_control(
             try:
                 with trio.fail_after(REQUEST_TIMEOUT):
                     line = await _read_line(stream)
-                    reply = {"ok": True, **(await _handle(node, json.loads(line)))}
+                reply = {"ok": True, **(await _handle(node, json.loads(line)))}
             except (P2PError, ValueError, trio.TooSlowError) as exc:
                 reply = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
@@ -136,7 +141,7 @@ def request(home: str | os.PathLike[str], payload: dict[str, Any]) -> dict[str, 
     if not path.exists():
         return None
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(REQUEST_TIMEOUT)
+        sock.settimeout(REPLY_TIMEOUT)
         try:
             sock.connect(str(path))
         except (ConnectionRefusedError, FileNotFoundError):

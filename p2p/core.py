@@ -10,7 +10,7 @@ the protocol without sockets, threads or clocks.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from nacl.exceptions import CryptoError as NaclCryptoError
@@ -58,7 +58,7 @@ class Space:
     kind: SpaceKind
     name: str
     epoch: int
-    keys: dict[int, bytes]
+    keys: dict[int, bytes] = field(repr=False)
     replica: Replica
     log_seq: int = 0
     """Sequence number of the last update of this space in the store."""
@@ -90,7 +90,7 @@ class Enrollment:
 
     account_pk: bytes
     device_list: bytes
-    spaces: list[tuple[str, str, str, int, dict[int, bytes], bytes]]
+    spaces: list[tuple[str, str, str, int, dict[int, bytes], bytes]] = field(repr=False)
     """(space id, kind, name, epoch, epoch -> key, full-state update)."""
     lease: bytes = b""
     """The new companion's first lease (see ``identity.issue_lease``)."""

@@ -66,6 +66,8 @@ log = logging.getLogger("p2p.node")
 SEND_QUEUE: Final = 1024
 """Frames queued per peer; a peer that falls this far behind is disconnected (and
 caught up by state vectors when it reconnects) instead of growing our memory."""
+MAX_HANDSHAKES: Final = 64
+"""Connections allowed to be mid-handshake at once; more are closed on arrival."""
 WRITE_QUEUE: Final = 4096
 """Batches waiting for the store before receivers are made to wait too."""
 EVENT_QUEUE: Final = 1024
@@ -79,6 +81,12 @@ COALESCE_MAX: Final = MAX_FRAME // 2
 
 def wall_clock_ms() -> int:
     return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class _Ended:
+    authenticated: bool
+    duplicate_of: str | None
 
 
 @dataclass
@@ -118,6 +126,8 @@ class Node:
         self._unobserved: set[str] = set()
         self._known_devices = set(state.device_list.ids)
         self._leaving = False
+        self._handshaking = 0
+        """Connections that have not finished the handshake (bounded: MAX_HANDSHAKES)."""
         """Set once ``leave`` was asked for (kept in the store until the primary acts)."""
         self._closed_stats = {"bytes_out": 0, "bytes_in": 0, "frames_out": 0, "frames_in": 0}
         """Spaces changed by peers since our clock last saw their timestamps."""
@@ -398,32 +408,42 @@ class Node:
                 await trio.sleep(backoff * random.uniform(0.5, 1.5))
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
-            backoff = BACKOFF_MIN
-            duplicate_of = await self._run_connection(conn, initiator=True)
-            if duplicate_of is not None:
+            ended = await self._run_connection(conn, initiator=True)
+            if ended.duplicate_of is not None:
                 # another connection to this device won; redial only once it is gone
-                while duplicate_of in self._peers:
+                while ended.duplicate_of in self._peers:
                     await self._peers_changed.wait()
-            await trio.sleep(BACKOFF_MIN * random.uniform(0.5, 1.5))
+            # a peer that refused us (removed, stranger, garbage) is retried ever more
+            # slowly; one that talked to us gets a quick redial
+            backoff = BACKOFF_MIN if ended.authenticated else min(backoff * 2, BACKOFF_MAX)
+            await trio.sleep(backoff * random.uniform(0.5, 1.5))
 
     async def _accept(self, conn: Connection) -> None:
+        if self._handshaking >= MAX_HANDSHAKES:
+            log.warning("refused %s: %d handshakes already under way", conn.remote, MAX_HANDSHAKES)
+            await conn.aclose()
+            return
         await self._run_connection(conn, initiator=False)
 
-    async def _run_connection(self, conn: Connection, *, initiator: bool) -> str | None:
-        """Drive one session over ``conn`` until it ends; returns the peer's device id if
-        the session was dropped as a duplicate of another connection to that device."""
+    async def _run_connection(self, conn: Connection, *, initiator: bool) -> _Ended:
+        """Drive one session over ``conn`` until it ends; say how it went."""
         session = Session(
             self.state, initiator=initiator, now=trio.current_time(), wall_ms=self._wall_ms()
         )
         send_q, recv_q = trio.open_memory_channel[bytes](SEND_QUEUE)
         peer = _Peer(session, send_q, conn.remote, trio.current_time())
         duplicate: str | None = None
+        self._handshaking += 1
+        handshaking = True
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._pump_out, conn, recv_q, nursery.cancel_scope)
                 if not self._carry_out(peer, session.start()):
-                    return None
+                    return _Ended(authenticated=False, duplicate_of=None)
                 while session.state is not State.CLOSED:
+                    if handshaking and session.state is State.OPEN:
+                        self._handshaking -= 1
+                        handshaking = False
                     with trio.move_on_at(session.next_deadline()) as timer:
                         try:
                             data = await conn.receive()
@@ -442,6 +462,8 @@ class Node:
                     await self._write_backpressure()
                 send_q.close()  # let the pump flush what is queued, then end
         finally:
+            if handshaking:  # never reached OPEN
+                self._handshaking -= 1
             for key in self._closed_stats:  # live sessions are summed in traffic()
                 self._closed_stats[key] += getattr(session.stats, key)
             if session.peer is not None and self._peers.get(session.peer) is peer:
@@ -450,7 +472,7 @@ class Node:
                 self._peers_changed = trio.Event()
             with trio.CancelScope(shield=True):
                 await conn.aclose()
-        return duplicate
+        return _Ended(authenticated=not handshaking, duplicate_of=duplicate)
 
     async def _pump_out(
         self, conn: Connection, frames: trio.MemoryReceiveChannel[bytes], scope: trio.CancelScope
@@ -470,7 +492,7 @@ class Node:
         numbers frames, so those must queue behind the ones already sealed.
         """
         alive = True
-        ordered = [o for o in outputs if isinstance(o, Send)]
+        ordered: list[Output] = [o for o in outputs if isinstance(o, Send)]
         ordered += [o for o in outputs if not isinstance(o, Send)]
         for out in ordered:
             if isinstance(out, Send):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from p2p.errors import P2PError
@@ -54,7 +54,7 @@ class CheckCodeMismatch(PairingError):
 class PairingCode:
     sign_pk: bytes
     box_pk: bytes
-    secret: bytes
+    secret: bytes = field(repr=False)
     expires_s: int
     """Unix time (seconds) after which the code is refused."""
     name: str

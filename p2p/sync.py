@@ -312,6 +312,8 @@ class Session:
 
     def _on_auth(self, data: bytes) -> list[Output]:
         frame = decode_frame(data)
+        if frame["t"] == "reject":  # hellos cross: the refusal arrives after ours went out
+            raise HandshakeFailed(f"peer refused us: {frame['code']}")
         if frame["t"] != "auth":
             raise HandshakeFailed(f"expected auth, got {frame['t']}")
         role = b"R" if self.initiator else b"I"

@@ -17,6 +17,10 @@ PURE = [
     "p2p.identity",
     "p2p.wire",
     "p2p.clock",
+    "p2p.box",
+    "p2p.pairing",
+    "p2p.yupdate",
+    "p2p.relay.protocol",
 ]
 FORBIDDEN = {"trio", "socket", "zeroconf", "trio_websocket", "sqlite3", "threading", "asyncio"}
 ROOT = Path(p2p.__file__).parent
