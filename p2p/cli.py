@@ -115,6 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             peers=args.peer,
             mdns=not args.no_mdns,
             mdns_interfaces=args.mdns_interface,
+            relays=args.relay,
             as_json=args.json,
         )
     )
@@ -290,6 +291,15 @@ def cmd_unlink(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_relay(args: argparse.Namespace) -> int:
+    from p2p.relay.__main__ import main as relay_main
+
+    rest = list(args.relay_args)
+    if "--data" not in rest and not any(a.startswith("--data=") for a in rest):
+        rest += ["--data", str(_home(args) / "relay")]  # the mailbox lives in the home
+    return relay_main(rest)
+
+
 def cmd_devices(args: argparse.Namespace) -> int:
     from p2p.core import DeviceState
 
@@ -358,10 +368,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("device", nargs="?", help="device id")
     p.add_argument("--self", action="store_true", help="companion: ask the primary to unlink us")
     add("status", cmd_status, "this device, its peers, its spaces")
+    p = sub.add_parser(
+        "relay",
+        help="run a rendezvous relay: p2p relay --listen HOST:PORT [--data DIR]",
+        add_help=False,
+    )
+    p.set_defaults(handler=cmd_relay)
+    p.add_argument("relay_args", nargs=argparse.REMAINDER)
     p = add("run", cmd_run, "run the node until SIGINT/SIGTERM")
     p.add_argument("--listen", default="0.0.0.0:0", help="HOST:PORT to accept peers on")
     p.add_argument("--peer", action="append", default=[], help="HOST:PORT of a peer (repeatable)")
     p.add_argument("--no-mdns", action="store_true", help="do not use mDNS discovery")
+    p.add_argument(
+        "--relay", action="append", default=[], help="ws://HOST:PORT of a relay (repeatable)"
+    )
     p.add_argument(
         "--mdns-interface",
         action="append",
@@ -378,7 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``p2p`` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "relay":  # everything after `relay` belongs to the relay's parser
+        args.relay_args = [*extra, *args.relay_args]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.home is not None and not args.home.strip():
         print("p2p: --home is empty", file=sys.stderr)
         return 2

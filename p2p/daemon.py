@@ -11,7 +11,7 @@ import fcntl
 import json
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -97,6 +97,7 @@ async def run_daemon(
     mdns: bool,
     mdns_interfaces: list[str],
     as_json: bool,
+    relays: Sequence[str] = (),
 ) -> int:
     """Run until SIGINT/SIGTERM; the exit code."""
     open_home_store(home).close()  # NotInitialized early, with a clear message
@@ -104,7 +105,7 @@ async def run_daemon(
         transport = TcpTransport(listen)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with (
-                open_node(home, transport=transport) as node,
+                open_node(home, transport=transport, relays=relays) as node,
                 trio.open_nursery() as nursery,
             ):
                 await nursery.start(serve_control, node, home)

@@ -17,6 +17,7 @@ groups.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -24,6 +25,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final
 
 import pycrdt
@@ -43,6 +45,8 @@ from p2p.errors import (
 from p2p.home import open_home_store
 from p2p.linking import Linked, approve_code
 from p2p.model import MAX_BODY, Message
+from p2p.relay.client import RelayClient, is_relay_address
+from p2p.relay.routing import RoutedTransport
 from p2p.storage.base import Store, WriteBatch
 from p2p.storage.memory import MemoryStore
 from p2p.sync import (
@@ -59,7 +63,6 @@ from p2p.sync import (
 )
 from p2p.transport.base import Connection, ConnectionClosed, TransportError
 from p2p.transport.base import Transport as TransportT
-from p2p.wire import MAX_FRAME
 
 log = logging.getLogger("p2p.node")
 
@@ -75,8 +78,11 @@ BACKOFF_MIN: Final = 0.2
 BACKOFF_MAX: Final = 30.0
 COMPACT_AFTER: Final = 5000
 """Updates appended to a space's log before it is folded into a snapshot."""
-COALESCE_MAX: Final = MAX_FRAME // 2
-"""Largest merged update sealed as one envelope."""
+COALESCE_MAX: Final = 1_000_000
+"""Largest merged update sealed as one envelope: the same envelope goes to connected
+peers and, through the relay, into the mailboxes of offline ones (1 MiB each)."""
+MAIL_POSTS: Final = 256
+"""Mailbox posts in flight at once; past that, offline peers catch up by state vector."""
 
 
 def wall_clock_ms() -> int:
@@ -108,8 +114,11 @@ class Node:
         *,
         transport: TransportT | None,
         wall_ms: Callable[[], int],
+        relays: Sequence[RelayClient] = (),
     ) -> None:
         self.state = state
+        self.relays = list(relays)
+        self._posting = 0
         self.store = store
         self.transport = transport
         self._nursery = nursery
@@ -221,6 +230,9 @@ class Node:
             "pending_writes": len(self._writes),
             "pending_gossip": sum(len(v) for v in self._outbox.values()),
             "traffic": self.traffic(),
+            "relays": [
+                {"url": r.url, "connected": r.connected, "address": r.address} for r in self.relays
+            ],
         }
 
     def traffic(self) -> dict[str, int]:
@@ -356,12 +368,66 @@ class Node:
             await trio.lowlevel.checkpoint()  # let concurrent sends join this round
             outbox, self._outbox = self._outbox, {}
             for space_id, updates in outbox.items():
-                if not any(space_id in self.state.spaces_for(d) for d in self._peers):
+                readers = {
+                    d
+                    for d in self.state.device_list.ids - {self.device_id}
+                    if space_id in self.state.spaces_for(d)
+                }
+                offline = sorted(readers - set(self._peers)) if self.relays else []
+                if not readers & set(self._peers) and not offline:
                     continue  # nobody to tell now; state vectors catch peers up later
                 for payload in _coalesce(updates):
-                    self._broadcast(space_id, self.state.seal(space_id, payload), exclude=())
+                    envelope = self.state.seal(space_id, payload)
+                    self._broadcast(space_id, envelope, exclude=())
+                    for device in offline:
+                        self._post_mail(device, envelope)
             if self.state.unsaved:
                 self._queue_write(WriteBatch())
+
+    def _post_mail(self, device: str, envelope: bytes) -> None:
+        """Leave an envelope in an offline device's relay mailbox (in the background)."""
+        if self._posting >= MAIL_POSTS:
+            log.debug("mail to %s dropped: %d posts in flight", device, self._posting)
+            return
+        self._posting += 1
+
+        async def post() -> None:
+            try:
+                for relay in self.relays:
+                    try:
+                        await relay.post(device, envelope)
+                        return
+                    except P2PError as exc:
+                        log.info("relay %s refused mail to %s: %s", relay.url, device, exc)
+            finally:
+                self._posting -= 1
+
+        self._nursery.start_soon(post)
+
+    async def _drain_mail(self, relay: RelayClient) -> None:
+        """Apply what offline peers left for us, acknowledging each once it is durable."""
+        async for mail in relay.mail():
+            try:
+                ingested = self.state.ingest(mail.data)
+            except (ReplayDetected, UnknownKey):
+                pass  # already here by another path, or a space we do not hold
+            except P2PError as exc:
+                log.warning("refused mail from %s: %s", mail.sender, exc)
+                self._emit(
+                    ev.InputRejected(
+                        remote=relay.url,
+                        device=mail.sender,
+                        error=type(exc).__name__,
+                        detail=str(exc),
+                    )
+                )
+            else:
+                await self._commit(ingested.batch)
+                self._unobserved.add(ingested.space)
+                self._broadcast(ingested.space, mail.data, exclude=(ingested.sender,))
+                self._emit(ev.ChatChanged(chat=ingested.space, origin=ingested.sender))
+            with contextlib.suppress(P2PError):
+                await mail.ack()
 
     def _broadcast(self, space_id: str, envelope: bytes, *, exclude: Sequence[str]) -> None:
         for device, peer in list(self._peers.items()):
@@ -544,6 +610,9 @@ class Node:
         """Deterministic choice between two connections to the same device: both ends
         keep the one dialed by the device with the smaller id."""
         assert new.session.peer is not None
+        new_relayed, old_relayed = is_relay_address(new.remote), is_relay_address(existing.remote)
+        if new_relayed != old_relayed:
+            return old_relayed  # a direct link beats a relayed one, at both ends
         if new.session.initiator == existing.session.initiator:
             return True  # a redial: the old connection is stale
         smaller_is_me = self.device_id < new.session.peer
@@ -605,6 +674,8 @@ class Node:
                 self._carry_out(peer, peer.session.close(RemovedDevice(device)))
             else:
                 self._carry_out(peer, peer.session.send_device_list(data))
+        for relay in self.relays:
+            relay.update_watch()
         added = tuple(sorted(dl.ids - self._known_devices))
         removed = tuple(sorted(self._known_devices - dl.ids))
         self._known_devices = set(dl.ids)
@@ -710,13 +781,16 @@ async def open_node(
     transport: TransportT | None = None,
     peers: Sequence[str] = (),
     discovery: Sequence[Discovery] = (),
+    relays: Sequence[str] = (),
     wall_ms: Callable[[], int] = wall_clock_ms,
 ) -> AsyncIterator[Node]:
     """Run the device stored in ``home`` (or in ``store``) until the block exits.
 
     ``transport`` accepts and makes connections (none: the node works offline);
     ``peers`` are addresses to keep connected to; ``discovery`` adapters report more
-    (mDNS, ...) as they find them. ``wall_ms`` is the time used for
+    (mDNS, ...) as they find them; ``relays`` are rendezvous relay URLs (``ws://...``):
+    the node meets linked devices through them and leaves mail for offline ones.
+    ``wall_ms`` is the time used for
     message timestamps (tests pass a virtual clock).
     """
     if (home is None) == (store is None):
@@ -729,13 +803,24 @@ async def open_node(
         await trio.to_thread.run_sync(the_store.write, state.reserve_counters())
         try:
             async with trio.open_nursery() as nursery:
-                node = Node(state, the_store, nursery, transport=transport, wall_ms=wall_ms)
+                clients = [
+                    RelayClient(url, state.keys, watch=partial(_linked_ids, state))
+                    for url in relays
+                ]
+                if clients:
+                    transport = RoutedTransport(transport, clients)
+                node = Node(
+                    state, the_store, nursery, transport=transport, wall_ms=wall_ms, relays=clients
+                )
                 node._leaving = the_store.get("leave/requested") is not None
                 nursery.start_soon(node._writer)
                 nursery.start_soon(node._gossiper)
                 if transport is not None:
                     await nursery.start(transport.serve, node._accept)
                 nursery.start_soon(node._merge_found)
+                for client in clients:
+                    nursery.start_soon(node._drain_mail, client)
+                    await node.add_discovery(client)
                 for adapter in [*discovery, StaticPeers(list(peers))] if peers else discovery:
                     await node.add_discovery(adapter)
                 try:
@@ -749,6 +834,11 @@ async def open_node(
     finally:
         if owned:
             the_store.close()
+
+
+def _linked_ids(state: DeviceState) -> list[str]:
+    """The devices a relay should tell us about: our account's others."""
+    return sorted(state.device_list.ids - {state.device_id})
 
 
 def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -591,21 +591,25 @@ def test_two_nodes_sync_through_the_relay(relays: Any) -> None:
 
 def test_routed_transport_dials_tcp_and_relay_addresses(relays: Any) -> None:
     relay = relays()
-    a = RoutedTransport(TcpTransport("127.0.0.1:0"), RelayClient(relay.url, DeviceKeys.generate()))
-    b = RoutedTransport(TcpTransport("127.0.0.1:0"), RelayClient(relay.url, DeviceKeys.generate()))
+    a = RoutedTransport(
+        TcpTransport("127.0.0.1:0"), [RelayClient(relay.url, DeviceKeys.generate())]
+    )
+    b = RoutedTransport(
+        TcpTransport("127.0.0.1:0"), [RelayClient(relay.url, DeviceKeys.generate())]
+    )
 
     async def main() -> None:
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:
                 await nursery.start(a.serve, echo)
                 await nursery.start(b.serve, echo)
-                await b.relay.wait_connected()
+                await b.relays[0].wait_connected()
                 for address in b.addresses:
                     conn = await a.dial(address)
                     await conn.send(address.encode())
                     assert await conn.receive() == address.encode()
                     await conn.aclose()
-                assert b.address == b.addresses[0] != b.relay.address
+                assert b.address == b.addresses[0] != b.relays[0].address
                 nursery.cancel_scope.cancel()
 
     trio.run(main)
