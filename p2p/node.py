@@ -245,11 +245,14 @@ class Node:
             "frames_in": self._closed_stats["frames_in"] + sum(s.frames_in for s in live),
         }
 
-    async def events(self) -> AsyncIterator[ev.Event]:
-        """Events from now on, until the node closes (see :meth:`subscribe`)."""
-        async with self.subscribe() as receive:
-            async for event in receive:
-                yield event
+    def events(self) -> trio.MemoryReceiveChannel[ev.Event]:
+        """Events from this call on: ``with node.events() as events: async for e in events``.
+
+        The subscription starts when this is called, not when iteration begins, so
+        nothing between the two is lost; leaving the ``with`` ends it. Same as
+        :meth:`subscribe`.
+        """
+        return self.subscribe()
 
     def subscribe(self) -> trio.MemoryReceiveChannel[ev.Event]:
         """A channel of events from this instant on, until the node closes.
