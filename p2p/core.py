@@ -147,15 +147,27 @@ class DeviceState:
 
     def discovery_key(self) -> bytes:
         """A secret every current device of the account can derive (from the account
-        space's current key), so LAN announcements mean something only to them."""
-        account = next(s for s in self.spaces.values() if s.kind == "account")
-        return hashlib.blake2b(
-            account.keys[account.epoch], digest_size=32, person=b"p2p-discovery"
-        ).digest()
+        space's current key), so LAN announcements and hellos mean something only to
+        them."""
+        return self.discovery_keys()[0]
 
-    def spaces_for(self, device_id: str) -> list[str]:
-        """Spaces a device may read: all of them for our own current devices."""
-        return sorted(self.spaces) if device_id in self.device_list.ids else []
+    def discovery_keys(self) -> list[bytes]:
+        """The discovery key of every epoch we hold, newest first: a device that missed
+        a rotation still proves membership with the old one (and is then judged by the
+        device list, which says whether it was removed)."""
+        account = next((s for s in self.spaces.values() if s.kind == "account"), None)
+        if account is None:  # not enrolled: nothing to prove membership with
+            return [bytes(32)]
+        return [
+            hashlib.blake2b(account.keys[e], digest_size=32, person=b"p2p-discovery").digest()
+            for e in sorted(account.keys, reverse=True)
+        ]
+
+    def spaces_for(self, device_id: str, device_list: DeviceList | None = None) -> list[str]:
+        """Spaces a device may read: all of them for our own current devices (judged by
+        ``device_list`` when given: a newer list a peer just showed us)."""
+        current = device_list or self.device_list
+        return sorted(self.spaces) if device_id in current.ids else []
 
     # ---- creation and loading ------------------------------------------------------
 

@@ -126,6 +126,10 @@ class HandshakeFailed(ProtocolError):
     """The mutual authentication did not complete."""
 
 
+class NotOurAccount(HandshakeFailed):
+    """The peer's hello does not prove membership of our account: a stranger."""
+
+
 class InvalidUpdate(ProtocolError):
     """A CRDT update that pycrdt refused (or that is too large to try)."""
 

@@ -358,6 +358,11 @@ class DeviceList:
         return decoded
 
 
+def account_tag(key: bytes, message: bytes) -> bytes:
+    """A tag only devices holding the account's discovery ``key`` can make or check."""
+    return hashlib.blake2b(message, key=key, digest_size=32, person=b"p2p-acct-tag").digest()
+
+
 DOMAIN_LEASE: Final = b"p2p/lease/v1\x00"
 LEASE_MS: Final = 14 * 24 * 3600 * 1000
 """How long a companion stays accepted after its last contact with the primary."""

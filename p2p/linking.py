@@ -341,23 +341,36 @@ def _parse_enroll(
     try:
         spaces = []
         for s, kind, sname, epoch, space_keys in unpack(frame["keys"], what="space keys"):
-            key_map = {int(e): bytes(k) for e, k in space_keys}
+            key_map: dict[int, bytes] = {}
+            for e, k in space_keys:
+                if not (
+                    type(e) is int and 0 <= e < 2**32 and isinstance(k, bytes) and len(k) == 32
+                ):
+                    raise ValueError("space key")
+                key_map[e] = k
             if not (
                 isinstance(s, str)
+                and 0 < len(s) <= MAX_ID
                 and kind in ("account", "chat")
                 and isinstance(sname, str)
                 and epoch in key_map
             ):
                 raise ValueError("space entry")
-            if any(len(k) != 32 for k in key_map.values()):
-                raise ValueError("key size")
             spaces.append((s, str(kind), sname, int(epoch), key_map))
-        sizes = {
-            str(s): (bytes(d), int(n)) for s, (d, n) in unpack(frame["sizes"], what="sizes").items()
-        }
+        raw_sizes = unpack(frame["sizes"], what="sizes")
+        if not isinstance(raw_sizes, dict):
+            raise ValueError("sizes")
+        sizes: dict[str, tuple[bytes, int]] = {}
+        for s, item in raw_sizes.items():
+            digest, n = item
+            if not (isinstance(s, str) and isinstance(digest, bytes) and len(digest) == 32):
+                raise ValueError("size entry")
+            if not (type(n) is int and 0 <= n < MAX_HISTORY):
+                raise ValueError("size entry")
+            sizes[s] = (digest, n)
     except (P2PError, ValueError, TypeError) as exc:
         raise WireError(f"the enrollment is malformed: {exc}") from exc
-    if set(sizes) != {s for s, *_ in spaces} or any(n >= MAX_HISTORY for _, n in sizes.values()):
+    if set(sizes) != {s for s, *_ in spaces}:
         raise WireError("the enrollment's history sizes do not match its spaces")
     return device_list, spaces, sizes
 

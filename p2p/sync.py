@@ -8,11 +8,13 @@ event up). Same pattern as h11 and iroh-gossip.
 
 States and the rules they keep::
 
-    HELLO   both sides send ``hello`` at once (device id, signed device list, ephemeral
-            X25519 key, nonce). On the peer's hello: check its list and device, derive
-            the session keys, send ``auth`` (signature over the transcript).
-    AUTH    on the peer's ``auth``: verify it with the peer's device key  -> OPEN;
-            then send one ``sv`` per shared space.
+    HELLO   both sides send ``hello`` at once: an ephemeral X25519 key, a nonce, and a
+            tag over both keyed by the account's discovery key. Nothing else: who we
+            are stays hidden. On the peer's hello: check the tag (a stranger is refused
+            here, having learnt nothing), derive the session keys, send ``ident``
+            boxed (device id, signed device list, lease, signature over the transcript).
+    AUTH    on the peer's ``ident``: check its list, its device, its lease and its
+            signature  -> OPEN; then send one ``sv`` per shared space.
     OPEN    every frame is boxed (XChaCha20-Poly1305 with the direction's session key and
             an implicit counter nonce, so a dropped, replayed or reordered frame fails).
             ``sv`` -> reply ``env`` with exactly what the peer lacks (nothing if level);
@@ -32,6 +34,7 @@ are level one round trip after the handshake.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 from dataclasses import dataclass, field
 from enum import Enum
@@ -41,13 +44,15 @@ from nacl.public import PrivateKey
 
 from p2p.box import Box, shared_secret
 from p2p.errors import (
+    DecryptionFailed,
     DeviceListError,
     HandshakeFailed,
+    NotOurAccount,
     P2PError,
     ProtocolError,
     WireError,
 )
-from p2p.identity import DeviceKeys, DeviceList, check_lease, verify
+from p2p.identity import DeviceKeys, DeviceList, account_tag, check_lease, verify
 from p2p.model import covers
 from p2p.wire import decode_frame, encode_frame
 
@@ -65,12 +70,14 @@ class Replicas(Protocol):
     device_list: DeviceList
     lease: bytes
 
+    def discovery_keys(self) -> list[bytes]: ...
+
     @property
     def is_primary(self) -> bool: ...
 
     def issue_lease(self, device_id: str, now_ms: int | None) -> bytes: ...
 
-    def spaces_for(self, device_id: str) -> list[str]: ...
+    def spaces_for(self, device_id: str, device_list: DeviceList | None = None) -> list[str]: ...
 
     def state_vector(self, space_id: str) -> bytes: ...
 
@@ -171,9 +178,7 @@ class Session:
     _nonce: bytes = field(default_factory=lambda: os.urandom(32))
     _hello_out: bytes = b""
     _hello_in: bytes = b""
-    _peer_sign_pk: bytes = b""
     _box: Box | None = None
-    _peer_is_companion: bool = False
     _started: float = 0.0
     _last_in: float = 0.0
     _last_out: float = 0.0
@@ -181,14 +186,9 @@ class Session:
     def start(self) -> list[Output]:
         """Begin: our hello goes out at once (both sides do this)."""
         self._started = self._last_in = self._last_out = self.now
-        self._hello_out = encode_frame(
-            "hello",
-            dev=self.local.keys.device_id,
-            list=self.local.device_list.encode(),
-            eph=bytes(self._eph.public_key),
-            nonce=self._nonce,
-            lease=self.local.lease,
-        )
+        eph = bytes(self._eph.public_key)
+        tag = account_tag(self.local.discovery_keys()[0], eph + self._nonce)
+        self._hello_out = encode_frame("hello", eph=eph, nonce=self._nonce, tag=tag)
         return [self._send_raw(self._hello_out)]
 
     # ---- input ---------------------------------------------------------------------
@@ -204,7 +204,7 @@ class Session:
             if self.state is State.HELLO:
                 return self._on_hello(data)
             if self.state is State.AUTH:
-                return self._on_auth(data)
+                return self._on_ident(self._unbox_or_reject(data))
             return self._on_open(self._unbox(data))
         except P2PError as exc:
             return self._fail(exc)
@@ -268,6 +268,43 @@ class Session:
             raise HandshakeFailed(f"peer refused us: {frame['code']}")
         if frame["t"] != "hello":
             raise HandshakeFailed(f"expected hello, got {frame['t']}")
+        # Only a device holding our account's discovery key (current or past epoch) gets
+        # to see who we are: a stranger learns nothing but that we refuse it.
+        proof = frame["eph"] + frame["nonce"]
+        if not any(
+            hmac.compare_digest(account_tag(key, proof), frame["tag"])
+            for key in self.local.discovery_keys()
+        ):
+            raise NotOurAccount("the peer does not belong to this account")
+        self._hello_in = data
+        shared = shared_secret(bytes(self._eph), frame["eph"])
+        self._box = Box(shared, self._transcript(), initiator=self.initiator)
+        role = b"I" if self.initiator else b"R"
+        ident = encode_frame(
+            "ident",
+            dev=self.local.keys.device_id,
+            list=self.local.device_list.encode(),
+            lease=self.local.lease,
+            sig=self.local.keys.sign(DOMAIN_HANDSHAKE, role + self._transcript()),
+        )
+        self.state = State.AUTH
+        return [self._send_boxed(ident)]
+
+    def _transcript(self) -> bytes:
+        first, second = (
+            (self._hello_out, self._hello_in)
+            if self.initiator
+            else (self._hello_in, self._hello_out)
+        )
+        return hashlib.blake2b(
+            len(first).to_bytes(4, "big") + first + second, digest_size=64
+        ).digest()
+
+    def _on_ident(self, frame: dict[str, Any]) -> list[Output]:
+        if frame["t"] in ("reject", "bye"):  # hellos cross: the refusal follows ours
+            raise HandshakeFailed(f"peer refused us: {frame['code']}")
+        if frame["t"] != "ident":
+            raise HandshakeFailed(f"expected ident, got {frame['t']}")
         out: list[Output] = []
         ours = self.local.device_list
         try:
@@ -288,46 +325,18 @@ class Session:
             # companions accept each other only while the primary vouches for them;
             # the primary itself always answers, to renew
             check_lease(frame["lease"], ours.account_pk, peer, self.wall_ms)
-        self._peer_is_companion = entry.role == "companion"
-        self.peer = peer
-        self._peer_sign_pk = entry.sign_pk
-        self._hello_in = data
-        shared = shared_secret(bytes(self._eph), frame["eph"])
-        self._box = Box(shared, self._transcript(), initiator=self.initiator)
-        role = b"I" if self.initiator else b"R"
-        sig = self.local.keys.sign(DOMAIN_HANDSHAKE, role + self._transcript())
-        self.state = State.AUTH
-        out.append(self._send_raw(encode_frame("auth", sig=sig)))
-        return out
-
-    def _transcript(self) -> bytes:
-        first, second = (
-            (self._hello_out, self._hello_in)
-            if self.initiator
-            else (self._hello_in, self._hello_out)
-        )
-        return hashlib.blake2b(
-            len(first).to_bytes(4, "big") + first + second, digest_size=64
-        ).digest()
-
-    def _on_auth(self, data: bytes) -> list[Output]:
-        frame = decode_frame(data)
-        if frame["t"] == "reject":  # hellos cross: the refusal arrives after ours went out
-            raise HandshakeFailed(f"peer refused us: {frame['code']}")
-        if frame["t"] != "auth":
-            raise HandshakeFailed(f"expected auth, got {frame['t']}")
         role = b"R" if self.initiator else b"I"
         try:
-            verify(self._peer_sign_pk, DOMAIN_HANDSHAKE, role + self._transcript(), frame["sig"])
+            verify(entry.sign_pk, DOMAIN_HANDSHAKE, role + self._transcript(), frame["sig"])
         except P2PError as exc:
-            raise HandshakeFailed(f"device {self.peer} failed to prove its key") from exc
+            raise HandshakeFailed(f"device {peer} failed to prove its key") from exc
+        self.peer = peer
         self.state = State.OPEN
-        assert self.peer is not None
-        out: list[Output] = [Authenticated(self.peer)]
-        if self.local.is_primary and self._peer_is_companion:
-            lease = self.local.issue_lease(self.peer, self.wall_ms or None)
+        out.append(Authenticated(peer))
+        if self.local.is_primary and entry.role == "companion":
+            lease = self.local.issue_lease(peer, self.wall_ms or None)
             out.append(self._send_boxed(encode_frame("lease", l=lease)))
-        for space_id in self.local.spaces_for(self.peer):
+        for space_id in self.local.spaces_for(peer, newest):
             sv = self.local.state_vector(space_id)
             out.append(self._send_boxed(encode_frame("sv", s=space_id, sv=sv)))
         return out
@@ -356,6 +365,8 @@ class Session:
         if kind == "bye":
             self.state = State.CLOSED
             return [Closed(None)]
+        if kind == "reject":  # we had accepted the peer's ident; it refused ours
+            raise HandshakeFailed(f"peer refused us: {frame['code']}")
         raise ProtocolError(f"unexpected {kind} frame in an open session")
 
     def _on_state_vector(self, space_id: str, sv: bytes) -> list[Output]:
@@ -388,10 +399,26 @@ class Session:
         assert self._box is not None
         return decode_frame(self._box.open(data, who=str(self.peer)))
 
+    def _unbox_or_reject(self, data: bytes) -> dict[str, Any]:
+        """The peer's first boxed frame, or the clear reject of a peer that refused our
+        hello before it could derive the box (hellos cross)."""
+        try:
+            return self._unbox(data)
+        except DecryptionFailed:
+            try:
+                frame = decode_frame(data)
+            except WireError:
+                frame = {}
+            if frame.get("t") == "reject":
+                raise HandshakeFailed(f"peer refused us: {frame['code']}") from None
+            raise
+
     def _fail(self, error: P2PError) -> list[Output]:
         out: list[Output] = []
-        if self.state in (State.HELLO, State.AUTH):
+        if self.state is State.HELLO:
             out.append(self._send_raw(encode_frame("reject", code=type(error).__name__)))
+        elif self.state is State.AUTH:  # the peer has our hello: it reads boxed frames now
+            out.append(self._send_boxed(encode_frame("reject", code=type(error).__name__)))
         elif self.state is State.OPEN:
             out.append(self._send_boxed(encode_frame("bye", code=type(error).__name__)))
         self.state = State.CLOSED

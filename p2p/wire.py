@@ -44,13 +44,14 @@ class Field:
 SCHEMA: Final[dict[str, dict[str, Field]]] = {
     # handshake, in the clear
     "hello": {
-        "dev": Field(_S, MAX_ID),  # sender's device id
-        "list": Field(_B, 64 * KiB),  # sender's signed device list (identity.DeviceList)
         "eph": Field(_B, 32),  # ephemeral X25519 public key for this session
         "nonce": Field(_B, 32),  # fresh random bytes, bind the transcript to this session
-        "lease": Field(_B, 256),  # a companion's lease from the primary (empty otherwise)
+        "tag": Field(_B, 32),  # keyed by the account's discovery key over eph || nonce
     },
-    "auth": {
+    "ident": {  # boxed: who we are, only for a peer of our own account
+        "dev": Field(_S, MAX_ID),  # sender's device id
+        "list": Field(_B, 64 * KiB),  # sender's signed device list (identity.DeviceList)
+        "lease": Field(_B, 256),  # a companion's lease from the primary (empty otherwise)
         "sig": Field(_B, 64),  # device signature over the handshake transcript
     },
     "reject": {

@@ -19,6 +19,7 @@ from p2p.errors import (
     DecryptionFailed,
     DeviceListError,
     HandshakeFailed,
+    NotOurAccount,
     P2PError,
     ProtocolError,
     RemovedDevice,
@@ -389,19 +390,22 @@ def test_device_of_another_account_refused() -> None:
         link.start()
         link.run()
         assert_refused(link, unchanged)
-        assert isinstance(link.b.error, DeviceListError)
-        assert isinstance(link.a.error, DeviceListError)
+        # neither learns who the other is: each refuses the other's hello
+        assert isinstance(link.b.error, NotOurAccount)
+        assert isinstance(link.a.error, NotOurAccount)
+        assert link.a.lists_in == link.b.lists_in == []
 
 
 def test_never_enrolled_device_presenting_our_list_refused() -> None:
     phone, _ = new_account()
     write(phone, notes(phone), 3, "phone")
     rogue = DeviceState(keys=DeviceKeys.generate(), name="rogue", device_list=phone.device_list)
+    rogue.spaces = phone.spaces  # as if the account's keys had leaked to it
     link = Link(rogue, phone)
     unchanged = before(link)
     link.start()
     link.run()
-    assert_refused(link, unchanged)
+    assert_refused(link, unchanged, may_authenticate="a")
     assert type(link.b.error) is UnknownDevice
     assert link.b.error.device == rogue.device_id
     assert isinstance(link.a.error, HandshakeFailed)  # the phone's reject reached it
@@ -409,22 +413,15 @@ def test_never_enrolled_device_presenting_our_list_refused() -> None:
 
 def test_device_claiming_a_members_id_without_its_key_refused() -> None:
     phone, [laptop] = new_account("laptop")
-    rogue = DeviceState(keys=DeviceKeys.generate(), name="rogue", device_list=phone.device_list)
+    keys = DeviceKeys.generate()
+    object.__setattr__(keys, "device_id", laptop.device_id)  # claims the laptop's id
+    rogue = DeviceState(keys=keys, name="rogue", device_list=phone.device_list)
+    rogue.spaces = phone.spaces  # even with the account's keys
     link = Link(rogue, phone)
-
-    def impersonate(dst: Peer, index: int, data: bytes) -> bytes:
-        if dst is link.b and index == 0:
-            frame = decode_frame(data)
-            frame["dev"] = laptop.device_id
-            del frame["v"], frame["t"]
-            return encode_frame("hello", **frame)
-        return data
-
-    link.rewrite = impersonate
     unchanged = before(link)
     link.start()
     link.run()
-    assert_refused(link, unchanged)
+    assert_refused(link, unchanged, may_authenticate="a")
     assert isinstance(link.b.error, HandshakeFailed)
 
 
@@ -440,11 +437,11 @@ def test_removed_device_refused() -> None:
     link.run()
     assert type(link.b.error) is RemovedDevice
     assert link.b.error.device == laptop.device_id
-    # the removed device learned the new list from the phone's hello, and was refused
+    # the removed device learned the new list from the phone's ident, and was refused
     assert link.a.lists_in == [phone.device_list.encode()]
     assert laptop.device_list.version == old_version + 1
     unchanged["a"] = snapshots(laptop)
-    assert_refused(link, unchanged)
+    assert_refused(link, unchanged, may_authenticate="a")
 
 
 def test_removed_device_refused_by_another_companion() -> None:
@@ -458,7 +455,7 @@ def test_removed_device_refused_by_another_companion() -> None:
     link.run()
     assert type(link.b.error) is RemovedDevice
     unchanged["a"] = snapshots(laptop)
-    assert_refused(link, unchanged)
+    assert_refused(link, unchanged, may_authenticate="a")
     # and what it seals afterwards is refused by everyone
     sealed = laptop.seal(
         notes(laptop),
@@ -706,10 +703,13 @@ def test_device_list_in_is_emitted_even_if_the_caller_ignores_it() -> None:
     [hello_b] = b.start()
     assert isinstance(hello_a, Send)
     assert isinstance(hello_b, Send)
-    out = a.receive(hello_b.data, 0.0)
+    [ident_a] = a.receive(hello_b.data, 0.0)
+    [ident_b] = b.receive(hello_a.data, 0.0)
+    assert isinstance(ident_a, Send)
+    assert isinstance(ident_b, Send)
+    out = a.receive(ident_b.data, 0.0)
     assert out[0] == DeviceListIn(tablet.device_list.encode())
-    assert isinstance(out[1], Send)
-    assert b.receive(hello_a.data, 0.0)[0].__class__ is Send
+    assert Authenticated(tablet.device_id) in out
 
 
 def test_tick_at_the_deadline_always_makes_progress() -> None:
