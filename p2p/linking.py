@@ -3,6 +3,7 @@
 The new device shows a pairing code (``p2p.pairing``) and listens; the primary reads the
 code and dials it. Then, over one connection::
 
+    new -> primary   lcommit a hash of the new device's ephemeral key
     primary -> new   lhello  primary's signing key, ephemeral key, MAC keyed by the secret
     new -> primary   lauth   ephemeral key, signature by the key in the code
                      (both now show the same six-digit check code)
@@ -12,8 +13,11 @@ code and dials it. Then, over one connection::
     new -> primary   ldone                                                          [boxed]
 
 The MAC proves to the new device that the dialer read its code; the signature proves to
-the primary that the device holds the key the code names. Boxed frames use the same
-channel as sync sessions (``p2p.box``), keyed by both ephemeral keys *and* the secret.
+the primary that the device holds the key the code names. The commitment comes first so
+that neither end can pick its key after seeing the other's: whoever sits in the middle
+cannot search for keys that make the two check codes agree (1 in 10**6 by chance).
+Boxed frames use the same channel as sync sessions (``p2p.box``), keyed by both
+ephemeral keys *and* the secret.
 
 History is a snapshot per space, computed once per code and kept by the primary until
 the link completes; the new device keeps every chunk it receives on disk, so a link cut
@@ -23,6 +27,7 @@ midway resumes where it stopped, with nothing sent twice.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -79,6 +84,10 @@ def _mac(secret: bytes, *parts: bytes) -> bytes:
     return hashlib.blake2b(b"".join(parts), key=secret, digest_size=32, person=b"p2p-link").digest()
 
 
+def _commit(ephemeral: bytes) -> bytes:
+    return hashlib.blake2b(ephemeral, digest_size=32, person=b"p2p-link-commit").digest()
+
+
 def _digest(blob: bytes) -> bytes:
     return hashlib.blake2b(blob, digest_size=32).digest()
 
@@ -115,6 +124,8 @@ async def approve(
     """Primary side. ``confirm(check)`` decides (a person comparing screens, or a script);
     ``persist`` makes the new device list durable before the device learns of it;
     ``history(space)`` returns the space's history snapshot for this code."""
+    commit_bytes = await _raw(conn)
+    commitment = _expect(decode_frame(commit_bytes), "lcommit")["c"]
     eph = PrivateKey.generate()
     eph_pk = bytes(eph.public_key)
     hello = encode_frame(
@@ -130,7 +141,9 @@ async def approve(
         verify(code.sign_pk, DOMAIN_LINK, hello + auth["eph"], auth["sig"])
     except BadSignature as exc:
         raise PairingError("the device does not hold the key its code names") from exc
-    transcript = hello + auth_bytes
+    if _commit(auth["eph"]) != commitment:
+        raise PairingError("the device's key does not match what it committed to")
+    transcript = commit_bytes + hello + auth_bytes
     box = Box(
         shared_secret(bytes(eph), auth["eph"]),
         hashlib.blake2b(transcript).digest(),
@@ -261,16 +274,22 @@ async def accept(
 ) -> tuple[DeviceState, WriteBatch]:
     """New-device side: answer the primary, receive and keep the history, and return
     the device's state with the batch that makes it durable."""
-    hello_bytes = await _raw(conn)
-    hello = _expect(decode_frame(hello_bytes), "lhello")
-    if hello["mac"] != _mac(code.secret, code.sign_pk, hello["pk"], hello["eph"]):
-        await conn.send(encode_frame("abort", code="WrongSecret"))
-        raise PairingError("the dialer did not read our pairing code")
+    # commit to our ephemeral key before seeing the dialer's: nobody in the middle can
+    # then search for keys that make both screens show the same six digits
     eph = PrivateKey.generate()
     eph_pk = bytes(eph.public_key)
+    commit = encode_frame("lcommit", c=_commit(eph_pk))
+    await conn.send(commit)
+    hello_bytes = await _raw(conn)
+    hello = _expect(decode_frame(hello_bytes), "lhello")
+    if not hmac.compare_digest(
+        hello["mac"], _mac(code.secret, code.sign_pk, hello["pk"], hello["eph"])
+    ):
+        await conn.send(encode_frame("abort", code="WrongSecret"))
+        raise PairingError("the dialer did not read our pairing code")
     auth = encode_frame("lauth", eph=eph_pk, sig=keys.sign(DOMAIN_LINK, hello_bytes + eph_pk))
     await conn.send(auth)
-    transcript = hello_bytes + auth
+    transcript = commit + hello_bytes + auth
     show_check(check_code(transcript, code.secret))
     box = Box(
         shared_secret(bytes(eph), hello["eph"]),

@@ -58,6 +58,7 @@ SCHEMA: Final[dict[str, dict[str, Field]]] = {
         "code": Field(_S, 64),  # machine-readable reason (error class name)
     },
     # device linking (p2p.linking): in the clear, then boxed
+    "lcommit": {"c": Field(_B, 32)},  # hash of the new device's ephemeral key, sent first
     "lhello": {
         "pk": Field(_B, 32),  # the primary's device signing key
         "eph": Field(_B, 32),  # its ephemeral X25519 key

@@ -375,6 +375,7 @@ async def fake_primary(
 ) -> None:
     """Plays ``approve`` correctly up to ``stage``, sends a mutated frame there, hangs up."""
     try:
+        commit = await conn.receive()
         eph = PrivateKey.generate()
         hello = w.hello(eph)
         if stage == "lhello":
@@ -385,7 +386,7 @@ async def fake_primary(
         frame = decode_frame(auth)
         box = Box(
             shared_secret(bytes(eph), frame["eph"]),
-            hashlib.blake2b(hello + auth).digest(),
+            hashlib.blake2b(commit + hello + auth).digest(),
             initiator=True,
             extra=w.code.secret,
         )
@@ -408,9 +409,14 @@ async def fake_primary(
 async def fake_device(w: LinkWorld, conn: MemoryConnection, stage: str, rng: random.Random) -> None:
     """Plays ``accept`` correctly up to ``stage``, sends a mutated frame there, hangs up."""
     try:
-        hello = await conn.receive()
         eph = PrivateKey.generate()
         eph_pk = bytes(eph.public_key)
+        commit = encode_frame(
+            "lcommit",
+            c=hashlib.blake2b(eph_pk, digest_size=32, person=b"p2p-link-commit").digest(),
+        )
+        await conn.send(commit)
+        hello = await conn.receive()
         auth = encode_frame("lauth", eph=eph_pk, sig=w.keys.sign(DOMAIN_LINK, hello + eph_pk))
         if stage == "lauth":
             await conn.send(_bad(rng, auth, None))
@@ -418,7 +424,7 @@ async def fake_device(w: LinkWorld, conn: MemoryConnection, stage: str, rng: ran
         await conn.send(auth)
         box = Box(
             shared_secret(bytes(eph), decode_frame(hello)["eph"]),
-            hashlib.blake2b(hello + auth).digest(),
+            hashlib.blake2b(commit + hello + auth).digest(),
             initiator=False,
             extra=w.code.secret,
         )
@@ -506,13 +512,14 @@ def _accept_enroll(w: LinkWorld, inner: bytes) -> BaseException | None:
     raised: list[BaseException] = []
 
     async def primary(conn: MemoryConnection) -> None:
+        commit = await conn.receive()
         eph = PrivateKey.generate()
         hello = w.hello(eph)
         await conn.send(hello)
         auth = await conn.receive()
         box = Box(
             shared_secret(bytes(eph), decode_frame(auth)["eph"]),
-            hashlib.blake2b(hello + auth).digest(),
+            hashlib.blake2b(commit + hello + auth).digest(),
             initiator=True,
             extra=w.code.secret,
         )
