@@ -208,22 +208,28 @@ def cmd_approve(args: argparse.Namespace) -> int:
     from p2p.pairing import CheckCodeMismatch, same_check_code
 
     home = _home(args)
-    request = {"op": "approve", "code": args.code, "check": args.check, "connect": args.connect}
-    if args.yes or args.check:
-        reply = control.request(home, request)
-        if reply is not None:  # a node runs for this home: it links the device itself
-            if args.json:
-                print(
-                    json.dumps(
-                        {"event": "linked", "device": reply["device"], "name": reply["name"]}
-                    )
-                )
-            else:
-                print(f"linked {reply['name']} ({reply['device']})")
-            return 0
-    elif control.request(home, {"op": "status"}) is not None:
-        print("p2p: a node is running for this home: pass --yes or --check DIGITS", file=sys.stderr)
-        return 1
+
+    def ask(digits: str) -> bool:
+        answer = input(f"check code {digits}: does the new device show the same? [y/N] ")
+        return answer.strip().lower() in ("y", "yes")
+
+    interactive = not (args.yes or args.check)
+    request = {
+        "op": "approve",
+        "code": args.code,
+        "check": args.check,
+        "connect": args.connect,
+        "interactive": interactive,
+    }
+    # a node running for this home links the device itself (it owns the store); the
+    # check code still comes to this prompt
+    reply = control.request(home, request, ask=ask)
+    if reply is not None:
+        if args.json:
+            print(json.dumps({"event": "linked", "device": reply["device"], "name": reply["name"]}))
+        else:
+            print(f"linked {reply['name']} ({reply['device']})")
+        return 0
 
     async def confirm(digits: str) -> bool:
         if args.yes:
@@ -234,10 +240,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
                     f"check code {args.check} differs from {digits}: nothing linked"
                 )
             return True
-        answer = await trio.to_thread.run_sync(
-            input, f"check code {digits}: does the new device show the same? [y/N] "
-        )
-        return answer.strip().lower() in ("y", "yes")
+        return await trio.to_thread.run_sync(ask, digits)
 
     screen = _LinkScreen(args.json)
 

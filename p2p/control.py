@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -24,12 +25,14 @@ import trio
 
 from p2p.errors import NodeError, P2PError
 from p2p.node import Node
-from p2p.pairing import same_check_code
+from p2p.pairing import CheckCodeMismatch, same_check_code
 
 SOCKET_FILE: Final = "control.sock"
 MAX_LINE: Final = 256 * 1024
 REQUEST_TIMEOUT: Final = 10.0
 """Longest wait for a request line (an owner's client that stalls is cut off)."""
+CONFIRM_TIMEOUT: Final = 300.0
+"""How long a person has to compare check codes at the ``p2p approve`` prompt."""
 REPLY_TIMEOUT: Final = 600.0
 """Longest wait for a reply: a link moves a whole history before it answers."""
 
@@ -38,11 +41,26 @@ class ControlError(NodeError):
     """The running node refused a control request (the reason is in the message)."""
 
 
+def _read_reply(sock: socket.socket) -> Any:
+    data = bytearray()
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > 64 * MAX_LINE:
+            raise ControlError("reply too long")
+    return json.loads(data)
+
+
 def socket_path(home: str | os.PathLike[str]) -> Path:
     return Path(home) / SOCKET_FILE
 
 
-async def _handle(node: Node, request: object) -> dict[str, Any]:
+Ask = Callable[[str], Awaitable[bool]]
+
+
+async def _handle(node: Node, request: object, ask: Ask) -> dict[str, Any]:
     if not isinstance(request, dict) or not isinstance(request.get("op"), str):
         raise ControlError("a request is an object with an 'op'")
     op = request["op"]
@@ -66,6 +84,8 @@ async def _handle(node: Node, request: object) -> dict[str, Any]:
             raise ControlError("'code' must be a string, 'check' and 'connect' strings or null")
 
         async def confirm(digits: str) -> bool:
+            if request.get("interactive"):
+                return await ask(digits)  # the person at the `p2p approve` prompt
             return check is None or same_check_code(digits, check)
 
         linked = await node.approve(code, confirm=confirm, connect=connect)
@@ -106,7 +126,17 @@ async def serve_control(
             try:
                 with trio.fail_after(REQUEST_TIMEOUT):
                     line = await _read_line(stream)
-                reply = {"ok": True, **(await _handle(node, json.loads(line)))}
+
+                async def ask(digits: str) -> bool:
+                    """Show the check code at the client and wait for the person's answer."""
+                    await stream.send_all(
+                        json.dumps({"event": "check", "check": digits}).encode() + b"\n"
+                    )
+                    with trio.fail_after(CONFIRM_TIMEOUT):
+                        answer = json.loads(await _read_line(stream))
+                    return isinstance(answer, dict) and answer.get("confirm") is True
+
+                reply = {"ok": True, **(await _handle(node, json.loads(line), ask))}
             except (P2PError, ValueError, trio.TooSlowError) as exc:
                 reply = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
@@ -132,7 +162,12 @@ async def _read_line(stream: trio.abc.ReceiveStream) -> bytes:
     return bytes(data.split(b"\n", 1)[0])
 
 
-def request(home: str | os.PathLike[str], payload: dict[str, Any]) -> dict[str, Any] | None:
+def request(
+    home: str | os.PathLike[str],
+    payload: dict[str, Any],
+    *,
+    ask: Callable[[str], bool] | None = None,
+) -> dict[str, Any] | None:
     """Ask the node running for ``home``; None if no node is running there.
 
     Blocking on purpose: the CLI calls it before (or instead of) starting trio.
@@ -147,17 +182,16 @@ def request(home: str | os.PathLike[str], payload: dict[str, Any]) -> dict[str, 
         except (ConnectionRefusedError, FileNotFoundError):
             return None  # a stale socket from a node that died
         sock.sendall(json.dumps(payload).encode() + b"\n")
-        data = bytearray()
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-            if len(data) > 64 * MAX_LINE:
-                raise ControlError("reply too long")
-    reply = json.loads(data)
+        reply = _read_reply(sock)
+        while isinstance(reply, dict) and reply.get("event") == "check":
+            # the node asks the person to compare check codes (p2p approve, interactive)
+            confirmed = ask is not None and ask(str(reply.get("check")))
+            sock.sendall(json.dumps({"confirm": confirmed}).encode() + b"\n")
+            reply = _read_reply(sock)
     if not isinstance(reply, dict):
         raise ControlError("malformed reply from the node")
+    if not reply.get("ok") and reply.get("error") in ("CheckCodeMismatch",):
+        raise CheckCodeMismatch(str(reply.get("message")))
     if not reply.get("ok"):
         raise ControlError(f"{reply.get('error')}: {reply.get('message')}")
     return reply

@@ -335,3 +335,33 @@ def test_an_unlinked_device_reads_nothing_new_and_is_refused_everywhere() -> Non
         assert isinstance(closed[0].error, HandshakeFailed | RemovedDevice)
         with pytest.raises(RollbackRefused):
             peer.offer_device_list(old_list)
+
+
+def test_approving_through_a_running_node_asks_the_person_to_compare(tmp_path: Path) -> None:
+    phone_home = tmp_path / "phone"
+    run_p2p(phone_home, "init", "--name", "phone")
+    phone = Node(phone_home, "--listen", "127.0.0.1:0", "--no-mdns")
+    try:
+        linker = Linker(tmp_path / "laptop", "laptop")
+
+        def approve(answer: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [*P2P, "--home", str(phone_home), "approve", linker.code],
+                input=answer,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+
+        refused = approve("n\n")
+        assert refused.returncode == 1
+        assert "check code" in refused.stdout  # the prompt showed the digits
+        assert len(devices(phone_home)) == 1
+        shown = [e["check"] for e in linker.events if e.get("event") == "check"]
+        assert shown, "the new device showed no check code"
+        accepted = approve("y\n")
+        assert accepted.returncode == 0, accepted.stderr
+        assert linker.wait() == 0
+        assert len(devices(phone_home)) == 2
+    finally:
+        phone.stop()
