@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import signal
 from collections.abc import Iterator, Sequence
@@ -28,6 +29,7 @@ from p2p.node import Node, open_node
 from p2p.transport.tcp import TcpTransport
 
 LOCK_FILE: Final = "node.lock"
+log = logging.getLogger("p2p.daemon")
 
 
 class AlreadyRunning(NodeError):
@@ -89,6 +91,39 @@ async def _report(
         _say(as_json, name, text, **asdict(event))
 
 
+async def _mdns(
+    node: Node,
+    port: int,
+    interfaces: Sequence[str],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Announce and browse on mDNS; start over with a new secret whenever a key
+    rotation (an unlink) changes the account's discovery key, so the removed device
+    stops recognising our announcements and the others keep recognising them."""
+    from p2p.discovery.mdns import MdnsDiscovery
+
+    events = node.subscribe()
+    while True:
+        secret = node.state.discovery_key()
+        async with trio.open_nursery() as nursery:
+            adapter = MdnsDiscovery(
+                port=port,
+                device_id=node.device_id,
+                secret=secret,
+                linked=lambda: node.state.device_list.ids,
+                interfaces=list(interfaces) or None,
+            )
+            await nursery.start(adapter.run, node.found_channel())
+            task_status.started()
+            task_status = trio.TASK_STATUS_IGNORED
+            async for event in events:
+                if isinstance(event, ev.DeviceListChanged) and node.state.discovery_key() != secret:
+                    log.info("discovery key rotated: announcing afresh")
+                    nursery.cancel_scope.cancel()
+                    break
+
+
 async def run_daemon(
     home: Path,
     *,
@@ -113,17 +148,7 @@ async def run_daemon(
                 if peers:  # dialed once the report listens, so no connection goes unsaid
                     await node.add_discovery(StaticPeers(peers))
                 if mdns:
-                    from p2p.discovery.mdns import MdnsDiscovery
-
-                    await node.add_discovery(
-                        MdnsDiscovery(
-                            port=transport.port,
-                            device_id=node.device_id,
-                            secret=node.state.discovery_key(),
-                            linked=lambda: node.state.device_list.ids,
-                            interfaces=mdns_interfaces or None,
-                        )
-                    )
+                    await nursery.start(_mdns, node, transport.port, mdns_interfaces)
                 _say(
                     as_json,
                     "listening",

@@ -451,9 +451,14 @@ class Node:
 
     async def add_discovery(self, adapter: Discovery) -> None:
         """Run a discovery adapter in the node; what it finds is dialed (once started)."""
+        await self._nursery.start(adapter.run, self.found_channel())
+
+    def found_channel(self) -> trio.MemorySendChannel[Found]:
+        """Where a discovery adapter run outside the node (in the caller's nursery, to
+        restart it at will) reports what it finds."""
         if self.transport is None:
             raise NodeError("discovery needs a transport to dial with")
-        await self._nursery.start(adapter.run, self._found_send.clone())
+        return self._found_send.clone()
 
     async def _merge_found(self) -> None:
         """Dial every new address any discovery adapter reports."""
