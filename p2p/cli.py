@@ -306,25 +306,40 @@ def cmd_relay(args: argparse.Namespace) -> int:
 def cmd_devices(args: argparse.Namespace) -> int:
     from p2p.core import DeviceState
 
-    store = open_home_store(_home(args))
+    home = _home(args)
+    store = open_home_store(home)
     try:
         state = DeviceState.load(store)
+        seen = {n.removeprefix("seen/"): store.get(n) for n in store.names("seen/")}
     finally:
         store.close()
+    reply = control.request(home, {"op": "status"})  # who is connected right now
+    online = {p["device"] for p in reply["status"]["peers"]} if reply is not None else set()
     dl = state.device_list
     for d in dl.devices:
+        last = seen.get(d.device_id)
         row = {
             "id": d.device_id,
             "name": d.name,
             "role": d.role,
             "this": d.device_id == state.device_id,
+            "online": d.device_id in online,
+            "last_seen_ms": int(last) if last else None,
             "list_version": dl.version,
         }
         if args.json:
             print(json.dumps(row))
+            continue
+        if row["this"]:
+            where = "this device"
+        elif row["online"]:
+            where = "online"
+        elif last:
+            when = datetime.fromtimestamp(int(last) / 1000, UTC)
+            where = f"last seen {when:%Y-%m-%d %H:%M}"
         else:
-            mark = " (this device)" if row["this"] else ""
-            print(f"{d.device_id}  {d.role:<9}  {d.name}{mark}")
+            where = "never seen"
+        print(f"{d.device_id}  {d.role:<9}  {d.name:<12} {where}")
     return 0
 
 

@@ -612,7 +612,12 @@ class Node:
         self._peers_changed.set()
         self._peers_changed = trio.Event()
         log.info("connected to %s via %s", device, peer.remote)
+        self._queue_write(self._seen(device))
         self._emit(ev.PeerConnected(device=device, remote=peer.remote))
+
+    def _seen(self, device: str) -> WriteBatch:
+        """Remember when we last had a session with ``device`` (``p2p devices``)."""
+        return WriteBatch(records={f"seen/{device}": str(self._wall_ms()).encode()})
 
     def _keep_new(self, new: _Peer, existing: _Peer) -> bool:
         """Deterministic choice between two connections to the same device: both ends
@@ -639,6 +644,7 @@ class Node:
                 )
             )
         if device is not None and self._peers.get(device) is peer:
+            self._queue_write(self._seen(device))
             self._emit(
                 ev.PeerDisconnected(
                     device=device,

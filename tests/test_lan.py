@@ -52,6 +52,12 @@ def test_three_nodes_with_static_peers_converge_in_the_same_order(
     assert logs[0] == logs[1] == logs[2]  # same messages, same order, same fields
     for field in ("id", "chat", "ts", "device", "account", "text"):
         assert field in logs[0][0]
+    listed = [json.loads(line) for line in p2p(homes[0], "devices", "--json").stdout.splitlines()]
+    assert {d["name"]: d["online"] for d in listed if not d["this"]} == {
+        "laptop": True,
+        "desktop": True,
+    }
+    assert all(d["last_seen_ms"] for d in listed if not d["this"])
 
 
 def test_phone_offline_companions_keep_talking(tmp_path: Path, nodes: list[Node]) -> None:
