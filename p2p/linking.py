@@ -63,7 +63,9 @@ from p2p.wire import MAX_ID, decode_frame, encode_frame, pack, unpack
 DOMAIN_LINK: Final = b"p2p/link/v1\x00"
 CHUNK: Final = 256 * 1024
 STEP_TIMEOUT: Final = 60.0
-"""Longest wait for any one frame (the person comparing check codes included)."""
+"""Longest wait for any one frame."""
+CONFIRM_TIMEOUT: Final = 300.0
+"""Longest wait for the primary's decision: a person comparing check codes."""
 MAX_HISTORY: Final = 1 << 34
 
 Progress = Callable[[int, int], None]
@@ -84,6 +86,14 @@ def _mac(secret: bytes, *parts: bytes) -> bytes:
     return hashlib.blake2b(b"".join(parts), key=secret, digest_size=32, person=b"p2p-link").digest()
 
 
+def _transcript(commitment: bytes, hello: dict[str, Any], new_eph: bytes) -> bytes:
+    """What the check code and the session keys are computed over: decoded values, not
+    frame bytes (a frame has many encodings, and a signature many valid values, which a
+    party in the middle could otherwise try one after another). Every value here is
+    fixed before the other side's key is seen."""
+    return pack([commitment, hello["pk"], hello["eph"], hello["mac"], new_eph])
+
+
 def _commit(ephemeral: bytes) -> bytes:
     return hashlib.blake2b(ephemeral, digest_size=32, person=b"p2p-link-commit").digest()
 
@@ -92,8 +102,10 @@ def _digest(blob: bytes) -> bytes:
     return hashlib.blake2b(blob, digest_size=32).digest()
 
 
-async def _receive(conn: Connection, box: Box | None, who: str) -> dict[str, Any]:
-    with trio.fail_after(STEP_TIMEOUT):
+async def _receive(
+    conn: Connection, box: Box | None, who: str, patience: float = STEP_TIMEOUT
+) -> dict[str, Any]:
+    with trio.fail_after(patience):
         data = await conn.receive()
     frame = decode_frame(box.open(data, who=who) if box else data)
     if frame["t"] == "abort":
@@ -143,7 +155,7 @@ async def approve(
         raise PairingError("the device does not hold the key its code names") from exc
     if _commit(auth["eph"]) != commitment:
         raise PairingError("the device's key does not match what it committed to")
-    transcript = commit_bytes + hello + auth_bytes
+    transcript = _transcript(commitment, decode_frame(hello), auth["eph"])
     box = Box(
         shared_secret(bytes(eph), auth["eph"]),
         hashlib.blake2b(transcript).digest(),
@@ -289,7 +301,7 @@ async def accept(
         raise PairingError("the dialer did not read our pairing code")
     auth = encode_frame("lauth", eph=eph_pk, sig=keys.sign(DOMAIN_LINK, hello_bytes + eph_pk))
     await conn.send(auth)
-    transcript = commit + hello_bytes + auth
+    transcript = _transcript(_commit(eph_pk), hello, eph_pk)
     show_check(check_code(transcript, code.secret))
     box = Box(
         shared_secret(bytes(eph), hello["eph"]),
@@ -303,7 +315,8 @@ async def accept(
         )
     )
 
-    enroll = _expect(await _receive(conn, box, "primary"), "enroll")
+    # the person at the primary compares check codes before this comes
+    enroll = _expect(await _receive(conn, box, "primary", CONFIRM_TIMEOUT), "enroll")
     device_list, spaces, sizes = _parse_enroll(enroll, keys, hello["pk"])
     have = parts.have()
     total = sum(size for _, size in sizes.values())

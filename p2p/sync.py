@@ -8,8 +8,9 @@ event up). Same pattern as h11 and iroh-gossip.
 
 States and the rules they keep::
 
-    HELLO   both sides send ``hello`` at once: an ephemeral X25519 key, a nonce, and a
-            tag over both keyed by the account's discovery key. Nothing else: who we
+    HELLO   both sides send ``hello`` at once: an ephemeral X25519 key, a nonce, and
+            tags over both keyed by the account's discovery keys (one per epoch held,
+            so a device that missed a key rotation still meets). Nothing else: who we
             are stays hidden. On the peer's hello: check the tag (a stranger is refused
             here, having learnt nothing), derive the session keys, send ``ident``
             boxed (device id, signed device list, lease, signature over the transcript).
@@ -61,6 +62,8 @@ HANDSHAKE_TIMEOUT: Final = 10.0
 PING_INTERVAL: Final = 15.0
 IDLE_TIMEOUT: Final = 45.0
 EMPTY_UPDATE: Final = b"\x00\x00"
+MAX_TAGS: Final = 8
+"""Discovery-key epochs a hello carries tags for (and a receiver checks)."""
 
 
 class Replicas(Protocol):
@@ -187,8 +190,11 @@ class Session:
         """Begin: our hello goes out at once (both sides do this)."""
         self._started = self._last_in = self._last_out = self.now
         eph = bytes(self._eph.public_key)
-        tag = account_tag(self.local.discovery_keys()[0], eph + self._nonce)
-        self._hello_out = encode_frame("hello", eph=eph, nonce=self._nonce, tag=tag)
+        # one tag per epoch we hold: a device that missed a rotation checks the old one,
+        # an up-to-date one the new one (and takes old ones from lagging devices)
+        keys = self.local.discovery_keys()[:MAX_TAGS]
+        tags = b"".join(account_tag(key, eph + self._nonce) for key in keys)
+        self._hello_out = encode_frame("hello", eph=eph, nonce=self._nonce, tags=tags)
         return [self._send_raw(self._hello_out)]
 
     # ---- input ---------------------------------------------------------------------
@@ -271,10 +277,9 @@ class Session:
         # Only a device holding our account's discovery key (current or past epoch) gets
         # to see who we are: a stranger learns nothing but that we refuse it.
         proof = frame["eph"] + frame["nonce"]
-        if not any(
-            hmac.compare_digest(account_tag(key, proof), frame["tag"])
-            for key in self.local.discovery_keys()
-        ):
+        theirs = [frame["tags"][i : i + 32] for i in range(0, len(frame["tags"]), 32)]
+        ours = [account_tag(key, proof) for key in self.local.discovery_keys()[:MAX_TAGS]]
+        if not any(hmac.compare_digest(a, b) for a in ours for b in theirs):
             raise NotOurAccount("the peer does not belong to this account")
         self._hello_in = data
         shared = shared_secret(bytes(self._eph), frame["eph"])

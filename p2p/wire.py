@@ -46,7 +46,8 @@ SCHEMA: Final[dict[str, dict[str, Field]]] = {
     "hello": {
         "eph": Field(_B, 32),  # ephemeral X25519 public key for this session
         "nonce": Field(_B, 32),  # fresh random bytes, bind the transcript to this session
-        "tag": Field(_B, 32),  # keyed by the account's discovery key over eph || nonce
+        "tags": Field(_B, 8 * 32),  # per discovery key we hold (8 newest epochs), keyed
+        # tags over eph || nonce: any one a peer can check proves we are of its account
     },
     "ident": {  # boxed: who we are, only for a peer of our own account
         "dev": Field(_S, MAX_ID),  # sender's device id

@@ -45,7 +45,7 @@ from p2p.core import NOTES, DeviceState
 from p2p.discovery.mdns import MdnsDiscovery
 from p2p.errors import P2PError
 from p2p.identity import DeviceEntry, DeviceKeys
-from p2p.linking import DOMAIN_LINK, Parts, accept, approve
+from p2p.linking import DOMAIN_LINK, Parts, _transcript, accept, approve
 from p2p.pairing import PREFIX, PairingCode
 from p2p.relay.protocol import (
     CLIENT_SCHEMA,
@@ -386,7 +386,7 @@ async def fake_primary(
         frame = decode_frame(auth)
         box = Box(
             shared_secret(bytes(eph), frame["eph"]),
-            hashlib.blake2b(commit + hello + auth).digest(),
+            hashlib.blake2b(link_transcript(commit, hello, auth)).digest(),
             initiator=True,
             extra=w.code.secret,
         )
@@ -424,7 +424,7 @@ async def fake_device(w: LinkWorld, conn: MemoryConnection, stage: str, rng: ran
         await conn.send(auth)
         box = Box(
             shared_secret(bytes(eph), decode_frame(hello)["eph"]),
-            hashlib.blake2b(commit + hello + auth).digest(),
+            hashlib.blake2b(link_transcript(commit, hello, auth)).digest(),
             initiator=False,
             extra=w.code.secret,
         )
@@ -443,6 +443,11 @@ async def fake_device(w: LinkWorld, conn: MemoryConnection, stage: str, rng: ran
         return
     finally:
         await conn.aclose()
+
+
+def link_transcript(commit: bytes, hello: bytes, auth: bytes) -> bytes:
+    """What both ends of a link derive their keys from (see p2p.linking._transcript)."""
+    return _transcript(decode_frame(commit)["c"], decode_frame(hello), decode_frame(auth)["eph"])
 
 
 def fuzz_linking(side: str, n: int) -> Tally:
@@ -519,7 +524,7 @@ def _accept_enroll(w: LinkWorld, inner: bytes) -> BaseException | None:
         auth = await conn.receive()
         box = Box(
             shared_secret(bytes(eph), decode_frame(auth)["eph"]),
-            hashlib.blake2b(commit + hello + auth).digest(),
+            hashlib.blake2b(link_transcript(commit, hello, auth)).digest(),
             initiator=True,
             extra=w.code.secret,
         )

@@ -72,3 +72,23 @@ def test_a_leave_asked_while_the_primary_is_away_is_delivered_later() -> None:
             await wait_for(lambda: c.node(2).device_id not in c.node(0).state.device_list.ids)
 
     run(scenario)
+
+
+def test_a_companion_off_during_an_unlink_catches_up_with_the_new_keys() -> None:
+    """It holds only the old epoch's keys: it must still meet the others, learn the new
+    list, open its grant, and read what was written after the rotation."""
+
+    async def scenario() -> None:
+        async with testing.cluster(4) as c:
+            await c.settle()
+            await c.stop(2)  # the desktop is off while the tablet is unlinked
+            await c.node(0).unlink(c.node(3).device_id)
+            await c.node(1).send("after the unlink")
+            await c.start(2)
+            desktop = c.node(2)
+            await wait_for(lambda: [m.text for m in desktop.messages()] == ["after the unlink"])
+            chat = desktop.default_chat()
+            assert desktop.state.space(chat).epoch == 1
+            assert c.node(3).device_id not in desktop.state.device_list.ids
+
+    run(scenario)
