@@ -274,7 +274,13 @@ def cmd_unlink(args: argparse.Namespace) -> int:
             trio.run(leave)
             print("asked to be unlinked: the request goes to the primary at the next meeting")
         else:
-            print("asked the primary to unlink this device")
+            status = control.request(home, {"op": "status"})
+            peers = {p["device"] for p in status["status"]["peers"]} if status else set()
+            primary = status["status"]["primary"] if status else None
+            if primary in peers:
+                print("asked the primary to unlink this device")
+            else:
+                print("asked to be unlinked: the request goes to the primary at the next meeting")
         return 0
     if not args.device:
         print("p2p: unlink needs a DEVICE id (or --self on a companion)", file=sys.stderr)

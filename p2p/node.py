@@ -208,6 +208,7 @@ class Node:
             "role": "primary" if self.state.is_primary else "companion",
             "address": self.address,
             "device_list_version": self.state.device_list.version,
+            "primary": self.state.device_list.primary.device_id,
             "peers": [
                 {
                     "device": d,
