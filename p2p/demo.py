@@ -15,6 +15,7 @@ import random
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -25,10 +26,13 @@ from p2p.errors import P2PError
 from p2p.home import init_account
 from p2p.linking import wait_for_primary
 from p2p.node import Node, open_node
+from p2p.relay.server import serve_relay
 from p2p.testing import digest
 from p2p.transport.tcp import TcpTransport
 
 NAMES = ("phone", "laptop", "desktop", "tablet", "web")
+REMOTE = ("desktop", "web")
+"""Devices not on the LAN: they reach the others through the relay only."""
 
 
 @dataclass
@@ -71,14 +75,22 @@ class _CodeCatcher:
 
 
 class Demo:
-    def __init__(self, root: Path, nursery: trio.Nursery, console: Console) -> None:
+    def __init__(self, root: Path, nursery: trio.Nursery, console: Console, relay_url: str) -> None:
         self.devices = [Device(name, root / name) for name in NAMES]
         self.nursery = nursery
         self.say = console.print
+        self.relay_url = relay_url
 
     async def start(self, index: int) -> Node:
+        """Start a device: the desktop and the web companion are "elsewhere" and meet the
+        others only through the relay; the rest also dial each other on the LAN."""
         device = self.devices[index]
-        peers = [d.address for d in self.devices[:index] if d.port]
+        remote = device.name in REMOTE
+        peers = (
+            []
+            if remote
+            else [d.address for d in self.devices[:index] if d.port and d.name not in REMOTE]
+        )
         await self.nursery.start(self._run, device, peers)
         return device.running()
 
@@ -90,7 +102,9 @@ class Demo:
         try:
             with trio.CancelScope() as scope:
                 device.scope = scope
-                async with open_node(device.home, transport=transport, peers=peers) as node:
+                async with open_node(
+                    device.home, transport=transport, peers=peers, relays=[self.relay_url]
+                ) as node:
                     device.port = transport.port
                     device.node = node
                     task_status.started()
@@ -159,10 +173,17 @@ async def _scenario(messages: int, seed: int) -> int:
     checks: dict[str, bool] = {}
     with tempfile.TemporaryDirectory(prefix="p2p-demo-") as tmp:
         async with trio.open_nursery() as nursery:
-            demo = Demo(Path(tmp), nursery, console)
+            relay = await nursery.start(
+                partial(serve_relay, "127.0.0.1", 0, data_dir=Path(tmp) / "relay")
+            )
+            demo = Demo(Path(tmp), nursery, console, relay.url)
             say = demo.say
             phone_dev, laptop, desktop, tablet, web = demo.devices
             say("[bold]p2p demo[/]: one account, five devices, real stores, TCP on loopback")
+            say(
+                f"  a relay listens at {relay.url}; the desktop and the web companion are "
+                "elsewhere and reach the others only through it"
+            )
             init_account(phone_dev.home, "phone")
             phone = await demo.start(0)
             for i in range(20):
@@ -182,7 +203,7 @@ async def _scenario(messages: int, seed: int) -> int:
                 i = rng.randrange(1, 5)
                 await demo.devices[i].running().send(f"{NAMES[i]}: note {sent}")
                 sent += 1
-            say(f"  companions sent {sent} messages to each other, phone off")
+            say(f"  companions sent {sent} messages to each other (LAN and relay), phone off")
             say("[yellow]the tablet drops off too[/]")
             await demo.stop(3)
             for _ in range(messages - messages // 2):
