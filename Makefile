@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test lint typecheck unit bench clean chaos
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,8 +29,36 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
-bench: $(STAMP)
-	$(BIN)/python bench/bench_core.py
+# The long chaos and adversarial runs (issue 8; docs/reliability.md): many seeds, kills
+# and inputs. Figures go to $(CHAOS_REPORT), one JSON line per run, summed up at the end.
+CHAOS_REPORT ?= $(VENV)/chaos-figures.jsonl
+
+chaos: $(STAMP)
+	rm -f $(CHAOS_REPORT)
+	P2P_CHAOS=1 P2P_CHAOS_REPORT=$(abspath $(CHAOS_REPORT)) $(BIN)/pytest -q -m chaos tests; \
+	status=$$?; $(BIN)/python tests/chaos.py summary $(CHAOS_REPORT); exit $$status
+
+# `make bench` (BENCH_ARGS="--quick" for a smoke run): p2p against pycrdt-websocket and
+# y-websocket, tables + plots in bench/out/ (see docs/performance.md). Its own venv,
+# bench/.venv (requirements.lock + bench/requirements.txt), and bench/node_modules
+# (bench/package-lock.json) are bootstrapped on first use.
+BENCH_VENV := bench/.venv
+BENCH_STAMP := $(BENCH_VENV)/.installed
+NODE_STAMP := bench/node_modules/.installed
+
+$(BENCH_STAMP): requirements.lock bench/requirements.txt pyproject.toml
+	test -x $(BENCH_VENV)/bin/python || $(PY) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install --quiet -r requirements.lock -r bench/requirements.txt
+	$(BENCH_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $(BENCH_STAMP)
+
+$(NODE_STAMP): bench/package.json bench/package-lock.json
+	cd bench && npm ci --no-audit --no-fund --ignore-scripts
+	touch $(NODE_STAMP)
+
+bench: $(BENCH_STAMP) $(NODE_STAMP)
+	$(BENCH_VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
