@@ -218,7 +218,8 @@ def _code_inputs(n: int, seed: int) -> list[str]:
         for k, name, addresses in zip(
             keys,
             ["laptop", "é" * 64, "x"],
-            [["192.168.1.4:4000"], [], [f"10.0.0.{i}:{4000 + i}" for i in range(8)]],
+            # addresses are only data here (never dialed): loopback ones, as everywhere
+            [["127.0.0.1:4000"], [], [f"127.0.0.{i + 1}:{4000 + i}" for i in range(8)]],
             strict=True,
         )
     ]
