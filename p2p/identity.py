@@ -145,7 +145,7 @@ class DeviceEntry:
     sign_pk: bytes
     box_pk: bytes
 
-    @property
+    @cached_property  # BLAKE2b + base32: worth doing once (every check looks it up)
     def device_id(self) -> str:
         return short_id(self.sign_pk)
 
@@ -274,11 +274,11 @@ class DeviceList:
             raise DeviceListError("device list signature does not verify") from exc
         self.check_rules()
 
-    @property
+    @cached_property
     def ids(self) -> frozenset[str]:
         return frozenset(d.device_id for d in self.devices)
 
-    @property
+    @cached_property
     def removed_ids(self) -> frozenset[str]:
         return frozenset(d.device_id for d in self.removed)
 
@@ -300,10 +300,11 @@ class DeviceList:
 
     def signing_key_of(self, device_id: str) -> bytes | None:
         """Signing key of a current or removed device (to check what it once wrote)."""
-        for d in (*self.devices, *self.removed):
-            if d.device_id == device_id:
-                return d.sign_pk
-        return None
+        return self._signing_keys.get(device_id)
+
+    @cached_property
+    def _signing_keys(self) -> dict[str, bytes]:
+        return {d.device_id: d.sign_pk for d in (*self.devices, *self.removed)}
 
     def encode(self) -> bytes:
         return pack([self._body(), self.signature])

@@ -193,6 +193,37 @@ class Replica:
         self.doc: pycrdt.Doc[Any] = pycrdt.Doc()
         self._maps = {name: self.doc.get(name, type=pycrdt.Map) for name in MAPS}
         self._verified: dict[tuple[str, str], bool] = {}
+        self._latest_ts = ""
+        self._scanned = False
+        for name in ("m", "e", "x", "r"):
+            self._maps[name].observe(self._note_timestamps)
+
+    @property
+    def latest_ts(self) -> str:
+        """The greatest timestamp of any entry here (not verified: only a hint for the
+        local clock, which bounds how far it follows). The first call scans the
+        document once; observers keep it current after that."""
+        if not self._scanned:
+            self._scanned = True
+            stamps = (v.get("ts") for _, v in self._maps["m"].items() if isinstance(v, dict))
+            self._latest_ts = max(
+                [self._latest_ts, *(t for t in stamps if isinstance(t, str) and is_ts(t))]
+            )
+        return self._latest_ts
+
+    def _note_timestamps(self, event: Any) -> None:
+        # runs inside pycrdt's transaction: it must never raise (it would resurface
+        # in the writer as an exception group)
+        if not self._scanned:
+            return  # the first read scans everything anyway (and loading stays cheap)
+        try:
+            for change in event.keys.values():
+                value = change.get("newValue")
+                ts = value.get("ts") if isinstance(value, dict) else None
+                if isinstance(ts, str) and ts > self._latest_ts and is_ts(ts):
+                    self._latest_ts = ts
+        except Exception:
+            pass
 
     # ---- bytes in and out ----------------------------------------------------------
 

@@ -132,7 +132,6 @@ class Node:
         self._outbox_wakeup = trio.Event()
         self._subscribers: list[trio.MemorySendChannel[ev.Event]] = []
         self._reported: set[tuple[str, str]] = set()
-        self._unobserved: set[str] = set()
         self._known_devices = set(state.device_list.ids)
         self._leaving = False
         self._handshaking = 0
@@ -182,9 +181,6 @@ class Node:
         """
         space = self.state.chat_by_name(chat) if chat else self.state.space(self.default_chat())
         shown, rejected = space.replica.view(self.state.any_signing_key, self.state.account_of)
-        self._unobserved.discard(space.id)
-        if shown:  # our next timestamp sorts after everything we have shown
-            self.state.clock.observe(max(m.ts for m in shown), self._wall_ms())
         for r in rejected:
             if (r.space, r.entry_id) not in self._reported:
                 self._reported.add((r.space, r.entry_id))
@@ -298,8 +294,8 @@ class Node:
         if self._closed:
             raise NodeError("the node is closed")
         space = self.state.chat_by_name(chat) if chat else self.state.space(self.default_chat())
-        if space.id in self._unobserved:
-            self.messages(space.id)  # let the clock see what peers wrote since
+        if space.replica.latest_ts:  # sort after everything this chat has seen so far
+            self.state.clock.observe(space.replica.latest_ts, self._wall_ms())
         entry = self.state.new_entry(space.id, kind, self._wall_ms(), body=body, target=target)
         update, batch = self.state.write_local(space.id, [entry])
         await self._commit(batch)
@@ -427,7 +423,6 @@ class Node:
                 )
             else:
                 await self._commit(ingested.batch)
-                self._unobserved.add(ingested.space)
                 self._broadcast(ingested.space, mail.data, exclude=(ingested.sender,))
                 self._emit(ev.ChatChanged(chat=ingested.space, origin=ingested.sender))
             with contextlib.suppress(P2PError):
@@ -664,7 +659,6 @@ class Node:
             self._carry_out(peer, peer.session.close(exc))
             return
         self._queue_write(ingested.batch)  # durable soon, in order
-        self._unobserved.add(ingested.space)
         self._broadcast(ingested.space, data, exclude=(peer.session.peer or "", ingested.sender))
         self._emit(ev.ChatChanged(chat=ingested.space, origin=ingested.sender))
 
