@@ -363,9 +363,9 @@ class DeviceState:
                 log = store.load_space(space_id)
                 replica = state.spaces[space_id].replica
                 if log.snapshot is not None:
-                    replica.apply(log.snapshot)
+                    replica.apply(log.snapshot, from_store=True)  # as large as the chat
                 for update in log.updates:
-                    replica.apply(update)
+                    replica.apply(update, from_store=True)
                 state.spaces[space_id].log_seq = log.last_seq
                 state.spaces[space_id].snapshot_seq = log.snapshot_seq
             for name in store.names("replay/"):

@@ -195,14 +195,13 @@ class Replica:
         self._verified: dict[tuple[str, str], bool] = {}
         self._latest_ts = ""
         self._scanned = False
-        for name in ("m", "e", "x", "r"):
-            self._maps[name].observe(self._note_timestamps)
 
     @property
     def latest_ts(self) -> str:
         """The greatest timestamp of any entry here (not verified: only a hint for the
         local clock, which bounds how far it follows). The first call scans the
-        document once; observers keep it current after that."""
+        document once; after that :meth:`apply` watches what remote updates bring (our
+        own writes carry our own clock's timestamps: nothing to learn from them)."""
         if not self._scanned:
             self._scanned = True
             stamps = (v.get("ts") for _, v in self._maps["m"].items() if isinstance(v, dict))
@@ -211,11 +210,12 @@ class Replica:
             )
         return self._latest_ts
 
+    def _timestamped(self) -> list[pycrdt.Map[Any]]:
+        return [self._maps[name] for name in ("m", "e", "x", "r")]
+
     def _note_timestamps(self, event: Any) -> None:
         # runs inside pycrdt's transaction: it must never raise (it would resurface
         # in the writer as an exception group)
-        if not self._scanned:
-            return  # the first read scans everything anyway (and loading stays cheap)
         try:
             for change in event.keys.values():
                 value = change.get("newValue")
@@ -227,17 +227,29 @@ class Replica:
 
     # ---- bytes in and out ----------------------------------------------------------
 
-    def apply(self, update: bytes) -> None:
-        """Integrate a remote update (idempotent); InvalidUpdate if pycrdt refuses it."""
-        if len(update) > MAX_UPDATE:
+    def apply(self, update: bytes, *, from_store: bool = False) -> None:
+        """Integrate an update (idempotent); InvalidUpdate if pycrdt refuses it.
+
+        What a peer sends is bounded by MAX_UPDATE; our own store's snapshots
+        (``from_store``) grow with the history and are only checked for structure.
+        """
+        if not from_store and len(update) > MAX_UPDATE:
             raise InvalidUpdate(self.space, f"{len(update)} bytes exceed {MAX_UPDATE}")
         check_update(update, self.space)  # before pycrdt trusts its declared counts
+        watching = (
+            [(m, m.observe(self._note_timestamps)) for m in self._timestamped()]
+            if self._scanned
+            else []
+        )
         try:
             self.doc.apply_update(update)
         except (KeyboardInterrupt, SystemExit, GeneratorExit):
             raise
         except BaseException as exc:  # pycrdt panics are BaseExceptions (PyO3)
             raise InvalidUpdate(self.space, f"{type(exc).__name__}: {str(exc)[:120]}") from None
+        finally:
+            for m, subscription in watching:
+                m.unobserve(subscription)
 
     def state_vector(self) -> bytes:
         return bytes(self.doc.get_state())
@@ -260,6 +272,7 @@ class Replica:
         with self.doc.transaction():
             for entry in entries:
                 self._maps[_MAP_OF_KIND[entry.kind]][entry.key()] = entry.to_value()
+                self._verified[(entry.id, entry.sig)] = True  # we signed it ourselves
         return bytes(self.doc.get_update(before))
 
     # ---- reading -------------------------------------------------------------------

@@ -93,3 +93,40 @@ def test_long_logs_are_compacted_and_reopen_identically(
     assert log.snapshot_seq >= 100
     assert len(log.updates) < 50
     assert [m.id for m in messages_in(home)] == before
+
+
+def test_a_snapshot_larger_than_any_frame_still_opens(tmp_path: Path) -> None:
+    """Compaction folds the whole chat into one snapshot: past MAX_UPDATE (16 MiB, the
+    bound on what a peer may send) our own store must still open."""
+    import p2p.model
+    from p2p.core import DeviceState
+    from p2p.home import create_store
+
+    home = tmp_path / "phone"
+    state = p2p.init_account(home, "phone")
+    chat = state.chat_by_name("notes").id
+    entries = [
+        state.new_entry(chat, "msg", 1_767_225_600_000 + i, body=f"{i} " + "x" * 200)
+        for i in range(2000)
+    ]
+    update, _ = state.write_local(chat, entries)
+    snapshot = state.space(chat).replica.snapshot()
+    store = create_store(home)
+    try:
+        store.write(p2p.storage.WriteBatch(appends=[(chat, update)]))
+        store.compact(chat, snapshot, 1)
+    finally:
+        store.close()
+    limit = len(snapshot) // 2  # as if the chat had outgrown the frame limit
+    original = p2p.model.MAX_UPDATE
+    p2p.model.MAX_UPDATE = limit
+    try:
+        store = create_store(home)
+        try:
+            assert len(store.load_space(chat).snapshot or b"") > limit
+            again = DeviceState.load(store)
+        finally:
+            store.close()
+    finally:
+        p2p.model.MAX_UPDATE = original
+    assert again.space(chat).replica.count() == 2000
