@@ -36,7 +36,7 @@ def text(rng: random.Random) -> str:
     return "".join(rng.choices(string.ascii_letters + " ", k=120))
 
 
-def bench_sends(n: int, rng: random.Random) -> None:
+def bench_sends(n: int, rng: random.Random) -> dict[str, float]:
     bodies = [text(rng) for _ in range(n)]
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "phone"
@@ -70,6 +70,7 @@ def bench_sends(n: int, rng: random.Random) -> None:
         f"floor (pycrdt + sqlite, unsigned) {n / floor:>9,.0f} msg/s   "
         f"ratio {ours / floor:.2f}x time"
     )
+    return {"messages": n, "ours_rate": n / ours, "floor_rate": n / floor, "ratio": ours / floor}
 
 
 def pair() -> tuple[DeviceState, DeviceState]:
@@ -90,7 +91,7 @@ def write(state: DeviceState, n: int, rng: random.Random) -> None:
         state.write_local(chat, entries)
 
 
-def bench_catchup(n: int, rng: random.Random) -> None:
+def bench_catchup(n: int, rng: random.Random) -> dict[str, float]:
     a, b = pair()
     write(a, n, rng)
     write(b, n // 5, rng)
@@ -133,6 +134,16 @@ def bench_catchup(n: int, rng: random.Random) -> None:
         f"ratio {wire_after / raw:.3f}x   round trips after handshake {trips:.1f}   "
         f"level={level}   {took * 1000:.0f} ms"
     )
+    return {
+        "a_new": n,
+        "b_new": n // 5,
+        "wire_bytes": wire_after,
+        "raw_diff_bytes": raw,
+        "ratio": wire_after / raw,
+        "round_trips": trips,
+        "level": level,
+        "seconds": took,
+    }
 
 
 def main() -> None:
