@@ -40,9 +40,9 @@ chaos: $(STAMP)
 
 # `make bench` (BENCH_ARGS="--quick" for a smoke run): p2p against pycrdt-websocket and
 # y-websocket, tables + plots in bench/out/ (see docs/performance.md). Its own venv,
-# bench/.venv (requirements.lock + bench/requirements.txt), and bench/node_modules
+# .venv-bench (requirements.lock + bench/requirements.txt), and bench/node_modules
 # (bench/package-lock.json) are bootstrapped on first use.
-BENCH_VENV := bench/.venv
+BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 NODE_STAMP := bench/node_modules/.installed
 
