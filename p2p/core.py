@@ -20,7 +20,6 @@ from p2p import envelope
 from p2p.clock import HybridClock
 from p2p.errors import (
     DeviceListError,
-    MalformedFrame,
     NotInitialized,
     StoreCorrupt,
     UnknownChat,
@@ -40,7 +39,7 @@ from p2p.identity import (
 )
 from p2p.model import Entry, Kind, Replica, new_id
 from p2p.storage.base import Store, WriteBatch
-from p2p.wire import MAX_ID, pack, unpack
+from p2p.wire import pack, unpack
 
 COUNTER_BLOCK: Final = 1024
 """Envelope counters reserved per store write: a crash skips at most this many."""
@@ -532,9 +531,3 @@ def merge_batches(batches: list[WriteBatch]) -> WriteBatch:
         out.deletes |= b.deletes
         out.appends.extend(b.appends)
     return out
-
-
-def check_id(value: str) -> str:
-    if not (0 < len(value) <= MAX_ID):
-        raise MalformedFrame(f"id of {len(value)} characters")
-    return value

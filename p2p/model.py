@@ -368,10 +368,6 @@ class Replica:
         shown.sort(key=Message.sort_key)
         return shown, rejected
 
-    def read_markers(self) -> dict[str, str]:
-        """Device id -> newest ts it has read (unverified entries excluded by the caller)."""
-        return {k: e.ts for k, e in self.entries("k") if e is not None and e.kind == "read"}
-
     def count(self) -> int:
         return len(self._maps["m"])
 

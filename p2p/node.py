@@ -32,7 +32,7 @@ import pycrdt
 import trio
 
 from p2p import events as ev
-from p2p.core import DeviceState, Space, merge_batches
+from p2p.core import DeviceState, Ingested, Space, merge_batches
 from p2p.discovery.base import Discovery, Found, Source, StaticPeers
 from p2p.errors import (
     NodeError,
@@ -422,9 +422,7 @@ class Node:
                     )
                 )
             else:
-                await self._commit(ingested.batch)
-                self._broadcast(ingested.space, mail.data, exclude=(ingested.sender,))
-                self._emit(ev.ChatChanged(chat=ingested.space, origin=ingested.sender))
+                await self._accepted(ingested, mail.data, came_from=relay.url).wait()
             with contextlib.suppress(P2PError):
                 await mail.ack()
 
@@ -658,9 +656,15 @@ class Node:
         except P2PError as exc:
             self._carry_out(peer, peer.session.close(exc))
             return
-        self._queue_write(ingested.batch)  # durable soon, in order
-        self._broadcast(ingested.space, data, exclude=(peer.session.peer or "", ingested.sender))
+        self._accepted(ingested, data, came_from=peer.session.peer or "")
+
+    def _accepted(self, ingested: Ingested, envelope: bytes, *, came_from: str) -> trio.Event:
+        """After an envelope applied, from a session or a mailbox: persist it (in order;
+        the event fires once durable), pass it on to the other peers, tell the app."""
+        durable = self._queue_write(ingested.batch)
+        self._broadcast(ingested.space, envelope, exclude=(came_from, ingested.sender))
         self._emit(ev.ChatChanged(chat=ingested.space, origin=ingested.sender))
+        return durable
 
     def _adopt_device_list(self, peer: _Peer, data: bytes) -> None:
         try:
@@ -736,15 +740,6 @@ class Node:
         primary = self._peers.get(self.state.device_list.primary.device_id)
         if primary is not None:
             self._carry_out(primary, primary.session.send_leave())
-
-    async def reload_device_list(self) -> None:
-        """Adopt a newer list another process wrote to our store (``p2p approve``)."""
-        data = await trio.to_thread.run_sync(self.store.get, "account/list")
-        if data is not None:
-            batch = self.state.offer_device_list(data)
-            if batch is not None:
-                await self._commit(batch)
-                self._device_list_changed()
 
     def _emit(self, event: ev.Event) -> None:
         for sub in list(self._subscribers):
