@@ -9,6 +9,7 @@ the protocol without sockets, threads or clocks.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from dataclasses import dataclass, field
 from typing import Final, Literal
@@ -19,12 +20,26 @@ from nacl.public import PrivateKey, PublicKey, SealedBox
 from p2p import envelope
 from p2p.clock import HybridClock
 from p2p.errors import (
+    ContactError,
     DeviceListError,
+    GrantRefused,
     NotInitialized,
+    RemovedDevice,
+    RollbackRefused,
     StoreCorrupt,
     UnknownChat,
+    UnknownDevice,
     UnknownKey,
     WireError,
+)
+from p2p.grants import (
+    MAX_MEMBERS,
+    SpaceGrant,
+    decode_members,
+    open_grant,
+    parse_grant,
+    seal_grant,
+    verify_grant,
 )
 from p2p.identity import (
     LEASE_MS,
@@ -36,6 +51,7 @@ from p2p.identity import (
     check_lease,
     issue_lease,
     parse_device_list,
+    short_id,
 )
 from p2p.model import Entry, Kind, Replica, new_id
 from p2p.storage.base import Store, WriteBatch
@@ -63,9 +79,17 @@ class Space:
     """Sequence number of the last update of this space in the store."""
     snapshot_seq: int = 0
     """Sequence number the store's snapshot of this space covers."""
+    members: dict[str, bytes] = field(default_factory=dict)
+    """Member accounts: account id -> account public key (ours always among them). Every
+    current device of a member account reads and writes the space."""
 
     def meta_record(self) -> bytes:
-        return pack([self.kind, self.name, self.epoch])
+        return pack([self.kind, self.name, self.epoch, sorted(self.members.values())])
+
+    @property
+    def shared(self) -> bool:
+        """Whether other accounts are members (a conversation between accounts)."""
+        return len(self.members) > 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,6 +142,12 @@ class DeviceState:
         self.unsaved = WriteBatch()
         self.lease = b""
         """A companion's latest lease from its primary, shown to peers at handshakes."""
+        self.accounts: dict[str, DeviceList] = {}
+        """Other accounts we follow (contacts, members of our conversations): the newest
+        signed device list of each, verified by its account key."""
+        self.contact_keys: dict[str, bytes] = {}
+        """The contact key of each contact (from its contact code): our devices meet
+        theirs with it before any conversation is shared."""
 
     # ---- identity ------------------------------------------------------------------
 
@@ -133,16 +163,51 @@ class DeviceState:
     def is_primary(self) -> bool:
         return self.account_key is not None
 
+    def contact_key(self) -> bytes:
+        """Our account's contact key, given away in contact codes: a contact's device
+        proves with it that it holds our code (it learns nothing the code did not tell).
+        Derived from the account space's first key, so every device of ours has it."""
+        account = next((s for s in self.spaces.values() if s.kind == "account"), None)
+        if account is None:
+            return bytes(32)
+        first = account.keys[min(account.keys)]
+        return hashlib.blake2b(first, digest_size=32, person=b"p2p-contact-key").digest()
+
+    def list_of(self, account_id: str) -> DeviceList | None:
+        """The newest device list we hold of an account (ours or one we follow)."""
+        if account_id == self.account_id:
+            return self.device_list
+        return self.accounts.get(account_id)
+
+    def current_account_of(self, device_id: str) -> DeviceList:
+        """The list on which ``device_id`` is a current device (ours first);
+        RemovedDevice or UnknownDevice if none."""
+        removed = False
+        for dl in (self.device_list, *self.accounts.values()):
+            if device_id in dl.ids:
+                return dl
+            removed = removed or device_id in dl.removed_ids
+        raise RemovedDevice(device_id) if removed else UnknownDevice(device_id)
+
     def current_signing_key(self, device_id: str) -> bytes:
-        """Signing key of a device on the current list (UnknownDevice/RemovedDevice)."""
-        return self.device_list.entry(device_id).sign_pk
+        """Signing key of a current device of our account or of one we follow
+        (UnknownDevice/RemovedDevice otherwise)."""
+        return self.current_account_of(device_id).entry(device_id).sign_pk
 
     def any_signing_key(self, device_id: str) -> bytes | None:
-        """Signing key of any device this account ever had: to check what it wrote."""
-        return self.device_list.signing_key_of(device_id)
+        """Signing key of any device any account we know ever had: to check what it
+        wrote (a device id is a hash of its key, so every list agrees on it)."""
+        for dl in (self.device_list, *self.accounts.values()):
+            key = dl.signing_key_of(device_id)
+            if key is not None:
+                return key
+        return None
 
-    def account_of(self, device_id: str) -> str | None:
-        return self.account_id if self.device_list.signing_key_of(device_id) else None
+    def belongs(self, device_id: str, account_id: str) -> bool:
+        """Whether ``account_id``'s signed list holds or held ``device_id`` (an entry's
+        author is checked as this pair: another account may list the same key)."""
+        dl = self.list_of(account_id)
+        return dl is not None and dl.signing_key_of(device_id) is not None
 
     def discovery_key(self) -> bytes:
         """A secret every current device of the account can derive (from the account
@@ -153,20 +218,57 @@ class DeviceState:
     def discovery_keys(self) -> list[bytes]:
         """The discovery key of every epoch we hold, newest first: a device that missed
         a rotation still proves membership with the old one (and is then judged by the
-        device list, which says whether it was removed)."""
+        device list, which says whether it was removed).
+
+        Our account's epochs come first (at most 8), then our contact key, the newest
+        two epochs of each conversation shared with other accounts and the contact key
+        of each contact: their devices meet ours with those."""
         account = next((s for s in self.spaces.values() if s.kind == "account"), None)
         if account is None:  # not enrolled: nothing to prove membership with
             return [bytes(32)]
+        keys = [account.keys[e] for e in sorted(account.keys, reverse=True)][:8]
+        keys.append(self.contact_key())
+        for space in sorted(self.spaces.values(), key=lambda s: s.id):
+            if space.shared:
+                keys += [space.keys[e] for e in sorted(space.keys, reverse=True)[:2]]
+        keys += [self.contact_keys[a] for a in sorted(self.contact_keys)]
         return [
-            hashlib.blake2b(account.keys[e], digest_size=32, person=b"p2p-discovery").digest()
-            for e in sorted(account.keys, reverse=True)
+            hashlib.blake2b(key, digest_size=32, person=b"p2p-discovery").digest() for key in keys
         ]
 
     def spaces_for(self, device_id: str, device_list: DeviceList | None = None) -> list[str]:
-        """Spaces a device may read: all of them for our own current devices (judged by
-        ``device_list`` when given: a newer list a peer just showed us)."""
-        current = device_list or self.device_list
-        return sorted(self.spaces) if device_id in current.ids else []
+        """Spaces a device may read: all of them for our own current devices, the
+        conversations its account is a member of for another account's current device
+        (judged by ``device_list`` when given: a newer list a peer just showed us)."""
+        ours = device_list is None or device_list.account_id == self.account_id
+        if ours and device_id in (device_list or self.device_list).ids:
+            return sorted(self.spaces)
+        theirs: DeviceList | None = None if ours else device_list
+        if theirs is None:
+            theirs = next((dl for dl in self.accounts.values() if device_id in dl.ids), None)
+        if theirs is None or device_id not in theirs.ids:
+            return []
+        return sorted(s.id for s in self.spaces.values() if theirs.account_id in s.members)
+
+    def readers_of(self, space_id: str) -> set[str]:
+        """Every current device, other than this one, that reads a space."""
+        space = self.space(space_id)
+        readers = set(self.device_list.ids)
+        for account_id in space.members:
+            dl = self.accounts.get(account_id)
+            if dl is not None:
+                readers |= dl.ids
+        return readers - {self.device_id}
+
+    def followed_devices(self) -> list[str]:
+        """Devices whose presence we follow on a relay: our account's other devices
+        first, then those of the accounts we share conversations with."""
+        ours = sorted(self.device_list.ids - {self.device_id})
+        members = {a for s in self.spaces.values() for a in s.members} - {self.account_id}
+        theirs = sorted(
+            d for a in members if (dl := self.accounts.get(a)) is not None for d in dl.ids
+        )
+        return ours + theirs
 
     # ---- creation and loading ------------------------------------------------------
 
@@ -322,9 +424,13 @@ class DeviceState:
         *,
         epoch: int = 0,
         keys: dict[int, bytes] | None = None,
+        members: dict[str, bytes] | None = None,
     ) -> WriteBatch:
         keys = keys if keys is not None else {epoch: envelope.new_space_key()}
-        self.spaces[space_id] = Space(space_id, kind, name, epoch, dict(keys), Replica(space_id))
+        owners = {self.account_id: self.device_list.account_pk, **(members or {})}
+        self.spaces[space_id] = Space(
+            space_id, kind, name, epoch, dict(keys), Replica(space_id), members=owners
+        )
         records = {f"space/{space_id}": self.spaces[space_id].meta_record()}
         for e, k in keys.items():
             records[f"spacekey/{space_id}/{e}"] = k
@@ -351,13 +457,21 @@ class DeviceState:
             )
             for name in store.names("space/"):
                 space_id = name.removeprefix("space/")
-                kind, space_name, epoch = unpack(_required(store, name), what="space record")
+                kind, space_name, epoch, member_pks = unpack(
+                    _required(store, name), what="space record"
+                )
                 space_keys = {
                     int(k.rsplit("/", 1)[1]): _required(store, k)
                     for k in store.names(f"spacekey/{space_id}/")
                 }
                 state.spaces[space_id] = Space(
-                    space_id, kind, space_name, epoch, space_keys, Replica(space_id)
+                    space_id,
+                    kind,
+                    space_name,
+                    epoch,
+                    space_keys,
+                    Replica(space_id),
+                    members={short_id(pk): pk for pk in member_pks},
                 )
                 log = store.load_space(space_id)
                 replica = state.spaces[space_id].replica
@@ -367,6 +481,12 @@ class DeviceState:
                     replica.apply(update, from_store=True)
                 state.spaces[space_id].log_seq = log.last_seq
                 state.spaces[space_id].snapshot_seq = log.snapshot_seq
+            for name in store.names("peer/"):
+                followed = DeviceList.decode(_required(store, name))
+                followed.verify(followed.account_pk)
+                state.accounts[followed.account_id] = followed
+            for name in store.names("peerkey/"):
+                state.contact_keys[name.removeprefix("peerkey/")] = _required(store, name)
             for name in store.names("replay/"):
                 state.replay[name.removeprefix("replay/")] = envelope.ReplayWindow.from_record(
                     _required(store, name)
@@ -483,6 +603,9 @@ class DeviceState:
         opened = envelope.open_parsed(
             parsed, signing_key_of=self.current_signing_key, space_key=self.space_key
         )
+        author = self.current_account_of(opened.sender).account_id
+        if author not in self.spaces[opened.space].members:
+            raise UnknownDevice(f"{opened.sender} (its account is not a member of the space)")
         self.spaces[opened.space].replica.apply(opened.payload)
         window.accept(opened.counter)
         self.replay[opened.sender] = window
@@ -513,6 +636,183 @@ class DeviceState:
         grants = self._open_grant(kept)
         self.device_list = kept
         return merge_batches([grants, WriteBatch(records={"account/list": kept.encode()})])
+
+    # ---- other accounts: contacts, conversations, grants --------------------------
+
+    def follow(
+        self, data: bytes, *, trusted: bool, contact_key: bytes | None = None
+    ) -> WriteBatch | None:
+        """Adopt a newer signed device list of another account (ours: see
+        :meth:`offer_device_list`); None if we hold it already.
+
+        An account we do not follow yet is taken only when ``trusted`` (its list came
+        from a contact code the owner gave us, from our own account's contact book or
+        inside a grant from a device we trust); otherwise ContactError. RollbackRefused
+        for an older version, DeviceListError for a forged one.
+        """
+        try:
+            offered = DeviceList.decode(data)
+        except WireError as exc:
+            raise DeviceListError(f"device list is malformed: {exc}") from exc
+        if offered.account_id == self.account_id:
+            return self.offer_device_list(data)
+        keyed = WriteBatch()
+        if contact_key is not None and self.contact_keys.get(offered.account_id) != contact_key:
+            self.contact_keys[offered.account_id] = contact_key
+            keyed.records[f"peerkey/{offered.account_id}"] = contact_key
+        known = self.accounts.get(offered.account_id)
+        if known is None:
+            if not trusted:
+                raise ContactError(f"account {offered.account_id} is not one we follow")
+            offered.verify(offered.account_pk)
+            kept = offered
+        else:
+            kept = accept_device_list(known, offered)
+            if kept is known:
+                return keyed or None
+        self.accounts[kept.account_id] = kept
+        keyed.records[f"peer/{kept.account_id}"] = kept.encode()
+        return keyed
+
+    def new_conversation(self, name: str, members: list[str]) -> tuple[str, WriteBatch]:
+        """A new conversation space with the accounts ``members`` (all followed)."""
+        others: dict[str, bytes] = {}
+        for account_id in members:
+            dl = self.accounts.get(account_id)
+            if dl is None:
+                raise ContactError(f"account {account_id} is not a contact")
+            others[account_id] = dl.account_pk
+        if len(others) + 1 > MAX_MEMBERS:
+            raise ContactError(f"a conversation holds at most {MAX_MEMBERS} accounts")
+        space_id = new_id()
+        return space_id, self.add_space(space_id, "chat", name, members=others)
+
+    def space_grant(self, space_id: str) -> SpaceGrant:
+        """What we grant of a space: its current keys, name and member lists."""
+        space = self.space(space_id)
+        lists = [self.list_of(a) for a in sorted(space.members)]
+        return SpaceGrant(
+            space=space.id,
+            name=space.name,
+            epoch=space.epoch,
+            keys=dict(space.keys),
+            members=tuple(dl.encode() for dl in lists if dl is not None),
+        )
+
+    def grant_to(
+        self, device_id: str, space_id: str, device_list: DeviceList | None = None
+    ) -> bytes | None:
+        """A grant of a space sealed to a current device (None for one we don't know)."""
+        try:
+            dl = device_list if device_list and device_id in device_list.ids else None
+            entry = (dl or self.current_account_of(device_id)).entry(device_id)
+        except UnknownDevice:
+            return None
+        grant = self.space_grant(space_id)
+        return seal_grant(self.keys, self.account_id, device_id, entry.box_pk, grant)
+
+    def grants_for(self, device_id: str, device_list: DeviceList | None = None) -> list[bytes]:
+        """A grant of every chat space ``device_id`` reads, sealed to it: sent when we
+        meet it, so devices linked later and devices that missed a rotation catch up.
+        (Not the notes chat of our account alone: every enrollment carries that one.)"""
+        grants = (
+            self.grant_to(device_id, s, device_list)
+            for s in self.spaces_for(device_id, device_list)
+            if self.spaces[s].kind == "chat"
+            and (self.spaces[s].shared or self.spaces[s].name != NOTES)
+        )
+        return [g for g in grants if g is not None]
+
+    def accept_grant(self, data: bytes) -> tuple[str, bool, WriteBatch]:
+        """Take a grant sealed to us: (space id, whether it is news, batch).
+
+        Refused (GrantRefused) unless a current device of our account or of an account
+        we follow signed it, both accounts are among its members and, for a space we
+        hold, the granter's account is a member already. A newer epoch brings its key
+        and member set; member lists we do not hold yet are taken on the granter's word
+        (it vouches for the group it shares with us).
+        """
+        sealed = parse_grant(data)
+        granted = open_grant(sealed, self.keys)
+        lists = {dl.account_id: dl for dl in decode_members(granted)}
+        if self.account_id not in lists or sealed.account not in lists:
+            raise GrantRefused(f"grant of {granted.space}: we or the granter are not members")
+        if self.list_of(sealed.account) is None:
+            raise GrantRefused(f"grant from account {sealed.account}, which we do not follow")
+        batches: list[WriteBatch] = []
+        for account_id, dl in sorted(lists.items(), key=lambda kv: kv[0] != sealed.account):
+            try:  # the granter's own list first: it may be what makes the granter current
+                batch = self.follow(dl.encode(), trusted=account_id != sealed.account)
+            except RollbackRefused:
+                continue  # we hold a newer one
+            except (DeviceListError, ContactError) as exc:
+                raise GrantRefused(f"grant of {granted.space}: {exc}") from exc
+            if batch is not None:
+                batches.append(batch)
+        try:
+            granter = self.current_account_of(sealed.sender)
+        except UnknownDevice as exc:
+            raise GrantRefused(f"grant from {sealed.sender}: {exc}") from exc
+        if granter.account_id != sealed.account:
+            raise GrantRefused(f"grant from {sealed.sender} names another account")
+        verify_grant(sealed, granter.entry(sealed.sender).sign_pk)
+        members = {a: dl.account_pk for a, dl in lists.items()}
+        space = self.spaces.get(granted.space)
+        if space is None:
+            batches.append(
+                self.add_space(
+                    granted.space,
+                    "chat",
+                    granted.name,
+                    epoch=granted.epoch,
+                    keys=granted.keys,
+                    members=members,
+                )
+            )
+            return granted.space, True, merge_batches(batches)
+        if space.kind != "chat" or sealed.account not in space.members:
+            raise GrantRefused(f"grant of {space.id} from a non-member account")
+        news = False
+        for epoch, key in granted.keys.items():
+            if epoch not in space.keys:
+                space.keys[epoch] = key
+                batches.append(WriteBatch(records={f"spacekey/{space.id}/{epoch}": key}))
+                news = True
+        # a newer epoch brings its member set; so does the first grant after linking,
+        # which knows the members our enrollment left out
+        if granted.epoch > space.epoch or (granted.epoch == space.epoch and not space.shared):
+            news = news or members != space.members or granted.epoch != space.epoch
+            space.epoch, space.members = granted.epoch, members
+            batches.append(WriteBatch(records={f"space/{space.id}": space.meta_record()}))
+        return space.id, news, merge_batches(batches)
+
+    def contact_entries(self) -> dict[str, tuple[str, bytes, bytes]]:
+        """Our contact book, from the account space: account id -> (name, list, key)."""
+        account = next((s for s in self.spaces.values() if s.kind == "account"), None)
+        if account is None:
+            return {}
+        book: dict[str, tuple[str, bytes, bytes]] = {}
+        for e in account.replica.valid_entries("c", self.any_signing_key, self.belongs):
+            if e.kind != "contact" or e.account != self.account_id:
+                continue
+            try:
+                name, listed, key = unpack(base64.b64decode(e.body), what="contact")
+                book[e.target] = (str(name), bytes(listed), bytes(key))
+            except (WireError, ValueError, TypeError):
+                continue
+        return book
+
+    def contact_entry(
+        self, name: str, device_list: bytes, key: bytes, wall_ms: int
+    ) -> tuple[str, Entry]:
+        """The account-space entry adding a contact (account id, signed entry)."""
+        dl = DeviceList.decode(device_list)
+        if dl.account_id == self.account_id:
+            raise ContactError("that is our own account's contact code")
+        account = next(s for s in self.spaces.values() if s.kind == "account")
+        body = base64.b64encode(pack([name, device_list, key])).decode("ascii")
+        entry = self.new_entry(account.id, "contact", wall_ms, body=body, target=dl.account_id)
+        return account.id, entry
 
 
 def _required(store: Store, name: str) -> bytes:

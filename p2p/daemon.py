@@ -76,7 +76,11 @@ def _describe(event: ev.Event) -> tuple[str, str]:
             "entry_rejected",
             f"hidden entry {event.entry_id} from {event.device}: {event.reason}",
         )
-    return "device_list_changed", f"device list is now version {event.version}"
+    if isinstance(event, ev.ChatKeysChanged):
+        what = "joined" if event.joined else "keys changed in"
+        return "chat_keys_changed", f"{what} chat {event.chat} (epoch {event.epoch})"
+    whose = f"account {event.account}'s" if event.account else "our"
+    return "device_list_changed", f"{whose} device list is now version {event.version}"
 
 
 async def _report(

@@ -227,6 +227,15 @@ async def _scenario(messages: int, seed: int) -> int:
             say("[red]the web companion is unlinked[/] (keys rotated; it keeps its store)")
             web_before = len(web.running().messages())
             await phone.unlink(web.running().device_id)
+            # what a device sends before the news reaches it is still sealed for the
+            # old list: wait (bounded) until every remaining device holds the new one
+            version = phone.state.device_list.version
+            with trio.fail_after(30):
+                while any(  # noqa: ASYNC110
+                    d.running().state.device_list.version < version
+                    for d in (laptop, desktop, tablet)
+                ):
+                    await trio.sleep(0.02)
             for i in range(10):
                 await laptop.running().send(f"laptop: after the unlink {i}")
             others = [phone_dev, laptop, desktop, tablet]

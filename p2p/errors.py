@@ -91,6 +91,11 @@ class TooManyDevices(DeviceListError):
     """A device list with more companions than the account allows."""
 
 
+class GrantRefused(CryptoError):
+    """A space grant that is malformed, not for us, badly signed, or from a device of an
+    account we do not trust for that space."""
+
+
 class LeaseExpired(CryptoError):
     """A companion whose lease from the primary ran out (or that never had one)."""
 
@@ -163,6 +168,11 @@ class NotInitialized(StoreError):
 
 class NodeError(P2PError):
     """The node facade was misused (closed node, unknown chat, ...)."""
+
+
+class ContactError(NodeError):
+    """A contact code or contact operation that is refused (malformed or altered code,
+    our own account, an account we do not know)."""
 
 
 class UnknownChat(NodeError):

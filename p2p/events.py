@@ -64,6 +64,20 @@ class DeviceListChanged:
     added: tuple[str, ...] = ()
     """Devices new on this list ("new device linked")."""
     removed: tuple[str, ...] = ()
+    account: str = ""
+    """Whose list: empty for our own account, else a contact's (or a co-member's)
+    account id."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChatKeysChanged:
+    """A grant brought a conversation we did not hold (``joined``), a new key epoch,
+    or a new member set."""
+
+    chat: str
+    epoch: int
+    members: tuple[str, ...]
+    joined: bool
 
 
 Event = (
@@ -73,4 +87,5 @@ Event = (
     | InputRejected
     | EntryRejected
     | DeviceListChanged
+    | ChatKeysChanged
 )

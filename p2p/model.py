@@ -12,6 +12,10 @@ e     edit id            an edit: target message id, new body
 x     target id          a deletion tombstone of the target message
 r     target/account     the account's reaction to the target ("" = withdrawn)
 k     device id          read marker: the newest ``ts`` that device has shown
+v     device id          delivery receipt: per author device, the newest ``ts`` of its
+                         entries this device holds (a prefix: CRDT updates of one
+                         author apply in its clock order, which is its ``ts`` order)
+c     account id         account space only: a contact (name, signed device list)
 ====  =================  ==========================================================
 
 Every entry is immutable once written (edits and deletions are entries of their own) and
@@ -40,15 +44,17 @@ DOMAIN_ENTRY: Final = b"p2p/entry/v1\x00"
 MAX_BODY: Final = 64 * 1024
 """Longest message body in bytes of UTF-8."""
 MAX_UPDATE: Final = MAX_FRAME
-MAPS: Final = ("m", "e", "x", "r", "k")
+MAPS: Final = ("m", "e", "x", "r", "k", "v", "c")
 
-Kind = Literal["msg", "edit", "del", "react", "read"]
+Kind = Literal["msg", "edit", "del", "react", "read", "rcpt", "contact"]
 _MAP_OF_KIND: Final[dict[str, str]] = {
     "msg": "m",
     "edit": "e",
     "del": "x",
     "react": "r",
     "read": "k",
+    "rcpt": "v",
+    "contact": "c",
 }
 _FIELDS: Final = ("id", "k", "a", "d", "ts", "t", "b", "sig")
 
@@ -88,8 +94,10 @@ class Entry:
             return self.target
         if self.kind == "react":
             return f"{self.target}/{self.account}"
-        if self.kind == "read":
+        if self.kind in ("read", "rcpt"):
             return self.device
+        if self.kind == "contact":
+            return self.target
         return self.id
 
     def to_value(self) -> dict[str, str]:
@@ -177,7 +185,9 @@ class Rejected:
 
 SigningKeyLookup = Callable[[str], "bytes | None"]
 """device id -> its signing key (current or removed device), None if never known."""
-AccountOfDevice = Callable[[str], "str | None"]
+DeviceInAccount = Callable[[str, str], bool]
+"""(device id, account id) -> whether that account's signed list holds (or held) the
+device. Asked as a pair: another account may list the same public key as its own."""
 
 
 class Replica:
@@ -307,28 +317,40 @@ class Replica:
             return None
         return entry
 
+    def valid_entries(
+        self,
+        map_name: str,
+        signing_key_of: SigningKeyLookup,
+        belongs: DeviceInAccount,
+        rejected: list[Rejected] | None = None,
+    ) -> list[Entry]:
+        """The entries of one map that are well formed, signed by their device and
+        written by a device of the account they name (the rest go to ``rejected``)."""
+        rejected = [] if rejected is None else rejected
+        out = []
+        for key, entry in self.entries(map_name):
+            good = self._valid(key, entry, signing_key_of, rejected)
+            if good is not None and belongs(good.device, good.account):
+                out.append(good)
+            elif good is not None:
+                rejected.append(
+                    Rejected(
+                        space=self.space,
+                        entry_id=good.id,
+                        device=good.device,
+                        reason="wrong account",
+                    )
+                )
+        return out
+
     def view(
-        self, signing_key_of: SigningKeyLookup, account_of: AccountOfDevice
+        self, signing_key_of: SigningKeyLookup, belongs: DeviceInAccount
     ) -> tuple[list[Message], list[Rejected]]:
         """Messages in display order, and the entries hidden because they failed checks."""
         rejected: list[Rejected] = []
 
         def valid(map_name: str) -> list[Entry]:
-            out = []
-            for key, entry in self.entries(map_name):
-                good = self._valid(key, entry, signing_key_of, rejected)
-                if good is not None and account_of(good.device) == good.account:
-                    out.append(good)
-                elif good is not None:
-                    rejected.append(
-                        Rejected(
-                            space=self.space,
-                            entry_id=good.id,
-                            device=good.device,
-                            reason="wrong account",
-                        )
-                    )
-            return out
+            return self.valid_entries(map_name, signing_key_of, belongs, rejected)
 
         messages = {e.id: e for e in valid("m") if e.kind == "msg"}
         latest_edit: dict[str, Entry] = {}

@@ -25,16 +25,17 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Final
 
 import pycrdt
 import trio
 
 from p2p import events as ev
+from p2p.contacts import ContactCode
 from p2p.core import DeviceState, Ingested, Space, merge_batches
 from p2p.discovery.base import Discovery, Found, Source, StaticPeers
 from p2p.errors import (
+    ContactError,
     NodeError,
     P2PError,
     RemovedDevice,
@@ -42,6 +43,7 @@ from p2p.errors import (
     RollbackRefused,
     UnknownKey,
 )
+from p2p.grants import is_grant
 from p2p.home import open_home_store
 from p2p.linking import Linked, approve_code
 from p2p.model import MAX_BODY, Message
@@ -54,6 +56,7 @@ from p2p.sync import (
     Closed,
     DeviceListIn,
     EnvelopeIn,
+    GrantIn,
     LeaseIn,
     LeaveRequested,
     Output,
@@ -180,7 +183,7 @@ class Node:
         :class:`~p2p.events.EntryRejected`.
         """
         space = self.state.chat_by_name(chat) if chat else self.state.space(self.default_chat())
-        shown, rejected = space.replica.view(self.state.any_signing_key, self.state.account_of)
+        shown, rejected = space.replica.view(self.state.any_signing_key, self.state.belongs)
         for r in rejected:
             if (r.space, r.entry_id) not in self._reported:
                 self._reported.add((r.space, r.entry_id))
@@ -368,11 +371,7 @@ class Node:
             await trio.lowlevel.checkpoint()  # let concurrent sends join this round
             outbox, self._outbox = self._outbox, {}
             for space_id, updates in outbox.items():
-                readers = {
-                    d
-                    for d in self.state.device_list.ids - {self.device_id}
-                    if space_id in self.state.spaces_for(d)
-                }
+                readers = self.state.readers_of(space_id)
                 offline = sorted(readers - set(self._peers)) if self.relays else []
                 if not readers & set(self._peers) and not offline:
                     continue  # nobody to tell now; state vectors catch peers up later
@@ -407,6 +406,13 @@ class Node:
     async def _drain_mail(self, relay: RelayClient) -> None:
         """Apply what offline peers left for us, acknowledging each once it is durable."""
         async for mail in relay.mail():
+            if is_grant(mail.data):
+                durable = self._on_grant(mail.data, came_from=None)
+                if durable is not None:
+                    await durable.wait()
+                with contextlib.suppress(P2PError):
+                    await mail.ack()
+                continue
             try:
                 ingested = self.state.ingest(mail.data)
             except (ReplayDetected, UnknownKey):
@@ -578,6 +584,8 @@ class Node:
                 self._on_authenticated(peer, out.device)
             elif isinstance(out, DeviceListIn):
                 self._adopt_device_list(peer, out.data)
+            elif isinstance(out, GrantIn):
+                self._on_grant(out.data, came_from=peer)
             elif isinstance(out, LeaveRequested):
                 if self.state.is_primary and out.device in self.state.device_list.ids:
                     log.info("device %s asked to be unlinked", out.device)
@@ -663,20 +671,28 @@ class Node:
         the event fires once durable), pass it on to the other peers, tell the app."""
         durable = self._queue_write(ingested.batch)
         self._broadcast(ingested.space, envelope, exclude=(came_from, ingested.sender))
+        if self.state.spaces[ingested.space].kind == "account":
+            self._learn_contacts()
         self._emit(ev.ChatChanged(chat=ingested.space, origin=ingested.sender))
         return durable
 
     def _adopt_device_list(self, peer: _Peer, data: bytes) -> None:
+        """A peer showed a newer device list: ours, or another account's we follow."""
+        ours = self.state.device_list
         try:
-            batch = self.state.offer_device_list(data)
+            batch = self.state.follow(data, trusted=False)
         except RollbackRefused:
             return  # an older list through a slower path: ours is newer, nothing to do
         except P2PError as exc:
             self._carry_out(peer, peer.session.close(exc))
             return
-        if batch is not None:
-            self._queue_write(batch)
+        if batch is None:
+            return
+        self._queue_write(batch)
+        if self.state.device_list is not ours:
             self._device_list_changed()
+        else:
+            self._account_list_changed(data)
 
     def _device_list_changed(self) -> None:
         """Tell every peer about our newer list, drop removed ones, tell the app."""
@@ -699,10 +715,169 @@ class Node:
             )
         )
 
+    def _account_list_changed(self, data: bytes) -> None:
+        """Another account's newer list: drop its removed devices, follow its new ones."""
+        from p2p.identity import DeviceList
+
+        account = DeviceList.decode(data).account_id
+        dl = self.state.accounts[account]
+        for device, peer in list(self._peers.items()):
+            if device in dl.removed_ids:
+                self._carry_out(peer, peer.session.close(RemovedDevice(device)))
+        for relay in self.relays:
+            relay.update_watch()
+        log.info("account %s: device list version %d", account, dl.version)
+        self._emit(
+            ev.DeviceListChanged(
+                version=dl.version,
+                devices=tuple(sorted(dl.ids)),
+                removed=tuple(sorted(dl.removed_ids)),
+                account=account,
+            )
+        )
+
+    def _on_grant(self, data: bytes, *, came_from: _Peer | None) -> trio.Event | None:
+        """A grant reached us (session or mailbox): take the keys, persist them, and
+        start syncing a conversation we just joined with every peer that reads it."""
+        try:
+            space_id, news, batch = self.state.accept_grant(data)
+        except P2PError as exc:
+            log.warning("refused a grant: %s", exc)
+            self._emit(
+                ev.InputRejected(
+                    remote=came_from.remote if came_from else "mailbox",
+                    device=came_from.session.peer if came_from else None,
+                    error=type(exc).__name__,
+                    detail=str(exc),
+                )
+            )
+            if came_from is not None:
+                self._carry_out(came_from, came_from.session.close(exc))
+            return None
+        durable = self._queue_write(batch) if batch else None
+        if not news:
+            return durable
+        space = self.state.space(space_id)
+        for device, peer in list(self._peers.items()):
+            if space_id in self.state.spaces_for(device):
+                self._carry_out(peer, peer.session.send_state_vector(space_id))
+                grant = self.state.grant_to(device, space_id)
+                if grant is not None and peer is not came_from:
+                    self._carry_out(peer, peer.session.send_grant(grant))
+        for relay in self.relays:
+            relay.update_watch()
+        self._emit(
+            ev.ChatKeysChanged(
+                chat=space_id,
+                epoch=space.epoch,
+                members=tuple(sorted(space.members)),
+                joined=batch is not None and f"space/{space_id}" in batch.records,
+            )
+        )
+        return durable
+
+    def _deliver_grants(self, space_id: str) -> None:
+        """Give a space's keys to every device that reads it: over the session when it
+        is connected, else into its relay mailbox (it also gets them when we meet)."""
+        for device in sorted(self.state.readers_of(space_id)):
+            grant = self.state.grant_to(device, space_id)
+            if grant is None:
+                continue
+            peer = self._peers.get(device)
+            if peer is not None:
+                self._carry_out(peer, peer.session.send_grant(grant))
+            elif self.relays:
+                self._post_mail(device, grant)
+
     async def unlink(self, device_id: str) -> None:
-        """Primary only: remove a device, rotate keys, tell the remaining devices now."""
+        """Primary only: remove a device, rotate keys, tell the remaining devices now.
+
+        Our own devices find the new keys in the new device list; the other members of
+        our conversations get them as grants (sessions, or their relay mailboxes)."""
         await self._commit(self.state.unlink(device_id))
         self._device_list_changed()
+        for space in self.state.spaces.values():
+            if space.shared:
+                self._deliver_grants(space.id)
+
+    # ---- contacts and conversations ------------------------------------------------
+
+    def contact_code(self, *, name: str | None = None) -> ContactCode:
+        """Our account's contact code: signed device list, name, where to meet us."""
+        return ContactCode(
+            device_list=self.state.device_list.encode(),
+            key=self.state.contact_key(),
+            name=name or self.state.device_list.primary.name,
+            relays=tuple(r.url for r in self.relays),
+            addresses=(self.address,) if self.address else (),
+        )
+
+    async def add_contact(self, code: str | ContactCode, *, name: str | None = None) -> str:
+        """Follow the account of a contact code; returns its account id.
+
+        The contact goes into our account space, so every device of ours learns it."""
+        parsed = code if isinstance(code, ContactCode) else ContactCode.decode(code)
+        chosen = name or parsed.name
+        space_id, entry = self.state.contact_entry(
+            chosen, parsed.device_list, parsed.key, self._wall_ms()
+        )
+        batch = self.state.follow(parsed.device_list, trusted=True, contact_key=parsed.key)
+        update, written = self.state.write_local(space_id, [entry])
+        await self._commit(merge_batches([batch or WriteBatch(), written]))
+        self._outbox.setdefault(space_id, []).append(update)
+        self._outbox_wakeup.set()
+        for relay in self.relays:
+            relay.update_watch()
+        return entry.target
+
+    def contacts(self) -> list[dict[str, Any]]:
+        """Our contact book: id, name, and the contact's current devices."""
+        out = []
+        for account_id, (name, _listed, _key) in sorted(self.state.contact_entries().items()):
+            dl = self.state.accounts.get(account_id)
+            out.append(
+                {
+                    "id": account_id,
+                    "name": name,
+                    "devices": sorted(dl.ids) if dl is not None else [],
+                    "list_version": dl.version if dl is not None else 0,
+                }
+            )
+        return out
+
+    def _learn_contacts(self) -> None:
+        """Follow the accounts our other devices added to the contact book."""
+        batches = []
+        for _account_id, (_name, listed, key) in self.state.contact_entries().items():
+            try:
+                batch = self.state.follow(listed, trusted=True, contact_key=key)
+            except P2PError:
+                continue  # older than what we follow already, or broken: keep ours
+            if batch is not None:
+                batches.append(batch)
+        if batches:
+            self._queue_write(merge_batches(batches))
+            for relay in self.relays:
+                relay.update_watch()
+
+    async def create_chat(self, name: str, *, with_: Sequence[str] = ()) -> str:
+        """A new conversation with the accounts ``with_`` (contact ids or names);
+        returns its id. Every device of every member gets its key as a grant."""
+        members = [self._contact_id(c) for c in with_]
+        space_id, batch = self.state.new_conversation(name, members)
+        await self._commit(batch)
+        self._deliver_grants(space_id)
+        for relay in self.relays:
+            relay.update_watch()
+        return space_id
+
+    def _contact_id(self, contact: str) -> str:
+        if contact in self.state.accounts:
+            return contact
+        matches = [a for a, (n, *_) in self.state.contact_entries().items() if n == contact]
+        if len(matches) != 1:
+            raise ContactError(f"no single contact is called or numbered {contact!r}")
+        return matches[0]
 
     async def approve(
         self,
@@ -808,8 +983,7 @@ async def open_node(
         try:
             async with trio.open_nursery() as nursery:
                 clients = [
-                    RelayClient(url, state.keys, watch=partial(_linked_ids, state))
-                    for url in relays
+                    RelayClient(url, state.keys, watch=state.followed_devices) for url in relays
                 ]
                 if clients:
                     transport = RoutedTransport(transport, clients)
@@ -838,11 +1012,6 @@ async def open_node(
     finally:
         if owned:
             the_store.close()
-
-
-def _linked_ids(state: DeviceState) -> list[str]:
-    """The devices a relay should tell us about: our account's others."""
-    return sorted(state.device_list.ids - {state.device_id})
 
 
 def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -101,23 +101,12 @@ class PairingCode:
                 list(self.addresses),
             ]
         )
-        checksum = hashlib.blake2b(payload, digest_size=4, person=b"p2p-code").digest()
-        return PREFIX + base64.b32encode(payload + checksum).decode("ascii").rstrip("=")
+        return to_text(PREFIX, payload)
 
     @classmethod
     def decode(cls, text: str) -> PairingCode:
         """Parse a code; MalformedCode for anything that is not exactly one."""
-        text = "".join(text.split()).upper()
-        if len(text) > MAX_CODE or not text.startswith(PREFIX):
-            raise MalformedCode("not a p2p pairing code")
-        body = text[len(PREFIX) :]
-        try:
-            raw = base64.b32decode(body + "=" * (-len(body) % 8))
-        except ValueError as exc:
-            raise MalformedCode("the pairing code is not valid base32") from exc
-        payload, checksum = raw[:-4], raw[-4:]
-        if hashlib.blake2b(payload, digest_size=4, person=b"p2p-code").digest() != checksum:
-            raise MalformedCode("the pairing code's checksum does not match (typo or tampering)")
+        payload = from_text(PREFIX, text, MAX_CODE, MalformedCode, "pairing code")
         try:
             value = unpack(payload, what="pairing code")
             version, sign_pk, box_pk, secret, expires_s, name, addresses = value
@@ -152,6 +141,29 @@ class PairingCode:
     def check_fresh(self, now_s: int) -> None:
         if now_s > self.expires_s:
             raise ExpiredCode(f"the pairing code expired {now_s - self.expires_s} s ago")
+
+
+def to_text(prefix: str, payload: bytes) -> str:
+    """A code's text form: ``prefix`` + base32 of ``payload || checksum``."""
+    checksum = hashlib.blake2b(payload, digest_size=4, person=b"p2p-code").digest()
+    return prefix + base64.b32encode(payload + checksum).decode("ascii").rstrip("=")
+
+
+def from_text(prefix: str, text: str, max_size: int, error: type[P2PError], what: str) -> bytes:
+    """The payload of a code's text form (whitespace and case forgiven); ``error`` for
+    a wrong prefix, bad base32 or a checksum that fails (a typo or tampering)."""
+    text = "".join(text.split()).upper()
+    if len(text) > max_size or not text.startswith(prefix):
+        raise error(f"not a p2p {what}")
+    body = text[len(prefix) :]
+    try:
+        raw = base64.b32decode(body + "=" * (-len(body) % 8))
+    except ValueError as exc:
+        raise error(f"the {what} is not valid base32") from exc
+    payload, checksum = raw[:-4], raw[-4:]
+    if hashlib.blake2b(payload, digest_size=4, person=b"p2p-code").digest() != checksum:
+        raise error(f"the {what}'s checksum does not match (typo or tampering)")
+    return payload
 
 
 def check_code(transcript: bytes, secret: bytes) -> str:

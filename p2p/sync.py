@@ -9,13 +9,17 @@ event up). Same pattern as h11 and iroh-gossip.
 States and the rules they keep::
 
     HELLO   both sides send ``hello`` at once: an ephemeral X25519 key, a nonce, and
-            tags over both keyed by the account's discovery keys (one per epoch held,
-            so a device that missed a key rotation still meets). Nothing else: who we
-            are stays hidden. On the peer's hello: check the tag (a stranger is refused
-            here, having learnt nothing), derive the session keys, send ``ident``
-            boxed (device id, signed device list, lease, signature over the transcript).
-    AUTH    on the peer's ``ident``: check its list, its device, its lease and its
-            signature  -> OPEN; then send one ``sv`` per shared space.
+            tags over both keyed by discovery keys: the account's (one per epoch held,
+            so a device that missed a key rotation still meets), then the newest two
+            epochs of each conversation shared with other accounts. Nothing else: who
+            we are stays hidden. On the peer's hello: check the tag (a stranger is
+            refused here, having learnt nothing), derive the session keys, send
+            ``ident`` boxed (device id, signed device list, lease, signature over the
+            transcript).
+    AUTH    on the peer's ``ident``: check its list (our account's, or one we follow:
+            signed by that account's key, never older than ours), its device, its lease
+            and its signature  -> OPEN; then send a ``grant`` of each conversation the
+            peer reads (its keys sealed to the peer), and one ``sv`` per shared space.
     OPEN    every frame is boxed (XChaCha20-Poly1305 with the direction's session key and
             an implicit counter nonce, so a dropped, replayed or reordered frame fails).
             ``sv`` -> reply ``env`` with exactly what the peer lacks (nothing if level);
@@ -23,6 +27,7 @@ States and the rules they keep::
             ``list`` -> :class:`DeviceListIn` (a newer device list, gossiped);
             ``lease`` -> :class:`LeaseIn` (the primary renews a companion's lease, which
             the primary sends right after authenticating a companion);
+            ``grant`` -> :class:`GrantIn` (keys of a space, see ``p2p.grants``);
             ``ping`` -> ``pong``; ``bye`` -> closed.
     CLOSED  everything is ignored.
 
@@ -62,8 +67,9 @@ HANDSHAKE_TIMEOUT: Final = 10.0
 PING_INTERVAL: Final = 15.0
 IDLE_TIMEOUT: Final = 45.0
 EMPTY_UPDATE: Final = b"\x00\x00"
-MAX_TAGS: Final = 8
-"""Discovery-key epochs a hello carries tags for (and a receiver checks)."""
+MAX_TAGS: Final = 64
+"""Discovery keys a hello carries tags for (and a receiver checks): our account's
+epochs, then those of conversations shared with other accounts."""
 
 
 class Replicas(Protocol):
@@ -74,6 +80,10 @@ class Replicas(Protocol):
     lease: bytes
 
     def discovery_keys(self) -> list[bytes]: ...
+
+    def list_of(self, account_id: str) -> DeviceList | None: ...
+
+    def grants_for(self, device_id: str, device_list: DeviceList | None = None) -> list[bytes]: ...
 
     @property
     def is_primary(self) -> bool: ...
@@ -121,6 +131,13 @@ class EnvelopeIn:
 
 
 @dataclass(frozen=True)
+class GrantIn:
+    """The peer granted us a space's keys (``DeviceState.accept_grant``)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
 class LeaseIn:
     """The primary renewed our lease; keep it (``DeviceState.accept_lease``)."""
 
@@ -141,7 +158,9 @@ class Closed:
     error: P2PError | None
 
 
-Output = Send | Authenticated | DeviceListIn | EnvelopeIn | LeaseIn | LeaveRequested | Closed
+Output = (
+    Send | Authenticated | DeviceListIn | EnvelopeIn | GrantIn | LeaseIn | LeaveRequested | Closed
+)
 
 
 class State(Enum):
@@ -227,6 +246,21 @@ class Session:
             return []
         return [self._send_boxed(encode_frame("list", l=data))]
 
+    def send_grant(self, data: bytes) -> list[Output]:
+        """Give the peer a space's keys (a grant sealed to it), if open."""
+        if self.state is not State.OPEN:
+            return []
+        return [self._send_boxed(encode_frame("grant", g=data))]
+
+    def send_state_vector(self, space_id: str) -> list[Output]:
+        """Ask the peer for what we lack of a space (one we just joined), if open."""
+        if self.state is not State.OPEN or self.peer is None:
+            return []
+        if space_id not in self.local.spaces_for(self.peer):
+            return []
+        sv = self.local.state_vector(space_id)
+        return [self._send_boxed(encode_frame("sv", s=space_id, sv=sv))]
+
     def send_leave(self) -> list[Output]:
         """Ask the peer (our primary) to unlink this device, if open."""
         if self.state is not State.OPEN:
@@ -311,12 +345,16 @@ class Session:
         if frame["t"] != "ident":
             raise HandshakeFailed(f"expected ident, got {frame['t']}")
         out: list[Output] = []
-        ours = self.local.device_list
         try:
             theirs = DeviceList.decode(frame["list"])
         except WireError as exc:
             raise DeviceListError(f"peer's device list is malformed: {exc}") from exc
-        theirs.verify(ours.account_pk)  # DeviceListError: another account or forged
+        # our own account, or one we follow (a contact, a conversation's member)
+        ours = self.local.list_of(theirs.account_id)
+        if ours is None:
+            raise NotOurAccount("the peer's account is neither ours nor one we follow")
+        own_account = ours is self.local.device_list
+        theirs.verify(ours.account_pk)  # DeviceListError: forged
         if theirs.version == ours.version and theirs.signature != ours.signature:
             raise DeviceListError(f"two different device lists claim version {ours.version}")
         newest = theirs if theirs.version > ours.version else ours
@@ -326,9 +364,9 @@ class Session:
         entry = newest.entry(peer)  # UnknownDevice / RemovedDevice
         if peer == self.local.keys.device_id:
             raise HandshakeFailed("connected to ourselves")
-        if entry.role == "companion" and not self.local.is_primary:
-            # companions accept each other only while the primary vouches for them;
-            # the primary itself always answers, to renew
+        if entry.role == "companion" and not (self.local.is_primary and own_account):
+            # companions are accepted only while their primary vouches for them; our
+            # primary itself always answers ours, to renew
             check_lease(frame["lease"], ours.account_pk, peer, self.wall_ms)
         role = b"R" if self.initiator else b"I"
         try:
@@ -338,9 +376,13 @@ class Session:
         self.peer = peer
         self.state = State.OPEN
         out.append(Authenticated(peer))
-        if self.local.is_primary and entry.role == "companion":
+        if self.local.is_primary and own_account and entry.role == "companion":
             lease = self.local.issue_lease(peer, self.wall_ms or None)
             out.append(self._send_boxed(encode_frame("lease", l=lease)))
+        # grants before state vectors: a space the peer learns of here is known to it
+        # by the time our state vector for it arrives
+        for grant in self.local.grants_for(peer, newest):
+            out.append(self._send_boxed(encode_frame("grant", g=grant)))
         for space_id in self.local.spaces_for(peer, newest):
             sv = self.local.state_vector(space_id)
             out.append(self._send_boxed(encode_frame("sv", s=space_id, sv=sv)))
@@ -360,6 +402,8 @@ class Session:
             return [DeviceListIn(frame["l"])]
         if kind == "lease":
             return [LeaseIn(frame["l"])]
+        if kind == "grant":
+            return [GrantIn(frame["g"])]
         if kind == "leave":
             assert self.peer is not None
             return [LeaveRequested(self.peer)]

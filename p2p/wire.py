@@ -46,10 +46,11 @@ SCHEMA: Final[dict[str, dict[str, Field]]] = {
     "hello": {
         "eph": Field(_B, 32),  # ephemeral X25519 public key for this session
         "nonce": Field(_B, 32),  # fresh random bytes, bind the transcript to this session
-        "tags": Field(_B, 8 * 32),  # per discovery key we hold (8 newest epochs), keyed
-        # tags over eph || nonce: any one a peer can check proves we are of its account
+        "tags": Field(_B, 64 * 32),  # per discovery key we hold (our account's epochs,
+        # then shared conversations'), keyed tags over eph || nonce: any one a peer can
+        # check proves we share a space with it
     },
-    "ident": {  # boxed: who we are, only for a peer of our own account
+    "ident": {  # boxed: who we are, only for a peer that shares a space with us
         "dev": Field(_S, MAX_ID),  # sender's device id
         "list": Field(_B, 64 * KiB),  # sender's signed device list (identity.DeviceList)
         "lease": Field(_B, 256),  # a companion's lease from the primary (empty otherwise)
@@ -95,6 +96,7 @@ SCHEMA: Final[dict[str, dict[str, Field]]] = {
         "l": Field(_B, 64 * KiB),  # a newer signed device list, gossiped
     },
     "lease": {"l": Field(_B, 256)},  # primary -> companion: a renewed lease
+    "grant": {"g": Field(_B, 1024 * KiB)},  # a space's keys sealed to the peer (p2p.grants)
     "leave": {"n": Field(_I, 2**31)},  # companion -> primary: unlink me (p2p unlink --self)
     "ping": {"n": Field(_I, 2**63 - 1)},
     "pong": {"n": Field(_I, 2**63 - 1)},

@@ -325,7 +325,7 @@ def forge_entries(w: World, ledger: Ledger) -> None:
         update, _ = w.tablet.write_local(w.notes, [entry])
         w.laptop.ingest(w.tablet.seal(w.notes, update))  # a member may write: it applies
         shown, rejected = w.laptop.space(w.notes).replica.view(
-            w.laptop.any_signing_key, w.laptop.account_of
+            w.laptop.any_signing_key, w.laptop.belongs
         )
         visible = entry.id in {m.id for m in shown}
         ledger.outcome(

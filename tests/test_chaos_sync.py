@@ -116,7 +116,7 @@ def sync(a: DeviceState, b: DeviceState) -> tuple[int, int]:
 def views(state: DeviceState) -> dict[str, list[tuple[str, str, bool, str]]]:
     out = {}
     for sid, space in state.spaces.items():
-        shown, rejected = space.replica.view(state.any_signing_key, state.account_of)
+        shown, rejected = space.replica.view(state.any_signing_key, state.belongs)
         assert rejected == []
         out[sid] = [(m.id, m.text, m.deleted, str(sorted(m.reactions.items()))) for m in shown]
     return out
@@ -170,7 +170,7 @@ def apply_write(states: list[DeviceState], op: Op, clock: list[int]) -> None:
             entry = state.new_entry(notes, "msg", wall + k, body=f"burst {op.i} {k}")
             state.write_local(notes, [entry])
         return
-    shown, _ = state.space(notes).replica.view(state.any_signing_key, state.account_of)
+    shown, _ = state.space(notes).replica.view(state.any_signing_key, state.belongs)
     kind: Kind = op.kind  # type: ignore[assignment]
     if kind == "msg" or not shown:
         entry = state.new_entry(notes, "msg", wall, body=f"message {op.arg} from {op.i}")

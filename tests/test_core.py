@@ -34,7 +34,7 @@ def test_a_reload_restores_spaces_keys_and_history() -> None:
     assert again.device_id == created.device_id
     assert again.is_primary
     assert again.space(chat).keys == created.space(chat).keys
-    shown, _ = again.space(chat).replica.view(again.any_signing_key, again.account_of)
+    shown, _ = again.space(chat).replica.view(again.any_signing_key, again.belongs)
     assert [m.text for m in shown] == ["hello"]
 
 

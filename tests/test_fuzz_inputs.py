@@ -304,7 +304,7 @@ def check_replica(replica: Replica, w: World) -> None:
     outcome(replica.state_vector, "state_vector", b"")
     outcome(lambda: replica.diff(b"\x00"), "diff", b"")
     outcome(replica.snapshot, "snapshot", b"")
-    outcome(lambda: replica.view(w.phone.any_signing_key, w.phone.account_of), "view", b"")
+    outcome(lambda: replica.view(w.phone.any_signing_key, w.phone.belongs), "view", b"")
 
 
 # ---- wire -------------------------------------------------------------------------
@@ -568,7 +568,7 @@ def test_replica_keeps_working_after_many_bad_updates() -> None:
     other = Replica(w.notes)
     entry = w.laptop.new_entry(w.notes, "msg", WALL, body="still here")
     replica.apply(other.write([entry]))
-    shown, _ = replica.view(w.laptop.any_signing_key, w.laptop.account_of)
+    shown, _ = replica.view(w.laptop.any_signing_key, w.laptop.belongs)
     assert entry.id in {m.id for m in shown}
 
 

@@ -303,7 +303,7 @@ def test_an_unlinked_device_reads_nothing_new_and_is_refused_everywhere() -> Non
                 reader.ingest(env)
         with pytest.raises(UnknownKey):
             tablet.ingest(env)  # keeps its keys and store: still cannot open it
-    shown, _ = tablet.space(chat).replica.view(tablet.any_signing_key, tablet.account_of)
+    shown, _ = tablet.space(chat).replica.view(tablet.any_signing_key, tablet.belongs)
     assert not any(m.text.startswith("after") for m in shown)
 
     # what the removed device sends is refused by every remaining device

@@ -3,8 +3,8 @@
 A :class:`Link` shuttles every ``Send`` of one session into the other's ``receive``, in
 *flights*: all frames in flight (both directions) are delivered together, and whatever
 they cause is the next flight. A round trip is two flights. ``EnvelopeIn`` goes to
-``DeviceState.ingest`` and ``DeviceListIn`` to ``DeviceState.offer_device_list``, as the
-node does. No sockets, no clock: ``now`` is passed in.
+``DeviceState.ingest``, ``DeviceListIn`` to ``DeviceState.follow`` and ``GrantIn`` to
+``DeviceState.accept_grant``, as the node does. No sockets, no clock: ``now`` is passed in.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from p2p.sync import (
     Closed,
     DeviceListIn,
     EnvelopeIn,
+    GrantIn,
     LeaseIn,
     Output,
     Send,
@@ -79,7 +80,7 @@ def write(state: DeviceState, space: str, n: int, prefix: str, start: int = 0) -
 
 
 def view(state: DeviceState, space: str) -> list[Message]:
-    messages, rejected = state.space(space).replica.view(state.any_signing_key, state.account_of)
+    messages, rejected = state.space(space).replica.view(state.any_signing_key, state.belongs)
     assert rejected == []
     return messages
 
@@ -123,6 +124,8 @@ class Peer:
     received: list[bytes] = field(default_factory=list)
     authenticated: list[str] = field(default_factory=list)
     lists_in: list[bytes] = field(default_factory=list)
+    grants_in: list[bytes] = field(default_factory=list)
+    grant_errors: list[P2PError] = field(default_factory=list)
     leases_in: list[bytes] = field(default_factory=list)
     envelopes_in: list[bytes] = field(default_factory=list)
     ingested: list[Ingested] = field(default_factory=list)
@@ -168,7 +171,16 @@ class Link:
                 src.authenticated.append(out.device)
             elif isinstance(out, DeviceListIn):
                 src.lists_in.append(out.data)
-                src.state.offer_device_list(out.data)
+                src.state.follow(out.data, trusted=False)
+            elif isinstance(out, GrantIn):  # as the node does: take it, then ask for the space
+                src.grants_in.append(out.data)
+                try:
+                    space_id, news, _ = src.state.accept_grant(out.data)
+                except P2PError as exc:
+                    src.grant_errors.append(exc)
+                else:
+                    if news:
+                        self.handle(src, src.session.send_state_vector(space_id))
             elif isinstance(out, EnvelopeIn):
                 src.envelopes_in.append(out.data)
                 try:
@@ -370,7 +382,7 @@ def test_member_cannot_shadow_another_devices_update() -> None:
     laptop.ingest(tablet.seal(chat, forged))
     laptop.ingest(phone.seal(chat, update))
     Link(phone, laptop).connect().run()
-    shown, rejected = laptop.space(chat).replica.view(laptop.any_signing_key, laptop.account_of)
+    shown, rejected = laptop.space(chat).replica.view(laptop.any_signing_key, laptop.belongs)
     assert [r.entry_id for r in rejected] == [entry.id]  # the forgery, hidden
     assert [m.text for m in shown] == ["the-real-message-0001"], (
         "the phone's message was shadowed by a member's forged update"

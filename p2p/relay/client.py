@@ -351,7 +351,7 @@ class RelayClient:
 
     ``url`` is the relay's ``ws://`` or ``wss://`` URL; ``device`` signs our auth; the
     ``watch`` callable names the devices whose presence we follow (called on every
-    (re)connection and after :meth:`update_watch`; at most 16 are sent). ``relay_id``
+    (re)connection and after :meth:`update_watch`; at most MAX_WATCH (64) are sent). ``relay_id``
     is the name the relay must sign in as: the URL by default.
     """
 

@@ -43,7 +43,7 @@ DOMAIN_AUTH: Final = b"p2p/relay-auth/v1\x00"
 NONCE_BYTES: Final = 32
 MAIL_ID_BYTES: Final = 16
 MAX_RELAY_ID: Final = 256
-MAX_WATCH: Final = 16
+MAX_WATCH: Final = 64
 """Device ids one connection may watch: an account has at most five devices, and a few
 more leave room for the devices of contacts; a bound keeps presence fan-out small."""
 MAX_ACK: Final = 1024

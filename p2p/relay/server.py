@@ -1,7 +1,7 @@
 """The rendezvous relay: authenticated websockets, pipes, presence, and a mailbox.
 
 Devices connect over a websocket, prove they hold their device key (challenge, signed
-``auth``), and then may: watch the presence of up to 16 devices, open pipes to online
+``auth``), and then may: watch the presence of up to 64 devices, open pipes to online
 devices (the relay forwards opaque chunks; the two devices run their own end-to-end
 encrypted sync session through it), and post mail for devices that are offline (kept in
 SQLite, bounded, expiring). The relay never holds a key that opens anything it carries.

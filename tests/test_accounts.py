@@ -1,0 +1,213 @@
+"""Conversations between accounts, at the protocol level (issue 10).
+
+Two accounts, A (phone + laptop) and B (phone + tablet), as ``DeviceState``s wired by
+the sans-I/O :class:`Link` of ``test_sync_session``: contacts, grants of a conversation's
+keys, sessions across accounts, authorship checks, and key rotation when a member's
+device is unlinked. The node, the CLI and real processes are tested in
+``test_accounts_nodes.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from p2p.contacts import ContactCode, MalformedContactCode
+from p2p.core import DeviceState
+from p2p.errors import (
+    ContactError,
+    GrantRefused,
+    NotOurAccount,
+    RemovedDevice,
+    UnknownDevice,
+    UnknownKey,
+)
+from p2p.grants import is_grant, parse_grant
+from p2p.model import Entry
+from p2p.wire import pack, unpack
+from tests.test_sync_session import WALL, Link, new_account, notes, view, write
+
+
+def befriend(*groups: list[DeviceState]) -> None:
+    """Every device of every account follows every other account (contact codes)."""
+    for group in groups:
+        for other in groups:
+            if other is not group:
+                for state in group:
+                    key = other[0].contact_key()
+                    state.follow(other[0].device_list.encode(), trusted=True, contact_key=key)
+
+
+def two_accounts() -> tuple[list[DeviceState], list[DeviceState]]:
+    a_phone, [a_laptop] = new_account("laptop")
+    b_phone, [b_tablet] = new_account("tablet")
+    befriend([a_phone, a_laptop], [b_phone, b_tablet])
+    return [a_phone, a_laptop], [b_phone, b_tablet]
+
+
+def conversation(creator: DeviceState, *others: DeviceState) -> str:
+    space_id, _ = creator.new_conversation("team", [o.account_id for o in others])
+    return space_id
+
+
+def test_grant_at_meeting_brings_a_conversation_and_its_history() -> None:
+    [a_phone, _], [b_phone, _] = two_accounts()
+    chat = conversation(a_phone, b_phone)
+    write(a_phone, chat, 3, "from A")
+    link = Link(a_phone, b_phone).connect()
+    link.run()
+    assert len(link.b.grants_in) == 1
+    assert link.b.grant_errors == []
+    space = b_phone.space(chat)
+    assert space.name == "team"
+    assert set(space.members) == {a_phone.account_id, b_phone.account_id}
+    assert [m.text for m in view(b_phone, chat)] == ["from A 0", "from A 1", "from A 2"]
+    assert {m.account for m in view(b_phone, chat)} == {a_phone.account_id}
+    # B writes back over the same session: A verifies B's device by B's list
+    write(b_phone, chat, 1, "from B", start=10)
+    update = b_phone.space(chat).replica.diff(a_phone.space(chat).replica.state_vector())
+    link.handle(link.b, link.b.session.send_envelope(b_phone.seal(chat, update)))
+    link.run()
+    assert [m.text for m in view(a_phone, chat)][-1] == "from B 10"
+    # only the conversation is shared: B never learns A's own spaces
+    assert notes(a_phone) not in b_phone.spaces
+
+
+def test_other_accounts_read_only_the_conversations_they_are_members_of() -> None:
+    [a_phone, a_laptop], [b_phone, b_tablet] = two_accounts()
+    chat = conversation(a_phone, b_phone)
+    assert a_phone.spaces_for(b_tablet.device_id) == [chat]
+    assert a_phone.spaces_for(a_laptop.device_id) == sorted(a_phone.spaces)
+    assert a_phone.readers_of(chat) == {
+        a_laptop.device_id,
+        b_phone.device_id,
+        b_tablet.device_id,
+    }
+    assert a_phone.readers_of(notes(a_phone)) == {a_laptop.device_id}
+
+
+def test_stranger_account_is_refused_at_the_handshake() -> None:
+    [a_phone, _], _ = two_accounts()
+    c_phone, _ = DeviceState.create_account("phone")  # C has no code of A, nor A of C
+    link = Link(a_phone, c_phone)
+    link.start()
+    link.run()
+    assert isinstance(link.a.error, NotOurAccount)
+    assert link.a.authenticated == link.b.authenticated == []
+
+
+def test_member_cannot_forge_a_message_as_another_member_or_device() -> None:
+    [a_phone, a_laptop], [b_phone, _] = two_accounts()
+    chat = conversation(a_phone, b_phone)
+    Link(a_phone, b_phone).connect().run()
+    # B's phone writes entries claiming to be A (its own device, or A's laptop)
+    as_a = Entry(
+        id="f1",
+        kind="msg",
+        account=a_phone.account_id,
+        device=b_phone.device_id,
+        ts=b_phone.clock.now(WALL),
+        body="I am A",
+    ).signed(chat, b_phone.keys)
+    as_laptop = Entry(
+        id="f2",
+        kind="msg",
+        account=a_phone.account_id,
+        device=a_laptop.device_id,
+        ts=b_phone.clock.now(WALL),
+        body="I am A's laptop",
+    ).signed(chat, b_phone.keys)
+    update, _ = b_phone.write_local(chat, [as_a, as_laptop])
+    a_phone.ingest(b_phone.seal(chat, update))  # the envelope itself is B's, and fine
+    shown, rejected = a_phone.space(chat).replica.view(a_phone.any_signing_key, a_phone.belongs)
+    assert shown == []
+    assert {(r.entry_id, r.reason) for r in rejected} == {
+        ("f1", "wrong account"),
+        ("f2", "bad signature"),
+    }
+
+
+def test_grant_refused_unless_signed_by_a_followed_member_device() -> None:
+    [a_phone, _], [b_phone, _] = two_accounts()
+    chat = conversation(a_phone, b_phone)
+    grant = a_phone.grant_to(b_phone.device_id, chat)
+    assert grant is not None
+    assert is_grant(grant)
+    # an account B does not follow
+    c_phone, _ = DeviceState.create_account("phone")
+    c_phone.follow(b_phone.device_list.encode(), trusted=True)
+    c_chat = conversation(c_phone, b_phone)
+    with pytest.raises(GrantRefused, match="do not follow"):
+        b_phone.accept_grant(c_phone.grant_to(b_phone.device_id, c_chat) or b"")
+    # tampered signature, or sealed to someone else
+    outer = unpack(grant, what="grant")
+    outer[5] = bytes(64)
+    with pytest.raises(GrantRefused, match="bad signature"):
+        b_phone.accept_grant(pack(outer))
+    with pytest.raises(GrantRefused, match="not us"):
+        a_phone.accept_grant(grant)
+    assert chat not in b_phone.spaces
+    assert c_chat not in b_phone.spaces
+    # the genuine one
+    assert b_phone.accept_grant(grant)[:2] == (chat, True)
+    assert parse_grant(grant).sender == a_phone.device_id
+
+
+def test_unlinked_device_of_a_member_reads_nothing_new() -> None:
+    [a_phone, a_laptop], [b_phone, b_tablet] = two_accounts()
+    chat = conversation(a_phone, b_phone)
+    for a, b in [(a_phone, b_phone), (a_phone, b_tablet), (a_phone, a_laptop)]:
+        Link(a, b).connect().run()
+    assert b_tablet.space(chat).epoch == 0
+    b_phone.unlink(b_tablet.device_id)  # B's primary rotates the keys of its spaces
+    assert b_phone.space(chat).epoch == 1
+    # A's laptop meets B's phone: it takes B's new list and the new epoch's key
+    link = Link(a_laptop, b_phone).connect()
+    link.run()
+    assert a_laptop.accounts[b_phone.account_id].version == b_phone.device_list.version
+    assert a_laptop.space(chat).epoch == 1
+    # what A's laptop sends now is sealed with a key the tablet never had
+    write(a_laptop, chat, 1, "after unlink")
+    update = a_laptop.space(chat).replica.snapshot()
+    with pytest.raises(UnknownKey):
+        b_tablet.ingest(a_laptop.seal(chat, update))
+    # and the tablet is refused by anyone who knows the new list
+    refused = Link(b_tablet, a_laptop)
+    refused.start()
+    refused.run()
+    assert isinstance(refused.b.error, RemovedDevice)
+    # A's phone, which never met B since, learns it all from its own laptop
+    Link(a_phone, a_laptop).connect().run()
+    assert a_phone.space(chat).epoch == 1
+    assert [m.text for m in view(a_phone, chat)] == ["after unlink 0"]
+    with pytest.raises(RemovedDevice):
+        a_phone.current_signing_key(b_tablet.device_id)
+
+
+def test_contact_code_round_trip_and_refusals() -> None:
+    [a_phone, _], _ = two_accounts()
+    code = ContactCode(
+        device_list=a_phone.device_list.encode(),
+        key=a_phone.contact_key(),
+        name="Ana",
+        relays=("ws://127.0.0.1:1",),
+    )
+    text = code.encode()
+    assert text.startswith("P2PC1:")
+    assert ContactCode.decode(text.lower()) == code
+    assert ContactCode.decode(text).account_id == a_phone.account_id
+    typo = text[:20] + ("A" if text[20] != "A" else "B") + text[21:]
+    for bad in (typo, "P2P1:" + text[6:], "hello", text[:-3]):
+        with pytest.raises(MalformedContactCode):
+            ContactCode.decode(bad)
+    with pytest.raises(ContactError, match="own account"):
+        a_phone.contact_entry("me", a_phone.device_list.encode(), bytes(32), WALL)
+
+
+def test_followed_list_must_be_signed_by_the_contacts_key() -> None:
+    [a_phone, _], [_b_phone, _] = two_accounts()
+    impostor, _ = DeviceState.create_account("phone")
+    with pytest.raises(ContactError):
+        a_phone.follow(impostor.device_list.encode(), trusted=False)
+    assert impostor.account_id not in a_phone.accounts
+    with pytest.raises(UnknownDevice):
+        a_phone.current_signing_key(impostor.device_id)
