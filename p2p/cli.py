@@ -349,6 +349,71 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def _call(args: argparse.Namespace, payload: dict[str, Any]) -> dict[str, Any]:
+    """One request, through the running node of this home, else on the store."""
+    reply = control.request(_home(args), payload)
+    if reply is not None:
+        return reply
+
+    async def offline() -> dict[str, Any]:
+        async with open_node(_home(args)) as node:
+            return await control.handle(node, payload)
+
+    return trio.run(offline)
+
+
+def cmd_contact_code(args: argparse.Namespace) -> int:
+    code = str(_call(args, {"op": "contact_code"})["code"])
+    if args.json:
+        print(json.dumps({"code": code}))
+        return 0
+    from segno import DataOverflowError
+
+    from p2p.pairing import qr_text
+
+    try:
+        print(qr_text(code))
+    except DataOverflowError:  # a code too long for a QR code is still valid text
+        print("(this contact code is too long for a QR code; pass the text)")
+    print(code)
+    return 0
+
+
+def cmd_contact_add(args: argparse.Namespace) -> int:
+    reply = _call(args, {"op": "contact_add", "code": args.code, "name": args.name})
+    if args.json:
+        print(json.dumps({"id": reply["id"]}))
+    else:
+        print(f"contact {reply['id']} added")
+    return 0
+
+
+def cmd_contacts(args: argparse.Namespace) -> int:
+    for c in _call(args, {"op": "contacts"})["contacts"]:
+        if args.json:
+            print(json.dumps(c, ensure_ascii=False))
+        else:
+            print(f"{c['id']}  {c['name']}  ({len(c['devices'])} devices)")
+    return 0
+
+
+def cmd_chat_new(args: argparse.Namespace) -> int:
+    name = args.name or ", ".join(args.with_)
+    reply = _call(args, {"op": "chat_new", "name": name, "with": args.with_})
+    print(json.dumps({"chat": reply["chat"]}) if args.json else reply["chat"])
+    return 0
+
+
+def cmd_chats(args: argparse.Namespace) -> int:
+    for c in _call(args, {"op": "chats"})["chats"]:
+        if args.json:
+            print(json.dumps(c, ensure_ascii=False))
+        else:
+            members = ", ".join(m["name"] or m["id"] for m in c["members"])
+            print(f"{c['id']}  {c['name']}  [{members}]")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from p2p.demo import run_demo
 
@@ -376,6 +441,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("send", cmd_send, "send a message")
     p.add_argument("--chat", help="chat id or name (default: notes)")
     p.add_argument("text")
+    contact = sub.add_parser("contact", help="contact codes: show ours, add another account's")
+    contact_sub = contact.add_subparsers(dest="contact_command", required=True)
+    for name, handler, help in (
+        ("code", cmd_contact_code, "print this account's contact code (QR + text)"),
+        ("add", cmd_contact_add, "follow the account of a contact code"),
+    ):
+        p = contact_sub.add_parser(name, help=help)
+        p.set_defaults(handler=handler)
+        p.add_argument("--json", action="store_true", help="print JSON")
+        p.add_argument("--home", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        if name == "add":
+            p.add_argument("code")
+            p.add_argument("--name", help="what to call the contact (default: its own name)")
+    add("contacts", cmd_contacts, "the accounts this account follows")
+    chat = sub.add_parser("chat", help="conversations with other accounts")
+    chat_sub = chat.add_subparsers(dest="chat_command", required=True)
+    p = chat_sub.add_parser("new", help="start a conversation with contacts")
+    p.set_defaults(handler=cmd_chat_new)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--home", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--with", dest="with_", nargs="+", required=True, help="contact ids or names")
+    p.add_argument("--name", help="the conversation's name (default: the contacts')")
+    add("chats", cmd_chats, "every chat: id, name, members")
     p = add("log", cmd_log, "messages in display order")
     p.add_argument("--chat", help="chat id or name (default: notes)")
     add("devices", cmd_devices, "the signed device list")

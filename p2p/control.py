@@ -7,6 +7,11 @@ request per connection, one JSON reply, both a single line of at most
     {"op": "send", "text": "...", "chat": null}   -> {"ok": true, "id": "..."}
     {"op": "log", "chat": null}                     -> {"ok": true, "messages": [...]}
     {"op": "status"}                                -> {"ok": true, "status": {...}}
+    {"op": "contact_code"}                          -> {"ok": true, "code": "P2PC1:..."}
+    {"op": "contact_add", "code": "...", "name": null} -> {"ok": true, "id": "..."}
+    {"op": "contacts"}                              -> {"ok": true, "contacts": [...]}
+    {"op": "chat_new", "name": "...", "with": [...]} -> {"ok": true, "chat": "..."}
+    {"op": "chats"}                                 -> {"ok": true, "chats": [...]}
 
 A failed request gets ``{"ok": false, "error": "<ErrorClass>", "message": "..."}``.
 """
@@ -99,7 +104,36 @@ async def _handle(node: Node, request: object, ask: Ask) -> dict[str, Any]:
             raise ControlError("'device' must be a string")
         await node.unlink(device)
         return {"version": node.state.device_list.version}
+    if op == "contact_code":
+        return {"code": node.contact_code().encode()}
+    if op == "contact_add":
+        code, name = request.get("code"), request.get("name")
+        if not isinstance(code, str) or not (name is None or isinstance(name, str)):
+            raise ControlError("'code' must be a string, 'name' a string or null")
+        account = await node.add_contact(code, name=name)
+        return {"id": account}
+    if op == "contacts":
+        return {"contacts": node.contacts()}
+    if op == "chat_new":
+        members, name = request.get("with"), request.get("name")
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            raise ControlError("'with' must be a list of strings")
+        if not isinstance(name, str):
+            raise ControlError("'name' must be a string")
+        return {"chat": await node.create_chat(name, with_=members)}
+    if op == "chats":
+        return {"chats": node.chat_summaries()}
     raise ControlError(f"unknown op {op[:32]!r}")
+
+
+async def handle(node: Node, request: dict[str, Any]) -> dict[str, Any]:
+    """Carry out one request on a node this process opened itself (no node was running
+    for the home): the same code a running node's control socket uses."""
+
+    async def refuse(digits: str) -> bool:
+        return False
+
+    return await _handle(node, request, refuse)
 
 
 async def serve_control(

@@ -871,6 +871,20 @@ class Node:
             relay.update_watch()
         return space_id
 
+    def chat_summaries(self) -> list[dict[str, Any]]:
+        """Every chat: id, name, member accounts (with contact names), key epoch."""
+        names = {a: n for a, (n, *_) in self.state.contact_entries().items()}
+        names[self.account_id] = "me"
+        return [
+            {
+                "id": s.id,
+                "name": s.name,
+                "epoch": s.epoch,
+                "members": [{"id": a, "name": names.get(a, "")} for a in sorted(s.members)],
+            }
+            for s in self.chats()
+        ]
+
     def _contact_id(self, contact: str) -> str:
         if contact in self.state.accounts:
             return contact
