@@ -64,17 +64,15 @@ def _time_of(ts: str) -> str:
 
 
 def cmd_log(args: argparse.Namespace) -> int:
-    async def run() -> list[dict[str, Any]]:
-        async with open_node(_home(args)) as node:
-            return [m.to_json() for m in node.messages(args.chat)]
-
-    reply = control.request(_home(args), {"op": "log", "chat": args.chat})
-    for m in reply["messages"] if reply is not None else trio.run(run):
+    reply = _call(args, {"op": "log", "chat": args.chat, "mark_read": args.mark_read})
+    marks = {"sent": "✓", "delivered": "✓✓", "read": "read"}
+    for m in reply["messages"]:
         if args.json:
             print(json.dumps(m, ensure_ascii=False))
         else:
             flags = " (deleted)" if m["deleted"] else " (edited)" if m["edited"] else ""
-            print(f"{_time_of(m['ts'])} {m['device']}: {m['text']}{flags}")
+            status = marks.get(m["status"], m["status"])
+            print(f"{_time_of(m['ts'])} {m['device']}: {m['text']}{flags}  [{status}]")
     return 0
 
 
@@ -464,8 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with", dest="with_", nargs="+", required=True, help="contact ids or names")
     p.add_argument("--name", help="the conversation's name (default: the contacts')")
     add("chats", cmd_chats, "every chat: id, name, members")
-    p = add("log", cmd_log, "messages in display order")
+    p = add("log", cmd_log, "messages in display order, with their delivery state")
     p.add_argument("--chat", help="chat id or name (default: notes)")
+    p.add_argument(
+        "--mark-read", action="store_true", help="record that this device has shown the chat"
+    )
     add("devices", cmd_devices, "the signed device list")
     p = add("link", cmd_link, "new device: show a pairing code and wait for the primary")
     p.add_argument("--name", required=True, help="this device's name")

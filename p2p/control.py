@@ -5,7 +5,7 @@ request per connection, one JSON reply, both a single line of at most
 :data:`MAX_LINE` bytes::
 
     {"op": "send", "text": "...", "chat": null}   -> {"ok": true, "id": "..."}
-    {"op": "log", "chat": null}                     -> {"ok": true, "messages": [...]}
+    {"op": "log", "chat": null, "mark_read": false} -> {"ok": true, "messages": [...]}
     {"op": "status"}                                -> {"ok": true, "status": {...}}
     {"op": "contact_code"}                          -> {"ok": true, "code": "P2PC1:..."}
     {"op": "contact_add", "code": "...", "name": null} -> {"ok": true, "id": "..."}
@@ -55,7 +55,10 @@ def _read_reply(sock: socket.socket) -> Any:
         data += chunk
         if len(data) > 64 * MAX_LINE:
             raise ControlError("reply too long")
-    return json.loads(data)
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise ControlError("the node closed the control socket without a valid reply") from None
 
 
 def socket_path(home: str | os.PathLike[str]) -> Path:
@@ -78,7 +81,9 @@ async def _handle(node: Node, request: object, ask: Ask) -> dict[str, Any]:
             raise ControlError("'text' must be a string")
         return {"id": await node.send(text, chat=chat)}
     if op == "log":
-        return {"messages": [m.to_json() for m in node.messages(chat)]}
+        if request.get("mark_read"):
+            await node.mark_read(chat=chat)
+        return {"messages": node.log(chat)}
     if op == "status":
         return {"status": node.status()}
     if op == "approve":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -53,7 +54,7 @@ from p2p.identity import (
     parse_device_list,
     short_id,
 )
-from p2p.model import Entry, Kind, Replica, new_id
+from p2p.model import Entry, Kind, Message, Replica, new_id
 from p2p.storage.base import Store, WriteBatch
 from p2p.wire import pack, unpack
 
@@ -90,6 +91,21 @@ class Space:
     def shared(self) -> bool:
         """Whether other accounts are members (a conversation between accounts)."""
         return len(self.members) > 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class Delivery:
+    """Where one message has got to: the devices holding it and those that showed it."""
+
+    delivered_to: tuple[str, ...]
+    """Current member devices (other than its author) whose receipt covers it."""
+    waiting_for: tuple[str, ...]
+    """Current member devices whose receipt does not cover it yet."""
+    read_by: tuple[str, ...]
+    """Devices whose read marker covers it."""
+    status: str
+    """``read`` (by a device of every other member account), ``delivered`` (to every
+    current device of every member), or ``sent``."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -813,6 +829,58 @@ class DeviceState:
         body = base64.b64encode(pack([name, device_list, key])).decode("ascii")
         entry = self.new_entry(account.id, "contact", wall_ms, body=body, target=dl.account_id)
         return account.id, entry
+
+    # ---- delivery state ------------------------------------------------------------
+
+    def receipt_body(self, space_id: str) -> str:
+        """What our delivery receipt for a space states now: per other author device,
+        the newest ``ts`` of its messages we hold (``""`` when there is none)."""
+        newest = self.space(space_id).replica.newest_by_device()
+        newest.pop(self.device_id, None)
+        return json.dumps(newest, sort_keys=True, separators=(",", ":")) if newest else ""
+
+    def delivery(self, space_id: str, messages: list[Message]) -> dict[str, Delivery]:
+        """Delivery state of each message, from the receipts and read markers of the
+        space's current member devices (entries verified like messages)."""
+        space = self.space(space_id)
+        replica = space.replica
+        receipts: dict[str, dict[str, str]] = {}
+        for e in replica.valid_entries("v", self.any_signing_key, self.belongs):
+            try:
+                stated = json.loads(e.body) if e.body else {}
+            except ValueError:
+                continue
+            if isinstance(stated, dict):
+                receipts[e.device] = {str(k): str(v) for k, v in stated.items()}
+        reads = {
+            e.device: (e.account, e.body)
+            for e in replica.valid_entries("k", self.any_signing_key, self.belongs)
+        }
+        devices = set(self.device_list.ids)
+        for account_id in space.members:
+            dl = self.accounts.get(account_id)
+            if dl is not None:
+                devices |= dl.ids
+        out = {}
+        for m in messages:
+            others = sorted(devices - {m.device})
+            got = tuple(d for d in others if receipts.get(d, {}).get(m.device, "") >= m.ts)
+            read_by = tuple(
+                sorted(d for d, (_, ts) in reads.items() if d != m.device and ts >= m.ts)
+            )
+            readers = {reads[d][0] for d in read_by}
+            other_accounts = set(space.members) - {m.account}
+            if other_accounts and other_accounts <= readers:
+                status = "read"
+            elif len(got) == len(others):
+                status = "delivered"
+            else:
+                status = "sent"
+            waiting = tuple(d for d in others if d not in got)
+            out[m.id] = Delivery(
+                delivered_to=got, waiting_for=waiting, read_by=read_by, status=status
+            )
+        return out
 
 
 def _required(store: Store, name: str) -> bytes:

@@ -205,6 +205,9 @@ class Replica:
         self._verified: dict[tuple[str, str], bool] = {}
         self._latest_ts = ""
         self._scanned = False
+        self._authors: dict[str, str] | None = None
+        """Device -> newest ``ts`` of its messages here, once :meth:`newest_by_device`
+        was asked (then kept up to date by ``apply`` and ``write``)."""
 
     @property
     def latest_ts(self) -> str:
@@ -235,6 +238,33 @@ class Replica:
         except Exception:
             pass
 
+    def newest_by_device(self) -> dict[str, str]:
+        """Per author device, the newest ``ts`` of its messages this replica holds (not
+        verified: what a delivery receipt states). The first call scans the messages;
+        later updates are watched."""
+        if self._authors is None:
+            self._authors = {}
+            for _, value in self._maps["m"].items():
+                self._note_author(value)
+        return dict(self._authors)
+
+    def _note_author(self, value: object) -> None:
+        if not isinstance(value, dict) or self._authors is None:
+            return
+        device, ts = value.get("d"), value.get("ts")
+        if not (isinstance(device, str) and isinstance(ts, str) and is_ts(ts)):
+            return
+        if ts > self._authors.get(device, ""):
+            self._authors[device] = ts
+
+    def _note_authors(self, event: Any) -> None:
+        # inside pycrdt's transaction, like _note_timestamps: never raise
+        try:
+            for change in event.keys.values():
+                self._note_author(change.get("newValue"))
+        except Exception:
+            pass
+
     # ---- bytes in and out ----------------------------------------------------------
 
     def apply(self, update: bytes, *, from_store: bool = False) -> None:
@@ -251,6 +281,8 @@ class Replica:
             if self._scanned
             else []
         )
+        if self._authors is not None:
+            watching.append((self._maps["m"], self._maps["m"].observe(self._note_authors)))
         try:
             self.doc.apply_update(update)
         except (KeyboardInterrupt, SystemExit, GeneratorExit):
@@ -283,6 +315,8 @@ class Replica:
             for entry in entries:
                 self._maps[_MAP_OF_KIND[entry.kind]][entry.key()] = entry.to_value()
                 self._verified[(entry.id, entry.sig)] = True  # we signed it ourselves
+                if entry.kind == "msg":
+                    self._note_author(entry.to_value())
         return bytes(self.doc.get_update(before))
 
     # ---- reading -------------------------------------------------------------------

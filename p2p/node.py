@@ -32,7 +32,7 @@ import trio
 
 from p2p import events as ev
 from p2p.contacts import ContactCode
-from p2p.core import DeviceState, Ingested, Space, merge_batches
+from p2p.core import Delivery, DeviceState, Ingested, Space, merge_batches
 from p2p.discovery.base import Discovery, Found, Source, StaticPeers
 from p2p.errors import (
     ContactError,
@@ -84,6 +84,9 @@ COMPACT_AFTER: Final = 5000
 COALESCE_MAX: Final = 1_000_000
 """Largest merged update sealed as one envelope: the same envelope goes to connected
 peers and, through the relay, into the mailboxes of offline ones (1 MiB each)."""
+RECEIPT_DELAY: Final = 1.0
+"""Seconds a device waits after new messages before it writes its delivery receipt for
+the chat: a burst of messages costs one receipt per device, not one per message."""
 MAIL_POSTS: Final = 256
 """Mailbox posts in flight at once; past that, offline peers catch up by state vector."""
 
@@ -147,6 +150,8 @@ class Node:
         self._dialing: dict[str, str] = {}
         """Address -> where it was found ('static', 'mdns', ...), one dial loop each."""
         self.dropped_events = 0
+        self._receipts_due: set[str] = set()
+        self._receipts_wakeup = trio.Event()
 
     # ---- identity and reading ------------------------------------------------------
 
@@ -306,6 +311,46 @@ class Node:
         self._outbox_wakeup.set()
         self._emit(ev.ChatChanged(chat=space.id, origin=self.device_id))
         return entry.id
+
+    async def _receipter(self) -> None:
+        """Write this device's delivery receipt of each chat that received messages,
+        at most once per RECEIPT_DELAY, and only when what it states changed (a receipt
+        never causes another: receipts are about messages only)."""
+        while True:
+            await self._receipts_wakeup.wait()
+            await trio.sleep(RECEIPT_DELAY)
+            self._receipts_wakeup = trio.Event()
+            due, self._receipts_due = self._receipts_due, set()
+            for space_id in sorted(due):
+                body = self.state.receipt_body(space_id)
+                stated = self._stated_receipt(space_id)
+                if body and body != stated and not self._closed:
+                    await self._write(space_id, "rcpt", body=body)
+
+    def _stated_receipt(self, space_id: str) -> str:
+        entries = self.state.space(space_id).replica.entries("v")
+        return next((e.body for k, e in entries if e and k == self.device_id), "")
+
+    def log(self, chat: str | None = None) -> list[dict[str, Any]]:
+        """Messages as ``p2p log --json`` prints them: each with its delivery state
+        (``status``: sent, delivered or read; ``delivered_to``; ``read_by``)."""
+        space = self.state.chat_by_name(chat) if chat else self.state.space(self.default_chat())
+        shown = self.messages(space.id)
+        states = self.state.delivery(space.id, shown)
+        return [
+            {
+                **m.to_json(),
+                "status": states[m.id].status,
+                "delivered_to": list(states[m.id].delivered_to),
+                "read_by": list(states[m.id].read_by),
+            }
+            for m in shown
+        ]
+
+    def delivery(self, chat: str | None = None) -> dict[str, Delivery]:
+        """Delivery state of every message of a chat (see ``core.Delivery``)."""
+        space = self.state.chat_by_name(chat) if chat else self.state.space(self.default_chat())
+        return self.state.delivery(space.id, self.messages(space.id))
 
     def _queue_write(self, batch: WriteBatch) -> trio.Event:
         """Queue a batch for the writer, in order; the event fires once it is durable."""
@@ -673,6 +718,9 @@ class Node:
         self._broadcast(ingested.space, envelope, exclude=(came_from, ingested.sender))
         if self.state.spaces[ingested.space].kind == "account":
             self._learn_contacts()
+        else:
+            self._receipts_due.add(ingested.space)
+            self._receipts_wakeup.set()
         self._emit(ev.ChatChanged(chat=ingested.space, origin=ingested.sender))
         return durable
 
@@ -1007,6 +1055,7 @@ async def open_node(
                 node._leaving = the_store.get("leave/requested") is not None
                 nursery.start_soon(node._writer)
                 nursery.start_soon(node._gossiper)
+                nursery.start_soon(node._receipter)
                 if transport is not None:
                     await nursery.start(transport.serve, node._accept)
                 nursery.start_soon(node._merge_found)

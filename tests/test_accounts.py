@@ -9,8 +9,15 @@ device is unlinked. The node, the CLI and real processes are tested in
 
 from __future__ import annotations
 
-import pytest
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 
+import pytest
+import trio
+import trio.testing
+
+from p2p import events as ev
+from p2p import testing
 from p2p.contacts import ContactCode, MalformedContactCode
 from p2p.core import DeviceState
 from p2p.errors import (
@@ -23,6 +30,9 @@ from p2p.errors import (
 )
 from p2p.grants import is_grant, parse_grant
 from p2p.model import Entry
+from p2p.node import Node, open_node
+from p2p.testing import Cluster, provision_account
+from p2p.transport.memory import MemoryNetwork
 from p2p.wire import pack, unpack
 from tests.test_sync_session import WALL, Link, new_account, notes, view, write
 
@@ -211,3 +221,118 @@ def test_followed_list_must_be_signed_by_the_contacts_key() -> None:
     assert impostor.account_id not in a_phone.accounts
     with pytest.raises(UnknownDevice):
         a_phone.current_signing_key(impostor.device_id)
+
+
+# ---- nodes on an in-memory network --------------------------------------------------
+
+
+def run_virtual(fn: Callable[[], Awaitable[None]]) -> None:
+    trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0))  # type: ignore[arg-type]
+
+
+async def wait_for(predicate: Callable[[], bool], seconds: float = 120) -> None:
+    with trio.fail_after(seconds):
+        while not predicate():  # noqa: ASYNC110
+            await trio.sleep(0.05)
+
+
+@asynccontextmanager
+async def two_account_nodes() -> AsyncIterator[tuple[list[Node], list[Node]]]:
+    """A (phone, laptop) and B (phone, tablet) as running nodes on one memory network,
+    every node dialing the ones started before it; the phones exchange contact codes."""
+    network = MemoryNetwork(seed=1)
+    names = ["a-phone", "a-laptop", "b-phone", "b-tablet"]
+    stores = provision_account(2) + provision_account(2)
+    async with AsyncExitStack() as stack:
+        nodes = [
+            await stack.enter_async_context(
+                open_node(
+                    store=store,
+                    transport=network.transport(name),
+                    peers=names[:i],
+                    wall_ms=Cluster.wall_ms,
+                )
+            )
+            for i, (name, store) in enumerate(zip(names, stores, strict=True))
+        ]
+        await nodes[0].add_contact(nodes[2].contact_code(), name="Bea")
+        await nodes[2].add_contact(nodes[0].contact_code(), name="Ali")
+        yield nodes[:2], nodes[2:]
+
+
+def test_nodes_of_two_accounts_share_a_conversation_with_delivery_state() -> None:
+    async def scenario() -> None:
+        async with two_account_nodes() as ([a_phone, a_laptop], [b_phone, b_tablet]):
+            everyone = [a_phone, a_laptop, b_phone, b_tablet]
+            # A's laptop learns the contact from A's account space
+            await wait_for(lambda: [c["name"] for c in a_laptop.contacts()] == ["Bea"])
+            chat = await a_laptop.create_chat("team", with_=["Bea"])
+            await wait_for(lambda: all(chat in n.state.spaces for n in everyone))
+            sent = await a_laptop.send("hello B", chat=chat)
+            await b_tablet.send("hello A", chat=chat)
+            await wait_for(lambda: all(len(n.messages(chat)) == 2 for n in everyone))
+            assert len({testing.digest(n.messages(chat)) for n in everyone}) == 1
+            # receipts: every device holds it -> delivered; B reads it -> read
+            await wait_for(lambda: a_laptop.delivery(chat)[sent].status == "delivered")
+            state = a_laptop.delivery(chat)[sent]
+            assert set(state.delivered_to) == {
+                a_phone.device_id,
+                b_phone.device_id,
+                b_tablet.device_id,
+            }
+            assert state.read_by == ()
+            await b_phone.mark_read(chat=chat)
+            await wait_for(lambda: a_phone.delivery(chat)[sent].status == "read")
+            assert a_phone.delivery(chat)[sent].read_by == (b_phone.device_id,)
+            # A's own notes stay A's: B never holds them
+            assert a_phone.default_chat() not in b_phone.state.spaces
+
+    run_virtual(scenario)
+
+
+def test_a_forged_message_is_hidden_on_every_device_of_both_accounts() -> None:
+    async def scenario() -> None:
+        async with two_account_nodes() as ([a_phone, a_laptop], [b_phone, b_tablet]):
+            everyone = [a_phone, a_laptop, b_phone, b_tablet]
+            chat = await a_phone.create_chat("team", with_=["Bea"])
+            await wait_for(lambda: all(chat in n.state.spaces for n in everyone))
+            watchers = [n.subscribe() for n in everyone]
+            # B's phone writes, with its own key, messages claiming to be A's phone or A
+            state = b_phone.state
+            forged = [
+                Entry(
+                    id=f"forged{i}",
+                    kind="msg",
+                    account=a_phone.account_id,
+                    device=device,
+                    ts=state.clock.now(Cluster.wall_ms()),
+                    body="A says: send money",
+                ).signed(chat, state.keys)
+                for i, device in enumerate((a_phone.device_id, b_phone.device_id))
+            ]
+            update, batch = state.write_local(chat, forged)
+            await b_phone._commit(batch)
+            b_phone._outbox.setdefault(chat, []).append(update)
+            b_phone._outbox_wakeup.set()
+            await b_phone.send("a genuine one", chat=chat)
+            # every other device, of both accounts (the forger's own replica trusts
+            # what it wrote itself: it is the one lying)
+            readers = [a_phone, a_laptop, b_tablet]
+            await wait_for(lambda: all(len(n.messages(chat)) == 1 for n in readers))
+            await trio.sleep(5)
+            for node, events in zip(readers, [watchers[0], watchers[1], watchers[3]], strict=True):
+                assert [m.text for m in node.messages(chat)] == ["a genuine one"]
+                hidden = []
+                while True:
+                    try:
+                        event = events.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    if isinstance(event, ev.EntryRejected):
+                        hidden.append((event.entry_id, event.reason))
+                assert sorted(hidden) == [
+                    ("forged0", "bad signature"),
+                    ("forged1", "wrong account"),
+                ]
+
+    run_virtual(scenario)
