@@ -402,6 +402,13 @@ def cmd_chat_new(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat_leave(args: argparse.Namespace) -> int:
+    _call(args, {"op": "chat_leave", "chat": args.chat})
+    if args.json:
+        print(json.dumps({"left": args.chat}))
+    return 0
+
+
 def cmd_chats(args: argparse.Namespace) -> int:
     for c in _call(args, {"op": "chats"})["chats"]:
         if args.json:
@@ -461,6 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--home", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--with", dest="with_", nargs="+", required=True, help="contact ids or names")
     p.add_argument("--name", help="the conversation's name (default: the contacts')")
+    p = chat_sub.add_parser("leave", help="leave a conversation (its key rotates without us)")
+    p.set_defaults(handler=cmd_chat_leave)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--home", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("chat", help="chat id or name")
     add("chats", cmd_chats, "every chat: id, name, members")
     p = add("log", cmd_log, "messages in display order, with their delivery state")
     p.add_argument("--chat", help="chat id or name (default: notes)")

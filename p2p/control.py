@@ -12,6 +12,7 @@ request per connection, one JSON reply, both a single line of at most
     {"op": "contacts"}                              -> {"ok": true, "contacts": [...]}
     {"op": "chat_new", "name": "...", "with": [...]} -> {"ok": true, "chat": "..."}
     {"op": "chats"}                                 -> {"ok": true, "chats": [...]}
+    {"op": "chat_leave", "chat": "..."}             -> {"ok": true}
 
 A failed request gets ``{"ok": false, "error": "<ErrorClass>", "message": "..."}``.
 """
@@ -126,6 +127,11 @@ async def _handle(node: Node, request: object, ask: Ask) -> dict[str, Any]:
         if not isinstance(name, str):
             raise ControlError("'name' must be a string")
         return {"chat": await node.create_chat(name, with_=members)}
+    if op == "chat_leave":
+        if chat is None:
+            raise ControlError("'chat' must be a string")
+        await node.leave_chat(chat)
+        return {}
     if op == "chats":
         return {"chats": node.chat_summaries()}
     raise ControlError(f"unknown op {op[:32]!r}")

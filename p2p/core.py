@@ -830,6 +830,39 @@ class DeviceState:
         entry = self.new_entry(account.id, "contact", wall_ms, body=body, target=dl.account_id)
         return account.id, entry
 
+    # ---- leaving a conversation ------------------------------------------------------
+
+    def departed(self, space_id: str) -> set[str]:
+        """Member accounts that signed a leave entry in the space and are still on its
+        member set (the key has not been rotated without them yet)."""
+        space = self.space(space_id)
+        left = {
+            e.account
+            for e in space.replica.valid_entries("l", self.any_signing_key, self.belongs)
+            if e.kind == "leave"
+        }
+        return left & set(space.members) - {self.account_id} if space.shared else set()
+
+    def rotates_for(self, space_id: str, departed: set[str]) -> bool:
+        """Whether this device rotates the key after ``departed`` left: the primary of
+        the remaining member account with the smallest id, so that one new key exists
+        (the others wait for its grant; until then the old key stays in use)."""
+        remaining = set(self.space(space_id).members) - departed
+        return self.is_primary and bool(remaining) and min(remaining) == self.account_id
+
+    def rotate_without(self, space_id: str, departed: set[str]) -> WriteBatch:
+        """A new epoch key for a conversation, its member set without ``departed``."""
+        space = self.space(space_id)
+        space.epoch += 1
+        space.keys[space.epoch] = envelope.new_space_key()
+        space.members = {a: pk for a, pk in space.members.items() if a not in departed}
+        return WriteBatch(
+            records={
+                f"space/{space.id}": space.meta_record(),
+                f"spacekey/{space.id}/{space.epoch}": space.keys[space.epoch],
+            }
+        )
+
     # ---- delivery state ------------------------------------------------------------
 
     def receipt_body(self, space_id: str) -> str:

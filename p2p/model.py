@@ -16,6 +16,7 @@ v     device id          delivery receipt: per author device, the newest ``ts`` 
                          entries this device holds (a prefix: CRDT updates of one
                          author apply in its clock order, which is its ``ts`` order)
 c     account id         account space only: a contact (name, signed device list)
+l     account id         that account left the conversation (its members rotate the key)
 ====  =================  ==========================================================
 
 Every entry is immutable once written (edits and deletions are entries of their own) and
@@ -44,9 +45,9 @@ DOMAIN_ENTRY: Final = b"p2p/entry/v1\x00"
 MAX_BODY: Final = 64 * 1024
 """Longest message body in bytes of UTF-8."""
 MAX_UPDATE: Final = MAX_FRAME
-MAPS: Final = ("m", "e", "x", "r", "k", "v", "c")
+MAPS: Final = ("m", "e", "x", "r", "k", "v", "c", "l")
 
-Kind = Literal["msg", "edit", "del", "react", "read", "rcpt", "contact"]
+Kind = Literal["msg", "edit", "del", "react", "read", "rcpt", "contact", "leave"]
 _MAP_OF_KIND: Final[dict[str, str]] = {
     "msg": "m",
     "edit": "e",
@@ -55,6 +56,7 @@ _MAP_OF_KIND: Final[dict[str, str]] = {
     "read": "k",
     "rcpt": "v",
     "contact": "c",
+    "leave": "l",
 }
 _FIELDS: Final = ("id", "k", "a", "d", "ts", "t", "b", "sig")
 
@@ -98,6 +100,8 @@ class Entry:
             return self.device
         if self.kind == "contact":
             return self.target
+        if self.kind == "leave":
+            return self.account
         return self.id
 
     def to_value(self) -> dict[str, str]:

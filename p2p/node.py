@@ -151,6 +151,7 @@ class Node:
         """Address -> where it was found ('static', 'mdns', ...), one dial loop each."""
         self.dropped_events = 0
         self._receipts_due: set[str] = set()
+        self._rotating: set[str] = set()
         self._receipts_wakeup = trio.Event()
 
     # ---- identity and reading ------------------------------------------------------
@@ -721,6 +722,8 @@ class Node:
         else:
             self._receipts_due.add(ingested.space)
             self._receipts_wakeup.set()
+            if self.state.spaces[ingested.space].shared:
+                self._nursery.start_soon(self._rotate_after_leave, ingested.space)
         self._emit(ev.ChatChanged(chat=ingested.space, origin=ingested.sender))
         return durable
 
@@ -932,6 +935,37 @@ class Node:
             }
             for s in self.chats()
         ]
+
+    async def leave_chat(self, chat: str) -> None:
+        """Leave a conversation with other accounts: a signed leave entry tells its
+        members, whose designated device rotates the key without us (``core``)."""
+        space = self.state.chat_by_name(chat)
+        if not space.shared:
+            raise NodeError("only a conversation with other accounts can be left")
+        await self._write(space.id, "leave")
+
+    async def _rotate_after_leave(self, space_id: str) -> None:
+        departed = self.state.departed(space_id)
+        if not departed or not self.state.rotates_for(space_id, departed):
+            return
+        if space_id in self._rotating:
+            return
+        self._rotating.add(space_id)
+        try:
+            await self._commit(self.state.rotate_without(space_id, departed))
+        finally:
+            self._rotating.discard(space_id)
+        log.info("chat %s: key rotated without %s", space_id, sorted(departed))
+        self._deliver_grants(space_id)
+        space = self.state.space(space_id)
+        self._emit(
+            ev.ChatKeysChanged(
+                chat=space_id,
+                epoch=space.epoch,
+                members=tuple(sorted(space.members)),
+                joined=False,
+            )
+        )
 
     def _contact_id(self, contact: str) -> str:
         if contact in self.state.accounts:

@@ -23,6 +23,7 @@ from p2p.core import DeviceState
 from p2p.errors import (
     ContactError,
     GrantRefused,
+    NodeError,
     NotOurAccount,
     RemovedDevice,
     UnknownDevice,
@@ -334,5 +335,30 @@ def test_a_forged_message_is_hidden_on_every_device_of_both_accounts() -> None:
                     ("forged0", "bad signature"),
                     ("forged1", "wrong account"),
                 ]
+
+    run_virtual(scenario)
+
+
+def test_a_member_that_leaves_reads_nothing_sent_after_the_rotation() -> None:
+    async def scenario() -> None:
+        async with two_account_nodes() as ([a_phone, a_laptop], [b_phone, b_tablet]):
+            everyone = [a_phone, a_laptop, b_phone, b_tablet]
+            await wait_for(lambda: len(a_laptop.contacts()) == 1)
+            chat = await a_laptop.create_chat("team", with_=["Bea"])
+            await wait_for(lambda: all(chat in n.state.spaces for n in everyone))
+            await b_tablet.send("bye all", chat=chat)
+            await b_tablet.leave_chat(chat)  # for all of account B
+            # A's primary, the one remaining account's, rotates; A's laptop follows
+            await wait_for(lambda: a_laptop.state.space(chat).epoch == 1)
+            assert set(a_phone.state.space(chat).members) == {a_phone.account_id}
+            assert a_phone.state.readers_of(chat) == {a_laptop.device_id}
+            await a_laptop.send("after B left", chat=chat)
+            await wait_for(lambda: len(a_phone.messages(chat)) == 2)
+            await trio.sleep(30)
+            for node in (b_phone, b_tablet):
+                assert [m.text for m in node.messages(chat)] == ["bye all"]
+                assert node.state.space(chat).epoch == 0
+            with pytest.raises(NodeError):
+                await a_phone.leave_chat(a_phone.default_chat())  # notes: nobody to leave
 
     run_virtual(scenario)
