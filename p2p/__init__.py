@@ -4,14 +4,17 @@ The public surface is re-exported here (and pinned by ``tests/test_layers.py``);
 everything else lives in modules an app need not import.
 """
 
-from p2p.core import DeviceState, Enrollment
+from p2p.contacts import ContactCode, MalformedContactCode
+from p2p.core import Delivery, DeviceState, Enrollment
 from p2p.errors import (
     AlreadyInitialized,
     BadSignature,
+    ContactError,
     CryptoError,
     DecryptionFailed,
     DeviceListError,
     FrameTooLarge,
+    GrantRefused,
     HandshakeFailed,
     InvalidUpdate,
     MalformedFrame,
@@ -33,6 +36,7 @@ from p2p.errors import (
 )
 from p2p.events import (
     ChatChanged,
+    ChatKeysChanged,
     DeviceListChanged,
     EntryRejected,
     Event,
@@ -50,8 +54,12 @@ __all__ = [
     "AlreadyInitialized",
     "BadSignature",
     "ChatChanged",
+    "ChatKeysChanged",
+    "ContactCode",
+    "ContactError",
     "CryptoError",
     "DecryptionFailed",
+    "Delivery",
     "DeviceListChanged",
     "DeviceListError",
     "DeviceState",
@@ -59,9 +67,11 @@ __all__ = [
     "EntryRejected",
     "Event",
     "FrameTooLarge",
+    "GrantRefused",
     "HandshakeFailed",
     "InputRejected",
     "InvalidUpdate",
+    "MalformedContactCode",
     "MalformedFrame",
     "Message",
     "Node",
