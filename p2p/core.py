@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -64,6 +65,24 @@ NOTES: Final = "notes"
 """Name of the conversation every account starts with (a note-to-self chat)."""
 
 SpaceKind = Literal["account", "chat"]
+BOOT_BITS: Final = 17
+"""Low bits of a CRDT client id: the device's run counter (``crdt_client``)."""
+
+
+def device_prefix(device_id: str) -> int:
+    """The high 36 bits of every CRDT client id a device writes with."""
+    digest = hashlib.blake2b(device_id.encode(), digest_size=8, person=b"p2p-crdt-client")
+    return int.from_bytes(digest.digest(), "big") >> 28
+
+
+def crdt_client(device_id: str, boot: int) -> int:
+    """The CRDT client id of one run of a device: its prefix, then the run counter.
+
+    Bound to the device so that a receiver can tell whose structs an update holds
+    (another account may only send its own); new at every run, because a run that died
+    may have shown peers structs it never made durable, whose clocks must not be reused.
+    Both fit the 53 bits Yjs allows."""
+    return (device_prefix(device_id) << BOOT_BITS) | (boot % (1 << BOOT_BITS))
 
 
 @dataclass
@@ -117,6 +136,9 @@ class Ingested:
     counter: int
     update: bytes
     batch: WriteBatch
+    relayable: bool = True
+    """Whether the update touches only its sender's account's CRDT clients, so that
+    devices of other accounts accept it too (our own devices take anything from us)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,6 +183,9 @@ class DeviceState:
         self.accounts: dict[str, DeviceList] = {}
         """Other accounts we follow (contacts, members of our conversations): the newest
         signed device list of each, verified by its account key."""
+        self.boot = 0
+        """This run's number (persisted as ``boot``; part of our CRDT client id)."""
+        self._client_owners: dict[int, str] | None = None
         self.contact_keys: dict[str, bytes] = {}
         """The contact key of each contact (from its contact code): our devices meet
         theirs with it before any conversation is shared."""
@@ -445,7 +470,7 @@ class DeviceState:
         keys = keys if keys is not None else {epoch: envelope.new_space_key()}
         owners = {self.account_id: self.device_list.account_pk, **(members or {})}
         self.spaces[space_id] = Space(
-            space_id, kind, name, epoch, dict(keys), Replica(space_id), members=owners
+            space_id, kind, name, epoch, dict(keys), self._replica(space_id), members=owners
         )
         records = {f"space/{space_id}": self.spaces[space_id].meta_record()}
         for e, k in keys.items():
@@ -471,6 +496,8 @@ class DeviceState:
                 device_list=device_list,
                 account_key=AccountKey(seed) if seed else None,
             )
+            boot = store.get("boot")
+            state.boot = unpack(boot, what="boot") + 1 if boot else 1
             for name in store.names("space/"):
                 space_id = name.removeprefix("space/")
                 kind, space_name, epoch, member_pks = unpack(
@@ -486,7 +513,7 @@ class DeviceState:
                     space_name,
                     epoch,
                     space_keys,
-                    Replica(space_id),
+                    state._replica(space_id),
                     members={short_id(pk): pk for pk in member_pks},
                 )
                 log = store.load_space(space_id)
@@ -598,8 +625,41 @@ class DeviceState:
     def state_vector(self, space_id: str) -> bytes:
         return self.space(space_id).replica.state_vector()
 
-    def diff(self, space_id: str, state_vector: bytes) -> bytes:
-        return self.space(space_id).replica.diff(state_vector)
+    def diff(self, space_id: str, state_vector: bytes, peer: str | None = None) -> bytes:
+        """What a replica at ``state_vector`` lacks. For a device of another account,
+        only what our own account's devices wrote: that device accepts nothing else
+        from us, and gets the rest from its authors."""
+        replica = self.space(space_id).replica
+        if peer is None or self.device_list.signing_key_of(peer) is not None:
+            return replica.diff(state_vector)
+        return replica.diff(state_vector, keep=self._ours_client)
+
+    def _replica(self, space_id: str) -> Replica:
+        return Replica(space_id, client_id=crdt_client(self.device_id, self.boot))
+
+    def start_run(self) -> WriteBatch:
+        """What must be durable before this run seals anything: a block of envelope
+        counters and the run number in our CRDT client id."""
+        return merge_batches(
+            [self.reserve_counters(), WriteBatch(records={"boot": pack(self.boot)})]
+        )
+
+    def client_account(self, client: int) -> str | None:
+        """The account whose device writes as CRDT client ``client`` (None if none we
+        know of)."""
+        if self._client_owners is None:
+            owners = {}
+            for dl in (self.device_list, *self.accounts.values()):
+                for d in (*dl.devices, *dl.removed):
+                    owners[device_prefix(d.device_id)] = dl.account_id
+            self._client_owners = owners
+        return self._client_owners.get(client >> BOOT_BITS)
+
+    def _ours_client(self, client: int) -> bool:
+        return self.client_account(client) == self.account_id
+
+    def _author_client(self, account_id: str) -> Callable[[int], bool]:
+        return lambda client: self.client_account(client) == account_id
 
     def space_key(self, space_id: str, epoch: int) -> bytes:
         space = self.spaces.get(space_id)
@@ -622,7 +682,11 @@ class DeviceState:
         author = self.current_account_of(opened.sender).account_id
         if author not in self.spaces[opened.space].members:
             raise UnknownDevice(f"{opened.sender} (its account is not a member of the space)")
-        self.spaces[opened.space].replica.apply(opened.payload)
+        # another account's device may only write and delete its own account's structs
+        # (so it can neither occupy nor delete ours); our own devices relay anyone's
+        allowed = None if author == self.account_id else self._author_client(author)
+        clients = self.spaces[opened.space].replica.apply(opened.payload, allowed=allowed)
+        relayable = allowed is not None or all(self.client_account(c) == author for c in clients)
         window.accept(opened.counter)
         self.replay[opened.sender] = window
         batch = WriteBatch(
@@ -635,6 +699,7 @@ class DeviceState:
             counter=opened.counter,
             update=opened.payload,
             batch=batch,
+            relayable=relayable,
         )
 
     def offer_device_list(self, data: bytes) -> WriteBatch | None:
@@ -649,6 +714,7 @@ class DeviceState:
         kept = accept_device_list(self.device_list, offered)
         if kept is self.device_list:
             return None
+        self._client_owners = None
         grants = self._open_grant(kept)
         self.device_list = kept
         return merge_batches([grants, WriteBatch(records={"account/list": kept.encode()})])
@@ -687,6 +753,7 @@ class DeviceState:
             if kept is known:
                 return keyed or None
         self.accounts[kept.account_id] = kept
+        self._client_owners = None
         keyed.records[f"peer/{kept.account_id}"] = kept.encode()
         return keyed
 

@@ -39,7 +39,7 @@ from p2p.clock import is_ts
 from p2p.errors import BadSignature, InvalidUpdate
 from p2p.identity import DeviceKeys, verify
 from p2p.wire import MAX_FRAME, pack
-from p2p.yupdate import check_update
+from p2p.yupdate import check_update, encode_uvar, strip_deletions
 
 DOMAIN_ENTRY: Final = b"p2p/entry/v1\x00"
 MAX_BODY: Final = 64 * 1024
@@ -202,9 +202,11 @@ class Replica:
     failure (including its ``PanicException``, a BaseException) to InvalidUpdate.
     """
 
-    def __init__(self, space: str) -> None:
+    def __init__(self, space: str, client_id: int | None = None) -> None:
+        """``client_id``: the CRDT client this device writes as in this run (bound to
+        the device, see ``core.crdt_client``); None for a random one."""
         self.space = space
-        self.doc: pycrdt.Doc[Any] = pycrdt.Doc()
+        self.doc: pycrdt.Doc[Any] = pycrdt.Doc(client_id=client_id)
         self._maps = {name: self.doc.get(name, type=pycrdt.Map) for name in MAPS}
         self._verified: dict[tuple[str, str], bool] = {}
         self._latest_ts = ""
@@ -271,15 +273,29 @@ class Replica:
 
     # ---- bytes in and out ----------------------------------------------------------
 
-    def apply(self, update: bytes, *, from_store: bool = False) -> None:
+    def apply(
+        self,
+        update: bytes,
+        *,
+        from_store: bool = False,
+        allowed: Callable[[int], bool] | None = None,
+    ) -> frozenset[int]:
         """Integrate an update (idempotent); InvalidUpdate if pycrdt refuses it.
+        Returns the CRDT clients it wrote or deleted structs of.
 
         What a peer sends is bounded by MAX_UPDATE; our own store's snapshots
         (``from_store``) grow with the history and are only checked for structure.
+        ``allowed`` (when given) must accept every CRDT client the update writes or
+        deletes structs of: what another account's device sends may only touch its own
+        account's clients, so it can neither occupy nor delete another's structs.
         """
         if not from_store and len(update) > MAX_UPDATE:
             raise InvalidUpdate(self.space, f"{len(update)} bytes exceed {MAX_UPDATE}")
-        check_update(update, self.space)  # before pycrdt trusts its declared counts
+        clients = check_update(update, self.space)  # before pycrdt trusts its counts
+        if allowed is not None and not all(allowed(c) for c in clients):
+            raise InvalidUpdate(
+                self.space, "the update touches CRDT clients of another account than its sender's"
+            )
         watching = (
             [(m, m.observe(self._note_timestamps)) for m in self._timestamped()]
             if self._scanned
@@ -296,18 +312,30 @@ class Replica:
         finally:
             for m, subscription in watching:
                 m.unobserve(subscription)
+        return clients
 
     def state_vector(self) -> bytes:
         return bytes(self.doc.get_state())
 
-    def diff(self, state_vector: bytes) -> bytes:
-        """What a replica at ``state_vector`` lacks; InvalidUpdate for a bad vector."""
+    def diff(self, state_vector: bytes, keep: Callable[[int], bool] | None = None) -> bytes:
+        """What a replica at ``state_vector`` lacks; InvalidUpdate for a bad vector.
+
+        With ``keep``, only what the clients it accepts wrote or deleted: the other
+        clients are diffed as if the peer held all of them already."""
+        if keep is not None:
+            theirs = decode_state_vector(state_vector)
+            ours = decode_state_vector(self.state_vector())
+            for client, clock in ours.items():
+                if not keep(client):
+                    theirs[client] = max(clock, theirs.get(client, 0))
+            state_vector = encode_state_vector(theirs)
         try:
-            return bytes(self.doc.get_update(state_vector))
+            update = bytes(self.doc.get_update(state_vector))
         except (KeyboardInterrupt, SystemExit, GeneratorExit):
             raise
         except BaseException as exc:
             raise InvalidUpdate(self.space, f"bad state vector: {str(exc)[:120]}") from None
+        return update if keep is None else strip_deletions(update, keep)
 
     def snapshot(self) -> bytes:
         return bytes(self.doc.get_update())
@@ -471,6 +499,14 @@ def decode_state_vector(sv: bytes) -> dict[int, int]:
     if pos != len(sv):
         raise InvalidUpdate("?", "trailing bytes after the state vector")
     return out
+
+
+def encode_state_vector(clocks: dict[int, int]) -> bytes:
+    """A Yjs v1 state vector (the inverse of :func:`decode_state_vector`)."""
+    out = [encode_uvar(len(clocks))]
+    for client, clock in sorted(clocks.items()):
+        out += [encode_uvar(client), encode_uvar(clock)]
+    return b"".join(out)
 
 
 def covers(theirs: bytes, ours: bytes) -> bool:

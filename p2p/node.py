@@ -478,9 +478,15 @@ class Node:
             with contextlib.suppress(P2PError):
                 await mail.ack()
 
-    def _broadcast(self, space_id: str, envelope: bytes, *, exclude: Sequence[str]) -> None:
+    def _broadcast(
+        self, space_id: str, envelope: bytes, *, exclude: Sequence[str], ours_only: bool = False
+    ) -> None:
+        """Pass an envelope to every connected reader of the space (``ours_only``: to our
+        own devices alone, for one that other accounts would refuse)."""
         for device, peer in list(self._peers.items()):
             if device in exclude or space_id not in self.state.spaces_for(device):
+                continue
+            if ours_only and device not in self.state.device_list.ids:
                 continue
             self._carry_out(peer, peer.session.send_envelope(envelope))
 
@@ -716,7 +722,12 @@ class Node:
         """After an envelope applied, from a session or a mailbox: persist it (in order;
         the event fires once durable), pass it on to the other peers, tell the app."""
         durable = self._queue_write(ingested.batch)
-        self._broadcast(ingested.space, envelope, exclude=(came_from, ingested.sender))
+        self._broadcast(
+            ingested.space,
+            envelope,
+            exclude=(came_from, ingested.sender),
+            ours_only=not ingested.relayable,
+        )
         if self.state.spaces[ingested.space].kind == "account":
             self._learn_contacts()
         else:
@@ -1075,7 +1086,7 @@ async def open_node(
     try:
         state = await trio.to_thread.run_sync(DeviceState.load, the_store)
         # counters used from now on are reserved on disk before anything is sealed
-        await trio.to_thread.run_sync(the_store.write, state.reserve_counters())
+        await trio.to_thread.run_sync(the_store.write, state.start_run())
         try:
             async with trio.open_nursery() as nursery:
                 clients = [

@@ -94,7 +94,7 @@ class Replicas(Protocol):
 
     def state_vector(self, space_id: str) -> bytes: ...
 
-    def diff(self, space_id: str, state_vector: bytes) -> bytes: ...
+    def diff(self, space_id: str, state_vector: bytes, peer: str | None = None) -> bytes: ...
 
     def seal(self, space_id: str, payload: bytes) -> bytes: ...
 
@@ -424,7 +424,7 @@ class Session:
             return []  # a space we don't share with this device: say nothing about it
         if covers(sv, self.local.state_vector(space_id)):
             return []  # the peer already holds everything we have
-        missing = self.local.diff(space_id, sv)
+        missing = self.local.diff(space_id, sv, self.peer)
         if missing == EMPTY_UPDATE:
             return []
         sealed = self.local.seal(space_id, missing)

@@ -42,6 +42,7 @@ import codecs
 import functools
 import json
 import re
+from collections.abc import Callable
 from typing import Final
 
 from p2p.errors import InvalidUpdate
@@ -93,18 +94,54 @@ class _Bad(Exception):
     """Internal: why an update is refused."""
 
 
-def check_update(data: bytes, space: str) -> None:
-    """Raise InvalidUpdate unless ``data`` is a well-formed, bounded Yjs update v1."""
-    reason = _refusal(bytes(data))
+def check_update(data: bytes, space: str) -> frozenset[int]:
+    """Raise InvalidUpdate unless ``data`` is a well-formed, bounded Yjs update v1;
+    return the CRDT client ids it writes structs for or deletes structs of (what the
+    caller checks against the sender, see ``DeviceState.ingest``)."""
+    clients: set[int] = set()
+    reason = _refusal(bytes(data), clients=clients)
     if reason is not None:
         raise InvalidUpdate(space, reason)
+    return frozenset(clients)
 
 
-def _refusal(data: bytes, lane: bool = True) -> str | None:
-    """Why ``data`` is refused, or None. ``lane=False`` skips the regex (for tests)."""
+def strip_deletions(data: bytes, keep: Callable[[int], bool]) -> bytes:
+    """``data`` (a checked update) with the deleted ranges of clients ``keep`` refuses
+    left out of its delete set: a diff for a peer of another account carries no
+    deletion it would refuse (it accepts from us only what our account's clients did)."""
     blanks: Blanks = []
+    structs_end = _structs(data, blanks, True)
+    n, pos = _uvar(data, structs_end, _U32, blanks)
+    kept: list[bytes] = []
+    for _ in range(n):
+        start = pos
+        client, pos = _uvar(data, pos, _CLIENT, blanks)
+        ranges, pos = _uvar(data, pos, _U32, blanks)
+        for _ in range(ranges):
+            _clock, pos = _uvar(data, pos, _U32, blanks)
+            _length, pos = _uvar(data, pos, _U32, blanks)
+        if keep(client):
+            kept.append(data[start:pos])
+    return data[:structs_end] + encode_uvar(len(kept)) + b"".join(kept)
+
+
+def encode_uvar(value: int) -> bytes:
+    """lib0 varuint (LEB128)."""
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _refusal(data: bytes, lane: bool = True, clients: set[int] | None = None) -> str | None:
+    """Why ``data`` is refused, or None. ``lane=False`` skips the regex (for tests);
+    ``clients`` collects the client ids of structs and deleted ranges."""
+    blanks: Blanks = []
+    seen = clients if clients is not None else set()
     try:
-        end = _delete_set(data, _structs(data, blanks, lane), blanks)
+        end = _delete_set(data, _structs(data, blanks, lane, seen), blanks, seen)
         if end > len(data):
             raise IndexError
         if end < len(data):
@@ -252,13 +289,15 @@ def _check_gap(data: bytes, start: int, end: int) -> None:
 # ---- the update -------------------------------------------------------------------
 
 
-def _structs(data: bytes, blanks: Blanks, lane: bool) -> int:
+def _structs(data: bytes, blanks: Blanks, lane: bool, seen: set[int] | None = None) -> int:
     size = len(data)
     clients, pos = _uvar(data, 0, _U32, blanks)
     _count(clients, data, pos, 3, "clients")
     for _ in range(clients):
         count, pos = _uvar(data, pos, _U32, blanks)
-        _client, pos = _uvar(data, pos, _CLIENT, blanks)
+        client, pos = _uvar(data, pos, _CLIENT, blanks)
+        if seen is not None:
+            seen.add(client)
         clock, pos = _uvar(data, pos, _U32, blanks)
         _count(count, data, pos, 2, "structs")
         fast = _lane().match if lane and count >= _LANE_MIN else None
@@ -415,11 +454,13 @@ def _any(data: bytes, pos: int, depth: int, blanks: Blanks) -> int:
     return end
 
 
-def _delete_set(data: bytes, pos: int, blanks: Blanks) -> int:
+def _delete_set(data: bytes, pos: int, blanks: Blanks, seen: set[int] | None = None) -> int:
     clients, pos = _uvar(data, pos, _U32, blanks)
     _count(clients, data, pos, 2, "delete-set clients")
     for _ in range(clients):
-        _client, pos = _uvar(data, pos, _CLIENT, blanks)
+        client, pos = _uvar(data, pos, _CLIENT, blanks)
+        if seen is not None:
+            seen.add(client)
         ranges, pos = _uvar(data, pos, _U32, blanks)
         _count(ranges, data, pos, 2, "deleted ranges")
         for _ in range(ranges):

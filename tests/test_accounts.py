@@ -23,6 +23,7 @@ from p2p.core import DeviceState
 from p2p.errors import (
     ContactError,
     GrantRefused,
+    InvalidUpdate,
     NodeError,
     NotOurAccount,
     RemovedDevice,
@@ -362,3 +363,59 @@ def test_a_member_that_leaves_reads_nothing_sent_after_the_rotation() -> None:
                 await a_phone.leave_chat(a_phone.default_chat())  # notes: nobody to leave
 
     run_virtual(scenario)
+
+
+# ---- CRDT structs are bound to accounts -----------------------------------------------
+
+
+def test_another_account_cannot_shadow_or_delete_our_structs() -> None:
+    """B's phone seals, first, a copy of A's update with the body changed (A's CRDT
+    client and clocks, a forged entry), then an update that overwrites A's message key
+    (deleting A's struct). A's laptop refuses both: another account may only touch its
+    own account's CRDT clients. A's real message, arriving afterwards, shows."""
+    [a_phone, a_laptop], [b_phone, _] = two_accounts()
+    chat = conversation(a_phone, b_phone)
+    Link(a_phone, b_phone).connect().run()
+    Link(a_phone, a_laptop).connect().run()
+    entry = a_phone.new_entry(chat, "msg", WALL, body="the-real-message-0001")
+    update, _ = a_phone.write_local(chat, [entry])
+    forged = update.replace(b"the-real-message-0001", b"the-fake-message-0001")
+    with pytest.raises(InvalidUpdate, match="another account"):
+        a_laptop.ingest(b_phone.seal(chat, forged))
+    b_phone.ingest(a_phone.seal(chat, update))  # B holds A's message, then overwrites it
+    overwrite = Entry(
+        id=entry.id,
+        kind="msg",
+        account=b_phone.account_id,
+        device=b_phone.device_id,
+        ts=b_phone.clock.now(WALL),
+        body="gone",
+    ).signed(chat, b_phone.keys)
+    deleting, _ = b_phone.write_local(chat, [overwrite])
+    with pytest.raises(InvalidUpdate, match="another account"):
+        a_laptop.ingest(b_phone.seal(chat, deleting))
+    a_laptop.ingest(a_phone.seal(chat, update))
+    assert [m.text for m in view(a_laptop, chat)] == ["the-real-message-0001"]
+
+
+def test_catch_up_for_another_account_carries_only_our_accounts_structs() -> None:
+    """A's laptop holds B's messages too; its catch-up diff for B's tablet leaves them
+    (and their deletions) out, and B's tablet accepts it whole."""
+    [a_phone, a_laptop], [b_phone, b_tablet] = two_accounts()
+    chat = conversation(a_phone, b_phone)
+    Link(a_phone, a_laptop).connect().run()
+    Link(a_phone, b_phone).connect().run()
+    write(b_phone, chat, 2, "from B")
+    b_phone.write_local(chat, [b_phone.new_entry(chat, "read", WALL, body="x")])
+    b_phone.write_local(chat, [b_phone.new_entry(chat, "read", WALL + 1, body="y")])
+    write(a_laptop, chat, 2, "from A")
+    Link(b_phone, a_laptop).connect().run()  # the laptop now holds B's structs
+    link = Link(a_laptop, b_tablet).connect()
+    link.run()
+    assert link.b.ingest_errors == []
+    assert link.a.closed == []
+    assert link.b.closed == []
+    # the tablet got A's messages from A's laptop, and B's from nobody yet
+    assert [m.text for m in view(b_tablet, chat)] == ["from A 0", "from A 1"]
+    Link(b_phone, b_tablet).connect().run()
+    assert len(view(b_tablet, chat)) == 4
