@@ -4,8 +4,9 @@ Five devices of one account (phone + laptop, desktop, tablet, web), each with it
 home folder and SQLite store, talking TCP on loopback: the companions are linked by
 pairing codes, the phone goes offline while the companions keep talking, the tablet
 drops off too, both come back and catch up, and the web companion is unlinked and shown
-unable to read what follows. Ends with a table per device; exit code 0 only if every
-check held.
+unable to read what follows. Then another account (Ben, one phone, reachable only
+through the relay) exchanges contact codes with the phone, and the laptop starts a chat
+with him. Ends with a table per device; exit code 0 only if every check held.
 """
 
 from __future__ import annotations
@@ -248,6 +249,41 @@ async def _scenario(messages: int, seed: int) -> int:
             say(
                 f"  web still shows {len(web_texts)} messages; "
                 f"the others show {len(phone.messages())}"
+            )
+
+            say("[bold]another account[/]: Ben's phone, reachable only through the relay")
+            ben = Device("ben", Path(tmp) / "ben")
+            init_account(ben.home, "ben")
+            await demo.nursery.start(demo._run, ben, [])
+            friend = ben.running()
+            await phone.add_contact(friend.contact_code(), name="Ben")
+            await friend.add_contact(phone.contact_code(), name="Ana")
+            say("  the phone and Ben exchanged contact codes; the laptop learns Ben from the phone")
+            laptop_node = laptop.running()
+            with trio.fail_after(60):
+                while not laptop_node.contacts():  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+            lunch = await laptop_node.create_chat("lunch", with_=["Ben"])
+            asked = await laptop_node.send("lunch at 12:30?", chat=lunch)
+            with trio.fail_after(60):
+                while lunch not in friend.state.spaces or not friend.messages(lunch):  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+                await friend.send("yes, see you there", chat=lunch)
+                account_devices = [d for d in demo.devices if d is not web]
+                while (  # noqa: ASYNC110
+                    not all(len(d.running().messages(lunch)) == 2 for d in account_devices)
+                    or laptop_node.delivery(lunch)[asked].status != "delivered"
+                ):
+                    await trio.sleep(0.05)
+            say(
+                "  the laptop started a chat with Ben; every device of both accounts holds "
+                "it, and the laptop's message shows delivered to all of them"
+            )
+            theirs = {s.id for s in friend.state.spaces.values() if not s.shared}
+            checks["the other account holds the conversation and nothing else"] = (
+                set(friend.state.spaces) == theirs | {lunch}
+                and not theirs & set(phone.state.spaces)
+                and lunch not in web.running().state.spaces
             )
 
             table = Table(title="per device")
