@@ -45,6 +45,7 @@ from p2p.errors import (
 )
 from p2p.grants import is_grant
 from p2p.home import open_home_store
+from p2p.identity import DeviceList
 from p2p.linking import Linked, approve_code
 from p2p.model import MAX_BODY, Message
 from p2p.relay.client import RelayClient, is_relay_address
@@ -777,10 +778,16 @@ class Node:
             )
         )
 
+    def _announce_lists(self, own: DeviceList, others: dict[str, DeviceList]) -> None:
+        """Act on whatever lists changed since ``own`` / ``others`` were ours."""
+        if self.state.device_list is not own:
+            self._device_list_changed()
+        for account, dl in self.state.accounts.items():
+            if others.get(account) is not dl:
+                self._account_list_changed(dl.encode())
+
     def _account_list_changed(self, data: bytes) -> None:
         """Another account's newer list: drop its removed devices, follow its new ones."""
-        from p2p.identity import DeviceList
-
         account = DeviceList.decode(data).account_id
         dl = self.state.accounts[account]
         for device, peer in list(self._peers.items()):
@@ -801,6 +808,7 @@ class Node:
     def _on_grant(self, data: bytes, *, came_from: _Peer | None) -> trio.Event | None:
         """A grant reached us (session or mailbox): take the keys, persist them, and
         start syncing a conversation we just joined with every peer that reads it."""
+        lists_before = (self.state.device_list, dict(self.state.accounts))
         try:
             space_id, news, batch = self.state.accept_grant(data)
         except P2PError as exc:
@@ -817,6 +825,7 @@ class Node:
                 self._carry_out(came_from, came_from.session.close(exc))
             return None
         durable = self._queue_write(batch) if batch else None
+        self._announce_lists(*lists_before)  # a grant carries its members' lists
         if not news:
             return durable
         space = self.state.space(space_id)
@@ -909,6 +918,7 @@ class Node:
 
     def _learn_contacts(self) -> None:
         """Follow the accounts our other devices added to the contact book."""
+        lists_before = (self.state.device_list, dict(self.state.accounts))
         batches = []
         for _account_id, (_name, listed, key) in self.state.contact_entries().items():
             try:
@@ -919,8 +929,7 @@ class Node:
                 batches.append(batch)
         if batches:
             self._queue_write(merge_batches(batches))
-            for relay in self.relays:
-                relay.update_watch()
+            self._announce_lists(*lists_before)
 
     async def create_chat(self, name: str, *, with_: Sequence[str] = ()) -> str:
         """A new conversation with the accounts ``with_`` (contact ids or names);
