@@ -32,7 +32,7 @@ import pycrdt
 import trio
 
 from p2p import events as ev
-from p2p.core import DeviceState, Ingested, Space, merge_batches
+from p2p.core import DeviceState, Ingested, Space, index_view, merge_batches
 from p2p.discovery.base import Discovery, Found, Source, StaticPeers
 from p2p.errors import (
     NodeError,
@@ -44,7 +44,7 @@ from p2p.errors import (
 )
 from p2p.home import open_home_store
 from p2p.linking import Linked, approve_code
-from p2p.model import MAX_BODY, Message
+from p2p.model import MAX_BODY, Message, Rejected
 from p2p.relay.client import RelayClient, is_relay_address
 from p2p.relay.routing import RoutedTransport
 from p2p.storage.base import Store, WriteBatch
@@ -125,7 +125,11 @@ class Node:
         self._wall_ms = wall_ms
         self._peers: dict[str, _Peer] = {}
         self._peers_changed = trio.Event()
-        self._writes: list[tuple[WriteBatch, trio.Event]] = []
+        self._writes: list[tuple[WriteBatch, trio.Event, ev.Event | None]] = []
+        self._load_lock = trio.Lock()
+        """One replica loads at a time, in a worker thread (see :meth:`_load`)."""
+        self._rejections_read: set[str] = set()
+        """Spaces whose stored hidden entries were reported in this process."""
         self._write_wakeup = trio.Event()
         self._write_room = trio.Event()
         self._outbox: dict[str, list[bytes]] = {}
@@ -173,26 +177,50 @@ class Node:
         """The chat used when none is named: the account's notes chat."""
         return self.chats()[0].id if len(self.chats()) == 1 else self.state.chat_by_name("notes").id
 
-    def messages(self, chat: str | None = None) -> list[Message]:
-        """Messages of a chat in display order (the same on every replica).
+    def messages(
+        self, chat: str | None = None, *, last: int | None = None, before: Message | None = None
+    ) -> list[Message]:
+        """Messages of a chat in display order (the same on every replica), as durable.
 
-        Entries whose signature fails are left out and reported once each as
-        :class:`~p2p.events.EntryRejected`.
+        ``last=N`` gives only the newest N, and ``before=m`` only those ordered before
+        message ``m``: ``messages(last=50)``, then ``messages(last=50, before=page[0])``
+        pages back through history at the cost of one page.
+
+        Served from the store's message index, without loading the CRDT, so it shows
+        what is durable: a received message appears once its write committed (the
+        :class:`~p2p.events.ChatChanged` for it comes then too). Entries that fail their
+        checks are left out, and reported once each as
+        :class:`~p2p.events.EntryRejected` (when they arrive, and on the first read of
+        the chat by this process for those stored earlier).
         """
         space = self.state.chat_by_name(chat) if chat else self.state.space(self.default_chat())
-        shown, rejected = space.replica.view(self.state.any_signing_key, self.state.account_of)
-        for r in rejected:
-            if (r.space, r.entry_id) not in self._reported:
-                self._reported.add((r.space, r.entry_id))
-                log.warning(
-                    "hidden entry %s in %s from %s: %s", r.entry_id, r.space, r.device, r.reason
-                )
-                self._emit(
-                    ev.EntryRejected(
-                        chat=r.space, entry_id=r.entry_id, device=r.device, reason=r.reason
+        if space.id not in self._rejections_read:
+            self._rejections_read.add(space.id)
+            for row in self.store.index_rejected(space.id):
+                self._report(
+                    Rejected(
+                        space=space.id,
+                        entry_id=row.id or row.key,
+                        device=row.device or "?",
+                        reason=row.reason,
                     )
                 )
-        return shown
+        page = last is not None or before is not None
+        rows = self.store.index_messages(
+            space.id, last=last, before=before.sort_key() if before is not None else None
+        )
+        related = self.store.index_related(space.id, [r.id for r in rows] if page else None)
+        return index_view(space.id, rows, related)
+
+    def _report(self, r: Rejected) -> None:
+        """Tell the app (once per process) about an entry readers will not see."""
+        if (r.space, r.entry_id) in self._reported:
+            return
+        self._reported.add((r.space, r.entry_id))
+        log.warning("hidden entry %s in %s from %s: %s", r.entry_id, r.space, r.device, r.reason)
+        self._emit(
+            ev.EntryRejected(chat=r.space, entry_id=r.entry_id, device=r.device, reason=r.reason)
+        )
 
     def status(self) -> dict[str, Any]:
         """What ``p2p status`` shows: this device, its peers, its spaces, pending work."""
@@ -220,7 +248,8 @@ class Node:
                     "kind": s.kind,
                     "name": s.name,
                     "epoch": s.epoch,
-                    "entries": s.replica.count(),
+                    "entries": s.replica.count() if s.replica.loaded else None,
+                    "loaded": s.replica.loaded,
                 }
                 for s in self.state.spaces.values()
             ],
@@ -287,13 +316,16 @@ class Node:
 
     async def mark_read(self, *, chat: str | None = None) -> str:
         """Record that this device has shown the chat up to its newest message."""
-        shown = self.messages(chat)
+        shown = self.messages(chat, last=1)
         return await self._write(chat, "read", body=shown[-1].ts if shown else "")
 
     async def _write(self, chat: str | None, kind: Any, *, body: str = "", target: str = "") -> str:
         if self._closed:
             raise NodeError("the node is closed")
         space = self.state.chat_by_name(chat) if chat else self.state.space(self.default_chat())
+        await self._load(space)
+        if self._closed:
+            raise NodeError("the node is closed")
         if space.replica.latest_ts:  # sort after everything this chat has seen so far
             self.state.clock.observe(space.replica.latest_ts, self._wall_ms())
         entry = self.state.new_entry(space.id, kind, self._wall_ms(), body=body, target=target)
@@ -304,10 +336,28 @@ class Node:
         self._emit(ev.ChatChanged(chat=space.id, origin=self.device_id))
         return entry.id
 
-    def _queue_write(self, batch: WriteBatch) -> trio.Event:
-        """Queue a batch for the writer, in order; the event fires once it is durable."""
+    async def _load(self, space: Space) -> None:
+        """Load a space's CRDT (snapshot, then tail) in a worker thread, once.
+
+        Opening a node leaves documents unloaded (readers use the message index); every
+        path that touches a replica (a write, a sync session, mail, linking) awaits this
+        first, so the trio thread never waits for a long history.
+        """
+        if space.replica.loaded:
+            return
+        async with self._load_lock:
+            if not space.replica.loaded:
+                await trio.to_thread.run_sync(space.replica.load)
+
+    async def _load_all(self) -> None:
+        for space in list(self.state.spaces.values()):
+            await self._load(space)
+
+    def _queue_write(self, batch: WriteBatch, *, announce: ev.Event | None = None) -> trio.Event:
+        """Queue a batch for the writer, in order; the event fires once it is durable,
+        and ``announce`` is emitted then."""
         done = trio.Event()
-        self._writes.append((batch, done))
+        self._writes.append((batch, done, announce))
         self._write_wakeup.set()
         return done
 
@@ -331,14 +381,16 @@ class Node:
         while self._writes or self.state.unsaved:
             taken, self._writes = self._writes, []
             self._write_room.set()
-            batch = merge_batches([b for b, _ in taken] + [self.state.take_unsaved()])
+            batch = merge_batches([b for b, _, _ in taken] + [self.state.take_unsaved()])
             if batch:
                 await self._run_store(self.store.write, batch)
                 for space_id, _update in batch.appends:
                     self.state.spaces[space_id].log_seq += 1
                 await self._compact(batch.appends)
-            for _, done in taken:
+            for _, done, announce in taken:
                 done.set()
+                if announce is not None:
+                    self._emit(announce)
 
     async def _compact(self, appends: list[tuple[str, bytes]]) -> None:
         """Fold a space's update log into a snapshot once its tail grows long, so that
@@ -407,6 +459,7 @@ class Node:
     async def _drain_mail(self, relay: RelayClient) -> None:
         """Apply what offline peers left for us, acknowledging each once it is durable."""
         async for mail in relay.mail():
+            await self._load_all()
             try:
                 ingested = self.state.ingest(mail.data)
             except (ReplayDetected, UnknownKey):
@@ -495,6 +548,7 @@ class Node:
 
     async def _run_connection(self, conn: Connection, *, initiator: bool) -> _Ended:
         """Drive one session over ``conn`` until it ends; say how it went."""
+        await self._load_all()  # a session reads state vectors and diffs
         session = Session(
             self.state, initiator=initiator, now=trio.current_time(), wall_ms=self._wall_ms()
         )
@@ -660,10 +714,14 @@ class Node:
 
     def _accepted(self, ingested: Ingested, envelope: bytes, *, came_from: str) -> trio.Event:
         """After an envelope applied, from a session or a mailbox: persist it (in order;
-        the event fires once durable), pass it on to the other peers, tell the app."""
-        durable = self._queue_write(ingested.batch)
+        the event fires once durable), pass it on to the other peers, tell the app (once
+        durable: readers see the message index, written with it)."""
+        durable = self._queue_write(
+            ingested.batch, announce=ev.ChatChanged(chat=ingested.space, origin=ingested.sender)
+        )
         self._broadcast(ingested.space, envelope, exclude=(came_from, ingested.sender))
-        self._emit(ev.ChatChanged(chat=ingested.space, origin=ingested.sender))
+        for rejected in ingested.rejected:
+            self._report(rejected)
         return durable
 
     def _adopt_device_list(self, peer: _Peer, data: bytes) -> None:
@@ -692,12 +750,24 @@ class Node:
         added = tuple(sorted(dl.ids - self._known_devices))
         removed = tuple(sorted(self._known_devices - dl.ids))
         self._known_devices = set(dl.ids)
+        if added:
+            self._nursery.start_soon(self._recheck_hidden)
         log.info("device list version %d: added %s, removed %s", dl.version, added, removed)
         self._emit(
             ev.DeviceListChanged(
                 version=dl.version, devices=tuple(sorted(dl.ids)), added=added, removed=removed
             )
         )
+
+    async def _recheck_hidden(self) -> None:
+        """After new devices joined the list: entries hidden because their device was
+        unknown may pass now (the CRDT view judges them again too)."""
+        for space_id in list(self.state.spaces):
+            hidden = await trio.to_thread.run_sync(self.store.index_rejected, space_id)
+            batch = self.state.recheck(space_id, hidden)
+            if batch:
+                await self._commit(batch)
+                self._emit(ev.ChatChanged(chat=space_id, origin=self.device_id))
 
     async def unlink(self, device_id: str) -> None:
         """Primary only: remove a device, rotate keys, tell the remaining devices now."""
@@ -717,6 +787,7 @@ class Node:
         async def read(name: str) -> bytes | None:
             return await trio.to_thread.run_sync(self.store.get, name)
 
+        await self._load_all()  # the new device gets every space's history
         linked = await approve_code(
             self.state,
             code,
@@ -803,8 +874,10 @@ async def open_node(
     the_store: Store = open_home_store(home) if store is None else store  # type: ignore[arg-type]
     try:
         state = await trio.to_thread.run_sync(DeviceState.load, the_store)
-        # counters used from now on are reserved on disk before anything is sealed
-        await trio.to_thread.run_sync(the_store.write, state.reserve_counters())
+        # counters used from now on are reserved on disk before anything is sealed (with
+        # the message index of a store from before it existed, built by load)
+        opening = merge_batches([state.take_unsaved(), state.reserve_counters()])
+        await trio.to_thread.run_sync(the_store.write, opening)
         try:
             async with trio.open_nursery() as nursery:
                 clients = [
