@@ -9,6 +9,7 @@ Layout (schema version :data:`SCHEMA_VERSION`, kept in ``PRAGMA user_version``):
             all TEXT, UNIQUE (space, map, key))          -- the message index
     entries_shown  ON entries (space, map, reason, kind, ts, device, id)
     entries_target ON entries (space, target)
+    entries_hidden ON entries (space, map, key) WHERE reason != ''
 
 ``updates`` is WITHOUT ROWID so that the rows of one space sit together in primary-key
 order: loading a space's tail is one range scan, with no sort and no second lookup.
@@ -16,9 +17,11 @@ order: loading a space's tail is one range scan, with no sort and no second look
 ``entries`` is the message index (``p2p.storage.base.IndexRow``), written in the same
 transaction as the update that changed it. ``entries_shown`` serves "the last N messages
 before X" as one backward range scan in display order; ``entries_target`` finds the
-edits, deletions and reactions of the messages on a page. Schema version 1 (no index)
-is migrated on open: the table is created empty, and ``p2p.core.DeviceState.load``
-fills it for every space it finds without an ``indexed/<space>`` record.
+edits, deletions and reactions of the messages on a page; the partial index
+``entries_hidden`` lists hidden entries without reading the shown ones. Schema version 1
+(no index) is migrated on open: the table is created empty, and
+``p2p.core.DeviceState.load`` fills it for every space without an ``indexed/<space>``
+record.
 
 Durability: WAL journal, ``synchronous=FULL`` by default, and every ``write`` and
 ``compact`` is a single ``BEGIN IMMEDIATE ... COMMIT``. With FULL, SQLite syncs the WAL
@@ -63,6 +66,7 @@ _INDEX_SCHEMA: Final = (
     " reason TEXT NOT NULL, UNIQUE (space, map, key))",
     "CREATE INDEX entries_shown ON entries (space, map, reason, kind, ts, device, id)",
     "CREATE INDEX entries_target ON entries (space, target)",
+    "CREATE INDEX entries_hidden ON entries (space, map, key) WHERE reason != ''",
 )
 """Added by version 2 (see :meth:`SqliteStore._migrate`)."""
 _COLUMNS_V1: Final = {
