@@ -227,9 +227,15 @@ async def _scenario(messages: int, seed: int) -> int:
             say("[red]the web companion is unlinked[/] (keys rotated; it keeps its store)")
             web_before = len(web.running().messages())
             await phone.unlink(web.running().device_id)
+            others = [phone_dev, laptop, desktop, tablet]
+            # the laptop writes once it holds the new list (and keys): a companion that
+            # has not heard of the unlink yet still seals with the old epoch's key
+            version = phone.state.device_list.version
+            with trio.fail_after(60):
+                while any(d.running().state.device_list.version < version for d in others):  # noqa: ASYNC110
+                    await trio.sleep(0.05)
             for i in range(10):
                 await laptop.running().send(f"laptop: after the unlink {i}")
-            others = [phone_dev, laptop, desktop, tablet]
             await demo.level(others)
             await trio.sleep(0.5)  # give the unlinked device every chance to receive
             web_texts = [m.text for m in web.running().messages()]

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import pycrdt
 import trio
@@ -65,6 +65,7 @@ from p2p.transport.base import Connection, ConnectionClosed, TransportError
 from p2p.transport.base import Transport as TransportT
 
 log = logging.getLogger("p2p.node")
+T = TypeVar("T")
 
 SEND_QUEUE: Final = 1024
 """Frames queued per peer; a peer that falls this far behind is disconnected (and
@@ -347,7 +348,7 @@ class Node:
             return
         async with self._load_lock:
             if not space.replica.loaded:
-                await trio.to_thread.run_sync(space.replica.load)
+                await self._run_store(space.replica.load)
 
     async def _load_all(self) -> None:
         for space in list(self.state.spaces.values()):
@@ -404,12 +405,11 @@ class Node:
             await self._run_store(self.store.compact, space_id, snapshot, upto)
             space.snapshot_seq = upto
 
-    async def _run_store(self, fn: Callable[..., None], *args: Any) -> None:
-        """Call the store off the trio thread when it does disk I/O."""
+    async def _run_store(self, fn: Callable[..., T], *args: Any) -> T:
+        """Call the store (or what reads it) off the trio thread when it does disk I/O."""
         if isinstance(self.store, MemoryStore):
-            fn(*args)
-        else:
-            await trio.to_thread.run_sync(fn, *args)
+            return fn(*args)
+        return await trio.to_thread.run_sync(fn, *args)
 
     # ---- gossip --------------------------------------------------------------------
 
@@ -763,7 +763,7 @@ class Node:
         """After new devices joined the list: entries hidden because their device was
         unknown may pass now (the CRDT view judges them again too)."""
         for space_id in list(self.state.spaces):
-            hidden = await trio.to_thread.run_sync(self.store.index_rejected, space_id)
+            hidden = await self._run_store(self.store.index_rejected, space_id)
             batch = self.state.recheck(space_id, hidden)
             if batch:
                 await self._commit(batch)
