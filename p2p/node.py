@@ -22,6 +22,7 @@ import logging
 import os
 import random
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -54,12 +55,15 @@ from p2p.sync import (
     Closed,
     DeviceListIn,
     EnvelopeIn,
+    HaveIn,
     LeaseIn,
     LeaveRequested,
     Output,
     Send,
     Session,
     State,
+    WantIn,
+    digest,
 )
 from p2p.transport.base import Connection, ConnectionClosed, TransportError
 from p2p.transport.base import Transport as TransportT
@@ -84,6 +88,21 @@ COALESCE_MAX: Final = 1_000_000
 peers and, through the relay, into the mailboxes of offline ones (1 MiB each)."""
 MAIL_POSTS: Final = 256
 """Mailbox posts in flight at once; past that, offline peers catch up by state vector."""
+RECENT_ENVELOPES: Final = 1024
+RECENT_BYTES: Final = 32 * 1024 * 1024
+"""Envelopes (and their total bytes) kept to answer peers' ``want``s; older ones are
+forgotten, and a peer that asks too late is caught up by state vectors instead."""
+KNOWN_DIGESTS: Final = 65536
+"""Digests of envelopes we hold, remembered so that a ``have`` of one is not wanted."""
+WANT_DELAY: Final = 0.25
+"""Seconds to wait after a ``have`` before asking for the envelope: its author sends it
+to every peer it is connected to, so it is usually on its way already."""
+WANT_TIMEOUT: Final = 5.0
+"""Seconds a ``want`` may go unanswered (the peer forgot the envelope) before we ask
+that peer for the whole difference instead (a state vector)."""
+WANT_TASKS: Final = 256
+"""Delayed ``want``s pending at once; past that, ``have``s are ignored (state vectors
+repair what is missed)."""
 
 
 def wall_clock_ms() -> int:
@@ -134,6 +153,14 @@ class Node:
         self._write_wakeup = trio.Event()
         self._write_room = trio.Event()
         self._outbox: dict[str, list[bytes]] = {}
+        self._recent: OrderedDict[bytes, tuple[str, bytes]] = OrderedDict()
+        """Digest -> (space, envelope) of recent envelopes, to answer ``want``s."""
+        self._recent_bytes = 0
+        self._known: OrderedDict[bytes, None] = OrderedDict()
+        """Digests of envelopes we hold (bounded): those are never wanted."""
+        self._wanted: set[bytes] = set()
+        """Digests of envelopes asked for and not yet received."""
+        self._want_tasks = 0
         self._outbox_wakeup = trio.Event()
         self._subscribers: list[trio.MemorySendChannel[ev.Event]] = []
         self._reported: set[tuple[str, str]] = set()
@@ -430,6 +457,7 @@ class Node:
                     continue  # nobody to tell now; state vectors catch peers up later
                 for payload in _coalesce(updates):
                     envelope = self.state.seal(space_id, payload)
+                    self._remember(space_id, envelope)
                     self._broadcast(space_id, envelope, exclude=())
                     for device in offline:
                         self._post_mail(device, envelope)
@@ -480,10 +508,75 @@ class Node:
                 await mail.ack()
 
     def _broadcast(self, space_id: str, envelope: bytes, *, exclude: Sequence[str]) -> None:
+        """Send a whole envelope to every open session that may read the space (what
+        the author of an envelope does)."""
         for device, peer in list(self._peers.items()):
             if device in exclude or space_id not in self.state.spaces_for(device):
                 continue
             self._carry_out(peer, peer.session.send_envelope(envelope))
+
+    def _announce(self, space_id: str, envelope: bytes, *, exclude: Sequence[str]) -> None:
+        """Tell the other readers we hold an envelope we did not author (lazy gossip:
+        they ask for it if its author did not reach them)."""
+        name = [digest(envelope)]
+        for device, peer in list(self._peers.items()):
+            if device in exclude or space_id not in self.state.spaces_for(device):
+                continue
+            self._carry_out(peer, peer.session.send_have(space_id, name))
+
+    def _remember(self, space_id: str, envelope: bytes) -> None:
+        """Keep an envelope we hold for ``want``s (bounded), and its digest as known."""
+        name = digest(envelope)
+        self._know(name)
+        if name in self._recent or len(envelope) > RECENT_BYTES:
+            return
+        self._recent[name] = (space_id, envelope)
+        self._recent_bytes += len(envelope)
+        while len(self._recent) > RECENT_ENVELOPES or self._recent_bytes > RECENT_BYTES:
+            _, (_, old) = self._recent.popitem(last=False)
+            self._recent_bytes -= len(old)
+
+    def _know(self, name: bytes) -> None:
+        """Remember (bounded) that we hold the envelope called ``name``."""
+        self._wanted.discard(name)
+        self._known[name] = None
+        self._known.move_to_end(name)
+        while len(self._known) > KNOWN_DIGESTS:
+            self._known.popitem(last=False)
+
+    def _on_have(self, peer: _Peer, have: HaveIn) -> None:
+        """A peer holds envelopes: ask for those we lack, after WANT_DELAY (their author
+        has usually sent them to us already)."""
+        missing = [d for d in have.digests if d not in self._known and d not in self._wanted]
+        if not missing or self._want_tasks >= WANT_TASKS:
+            return
+        self._want_tasks += 1
+
+        async def want_later() -> None:
+            try:
+                await trio.sleep(WANT_DELAY)
+                still = [d for d in missing if d not in self._known and d not in self._wanted]
+                if not still or self._peers.get(peer.session.peer or "") is not peer:
+                    return
+                self._wanted.update(still)
+                self._carry_out(peer, peer.session.send_want(still))
+                await trio.sleep(WANT_TIMEOUT)
+                if any(d not in self._known for d in still):
+                    self._wanted.difference_update(still)
+                    if self._peers.get(peer.session.peer or "") is peer:
+                        self._carry_out(peer, peer.session.send_state_vector(have.space))
+            finally:
+                self._want_tasks -= 1
+
+        self._nursery.start_soon(want_later)
+
+    def _on_want(self, peer: _Peer, want: WantIn) -> None:
+        """A peer asks for envelopes: send those we still hold and it may read."""
+        readable = set(self.state.spaces_for(peer.session.peer or ""))
+        for name in want.digests:
+            held = self._recent.get(name)
+            if held is not None and held[0] in readable:
+                self._carry_out(peer, peer.session.send_envelope(held[1]))
 
     # ---- connections ---------------------------------------------------------------
 
@@ -628,6 +721,10 @@ class Node:
                     alive = False
             elif isinstance(out, EnvelopeIn):
                 self._receive_envelope(peer, out.data)
+            elif isinstance(out, HaveIn):
+                self._on_have(peer, out)
+            elif isinstance(out, WantIn):
+                self._on_want(peer, out)
             elif isinstance(out, Authenticated):
                 self._on_authenticated(peer, out.device)
             elif isinstance(out, DeviceListIn):
@@ -706,6 +803,8 @@ class Node:
         except (ReplayDetected, UnknownKey) as exc:
             # the same envelope over two gossip paths, or a space we don't hold: harmless
             log.debug("dropped envelope from %s: %s", peer.session.peer, exc)
+            if isinstance(exc, ReplayDetected):
+                self._know(digest(data))  # held already: never want it
             return
         except P2PError as exc:
             self._carry_out(peer, peer.session.close(exc))
@@ -719,7 +818,8 @@ class Node:
         durable = self._queue_write(
             ingested.batch, announce=ev.ChatChanged(chat=ingested.space, origin=ingested.sender)
         )
-        self._broadcast(ingested.space, envelope, exclude=(came_from, ingested.sender))
+        self._remember(ingested.space, envelope)
+        self._announce(ingested.space, envelope, exclude=(came_from, ingested.sender))
         for rejected in ingested.rejected:
             self._report(rejected)
         return durable
