@@ -84,7 +84,7 @@ async def _handle(node: Node, request: object, ask: Ask) -> dict[str, Any]:
     if op == "log":
         if request.get("mark_read"):
             await node.mark_read(chat=chat)
-        return {"messages": node.log(chat)}
+        return {"messages": await node.log(chat)}
     if op == "status":
         return {"status": node.status()}
     if op == "approve":

@@ -12,8 +12,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Final, Literal
 
 from nacl.exceptions import CryptoError as NaclCryptoError
@@ -55,8 +56,19 @@ from p2p.identity import (
     parse_device_list,
     short_id,
 )
-from p2p.model import Entry, Kind, Message, Replica, new_id
-from p2p.storage.base import Store, WriteBatch
+from p2p.model import (
+    Entry,
+    Judged,
+    Kind,
+    Message,
+    Rejected,
+    Replica,
+    UpdateSource,
+    fold,
+    judge,
+    new_id,
+)
+from p2p.storage.base import INDEXED_MAPS, IndexKey, IndexRow, Store, WriteBatch
 from p2p.wire import pack, unpack
 
 COUNTER_BLOCK: Final = 1024
@@ -136,6 +148,8 @@ class Ingested:
     counter: int
     update: bytes
     batch: WriteBatch
+    rejected: list[Rejected] = field(default_factory=list)
+    """Entries the update brought that readers will not see, and why."""
     relayable: bool = True
     """Whether the update touches only its sender's account's CRDT clients, so that
     devices of other accounts accept it too (our own devices take anything from us)."""
@@ -345,8 +359,9 @@ class DeviceState:
             batches.append(
                 state.add_space(space_id, kind, space_name, epoch=epoch, keys=space_keys)  # type: ignore[arg-type]
             )
-            state.spaces[space_id].replica.apply(update)
-            batches.append(WriteBatch(appends=[(space_id, update)]))
+            changed = state.spaces[space_id].replica.apply(update).changed
+            index, _rejected = state._index(space_id, changed)
+            batches.append(WriteBatch(appends=[(space_id, update)], index=index))
         return state, merge_batches(batches)
 
     def enroll(self, new_device: DeviceKeys, name: str) -> tuple[Enrollment, WriteBatch]:
@@ -472,14 +487,24 @@ class DeviceState:
         self.spaces[space_id] = Space(
             space_id, kind, name, epoch, dict(keys), self._replica(space_id), members=owners
         )
-        records = {f"space/{space_id}": self.spaces[space_id].meta_record()}
+        records = {
+            f"space/{space_id}": self.spaces[space_id].meta_record(),
+            f"indexed/{space_id}": b"",  # an empty chat's index is complete
+        }
         for e, k in keys.items():
             records[f"spacekey/{space_id}/{e}"] = k
         return WriteBatch(records=records)
 
     @classmethod
     def load(cls, store: Store) -> DeviceState:
-        """Rebuild the state from a store: records, then each space's snapshot and tail."""
+        """Rebuild the state from a store: records now, each space's CRDT on first use.
+
+        A space's document (snapshot, then tail) is loaded from ``store`` only when
+        something needs it (sync, a write; see ``Replica.load``): readers are served by
+        the message index. A space without an ``indexed/<space>`` record (a store written
+        before the index existed) is loaded now and its index built, once: the rows wait
+        in :attr:`unsaved` for the node's first write.
+        """
         raw_keys = store.get("device/keys")
         if raw_keys is None:
             raise NotInitialized("this home holds no device")
@@ -496,6 +521,13 @@ class DeviceState:
                 device_list=device_list,
                 account_key=AccountKey(seed) if seed else None,
             )
+            # accounts we follow first: indexing a chat checks entries by their lists
+            for name in store.names("peer/"):
+                followed = DeviceList.decode(_required(store, name))
+                followed.verify(followed.account_pk)
+                state.accounts[followed.account_id] = followed
+            for name in store.names("peerkey/"):
+                state.contact_keys[name.removeprefix("peerkey/")] = _required(store, name)
             boot = store.get("boot")
             state.boot = unpack(boot, what="boot") + 1 if boot else 1
             for name in store.names("space/"):
@@ -507,29 +539,20 @@ class DeviceState:
                     int(k.rsplit("/", 1)[1]): _required(store, k)
                     for k in store.names(f"spacekey/{space_id}/")
                 }
-                state.spaces[space_id] = Space(
+                replica = state._replica(space_id, source=partial(_history, store, space_id))
+                space = Space(
                     space_id,
                     kind,
                     space_name,
                     epoch,
                     space_keys,
-                    state._replica(space_id),
+                    replica,
                     members={short_id(pk): pk for pk in member_pks},
                 )
-                log = store.load_space(space_id)
-                replica = state.spaces[space_id].replica
-                if log.snapshot is not None:
-                    replica.apply(log.snapshot, from_store=True)  # as large as the chat
-                for update in log.updates:
-                    replica.apply(update, from_store=True)
-                state.spaces[space_id].log_seq = log.last_seq
-                state.spaces[space_id].snapshot_seq = log.snapshot_seq
-            for name in store.names("peer/"):
-                followed = DeviceList.decode(_required(store, name))
-                followed.verify(followed.account_pk)
-                state.accounts[followed.account_id] = followed
-            for name in store.names("peerkey/"):
-                state.contact_keys[name.removeprefix("peerkey/")] = _required(store, name)
+                state.spaces[space_id] = space
+                space.snapshot_seq, space.log_seq = store.log_seqs(space_id)
+                if store.get(f"indexed/{space_id}") is None:
+                    state.unsaved = merge_batches([state.unsaved, state.build_index(space_id)])
             for name in store.names("replay/"):
                 state.replay[name.removeprefix("replay/")] = envelope.ReplayWindow.from_record(
                     _required(store, name)
@@ -579,12 +602,72 @@ class DeviceState:
         return entry.signed(space_id, self.keys)
 
     def write_local(self, space_id: str, entries: list[Entry]) -> tuple[bytes, WriteBatch]:
-        """Put entries in the replica; return the update and the batch persisting it."""
+        """Put entries in the replica; return the update and the batch persisting it
+        (with the message-index rows of what it changed)."""
         update = self.space(space_id).replica.write(entries)
+        index, _ = self._index(
+            space_id, [(e.map_name(), e.key()) for e in entries if e.map_name() in INDEXED_MAPS]
+        )
         batch = WriteBatch(
-            records={"clock": self.clock.last.encode()}, appends=[(space_id, update)]
+            records={"clock": self.clock.last.encode()},
+            appends=[(space_id, update)],
+            index=index,
         )
         return update, batch
+
+    # ---- the message index ---------------------------------------------------------
+
+    def _index(
+        self, space_id: str, changed: list[tuple[str, str]]
+    ) -> tuple[dict[IndexKey, IndexRow | None], list[Rejected]]:
+        """Index rows for the keys an update changed, judged now (verified once, here)."""
+        replica = self.space(space_id).replica
+        rows: dict[IndexKey, IndexRow | None] = {}
+        rejected: list[Rejected] = []
+        for map_name, key in dict.fromkeys(changed):
+            found = replica.judge_key(map_name, key, self.any_signing_key, self.belongs)
+            if found is None:  # the key was removed
+                rows[(space_id, map_name, key)] = None
+                continue
+            entry, judged = found
+            rows[(space_id, map_name, key)] = index_row(space_id, map_name, key, entry, judged)
+            if isinstance(judged, Rejected):
+                rejected.append(judged)
+        return rows, rejected
+
+    def build_index(self, space_id: str) -> WriteBatch:
+        """The whole index of a space from its CRDT (loading it), and its marker record.
+
+        For a store written before the index existed, and for tests that compare the
+        index with the CRDT view."""
+        replica = self.space(space_id).replica
+        index: dict[IndexKey, IndexRow | None] = {}
+        for map_name in INDEXED_MAPS:
+            for key, entry, judged in replica.judge_all(
+                map_name, self.any_signing_key, self.belongs
+            ):
+                index[(space_id, map_name, key)] = index_row(space_id, map_name, key, entry, judged)
+        return WriteBatch(records={f"indexed/{space_id}": b""}, index=index)
+
+    def recheck(self, space_id: str, hidden: list[IndexRow]) -> WriteBatch:
+        """Judge hidden rows again (after the device list grew): the ones that pass now
+        become shown rows. Malformed rows stay as they are. With the CRDT loaded, its
+        current values are judged instead (an update may have replaced a row since it
+        was read)."""
+        if self.space(space_id).replica.loaded:
+            index, _ = self._index(space_id, [(row.map, row.key) for row in hidden])
+            return WriteBatch(index=index)
+        index = {}
+        for row in hidden:
+            entry = row_entry(row)
+            if entry is None:
+                continue
+            judged = judge(space_id, row.key, entry, self.any_signing_key, self.belongs)
+            if not isinstance(judged, Rejected):
+                index[(space_id, row.map, row.key)] = index_row(
+                    space_id, row.map, row.key, entry, judged
+                )
+        return WriteBatch(index=index)
 
     # ---- sealing and opening -------------------------------------------------------
 
@@ -634,8 +717,8 @@ class DeviceState:
             return replica.diff(state_vector)
         return replica.diff(state_vector, keep=self._ours_client)
 
-    def _replica(self, space_id: str) -> Replica:
-        return Replica(space_id, client_id=crdt_client(self.device_id, self.boot))
+    def _replica(self, space_id: str, source: UpdateSource | None = None) -> Replica:
+        return Replica(space_id, source=source, client_id=crdt_client(self.device_id, self.boot))
 
     def start_run(self) -> WriteBatch:
         """What must be durable before this run seals anything: a block of envelope
@@ -685,13 +768,18 @@ class DeviceState:
         # another account's device may only write and delete its own account's structs
         # (so it can neither occupy nor delete ours); our own devices relay anyone's
         allowed = None if author == self.account_id else self._author_client(author)
-        clients = self.spaces[opened.space].replica.apply(opened.payload, allowed=allowed)
-        relayable = allowed is not None or all(self.client_account(c) == author for c in clients)
+        applied = self.spaces[opened.space].replica.apply(opened.payload, allowed=allowed)
+        changed = applied.changed
+        relayable = allowed is not None or all(
+            self.client_account(c) == author for c in applied.clients
+        )
         window.accept(opened.counter)
         self.replay[opened.sender] = window
+        index, rejected = self._index(opened.space, changed)
         batch = WriteBatch(
             records={f"replay/{opened.sender}": window.to_record()},
             appends=[(opened.space, opened.payload)],
+            index=index,
         )
         return Ingested(
             space=opened.space,
@@ -700,6 +788,7 @@ class DeviceState:
             update=opened.payload,
             batch=batch,
             relayable=relayable,
+            rejected=rejected,
         )
 
     def offer_device_list(self, data: bytes) -> WriteBatch | None:
@@ -717,6 +806,8 @@ class DeviceState:
         self._client_owners = None
         grants = self._open_grant(kept)
         self.device_list = kept
+        for space in self.spaces.values():
+            space.replica.forget_failures()
         return merge_batches([grants, WriteBatch(records={"account/list": kept.encode()})])
 
     # ---- other accounts: contacts, conversations, grants --------------------------
@@ -983,6 +1074,67 @@ class DeviceState:
         return out
 
 
+def _history(store: Store, space_id: str) -> Iterator[bytes]:
+    """A space's stored updates, snapshot first (what a lazy ``Replica`` loads)."""
+    log = store.load_space(space_id)
+    if log.snapshot is not None:
+        yield log.snapshot  # as large as the chat
+    yield from log.updates
+
+
+def index_row(
+    space_id: str, map_name: str, key: str, entry: Entry | None, judged: Judged
+) -> IndexRow:
+    """The index row of one judged value: what a reader needs, or why it is hidden."""
+    if entry is None:
+        reason = judged.reason if isinstance(judged, Rejected) else "malformed"
+        return IndexRow(space=space_id, map=map_name, key=key, reason=reason)
+    hidden = isinstance(judged, Rejected)
+    return IndexRow(
+        space=space_id,
+        map=map_name,
+        key=key,
+        id=entry.id,
+        kind=entry.kind,
+        account=entry.account,
+        device=entry.device,
+        ts=entry.ts,
+        target=entry.target,
+        body=entry.body,
+        sig=entry.sig if hidden else "",  # kept to judge it again later
+        reason=judged.reason if isinstance(judged, Rejected) else "",
+    )
+
+
+def row_entry(row: IndexRow) -> Entry | None:
+    """The entry an index row stands for, checked as any stored value is
+    (``Entry.from_value``); None for a malformed one."""
+    return Entry.from_value(
+        {
+            "id": row.id,
+            "k": row.kind,
+            "a": row.account,
+            "d": row.device,
+            "ts": row.ts,
+            "t": row.target,
+            "b": row.body,
+            "sig": row.sig,
+        }
+    )
+
+
+def index_view(space_id: str, messages: list[IndexRow], related: list[IndexRow]) -> list[Message]:
+    """Messages in display order from index rows: the same :func:`~p2p.model.fold` the
+    CRDT view uses, over the shown rows of a page and the rows about them."""
+    by_map: dict[str, list[Entry]] = {name: [] for name in INDEXED_MAPS}
+    for row in (*messages, *related):
+        entry = row_entry(row)
+        if entry is None or row.reason:
+            raise StoreCorrupt(f"index row {row.map}/{row.key} of {space_id} is not a shown entry")
+        by_map[row.map].append(entry)
+    return fold(space_id, by_map["m"], by_map["e"], by_map["x"], by_map["r"])
+
+
 def _required(store: Store, name: str) -> bytes:
     value = store.get(name)
     if value is None:
@@ -998,4 +1150,5 @@ def merge_batches(batches: list[WriteBatch]) -> WriteBatch:
         out.deletes -= set(b.records)
         out.deletes |= b.deletes
         out.appends.extend(b.appends)
+        out.index.update(b.index)  # a later change of the same key wins
     return out

@@ -90,6 +90,10 @@ class Entry:
         signature = device.sign(DOMAIN_ENTRY, self.canonical(space))
         return _replace_sig(self, base64.b64encode(signature).decode("ascii"))
 
+    def map_name(self) -> str:
+        """The space map entries of its kind live in (see the module docstring)."""
+        return _MAP_OF_KIND[self.kind]
+
     def key(self) -> str:
         """Its key in the space's map of its kind."""
         if self.kind == "del":
@@ -194,26 +198,154 @@ DeviceInAccount = Callable[[str, str], bool]
 device. Asked as a pair: another account may list the same public key as its own."""
 
 
+Judged = Entry | Rejected
+"""What a check of one stored value gives: the entry to show, or why it is hidden."""
+
+
+def judge(
+    space: str,
+    key: str,
+    entry: Entry | None,
+    signing_key_of: SigningKeyLookup,
+    belongs: DeviceInAccount,
+    verified: dict[tuple[str, str], bool] | None = None,
+) -> Judged:
+    """The one check every entry passes before a reader sees it, CRDT view and index
+    alike: well-formed, filed under its own key, signed by its device, and that device
+    belongs to the account it names. ``verified`` caches signature checks."""
+    if entry is None:
+        return Rejected(space=space, entry_id=key, device="?", reason="malformed")
+    cache_key = (entry.id, entry.sig)
+    ok = None if verified is None else verified.get(cache_key)
+    if ok is None:
+        ok = entry.key() == key and _verify_entry(space, entry, signing_key_of)
+        if verified is not None:
+            verified[cache_key] = ok
+    if not ok:
+        return Rejected(space=space, entry_id=entry.id, device=entry.device, reason="bad signature")
+    if not belongs(entry.device, entry.account):
+        return Rejected(space=space, entry_id=entry.id, device=entry.device, reason="wrong account")
+    return entry
+
+
+def fold(
+    space: str,
+    messages: list[Entry],
+    edits: list[Entry],
+    deletes: list[Entry],
+    reactions: list[Entry],
+) -> list[Message]:
+    """Messages in display order from checked entries of the four chat maps.
+
+    The one place that says what edits, deletions and reactions do. Entries about
+    messages not among ``messages`` are ignored, so folding a page of messages with the
+    entries about them gives exactly that page of the whole view.
+    """
+    by_id = {e.id: e for e in messages if e.kind == "msg"}
+    latest_edit: dict[str, Entry] = {}
+    for e in edits:
+        target = by_id.get(e.target)
+        if e.kind != "edit" or target is None or target.account != e.account:
+            continue  # only the author's account edits its message
+        best = latest_edit.get(e.target)
+        if best is None or (e.ts, e.device, e.id) > (best.ts, best.device, best.id):
+            latest_edit[e.target] = e
+    deleted = {
+        e.target
+        for e in deletes
+        if e.kind == "del" and e.target in by_id and by_id[e.target].account == e.account
+    }
+    reacted: dict[str, dict[str, str]] = {}
+    for e in reactions:
+        if e.kind == "react" and e.target in by_id and e.body:
+            reacted.setdefault(e.target, {})[e.account] = e.body
+    shown = []
+    for m in by_id.values():
+        edit = latest_edit.get(m.id)
+        is_deleted = m.id in deleted
+        shown.append(
+            Message(
+                id=m.id,
+                chat=space,
+                ts=m.ts,
+                device=m.device,
+                account=m.account,
+                text="" if is_deleted else (edit.body if edit else m.body),
+                edited=edit is not None and not is_deleted,
+                deleted=is_deleted,
+                reactions=reacted.get(m.id, {}),
+            )
+        )
+    shown.sort(key=Message.sort_key)
+    return shown
+
+
+_EVERY: Final = ("*", "*")
+"""Marks a change list whose keys could not be read (see ``Replica._note_keys``)."""
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What :meth:`Replica.apply` did: (map, key) pairs whose value changed (for the
+    message index), and the CRDT clients the update wrote or deleted structs of."""
+
+    changed: list[tuple[str, str]]
+    clients: frozenset[int]
+
+
+UpdateSource = Callable[[], Iterable[bytes]]
+"""Where a lazily loaded replica finds its history: snapshot first, then the tail."""
+
+
 class Replica:
     """One space's pycrdt document, with the chat schema on top.
 
     Not thread-safe and free of I/O: the node feeds it updates and persists what it
     returns. ``apply`` is the only door for bytes from outside and maps every pycrdt
     failure (including its ``PanicException``, a BaseException) to InvalidUpdate.
+
+    With a ``source``, the document is loaded from it on first use (or by :meth:`load`):
+    opening a store does not pay for a long history until sync or a write needs it,
+    since readers are served by the message index (``p2p.core.index_view``).
     """
 
-    def __init__(self, space: str, client_id: int | None = None) -> None:
+    def __init__(
+        self, space: str, *, source: UpdateSource | None = None, client_id: int | None = None
+    ) -> None:
         """``client_id``: the CRDT client this device writes as in this run (bound to
         the device, see ``core.crdt_client``); None for a random one."""
         self.space = space
-        self.doc: pycrdt.Doc[Any] = pycrdt.Doc(client_id=client_id)
-        self._maps = {name: self.doc.get(name, type=pycrdt.Map) for name in MAPS}
+        self._source = source
+        self._doc: pycrdt.Doc[Any] = pycrdt.Doc(client_id=client_id)
+        self._map_of = {name: self._doc.get(name, type=pycrdt.Map) for name in MAPS}
         self._verified: dict[tuple[str, str], bool] = {}
         self._latest_ts = ""
         self._scanned = False
         self._authors: dict[str, str] | None = None
         """Device -> newest ``ts`` of its messages here, once :meth:`newest_by_device`
         was asked (then kept up to date by ``apply`` and ``write``)."""
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the document holds the stored history (always, without a source)."""
+        return self._source is None
+
+    def load(self) -> None:
+        """Apply the stored history now (idempotent); InvalidUpdate if it is refused."""
+        source, self._source = self._source, None
+        if source is not None:
+            for update in source():
+                self.apply(update, from_store=True)
+
+    @property
+    def doc(self) -> pycrdt.Doc[Any]:
+        self.load()
+        return self._doc
+
+    @property
+    def _maps(self) -> dict[str, pycrdt.Map[Any]]:
+        self.load()
+        return self._map_of
 
     @property
     def latest_ts(self) -> str:
@@ -229,20 +361,18 @@ class Replica:
             )
         return self._latest_ts
 
-    def _timestamped(self) -> list[pycrdt.Map[Any]]:
-        return [self._maps[name] for name in ("m", "e", "x", "r")]
+    def _note_keys(self, name: str, changed: list[tuple[str, str]]) -> Callable[[Any], None]:
+        def note(event: Any) -> None:
+            # runs inside pycrdt's transaction: it must never raise (it would resurface
+            # in the writer as an exception group); if reading the event fails, the
+            # whole map counts as changed (slow, never wrong)
+            try:
+                changed.extend((name, str(key)) for key in event.keys)
+            except Exception:
+                changed.append((name, ""))
+                changed.append(_EVERY)
 
-    def _note_timestamps(self, event: Any) -> None:
-        # runs inside pycrdt's transaction: it must never raise (it would resurface
-        # in the writer as an exception group)
-        try:
-            for change in event.keys.values():
-                value = change.get("newValue")
-                ts = value.get("ts") if isinstance(value, dict) else None
-                if isinstance(ts, str) and ts > self._latest_ts and is_ts(ts):
-                    self._latest_ts = ts
-        except Exception:
-            pass
+        return note
 
     def newest_by_device(self) -> dict[str, str]:
         """Per author device, the newest ``ts`` of its messages this replica holds (not
@@ -263,14 +393,6 @@ class Replica:
         if ts > self._authors.get(device, ""):
             self._authors[device] = ts
 
-    def _note_authors(self, event: Any) -> None:
-        # inside pycrdt's transaction, like _note_timestamps: never raise
-        try:
-            for change in event.keys.values():
-                self._note_author(change.get("newValue"))
-        except Exception:
-            pass
-
     # ---- bytes in and out ----------------------------------------------------------
 
     def apply(
@@ -279,15 +401,16 @@ class Replica:
         *,
         from_store: bool = False,
         allowed: Callable[[int], bool] | None = None,
-    ) -> frozenset[int]:
+    ) -> Applied:
         """Integrate an update (idempotent); InvalidUpdate if pycrdt refuses it.
-        Returns the CRDT clients it wrote or deleted structs of.
 
-        What a peer sends is bounded by MAX_UPDATE; our own store's snapshots
-        (``from_store``) grow with the history and are only checked for structure.
-        ``allowed`` (when given) must accept every CRDT client the update writes or
-        deletes structs of: what another account's device sends may only touch its own
-        account's clients, so it can neither occupy nor delete another's structs.
+        Returns the (map, key) pairs of the chat maps whose value it changed, for the
+        message index, and the CRDT clients it wrote or deleted structs of. What a peer
+        sends is bounded by MAX_UPDATE; our own store's snapshots (``from_store``) grow
+        with the history, are only checked for structure, and are not watched (their
+        keys are indexed already). ``allowed`` (when given) must accept every client the
+        update touches: another account's device may only touch its own account's
+        clients, so it can neither occupy nor delete another's structs.
         """
         if not from_store and len(update) > MAX_UPDATE:
             raise InvalidUpdate(self.space, f"{len(update)} bytes exceed {MAX_UPDATE}")
@@ -296,15 +419,16 @@ class Replica:
             raise InvalidUpdate(
                 self.space, "the update touches CRDT clients of another account than its sender's"
             )
+        if not from_store:
+            self.load()  # the history first, so that the changes seen are this update's
+        changed: list[tuple[str, str]] = []
         watching = (
-            [(m, m.observe(self._note_timestamps)) for m in self._timestamped()]
-            if self._scanned
-            else []
+            []
+            if from_store
+            else [(m, m.observe(self._note_keys(n, changed))) for n, m in self._indexed()]
         )
-        if self._authors is not None:
-            watching.append((self._maps["m"], self._maps["m"].observe(self._note_authors)))
         try:
-            self.doc.apply_update(update)
+            self._doc.apply_update(update)
         except (KeyboardInterrupt, SystemExit, GeneratorExit):
             raise
         except BaseException as exc:  # pycrdt panics are BaseExceptions (PyO3)
@@ -312,7 +436,21 @@ class Replica:
         finally:
             for m, subscription in watching:
                 m.unobserve(subscription)
-        return clients
+        if _EVERY in changed:
+            names = {name for name, _ in changed if name != "*"}
+            changed = [(name, key) for name in sorted(names) for key in self._map_of[name]]
+        if self._scanned or self._authors is not None:
+            for name, key in changed:
+                value = self._map_of[name].get(key)
+                ts = value.get("ts") if isinstance(value, dict) else None
+                if self._scanned and isinstance(ts, str) and ts > self._latest_ts and is_ts(ts):
+                    self._latest_ts = ts
+                if name == "m":
+                    self._note_author(value)
+        return Applied(changed=changed, clients=clients)
+
+    def _indexed(self) -> list[tuple[str, pycrdt.Map[Any]]]:
+        return [(name, self._map_of[name]) for name in ("m", "e", "x", "r")]
 
     def state_vector(self) -> bytes:
         return bytes(self.doc.get_state())
@@ -342,14 +480,15 @@ class Replica:
 
     def write(self, entries: Iterable[Entry]) -> bytes:
         """Add signed local entries in one transaction; return the update it made."""
-        before = self.doc.get_state()
-        with self.doc.transaction():
+        doc = self.doc
+        before = doc.get_state()
+        with doc.transaction():
             for entry in entries:
-                self._maps[_MAP_OF_KIND[entry.kind]][entry.key()] = entry.to_value()
+                self._map_of[_MAP_OF_KIND[entry.kind]][entry.key()] = entry.to_value()
                 self._verified[(entry.id, entry.sig)] = True  # we signed it ourselves
                 if entry.kind == "msg":
                     self._note_author(entry.to_value())
-        return bytes(self.doc.get_update(before))
+        return bytes(doc.get_update(before))
 
     # ---- reading -------------------------------------------------------------------
 
@@ -357,31 +496,33 @@ class Replica:
         """(key, parsed entry or None when malformed) of one map."""
         return [(k, Entry.from_value(v)) for k, v in self._maps[map_name].items()]
 
-    def _valid(
+    def judge_key(
         self,
+        map_name: str,
         key: str,
-        entry: Entry | None,
         signing_key_of: SigningKeyLookup,
-        rejected: list[Rejected],
-    ) -> Entry | None:
-        if entry is None:
-            rejected.append(
-                Rejected(space=self.space, entry_id=key, device="?", reason="malformed")
-            )
+        belongs: DeviceInAccount,
+    ) -> tuple[Entry | None, Judged] | None:
+        """The parsed value under ``key`` and its :func:`judge` (None: no value there)."""
+        value = self._maps[map_name].get(key)
+        if value is None:
             return None
-        cache_key = (entry.id, entry.sig)
-        ok = self._verified.get(cache_key)
-        if ok is None:
-            ok = entry.key() == key and _verify_entry(self.space, entry, signing_key_of)
-            self._verified[cache_key] = ok
-        if not ok:
-            rejected.append(
-                Rejected(
-                    space=self.space, entry_id=entry.id, device=entry.device, reason="bad signature"
-                )
-            )
-            return None
-        return entry
+        entry = Entry.from_value(value)
+        return entry, judge(self.space, key, entry, signing_key_of, belongs, self._verified)
+
+    def judge_all(
+        self, map_name: str, signing_key_of: SigningKeyLookup, belongs: DeviceInAccount
+    ) -> list[tuple[str, Entry | None, Judged]]:
+        """Every value of one map: (key, parsed entry, its :func:`judge`)."""
+        return [
+            (key, entry, judge(self.space, key, entry, signing_key_of, belongs, self._verified))
+            for key, entry in self.entries(map_name)
+        ]
+
+    def forget_failures(self) -> None:
+        """Drop cached failed checks: after the device list grew, an entry from a device
+        we did not know yet may verify now."""
+        self._verified = {k: ok for k, ok in self._verified.items() if ok}
 
     def valid_entries(
         self,
@@ -394,67 +535,27 @@ class Replica:
         written by a device of the account they name (the rest go to ``rejected``)."""
         rejected = [] if rejected is None else rejected
         out = []
-        for key, entry in self.entries(map_name):
-            good = self._valid(key, entry, signing_key_of, rejected)
-            if good is not None and belongs(good.device, good.account):
-                out.append(good)
-            elif good is not None:
-                rejected.append(
-                    Rejected(
-                        space=self.space,
-                        entry_id=good.id,
-                        device=good.device,
-                        reason="wrong account",
-                    )
-                )
+        for _key, _entry, judged in self.judge_all(map_name, signing_key_of, belongs):
+            if isinstance(judged, Rejected):
+                rejected.append(judged)
+            else:
+                out.append(judged)
         return out
 
     def view(
         self, signing_key_of: SigningKeyLookup, belongs: DeviceInAccount
     ) -> tuple[list[Message], list[Rejected]]:
-        """Messages in display order, and the entries hidden because they failed checks."""
+        """Messages in display order, and the entries hidden because they failed checks.
+
+        The reference view, derived from the whole CRDT; the node shows the same thing
+        from the message index without loading the CRDT.
+        """
         rejected: list[Rejected] = []
-
-        def valid(map_name: str) -> list[Entry]:
-            return self.valid_entries(map_name, signing_key_of, belongs, rejected)
-
-        messages = {e.id: e for e in valid("m") if e.kind == "msg"}
-        latest_edit: dict[str, Entry] = {}
-        for e in valid("e"):
-            target = messages.get(e.target)
-            if e.kind != "edit" or target is None or target.account != e.account:
-                continue  # only the author's account edits its message
-            best = latest_edit.get(e.target)
-            if best is None or (e.ts, e.device, e.id) > (best.ts, best.device, best.id):
-                latest_edit[e.target] = e
-        deleted = {
-            e.target
-            for e in valid("x")
-            if e.kind == "del" and e.target in messages and messages[e.target].account == e.account
+        kept = {
+            name: self.valid_entries(name, signing_key_of, belongs, rejected)
+            for name in ("m", "e", "x", "r")
         }
-        reactions: dict[str, dict[str, str]] = {}
-        for e in valid("r"):
-            if e.kind == "react" and e.target in messages and e.body:
-                reactions.setdefault(e.target, {})[e.account] = e.body
-        shown = []
-        for m in messages.values():
-            edit = latest_edit.get(m.id)
-            is_deleted = m.id in deleted
-            shown.append(
-                Message(
-                    id=m.id,
-                    chat=self.space,
-                    ts=m.ts,
-                    device=m.device,
-                    account=m.account,
-                    text="" if is_deleted else (edit.body if edit else m.body),
-                    edited=edit is not None and not is_deleted,
-                    deleted=is_deleted,
-                    reactions=reactions.get(m.id, {}),
-                )
-            )
-        shown.sort(key=Message.sort_key)
-        return shown, rejected
+        return fold(self.space, kept["m"], kept["e"], kept["x"], kept["r"]), rejected
 
     def count(self) -> int:
         return len(self._maps["m"])

@@ -22,17 +22,18 @@ import logging
 import os
 import random
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import pycrdt
 import trio
 
 from p2p import events as ev
 from p2p.contacts import ContactCode
-from p2p.core import Delivery, DeviceState, Ingested, Space, merge_batches
+from p2p.core import Delivery, DeviceState, Ingested, Space, index_view, merge_batches
 from p2p.discovery.base import Discovery, Found, Source, StaticPeers
 from p2p.errors import (
     ContactError,
@@ -47,7 +48,7 @@ from p2p.grants import is_grant
 from p2p.home import open_home_store
 from p2p.identity import DeviceList
 from p2p.linking import Linked, approve_code
-from p2p.model import MAX_BODY, Message
+from p2p.model import MAX_BODY, Message, Rejected
 from p2p.relay.client import RelayClient, is_relay_address
 from p2p.relay.routing import RoutedTransport
 from p2p.storage.base import Store, WriteBatch
@@ -58,17 +59,21 @@ from p2p.sync import (
     DeviceListIn,
     EnvelopeIn,
     GrantIn,
+    HaveIn,
     LeaseIn,
     LeaveRequested,
     Output,
     Send,
     Session,
     State,
+    WantIn,
+    digest,
 )
 from p2p.transport.base import Connection, ConnectionClosed, TransportError
 from p2p.transport.base import Transport as TransportT
 
 log = logging.getLogger("p2p.node")
+T = TypeVar("T")
 
 SEND_QUEUE: Final = 1024
 """Frames queued per peer; a peer that falls this far behind is disconnected (and
@@ -90,6 +95,21 @@ RECEIPT_DELAY: Final = 1.0
 the chat: a burst of messages costs one receipt per device, not one per message."""
 MAIL_POSTS: Final = 256
 """Mailbox posts in flight at once; past that, offline peers catch up by state vector."""
+RECENT_ENVELOPES: Final = 1024
+RECENT_BYTES: Final = 32 * 1024 * 1024
+"""Envelopes (and their total bytes) kept to answer peers' ``want``s; older ones are
+forgotten, and a peer that asks too late is caught up by state vectors instead."""
+KNOWN_DIGESTS: Final = 65536
+"""Digests of envelopes we hold, remembered so that a ``have`` of one is not wanted."""
+WANT_DELAY: Final = 0.25
+"""Seconds to wait after a ``have`` before asking for the envelope: its author sends it
+to every peer it is connected to, so it is usually on its way already."""
+WANT_TIMEOUT: Final = 5.0
+"""Seconds a ``want`` may go unanswered (the peer forgot the envelope) before we ask
+that peer for the whole difference instead (a state vector)."""
+WANT_TASKS: Final = 256
+"""Delayed ``want``s pending at once; past that, ``have``s are ignored (state vectors
+repair what is missed)."""
 
 
 def wall_clock_ms() -> int:
@@ -132,10 +152,22 @@ class Node:
         self._wall_ms = wall_ms
         self._peers: dict[str, _Peer] = {}
         self._peers_changed = trio.Event()
-        self._writes: list[tuple[WriteBatch, trio.Event]] = []
+        self._writes: list[tuple[WriteBatch, trio.Event, ev.Event | None]] = []
+        self._load_lock = trio.Lock()
+        """One replica loads at a time, in a worker thread (see :meth:`_load`)."""
+        self._rejections_read: set[str] = set()
+        """Spaces whose stored hidden entries were reported in this process."""
         self._write_wakeup = trio.Event()
         self._write_room = trio.Event()
         self._outbox: dict[str, list[bytes]] = {}
+        self._recent: OrderedDict[bytes, tuple[str, bytes]] = OrderedDict()
+        """Digest -> (space, envelope) of recent envelopes, to answer ``want``s."""
+        self._recent_bytes = 0
+        self._known: OrderedDict[bytes, None] = OrderedDict()
+        """Digests of envelopes we hold (bounded): those are never wanted."""
+        self._wanted: set[bytes] = set()
+        """Digests of envelopes asked for and not yet received."""
+        self._want_tasks = 0
         self._outbox_wakeup = trio.Event()
         self._subscribers: list[trio.MemorySendChannel[ev.Event]] = []
         self._reported: set[tuple[str, str]] = set()
@@ -183,26 +215,50 @@ class Node:
         """The chat used when none is named: the account's notes chat."""
         return self.chats()[0].id if len(self.chats()) == 1 else self.state.chat_by_name("notes").id
 
-    def messages(self, chat: str | None = None) -> list[Message]:
-        """Messages of a chat in display order (the same on every replica).
+    def messages(
+        self, chat: str | None = None, *, last: int | None = None, before: Message | None = None
+    ) -> list[Message]:
+        """Messages of a chat in display order (the same on every replica), as durable.
 
-        Entries whose signature fails are left out and reported once each as
-        :class:`~p2p.events.EntryRejected`.
+        ``last=N`` gives only the newest N, and ``before=m`` only those ordered before
+        message ``m``: ``messages(last=50)``, then ``messages(last=50, before=page[0])``
+        pages back through history at the cost of one page.
+
+        Served from the store's message index, without loading the CRDT, so it shows
+        what is durable: a received message appears once its write committed (the
+        :class:`~p2p.events.ChatChanged` for it comes then too). Entries that fail their
+        checks are left out, and reported once each as
+        :class:`~p2p.events.EntryRejected` (when they arrive, and on the first read of
+        the chat by this process for those stored earlier).
         """
         space = self.state.chat_by_name(chat) if chat else self.state.space(self.default_chat())
-        shown, rejected = space.replica.view(self.state.any_signing_key, self.state.belongs)
-        for r in rejected:
-            if (r.space, r.entry_id) not in self._reported:
-                self._reported.add((r.space, r.entry_id))
-                log.warning(
-                    "hidden entry %s in %s from %s: %s", r.entry_id, r.space, r.device, r.reason
-                )
-                self._emit(
-                    ev.EntryRejected(
-                        chat=r.space, entry_id=r.entry_id, device=r.device, reason=r.reason
+        if space.id not in self._rejections_read:
+            self._rejections_read.add(space.id)
+            for row in self.store.index_rejected(space.id):
+                self._report(
+                    Rejected(
+                        space=space.id,
+                        entry_id=row.id or row.key,
+                        device=row.device or "?",
+                        reason=row.reason,
                     )
                 )
-        return shown
+        page = last is not None or before is not None
+        rows = self.store.index_messages(
+            space.id, last=last, before=before.sort_key() if before is not None else None
+        )
+        related = self.store.index_related(space.id, [r.id for r in rows] if page else None)
+        return index_view(space.id, rows, related)
+
+    def _report(self, r: Rejected) -> None:
+        """Tell the app (once per process) about an entry readers will not see."""
+        if (r.space, r.entry_id) in self._reported:
+            return
+        self._reported.add((r.space, r.entry_id))
+        log.warning("hidden entry %s in %s from %s: %s", r.entry_id, r.space, r.device, r.reason)
+        self._emit(
+            ev.EntryRejected(chat=r.space, entry_id=r.entry_id, device=r.device, reason=r.reason)
+        )
 
     def status(self) -> dict[str, Any]:
         """What ``p2p status`` shows: this device, its peers, its spaces, pending work."""
@@ -230,7 +286,8 @@ class Node:
                     "kind": s.kind,
                     "name": s.name,
                     "epoch": s.epoch,
-                    "entries": s.replica.count(),
+                    "entries": s.replica.count() if s.replica.loaded else None,
+                    "loaded": s.replica.loaded,
                 }
                 for s in self.state.spaces.values()
             ],
@@ -297,13 +354,16 @@ class Node:
 
     async def mark_read(self, *, chat: str | None = None) -> str:
         """Record that this device has shown the chat up to its newest message."""
-        shown = self.messages(chat)
+        shown = self.messages(chat, last=1)
         return await self._write(chat, "read", body=shown[-1].ts if shown else "")
 
     async def _write(self, chat: str | None, kind: Any, *, body: str = "", target: str = "") -> str:
         if self._closed:
             raise NodeError("the node is closed")
         space = self.state.chat_by_name(chat) if chat else self.state.space(self.default_chat())
+        await self._load(space)
+        if self._closed:
+            raise NodeError("the node is closed")
         if space.replica.latest_ts:  # sort after everything this chat has seen so far
             self.state.clock.observe(space.replica.latest_ts, self._wall_ms())
         entry = self.state.new_entry(space.id, kind, self._wall_ms(), body=body, target=target)
@@ -333,12 +393,15 @@ class Node:
         entries = self.state.space(space_id).replica.entries("v")
         return next((e.body for k, e in entries if e and k == self.device_id), "")
 
-    def log(self, chat: str | None = None) -> list[dict[str, Any]]:
+    async def log(self, chat: str | None = None) -> list[dict[str, Any]]:
         """Messages as ``p2p log --json`` prints them: each with its delivery state
-        (``status``: sent, delivered or read; ``delivered_to``; ``read_by``)."""
+        (``status``: sent, delivered or read; ``delivered_to``; ``read_by``).
+
+        Delivery states come from the receipts and read markers in the chat's CRDT,
+        which this loads (in a worker thread) if it is not loaded yet."""
         space = self.state.chat_by_name(chat) if chat else self.state.space(self.default_chat())
         shown = self.messages(space.id)
-        states = self.state.delivery(space.id, shown)
+        states = await self.delivery(space.id, shown)
         return [
             {
                 **m.to_json(),
@@ -349,15 +412,38 @@ class Node:
             for m in shown
         ]
 
-    def delivery(self, chat: str | None = None) -> dict[str, Delivery]:
-        """Delivery state of every message of a chat (see ``core.Delivery``)."""
+    async def delivery(
+        self, chat: str | None = None, messages: list[Message] | None = None
+    ) -> dict[str, Delivery]:
+        """Delivery state of the messages of a chat (all of them unless ``messages``
+        are given; see ``core.Delivery``)."""
         space = self.state.chat_by_name(chat) if chat else self.state.space(self.default_chat())
-        return self.state.delivery(space.id, self.messages(space.id))
+        await self._load(space)
+        shown = self.messages(space.id) if messages is None else messages
+        return self.state.delivery(space.id, shown)
 
-    def _queue_write(self, batch: WriteBatch) -> trio.Event:
-        """Queue a batch for the writer, in order; the event fires once it is durable."""
+    async def _load(self, space: Space) -> None:
+        """Load a space's CRDT (snapshot, then tail) in a worker thread, once.
+
+        Opening a node leaves documents unloaded (readers use the message index); every
+        path that touches a replica (a write, a sync session, mail, linking) awaits this
+        first, so the trio thread never waits for a long history.
+        """
+        if space.replica.loaded:
+            return
+        async with self._load_lock:
+            if not space.replica.loaded:
+                await self._run_store(space.replica.load)
+
+    async def _load_all(self) -> None:
+        for space in list(self.state.spaces.values()):
+            await self._load(space)
+
+    def _queue_write(self, batch: WriteBatch, *, announce: ev.Event | None = None) -> trio.Event:
+        """Queue a batch for the writer, in order; the event fires once it is durable,
+        and ``announce`` is emitted then."""
         done = trio.Event()
-        self._writes.append((batch, done))
+        self._writes.append((batch, done, announce))
         self._write_wakeup.set()
         return done
 
@@ -381,14 +467,16 @@ class Node:
         while self._writes or self.state.unsaved:
             taken, self._writes = self._writes, []
             self._write_room.set()
-            batch = merge_batches([b for b, _ in taken] + [self.state.take_unsaved()])
+            batch = merge_batches([b for b, _, _ in taken] + [self.state.take_unsaved()])
             if batch:
                 await self._run_store(self.store.write, batch)
                 for space_id, _update in batch.appends:
                     self.state.spaces[space_id].log_seq += 1
                 await self._compact(batch.appends)
-            for _, done in taken:
+            for _, done, announce in taken:
                 done.set()
+                if announce is not None:
+                    self._emit(announce)
 
     async def _compact(self, appends: list[tuple[str, bytes]]) -> None:
         """Fold a space's update log into a snapshot once its tail grows long, so that
@@ -402,12 +490,11 @@ class Node:
             await self._run_store(self.store.compact, space_id, snapshot, upto)
             space.snapshot_seq = upto
 
-    async def _run_store(self, fn: Callable[..., None], *args: Any) -> None:
-        """Call the store off the trio thread when it does disk I/O."""
+    async def _run_store(self, fn: Callable[..., T], *args: Any) -> T:
+        """Call the store (or what reads it) off the trio thread when it does disk I/O."""
         if isinstance(self.store, MemoryStore):
-            fn(*args)
-        else:
-            await trio.to_thread.run_sync(fn, *args)
+            return fn(*args)
+        return await trio.to_thread.run_sync(fn, *args)
 
     # ---- gossip --------------------------------------------------------------------
 
@@ -424,6 +511,7 @@ class Node:
                     continue  # nobody to tell now; state vectors catch peers up later
                 for payload in _coalesce(updates):
                     envelope = self.state.seal(space_id, payload)
+                    self._remember(space_id, envelope)
                     self._broadcast(space_id, envelope, exclude=())
                     for device in offline:
                         self._post_mail(device, envelope)
@@ -453,6 +541,7 @@ class Node:
     async def _drain_mail(self, relay: RelayClient) -> None:
         """Apply what offline peers left for us, acknowledging each once it is durable."""
         async for mail in relay.mail():
+            await self._load_all()
             if is_grant(mail.data):
                 durable = self._on_grant(mail.data, came_from=None)
                 if durable is not None:
@@ -479,17 +568,82 @@ class Node:
             with contextlib.suppress(P2PError):
                 await mail.ack()
 
-    def _broadcast(
+    def _broadcast(self, space_id: str, envelope: bytes, *, exclude: Sequence[str]) -> None:
+        """Send a whole envelope to every open session that may read the space (what
+        the author of an envelope does)."""
+        for device, peer in list(self._peers.items()):
+            if device in exclude or space_id not in self.state.spaces_for(device):
+                continue
+            self._carry_out(peer, peer.session.send_envelope(envelope))
+
+    def _announce(
         self, space_id: str, envelope: bytes, *, exclude: Sequence[str], ours_only: bool = False
     ) -> None:
-        """Pass an envelope to every connected reader of the space (``ours_only``: to our
-        own devices alone, for one that other accounts would refuse)."""
+        """Tell the other readers we hold an envelope we did not author (lazy gossip:
+        they ask for it if its author did not reach them). ``ours_only``: only our own
+        devices, for an envelope other accounts would refuse (a catch-up from one of our
+        devices, holding other accounts' structs)."""
+        name = [digest(envelope)]
         for device, peer in list(self._peers.items()):
             if device in exclude or space_id not in self.state.spaces_for(device):
                 continue
             if ours_only and device not in self.state.device_list.ids:
                 continue
-            self._carry_out(peer, peer.session.send_envelope(envelope))
+            self._carry_out(peer, peer.session.send_have(space_id, name))
+
+    def _remember(self, space_id: str, envelope: bytes) -> None:
+        """Keep an envelope we hold for ``want``s (bounded), and its digest as known."""
+        name = digest(envelope)
+        self._know(name)
+        if name in self._recent or len(envelope) > RECENT_BYTES:
+            return
+        self._recent[name] = (space_id, envelope)
+        self._recent_bytes += len(envelope)
+        while len(self._recent) > RECENT_ENVELOPES or self._recent_bytes > RECENT_BYTES:
+            _, (_, old) = self._recent.popitem(last=False)
+            self._recent_bytes -= len(old)
+
+    def _know(self, name: bytes) -> None:
+        """Remember (bounded) that we hold the envelope called ``name``."""
+        self._wanted.discard(name)
+        self._known[name] = None
+        self._known.move_to_end(name)
+        while len(self._known) > KNOWN_DIGESTS:
+            self._known.popitem(last=False)
+
+    def _on_have(self, peer: _Peer, have: HaveIn) -> None:
+        """A peer holds envelopes: ask for those we lack, after WANT_DELAY (their author
+        has usually sent them to us already)."""
+        missing = [d for d in have.digests if d not in self._known and d not in self._wanted]
+        if not missing or self._want_tasks >= WANT_TASKS:
+            return
+        self._want_tasks += 1
+
+        async def want_later() -> None:
+            try:
+                await trio.sleep(WANT_DELAY)
+                still = [d for d in missing if d not in self._known and d not in self._wanted]
+                if not still or self._peers.get(peer.session.peer or "") is not peer:
+                    return
+                self._wanted.update(still)
+                self._carry_out(peer, peer.session.send_want(still))
+                await trio.sleep(WANT_TIMEOUT)
+                if any(d not in self._known for d in still):
+                    self._wanted.difference_update(still)
+                    if self._peers.get(peer.session.peer or "") is peer:
+                        self._carry_out(peer, peer.session.send_state_vector(have.space))
+            finally:
+                self._want_tasks -= 1
+
+        self._nursery.start_soon(want_later)
+
+    def _on_want(self, peer: _Peer, want: WantIn) -> None:
+        """A peer asks for envelopes: send those we still hold and it may read."""
+        readable = set(self.state.spaces_for(peer.session.peer or ""))
+        for name in want.digests:
+            held = self._recent.get(name)
+            if held is not None and held[0] in readable:
+                self._carry_out(peer, peer.session.send_envelope(held[1]))
 
     # ---- connections ---------------------------------------------------------------
 
@@ -554,6 +708,7 @@ class Node:
 
     async def _run_connection(self, conn: Connection, *, initiator: bool) -> _Ended:
         """Drive one session over ``conn`` until it ends; say how it went."""
+        await self._load_all()  # a session reads state vectors and diffs
         session = Session(
             self.state, initiator=initiator, now=trio.current_time(), wall_ms=self._wall_ms()
         )
@@ -633,6 +788,10 @@ class Node:
                     alive = False
             elif isinstance(out, EnvelopeIn):
                 self._receive_envelope(peer, out.data)
+            elif isinstance(out, HaveIn):
+                self._on_have(peer, out)
+            elif isinstance(out, WantIn):
+                self._on_want(peer, out)
             elif isinstance(out, Authenticated):
                 self._on_authenticated(peer, out.device)
             elif isinstance(out, DeviceListIn):
@@ -713,6 +872,8 @@ class Node:
         except (ReplayDetected, UnknownKey) as exc:
             # the same envelope over two gossip paths, or a space we don't hold: harmless
             log.debug("dropped envelope from %s: %s", peer.session.peer, exc)
+            if isinstance(exc, ReplayDetected):
+                self._know(digest(data))  # held already: never want it
             return
         except P2PError as exc:
             self._carry_out(peer, peer.session.close(exc))
@@ -721,14 +882,20 @@ class Node:
 
     def _accepted(self, ingested: Ingested, envelope: bytes, *, came_from: str) -> trio.Event:
         """After an envelope applied, from a session or a mailbox: persist it (in order;
-        the event fires once durable), pass it on to the other peers, tell the app."""
-        durable = self._queue_write(ingested.batch)
-        self._broadcast(
+        the event fires once durable), pass it on to the other peers, tell the app (once
+        durable: readers see the message index, written with it)."""
+        durable = self._queue_write(
+            ingested.batch, announce=ev.ChatChanged(chat=ingested.space, origin=ingested.sender)
+        )
+        self._remember(ingested.space, envelope)
+        self._announce(
             ingested.space,
             envelope,
             exclude=(came_from, ingested.sender),
             ours_only=not ingested.relayable,
         )
+        for rejected in ingested.rejected:
+            self._report(rejected)
         if self.state.spaces[ingested.space].kind == "account":
             self._learn_contacts()
         else:
@@ -736,7 +903,6 @@ class Node:
             self._receipts_wakeup.set()
             if self.state.spaces[ingested.space].shared:
                 self._nursery.start_soon(self._rotate_after_leave, ingested.space)
-        self._emit(ev.ChatChanged(chat=ingested.space, origin=ingested.sender))
         return durable
 
     def _adopt_device_list(self, peer: _Peer, data: bytes) -> None:
@@ -771,6 +937,8 @@ class Node:
         added = tuple(sorted(dl.ids - self._known_devices))
         removed = tuple(sorted(self._known_devices - dl.ids))
         self._known_devices = set(dl.ids)
+        if added:
+            self._nursery.start_soon(self._recheck_hidden)
         log.info("device list version %d: added %s, removed %s", dl.version, added, removed)
         self._emit(
             ev.DeviceListChanged(
@@ -859,6 +1027,16 @@ class Node:
                 self._carry_out(peer, peer.session.send_grant(grant))
             elif self.relays:
                 self._post_mail(device, grant)
+
+    async def _recheck_hidden(self) -> None:
+        """After new devices joined the list: entries hidden because their device was
+        unknown may pass now (the CRDT view judges them again too)."""
+        for space_id in list(self.state.spaces):
+            hidden = await self._run_store(self.store.index_rejected, space_id)
+            batch = self.state.recheck(space_id, hidden)
+            if batch:
+                await self._commit(batch)
+                self._emit(ev.ChatChanged(chat=space_id, origin=self.device_id))
 
     async def unlink(self, device_id: str) -> None:
         """Primary only: remove a device, rotate keys, tell the remaining devices now.
@@ -1008,6 +1186,7 @@ class Node:
         async def read(name: str) -> bytes | None:
             return await trio.to_thread.run_sync(self.store.get, name)
 
+        await self._load_all()  # the new device gets every space's history
         linked = await approve_code(
             self.state,
             code,
@@ -1078,6 +1257,7 @@ async def open_node(
     discovery: Sequence[Discovery] = (),
     relays: Sequence[str] = (),
     wall_ms: Callable[[], int] = wall_clock_ms,
+    receipts: bool = True,
 ) -> AsyncIterator[Node]:
     """Run the device stored in ``home`` (or in ``store``) until the block exits.
 
@@ -1085,8 +1265,9 @@ async def open_node(
     ``peers`` are addresses to keep connected to; ``discovery`` adapters report more
     (mDNS, ...) as they find them; ``relays`` are rendezvous relay URLs (``ws://...``):
     the node meets linked devices through them and leaves mail for offline ones.
-    ``wall_ms`` is the time used for
-    message timestamps (tests pass a virtual clock).
+    ``wall_ms`` is the time used for message timestamps (tests pass a virtual clock).
+    ``receipts=False`` keeps this device from writing delivery receipts (others then
+    never see their messages delivered to it: a privacy choice, as in any messenger).
     """
     if (home is None) == (store is None):
         raise NodeError("open_node needs exactly one of home or store")
@@ -1094,8 +1275,11 @@ async def open_node(
     the_store: Store = open_home_store(home) if store is None else store  # type: ignore[arg-type]
     try:
         state = await trio.to_thread.run_sync(DeviceState.load, the_store)
-        # counters used from now on are reserved on disk before anything is sealed
-        await trio.to_thread.run_sync(the_store.write, state.start_run())
+        # counters used from now on, and this run's number, are on disk before anything
+        # is sealed (with the message index of a store from before it existed, built
+        # by load)
+        opening = merge_batches([state.take_unsaved(), state.start_run()])
+        await trio.to_thread.run_sync(the_store.write, opening)
         try:
             async with trio.open_nursery() as nursery:
                 clients = [
@@ -1109,7 +1293,8 @@ async def open_node(
                 node._leaving = the_store.get("leave/requested") is not None
                 nursery.start_soon(node._writer)
                 nursery.start_soon(node._gossiper)
-                nursery.start_soon(node._receipter)
+                if receipts:
+                    nursery.start_soon(node._receipter)
                 if transport is not None:
                     await nursery.start(transport.serve, node._accept)
                 nursery.start_soon(node._merge_found)

@@ -24,6 +24,9 @@ States and the rules they keep::
             an implicit counter nonce, so a dropped, replayed or reordered frame fails).
             ``sv`` -> reply ``env`` with exactly what the peer lacks (nothing if level);
             ``env`` -> :class:`EnvelopeIn` for the caller to verify and apply;
+            ``have`` -> :class:`HaveIn` (the peer holds these envelopes; ask with
+            :meth:`Session.send_want` for those we lack), ``want`` -> :class:`WantIn`
+            (send those envelopes, if we still hold them);
             ``list`` -> :class:`DeviceListIn` (a newer device list, gossiped);
             ``lease`` -> :class:`LeaseIn` (the primary renews a companion's lease, which
             the primary sends right after authenticating a companion);
@@ -31,8 +34,17 @@ States and the rules they keep::
             ``ping`` -> ``pong``; ``bye`` -> closed.
     CLOSED  everything is ignored.
 
-Any error (bad frame, bad signature, unknown device, frame in the wrong state) closes the
-session with a typed error; the caller closes the connection. Each side sends its state
+Gossip is plumtree-like: the author of an envelope sends it whole to every peer
+(:meth:`Session.send_envelope`); a device that received it from someone else only
+announces its digest (:meth:`Session.send_have`), and a peer that lacks it asks for it.
+Each device thus receives each envelope about once, however dense the mesh; state
+vectors still repair anything gossip missed. A ``have`` about a space the peer may not
+read is ignored, as an ``sv`` is; a ``want`` for an envelope we no longer hold gets
+nothing.
+
+Any error (bad frame, bad signature, unknown device, frame in the wrong state, a
+``have``/``want`` whose digests are empty or not whole) closes the session with a typed
+error; the caller closes the connection. Each side sends its state
 vectors once it has authenticated the peer, and answers the peer's at once: two replicas
 are level one round trip after the handshake.
 """
@@ -60,7 +72,7 @@ from p2p.errors import (
 )
 from p2p.identity import DeviceKeys, DeviceList, account_tag, check_lease, verify
 from p2p.model import covers
-from p2p.wire import decode_frame, encode_frame
+from p2p.wire import DIGEST_SIZE, MAX_DIGESTS, decode_frame, encode_frame
 
 DOMAIN_HANDSHAKE: Final = b"p2p/handshake/v1\x00"
 HANDSHAKE_TIMEOUT: Final = 10.0
@@ -70,6 +82,17 @@ EMPTY_UPDATE: Final = b"\x00\x00"
 MAX_TAGS: Final = 64
 """Discovery keys a hello carries tags for (and a receiver checks): our account's
 epochs, then those of conversations shared with other accounts."""
+
+
+def digest(envelope: bytes) -> bytes:
+    """The name of a sealed envelope in ``have``/``want`` frames (BLAKE2b, 16 bytes)."""
+    return hashlib.blake2b(envelope, digest_size=DIGEST_SIZE, person=b"p2p-env-digest").digest()
+
+
+def _split_digests(kind: str, data: bytes) -> list[bytes]:
+    if not data or len(data) % DIGEST_SIZE:
+        raise ProtocolError(f"{kind} frame: {len(data)} bytes are not whole digests")
+    return [data[i : i + DIGEST_SIZE] for i in range(0, len(data), DIGEST_SIZE)]
 
 
 class Replicas(Protocol):
@@ -138,6 +161,21 @@ class GrantIn:
 
 
 @dataclass(frozen=True)
+class HaveIn:
+    """The peer holds these envelopes of ``space`` (ask for missing ones: send_want)."""
+
+    space: str
+    digests: list[bytes]
+
+
+@dataclass(frozen=True)
+class WantIn:
+    """The peer asks for these envelopes (send the ones we hold: send_envelope)."""
+
+    digests: list[bytes]
+
+
+@dataclass(frozen=True)
 class LeaseIn:
     """The primary renewed our lease; keep it (``DeviceState.accept_lease``)."""
 
@@ -159,7 +197,16 @@ class Closed:
 
 
 Output = (
-    Send | Authenticated | DeviceListIn | EnvelopeIn | GrantIn | LeaseIn | LeaveRequested | Closed
+    Send
+    | Authenticated
+    | DeviceListIn
+    | EnvelopeIn
+    | GrantIn
+    | HaveIn
+    | WantIn
+    | LeaseIn
+    | LeaveRequested
+    | Closed
 )
 
 
@@ -182,6 +229,8 @@ class Stats:
     """Bytes of envelopes sent in answer to the peer's state vectors."""
     sv_in: int = 0
     envelopes_in: int = 0
+    haves_in: int = 0
+    wants_in: int = 0
 
 
 @dataclass
@@ -240,6 +289,22 @@ class Session:
             return []
         return [self._send_boxed(encode_frame("env", e=data))]
 
+    def send_have(self, space_id: str, digests: list[bytes]) -> list[Output]:
+        """Announce envelopes of a space we hold (gossip we did not author), if open."""
+        return self._send_digests("have", digests, s=space_id)
+
+    def send_want(self, digests: list[bytes]) -> list[Output]:
+        """Ask the peer for envelopes it announced, if open."""
+        return self._send_digests("want", digests)
+
+    def _send_digests(self, kind: str, digests: list[bytes], **fields: Any) -> list[Output]:
+        if self.state is not State.OPEN:
+            return []
+        return [
+            self._send_boxed(encode_frame(kind, h=b"".join(digests[i : i + MAX_DIGESTS]), **fields))
+            for i in range(0, len(digests), MAX_DIGESTS)
+        ]
+
     def send_device_list(self, data: bytes) -> list[Output]:
         """Gossip a newer signed device list to the peer, if open."""
         if self.state is not State.OPEN:
@@ -253,7 +318,9 @@ class Session:
         return [self._send_boxed(encode_frame("grant", g=data))]
 
     def send_state_vector(self, space_id: str) -> list[Output]:
-        """Ask the peer for what we lack of a space (one we just joined), if open."""
+        """Ask the peer for whatever of a space we lack (it answers with an ``env``), if
+        open and the peer reads the space: the repair when a ``want`` went unanswered,
+        and the first sync of a space we just joined."""
         if self.state is not State.OPEN or self.peer is None:
             return []
         if space_id not in self.local.spaces_for(self.peer):
@@ -398,6 +465,16 @@ class Session:
         if kind == "sv":
             self.stats.sv_in += 1
             return self._on_state_vector(frame["s"], frame["sv"])
+        if kind == "have":
+            self.stats.haves_in += 1
+            digests = _split_digests(kind, frame["h"])
+            assert self.peer is not None
+            if frame["s"] not in self.local.spaces_for(self.peer):
+                return []  # a space we don't share with this device: say nothing
+            return [HaveIn(frame["s"], digests)]
+        if kind == "want":
+            self.stats.wants_in += 1
+            return [WantIn(_split_digests(kind, frame["h"]))]
         if kind == "list":
             return [DeviceListIn(frame["l"])]
         if kind == "lease":

@@ -94,7 +94,10 @@ def digest(messages: list[Message]) -> str:
 class Cluster:
     """Nodes of one account on one in-memory network; see the module docstring."""
 
-    def __init__(self, nursery: trio.Nursery, stores: list[MemoryStore], seed: int) -> None:
+    def __init__(
+        self, nursery: trio.Nursery, stores: list[MemoryStore], seed: int, *, receipts: bool = True
+    ) -> None:
+        self.receipts = receipts
         self.network = MemoryNetwork(seed=seed)
         self.stores = stores
         self.names = [DEVICE_NAMES[i] for i in range(len(stores))]
@@ -147,6 +150,7 @@ class Cluster:
                     transport=self.network.transport(self.names[index]),
                     peers=self.names[:index],
                     wall_ms=self.wall_ms,
+                    receipts=self.receipts,
                 ) as node:
                     self._nodes[index] = node
                     task_status.started()
@@ -199,11 +203,12 @@ class Cluster:
 
 
 @asynccontextmanager
-async def cluster(n: int = 3, *, seed: int = 0) -> AsyncIterator[Cluster]:
-    """``n`` running nodes of one account (index 0 the primary) on a fresh network."""
+async def cluster(n: int = 3, *, seed: int = 0, receipts: bool = True) -> AsyncIterator[Cluster]:
+    """``n`` running nodes of one account (index 0 the primary) on a fresh network
+    (``receipts``: whether they write delivery receipts, see ``open_node``)."""
     stores = provision_account(n)
     async with trio.open_nursery() as nursery:
-        c = Cluster(nursery, stores, seed)
+        c = Cluster(nursery, stores, seed, receipts=receipts)
         for i in range(n):
             await c.start(i)
         try:

@@ -26,6 +26,10 @@ MAX_ID: Final = 64
 """Longest id (device, space, message) accepted in a frame."""
 
 KiB: Final = 1024
+DIGEST_SIZE: Final = 16
+"""Bytes of an envelope digest in ``have``/``want`` frames (``p2p.sync.digest``)."""
+MAX_DIGESTS: Final = 256
+"""Digests one ``have`` or ``want`` frame may carry."""
 
 # field kinds: (python type, max length or max value)
 _B = bytes
@@ -91,6 +95,14 @@ SCHEMA: Final[dict[str, dict[str, Field]]] = {
     },
     "env": {
         "e": Field(_B, MAX_FRAME - KiB),  # one sealed envelope (crypto.Envelope)
+    },
+    # lazy gossip (p2p.sync): a receiver announces what it got instead of forwarding it
+    "have": {
+        "s": Field(_S, MAX_ID),  # space id
+        "h": Field(_B, MAX_DIGESTS * DIGEST_SIZE),  # digests of envelopes the sender holds
+    },
+    "want": {
+        "h": Field(_B, MAX_DIGESTS * DIGEST_SIZE),  # digests of envelopes asked for
     },
     "list": {
         "l": Field(_B, 64 * KiB),  # a newer signed device list, gossiped

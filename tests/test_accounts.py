@@ -238,6 +238,12 @@ async def wait_for(predicate: Callable[[], bool], seconds: float = 120) -> None:
             await trio.sleep(0.05)
 
 
+async def wait_until_status(node: Node, chat: str, message: str, status: str) -> None:
+    with trio.fail_after(120):
+        while (await node.delivery(chat))[message].status != status:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+
+
 @asynccontextmanager
 async def two_account_nodes() -> AsyncIterator[tuple[list[Node], list[Node]]]:
     """A (phone, laptop) and B (phone, tablet) as running nodes on one memory network,
@@ -275,8 +281,8 @@ def test_nodes_of_two_accounts_share_a_conversation_with_delivery_state() -> Non
             await wait_for(lambda: all(len(n.messages(chat)) == 2 for n in everyone))
             assert len({testing.digest(n.messages(chat)) for n in everyone}) == 1
             # receipts: every device holds it -> delivered; B reads it -> read
-            await wait_for(lambda: a_laptop.delivery(chat)[sent].status == "delivered")
-            state = a_laptop.delivery(chat)[sent]
+            await wait_until_status(a_laptop, chat, sent, "delivered")
+            state = (await a_laptop.delivery(chat))[sent]
             assert set(state.delivered_to) == {
                 a_phone.device_id,
                 b_phone.device_id,
@@ -284,8 +290,8 @@ def test_nodes_of_two_accounts_share_a_conversation_with_delivery_state() -> Non
             }
             assert state.read_by == ()
             await b_phone.mark_read(chat=chat)
-            await wait_for(lambda: a_phone.delivery(chat)[sent].status == "read")
-            assert a_phone.delivery(chat)[sent].read_by == (b_phone.device_id,)
+            await wait_until_status(a_phone, chat, sent, "read")
+            assert (await a_phone.delivery(chat))[sent].read_by == (b_phone.device_id,)
             # A's own notes stay A's: B never holds them
             assert a_phone.default_chat() not in b_phone.state.spaces
 

@@ -125,6 +125,7 @@ def test_a_snapshot_larger_than_any_frame_still_opens(tmp_path: Path) -> None:
         try:
             assert len(store.load_space(chat).snapshot or b"") > limit
             again = DeviceState.load(store)
+            again.space(chat).replica.load()  # documents load on first use, from the store
         finally:
             store.close()
     finally:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import pytest
 import trio
 import trio.testing
 
@@ -90,5 +93,97 @@ def test_a_companion_off_during_an_unlink_catches_up_with_the_new_keys() -> None
             chat = desktop.default_chat()
             assert desktop.state.space(chat).epoch == 1
             assert c.node(3).device_id not in desktop.state.device_list.ids
+
+    run(scenario)
+
+
+# ---- lazy gossip ---------------------------------------------------------------------
+
+
+def sessions_with(node: object, device: str) -> object:
+    return node._peers[device].session  # type: ignore[attr-defined]
+
+
+def test_in_a_full_mesh_only_the_author_sends_whole_envelopes() -> None:
+    """Receivers announce (have) instead of forwarding: each device gets each envelope
+    once, from its author, however many peers it has. (Without delivery receipts: each
+    device would author one of its own.)"""
+
+    async def scenario() -> None:
+        async with testing.cluster(4, receipts=False) as c:
+            await c.settle()
+            await trio.sleep(5)  # the first state-vector exchanges are over
+            author, *others = c.nodes
+            start = {
+                (n.device_id, p.device_id): sessions_with(n, p.device_id).stats.envelopes_in  # type: ignore[attr-defined]
+                for n in others
+                for p in c.nodes
+                if p is not n
+            }
+            for i in range(20):
+                await author.send(f"message {i}")
+            await c.settle()
+            await trio.sleep(5)  # any late want would have been answered by now
+            for node in others:
+                assert len(node.messages()) == 20
+                from_author = sessions_with(node, author.device_id)
+                before = start[(node.device_id, author.device_id)]
+                assert from_author.stats.envelopes_in > before  # type: ignore[attr-defined]
+                for peer in others:
+                    if peer is not node:
+                        lazy = sessions_with(node, peer.device_id)
+                        before = start[(node.device_id, peer.device_id)]
+                        assert lazy.stats.envelopes_in == before  # type: ignore[attr-defined]
+                        assert lazy.stats.haves_in >= 1  # type: ignore[attr-defined]
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "forgotten"])
+def test_an_envelope_travels_a_line_of_devices_by_have_and_want(
+    cached: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """phone - laptop - desktop, the desktop not connected to the phone: what the phone
+    writes reaches the desktop because the laptop announces it and the desktop asks.
+    If the laptop no longer holds the envelope, the unanswered want falls back to a
+    state vector, and the laptop sends the difference."""
+    import p2p.node
+    from p2p.node import open_node
+    from p2p.transport.memory import MemoryNetwork
+
+    if not cached:
+        monkeypatch.setattr(p2p.node, "RECENT_ENVELOPES", 0)
+
+    async def scenario() -> None:
+        stores = testing.provision_account(3)
+        network = MemoryNetwork()
+        names = ["phone", "laptop", "desktop"]
+        dials = {"phone": [], "laptop": ["phone"], "desktop": ["laptop"]}
+        async with contextlib.AsyncExitStack() as stack:
+            nodes = [
+                await stack.enter_async_context(
+                    open_node(
+                        store=store,
+                        transport=network.transport(name),
+                        peers=dials[name],
+                        wall_ms=testing.Cluster.wall_ms,
+                    )
+                )
+                for store, name in zip(stores, names, strict=True)
+            ]
+            phone, laptop, desktop = nodes
+            await wait_for(
+                lambda: laptop.connected_peers == sorted([phone.device_id, desktop.device_id])
+            )
+            assert phone.device_id not in desktop.connected_peers
+            sent = await phone.send("over two hops")
+            await wait_for(lambda: [m.id for m in desktop.messages()] == [sent])
+            via = sessions_with(desktop, laptop.device_id)
+            assert via.stats.haves_in >= 1  # type: ignore[attr-defined]
+            assert via.stats.envelopes_in >= 1  # type: ignore[attr-defined]
+            asked = sessions_with(laptop, desktop.device_id)
+            assert asked.stats.wants_in >= 1  # type: ignore[attr-defined]
+            repaired = asked.stats.catchup_bytes_out  # type: ignore[attr-defined]
+            assert (repaired > 0) is not cached  # the answer to a state vector
 
     run(scenario)

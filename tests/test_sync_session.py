@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import msgpack
 import pytest
 
 from p2p.core import NOTES, DeviceState, Ingested
@@ -19,6 +20,7 @@ from p2p.errors import (
     DecryptionFailed,
     DeviceListError,
     HandshakeFailed,
+    MalformedFrame,
     NotOurAccount,
     P2PError,
     ProtocolError,
@@ -38,11 +40,14 @@ from p2p.sync import (
     DeviceListIn,
     EnvelopeIn,
     GrantIn,
+    HaveIn,
     LeaseIn,
     Output,
     Send,
     Session,
     State,
+    WantIn,
+    digest,
 )
 from p2p.wire import decode_frame, encode_frame
 
@@ -132,6 +137,8 @@ class Peer:
     ingest_errors: list[P2PError] = field(default_factory=list)
     closed: list[Closed] = field(default_factory=list)
     sent: list[bytes] = field(default_factory=list)
+    haves_in: list[HaveIn] = field(default_factory=list)
+    wants_in: list[WantIn] = field(default_factory=list)
 
     @property
     def error(self) -> P2PError | None:
@@ -192,6 +199,10 @@ class Link:
                 src.leases_in.append(out.data)
             elif isinstance(out, Closed):
                 src.closed.append(out)
+            elif isinstance(out, HaveIn):
+                src.haves_in.append(out)
+            elif isinstance(out, WantIn):
+                src.wants_in.append(out)
             else:  # pragma: no cover
                 raise AssertionError(f"unexpected output {out!r}")
 
@@ -705,3 +716,104 @@ def test_tick_at_the_deadline_always_makes_progress() -> None:
         deadline = session.next_deadline()
         session.tick(deadline)
         assert session.state is State.CLOSED
+
+
+# ---- lazy gossip: have / want -------------------------------------------------------
+
+
+def test_have_and_want_carry_digests_and_the_envelope_follows() -> None:
+    """The sans-I/O half of lazy gossip: a have names envelopes, a want asks for them,
+    and the envelope sent in answer applies as any other."""
+    phone, (laptop,) = new_account("laptop")
+    link = Link(phone, laptop).connect()
+    link.run()
+    chat = notes(phone)
+    entry = phone.new_entry(chat, "msg", WALL, body="lazily gossiped")
+    update, _ = phone.write_local(chat, [entry])
+    envelope = phone.seal(chat, update)
+    names = [digest(envelope), digest(b"another")]
+    link.handle(link.a, link.a.session.send_have(chat, names))
+    link.run()
+    assert link.b.haves_in == [HaveIn(chat, names)]
+    link.handle(link.b, link.b.session.send_want(names[:1]))
+    link.run()
+    assert link.a.wants_in == [WantIn(names[:1])]
+    link.handle(link.a, link.a.session.send_envelope(envelope))
+    link.run()
+    assert [m.text for m in view(laptop, chat)] == ["lazily gossiped"]
+    assert link.a.session.state is link.b.session.state is State.OPEN
+
+
+def test_many_digests_travel_in_several_frames() -> None:
+    phone, (laptop,) = new_account("laptop")
+    link = Link(phone, laptop).connect()
+    link.run()
+    names = [digest(i.to_bytes(4, "big")) for i in range(600)]
+    link.handle(link.a, link.a.session.send_want(names))
+    link.run()
+    assert [len(w.digests) for w in link.b.wants_in] == [256, 256, 88]
+    assert [d for w in link.b.wants_in for d in w.digests] == names
+
+
+def test_have_about_a_space_the_peer_may_not_read_is_ignored() -> None:
+    phone, (laptop,) = new_account("laptop")
+    link = Link(phone, laptop).connect()
+    link.run()
+    link.handle(link.a, link.a.session.send_have("nosuchspace", [digest(b"x")]))
+    link.run()
+    assert link.b.haves_in == []
+    assert link.b.session.state is State.OPEN
+
+
+def _inject(link: Link, frame: dict[str, object]) -> None:
+    """Send a boxed frame from a to b that our own encoder would refuse to build."""
+    link.handle(link.a, [link.a.session._send_boxed(msgpack.packb(frame, use_bin_type=True))])
+    link.run()
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"t": "have", "s": "space", "h": b""},
+        {"t": "have", "s": "space", "h": b"x" * 15},
+        {"t": "want", "h": b"x" * 17},
+        {"t": "want", "h": b"x" * (16 * 257)},
+        {"t": "want", "h": "not bytes"},
+        {"t": "have", "h": b"x" * 16},
+        {"t": "want", "h": b"x" * 16, "s": "extra"},
+    ],
+    ids=["empty", "partial", "ragged", "too-many", "type", "missing", "extra"],
+)
+def test_malformed_have_or_want_closes_the_session(frame: dict[str, object]) -> None:
+    phone, (laptop,) = new_account("laptop")
+    link = Link(phone, laptop).connect()
+    link.run()
+    _inject(link, {"v": 1, **frame})
+    assert isinstance(link.b.error, ProtocolError | MalformedFrame)
+    assert link.b.haves_in == link.b.wants_in == []
+    assert link.b.session.state is State.CLOSED
+
+
+def test_have_or_want_before_authentication_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer whose first boxed frame is a want instead of its ident: refused."""
+    import p2p.sync
+
+    phone, (laptop,) = new_account("laptop")
+    link = Link(phone, laptop)
+    link.start()
+    hellos, link.in_flight = link.in_flight, []
+    to_a = next(data for dst, data in hellos if dst is link.a)
+    to_b = next(data for dst, data in hellos if dst is link.b)
+    real = p2p.sync.encode_frame
+
+    def want_instead_of_ident(kind: str, **fields: object) -> bytes:
+        return real("want", h=b"x" * 16) if kind == "ident" else real(kind, **fields)
+
+    monkeypatch.setattr(p2p.sync, "encode_frame", want_instead_of_ident)
+    link.deliver(link.a, to_a)  # a keys its box and sends a want where its ident goes
+    monkeypatch.setattr(p2p.sync, "encode_frame", real)
+    link.deliver(link.b, to_b)
+    link.run()
+    assert isinstance(link.b.error, HandshakeFailed)
+    assert link.b.wants_in == []
+    assert link.b.authenticated == []

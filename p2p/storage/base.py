@@ -10,6 +10,11 @@ What is stored:
   per-sender replay windows, the local envelope counter). Keys are ``/``-separated names.
 - *update logs*: per space, an append-only sequence of CRDT updates, numbered from 1,
   plus at most one snapshot that stands for every update up to a sequence number.
+- *the message index*: per space, one :class:`IndexRow` per key of the chat maps
+  (messages, edits, deletions, reactions), holding that key's current entry as checked
+  when it arrived (signature, account). It is written in the same batch as the update
+  that changed it, so a reader can show the newest messages without loading the CRDT
+  (``p2p.core.index_view``); the CRDT stays the truth it is derived from.
 
 A :class:`WriteBatch` is applied atomically and is durable when :meth:`Store.write`
 returns: that is what lets ``Node.send`` promise an acknowledged message survives a crash.
@@ -17,8 +22,44 @@ returns: that is what lets ``Node.send`` promise an acknowledged message survive
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
+
+INDEXED_MAPS: Final = ("m", "e", "x", "r")
+"""The chat maps the index mirrors (``p2p.model``): messages, edits, deletions, reactions."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class IndexRow:
+    """The current entry under one key of one chat map, as judged when it arrived.
+
+    ``reason`` is empty for an entry that passed every check (shown), else why it is
+    hidden ("bad signature", "wrong account", "malformed"). Hidden rows keep their
+    signature so they can be judged again when the device list grows; shown rows do not
+    need it and store ``sig=""``.
+    """
+
+    space: str
+    map: str
+    key: str
+    id: str = ""
+    kind: str = ""
+    account: str = ""
+    device: str = ""
+    ts: str = ""
+    target: str = ""
+    body: str = ""
+    sig: str = ""
+    reason: str = ""
+
+    def order(self) -> tuple[str, str, str]:
+        """Display order of a message row: (ts, device, id), as ``Message.sort_key``."""
+        return (self.ts, self.device, self.id)
+
+
+IndexKey = tuple[str, str, str]
+"""(space, map, key) of an :class:`IndexRow`."""
 
 
 @dataclass
@@ -31,9 +72,11 @@ class WriteBatch:
     """Record names to remove."""
     appends: list[tuple[str, bytes]] = field(default_factory=list)
     """(space id, CRDT update) pairs, appended in this order."""
+    index: dict[IndexKey, IndexRow | None] = field(default_factory=dict)
+    """Message-index rows to set (replacing the row of the same key), None to remove."""
 
     def __bool__(self) -> bool:
-        return bool(self.records or self.deletes or self.appends)
+        return bool(self.records or self.deletes or self.appends or self.index)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,6 +114,29 @@ class Store(Protocol):
 
     def load_space(self, space: str) -> SpaceLog:
         """The snapshot and the tail of updates of ``space`` (empty log if unknown)."""
+        ...
+
+    def log_seqs(self, space: str) -> tuple[int, int]:
+        """(snapshot seq, last seq) of ``space`` without reading any update (0, 0 if
+        unknown): what opening needs before it decides to load the CRDT at all."""
+        ...
+
+    def index_messages(
+        self, space: str, *, last: int | None = None, before: tuple[str, str, str] | None = None
+    ) -> list[IndexRow]:
+        """Shown message rows (map ``m``, kind ``msg``, no ``reason``) in display order.
+
+        All of them, or only those ordered before ``before`` (a ``(ts, device, id)``),
+        and of those the ``last`` ones. StoreCorrupt for a row that is not shaped right.
+        """
+        ...
+
+    def index_related(self, space: str, targets: Sequence[str] | None) -> list[IndexRow]:
+        """Shown edit, deletion and reaction rows about ``targets`` (None: about any)."""
+        ...
+
+    def index_rejected(self, space: str) -> list[IndexRow]:
+        """Hidden rows of ``space`` (any map), in key order."""
         ...
 
     def compact(self, space: str, snapshot: bytes, upto_seq: int) -> None:

@@ -13,11 +13,12 @@ nothing, and sharing the checks is what keeps the two adapters refusing the same
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from typing import Final
 
 from p2p.errors import StoreError
-from p2p.storage.base import SpaceLog, WriteBatch
+from p2p.storage.base import INDEXED_MAPS, IndexKey, IndexRow, SpaceLog, WriteBatch
 
 MAX_NAME: Final = 512
 """Longest record name or space id, in characters: names are keys, not payloads."""
@@ -65,6 +66,38 @@ def check_seq(seq: object, what: str = "sequence number") -> int:
     return seq
 
 
+INDEX_TEXT: Final = tuple(f.name for f in fields(IndexRow))
+"""The columns of an index row, all text, in the order SQLite stores them."""
+
+
+def check_index_row(key: object, row: object) -> tuple[IndexKey, IndexRow | None]:
+    """Return ``(key, row)`` if they make one index change, else raise StoreError.
+
+    ``key`` must be the row's own (space, map, key); every field is text.
+    """
+    if not (isinstance(key, tuple) and len(key) == 3 and all(isinstance(k, str) for k in key)):
+        raise StoreError(f"index key must be (space, map, key), not {key!r}")
+    space, map_name, name = key
+    check_name(space, "space id")
+    if map_name not in INDEXED_MAPS:
+        raise StoreError(f"index map must be one of {INDEXED_MAPS}, not {map_name!r}")
+    if row is None:
+        return (space, map_name, name), None
+    if not isinstance(row, IndexRow):
+        raise StoreError(f"index rows are IndexRow, not {type(row).__name__}")
+    if (row.space, row.map, row.key) != key:
+        raise StoreError(f"index row {row.space, row.map, row.key} filed under {key}")
+    for column in INDEX_TEXT:
+        value = getattr(row, column)
+        if not isinstance(value, str):
+            raise StoreError(f"index field {column} must be str, not {type(value).__name__}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise StoreError(f"index field {column} is not valid Unicode: {e.reason}") from None
+    return (space, map_name, name), row
+
+
 @dataclass(frozen=True)
 class CheckedBatch:
     """A :class:`WriteBatch` after validation: names checked, values copied.
@@ -76,6 +109,7 @@ class CheckedBatch:
     records: dict[str, bytes]
     deletes: list[str]
     appends: list[tuple[str, bytes]]
+    index: dict[IndexKey, IndexRow | None]
 
 
 def check_batch(batch: object) -> CheckedBatch:
@@ -96,7 +130,28 @@ def check_batch(batch: object) -> CheckedBatch:
         (check_name(space, "space id"), check_value(update, f"update for space {space!r}"))
         for space, update in list(batch.appends)
     ]
-    return CheckedBatch(records=records, deletes=deletes, appends=appends)
+    index = dict(check_index_row(key, row) for key, row in list(batch.index.items()))
+    return CheckedBatch(records=records, deletes=deletes, appends=appends, index=index)
+
+
+def shown_messages(
+    rows: Sequence[IndexRow], last: int | None, before: tuple[str, str, str] | None
+) -> list[IndexRow]:
+    """Of ``rows`` (one space's, any order), what ``Store.index_messages`` returns."""
+    if last is not None and (type(last) is not int or last < 0):
+        raise StoreError(f"last must be a non-negative int or None, not {last!r}")
+    picked = sorted(
+        (
+            r
+            for r in rows
+            if r.map == "m"
+            and r.kind == "msg"
+            and not r.reason
+            and (before is None or r.order() < before)
+        ),
+        key=IndexRow.order,
+    )
+    return picked if last is None else picked[max(0, len(picked) - last) :] if last else []
 
 
 def check_compact(snapshot_seq: int, last_seq: int, upto_seq: int, space: str) -> None:
@@ -137,6 +192,8 @@ class _State:
 
     records: dict[str, bytes] = field(default_factory=dict)
     spaces: dict[str, _Space] = field(default_factory=dict)
+    index: dict[str, dict[IndexKey, IndexRow]] = field(default_factory=dict)
+    """space -> its index rows by key."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -187,6 +244,12 @@ class MemoryStore:
                 state.records.pop(name, None)
             for space, update in checked.appends:
                 state.spaces.setdefault(space, _Space()).updates.append(update)
+            for key, row in checked.index.items():
+                rows = state.index.setdefault(key[0], {})
+                if row is None:
+                    rows.pop(key, None)
+                else:
+                    rows[key] = row
 
     def spaces(self) -> list[str]:
         """Ids of every space with a snapshot or at least one update, sorted."""
@@ -206,6 +269,41 @@ class MemoryStore:
                 updates=list(sp.updates),  # a copy: the caller may consume or extend it
                 last_seq=sp.last_seq,
             )
+
+    def log_seqs(self, space: str) -> tuple[int, int]:
+        """(snapshot seq, last seq) of ``space``, (0, 0) if unknown."""
+        check_name(space, "space id")
+        state = self._open_state()
+        with state.lock:
+            sp = state.spaces.get(space) or _Space()
+            return sp.snapshot_seq, sp.last_seq
+
+    def _index_rows(self, space: str) -> list[IndexRow]:
+        check_name(space, "space id")
+        state = self._open_state()
+        with state.lock:
+            return list(state.index.get(space, {}).values())
+
+    def index_messages(
+        self, space: str, *, last: int | None = None, before: tuple[str, str, str] | None = None
+    ) -> list[IndexRow]:
+        """Shown message rows in display order (the last ``last`` before ``before``)."""
+        return shown_messages(self._index_rows(space), last, before)
+
+    def index_related(self, space: str, targets: Sequence[str] | None) -> list[IndexRow]:
+        """Shown edit, deletion and reaction rows about ``targets`` (None: about any)."""
+        wanted = None if targets is None else set(targets)
+        return [
+            r
+            for r in self._index_rows(space)
+            if r.map != "m" and not r.reason and (wanted is None or r.target in wanted)
+        ]
+
+    def index_rejected(self, space: str) -> list[IndexRow]:
+        """Hidden rows of ``space``, in key order."""
+        return sorted(
+            (r for r in self._index_rows(space) if r.reason), key=lambda r: (r.map, r.key)
+        )
 
     def compact(self, space: str, snapshot: bytes, upto_seq: int) -> None:
         """Replace updates with seq <= ``upto_seq`` by ``snapshot``; later ones stay."""

@@ -5,9 +5,23 @@ Layout (schema version :data:`SCHEMA_VERSION`, kept in ``PRAGMA user_version``):
     records(name TEXT PRIMARY KEY, value BLOB)
     updates(space TEXT, seq INTEGER, data BLOB, PRIMARY KEY (space, seq)) WITHOUT ROWID
     snapshots(space TEXT PRIMARY KEY, seq INTEGER, data BLOB)
+    entries(space, map, key, id, kind, account, device, ts, target, body, sig, reason:
+            all TEXT, UNIQUE (space, map, key))          -- the message index
+    entries_shown  ON entries (space, map, reason, kind, ts, device, id)
+    entries_target ON entries (space, target)
+    entries_hidden ON entries (space, map, key) WHERE reason != ''
 
 ``updates`` is WITHOUT ROWID so that the rows of one space sit together in primary-key
 order: loading a space's tail is one range scan, with no sort and no second lookup.
+
+``entries`` is the message index (``p2p.storage.base.IndexRow``), written in the same
+transaction as the update that changed it. ``entries_shown`` serves "the last N messages
+before X" as one backward range scan in display order; ``entries_target`` finds the
+edits, deletions and reactions of the messages on a page; the partial index
+``entries_hidden`` lists hidden entries without reading the shown ones. Schema version 1
+(no index) is migrated on open: the table is created empty, and
+``p2p.core.DeviceState.load`` fills it for every space without an ``indexed/<space>``
+record.
 
 Durability: WAL journal, ``synchronous=FULL`` by default, and every ``write`` and
 ``compact`` is a single ``BEGIN IMMEDIATE ... COMMIT``. With FULL, SQLite syncs the WAL
@@ -27,16 +41,47 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Final
+from typing import Any, Final
 
 from p2p.errors import StoreCorrupt, StoreError
-from p2p.storage.base import SpaceLog, WriteBatch
-from p2p.storage.memory import check_batch, check_compact, check_name, check_seq, check_value
+from p2p.storage.base import INDEXED_MAPS, IndexRow, SpaceLog, WriteBatch
+from p2p.storage.memory import (
+    INDEX_TEXT,
+    check_batch,
+    check_compact,
+    check_name,
+    check_seq,
+    check_value,
+)
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 """Bump on any change to the tables below (and teach :class:`SqliteStore` to migrate)."""
+
+_INDEX_SCHEMA: Final = (
+    "CREATE TABLE entries (space TEXT NOT NULL, map TEXT NOT NULL, key TEXT NOT NULL,"
+    " id TEXT NOT NULL, kind TEXT NOT NULL, account TEXT NOT NULL, device TEXT NOT NULL,"
+    " ts TEXT NOT NULL, target TEXT NOT NULL, body TEXT NOT NULL, sig TEXT NOT NULL,"
+    " reason TEXT NOT NULL, UNIQUE (space, map, key))",
+    "CREATE INDEX entries_shown ON entries (space, map, reason, kind, ts, device, id)",
+    "CREATE INDEX entries_target ON entries (space, target)",
+    "CREATE INDEX entries_hidden ON entries (space, map, key) WHERE reason != ''",
+)
+"""Added by version 2 (see :meth:`SqliteStore._migrate`)."""
+_COLUMNS_V1: Final = {
+    "records": ["name", "value"],
+    "updates": ["space", "seq", "data"],
+    "snapshots": ["space", "seq", "data"],
+}
+_INDEX_COLUMNS: Final = ", ".join(INDEX_TEXT)
+_UPSERT_INDEX: Final = (
+    f"INSERT INTO entries ({_INDEX_COLUMNS}) VALUES ({', '.join('?' * len(INDEX_TEXT))})"
+    " ON CONFLICT (space, map, key) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in INDEX_TEXT[3:])
+)
+_RELATED_CHUNK: Final = 500
+"""Targets per ``index_related`` query (SQLite bounds the parameters of a statement)."""
 
 _SCHEMA: Final = (
     "CREATE TABLE records (name TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL)",
@@ -44,12 +89,9 @@ _SCHEMA: Final = (
     " PRIMARY KEY (space, seq)) WITHOUT ROWID",
     "CREATE TABLE snapshots (space TEXT PRIMARY KEY NOT NULL, seq INTEGER NOT NULL,"
     " data BLOB NOT NULL)",
+    *_INDEX_SCHEMA,
 )
-_COLUMNS: Final = {
-    "records": ["name", "value"],
-    "updates": ["space", "seq", "data"],
-    "snapshots": ["space", "seq", "data"],
-}
+_COLUMNS: Final = {**_COLUMNS_V1, "entries": list(INDEX_TEXT)}
 _SYNCHRONOUS: Final = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
 _BUSY_TIMEOUT: Final = 5.0
 """Seconds to wait for another connection's lock before giving up with StoreError."""
@@ -148,6 +190,8 @@ class SqliteStore:
             self._check_schema(conn, version)
             self._quick_check(conn)
             self._set_wal(conn)
+            if version == 1:
+                self._migrate(conn)
         conn.execute(f"PRAGMA synchronous = {synchronous}")  # one of _SYNCHRONOUS
 
     def _set_wal(self, conn: sqlite3.Connection) -> None:
@@ -170,8 +214,25 @@ class SqliteStore:
             raise
         self._check_schema(conn, conn.execute("PRAGMA user_version").fetchone()[0])
 
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Version 1 -> 2: add the (empty) message index, in one transaction.
+
+        ``DeviceState.load`` then builds each space's rows from its CRDT, once.
+        """
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if conn.execute("PRAGMA user_version").fetchone()[0] == 1:  # not raced
+                for statement in _INDEX_SCHEMA:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            self._rollback(conn)
+            raise
+        self._check_schema(conn, conn.execute("PRAGMA user_version").fetchone()[0])
+
     def _check_schema(self, conn: sqlite3.Connection, version: object) -> None:
-        if version != SCHEMA_VERSION:
+        if version not in (1, SCHEMA_VERSION):
             raise StoreCorrupt(
                 f"{self._path}: schema version {version!r}, expected {SCHEMA_VERSION}"
                 " (not a p2p store, or one written by another version of p2p)"
@@ -180,7 +241,7 @@ class SqliteStore:
             name: kind
             for kind, name in conn.execute("SELECT type, name FROM sqlite_master").fetchall()
         }
-        for table, columns in _COLUMNS.items():
+        for table, columns in (_COLUMNS if version == SCHEMA_VERSION else _COLUMNS_V1).items():
             if kinds.get(table) != "table":
                 raise StoreCorrupt(f"{self._path}: table {table!r} is missing")
             found = [row[1] for row in conn.execute(f"PRAGMA table_info({table})").fetchall()]
@@ -309,6 +370,19 @@ class SqliteStore:
                     last[space] += 1
                     rows.append((space, last[space], update))
                 conn.executemany("INSERT INTO updates (space, seq, data) VALUES (?, ?, ?)", rows)
+            if checked.index:  # same transaction: the index never disagrees with the log
+                gone = [key for key, row in checked.index.items() if row is None]
+                conn.executemany(
+                    "DELETE FROM entries WHERE space = ? AND map = ? AND key = ?", gone
+                )
+                conn.executemany(
+                    _UPSERT_INDEX,
+                    [
+                        tuple(getattr(row, c) for c in INDEX_TEXT)
+                        for row in checked.index.values()
+                        if row is not None
+                    ],
+                )
 
     def spaces(self) -> list[str]:
         """Ids of every space with a snapshot or at least one update, sorted."""
@@ -360,6 +434,82 @@ class SqliteStore:
             last_seq=last_seq,
         )
 
+    def log_seqs(self, space: str) -> tuple[int, int]:
+        """(snapshot seq, last seq) of ``space`` from the primary keys, no blob read."""
+        check_name(space, "space id")
+        with self._session("log_seqs") as conn:
+            row = conn.execute("SELECT seq FROM snapshots WHERE space = ?", (space,)).fetchone()
+            last_seq = self._last_seq(conn, space)
+        snapshot_seq = 0 if row is None else row[0]
+        if type(snapshot_seq) is not int or snapshot_seq < 0:
+            raise StoreCorrupt(f"{self._path}: space {space!r} has snapshot seq {snapshot_seq!r}")
+        return snapshot_seq, last_seq
+
+    def index_messages(
+        self, space: str, *, last: int | None = None, before: tuple[str, str, str] | None = None
+    ) -> list[IndexRow]:
+        """Shown message rows in display order (the last ``last`` before ``before``).
+
+        One range scan of ``entries_shown``, backwards from ``before`` when ``last`` is
+        given: the cost is the page, not the chat.
+        """
+        check_name(space, "space id")
+        if last is not None and (type(last) is not int or last < 0):
+            raise StoreError(f"last must be a non-negative int or None, not {last!r}")
+        where = "space = ? AND map = 'm' AND reason = '' AND kind = 'msg'"
+        params: list[Any] = [space]
+        if before is not None:
+            if not (
+                isinstance(before, tuple)
+                and len(before) == 3
+                and all(type(b) is str for b in before)
+            ):
+                raise StoreError(f"before must be a (ts, device, id) tuple, not {before!r}")
+            where += " AND (ts, device, id) < (?, ?, ?)"
+            params.extend(before)
+        sql = f"SELECT {_INDEX_COLUMNS} FROM entries WHERE {where}"
+        if last is None:
+            sql += " ORDER BY ts, device, id"
+        else:
+            sql += " ORDER BY ts DESC, device DESC, id DESC LIMIT ?"
+            params.append(last)
+        with self._session("index_messages") as conn:
+            rows = conn.execute(sql, params).fetchall()
+        if last is not None:
+            rows.reverse()
+        return [self._index_row(row) for row in rows]
+
+    def index_related(self, space: str, targets: Sequence[str] | None) -> list[IndexRow]:
+        """Shown edit, deletion and reaction rows about ``targets`` (None: about any)."""
+        check_name(space, "space id")
+        base = (
+            f"SELECT {_INDEX_COLUMNS} FROM entries WHERE space = ? AND map != 'm' AND reason = ''"
+        )
+        with self._session("index_related") as conn:
+            if targets is None:
+                rows = conn.execute(base, (space,)).fetchall()
+            else:
+                wanted = list(targets)
+                rows = []
+                for at in range(0, len(wanted), _RELATED_CHUNK):
+                    chunk = wanted[at : at + _RELATED_CHUNK]
+                    marks = ", ".join("?" * len(chunk))
+                    rows += conn.execute(
+                        f"{base} AND target IN ({marks})", (space, *chunk)
+                    ).fetchall()
+        return [self._index_row(row) for row in rows]
+
+    def index_rejected(self, space: str) -> list[IndexRow]:
+        """Hidden rows of ``space``, in key order."""
+        check_name(space, "space id")
+        with self._session("index_rejected") as conn:
+            rows = conn.execute(
+                f"SELECT {_INDEX_COLUMNS} FROM entries WHERE space = ? AND reason != ''"
+                " ORDER BY map, key",
+                (space,),
+            ).fetchall()
+        return [self._index_row(row) for row in rows]
+
     def compact(self, space: str, snapshot: bytes, upto_seq: int) -> None:
         """Replace updates with seq <= ``upto_seq`` by ``snapshot``, in one transaction.
 
@@ -410,6 +560,16 @@ class SqliteStore:
         if type(value) is not int:
             raise StoreCorrupt(f"{self._path}: space {space!r} has a non-integer seq {value!r}")
         return value
+
+    def _index_row(self, row: tuple[object, ...]) -> IndexRow:
+        """An index row read back; StoreCorrupt if the file was edited into nonsense."""
+        if len(row) != len(INDEX_TEXT) or not all(type(v) is str for v in row):
+            raise StoreCorrupt(
+                f"{self._path}: index row {row[:3]!r} holds values that are not text"
+            )
+        if row[1] not in INDEXED_MAPS:
+            raise StoreCorrupt(f"{self._path}: index row {row[:3]!r} names no chat map")
+        return IndexRow(**dict(zip(INDEX_TEXT, row, strict=True)))  # type: ignore[arg-type]
 
     def _blob(self, value: object, what: str) -> bytes:
         """``value`` if SQLite handed back bytes; text or numbers mean the file was edited."""

@@ -1,0 +1,472 @@
+"""The message index shows exactly what the CRDT view shows.
+
+Readers are served from the store's message index (``Store.index_*`` and
+``p2p.core.index_view``) instead of the pycrdt document. These tests drive several
+devices of one account through random histories (messages, edits, deletions, reactions,
+concurrent writes, out-of-order delivery, forged entries) with the sans-I/O
+``DeviceState``, write every batch to a real SQLite store and to a memory store, and
+compare the index-based view, whole and paged, with ``Replica.view`` over the CRDT.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import p2p
+from p2p.core import NOTES, DeviceState, index_view
+from p2p.errors import ReplayDetected, StoreCorrupt, StoreError
+from p2p.identity import DeviceKeys
+from p2p.model import Message
+from p2p.storage import MemoryStore, SqliteStore, Store, WriteBatch
+from p2p.storage.base import IndexRow
+
+WALL = 1_767_225_600_000
+
+
+class Device:
+    """One device's state and the stores its batches go to (SQLite and memory)."""
+
+    def __init__(self, state: DeviceState, stores: list[Store]) -> None:
+        self.state = state
+        self.stores = stores
+        self.sent: list[bytes] = []
+        self.seen: set[tuple[int, int]] = set()
+
+    def commit(self, batch: WriteBatch) -> None:
+        for store in self.stores:
+            store.write(batch)
+
+
+def account(n: int, folder: Path) -> list[Device]:
+    """A primary and ``n - 1`` companions that all hold the final device list."""
+    phone, batch = DeviceState.create_account("phone")
+    states, batches = [phone], [batch]
+    for i in range(1, n):
+        keys = DeviceKeys.generate()
+        bundle, primary_batch = phone.enroll(keys, f"companion {i}")
+        batches[0] = p2p.core.merge_batches([batches[0], primary_batch])
+        state, batch = DeviceState.from_enrollment(keys, f"companion {i}", bundle)
+        states.append(state)
+        batches.append(batch)
+    devices = []
+    for i, (state, batch) in enumerate(zip(states, batches, strict=True)):
+        newer = state.offer_device_list(phone.device_list.encode())
+        device = Device(state, [SqliteStore(folder / f"{i}.db"), MemoryStore()])
+        device.commit(p2p.core.merge_batches([batch, newer or WriteBatch()]))
+        devices.append(device)
+    return devices
+
+
+def chat(device: Device) -> str:
+    return device.state.chat_by_name(NOTES).id
+
+
+def crdt_view(device: Device) -> tuple[list[Message], set[tuple[str, str]]]:
+    state = device.state
+    shown, rejected = state.space(chat(device)).replica.view(
+        state.any_signing_key, state.account_of
+    )
+    return shown, {(r.entry_id, r.reason) for r in rejected}
+
+
+def assert_index_matches(device: Device) -> None:
+    """Every store's index gives the CRDT's view: whole, in pages, and what is hidden."""
+    space = chat(device)
+    expected, hidden = crdt_view(device)
+    for store in device.stores:
+        rows = store.index_messages(space)
+        assert index_view(space, rows, store.index_related(space, None)) == expected
+        for last in (0, 1, 3, 8):
+            page = store.index_messages(space, last=last)
+            related = store.index_related(space, [r.id for r in page])
+            assert index_view(space, page, related) == expected[max(0, len(expected) - last) :]
+        for cut in range(0, len(expected), 3):
+            before = expected[cut].sort_key()
+            page = store.index_messages(space, last=2, before=before)
+            related = store.index_related(space, [r.id for r in page])
+            assert index_view(space, page, related) == expected[max(0, cut - 2) : cut]
+        stored_hidden = {(r.id or r.key, r.reason) for r in store.index_rejected(space)}
+        assert stored_hidden == hidden
+
+
+def write(device: Device, kind: str, target: str, body: str, wall: int) -> None:
+    state = device.state
+    entry = state.new_entry(chat(device), kind, wall, body=body, target=target)  # type: ignore[arg-type]
+    update, batch = state.write_local(chat(device), [entry])
+    device.commit(batch)
+    device.sent.append(state.seal(chat(device), update))
+
+
+def forge(device: Device, how: str, target: str, wall: int) -> None:
+    """A member writes an entry readers must hide: a tampered body, or one signed by a
+    device of another account."""
+    state = device.state
+    if how == "tampered":
+        entry = replace(state.new_entry(chat(device), "msg", wall, body="real"), body="forged")
+    else:
+        stranger, _ = DeviceState.create_account("stranger")
+        entry = replace(
+            stranger.new_entry(chat(device), "react", wall, body="x", target=target),
+            account=state.account_id,  # claims our account; its device is unknown to us
+        )
+    update, batch = state.write_local(chat(device), [entry])  # trusted by the forger alone
+    device.commit(batch)
+    device.sent.append(state.seal(chat(device), update))
+
+
+def deliver(src: Device, dst: Device, src_index: int, which: list[int]) -> None:
+    for i in which:
+        if i >= len(src.sent) or (src_index, i) in dst.seen:
+            continue
+        dst.seen.add((src_index, i))
+        try:
+            ingested = dst.state.ingest(src.sent[i])
+        except ReplayDetected:
+            continue
+        dst.commit(ingested.batch)
+
+
+OPS = st.one_of(
+    st.tuples(
+        st.just("write"),
+        st.integers(0, 2),
+        st.sampled_from(["msg", "msg", "msg", "edit", "del", "react", "react"]),
+        st.integers(0, 30),
+        st.sampled_from(["", "👍", "❤", "hello", "edited text"]),
+    ),
+    st.tuples(st.just("forge"), st.integers(0, 2), st.sampled_from(["tampered", "stranger"])),
+    st.tuples(
+        st.just("deliver"),
+        st.integers(0, 2),
+        st.integers(0, 2),
+        st.lists(st.integers(0, 40), max_size=8),
+    ),
+)
+
+
+@settings(
+    max_examples=120,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(ops=st.lists(OPS, min_size=3, max_size=45), finish=st.booleans())
+def test_index_view_equals_crdt_view_on_random_histories(
+    ops: list[tuple[object, ...]], finish: bool
+) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        devices = account(3, Path(folder))
+        try:
+            for step, op in enumerate(ops):
+                wall = WALL + step * 7
+                if op[0] == "write":
+                    _, d, kind, pick, body = op
+                    device = devices[int(d)]  # type: ignore[call-overload]
+                    shown, _ = crdt_view(device)
+                    ids = [m.id for m in shown] or ["0" * 20]
+                    if kind == "msg":
+                        write(device, "msg", "", f"message {step}", wall)
+                    else:
+                        target = ids[int(pick) % len(ids)]  # type: ignore[call-overload]
+                        write(device, str(kind), target, str(body), wall)
+                elif op[0] == "forge":
+                    _, d, how = op
+                    device = devices[int(d)]  # type: ignore[call-overload]
+                    shown, _ = crdt_view(device)
+                    forge(device, str(how), shown[0].id if shown else "0" * 20, wall)
+                else:
+                    _, s, d, which = op
+                    src, dst = int(s), int(d)  # type: ignore[call-overload]
+                    if src != dst:
+                        deliver(devices[src], devices[dst], src, list(which))  # type: ignore[call-overload]
+            if finish:  # everything everywhere, in a shuffled order
+                rng = random.Random(len(ops))
+                pairs = [(s, d) for s in range(3) for d in range(3) if s != d]
+                rng.shuffle(pairs)
+                for s, d in pairs:
+                    order = list(range(len(devices[s].sent)))
+                    rng.shuffle(order)
+                    deliver(devices[s], devices[d], s, order)
+            for device in devices:
+                assert_index_matches(device)
+            if finish and not any(op[0] == "forge" for op in ops):  # a forger trusts itself
+                views = [crdt_view(device)[0] for device in devices]
+                assert views[0] == views[1] == views[2]
+        finally:
+            for device in devices:
+                for store in device.stores:
+                    store.close()
+
+
+def test_entries_of_a_device_learned_later_are_shown_after_the_list_grows(
+    tmp_path: Path,
+) -> None:
+    """A companion that does not know a newer device yet hides its entries (it cannot
+    check them); once the newer list arrives they pass, in the index as in the CRDT."""
+    phone, _ = DeviceState.create_account("phone")
+    keys = DeviceKeys.generate()
+    bundle, _ = phone.enroll(keys, "laptop")
+    laptop_state, laptop_batch = DeviceState.from_enrollment(keys, "laptop", bundle)
+    laptop = Device(laptop_state, [SqliteStore(tmp_path / "l.db"), MemoryStore()])
+    laptop.commit(laptop_batch)
+    tablet_keys = DeviceKeys.generate()
+    tablet_bundle, _ = phone.enroll(tablet_keys, "tablet")  # the laptop's list lacks it
+    tablet_state, _ = DeviceState.from_enrollment(tablet_keys, "tablet", tablet_bundle)
+    tablet = Device(tablet_state, [MemoryStore()])
+    write(tablet, "msg", "", "from the tablet", WALL)
+    phone_space = phone.chat_by_name(NOTES).id
+    phone.ingest(tablet.sent[0])
+    # the phone passes on what it holds, sealed by itself: the laptop knows the phone
+    relayed = phone.seal(
+        phone_space, phone.diff(phone_space, laptop_state.state_vector(phone_space))
+    )
+    ingested = laptop_state.ingest(relayed)
+    laptop.commit(ingested.batch)
+    assert [r.reason for r in ingested.rejected] == ["bad signature"]
+    assert crdt_view(laptop)[0] == []
+    assert_index_matches(laptop)
+
+    laptop.commit(laptop_state.offer_device_list(phone.device_list.encode()) or WriteBatch())
+    for store in laptop.stores:
+        laptop.commit(laptop_state.recheck(phone_space, store.index_rejected(phone_space)))
+    assert [m.text for m in crdt_view(laptop)[0]] == ["from the tablet"]
+    assert_index_matches(laptop)
+    for store in laptop.stores:
+        store.close()
+
+
+# ---- the node reads the index; the CRDT loads when needed ----------------------------
+
+
+def test_open_node_reads_the_last_messages_without_loading_the_crdt(tmp_path: Path) -> None:
+    home = tmp_path / "phone"
+    p2p.init_account(home, "phone")
+
+    async def fill() -> list[Message]:
+        async with p2p.open_node(home) as node:
+            ids = [await node.send(f"message {i}") for i in range(30)]
+            await node.edit(ids[27], "edited")
+            await node.delete(ids[28])
+            await node.react(ids[29], "👍")
+            return node.messages()
+
+    written = trio.run(fill)
+
+    async def reopen() -> None:
+        async with p2p.open_node(home) as node:
+            space = node.state.space(node.default_chat())
+            last = node.messages(last=5)
+            older = node.messages(last=5, before=last[0])
+            assert not space.replica.loaded  # served from the index alone
+            assert last == written[-5:]
+            assert older == written[-10:-5]
+            assert [m.text for m in last[-3:]] == ["edited", "", "message 29"]
+            assert last[-2].deleted
+            assert last[-1].reactions == {node.account_id: "👍"}
+            assert node.messages() == written
+            assert node.status()["spaces"][1]["loaded"] is False
+            await node.send("one more")  # a write needs the document: it loads now
+            assert space.replica.loaded
+            assert [m.text for m in node.messages(last=2)] == ["message 29", "one more"]
+
+    trio.run(reopen)
+
+
+def test_store_without_index_is_migrated_on_open(tmp_path: Path) -> None:
+    """A store written before the index existed (schema 1) opens: the index is built
+    from the CRDT once, and the view is the same."""
+    home = tmp_path / "phone"
+    p2p.init_account(home, "phone")
+
+    async def fill() -> list[Message]:
+        async with p2p.open_node(home) as node:
+            ids = [await node.send(f"message {i}") for i in range(12)]
+            await node.edit(ids[3], "edited")
+            await node.delete(ids[4])
+            return node.messages()
+
+    written = trio.run(fill)
+    conn = sqlite3.connect(home / "p2p.db")
+    try:  # back to schema version 1: no index table, no markers
+        conn.execute("DROP TABLE entries")
+        conn.execute("DELETE FROM records WHERE name LIKE 'indexed/%'")
+        conn.execute("PRAGMA user_version = 1")
+        conn.commit()
+    finally:
+        conn.close()
+
+    async def reopen() -> list[Message]:
+        async with p2p.open_node(home) as node:
+            return node.messages()
+
+    assert trio.run(reopen) == written
+    conn = sqlite3.connect(home / "p2p.db")
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("SELECT count(*) FROM entries WHERE map = 'm'").fetchone()[0] == 12
+    finally:
+        conn.close()
+    assert trio.run(reopen) == written  # and the next open reads the built index
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE entries SET ts = 'yesterday' WHERE map = 'm'",
+        "UPDATE entries SET body = x'00ff' WHERE map = 'm'",
+        "UPDATE entries SET map = 'q' WHERE map = 'm'",
+        "UPDATE entries SET kind = 'bogus', map = 'e', target = id WHERE map = 'm'",
+    ],
+    ids=["ts", "blob", "map", "kind"],
+)
+def test_corrupt_index_rows_are_a_typed_error(tmp_path: Path, statement: str) -> None:
+    home = tmp_path / "phone"
+    p2p.init_account(home, "phone")
+
+    async def send() -> None:
+        async with p2p.open_node(home) as node:
+            message = await node.send("hello")
+            await node.react(message, "👍")
+
+    trio.run(send)
+    conn = sqlite3.connect(home / "p2p.db")
+    try:
+        conn.execute(statement)
+        conn.commit()
+    finally:
+        conn.close()
+
+    async def read() -> None:
+        async with p2p.open_node(home) as node:
+            node.messages()
+
+    with pytest.raises(StoreCorrupt):
+        trio.run(read)
+
+
+# ---- the storage side, both adapters -------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    return MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "p2p.db")
+
+
+def row(key: str, ts: str, *, map_name: str = "m", kind: str = "msg", target: str = "") -> IndexRow:
+    return IndexRow(
+        space="s",
+        map=map_name,
+        key=key,
+        id=key,
+        kind=kind,
+        account="a",
+        device="d",
+        ts=ts,
+        target=target,
+    )
+
+
+def test_index_rows_replace_remove_and_page(store: Store) -> None:
+    rows = [row(f"id{i}", f"{1000 + i}.000000") for i in range(6)]
+    store.write(WriteBatch(index={("s", "m", r.key): r for r in rows}))
+    store.write(
+        WriteBatch(
+            index={
+                ("s", "m", "id2"): None,
+                ("s", "m", "id3"): replace(rows[3], reason="bad signature", sig="x"),
+                ("s", "e", "ed"): row("ed", "2000.000000", map_name="e", kind="edit", target="id4"),
+            }
+        )
+    )
+    assert [r.key for r in store.index_messages("s")] == ["id0", "id1", "id4", "id5"]
+    assert [r.key for r in store.index_messages("s", last=2)] == ["id4", "id5"]
+    assert [r.key for r in store.index_messages("s", last=2, before=rows[4].order())] == [
+        "id0",
+        "id1",
+    ]
+    assert [r.key for r in store.index_related("s", ["id4"])] == ["ed"]
+    assert store.index_related("s", ["id5"]) == []
+    assert [(r.key, r.sig) for r in store.index_rejected("s")] == [("id3", "x")]
+    assert store.index_messages("other") == []
+    store.close()
+
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        {("s", "m", "k"): IndexRow(space="s", map="m", key="other")},
+        {("s", "z", "k"): None},
+        {("s", "m"): None},
+        {("s", "m", "k"): "not a row"},
+        {("s", "m", "k"): IndexRow(space="s", map="m", key="k", body=7)},  # type: ignore[arg-type]
+        {("s", "m", "k"): IndexRow(space="s", map="m", key="k", body="\udc80")},
+    ],
+    ids=["misfiled", "map", "short-key", "type", "field-type", "surrogate"],
+)
+def test_bad_index_changes_are_refused_and_apply_nothing(
+    store: Store, index: dict[object, object]
+) -> None:
+    with pytest.raises(StoreError):
+        store.write(WriteBatch(records={"r": b"v"}, index=index))  # type: ignore[arg-type]
+    assert store.get("r") is None
+    store.close()
+
+
+def test_bad_paging_arguments_are_refused(store: Store) -> None:
+    with pytest.raises(StoreError):
+        store.index_messages("s", last=-1)
+    with pytest.raises(StoreError):
+        store.index_messages("s", last=True)
+    store.close()
+
+
+def test_hidden_rows_are_reported_once_by_the_node(tmp_path: Path) -> None:
+    """A hidden entry stored earlier is reported as EntryRejected on the first read."""
+    home = tmp_path / "phone"
+    state = p2p.init_account(home, "phone")
+    space = state.chat_by_name(NOTES).id
+    from p2p.home import create_store
+
+    store = create_store(home)
+    try:
+        store.write(
+            WriteBatch(
+                index={
+                    (space, "m", "k1"): IndexRow(
+                        space=space,
+                        map="m",
+                        key="k1",
+                        id="k1",
+                        device="dev",
+                        reason="bad signature",
+                    )
+                }
+            )
+        )
+    finally:
+        store.close()
+
+    async def read() -> list[object]:
+        async with p2p.open_node(home) as node:
+            with node.events() as events:
+                node.messages()
+                node.messages()
+                got = []
+                while True:
+                    try:
+                        got.append(events.receive_nowait())
+                    except trio.WouldBlock:
+                        return got
+
+    [event] = trio.run(read)
+    assert isinstance(event, p2p.EntryRejected)
+    assert (event.entry_id, event.reason) == ("k1", "bad signature")
