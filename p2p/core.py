@@ -25,6 +25,7 @@ from p2p.clock import HybridClock
 from p2p.errors import (
     ContactError,
     DeviceListError,
+    GrantFromNonMember,
     GrantRefused,
     NotInitialized,
     RemovedDevice,
@@ -353,14 +354,19 @@ class DeviceState:
         state = cls(keys=keys, name=name, device_list=device_list)
         state.lease = bundle.lease
         batches = [state._identity_batch(), WriteBatch(records={"device/lease": bundle.lease})]
+        applied = []
         for space_id, kind, space_name, epoch, space_keys, update in bundle.spaces:
             if kind not in ("account", "chat"):
                 raise DeviceListError(f"enrollment names an unknown space kind {kind!r}")
             batches.append(
                 state.add_space(space_id, kind, space_name, epoch=epoch, keys=space_keys)  # type: ignore[arg-type]
             )
-            changed = state.spaces[space_id].replica.apply(update).changed
-            index, _rejected = state._index(space_id, changed)
+            applied.append((space_id, update, state.spaces[space_id].replica.apply(update)))
+        # our contacts came with the history: follow them before judging entries, so that
+        # theirs in our conversations verify
+        batches.append(state.learn_contacts())
+        for space_id, update, result in applied:
+            index, _rejected = state._index(space_id, result.changed)
             batches.append(WriteBatch(appends=[(space_id, update)], index=index))
         return state, merge_batches(batches)
 
@@ -845,6 +851,8 @@ class DeviceState:
                 return keyed or None
         self.accounts[kept.account_id] = kept
         self._client_owners = None
+        for space in self.spaces.values():  # its new devices' entries may verify now
+            space.replica.forget_failures()
         keyed.records[f"peer/{kept.account_id}"] = kept.encode()
         return keyed
 
@@ -945,7 +953,7 @@ class DeviceState:
             )
             return granted.space, True, merge_batches(batches)
         if space.kind != "chat" or sealed.account not in space.members:
-            raise GrantRefused(f"grant of {space.id} from a non-member account")
+            raise GrantFromNonMember(f"grant of {space.id} from a non-member account")
         news = False
         for epoch, key in granted.keys.items():
             if epoch not in space.keys:
@@ -975,6 +983,19 @@ class DeviceState:
             except (WireError, ValueError, TypeError):
                 continue
         return book
+
+    def learn_contacts(self) -> WriteBatch:
+        """Follow every account of our contact book (the account space): what another
+        of our devices added, or what a newly linked device finds in its history."""
+        batches = []
+        for _account_id, (_name, listed, key) in self.contact_entries().items():
+            try:
+                batch = self.follow(listed, trusted=True, contact_key=key)
+            except (DeviceListError, ContactError, WireError):
+                continue  # older than what we follow already, or broken: keep ours
+            if batch is not None:
+                batches.append(batch)
+        return merge_batches(batches)
 
     def contact_entry(
         self, name: str, device_list: bytes, key: bytes, wall_ms: int

@@ -96,6 +96,12 @@ class GrantRefused(CryptoError):
     account we do not trust for that space."""
 
 
+class GrantFromNonMember(GrantRefused):
+    """A grant for a space we hold, from an account that is not (yet) a member of it in
+    our eyes: ignored, not an attack by itself (a device linked after a conversation
+    began learns its members from its own account's devices first)."""
+
+
 class LeaseExpired(CryptoError):
     """A companion whose lease from the primary ran out (or that never had one)."""
 

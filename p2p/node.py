@@ -37,6 +37,7 @@ from p2p.core import Delivery, DeviceState, Ingested, Space, index_view, merge_b
 from p2p.discovery.base import Discovery, Found, Source, StaticPeers
 from p2p.errors import (
     ContactError,
+    GrantFromNonMember,
     NodeError,
     P2PError,
     RemovedDevice,
@@ -963,6 +964,7 @@ class Node:
                 self._carry_out(peer, peer.session.close(RemovedDevice(device)))
         for relay in self.relays:
             relay.update_watch()
+        self._nursery.start_soon(self._recheck_hidden)  # its devices' entries may pass now
         log.info("account %s: device list version %d", account, dl.version)
         self._emit(
             ev.DeviceListChanged(
@@ -979,6 +981,9 @@ class Node:
         lists_before = (self.state.device_list, dict(self.state.accounts))
         try:
             space_id, news, batch = self.state.accept_grant(data)
+        except GrantFromNonMember as exc:
+            log.info("ignored a grant: %s", exc)  # we learn the members from our own
+            return None
         except P2PError as exc:
             log.warning("refused a grant: %s", exc)
             self._emit(
@@ -1029,8 +1034,8 @@ class Node:
                 self._post_mail(device, grant)
 
     async def _recheck_hidden(self) -> None:
-        """After new devices joined the list: entries hidden because their device was
-        unknown may pass now (the CRDT view judges them again too)."""
+        """After new devices joined our list or one we follow: entries hidden because
+        their device was unknown may pass now (the CRDT view judges them again too)."""
         for space_id in list(self.state.spaces):
             hidden = await self._run_store(self.store.index_rejected, space_id)
             batch = self.state.recheck(space_id, hidden)
@@ -1097,16 +1102,9 @@ class Node:
     def _learn_contacts(self) -> None:
         """Follow the accounts our other devices added to the contact book."""
         lists_before = (self.state.device_list, dict(self.state.accounts))
-        batches = []
-        for _account_id, (_name, listed, key) in self.state.contact_entries().items():
-            try:
-                batch = self.state.follow(listed, trusted=True, contact_key=key)
-            except P2PError:
-                continue  # older than what we follow already, or broken: keep ours
-            if batch is not None:
-                batches.append(batch)
-        if batches:
-            self._queue_write(merge_batches(batches))
+        batch = self.state.learn_contacts()
+        if batch:
+            self._queue_write(batch)
             self._announce_lists(*lists_before)
 
     async def create_chat(self, name: str, *, with_: Sequence[str] = ()) -> str:

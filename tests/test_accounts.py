@@ -22,6 +22,7 @@ from p2p.contacts import ContactCode, MalformedContactCode
 from p2p.core import DeviceState
 from p2p.errors import (
     ContactError,
+    GrantFromNonMember,
     GrantRefused,
     InvalidUpdate,
     NodeError,
@@ -31,6 +32,7 @@ from p2p.errors import (
     UnknownKey,
 )
 from p2p.grants import is_grant, parse_grant
+from p2p.identity import DeviceKeys
 from p2p.model import Entry
 from p2p.node import Node, open_node
 from p2p.testing import Cluster, provision_account
@@ -40,13 +42,18 @@ from tests.test_sync_session import WALL, Link, new_account, notes, view, write
 
 
 def befriend(*groups: list[DeviceState]) -> None:
-    """Every device of every account follows every other account (contact codes)."""
+    """Every account's primary adds every other's contact code to its contact book
+    (the account space), and every device follows those accounts (as its node would
+    once the account space reached it)."""
     for group in groups:
+        primary = group[0]
         for other in groups:
             if other is not group:
+                key, listed = other[0].contact_key(), other[0].device_list.encode()
+                space, entry = primary.contact_entry("friend", listed, key, WALL)
+                primary.write_local(space, [entry])
                 for state in group:
-                    key = other[0].contact_key()
-                    state.follow(other[0].device_list.encode(), trusted=True, contact_key=key)
+                    state.follow(listed, trusted=True, contact_key=key)
 
 
 def two_accounts() -> tuple[list[DeviceState], list[DeviceState]]:
@@ -425,3 +432,31 @@ def test_catch_up_for_another_account_carries_only_our_accounts_structs() -> Non
     assert [m.text for m in view(b_tablet, chat)] == ["from A 0", "from A 1"]
     Link(b_phone, b_tablet).connect().run()
     assert len(view(b_tablet, chat)) == 4
+
+
+def test_a_device_linked_later_by_a_member_joins_its_conversations() -> None:
+    """B links a desktop after the conversation began: A follows B's newer list when it
+    meets B's phone. The desktop's enrollment holds the conversation as B's alone, so a
+    grant from A is ignored (not an error) until B's phone tells it the members; from
+    then on A's devices grant and sync it like any member device."""
+    [a_phone, _], [b_phone, _] = two_accounts()
+    chat = conversation(a_phone, b_phone)
+    write(a_phone, chat, 2, "from A")
+    Link(a_phone, b_phone).connect().run()
+    keys = DeviceKeys.generate()
+    bundle, _ = b_phone.enroll(keys, "desktop")
+    b_desktop, _ = DeviceState.from_enrollment(keys, "desktop", bundle)
+    assert not b_desktop.space(chat).shared  # the enrollment knows nothing of A
+    Link(a_phone, b_phone).connect().run()  # A follows B's list with the desktop on it
+    assert b_desktop.device_id in a_phone.accounts[b_phone.account_id].ids
+    early = Link(a_phone, b_desktop).connect()
+    early.run()
+    assert [type(e) for e in early.b.grant_errors] == [GrantFromNonMember]
+    assert not b_desktop.space(chat).shared
+    Link(b_phone, b_desktop).connect().run()
+    link = Link(a_phone, b_desktop).connect()
+    link.run()
+    assert link.b.grant_errors == []
+    assert set(b_desktop.space(chat).members) == {a_phone.account_id, b_phone.account_id}
+    assert [m.text for m in view(b_desktop, chat)] == ["from A 0", "from A 1"]
+    assert a_phone.readers_of(chat) >= {b_desktop.device_id}
