@@ -28,10 +28,21 @@ def p2p(
     return done
 
 
-def log(home: Path, chat: str | None = None) -> list[dict[str, Any]]:
+DELIVERY_FIELDS = ("status", "delivered_to", "read_by")
+"""Fields of ``p2p log --json`` that say where a message has got to: they differ from
+device to device (receipts trail the messages), unlike the history itself."""
+
+
+def log(home: Path, chat: str | None = None, *, delivery: bool = False) -> list[dict[str, Any]]:
+    """``p2p log --json``: the history (with ``delivery``, also each message's state)."""
     args = ["log", "--json"] + (["--chat", chat] if chat else [])
     out = p2p(home, *args).stdout
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
+    messages = [json.loads(line) for line in out.splitlines() if line.strip()]
+    if not delivery:
+        for m in messages:
+            for name in DELIVERY_FIELDS:
+                m.pop(name, None)
+    return messages
 
 
 class Node:

@@ -107,6 +107,19 @@ def test_two_accounts_converge_through_the_relay_and_an_unlink_rotates_the_key(
         assert authors["hello from B's tablet"] == contacts[0]["id"]
         assert authors["laptop, phone off"] == ask(a_phone, "status")["status"]["account"]
 
+        # delivery state, as `p2p log` shows it: delivered to all four, then read by B
+        def state_of(home: Path, text: str) -> dict[str, Any]:
+            return next(m for m in ask(home, "log", chat=chat)["messages"] if m["text"] == text)
+
+        wait_until(
+            lambda: state_of(a_laptop, "laptop, phone off")["status"] == "delivered", timeout=60
+        )
+        assert len(state_of(a_laptop, "laptop, phone off")["delivered_to"]) == 3
+        p2p(b_phone, "log", "--chat", chat, "--mark-read")
+        wait_until(lambda: state_of(a_laptop, "laptop, phone off")["status"] == "read", timeout=60)
+        shown = p2p(a_laptop, "log", "--chat", chat).stdout
+        assert "laptop, phone off  [read]" in shown
+
         # B unlinks its tablet: A's devices take the new epoch on their own
         p2p(b_phone, "unlink", tablet_id)
         for home in (a_phone, a_laptop, b_phone):

@@ -72,9 +72,7 @@ def chat(device: Device) -> str:
 
 def crdt_view(device: Device) -> tuple[list[Message], set[tuple[str, str]]]:
     state = device.state
-    shown, rejected = state.space(chat(device)).replica.view(
-        state.any_signing_key, state.account_of
-    )
+    shown, rejected = state.space(chat(device)).replica.view(state.any_signing_key, state.belongs)
     return shown, {(r.entry_id, r.reason) for r in rejected}
 
 
