@@ -402,6 +402,13 @@ def cmd_chat_new(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat_add(args: argparse.Namespace) -> int:
+    _call(args, {"op": "chat_add", "chat": args.chat, "with": args.with_})
+    if args.json:
+        print(json.dumps({"chat": args.chat, "added": args.with_}))
+    return 0
+
+
 def cmd_chat_leave(args: argparse.Namespace) -> int:
     _call(args, {"op": "chat_leave", "chat": args.chat})
     if args.json:
@@ -468,6 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--home", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--with", dest="with_", nargs="+", required=True, help="contact ids or names")
     p.add_argument("--name", help="the conversation's name (default: the contacts')")
+    p = chat_sub.add_parser("add", help="add contacts to a conversation")
+    p.set_defaults(handler=cmd_chat_add)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--home", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("chat", help="chat id or name")
+    p.add_argument("--with", dest="with_", nargs="+", required=True, help="contact ids or names")
     p = chat_sub.add_parser("leave", help="leave a conversation (its key rotates without us)")
     p.set_defaults(handler=cmd_chat_leave)
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -12,6 +12,7 @@ request per connection, one JSON reply, both a single line of at most
     {"op": "contacts"}                              -> {"ok": true, "contacts": [...]}
     {"op": "chat_new", "name": "...", "with": [...]} -> {"ok": true, "chat": "..."}
     {"op": "chats"}                                 -> {"ok": true, "chats": [...]}
+    {"op": "chat_add", "chat": "...", "with": [...]} -> {"ok": true}
     {"op": "chat_leave", "chat": "..."}             -> {"ok": true}
 
 A failed request gets ``{"ok": false, "error": "<ErrorClass>", "message": "..."}``.
@@ -127,6 +128,16 @@ async def _handle(node: Node, request: object, ask: Ask) -> dict[str, Any]:
         if not isinstance(name, str):
             raise ControlError("'name' must be a string")
         return {"chat": await node.create_chat(name, with_=members)}
+    if op == "chat_add":
+        members = request.get("with")
+        if (
+            chat is None
+            or not isinstance(members, list)
+            or not all(isinstance(m, str) for m in members)
+        ):
+            raise ControlError("'chat' must be a string, 'with' a list of strings")
+        await node.add_to_chat(chat, with_=members)
+        return {}
     if op == "chat_leave":
         if chat is None:
             raise ControlError("'chat' must be a string")

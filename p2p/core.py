@@ -960,13 +960,34 @@ class DeviceState:
                 space.keys[epoch] = key
                 batches.append(WriteBatch(records={f"spacekey/{space.id}/{epoch}": key}))
                 news = True
-        # a newer epoch brings its member set; so does the first grant after linking,
-        # which knows the members our enrollment left out
-        if granted.epoch > space.epoch or (granted.epoch == space.epoch and not space.shared):
-            news = news or members != space.members or granted.epoch != space.epoch
+        # a newer epoch brings its member set (a rotation decides who stays); within an
+        # epoch the set only grows (members added, concurrently too: the union of what
+        # every grant says), which also teaches a newly linked device the members its
+        # enrollment left out
+        if granted.epoch > space.epoch:
+            news = True
             space.epoch, space.members = granted.epoch, members
             batches.append(WriteBatch(records={f"space/{space.id}": space.meta_record()}))
+        elif granted.epoch == space.epoch and not set(members) <= set(space.members):
+            news = True
+            space.members = {**space.members, **members}
+            batches.append(WriteBatch(records={f"space/{space.id}": space.meta_record()}))
         return space.id, news, merge_batches(batches)
+
+    def add_members(self, space_id: str, accounts: list[str]) -> WriteBatch:
+        """Add accounts we follow to a conversation (its key stays: they read it all,
+        as a device linked later does); every member device learns it from grants."""
+        space = self.space(space_id)
+        if space.kind != "chat" or not space.shared:
+            raise ContactError("members are added to a conversation with other accounts")
+        for account_id in accounts:
+            dl = self.accounts.get(account_id)
+            if dl is None:
+                raise ContactError(f"account {account_id} is not a contact")
+            space.members[account_id] = dl.account_pk
+        if len(space.members) > MAX_MEMBERS:
+            raise ContactError(f"a conversation holds at most {MAX_MEMBERS} accounts")
+        return WriteBatch(records={f"space/{space.id}": space.meta_record()})
 
     def contact_entries(self) -> dict[str, tuple[str, bytes, bytes]]:
         """Our contact book, from the account space: account id -> (name, list, key)."""

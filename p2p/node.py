@@ -1132,6 +1132,16 @@ class Node:
             for s in self.chats()
         ]
 
+    async def add_to_chat(self, chat: str, *, with_: Sequence[str]) -> None:
+        """Add contacts (ids or names) to a conversation with other accounts: their
+        devices get its keys (and so its whole history) as grants, and every member
+        device learns the new member set from them."""
+        space = self.state.chat_by_name(chat)
+        await self._commit(self.state.add_members(space.id, [self._contact_id(c) for c in with_]))
+        self._deliver_grants(space.id)
+        for relay in self.relays:
+            relay.update_watch()
+
     async def leave_chat(self, chat: str) -> None:
         """Leave a conversation with other accounts: a signed leave entry tells its
         members, whose designated device rotates the key without us (``core``)."""

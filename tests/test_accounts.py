@@ -460,3 +460,33 @@ def test_a_device_linked_later_by_a_member_joins_its_conversations() -> None:
     assert set(b_desktop.space(chat).members) == {a_phone.account_id, b_phone.account_id}
     assert [m.text for m in view(b_desktop, chat)] == ["from A 0", "from A 1"]
     assert a_phone.readers_of(chat) >= {b_desktop.device_id}
+
+
+def test_a_member_added_later_reads_the_history_and_everyone_learns_it() -> None:
+    """A and B talk; A adds C (A's contact, not B's). C gets the keys and the history
+    from A; B learns the new member set (and C's devices) from A's grant, and then meets
+    C's device directly: each account's messages reach the others."""
+    [a_phone, _], [b_phone, _] = two_accounts()
+    c_phone, _ = DeviceState.create_account("phone")
+    befriend([a_phone], [c_phone])
+    chat = conversation(a_phone, b_phone)
+    write(a_phone, chat, 1, "from A")
+    Link(a_phone, b_phone).connect().run()
+    a_phone.add_members(chat, [c_phone.account_id])
+    Link(a_phone, c_phone).connect().run()
+    assert set(c_phone.space(chat).members) == {
+        a_phone.account_id,
+        b_phone.account_id,
+        c_phone.account_id,
+    }
+    assert [m.text for m in view(c_phone, chat)] == ["from A 0"]
+    Link(a_phone, b_phone).connect().run()  # the grant tells B the members, C's list too
+    assert c_phone.account_id in b_phone.space(chat).members
+    assert b_phone.space(chat).epoch == a_phone.space(chat).epoch == 0
+    write(c_phone, chat, 1, "from C", start=5)
+    write(b_phone, chat, 1, "from B", start=7)
+    Link(b_phone, c_phone).connect().run()
+    assert [m.text for m in view(b_phone, chat)] == ["from A 0", "from C 5", "from B 7"]
+    assert [m.text for m in view(c_phone, chat)] == ["from A 0", "from C 5", "from B 7"]
+    with pytest.raises(ContactError):
+        a_phone.add_members(notes(a_phone), [c_phone.account_id])
