@@ -266,8 +266,16 @@ def fold(
     return shown
 
 
+class _Unread:
+    """The type of :data:`UNREAD`."""
+
+
+UNREAD: Final = _Unread()
+"""A changed key whose new value was not seen: read it from the document."""
+Changes = dict[tuple[str, str], Any]
+"""(map, key) -> the key's new value (None once removed, UNREAD if not seen)."""
 _EVERY: Final = ("*", "*")
-"""Marks a change list whose keys could not be read (see ``Replica._note_keys``)."""
+"""Marks changes whose keys could not be read (see ``Replica._note_keys``)."""
 
 UpdateSource = Callable[[], Iterable[bytes]]
 """Where a lazily loaded replica finds its history: snapshot first, then the tail."""
@@ -330,35 +338,38 @@ class Replica:
             )
         return self._latest_ts
 
-    def _note_keys(self, name: str, changed: list[tuple[str, str]]) -> Callable[[Any], None]:
+    def _note_keys(self, name: str, changed: Changes) -> Callable[[Any], None]:
         def note(event: Any) -> None:
             # runs inside pycrdt's transaction: it must never raise (it would resurface
             # in the writer as an exception group); if reading the event fails, the
             # whole map counts as changed (slow, never wrong)
             try:
-                changed.extend((name, str(key)) for key in event.keys)
+                for key, change in event.keys.items():
+                    removed = change.get("action") == "delete"
+                    changed[(name, str(key))] = None if removed else change.get("newValue")
             except Exception:
-                changed.append((name, ""))
-                changed.append(_EVERY)
+                changed[(name, "")] = UNREAD
+                changed[_EVERY] = UNREAD
 
         return note
 
     # ---- bytes in and out ----------------------------------------------------------
 
-    def apply(self, update: bytes, *, from_store: bool = False) -> list[tuple[str, str]]:
+    def apply(self, update: bytes, *, from_store: bool = False) -> Changes:
         """Integrate an update (idempotent); InvalidUpdate if pycrdt refuses it.
 
-        Returns the (map, key) pairs of the chat maps whose value it changed, for the
-        message index. What a peer sends is bounded by MAX_UPDATE; our own store's
-        snapshots (``from_store``) grow with the history, are only checked for
-        structure, and are not watched (their keys are indexed already).
+        Returns the keys of the chat maps whose value it changed, with their new values
+        (as pycrdt's change events report them), for the message index. What a peer
+        sends is bounded by MAX_UPDATE; our own store's snapshots (``from_store``) grow
+        with the history, are only checked for structure, and are not watched (their
+        keys are indexed already).
         """
         if not from_store and len(update) > MAX_UPDATE:
             raise InvalidUpdate(self.space, f"{len(update)} bytes exceed {MAX_UPDATE}")
         check_update(update, self.space)  # before pycrdt trusts its declared counts
         if not from_store:
             self.load()  # the history first, so that the changes seen are this update's
-        changed: list[tuple[str, str]] = []
+        changed: Changes = {}
         watching = (
             []
             if from_store
@@ -375,10 +386,11 @@ class Replica:
                 m.unobserve(subscription)
         if _EVERY in changed:
             names = {name for name, _ in changed if name != "*"}
-            changed = [(name, key) for name in sorted(names) for key in self._map_of[name]]
+            changed = {(name, key): UNREAD for name in sorted(names) for key in self._map_of[name]}
         if self._scanned:
-            for name, key in changed:
-                value = self._map_of[name].get(key)
+            for (name, key), value in changed.items():
+                if value is UNREAD:
+                    value = self._map_of[name].get(key)
                 ts = value.get("ts") if isinstance(value, dict) else None
                 if isinstance(ts, str) and ts > self._latest_ts and is_ts(ts):
                     self._latest_ts = ts
@@ -424,9 +436,12 @@ class Replica:
         key: str,
         signing_key_of: SigningKeyLookup,
         account_of: AccountOfDevice,
+        value: Any = UNREAD,
     ) -> tuple[Entry | None, Judged] | None:
-        """The parsed value under ``key`` and its :func:`judge` (None: no value there)."""
-        value = self._maps[map_name].get(key)
+        """The parsed value under ``key`` (``value`` when the caller saw it change) and
+        its :func:`judge`; None when no value is there."""
+        if value is UNREAD:
+            value = self._maps[map_name].get(key)
         if value is None:
             return None
         entry = Entry.from_value(value)

@@ -323,7 +323,7 @@ def test_store_without_index_is_migrated_on_open(tmp_path: Path) -> None:
     [
         "UPDATE entries SET ts = 'yesterday' WHERE map = 'm'",
         "UPDATE entries SET body = x'00ff' WHERE map = 'm'",
-        "UPDATE entries SET map = 'q' WHERE map = 'm'",
+        "UPDATE entries SET map = 'q' WHERE map = 'r'",
         "UPDATE entries SET kind = 'bogus', map = 'e', target = id WHERE map = 'm'",
     ],
     ids=["ts", "blob", "map", "kind"],
