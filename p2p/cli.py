@@ -98,7 +98,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for p in status["peers"]:
         print(f"  peer {p['device']} via {p['remote']} ({p['found_via']})")
     for s in status["spaces"]:
-        print(f"  {s['kind']:<7} {s['name']:<10} {s['id']}  {s['entries']} entries")
+        held = "history not loaded" if s["entries"] is None else f"{s['entries']} entries"
+        print(f"  {s['kind']:<7} {s['name']:<10} {s['id']}  {held}")
     return 0
 
 

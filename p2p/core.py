@@ -58,6 +58,8 @@ from p2p.identity import (
     short_id,
 )
 from p2p.model import (
+    UNREAD,
+    Changes,
     Entry,
     Judged,
     Kind,
@@ -612,7 +614,8 @@ class DeviceState:
         (with the message-index rows of what it changed)."""
         update = self.space(space_id).replica.write(entries)
         index, _ = self._index(
-            space_id, [(e.map_name(), e.key()) for e in entries if e.map_name() in INDEXED_MAPS]
+            space_id,
+            {(e.map_name(), e.key()): UNREAD for e in entries if e.map_name() in INDEXED_MAPS},
         )
         batch = WriteBatch(
             records={"clock": self.clock.last.encode()},
@@ -624,14 +627,14 @@ class DeviceState:
     # ---- the message index ---------------------------------------------------------
 
     def _index(
-        self, space_id: str, changed: list[tuple[str, str]]
+        self, space_id: str, changed: Changes
     ) -> tuple[dict[IndexKey, IndexRow | None], list[Rejected]]:
         """Index rows for the keys an update changed, judged now (verified once, here)."""
         replica = self.space(space_id).replica
         rows: dict[IndexKey, IndexRow | None] = {}
         rejected: list[Rejected] = []
-        for map_name, key in dict.fromkeys(changed):
-            found = replica.judge_key(map_name, key, self.any_signing_key, self.belongs)
+        for (map_name, key), value in changed.items():
+            found = replica.judge_key(map_name, key, self.any_signing_key, self.belongs, value)
             if found is None:  # the key was removed
                 rows[(space_id, map_name, key)] = None
                 continue
@@ -661,7 +664,7 @@ class DeviceState:
         current values are judged instead (an update may have replaced a row since it
         was read)."""
         if self.space(space_id).replica.loaded:
-            index, _ = self._index(space_id, [(row.map, row.key) for row in hidden])
+            index, _ = self._index(space_id, {(row.map, row.key): UNREAD for row in hidden})
             return WriteBatch(index=index)
         index = {}
         for row in hidden:

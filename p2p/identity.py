@@ -188,8 +188,9 @@ class DeviceList:
     rotation catches up from whichever newer list reaches it first."""
     signature: bytes = b""
 
-    @property
+    @cached_property
     def account_id(self) -> str:
+        """Short id of the account key (computed once: every entry check asks for it)."""
         return short_id(self.account_pk)
 
     def _body(self) -> bytes:

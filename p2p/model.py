@@ -280,16 +280,25 @@ def fold(
     return shown
 
 
+class _Unread:
+    """The type of :data:`UNREAD`."""
+
+
+UNREAD: Final = _Unread()
+"""A changed key whose new value was not seen: read it from the document."""
+Changes = dict[tuple[str, str], Any]
+"""(map, key) -> the key's new value (None once removed, UNREAD if not seen)."""
 _EVERY: Final = ("*", "*")
-"""Marks a change list whose keys could not be read (see ``Replica._note_keys``)."""
+"""Marks changes whose keys could not be read (see ``Replica._note_keys``)."""
 
 
 @dataclass(frozen=True)
 class Applied:
-    """What :meth:`Replica.apply` did: (map, key) pairs whose value changed (for the
-    message index), and the CRDT clients the update wrote or deleted structs of."""
+    """What :meth:`Replica.apply` did: the keys whose value changed, with their new
+    values (for the message index), and the CRDT clients the update wrote or deleted
+    structs of."""
 
-    changed: list[tuple[str, str]]
+    changed: Changes
     clients: frozenset[int]
 
 
@@ -361,16 +370,18 @@ class Replica:
             )
         return self._latest_ts
 
-    def _note_keys(self, name: str, changed: list[tuple[str, str]]) -> Callable[[Any], None]:
+    def _note_keys(self, name: str, changed: Changes) -> Callable[[Any], None]:
         def note(event: Any) -> None:
             # runs inside pycrdt's transaction: it must never raise (it would resurface
             # in the writer as an exception group); if reading the event fails, the
             # whole map counts as changed (slow, never wrong)
             try:
-                changed.extend((name, str(key)) for key in event.keys)
+                for key, change in event.keys.items():
+                    removed = change.get("action") == "delete"
+                    changed[(name, str(key))] = None if removed else change.get("newValue")
             except Exception:
-                changed.append((name, ""))
-                changed.append(_EVERY)
+                changed[(name, "")] = UNREAD
+                changed[_EVERY] = UNREAD
 
         return note
 
@@ -404,13 +415,14 @@ class Replica:
     ) -> Applied:
         """Integrate an update (idempotent); InvalidUpdate if pycrdt refuses it.
 
-        Returns the (map, key) pairs of the chat maps whose value it changed, for the
-        message index, and the CRDT clients it wrote or deleted structs of. What a peer
-        sends is bounded by MAX_UPDATE; our own store's snapshots (``from_store``) grow
-        with the history, are only checked for structure, and are not watched (their
-        keys are indexed already). ``allowed`` (when given) must accept every client the
-        update touches: another account's device may only touch its own account's
-        clients, so it can neither occupy nor delete another's structs.
+        Returns the keys of the chat maps whose value it changed, with their new values
+        (as pycrdt's change events report them), for the message index, and the CRDT
+        clients it wrote or deleted structs of. What a peer sends is bounded by
+        MAX_UPDATE; our own store's snapshots (``from_store``) grow with the history,
+        are only checked for structure, and are not watched (their keys are indexed
+        already). ``allowed`` (when given) must accept every client the update touches:
+        another account's device may only touch its own account's clients, so it can
+        neither occupy nor delete another's structs.
         """
         if not from_store and len(update) > MAX_UPDATE:
             raise InvalidUpdate(self.space, f"{len(update)} bytes exceed {MAX_UPDATE}")
@@ -421,7 +433,7 @@ class Replica:
             )
         if not from_store:
             self.load()  # the history first, so that the changes seen are this update's
-        changed: list[tuple[str, str]] = []
+        changed: Changes = {}
         watching = (
             []
             if from_store
@@ -438,10 +450,11 @@ class Replica:
                 m.unobserve(subscription)
         if _EVERY in changed:
             names = {name for name, _ in changed if name != "*"}
-            changed = [(name, key) for name in sorted(names) for key in self._map_of[name]]
+            changed = {(name, key): UNREAD for name in sorted(names) for key in self._map_of[name]}
         if self._scanned or self._authors is not None:
-            for name, key in changed:
-                value = self._map_of[name].get(key)
+            for (name, key), value in changed.items():
+                if value is UNREAD:
+                    value = self._map_of[name].get(key)
                 ts = value.get("ts") if isinstance(value, dict) else None
                 if self._scanned and isinstance(ts, str) and ts > self._latest_ts and is_ts(ts):
                     self._latest_ts = ts
@@ -502,9 +515,12 @@ class Replica:
         key: str,
         signing_key_of: SigningKeyLookup,
         belongs: DeviceInAccount,
+        value: Any = UNREAD,
     ) -> tuple[Entry | None, Judged] | None:
-        """The parsed value under ``key`` and its :func:`judge` (None: no value there)."""
-        value = self._maps[map_name].get(key)
+        """The parsed value under ``key`` (``value`` when the caller saw it change) and
+        its :func:`judge`; None when no value is there."""
+        if value is UNREAD:
+            value = self._maps[map_name].get(key)
         if value is None:
             return None
         entry = Entry.from_value(value)

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import p2p
 from p2p.core import NOTES, DeviceState, index_view
-from p2p.errors import ReplayDetected, StoreCorrupt, StoreError
+from p2p.errors import ReplayDetected, StoreCorrupt
 from p2p.identity import DeviceKeys
 from p2p.model import Message
 from p2p.storage import MemoryStore, SqliteStore, Store, WriteBatch
@@ -321,7 +321,7 @@ def test_store_without_index_is_migrated_on_open(tmp_path: Path) -> None:
     [
         "UPDATE entries SET ts = 'yesterday' WHERE map = 'm'",
         "UPDATE entries SET body = x'00ff' WHERE map = 'm'",
-        "UPDATE entries SET map = 'q' WHERE map = 'm'",
+        "UPDATE entries SET map = 'q' WHERE map = 'r'",
         "UPDATE entries SET kind = 'bogus', map = 'e', target = id WHERE map = 'm'",
     ],
     ids=["ts", "blob", "map", "kind"],
@@ -349,82 +349,6 @@ def test_corrupt_index_rows_are_a_typed_error(tmp_path: Path, statement: str) ->
 
     with pytest.raises(StoreCorrupt):
         trio.run(read)
-
-
-# ---- the storage side, both adapters -------------------------------------------------
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
-    return MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "p2p.db")
-
-
-def row(key: str, ts: str, *, map_name: str = "m", kind: str = "msg", target: str = "") -> IndexRow:
-    return IndexRow(
-        space="s",
-        map=map_name,
-        key=key,
-        id=key,
-        kind=kind,
-        account="a",
-        device="d",
-        ts=ts,
-        target=target,
-    )
-
-
-def test_index_rows_replace_remove_and_page(store: Store) -> None:
-    rows = [row(f"id{i}", f"{1000 + i}.000000") for i in range(6)]
-    store.write(WriteBatch(index={("s", "m", r.key): r for r in rows}))
-    store.write(
-        WriteBatch(
-            index={
-                ("s", "m", "id2"): None,
-                ("s", "m", "id3"): replace(rows[3], reason="bad signature", sig="x"),
-                ("s", "e", "ed"): row("ed", "2000.000000", map_name="e", kind="edit", target="id4"),
-            }
-        )
-    )
-    assert [r.key for r in store.index_messages("s")] == ["id0", "id1", "id4", "id5"]
-    assert [r.key for r in store.index_messages("s", last=2)] == ["id4", "id5"]
-    assert [r.key for r in store.index_messages("s", last=2, before=rows[4].order())] == [
-        "id0",
-        "id1",
-    ]
-    assert [r.key for r in store.index_related("s", ["id4"])] == ["ed"]
-    assert store.index_related("s", ["id5"]) == []
-    assert [(r.key, r.sig) for r in store.index_rejected("s")] == [("id3", "x")]
-    assert store.index_messages("other") == []
-    store.close()
-
-
-@pytest.mark.parametrize(
-    "index",
-    [
-        {("s", "m", "k"): IndexRow(space="s", map="m", key="other")},
-        {("s", "z", "k"): None},
-        {("s", "m"): None},
-        {("s", "m", "k"): "not a row"},
-        {("s", "m", "k"): IndexRow(space="s", map="m", key="k", body=7)},  # type: ignore[arg-type]
-        {("s", "m", "k"): IndexRow(space="s", map="m", key="k", body="\udc80")},
-    ],
-    ids=["misfiled", "map", "short-key", "type", "field-type", "surrogate"],
-)
-def test_bad_index_changes_are_refused_and_apply_nothing(
-    store: Store, index: dict[object, object]
-) -> None:
-    with pytest.raises(StoreError):
-        store.write(WriteBatch(records={"r": b"v"}, index=index))  # type: ignore[arg-type]
-    assert store.get("r") is None
-    store.close()
-
-
-def test_bad_paging_arguments_are_refused(store: Store) -> None:
-    with pytest.raises(StoreError):
-        store.index_messages("s", last=-1)
-    with pytest.raises(StoreError):
-        store.index_messages("s", last=True)
-    store.close()
 
 
 def test_hidden_rows_are_reported_once_by_the_node(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ from p2p.storage import (
     WriteBatch,
     open_store,
 )
+from p2p.storage.base import IndexRow
 from p2p.storage.memory import MAX_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +47,82 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 
 def append(store: Store, space: str, *updates: bytes) -> None:
     store.write(WriteBatch(appends=[(space, u) for u in updates]))
+
+
+# --- the message index --------------------------------------------------------------
+
+
+def row(key: str, ts: str, *, map_name: str = "m", kind: str = "msg", target: str = "") -> IndexRow:
+    return IndexRow(
+        space="s",
+        map=map_name,
+        key=key,
+        id=key,
+        kind=kind,
+        account="a",
+        device="d",
+        ts=ts,
+        target=target,
+    )
+
+
+def test_index_rows_replace_remove_and_page(store: Store) -> None:
+    rows = [row(f"id{i}", f"{1000 + i}.000000") for i in range(6)]
+    store.write(WriteBatch(index={("s", "m", r.key): r for r in rows}))
+    store.write(
+        WriteBatch(
+            index={
+                ("s", "m", "id2"): None,
+                ("s", "m", "id3"): replace(rows[3], reason="bad signature", sig="x"),
+                ("s", "e", "ed"): row("ed", "2000.000000", map_name="e", kind="edit", target="id4"),
+            }
+        )
+    )
+    assert [r.key for r in store.index_messages("s")] == ["id0", "id1", "id4", "id5"]
+    assert [r.key for r in store.index_messages("s", last=2)] == ["id4", "id5"]
+    assert [r.key for r in store.index_messages("s", last=2, before=rows[4].order())] == [
+        "id0",
+        "id1",
+    ]
+    assert [r.key for r in store.index_related("s", ["id4"])] == ["ed"]
+    assert store.index_related("s", ["id5"]) == []
+    assert [(r.key, r.sig) for r in store.index_rejected("s")] == [("id3", "x")]
+    assert store.index_messages("other") == []
+
+
+def test_log_seqs_without_reading_updates(store: Store) -> None:
+    assert store.log_seqs("s") == (0, 0)
+    append(store, "s", b"u1", b"u2", b"u3")
+    assert store.log_seqs("s") == (0, 3)
+    store.compact("s", b"snap", 2)
+    assert store.log_seqs("s") == (2, 3)
+
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        {("s", "m", "k"): IndexRow(space="s", map="m", key="other")},
+        {("s", "z", "k"): None},
+        {("s", "m"): None},
+        {("s", "m", "k"): "not a row"},
+        {("s", "m", "k"): IndexRow(space="s", map="m", key="k", body=7)},  # type: ignore[arg-type]
+        {("s", "m", "k"): IndexRow(space="s", map="m", key="k", body="\udc80")},
+    ],
+    ids=["misfiled", "map", "short-key", "type", "field-type", "surrogate"],
+)
+def test_bad_index_changes_are_refused_and_apply_nothing(
+    store: Store, index: dict[object, object]
+) -> None:
+    with pytest.raises(StoreError):
+        store.write(WriteBatch(records={"r": b"v"}, index=index))  # type: ignore[arg-type]
+    assert store.get("r") is None
+
+
+def test_bad_paging_arguments_are_refused(store: Store) -> None:
+    with pytest.raises(StoreError):
+        store.index_messages("s", last=-1)
+    with pytest.raises(StoreError):
+        store.index_messages("s", last=True)
 
 
 # --- records ------------------------------------------------------------------------
@@ -524,5 +602,41 @@ def test_sqlite_acknowledged_writes_survive_sigkill(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     try:
         assert conn.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+    finally:
+        conn.close()
+
+
+def test_sqlite_schema_1_file_is_migrated_on_open(tmp_path: Path) -> None:
+    """A store from before the message index (schema 1) opens: the index table is
+    added, empty, and everything else is kept."""
+    path = tmp_path / "p2p.db"
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("CREATE TABLE records (name TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL)")
+        conn.execute(
+            "CREATE TABLE updates (space TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL,"
+            " PRIMARY KEY (space, seq)) WITHOUT ROWID"
+        )
+        conn.execute(
+            "CREATE TABLE snapshots (space TEXT PRIMARY KEY NOT NULL, seq INTEGER NOT NULL,"
+            " data BLOB NOT NULL)"
+        )
+        conn.execute("INSERT INTO records VALUES ('r', x'01')")
+        conn.execute("INSERT INTO updates VALUES ('s', 1, x'02')")
+        conn.execute("PRAGMA user_version = 1")
+        conn.commit()
+    finally:
+        conn.close()
+    with SqliteStore(path) as s:
+        assert s.get("r") == b"\x01"
+        assert s.load_space("s").updates == [b"\x02"]
+        assert s.index_messages("s") == []
+        row = IndexRow(space="s", map="m", key="k", id="k", kind="msg", ts="1.000000")
+        s.write(WriteBatch(index={("s", "m", "k"): row}))
+    with SqliteStore(path) as s:
+        assert s.index_messages("s") == [row]
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
     finally:
         conn.close()

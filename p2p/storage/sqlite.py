@@ -8,7 +8,7 @@ Layout (schema version :data:`SCHEMA_VERSION`, kept in ``PRAGMA user_version``):
     entries(space, map, key, id, kind, account, device, ts, target, body, sig, reason:
             all TEXT, UNIQUE (space, map, key))          -- the message index
     entries_shown  ON entries (space, map, reason, kind, ts, device, id)
-    entries_target ON entries (space, target)
+    entries_target ON entries (space, target) WHERE target != ''
     entries_hidden ON entries (space, map, key) WHERE reason != ''
 
 ``updates`` is WITHOUT ROWID so that the rows of one space sit together in primary-key
@@ -17,7 +17,8 @@ order: loading a space's tail is one range scan, with no sort and no second look
 ``entries`` is the message index (``p2p.storage.base.IndexRow``), written in the same
 transaction as the update that changed it. ``entries_shown`` serves "the last N messages
 before X" as one backward range scan in display order; ``entries_target`` finds the
-edits, deletions and reactions of the messages on a page; the partial index
+edits, deletions and reactions of the messages on a page (partial: messages, most of
+the rows, have no target); the partial index
 ``entries_hidden`` lists hidden entries without reading the shown ones. Schema version 1
 (no index) is migrated on open: the table is created empty, and
 ``p2p.core.DeviceState.load`` fills it for every space without an ``indexed/<space>``
@@ -65,7 +66,7 @@ _INDEX_SCHEMA: Final = (
     " ts TEXT NOT NULL, target TEXT NOT NULL, body TEXT NOT NULL, sig TEXT NOT NULL,"
     " reason TEXT NOT NULL, UNIQUE (space, map, key))",
     "CREATE INDEX entries_shown ON entries (space, map, reason, kind, ts, device, id)",
-    "CREATE INDEX entries_target ON entries (space, target)",
+    "CREATE INDEX entries_target ON entries (space, target) WHERE target != ''",
     "CREATE INDEX entries_hidden ON entries (space, map, key) WHERE reason != ''",
 )
 """Added by version 2 (see :meth:`SqliteStore._migrate`)."""
@@ -483,7 +484,8 @@ class SqliteStore:
         """Shown edit, deletion and reaction rows about ``targets`` (None: about any)."""
         check_name(space, "space id")
         base = (
-            f"SELECT {_INDEX_COLUMNS} FROM entries WHERE space = ? AND map != 'm' AND reason = ''"
+            f"SELECT {_INDEX_COLUMNS} FROM entries"
+            " WHERE space = ? AND map != 'm' AND reason = '' AND target != ''"
         )
         with self._session("index_related") as conn:
             if targets is None:
