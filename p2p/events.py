@@ -66,6 +66,23 @@ class DeviceListChanged:
     removed: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, kw_only=True)
+class MediaProgress:
+    """Chunks of an attachment arrived and are stored (``done == total``: complete)."""
+
+    file: str
+    """The attachment's id (``Attachment.id``)."""
+    chat: str
+    message: str
+    """A message that carries it."""
+    name: str
+    done: int
+    """Chunks held."""
+    total: int
+    size: int
+    """The file's size in bytes."""
+
+
 Event = (
     ChatChanged
     | PeerConnected
@@ -73,4 +90,5 @@ Event = (
     | InputRejected
     | EntryRejected
     | DeviceListChanged
+    | MediaProgress
 )

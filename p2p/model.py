@@ -31,8 +31,9 @@ from typing import Any, Final, Literal
 import pycrdt
 
 from p2p.clock import is_ts
-from p2p.errors import BadSignature, InvalidUpdate
+from p2p.errors import BadSignature, InvalidUpdate, P2PError
 from p2p.identity import DeviceKeys, verify
+from p2p.media.descriptor import Attachment, parse_file_body
 from p2p.wire import MAX_FRAME, pack
 from p2p.yupdate import check_update
 
@@ -42,9 +43,10 @@ MAX_BODY: Final = 64 * 1024
 MAX_UPDATE: Final = MAX_FRAME
 MAPS: Final = ("m", "e", "x", "r", "k")
 
-Kind = Literal["msg", "edit", "del", "react", "read"]
+Kind = Literal["msg", "edit", "del", "react", "read", "file"]
 _MAP_OF_KIND: Final[dict[str, str]] = {
     "msg": "m",
+    "file": "m",  # a message with an attachment (p2p.media): body = caption + descriptor
     "edit": "e",
     "del": "x",
     "react": "r",
@@ -147,6 +149,8 @@ class Message:
     deleted: bool = False
     reactions: dict[str, str] = field(default_factory=dict)
     """Account id -> emoji."""
+    attachment: Attachment | None = None
+    """The file this message carries (p2p.media), if any."""
 
     def sort_key(self) -> tuple[str, str, str]:
         return (self.ts, self.device, self.id)
@@ -162,6 +166,7 @@ class Message:
             "edited": self.edited,
             "deleted": self.deleted,
             "reactions": dict(self.reactions),
+            **({"file": self.attachment.summary()} if self.attachment else {}),
         }
 
 
@@ -330,7 +335,16 @@ class Replica:
                     )
             return out
 
-        messages = {e.id: e for e in valid("m") if e.kind == "msg"}
+        messages = {e.id: e for e in valid("m") if e.kind in ("msg", "file")}
+        files: dict[str, tuple[str, Attachment]] = {}
+        for e in [e for e in messages.values() if e.kind == "file"]:
+            try:
+                files[e.id] = parse_file_body(e.body)
+            except P2PError as exc:
+                del messages[e.id]
+                rejected.append(
+                    Rejected(space=self.space, entry_id=e.id, device=e.device, reason=str(exc))
+                )
         latest_edit: dict[str, Entry] = {}
         for e in valid("e"):
             target = messages.get(e.target)
@@ -352,6 +366,7 @@ class Replica:
         for m in messages.values():
             edit = latest_edit.get(m.id)
             is_deleted = m.id in deleted
+            caption, attachment = files.get(m.id, (m.body, None))
             shown.append(
                 Message(
                     id=m.id,
@@ -359,10 +374,11 @@ class Replica:
                     ts=m.ts,
                     device=m.device,
                     account=m.account,
-                    text="" if is_deleted else (edit.body if edit else m.body),
+                    text="" if is_deleted else (edit.body if edit else caption),
                     edited=edit is not None and not is_deleted,
                     deleted=is_deleted,
                     reactions=reactions.get(m.id, {}),
+                    attachment=None if is_deleted else attachment,
                 )
             )
         shown.sort(key=Message.sort_key)

@@ -44,6 +44,8 @@ from p2p.errors import (
 )
 from p2p.home import open_home_store
 from p2p.linking import Linked, approve_code
+from p2p.media.descriptor import Attachment, file_body
+from p2p.media.service import MediaService, open_blobs
 from p2p.model import MAX_BODY, Message
 from p2p.relay.client import RelayClient, is_relay_address
 from p2p.relay.routing import RoutedTransport
@@ -56,6 +58,7 @@ from p2p.sync import (
     EnvelopeIn,
     LeaseIn,
     LeaveRequested,
+    MediaIn,
     Output,
     Send,
     Session,
@@ -101,6 +104,8 @@ class _Peer:
     queue: trio.MemorySendChannel[bytes]
     remote: str
     since: float
+    wake: trio.Event
+    """Set when the pump has something to write: a sync frame, or media (p2p.media)."""
 
 
 class Node:
@@ -144,6 +149,7 @@ class Node:
         self._dialing: dict[str, str] = {}
         """Address -> where it was found ('static', 'mdns', ...), one dial loop each."""
         self.dropped_events = 0
+        self.media: MediaService = None  # type: ignore[assignment]  # set by open_node
 
     # ---- identity and reading ------------------------------------------------------
 
@@ -230,6 +236,7 @@ class Node:
             "relays": [
                 {"url": r.url, "connected": r.connected, "address": r.address} for r in self.relays
             ],
+            "media": self.media.status(),
         }
 
     def traffic(self) -> dict[str, int]:
@@ -268,6 +275,34 @@ class Node:
         if len(text.encode("utf-8", "surrogatepass")) > MAX_BODY:
             raise NodeError(f"message longer than {MAX_BODY} bytes")
         return await self._write(chat, "msg", body=text)
+
+    # ---- media (p2p.media; docs/media.md) -------------------------------------------
+
+    async def send_file(
+        self, path: str | os.PathLike[str], text: str = "", *, chat: str | None = None
+    ) -> str:
+        """Send a file (with an optional caption); returns the message id once the
+        message is durable. The file is encrypted into chunks here, and peers fetch
+        them on the media lane, by their own policy."""
+        attachment = await self.media.prepare(path)
+        message_id = await self._write(chat, "file", body=file_body(text, attachment))
+        space = self.state.chat_by_name(chat) if chat else self.state.space(self.default_chat())
+        self.media.sent(space.id, message_id, attachment)
+        return message_id
+
+    async def fetch(self, message_id: str, *, chat: str | None = None) -> Attachment:
+        """Fetch a message's attachment from whichever peers have it (progress comes
+        as :class:`~p2p.events.MediaProgress` events)."""
+        return await self.media.fetch(message_id, chat)
+
+    async def open_attachment(
+        self, message_id: str, out: str | os.PathLike[str], *, chat: str | None = None
+    ) -> Attachment:
+        """Write a message's attachment, decrypted, to ``out``; MediaMissing if it is
+        not all here yet."""
+        return await self.media.open(message_id, out, chat)
+
+    # ---- editing -------------------------------------------------------------------
 
     async def edit(self, message_id: str, text: str, *, chat: str | None = None) -> str:
         """Replace a message's text (only its author's account can)."""
@@ -499,13 +534,13 @@ class Node:
             self.state, initiator=initiator, now=trio.current_time(), wall_ms=self._wall_ms()
         )
         send_q, recv_q = trio.open_memory_channel[bytes](SEND_QUEUE)
-        peer = _Peer(session, send_q, conn.remote, trio.current_time())
+        peer = _Peer(session, send_q, conn.remote, trio.current_time(), trio.Event())
         duplicate: str | None = None
         self._handshaking += 1
         handshaking = True
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._pump_out, conn, recv_q, nursery.cancel_scope)
+                nursery.start_soon(self._pump_out, conn, recv_q, nursery.cancel_scope, peer)
                 if not self._carry_out(peer, session.start()):
                     return _Ended(authenticated=False, duplicate_of=None)
                 while session.state is not State.CLOSED:
@@ -529,6 +564,7 @@ class Node:
                         self._carry_out(peer, session.close())
                     await self._write_backpressure()
                 send_q.close()  # let the pump flush what is queued, then end
+                peer.wake.set()
         finally:
             if handshaking:  # never reached OPEN
                 self._handshaking -= 1
@@ -543,14 +579,47 @@ class Node:
         return _Ended(authenticated=not handshaking, duplicate_of=duplicate)
 
     async def _pump_out(
-        self, conn: Connection, frames: trio.MemoryReceiveChannel[bytes], scope: trio.CancelScope
+        self,
+        conn: Connection,
+        frames: trio.MemoryReceiveChannel[bytes],
+        scope: trio.CancelScope,
+        peer: _Peer,
     ) -> None:
+        """Write the session's frames; media only when no sync frame waits (two lanes)."""
         try:
             async with frames:
-                async for frame in frames:
+                while True:
+                    try:
+                        frame: bytes | None = frames.receive_nowait()
+                    except trio.WouldBlock:
+                        frame = self._media_frame(peer)
+                    except trio.EndOfChannel:
+                        return
+                    if frame is None:
+                        peer.wake = trio.Event()
+                        await peer.wake.wait()
+                        continue
                     await conn.send(frame)
         except TransportError:
             scope.cancel()
+
+    def _media_frame(self, peer: _Peer) -> bytes | None:
+        """The next frame of the media lane, sealed now (so that it takes the box's
+        next number after every sync frame already queued)."""
+        device = peer.session.peer
+        if device is None or self._peers.get(device) is not peer:
+            return None
+        item = self.media.next_out(device)
+        if item is None:
+            return None
+        kind, fields = item
+        sent = peer.session.send_media(kind, **fields)
+        return sent[0].data if sent and isinstance(sent[0], Send) else None
+
+    def _wake_peer(self, device: str) -> None:
+        peer = self._peers.get(device)
+        if peer is not None:
+            peer.wake.set()
 
     def _carry_out(self, peer: _Peer, outputs: list[Output]) -> bool:
         """Do what the session asked; False once the session is closed.
@@ -566,6 +635,7 @@ class Node:
             if isinstance(out, Send):
                 try:
                     peer.queue.send_nowait(out.data)
+                    peer.wake.set()
                 except trio.WouldBlock:
                     log.warning("peer %s is too slow; disconnecting it", peer.session.peer)
                     self._carry_out(peer, peer.session.close(NodeError("peer too slow")))
@@ -587,6 +657,12 @@ class Node:
                     self._queue_write(self.state.accept_lease(out.data, self._wall_ms()))
                 except P2PError as exc:
                     self._carry_out(peer, peer.session.close(exc))
+            elif isinstance(out, MediaIn):
+                device = peer.session.peer
+                if device is not None and self._peers.get(device) is peer:
+                    error = self.media.frame_in(device, out.kind, out.fields)
+                    if error is not None:
+                        self._carry_out(peer, peer.session.close(error))
             elif isinstance(out, Closed):
                 alive = False
                 self._on_closed(peer, out.error)
@@ -742,6 +818,7 @@ class Node:
             self._carry_out(primary, primary.session.send_leave())
 
     def _emit(self, event: ev.Event) -> None:
+        self.media.observe(event)  # peers up and down, chats changed (p2p.media)
         for sub in list(self._subscribers):
             try:
                 sub.send_nowait(event)
@@ -801,7 +878,9 @@ async def open_node(
         raise NodeError("open_node needs exactly one of home or store")
     owned = store is None
     the_store: Store = open_home_store(home) if store is None else store  # type: ignore[arg-type]
+    blobs = None
     try:
+        blobs = open_blobs(home)
         state = await trio.to_thread.run_sync(DeviceState.load, the_store)
         # counters used from now on are reserved on disk before anything is sealed
         await trio.to_thread.run_sync(the_store.write, state.reserve_counters())
@@ -817,6 +896,10 @@ async def open_node(
                     state, the_store, nursery, transport=transport, wall_ms=wall_ms, relays=clients
                 )
                 node._leaving = the_store.get("leave/requested") is not None
+                node.media = MediaService(
+                    blobs, node, wall_ms=wall_ms, emit=node._emit, wake=node._wake_peer
+                )
+                await nursery.start(node.media.run)
                 nursery.start_soon(node._writer)
                 nursery.start_soon(node._gossiper)
                 if transport is not None:
@@ -836,6 +919,8 @@ async def open_node(
         except BaseExceptionGroup as group:
             raise _unwrap(group) from None
     finally:
+        if blobs is not None:
+            blobs.close()
         if owned:
             the_store.close()
 
