@@ -82,7 +82,8 @@ def test_descriptor_round_trips_inside_a_file_body() -> None:
     a, _ = make_file(os.urandom(CHUNK_MIN * 2 + 5))
     text, back = parse_file_body(file_body("caption", a))
     assert (text, back) == ("caption", a)
-    assert len(back.hashes) == 3 and back.id == a.id
+    assert len(back.hashes) == 3
+    assert back.id == a.id
     assert "key" not in json.dumps(a.summary())
 
 
@@ -149,7 +150,8 @@ def test_fetcher_fills_windows_spreads_load_and_respects_order() -> None:
     assert {len(v) for v in plan.values()} == {2}
     assert f.plan() == {}  # windows full
     peer = next(p for p, hs in plan.items() if h(0) in hs)
-    assert f.expects(peer, h(0)) and not f.expects("zz", h(0))
+    assert f.expects(peer, h(0))
+    assert not f.expects("zz", h(0))
     f.received(peer, h(0))
     assert f.plan() == {peer: [h(4)]}
     assert f.missing == 4
@@ -169,7 +171,8 @@ def test_fetcher_asks_elsewhere_after_nohave_or_tamper_and_reclaims_on_disconnec
     f.retry_lacking()  # peers fetch too: ask "a" again later
     assert f.plan() == {"a": [h(1)]}
     f.forget([h(1)])
-    assert f.missing == 0 and not f.expects("a", h(1))
+    assert f.missing == 0
+    assert not f.expects("a", h(1))
 
 
 # ---- policy -------------------------------------------------------------------------
@@ -180,7 +183,8 @@ def test_policy_decides_per_size_and_refuses_bad_settings() -> None:
     big, _ = make_file(os.urandom(CHUNK_MIN + 1))
     assert MediaPolicy().wants(big)
     below = MediaPolicy().with_(fetch="below", below=100)
-    assert below.wants(small) and not below.wants(big)
+    assert below.wants(small)
+    assert not below.wants(big)
     assert not MediaPolicy().with_(fetch="demand").wants(small)
     assert not MediaPolicy().with_(max_file=5).wants(small)
     assert not MediaPolicy().with_(quota=5).wants(small)
@@ -223,7 +227,8 @@ def open_pair() -> tuple[object, object]:
 def test_session_carries_media_frames_boxed_and_counts_them() -> None:
     a, b = open_pair()
     out = a.send_media("blob", h=h(7), d=b"ciphertext")  # type: ignore[attr-defined]
-    assert len(out) == 1 and isinstance(out[0], Send)
+    assert len(out) == 1
+    assert isinstance(out[0], Send)
     assert b"ciphertext" not in out[0].data  # boxed like every frame after the handshake
     got = b.receive(out[0].data, 0.0)  # type: ignore[attr-defined]
     assert got == [MediaIn("blob", {"v": 1, "t": "blob", "h": h(7), "d": b"ciphertext"})]
@@ -272,7 +277,8 @@ def test_blob_store_keeps_checks_and_drops_damaged_chunks(tmp_path: Path) -> Non
     with pytest.raises(BlobCorrupt):
         store.chunk(hashes[0])
     assert store.chunk(hashes[0]) is None  # dropped, to be fetched again
-    assert store.held(hashes) == {hashes[1]} and store.corrupt == 1
+    assert store.held(hashes) == {hashes[1]}
+    assert store.corrupt == 1
     store.close()
 
 
@@ -288,7 +294,6 @@ def test_blob_store_refuses_a_foreign_file(tmp_path: Path) -> None:
 
 def test_eviction_is_lru_and_never_takes_own_or_kept_chunks(tmp_path: Path) -> None:
     store = BlobStore(tmp_path / "media.db")
-    own, _ = make_file(os.urandom(1000))
     data = [make_file(os.urandom(1000))[1][0] for _ in range(4)]
     store.put_chunks(
         [(chunk_hash(c), c) for c in make_file(os.urandom(1000))[1]], own=True, now_ms=0
@@ -298,9 +303,10 @@ def test_eviction_is_lru_and_never_takes_own_or_kept_chunks(tmp_path: Path) -> N
     store.touch([chunk_hash(data[0])], now_ms=100)  # opened lately: evicted last
     keep = {chunk_hash(data[1])}
     gone = store.evict(2 * len(data[0]), keep)
-    assert gone == [chunk_hash(data[2])] + [chunk_hash(data[3])]
+    assert gone == [chunk_hash(data[2]), chunk_hash(data[3])]
     own_bytes, fetched = store.usage()
-    assert own_bytes > 0 and fetched == 2 * len(data[0])
+    assert own_bytes > 0
+    assert fetched == 2 * len(data[0])
     assert store.held([chunk_hash(c) for c in data]) == {chunk_hash(data[0]), chunk_hash(data[1])}
     store.close()
 
@@ -367,7 +373,9 @@ def test_a_peer_asking_for_too_much_at_once_is_refused() -> None:
     for _ in range(SERVE_MAX // MEDIA_WANT_MAX):
         assert media.frame_in("peer", "want", frame) is None
     assert isinstance(media.frame_in("peer", "want", {"h": h(9)}), ProtocolError)
-    assert woken and set(woken) == {"peer"}
+    assert woken
+    assert set(woken) == {"peer"}
     # served from the store: nothing held, so the answer is nohave, in frames of 64
     kind, fields = media.next_out("peer")  # type: ignore[misc]
-    assert kind == "nohave" and len(fields["h"]) == 32 * MEDIA_WANT_MAX
+    assert kind == "nohave"
+    assert len(fields["h"]) == 32 * MEDIA_WANT_MAX
