@@ -339,6 +339,8 @@ class MediaService:
                 await trio.lowlevel.checkpoint()  # let a burst of chunks in before re-planning
 
     def _plan(self) -> None:
+        if len(self._received) >= 2 * WRITE_BATCH:
+            return  # the disk is behind: ask for more once the writer catches up
         for device, hashes in self.fetcher.plan().items():
             lane = self._lanes.get(device)
             if lane is None:
@@ -386,7 +388,14 @@ class MediaService:
             self._write_wakeup = trio.Event()
             while self._received:
                 batch, self._received = self._received[:WRITE_BATCH], self._received[WRITE_BATCH:]
-                await self._blob_io(self.blobs.put_chunks, batch, own=False, now_ms=self._wall_ms())
+                await self._blob_io(
+                    self.blobs.put_chunks,
+                    batch,
+                    own=False,
+                    now_ms=self._wall_ms(),
+                    checked=True,  # by _blob_in, against the hash that was asked for
+                )
+                self._kick.set()  # room to ask for more (see _plan)
                 for h, _ in batch:
                     for file_id in sorted(self._file_of.pop(h, set())):
                         progress = self._progress.get(file_id)
@@ -474,12 +483,16 @@ class MediaService:
                     )
             key = new_key()
             hashes: list[bytes] = []
+            pending: list[tuple[bytes, bytes]] = []
             with path.open("rb") as f:
                 for index in range(-(-size // chunk)):
-                    piece = f.read(chunk)
-                    data = seal_chunk(key, index, size, piece)
+                    data = seal_chunk(key, index, size, f.read(chunk))
                     hashes.append(chunk_hash(data))
-                    self.blobs.put_chunks([(hashes[-1], data)], own=True, now_ms=now_ms)
+                    pending.append((hashes[-1], data))
+                    if len(pending) * chunk >= 4 * MiB:  # one transaction per 4 MiB
+                        self.blobs.put_chunks(pending, own=True, now_ms=now_ms, checked=True)
+                        pending = []
+                self.blobs.put_chunks(pending, own=True, now_ms=now_ms, checked=True)
                 if f.read(1):
                     raise MediaError(f"{path} grew while it was being read")
         except OSError as exc:
