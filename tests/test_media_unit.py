@@ -351,10 +351,11 @@ def test_sigkill_while_writing_leaves_no_torn_chunk(tmp_path: Path) -> None:
 
 
 def test_a_peer_asking_for_too_much_at_once_is_refused() -> None:
-    """Requests queue per peer up to SERVE_MAX; a flood past that closes its connection."""
+    """Requests queue per peer up to SERVE_MAX, unasked chunks are dropped up to
+    UNASKED_MAX; a flood past either closes its connection."""
     from p2p import events as ev
     from p2p.errors import ProtocolError
-    from p2p.media.service import SERVE_MAX, MediaService
+    from p2p.media.service import SERVE_MAX, UNASKED_MAX, MediaService
 
     class Host:
         def chats(self) -> list[object]:
@@ -375,6 +376,10 @@ def test_a_peer_asking_for_too_much_at_once_is_refused() -> None:
     assert isinstance(media.frame_in("peer", "want", {"h": h(9)}), ProtocolError)
     assert woken
     assert set(woken) == {"peer"}
+    # chunks nobody asked for: dropped, up to a bound
+    for i in range(UNASKED_MAX):
+        assert media.frame_in("peer", "blob", {"h": h(i), "d": b"late"}) is None
+    assert isinstance(media.frame_in("peer", "blob", {"h": h(0), "d": b"x"}), ProtocolError)
     # served from the store: nothing held, so the answer is nohave, in frames of 64
     kind, fields = media.next_out("peer")  # type: ignore[misc]
     assert kind == "nohave"

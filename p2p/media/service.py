@@ -57,7 +57,7 @@ from p2p.media.descriptor import (
     open_chunk,
     seal_chunk,
 )
-from p2p.media.fetch import Fetcher
+from p2p.media.fetch import WINDOW, Fetcher
 from p2p.media.store import FILE_NAME, BlobStore
 from p2p.model import Message
 from p2p.wire import MEDIA_WANT_MAX
@@ -66,6 +66,9 @@ log = logging.getLogger("p2p.media")
 
 SERVE_MAX: Final = 2 * MEDIA_WANT_MAX
 """Chunk requests one peer may have queued with us; more closes its connection."""
+UNASKED_MAX: Final = 4 * WINDOW
+"""Chunks nobody asked for that one peer may send (late answers after a re-plan are
+harmless; a stream of them is not): more closes its connection."""
 RETRY_EVERY: Final = 5.0
 """Seconds between asking peers again for chunks they lacked (they fetch too)."""
 WRITE_BATCH: Final = 32
@@ -161,6 +164,8 @@ class _PeerLane:
     """Hashes to answer ``nohave``."""
     serve: deque[bytes] = field(default_factory=deque)
     """Hashes the peer asked us for, to send as ``blob``."""
+    unasked: int = 0
+    """Chunks this peer sent that we had not asked it for (bounded: UNASKED_MAX)."""
     tokens: float = 0.0
     refilled: float = 0.0
     pacing: bool = False
@@ -243,14 +248,17 @@ class MediaService:
                     self.fetcher.lacking(device, h)
                 self._kick.set()
             elif kind == "blob":
-                return self._blob_in(device, fields["h"], fields["d"])
+                return self._blob_in(device, lane, fields["h"], fields["d"])
         except MalformedFrame as exc:
             return exc
         return None
 
-    def _blob_in(self, device: str, h: bytes, data: bytes) -> P2PError | None:
+    def _blob_in(self, device: str, lane: _PeerLane, h: bytes, data: bytes) -> P2PError | None:
         if not self.fetcher.expects(device, h):
             self.stats.unasked += 1  # a request we dropped meanwhile (evicted, re-planned)
+            lane.unasked += 1
+            if lane.unasked > UNASKED_MAX:
+                return ProtocolError(f"more than {UNASKED_MAX} chunks nobody asked for")
             return None
         if chunk_hash(data) != h:
             self.stats.tampered += 1
