@@ -7,7 +7,8 @@ floats; a Map of plain dicts took inserts ~10x faster than an Array of Maps, mea
 ====  =================  ==========================================================
 map   key                value
 ====  =================  ==========================================================
-m     message id         the message: author account/device, HLC ``ts``, body
+m     message id         the message: author account/device, HLC ``ts``, body (kind
+                         ``msg``; or ``file``: caption and attachment descriptor)
 e     edit id            an edit: target message id, new body
 x     target id          a deletion tombstone of the target message
 r     target/account     the account's reaction to the target ("" = withdrawn)
