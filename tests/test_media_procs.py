@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
-from procs import Node, log, p2p
+from procs import P2P, Node, log, p2p
 
 from p2p.media.fetch import WINDOW
 from p2p.media.service import WRITE_BATCH
@@ -19,6 +20,7 @@ pytestmark = pytest.mark.slow
 
 MiB = 1024 * 1024
 LOOPBACK = ("--listen", "127.0.0.1:0", "--no-mdns")
+LINK_ARGS = ("--json", "--listen", "127.0.0.1:0")
 
 
 def status(home: Path) -> dict[str, object]:
@@ -116,3 +118,43 @@ def test_fetch_on_demand_from_the_cli(tmp_path: Path) -> None:
     finally:
         phone.stop()
         laptop.stop()
+
+
+def test_a_newly_linked_device_gets_attachments_after_the_history(tmp_path: Path) -> None:
+    """A laptop linked with a pairing code receives the text history with the link,
+    then, once it runs, fetches the phone's attachments by its own policy."""
+    phone_home, laptop_home = tmp_path / "phone", tmp_path / "laptop"
+    p2p(phone_home, "init", "--name", "phone")
+    data = os.urandom(2 * MiB + 3)
+    (tmp_path / "scan.png").write_bytes(data)
+    message = p2p(phone_home, "send", "--file", str(tmp_path / "scan.png"), "the scan").stdout
+    message = message.strip()
+    linker = subprocess.Popen(
+        [*P2P, "--home", str(laptop_home), "link", "--name", "laptop", *LINK_ARGS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert linker.stdout is not None
+        code = json.loads(linker.stdout.readline())["code"]
+        p2p(phone_home, "approve", code, "--yes", timeout=60)
+        assert linker.wait(timeout=60) == 0
+    finally:
+        if linker.poll() is None:
+            linker.kill()
+            linker.wait(timeout=10)
+        if linker.stdout is not None:
+            linker.stdout.close()
+    [row] = log(laptop_home)  # the history came with the link: text and descriptor
+    assert row["text"] == "the scan"
+    assert row["file"]["held"] == 0
+    phone = Node(phone_home, *LOOPBACK)
+    laptop = Node(laptop_home, *LOOPBACK, "--peer", phone.address)
+    try:
+        laptop.wait_for("media_progress", timeout=30, done=row["file"]["chunks"])
+        p2p(laptop_home, "open", message, "--out", str(tmp_path / "scan.out"))
+        assert (tmp_path / "scan.out").read_bytes() == data
+    finally:
+        laptop.stop()
+        phone.stop()
