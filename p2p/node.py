@@ -46,6 +46,7 @@ from p2p.home import open_home_store
 from p2p.linking import Linked, approve_code
 from p2p.media.descriptor import Attachment, file_body
 from p2p.media.service import MediaService, open_blobs
+from p2p.media.store import BlobStore
 from p2p.model import MAX_BODY, Message
 from p2p.relay.client import RelayClient, is_relay_address
 from p2p.relay.routing import RoutedTransport
@@ -120,6 +121,7 @@ class Node:
         transport: TransportT | None,
         wall_ms: Callable[[], int],
         relays: Sequence[RelayClient] = (),
+        blobs: BlobStore,
     ) -> None:
         self.state = state
         self.relays = list(relays)
@@ -149,7 +151,10 @@ class Node:
         self._dialing: dict[str, str] = {}
         """Address -> where it was found ('static', 'mdns', ...), one dial loop each."""
         self.dropped_events = 0
-        self.media: MediaService = None  # type: ignore[assignment]  # set by open_node
+        self.media = MediaService(
+            blobs, self, wall_ms=wall_ms, emit=self._emit, wake=self._wake_peer
+        )
+        """Attachments (p2p.media): its ``run`` task is started by :func:`open_node`."""
 
     # ---- identity and reading ------------------------------------------------------
 
@@ -276,34 +281,6 @@ class Node:
             raise NodeError(f"message longer than {MAX_BODY} bytes")
         return await self._write(chat, "msg", body=text)
 
-    # ---- media (p2p.media; docs/media.md) -------------------------------------------
-
-    async def send_file(
-        self, path: str | os.PathLike[str], text: str = "", *, chat: str | None = None
-    ) -> str:
-        """Send a file (with an optional caption); returns the message id once the
-        message is durable. The file is encrypted into chunks here, and peers fetch
-        them on the media lane, by their own policy."""
-        attachment = await self.media.prepare(path)
-        message_id = await self._write(chat, "file", body=file_body(text, attachment))
-        space = self.state.chat_by_name(chat) if chat else self.state.space(self.default_chat())
-        self.media.sent(space.id, message_id, attachment)
-        return message_id
-
-    async def fetch(self, message_id: str, *, chat: str | None = None) -> Attachment:
-        """Fetch a message's attachment from whichever peers have it (progress comes
-        as :class:`~p2p.events.MediaProgress` events)."""
-        return await self.media.fetch(message_id, chat)
-
-    async def open_attachment(
-        self, message_id: str, out: str | os.PathLike[str], *, chat: str | None = None
-    ) -> Attachment:
-        """Write a message's attachment, decrypted, to ``out``; MediaMissing if it is
-        not all here yet."""
-        return await self.media.open(message_id, out, chat)
-
-    # ---- editing -------------------------------------------------------------------
-
     async def edit(self, message_id: str, text: str, *, chat: str | None = None) -> str:
         """Replace a message's text (only its author's account can)."""
         if len(text.encode("utf-8", "surrogatepass")) > MAX_BODY:
@@ -393,6 +370,29 @@ class Node:
             fn(*args)
         else:
             await trio.to_thread.run_sync(fn, *args)
+
+    # ---- media (p2p.media; docs/media.md) -------------------------------------------
+
+    async def send_file(
+        self, path: str | os.PathLike[str], text: str = "", *, chat: str | None = None
+    ) -> str:
+        """Send a file (with an optional caption); returns the message id once the
+        message is durable. The file is encrypted into chunks here, and peers fetch
+        them on the media lane, by their own policy."""
+        attachment = await self.media.prepare(path)
+        return await self._write(chat, "file", body=file_body(text, attachment))
+
+    async def fetch(self, message_id: str, *, chat: str | None = None) -> Attachment:
+        """Fetch a message's attachment from whichever peers have it (progress comes
+        as :class:`~p2p.events.MediaProgress` events)."""
+        return await self.media.fetch(message_id, chat)
+
+    async def open_attachment(
+        self, message_id: str, out: str | os.PathLike[str], *, chat: str | None = None
+    ) -> Attachment:
+        """Write a message's attachment, decrypted, to ``out``; MediaMissing if it is
+        not all here yet."""
+        return await self.media.open(message_id, out, chat)
 
     # ---- gossip --------------------------------------------------------------------
 
@@ -872,7 +872,8 @@ async def open_node(
     (mDNS, ...) as they find them; ``relays`` are rendezvous relay URLs (``ws://...``):
     the node meets linked devices through them and leaves mail for offline ones.
     ``wall_ms`` is the time used for
-    message timestamps (tests pass a virtual clock).
+    message timestamps (tests pass a virtual clock). Attachments are kept in
+    ``<home>/media.db``; a node opened on a ``store`` keeps them in memory.
     """
     if (home is None) == (store is None):
         raise NodeError("open_node needs exactly one of home or store")
@@ -893,12 +894,15 @@ async def open_node(
                 if clients:
                     transport = RoutedTransport(transport, clients)
                 node = Node(
-                    state, the_store, nursery, transport=transport, wall_ms=wall_ms, relays=clients
+                    state,
+                    the_store,
+                    nursery,
+                    transport=transport,
+                    wall_ms=wall_ms,
+                    relays=clients,
+                    blobs=blobs,
                 )
                 node._leaving = the_store.get("leave/requested") is not None
-                node.media = MediaService(
-                    blobs, node, wall_ms=wall_ms, emit=node._emit, wake=node._wake_peer
-                )
                 await nursery.start(node.media.run)
                 nursery.start_soon(node._writer)
                 nursery.start_soon(node._gossiper)

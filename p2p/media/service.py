@@ -511,10 +511,6 @@ class MediaService:
         self.blobs.set_file(a.id, _json(a), "own", plain)
         return a
 
-    def sent(self, chat: str, message: str, a: Attachment) -> None:
-        """A file message of ours is written: it is known (and complete) here."""
-        self._known.setdefault(a.id, (chat, message))
-
     def find(self, message_id: str, chat: str | None = None) -> Message:
         """The message ``message_id`` with an attachment, in ``chat`` or any chat."""
         chats = [chat] if chat else [c.id for c in self._host.chats()]
