@@ -87,7 +87,7 @@ async def _handle(node: Node, request: object, ask: Ask) -> dict[str, Any]:
                 raise ControlError("'out' is needed to open an attachment")
             attachment = await node.open_attachment(message, out, chat=chat)
         else:
-            attachment = node.media.find(message, chat).attachment  # type: ignore[assignment]
+            _, attachment = node.media.find(message, chat)
         return {"file": {**attachment.summary(), **node.media.describe(attachment)}}
     if op == "media":
         changes = request.get("set") or {}

@@ -511,22 +511,21 @@ class MediaService:
         self.blobs.set_file(a.id, _json(a), "own", plain)
         return a
 
-    def find(self, message_id: str, chat: str | None = None) -> Message:
-        """The message ``message_id`` with an attachment, in ``chat`` or any chat."""
+    def find(self, message_id: str, chat: str | None = None) -> tuple[Message, Attachment]:
+        """The message ``message_id`` (in ``chat``, or any chat) and its attachment;
+        NodeError if there is no such message, MediaError if it carries no file."""
         chats = [chat] if chat else [c.id for c in self._host.chats()]
         for c in chats:
             for m in self._host.messages(c):
                 if m.id == message_id:
                     if m.attachment is None:
                         raise MediaError(f"message {message_id} has no attachment")
-                    return m
+                    return m, m.attachment
         raise NodeError(f"no message {message_id}")
 
     async def fetch(self, message_id: str, chat: str | None = None) -> Attachment:
         """Fetch a message's attachment now (whatever the policy said)."""
-        m = self.find(message_id, chat)
-        a = m.attachment
-        assert a is not None
+        m, a = self.find(message_id, chat)
         self._known.setdefault(a.id, (m.chat, m.id))
         if self.blobs.file_state(a.id) not in ("own", "want"):
             await self._blob_io(self.blobs.set_file, a.id, _json(a), "want")
@@ -558,8 +557,7 @@ class MediaService:
         self, message_id: str, out: str | os.PathLike[str], chat: str | None = None
     ) -> Attachment:
         """Write a message's attachment, decrypted, to ``out`` (atomically)."""
-        a = self.find(message_id, chat).attachment
-        assert a is not None
+        _, a = self.find(message_id, chat)
         await trio.to_thread.run_sync(self._open, a, Path(out), self._wall_ms())
         return a
 
