@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from p2p import events as ev
-from p2p.errors import MediaMissing
+from p2p.errors import MediaError, MediaMissing
 from p2p.node import Node, open_node
 from p2p.testing import provision_homes
 from p2p.transport.tcp import TcpTransport
@@ -243,6 +243,69 @@ def test_relay_storage_and_wire_never_carry_plaintext(tmp_path: Path, homes: lis
     assert b"secret.bin" not in recorded
 
 
+def test_bytes_tampered_by_the_relay_are_refused_and_the_file_still_arrives(
+    tmp_path: Path, homes: list[Path]
+) -> None:
+    """A relay (a proxy in front of it) flips one byte in the middle of the chunks it
+    carries to the phone: the session's box refuses the frame, the connection is
+    closed, and the phone fetches the chunk again through a new pipe."""
+    data = random_file(homes[1] / "clip.mov", 4 * MiB)
+    flipped: list[int] = []
+
+    async def main() -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        proxy_url = f"ws://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        relay = RelayProcess(tmp_path / "relay-data", relay_id=proxy_url)
+
+        async def pipe(src: trio.SocketStream, dst: trio.SocketStream, tamper: bool) -> None:
+            seen = 0
+            try:
+                while chunk := await src.receive_some(65536):
+                    seen += len(chunk)
+                    if tamper and not flipped and seen > 2 * MiB:
+                        chunk = chunk[:100] + bytes([chunk[100] ^ 0x40]) + chunk[101:]
+                        flipped.append(seen)
+                    await dst.send_all(chunk)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            finally:
+                await dst.aclose()
+
+        async def forward(client: trio.SocketStream) -> None:
+            upstream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+            async with trio.open_nursery() as n:
+                n.start_soon(pipe, client, upstream, False)
+                n.start_soon(pipe, upstream, client, True)  # relay -> device
+
+        try:
+            with trio.fail_after(90):
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(trio.serve_listeners, forward, listeners)
+                    async with open_node(homes[1], relays=[proxy_url]) as laptop:
+                        await laptop.relays[0].wait_connected()
+                        msg = await laptop.send_file(homes[1] / "clip.mov")
+                        async with open_node(homes[0], relays=[proxy_url]) as phone:
+                            refused: list[str] = []
+
+                            def note(event: Any) -> bool:
+                                if isinstance(event, ev.InputRejected):
+                                    refused.append(event.error)
+                                return complete(event)
+
+                            with phone.events() as events:
+                                await until(events, note)
+                            assert refused == ["DecryptionFailed"]  # the pipe was cut
+                            await phone.open_attachment(msg, homes[0] / "clip.out")
+                            assert (homes[0] / "clip.out").read_bytes() == data
+                            assert phone.media.stats.tampered == 0  # the box caught it first
+                    nursery.cancel_scope.cancel()
+        finally:
+            relay.stop()
+
+    trio.run(main)
+    assert flipped  # the relay did tamper, and the file is intact all the same
+
+
 def test_on_demand_policy_quota_and_eviction(homes: list[Path]) -> None:
     """``demand``: nothing is fetched until asked; over the quota the least recently used
     fetched file goes (never an own one), and can be fetched again."""
@@ -257,6 +320,10 @@ def test_on_demand_policy_quota_and_eviction(homes: list[Path]) -> None:
                 same = await laptop.send_file(homes[1] / "one.bin", "again")
                 own, _ = laptop.media.blobs.usage()
                 assert own < 2 * MiB + 4096  # the same file twice is stored once
+                laptop.media.set_policy(max_file=MiB - 1)
+                with pytest.raises(MediaError, match="at most"):
+                    await laptop.send_file(homes[1] / "one.bin")
+                laptop.media.set_policy(max_file=100 * MiB)
                 async with node(homes[0], peers=[laptop.address]) as phone:
                     phone.media.set_policy(fetch="demand", quota=MiB + 65536)
                     await polled(lambda: len(phone.messages()) == 3)
