@@ -92,11 +92,13 @@ def cmd_log(args: argparse.Namespace) -> int:
 
 
 def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000  # type: ignore[assignment]
-    return str(n)
+    """Bytes for people, in powers of 1024 like the sizes ``p2p media`` takes."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
 
 
 def _file_line(f: dict[str, Any]) -> str:
@@ -249,6 +251,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  peer {p['device']} via {p['remote']} ({p['found_via']})")
     for s in status["spaces"]:
         print(f"  {s['kind']:<7} {s['name']:<10} {s['id']}  {s['entries']} entries")
+    media = status.get("media")
+    if media:
+        print(
+            f"media: {_size(media['own_bytes'])} own, {_size(media['fetched_bytes'])} fetched"
+            f", {len(media['fetching'])} files fetching (fetch {media['policy']['fetch']})"
+        )
     return 0
 
 

@@ -44,7 +44,7 @@ def test_file_sent_while_phone_is_off_arrives_and_a_cut_transfer_resumes(
         message = p2p(
             laptop_home, "send", "--file", str(tmp_path / "movie.mp4"), "holiday"
         ).stdout.strip()
-        assert "file movie.mp4, 21.0 MB" in p2p(laptop_home, "log").stdout
+        assert "file movie.mp4, 20.0 MiB" in p2p(laptop_home, "log").stdout
 
         phone = Node(phone_home, *LOOPBACK, "--peer", laptop.address)
         first = phone.wait_for("media_progress", timeout=30)
