@@ -141,7 +141,11 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     running = control.request(_home(args), {"op": "status"}) is not None
     file = reply["file"]
     if not running and not file["fetched"]:
-        print(f"{file['name']}: will be fetched when the node runs (p2p run)")
+        print(
+            json.dumps(file)
+            if args.json
+            else f"{file['name']}: will be fetched when the node runs (p2p run)"
+        )
         return 0
     if args.no_wait or file["fetched"]:
         print(json.dumps(file) if args.json else _file_line(file))
