@@ -324,10 +324,17 @@ def test_on_demand_policy_quota_and_eviction(homes: list[Path]) -> None:
                 with pytest.raises(MediaError, match="at most"):
                     await laptop.send_file(homes[1] / "one.bin")
                 laptop.media.set_policy(max_file=100 * MiB)
-                async with node(homes[0], peers=[laptop.address]) as phone:
+                async with node(homes[0]) as phone:
                     phone.media.set_policy(fetch="demand", quota=MiB + 65536)
+                    await phone.connect(laptop.address)
                     await polled(lambda: len(phone.messages()) == 3)
-                    await trio.sleep(0.3)  # room for a wrong fetch to start
+                    files = {m.attachment.id for m in phone.messages() if m.attachment}
+                    assert len(files) == 2  # the same file twice is one file
+                    # each file is decided once it is seen: on demand, left idle
+                    await polled(
+                        lambda: all(phone.media.blobs.file_state(f) is not None for f in files)
+                    )
+                    assert {phone.media.blobs.file_state(f) for f in files} == {"idle"}
                     assert phone.media.blobs.usage() == (0, 0)
                     with pytest.raises(MediaMissing):
                         await phone.open_attachment(one, homes[0] / "x")
@@ -336,7 +343,6 @@ def test_on_demand_policy_quota_and_eviction(homes: list[Path]) -> None:
                         await until(events, complete)
                         await phone.fetch(two)
                         await until(events, lambda e: complete(e) and e.name == "two.bin")
-                    await trio.sleep(0.1)
                     rows = {r["id"]: r["file"] for r in phone.media.log_json(phone.messages())}
                     assert rows[two]["fetched"]
                     assert not rows[one]["fetched"]

@@ -418,9 +418,9 @@ class MediaService:
         a = progress.attachment
         self._progress.pop(a.id, None)
         await self._blob_io(self.blobs.set_file, a.id, _json(a), "done")
+        await self._evict()  # before "complete" goes out: the app sees the store settled
         progress.held = len(a.hashes)
         self._report(progress)
-        await self._evict()
 
     async def _evict(self) -> None:
         keep = {h for p in self._progress.values() for h in p.attachment.hashes}
