@@ -410,9 +410,10 @@ class MediaService:
                         if progress is None:
                             continue
                         progress.held += sum(1 for x in progress.attachment.hashes if x == h)
-                        self._report(progress)
                         if progress.held >= len(progress.attachment.hashes):
-                            await self._finish(progress)
+                            await self._finish(progress)  # reports completion
+                        else:
+                            self._report(progress)
 
     async def _finish(self, progress: _Progress) -> None:
         a = progress.attachment
