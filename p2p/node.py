@@ -864,6 +864,7 @@ async def open_node(
     discovery: Sequence[Discovery] = (),
     relays: Sequence[str] = (),
     wall_ms: Callable[[], int] = wall_clock_ms,
+    blobs: BlobStore | None = None,
 ) -> AsyncIterator[Node]:
     """Run the device stored in ``home`` (or in ``store``) until the block exits.
 
@@ -872,16 +873,18 @@ async def open_node(
     (mDNS, ...) as they find them; ``relays`` are rendezvous relay URLs (``ws://...``):
     the node meets linked devices through them and leaves mail for offline ones.
     ``wall_ms`` is the time used for
-    message timestamps (tests pass a virtual clock). Attachments are kept in
-    ``<home>/media.db``; a node opened on a ``store`` keeps them in memory.
+    message timestamps (tests pass a virtual clock). Attachments are kept in ``blobs``
+    (the caller's, left open), else in ``<home>/media.db``, else (a node opened on a
+    ``store``) in memory.
     """
     if (home is None) == (store is None):
         raise NodeError("open_node needs exactly one of home or store")
     owned = store is None
     the_store: Store = open_home_store(home) if store is None else store  # type: ignore[arg-type]
-    blobs = None
+    own_blobs = blobs is None
     try:
-        blobs = open_blobs(home)
+        if blobs is None:
+            blobs = open_blobs(home)
         state = await trio.to_thread.run_sync(DeviceState.load, the_store)
         # counters used from now on are reserved on disk before anything is sealed
         await trio.to_thread.run_sync(the_store.write, state.reserve_counters())
@@ -923,7 +926,7 @@ async def open_node(
         except BaseExceptionGroup as group:
             raise _unwrap(group) from None
     finally:
-        if blobs is not None:
+        if own_blobs and blobs is not None:
             blobs.close()
         if owned:
             the_store.close()
