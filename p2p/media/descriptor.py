@@ -11,6 +11,7 @@ relay's pipes, can carry and check them without being able to read them.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import os
@@ -173,8 +174,12 @@ def file_body(text: str, attachment: Attachment) -> str:
     return json.dumps({"text": text, "file": attachment.to_json()}, separators=(",", ":"))
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_file_body(body: str) -> tuple[str, Attachment]:
-    """Caption and descriptor of a ``file`` entry's body; BadDescriptor if malformed."""
+    """Caption and descriptor of a ``file`` entry's body; BadDescriptor if malformed.
+
+    Cached: every ``Node.messages()`` shows every file message, and a descriptor is up
+    to ~45 KB of JSON (the result is immutable, so sharing it is safe)."""
     try:
         value = json.loads(body)
     except ValueError as exc:
