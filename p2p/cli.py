@@ -20,7 +20,7 @@ import trio
 
 from p2p import control
 from p2p.clock import parse_ts
-from p2p.errors import P2PError
+from p2p.errors import NodeError, P2PError
 from p2p.home import default_home, init_account, open_home_store
 from p2p.node import open_node
 
@@ -44,12 +44,21 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
+    text = args.text or ""
+    file = str(Path(args.file).resolve()) if args.file else None
+    if not file and args.text is None:
+        print("p2p: send needs a TEXT, a --file, or both", file=sys.stderr)
+        return 2
+
     async def run() -> str:
         async with open_node(_home(args)) as node:
-            return await node.send(args.text, chat=args.chat)
+            if file:
+                return await node.send_file(file, text, chat=args.chat)
+            return await node.send(text, chat=args.chat)
 
     # through the running node when there is one (it owns the store and gossips at once)
-    reply = control.request(_home(args), {"op": "send", "text": args.text, "chat": args.chat})
+    request = {"op": "send", "text": text, "chat": args.chat, "file": file}
+    reply = control.request(_home(args), request)
     message_id = str(reply["id"]) if reply is not None else trio.run(run)
     if args.json:
         print(json.dumps({"id": message_id}))
@@ -71,8 +80,153 @@ def cmd_log(args: argparse.Namespace) -> int:
             print(json.dumps(m, ensure_ascii=False))
         else:
             flags = " (deleted)" if m["deleted"] else " (edited)" if m["edited"] else ""
+            file = f" [{_file_line(m['file'])}]" if "file" in m else ""
             status = marks.get(m["status"], m["status"])
-            print(f"{_time_of(m['ts'])} {m['device']}: {m['text']}{flags}  [{status}]")
+            print(f"{_time_of(m['ts'])} {m['device']}: {m['text']}{file}{flags}  [{status}]")
+    return 0
+
+
+# ---- attachments (p2p.media) -----------------------------------------------------------
+
+
+def _size(n: int) -> str:
+    """Bytes for people, in powers of 1024 like the sizes ``p2p media`` takes."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _file_line(f: dict[str, Any]) -> str:
+    state = "fetched" if f["fetched"] else f"not fetched ({f['held']}/{f['chunks']} chunks)"
+    return f"file {f['name']}, {_size(f['size'])}, {state}"
+
+
+def _parse_size(text: str) -> int:
+    """Bytes from ``123``, ``64K``, ``16M``, ``2G`` (powers of 1024)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B")
+    factor = units.get(text[-1:], 1)
+    try:
+        value = int(text[:-1] if text[-1:] in units else text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    return value * factor
+
+
+def _node_or_offline(args: argparse.Namespace, request: dict[str, Any], offline: Any) -> Any:
+    """Ask the running node; without one, run ``offline(node)`` on the store."""
+    reply = control.request(_home(args), request)
+    if reply is not None:
+        return reply
+
+    async def run() -> Any:
+        async with open_node(_home(args)) as node:
+            return await offline(node)
+
+    return trio.run(run)
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    async def offline(node: Any) -> dict[str, Any]:
+        attachment = await node.fetch(args.message, chat=args.chat)
+        return {"file": {**attachment.summary(), **node.media.describe(attachment)}}
+
+    request = {"op": "fetch", "message": args.message, "chat": args.chat}
+    reply = _node_or_offline(args, request, offline)
+    running = control.request(_home(args), {"op": "status"}) is not None
+    file = reply["file"]
+    if not running and not file["fetched"]:
+        print(
+            json.dumps(file)
+            if args.json
+            else f"{file['name']}: will be fetched when the node runs (p2p run)"
+        )
+        return 0
+    if args.no_wait or file["fetched"]:
+        print(json.dumps(file) if args.json else _file_line(file))
+        return 0
+    return _follow(args, file)
+
+
+def _follow(args: argparse.Namespace, file: dict[str, Any]) -> int:
+    """Poll the running node until the file is here, with a progress bar."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    request = {"op": "describe", "message": args.message, "chat": args.chat}
+    deadline = time.monotonic() + args.timeout
+    with Progress(
+        "{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        disable=args.json,
+        transient=False,
+    ) as bar:
+        task = bar.add_task(file["name"], total=file["size"])
+        while time.monotonic() < deadline:
+            reply = control.request(_home(args), request)
+            if reply is None:
+                raise NodeError("the node stopped")
+            file = reply["file"]
+            bar.update(task, completed=file["size"] * file["held"] // max(file["chunks"], 1))
+            if file["fetched"]:
+                break
+            time.sleep(0.2)
+    if args.json:
+        print(json.dumps(file))
+    if not file["fetched"]:
+        print(f"p2p: {file['name']} is not complete after {args.timeout} s", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_open(args: argparse.Namespace) -> int:
+    out = str(Path(args.out).resolve())
+
+    async def offline(node: Any) -> dict[str, Any]:
+        attachment = await node.open_attachment(args.message, out, chat=args.chat)
+        return {"file": attachment.summary()}
+
+    request = {"op": "open", "message": args.message, "chat": args.chat, "out": out}
+    file = _node_or_offline(args, request, offline)["file"]
+    print(json.dumps({**file, "out": out}) if args.json else f"wrote {file['name']} to {out}")
+    return 0
+
+
+def cmd_media(args: argparse.Namespace) -> int:
+    from p2p.media.service import MediaPolicy, open_blobs
+
+    changes = {
+        "fetch": args.fetch,
+        "below": args.below,
+        "max_file": args.max_file,
+        "quota": args.quota,
+        "rate": args.rate,
+    }
+    reply = control.request(_home(args), {"op": "media", "set": changes})
+    if reply is not None:
+        status = reply["media"]
+    else:
+        open_home_store(_home(args)).close()  # NotInitialized for a home without a device
+        blobs = open_blobs(_home(args))
+        try:
+            policy = MediaPolicy.load(blobs).with_(**changes)
+            policy.save(blobs)
+            own, fetched = blobs.usage()
+        finally:
+            blobs.close()
+        status = {"policy": policy.to_json(), "own_bytes": own, "fetched_bytes": fetched}
+    if args.json:
+        print(json.dumps(status))
+        return 0
+    p = status["policy"]
+    fetch = f"below {_size(p['below'])}" if p["fetch"] == "below" else p["fetch"]
+    print(f"fetch {fetch}; largest file {_size(p['max_file'])}; quota {_size(p['quota'])}")
+    print(f"serve rate per peer: {_size(p['rate']) + '/s' if p['rate'] else 'unlimited'}")
+    print(f"held: {_size(status['own_bytes'])} own, {_size(status['fetched_bytes'])} fetched")
     return 0
 
 
@@ -100,6 +254,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     for s in status["spaces"]:
         held = "history not loaded" if s["entries"] is None else f"{s['entries']} entries"
         print(f"  {s['kind']:<7} {s['name']:<10} {s['id']}  {held}")
+    media = status.get("media")
+    if media:
+        print(
+            f"media: {_size(media['own_bytes'])} own, {_size(media['fetched_bytes'])} fetched"
+            f", {len(media['fetching'])} files fetching (fetch {media['policy']['fetch']})"
+        )
     return 0
 
 
@@ -453,7 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="this device's name")
     p = add("send", cmd_send, "send a message")
     p.add_argument("--chat", help="chat id or name (default: notes)")
-    p.add_argument("text")
+    p.add_argument("--file", help="attach this file (the text becomes its caption)")
+    p.add_argument("text", nargs="?")
     contact = sub.add_parser("contact", help="contact codes: show ours, add another account's")
     contact_sub = contact.add_subparsers(dest="contact_command", required=True)
     for name, handler, help in (
@@ -494,6 +655,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--mark-read", action="store_true", help="record that this device has shown the chat"
     )
     add("devices", cmd_devices, "the signed device list")
+    p = add("fetch", cmd_fetch, "fetch a message's attachment (progress bar)")
+    p.add_argument("message", help="message id")
+    p.add_argument("--chat", help="chat id or name (default: any)")
+    p.add_argument("--no-wait", action="store_true", help="ask the node and return at once")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds to wait at most")
+    p = add("open", cmd_open, "write a message's attachment, decrypted, to a file")
+    p.add_argument("message", help="message id")
+    p.add_argument("--out", required=True, help="where to write the file")
+    p.add_argument("--chat", help="chat id or name (default: any)")
+    p = add("media", cmd_media, "show or set the media policy")
+    p.add_argument("--fetch", choices=["all", "below", "demand"], help="what to fetch by itself")
+    p.add_argument("--below", type=_parse_size, help="size limit of --fetch below (16M)")
+    p.add_argument("--max-file", type=_parse_size, help="largest file sent or fetched (100M)")
+    p.add_argument("--quota", type=_parse_size, help="bytes of fetched files kept (1G)")
+    p.add_argument("--rate", type=_parse_size, help="bytes/s served to each peer (0: no limit)")
     p = add("link", cmd_link, "new device: show a pairing code and wait for the primary")
     p.add_argument("--name", required=True, help="this device's name")
     p.add_argument("--listen", default="0.0.0.0:0", help="HOST:PORT the primary dials")

@@ -78,14 +78,35 @@ async def _handle(node: Node, request: object, ask: Ask) -> dict[str, Any]:
     if chat is not None and not isinstance(chat, str):
         raise ControlError("'chat' must be a string")
     if op == "send":
-        text = request.get("text")
-        if not isinstance(text, str):
-            raise ControlError("'text' must be a string")
+        text, file = request.get("text"), request.get("file")
+        if not isinstance(text, str) or not (file is None or isinstance(file, str)):
+            raise ControlError("'text' must be a string, 'file' a path or null")
+        if file is not None:
+            return {"id": await node.send_file(file, text, chat=chat)}
         return {"id": await node.send(text, chat=chat)}
     if op == "log":
         if request.get("mark_read"):
             await node.mark_read(chat=chat)
         return {"messages": await node.log(chat)}
+    if op in ("fetch", "open", "describe"):  # attachments (p2p.media)
+        message, out = request.get("message"), request.get("out")
+        if not isinstance(message, str) or not (out is None or isinstance(out, str)):
+            raise ControlError("'message' must be a string, 'out' a path or null")
+        if op == "fetch":
+            attachment = await node.fetch(message, chat=chat)
+        elif op == "open":
+            if out is None:
+                raise ControlError("'out' is needed to open an attachment")
+            attachment = await node.open_attachment(message, out, chat=chat)
+        else:
+            _, attachment = node.media.find(message, chat)
+        return {"file": {**attachment.summary(), **node.media.describe(attachment)}}
+    if op == "media":
+        changes = request.get("set") or {}
+        if not isinstance(changes, dict):
+            raise ControlError("'set' must be an object")
+        node.media.set_policy(**changes)
+        return {"media": node.media.status()}
     if op == "status":
         return {"status": node.status()}
     if op == "approve":

@@ -71,6 +71,8 @@ def _describe(event: ev.Event) -> tuple[str, str]:
         return "chat_changed", f"chat {event.chat} changed by {event.origin}"
     if isinstance(event, ev.InputRejected):
         return "input_rejected", f"refused input from {event.remote}: {event.error}: {event.detail}"
+    if isinstance(event, ev.MediaProgress):
+        return "media_progress", f"attachment {event.name}: {event.done}/{event.total} chunks"
     if isinstance(event, ev.EntryRejected):
         return (
             "entry_rejected",

@@ -228,3 +228,50 @@ class MailTooLarge(RelayRefused):
         super().__init__("too_large", f"{size} bytes exceed the limit of {limit}")
         self.size = size
         self.limit = limit
+
+
+# --- media (p2p.media) --------------------------------------------------------------
+
+
+class MediaError(P2PError):
+    """An attachment that cannot be sent, fetched, stored or opened."""
+
+
+class FileTooLarge(MediaError):
+    """A file over the device's maximum attachment size (or the format's hard cap)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"file of {size} bytes exceeds the limit of {limit}")
+        self.size = size
+        self.limit = limit
+
+
+class BadDescriptor(MediaError):
+    """An attachment descriptor in a message that is not shaped as the format says."""
+
+
+class ChunkTampered(MediaError):
+    """A chunk whose bytes do not hash to the hash it was asked for (or was not asked)."""
+
+    def __init__(self, chunk: str, source: str) -> None:
+        super().__init__(f"chunk {chunk} from {source} does not match its hash")
+        self.chunk = chunk
+        self.source = source
+
+
+class BlobCorrupt(MediaError):
+    """A chunk in this device's blob store no longer matches its hash (disk damage)."""
+
+    def __init__(self, chunk: str) -> None:
+        super().__init__(f"stored chunk {chunk} does not match its hash; dropped")
+        self.chunk = chunk
+
+
+class MediaMissing(MediaError):
+    """An attachment that is not (fully) on this device yet: fetch it first."""
+
+    def __init__(self, file: str, have: int, total: int) -> None:
+        super().__init__(f"attachment {file} has {have} of {total} chunks on this device")
+        self.file = file
+        self.have = have
+        self.total = total

@@ -80,6 +80,23 @@ class ChatKeysChanged:
     joined: bool
 
 
+@dataclass(frozen=True, kw_only=True)
+class MediaProgress:
+    """Chunks of an attachment arrived and are stored (``done == total``: complete)."""
+
+    file: str
+    """The attachment's id (``Attachment.id``)."""
+    chat: str
+    message: str
+    """A message that carries it."""
+    name: str
+    done: int
+    """Chunks held."""
+    total: int
+    size: int
+    """The file's size in bytes."""
+
+
 Event = (
     ChatChanged
     | PeerConnected
@@ -88,4 +105,5 @@ Event = (
     | EntryRejected
     | DeviceListChanged
     | ChatKeysChanged
+    | MediaProgress
 )

@@ -7,7 +7,8 @@ floats; a Map of plain dicts took inserts ~10x faster than an Array of Maps, mea
 ====  =================  ==========================================================
 map   key                value
 ====  =================  ==========================================================
-m     message id         the message: author account/device, HLC ``ts``, body
+m     message id         the message: author account/device, HLC ``ts``, body (kind
+                         ``msg``; or ``file``: caption and attachment descriptor)
 e     edit id            an edit: target message id, new body
 x     target id          a deletion tombstone of the target message
 r     target/account     the account's reaction to the target ("" = withdrawn)
@@ -36,8 +37,9 @@ from typing import Any, Final, Literal
 import pycrdt
 
 from p2p.clock import is_ts
-from p2p.errors import BadSignature, InvalidUpdate
+from p2p.errors import BadSignature, InvalidUpdate, P2PError
 from p2p.identity import DeviceKeys, verify
+from p2p.media.descriptor import Attachment, parse_file_body
 from p2p.wire import MAX_FRAME, pack
 from p2p.yupdate import check_update, encode_uvar, strip_deletions
 
@@ -47,9 +49,10 @@ MAX_BODY: Final = 64 * 1024
 MAX_UPDATE: Final = MAX_FRAME
 MAPS: Final = ("m", "e", "x", "r", "k", "v", "c", "l")
 
-Kind = Literal["msg", "edit", "del", "react", "read", "rcpt", "contact", "leave"]
+Kind = Literal["msg", "edit", "del", "react", "read", "rcpt", "contact", "leave", "file"]
 _MAP_OF_KIND: Final[dict[str, str]] = {
     "msg": "m",
+    "file": "m",  # a message with an attachment (p2p.media): body = caption + descriptor
     "edit": "e",
     "del": "x",
     "react": "r",
@@ -163,6 +166,8 @@ class Message:
     deleted: bool = False
     reactions: dict[str, str] = field(default_factory=dict)
     """Account id -> emoji."""
+    attachment: Attachment | None = None
+    """The file this message carries (p2p.media), if any."""
 
     def sort_key(self) -> tuple[str, str, str]:
         return (self.ts, self.device, self.id)
@@ -178,6 +183,7 @@ class Message:
             "edited": self.edited,
             "deleted": self.deleted,
             "reactions": dict(self.reactions),
+            **({"file": self.attachment.summary()} if self.attachment else {}),
         }
 
 
@@ -223,6 +229,11 @@ def judge(
             verified[cache_key] = ok
     if not ok:
         return Rejected(space=space, entry_id=entry.id, device=entry.device, reason="bad signature")
+    if entry.kind == "file":
+        try:
+            parse_file_body(entry.body)
+        except P2PError as exc:
+            return Rejected(space=space, entry_id=entry.id, device=entry.device, reason=str(exc))
     if not belongs(entry.device, entry.account):
         return Rejected(space=space, entry_id=entry.id, device=entry.device, reason="wrong account")
     return entry
@@ -241,7 +252,13 @@ def fold(
     messages not among ``messages`` are ignored, so folding a page of messages with the
     entries about them gives exactly that page of the whole view.
     """
-    by_id = {e.id: e for e in messages if e.kind == "msg"}
+    by_id = {e.id: e for e in messages if e.kind in ("msg", "file")}
+    files: dict[str, tuple[str, Attachment]] = {}
+    for e in [e for e in by_id.values() if e.kind == "file"]:
+        try:
+            files[e.id] = parse_file_body(e.body)  # checked by judge: only a guard here
+        except P2PError:
+            del by_id[e.id]
     latest_edit: dict[str, Entry] = {}
     for e in edits:
         target = by_id.get(e.target)
@@ -263,6 +280,7 @@ def fold(
     for m in by_id.values():
         edit = latest_edit.get(m.id)
         is_deleted = m.id in deleted
+        caption, attachment = files.get(m.id, (m.body, None))
         shown.append(
             Message(
                 id=m.id,
@@ -270,10 +288,11 @@ def fold(
                 ts=m.ts,
                 device=m.device,
                 account=m.account,
-                text="" if is_deleted else (edit.body if edit else m.body),
+                text="" if is_deleted else (edit.body if edit else caption),
                 edited=edit is not None and not is_deleted,
                 deleted=is_deleted,
                 reactions=reacted.get(m.id, {}),
+                attachment=None if is_deleted else attachment,
             )
         )
     shown.sort(key=Message.sort_key)

@@ -49,6 +49,9 @@ from p2p.grants import is_grant
 from p2p.home import open_home_store
 from p2p.identity import DeviceList
 from p2p.linking import Linked, approve_code
+from p2p.media.descriptor import Attachment, file_body
+from p2p.media.service import MediaService, open_blobs
+from p2p.media.store import BlobStore
 from p2p.model import MAX_BODY, Message, Rejected
 from p2p.relay.client import RelayClient, is_relay_address
 from p2p.relay.routing import RoutedTransport
@@ -63,6 +66,7 @@ from p2p.sync import (
     HaveIn,
     LeaseIn,
     LeaveRequested,
+    MediaIn,
     Output,
     Send,
     Session,
@@ -129,6 +133,8 @@ class _Peer:
     queue: trio.MemorySendChannel[bytes]
     remote: str
     since: float
+    wake: trio.Event
+    """Set when the pump has something to write: a sync frame, or media (p2p.media)."""
 
 
 class Node:
@@ -143,6 +149,7 @@ class Node:
         transport: TransportT | None,
         wall_ms: Callable[[], int],
         relays: Sequence[RelayClient] = (),
+        blobs: BlobStore,
     ) -> None:
         self.state = state
         self.relays = list(relays)
@@ -187,6 +194,10 @@ class Node:
         self._receipts_due: set[str] = set()
         self._rotating: set[str] = set()
         self._receipts_wakeup = trio.Event()
+        self.media = MediaService(
+            blobs, self, wall_ms=wall_ms, emit=self._emit, wake=self._wake_peer
+        )
+        """Attachments (p2p.media): its ``run`` task is started by :func:`open_node`."""
 
     # ---- identity and reading ------------------------------------------------------
 
@@ -298,6 +309,7 @@ class Node:
             "relays": [
                 {"url": r.url, "connected": r.connected, "address": r.address} for r in self.relays
             ],
+            "media": self.media.status(),
         }
 
     def traffic(self) -> dict[str, int]:
@@ -405,12 +417,12 @@ class Node:
         states = await self.delivery(space.id, shown)
         return [
             {
-                **m.to_json(),
+                **row,
                 "status": states[m.id].status,
                 "delivered_to": list(states[m.id].delivered_to),
                 "read_by": list(states[m.id].read_by),
             }
-            for m in shown
+            for m, row in zip(shown, self.media.log_json(shown), strict=True)
         ]
 
     async def delivery(
@@ -496,6 +508,29 @@ class Node:
         if isinstance(self.store, MemoryStore):
             return fn(*args)
         return await trio.to_thread.run_sync(fn, *args)
+
+    # ---- media (p2p.media; docs/media.md) -------------------------------------------
+
+    async def send_file(
+        self, path: str | os.PathLike[str], text: str = "", *, chat: str | None = None
+    ) -> str:
+        """Send a file (with an optional caption); returns the message id once the
+        message is durable. The file is encrypted into chunks here, and peers fetch
+        them on the media lane, by their own policy."""
+        attachment = await self.media.prepare(path)
+        return await self._write(chat, "file", body=file_body(text, attachment))
+
+    async def fetch(self, message_id: str, *, chat: str | None = None) -> Attachment:
+        """Fetch a message's attachment from whichever peers have it (progress comes
+        as :class:`~p2p.events.MediaProgress` events)."""
+        return await self.media.fetch(message_id, chat)
+
+    async def open_attachment(
+        self, message_id: str, out: str | os.PathLike[str], *, chat: str | None = None
+    ) -> Attachment:
+        """Write a message's attachment, decrypted, to ``out``; MediaMissing if it is
+        not all here yet."""
+        return await self.media.open(message_id, out, chat)
 
     # ---- gossip --------------------------------------------------------------------
 
@@ -714,13 +749,13 @@ class Node:
             self.state, initiator=initiator, now=trio.current_time(), wall_ms=self._wall_ms()
         )
         send_q, recv_q = trio.open_memory_channel[bytes](SEND_QUEUE)
-        peer = _Peer(session, send_q, conn.remote, trio.current_time())
+        peer = _Peer(session, send_q, conn.remote, trio.current_time(), trio.Event())
         duplicate: str | None = None
         self._handshaking += 1
         handshaking = True
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._pump_out, conn, recv_q, nursery.cancel_scope)
+                nursery.start_soon(self._pump_out, conn, recv_q, nursery.cancel_scope, peer)
                 if not self._carry_out(peer, session.start()):
                     return _Ended(authenticated=False, duplicate_of=None)
                 while session.state is not State.CLOSED:
@@ -744,6 +779,7 @@ class Node:
                         self._carry_out(peer, session.close())
                     await self._write_backpressure()
                 send_q.close()  # let the pump flush what is queued, then end
+                peer.wake.set()
         finally:
             if handshaking:  # never reached OPEN
                 self._handshaking -= 1
@@ -758,14 +794,47 @@ class Node:
         return _Ended(authenticated=not handshaking, duplicate_of=duplicate)
 
     async def _pump_out(
-        self, conn: Connection, frames: trio.MemoryReceiveChannel[bytes], scope: trio.CancelScope
+        self,
+        conn: Connection,
+        frames: trio.MemoryReceiveChannel[bytes],
+        scope: trio.CancelScope,
+        peer: _Peer,
     ) -> None:
+        """Write the session's frames; media only when no sync frame waits (two lanes)."""
         try:
             async with frames:
-                async for frame in frames:
+                while True:
+                    try:
+                        frame: bytes | None = frames.receive_nowait()
+                    except trio.WouldBlock:
+                        frame = self._media_frame(peer)
+                    except trio.EndOfChannel:
+                        return
+                    if frame is None:
+                        peer.wake = trio.Event()
+                        await peer.wake.wait()
+                        continue
                     await conn.send(frame)
         except TransportError:
             scope.cancel()
+
+    def _media_frame(self, peer: _Peer) -> bytes | None:
+        """The next frame of the media lane, sealed now (so that it takes the box's
+        next number after every sync frame already queued)."""
+        device = peer.session.peer
+        if device is None or self._peers.get(device) is not peer:
+            return None
+        item = self.media.next_out(device)
+        if item is None:
+            return None
+        kind, fields = item
+        sent = peer.session.send_media(kind, **fields)
+        return sent[0].data if sent and isinstance(sent[0], Send) else None
+
+    def _wake_peer(self, device: str) -> None:
+        peer = self._peers.get(device)
+        if peer is not None:
+            peer.wake.set()
 
     def _carry_out(self, peer: _Peer, outputs: list[Output]) -> bool:
         """Do what the session asked; False once the session is closed.
@@ -781,6 +850,7 @@ class Node:
             if isinstance(out, Send):
                 try:
                     peer.queue.send_nowait(out.data)
+                    peer.wake.set()
                 except trio.WouldBlock:
                     log.warning("peer %s is too slow; disconnecting it", peer.session.peer)
                     self._carry_out(peer, peer.session.close(NodeError("peer too slow")))
@@ -808,6 +878,12 @@ class Node:
                     self._queue_write(self.state.accept_lease(out.data, self._wall_ms()))
                 except P2PError as exc:
                     self._carry_out(peer, peer.session.close(exc))
+            elif isinstance(out, MediaIn):
+                device = peer.session.peer
+                if device is not None and self._peers.get(device) is peer:
+                    error = self.media.frame_in(device, out.kind, out.fields)
+                    if error is not None:
+                        self._carry_out(peer, peer.session.close(error))
             elif isinstance(out, Closed):
                 alive = False
                 self._on_closed(peer, out.error)
@@ -1220,6 +1296,7 @@ class Node:
             self._carry_out(primary, primary.session.send_leave())
 
     def _emit(self, event: ev.Event) -> None:
+        self.media.observe(event)  # peers up and down, chats changed (p2p.media)
         for sub in list(self._subscribers):
             try:
                 sub.send_nowait(event)
@@ -1266,6 +1343,7 @@ async def open_node(
     relays: Sequence[str] = (),
     wall_ms: Callable[[], int] = wall_clock_ms,
     receipts: bool = True,
+    blobs: BlobStore | None = None,
 ) -> AsyncIterator[Node]:
     """Run the device stored in ``home`` (or in ``store``) until the block exits.
 
@@ -1276,12 +1354,17 @@ async def open_node(
     ``wall_ms`` is the time used for message timestamps (tests pass a virtual clock).
     ``receipts=False`` keeps this device from writing delivery receipts (others then
     never see their messages delivered to it: a privacy choice, as in any messenger).
+    Attachments are kept in ``blobs`` (the caller's, left open), else in
+    ``<home>/media.db``, else (a node opened on a ``store``) in memory.
     """
     if (home is None) == (store is None):
         raise NodeError("open_node needs exactly one of home or store")
     owned = store is None
     the_store: Store = open_home_store(home) if store is None else store  # type: ignore[arg-type]
+    own_blobs = blobs is None
     try:
+        if blobs is None:
+            blobs = open_blobs(home)
         state = await trio.to_thread.run_sync(DeviceState.load, the_store)
         # counters used from now on, and this run's number, are on disk before anything
         # is sealed (with the message index of a store from before it existed, built
@@ -1296,9 +1379,16 @@ async def open_node(
                 if clients:
                     transport = RoutedTransport(transport, clients)
                 node = Node(
-                    state, the_store, nursery, transport=transport, wall_ms=wall_ms, relays=clients
+                    state,
+                    the_store,
+                    nursery,
+                    transport=transport,
+                    wall_ms=wall_ms,
+                    relays=clients,
+                    blobs=blobs,
                 )
                 node._leaving = the_store.get("leave/requested") is not None
+                await nursery.start(node.media.run)
                 nursery.start_soon(node._writer)
                 nursery.start_soon(node._gossiper)
                 if receipts:
@@ -1320,6 +1410,8 @@ async def open_node(
         except BaseExceptionGroup as group:
             raise _unwrap(group) from None
     finally:
+        if own_blobs and blobs is not None:
+            blobs.close()
         if owned:
             the_store.close()
 

@@ -31,7 +31,9 @@ States and the rules they keep::
             ``lease`` -> :class:`LeaseIn` (the primary renews a companion's lease, which
             the primary sends right after authenticating a companion);
             ``grant`` -> :class:`GrantIn` (keys of a space, see ``p2p.grants``);
-            ``ping`` -> ``pong``; ``bye`` -> closed.
+            ``ping`` -> ``pong``; ``bye`` -> closed;
+            ``ask``/``blob``/``nohave`` -> :class:`MediaIn` (attachment chunks, p2p.media;
+            the caller sends ours with :meth:`Session.send_media`, on a lower-priority lane).
     CLOSED  everything is ignored.
 
 Gossip is plumtree-like: the author of an envelope sends it whole to every peer
@@ -82,6 +84,8 @@ EMPTY_UPDATE: Final = b"\x00\x00"
 MAX_TAGS: Final = 64
 """Discovery keys a hello carries tags for (and a receiver checks): our account's
 epochs, then those of conversations shared with other accounts."""
+MEDIA_FRAMES: Final = frozenset({"ask", "blob", "nohave"})
+"""Frames of the media transfer (p2p.media), passed up as :class:`MediaIn`."""
 
 
 def digest(envelope: bytes) -> bytes:
@@ -190,6 +194,14 @@ class LeaveRequested:
 
 
 @dataclass(frozen=True)
+class MediaIn:
+    """A media frame (``ask``, ``blob``, ``nohave``) for the node's media service."""
+
+    kind: str
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Closed:
     """The session is over; close the connection. ``error`` is None for a clean bye."""
 
@@ -206,6 +218,7 @@ Output = (
     | WantIn
     | LeaseIn
     | LeaveRequested
+    | MediaIn
     | Closed
 )
 
@@ -231,6 +244,10 @@ class Stats:
     envelopes_in: int = 0
     haves_in: int = 0
     wants_in: int = 0
+    media_bytes_out: int = 0
+    """Bytes of media frames (chunks and requests) sent, boxed."""
+    media_bytes_in: int = 0
+    """Bytes of media frames received, boxed."""
 
 
 @dataclass
@@ -253,6 +270,7 @@ class Session:
     _started: float = 0.0
     _last_in: float = 0.0
     _last_out: float = 0.0
+    _in_size: int = 0
 
     def start(self) -> list[Output]:
         """Begin: our hello goes out at once (both sides do this)."""
@@ -274,6 +292,7 @@ class Session:
         self.now = self._last_in = now
         self.stats.frames_in += 1
         self.stats.bytes_in += len(data)
+        self._in_size = len(data)
         try:
             if self.state is State.HELLO:
                 return self._on_hello(data)
@@ -333,6 +352,16 @@ class Session:
         if self.state is not State.OPEN:
             return []
         return [self._send_boxed(encode_frame("leave", n=0))]
+
+    def send_media(self, kind: str, **fields: Any) -> list[Output]:
+        """Send a media frame (``ask``, ``blob``, ``nohave``) to the peer, if open."""
+        if kind not in MEDIA_FRAMES:
+            raise ProtocolError(f"{kind} is not a media frame")
+        if self.state is not State.OPEN:
+            return []
+        frame = self._send_boxed(encode_frame(kind, **fields))
+        self.stats.media_bytes_out += len(frame.data)
+        return [frame]
 
     def tick(self, now: float) -> list[Output]:
         """Let time pass: handshake timeout, keep-alive pings, idle timeout."""
@@ -484,6 +513,9 @@ class Session:
         if kind == "leave":
             assert self.peer is not None
             return [LeaveRequested(self.peer)]
+        if kind in MEDIA_FRAMES:
+            self.stats.media_bytes_in += self._in_size
+            return [MediaIn(kind, frame)]
         if kind == "ping":
             return [self._send_boxed(encode_frame("pong", n=frame["n"]))]
         if kind == "pong":

@@ -32,6 +32,7 @@ import trio
 from p2p.core import DeviceState
 from p2p.home import create_store
 from p2p.identity import DeviceKeys
+from p2p.media.store import BlobStore
 from p2p.model import Message
 from p2p.node import Node, open_node
 from p2p.storage.base import Store
@@ -105,6 +106,8 @@ class Cluster:
         self._nodes: list[Node | None] = [None] * len(stores)
         self._scopes: list[trio.CancelScope | None] = [None] * len(stores)
         self._stopped: list[trio.Event] = [trio.Event() for _ in stores]
+        self.blobs = [BlobStore(None) for _ in stores]
+        """Each device's attachment chunks (p2p.media), kept across stop and start."""
 
     @staticmethod
     def wall_ms() -> int:
@@ -151,6 +154,7 @@ class Cluster:
                     peers=self.names[:index],
                     wall_ms=self.wall_ms,
                     receipts=self.receipts,
+                    blobs=self.blobs[index],
                 ) as node:
                     self._nodes[index] = node
                     task_status.started()

@@ -30,6 +30,10 @@ DIGEST_SIZE: Final = 16
 """Bytes of an envelope digest in ``have``/``want`` frames (``p2p.sync.digest``)."""
 MAX_DIGESTS: Final = 256
 """Digests one ``have`` or ``want`` frame may carry."""
+MEDIA_WANT_MAX: Final = 64
+"""Most chunk hashes one ``want`` or ``nohave`` frame names (p2p.media)."""
+MEDIA_CHUNK_MAX: Final = 4 * 1024 * KiB
+"""Largest plaintext chunk of an attachment; its ciphertext is 16 bytes more."""
 
 # field kinds: (python type, max length or max value)
 _B = bytes
@@ -113,6 +117,13 @@ SCHEMA: Final[dict[str, dict[str, Field]]] = {
     "ping": {"n": Field(_I, 2**63 - 1)},
     "pong": {"n": Field(_I, 2**63 - 1)},
     "bye": {"code": Field(_S, 64)},
+    # media transfer (p2p.media), boxed in an open session, on its own low-priority lane
+    "ask": {"h": Field(_B, MEDIA_WANT_MAX * 32)},  # chunk hashes asked for, 32 bytes each
+    "blob": {
+        "h": Field(_B, 32),  # the chunk's hash (BLAKE2b-256 of its ciphertext)
+        "d": Field(_B, MEDIA_CHUNK_MAX + 16),  # the encrypted chunk
+    },
+    "nohave": {"h": Field(_B, MEDIA_WANT_MAX * 32)},  # asked-for hashes we cannot serve
 }
 
 

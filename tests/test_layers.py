@@ -23,6 +23,8 @@ PURE = [
     "p2p.grants",
     "p2p.yupdate",
     "p2p.relay.protocol",
+    "p2p.media.descriptor",
+    "p2p.media.fetch",
 ]
 FORBIDDEN = {"trio", "socket", "zeroconf", "trio_websocket", "sqlite3", "threading", "asyncio"}
 ROOT = Path(p2p.__file__).parent

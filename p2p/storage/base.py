@@ -124,7 +124,7 @@ class Store(Protocol):
     def index_messages(
         self, space: str, *, last: int | None = None, before: tuple[str, str, str] | None = None
     ) -> list[IndexRow]:
-        """Shown message rows (map ``m``, kind ``msg``, no ``reason``) in display order.
+        """Shown message rows (map ``m``, kind ``msg`` or ``file``, no ``reason``) in display order.
 
         All of them, or only those ordered before ``before`` (a ``(ts, device, id)``),
         and of those the ``last`` ones. StoreCorrupt for a row that is not shaped right.

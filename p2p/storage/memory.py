@@ -145,7 +145,7 @@ def shown_messages(
             r
             for r in rows
             if r.map == "m"
-            and r.kind == "msg"
+            and r.kind in ("msg", "file")
             and not r.reason
             and (before is None or r.order() < before)
         ),

@@ -457,7 +457,7 @@ class SqliteStore:
         check_name(space, "space id")
         if last is not None and (type(last) is not int or last < 0):
             raise StoreError(f"last must be a non-negative int or None, not {last!r}")
-        where = "space = ? AND map = 'm' AND reason = '' AND kind = 'msg'"
+        where = "space = ? AND map = 'm' AND reason = '' AND kind IN ('msg', 'file')"
         params: list[Any] = [space]
         if before is not None:
             if not (
