@@ -228,13 +228,19 @@ class Node:
         return self.chats()[0].id if len(self.chats()) == 1 else self.state.chat_by_name("notes").id
 
     def messages(
-        self, chat: str | None = None, *, last: int | None = None, before: Message | None = None
+        self,
+        chat: str | None = None,
+        *,
+        last: int | None = None,
+        before: Message | None = None,
+        files_only: bool = False,
     ) -> list[Message]:
         """Messages of a chat in display order (the same on every replica), as durable.
 
         ``last=N`` gives only the newest N, and ``before=m`` only those ordered before
         message ``m``: ``messages(last=50)``, then ``messages(last=50, before=page[0])``
-        pages back through history at the cost of one page.
+        pages back through history at the cost of one page. ``files_only``: only the
+        messages with an attachment (what the media service scans).
 
         Served from the store's message index, without loading the CRDT, so it shows
         what is durable: a received message appears once its write committed (the
@@ -256,8 +262,12 @@ class Node:
                     )
                 )
         page = last is not None or before is not None
+        page = page or files_only
         rows = self.store.index_messages(
-            space.id, last=last, before=before.sort_key() if before is not None else None
+            space.id,
+            last=last,
+            before=before.sort_key() if before is not None else None,
+            files_only=files_only,
         )
         related = self.store.index_related(space.id, [r.id for r in rows] if page else None)
         return index_view(space.id, rows, related)

@@ -250,7 +250,7 @@ def test_file_entries_show_as_messages_and_bad_descriptors_are_hidden() -> None:
     bad = state.new_entry(space.id, "file", 2, body='{"text": "x", "file": {}}')
     state.write_local(space.id, [good, bad])
     replica: Replica = space.replica
-    shown, rejected = replica.view(state.any_signing_key, state.account_of)
+    shown, rejected = replica.view(state.any_signing_key, state.belongs)
     assert [(m.text, m.attachment) for m in shown] == [("look", a)]
     assert [r.entry_id for r in rejected] == [bad.id]
     assert shown[0].to_json()["file"] == a.summary()

@@ -143,7 +143,7 @@ class MediaHost(Protocol):
 
     def chats(self) -> Any: ...
 
-    def messages(self, chat: str | None = None) -> list[Message]: ...
+    def messages(self, chat: str | None = None, *, files_only: bool = False) -> list[Message]: ...
 
 
 @dataclass
@@ -361,7 +361,7 @@ class MediaService:
     async def _scan(self) -> None:
         """Find attachments in messages not seen yet, and decide about each once."""
         for chat in self._host.chats():
-            for message in self._host.messages(chat.id):
+            for message in self._host.messages(chat.id, files_only=True):
                 a = message.attachment
                 if a is None or a.id in self._known:
                     continue
@@ -517,11 +517,12 @@ class MediaService:
         NodeError if there is no such message, MediaError if it carries no file."""
         chats = [chat] if chat else [c.id for c in self._host.chats()]
         for c in chats:
-            for m in self._host.messages(c):
-                if m.id == message_id:
-                    if m.attachment is None:
-                        raise MediaError(f"message {message_id} has no attachment")
+            for m in self._host.messages(c, files_only=True):
+                if m.id == message_id and m.attachment is not None:
                     return m, m.attachment
+        for c in chats:  # the slow path, only to say why
+            if any(m.id == message_id for m in self._host.messages(c)):
+                raise MediaError(f"message {message_id} has no attachment")
         raise NodeError(f"no message {message_id}")
 
     async def fetch(self, message_id: str, chat: str | None = None) -> Attachment:

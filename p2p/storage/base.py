@@ -122,12 +122,18 @@ class Store(Protocol):
         ...
 
     def index_messages(
-        self, space: str, *, last: int | None = None, before: tuple[str, str, str] | None = None
+        self,
+        space: str,
+        *,
+        last: int | None = None,
+        before: tuple[str, str, str] | None = None,
+        files_only: bool = False,
     ) -> list[IndexRow]:
         """Shown message rows (map ``m``, kind ``msg`` or ``file``, no ``reason``) in display order.
 
         All of them, or only those ordered before ``before`` (a ``(ts, device, id)``),
-        and of those the ``last`` ones. StoreCorrupt for a row that is not shaped right.
+        and of those the ``last`` ones; ``files_only``: messages with an attachment only.
+        StoreCorrupt for a row that is not shaped right.
         """
         ...
 

@@ -135,7 +135,11 @@ def check_batch(batch: object) -> CheckedBatch:
 
 
 def shown_messages(
-    rows: Sequence[IndexRow], last: int | None, before: tuple[str, str, str] | None
+    rows: Sequence[IndexRow],
+    last: int | None,
+    before: tuple[str, str, str] | None,
+    *,
+    files_only: bool = False,
 ) -> list[IndexRow]:
     """Of ``rows`` (one space's, any order), what ``Store.index_messages`` returns."""
     if last is not None and (type(last) is not int or last < 0):
@@ -145,7 +149,7 @@ def shown_messages(
             r
             for r in rows
             if r.map == "m"
-            and r.kind in ("msg", "file")
+            and r.kind in (("file",) if files_only else ("msg", "file"))
             and not r.reason
             and (before is None or r.order() < before)
         ),
@@ -285,10 +289,15 @@ class MemoryStore:
             return list(state.index.get(space, {}).values())
 
     def index_messages(
-        self, space: str, *, last: int | None = None, before: tuple[str, str, str] | None = None
+        self,
+        space: str,
+        *,
+        last: int | None = None,
+        before: tuple[str, str, str] | None = None,
+        files_only: bool = False,
     ) -> list[IndexRow]:
         """Shown message rows in display order (the last ``last`` before ``before``)."""
-        return shown_messages(self._index_rows(space), last, before)
+        return shown_messages(self._index_rows(space), last, before, files_only=files_only)
 
     def index_related(self, space: str, targets: Sequence[str] | None) -> list[IndexRow]:
         """Shown edit, deletion and reaction rows about ``targets`` (None: about any)."""

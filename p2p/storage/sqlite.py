@@ -447,7 +447,12 @@ class SqliteStore:
         return snapshot_seq, last_seq
 
     def index_messages(
-        self, space: str, *, last: int | None = None, before: tuple[str, str, str] | None = None
+        self,
+        space: str,
+        *,
+        last: int | None = None,
+        before: tuple[str, str, str] | None = None,
+        files_only: bool = False,
     ) -> list[IndexRow]:
         """Shown message rows in display order (the last ``last`` before ``before``).
 
@@ -457,7 +462,8 @@ class SqliteStore:
         check_name(space, "space id")
         if last is not None and (type(last) is not int or last < 0):
             raise StoreError(f"last must be a non-negative int or None, not {last!r}")
-        where = "space = ? AND map = 'm' AND reason = '' AND kind IN ('msg', 'file')"
+        kinds = "('file')" if files_only else "('msg', 'file')"
+        where = f"space = ? AND map = 'm' AND reason = '' AND kind IN {kinds}"
         params: list[Any] = [space]
         if before is not None:
             if not (
