@@ -308,15 +308,18 @@ class DeviceState:
             return []
         return sorted(s.id for s in self.spaces.values() if theirs.account_id in s.members)
 
-    def readers_of(self, space_id: str) -> set[str]:
-        """Every current device, other than this one, that reads a space."""
-        space = self.space(space_id)
-        readers = set(self.device_list.ids)
-        for account_id in space.members:
+    def member_devices(self, space_id: str) -> set[str]:
+        """Every current device of every member account of a space (ours included)."""
+        devices = set(self.device_list.ids)
+        for account_id in self.space(space_id).members:
             dl = self.accounts.get(account_id)
             if dl is not None:
-                readers |= dl.ids
-        return readers - {self.device_id}
+                devices |= dl.ids
+        return devices
+
+    def readers_of(self, space_id: str) -> set[str]:
+        """Every current device, other than this one, that reads a space."""
+        return self.member_devices(space_id) - {self.device_id}
 
     def followed_devices(self) -> list[str]:
         """Devices whose presence we follow on a relay: our account's other devices
@@ -1092,11 +1095,7 @@ class DeviceState:
             e.device: (e.account, e.body)
             for e in replica.valid_entries("k", self.any_signing_key, self.belongs)
         }
-        devices = set(self.device_list.ids)
-        for account_id in space.members:
-            dl = self.accounts.get(account_id)
-            if dl is not None:
-                devices |= dl.ids
+        devices = self.member_devices(space_id)
         out = {}
         for m in messages:
             others = sorted(devices - {m.device})

@@ -223,6 +223,10 @@ class Node:
         """Conversation spaces this device holds."""
         return [s for s in self.state.spaces.values() if s.kind == "chat"]
 
+    def _chat(self, chat: str | None) -> Space:
+        """The space of ``chat`` (an id or a name), or of the default chat."""
+        return self.state.chat_by_name(chat) if chat else self.state.space(self.default_chat())
+
     def default_chat(self) -> str:
         """The chat used when none is named: the account's notes chat."""
         return self.chats()[0].id if len(self.chats()) == 1 else self.state.chat_by_name("notes").id
@@ -249,7 +253,7 @@ class Node:
         :class:`~p2p.events.EntryRejected` (when they arrive, and on the first read of
         the chat by this process for those stored earlier).
         """
-        space = self.state.chat_by_name(chat) if chat else self.state.space(self.default_chat())
+        space = self._chat(chat)
         if space.id not in self._rejections_read:
             self._rejections_read.add(space.id)
             for row in self.store.index_rejected(space.id):
@@ -383,7 +387,7 @@ class Node:
     async def _write(self, chat: str | None, kind: Any, *, body: str = "", target: str = "") -> str:
         if self._closed:
             raise NodeError("the node is closed")
-        space = self.state.chat_by_name(chat) if chat else self.state.space(self.default_chat())
+        space = self._chat(chat)
         await self._load(space)
         if self._closed:
             raise NodeError("the node is closed")
@@ -422,7 +426,7 @@ class Node:
 
         Delivery states come from the receipts and read markers in the chat's CRDT,
         which this loads (in a worker thread) if it is not loaded yet."""
-        space = self.state.chat_by_name(chat) if chat else self.state.space(self.default_chat())
+        space = self._chat(chat)
         shown = self.messages(space.id)
         states = await self.delivery(space.id, shown)
         return [
@@ -440,7 +444,7 @@ class Node:
     ) -> dict[str, Delivery]:
         """Delivery state of the messages of a chat (all of them unless ``messages``
         are given; see ``core.Delivery``)."""
-        space = self.state.chat_by_name(chat) if chat else self.state.space(self.default_chat())
+        space = self._chat(chat)
         await self._load(space)
         shown = self.messages(space.id) if messages is None else messages
         return self.state.delivery(space.id, shown)
@@ -988,7 +992,8 @@ class Node:
         else:
             self._receipts_due.add(ingested.space)
             self._receipts_wakeup.set()
-            if self.state.spaces[ingested.space].shared:
+            departed = self.state.departed(ingested.space)  # usually nobody: no task
+            if departed and self.state.rotates_for(ingested.space, departed):
                 self._nursery.start_soon(self._rotate_after_leave, ingested.space)
         return durable
 

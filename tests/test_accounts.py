@@ -9,7 +9,7 @@ device is unlinked. The node, the CLI and real processes are tested in
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import pytest
@@ -38,6 +38,7 @@ from p2p.node import Node, open_node
 from p2p.testing import Cluster, provision_account
 from p2p.transport.memory import MemoryNetwork
 from p2p.wire import pack, unpack
+from tests.test_node import run, wait_for
 from tests.test_sync_session import WALL, Link, new_account, notes, view, write
 
 
@@ -235,16 +236,6 @@ def test_followed_list_must_be_signed_by_the_contacts_key() -> None:
 # ---- nodes on an in-memory network --------------------------------------------------
 
 
-def run_virtual(fn: Callable[[], Awaitable[None]]) -> None:
-    trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0))  # type: ignore[arg-type]
-
-
-async def wait_for(predicate: Callable[[], bool], seconds: float = 120) -> None:
-    with trio.fail_after(seconds):
-        while not predicate():  # noqa: ASYNC110
-            await trio.sleep(0.05)
-
-
 async def wait_until_status(node: Node, chat: str, message: str, status: str) -> None:
     with trio.fail_after(120):
         while (await node.delivery(chat))[message].status != status:  # noqa: ASYNC110
@@ -302,7 +293,7 @@ def test_nodes_of_two_accounts_share_a_conversation_with_delivery_state() -> Non
             # A's own notes stay A's: B never holds them
             assert a_phone.default_chat() not in b_phone.state.spaces
 
-    run_virtual(scenario)
+    run(scenario)
 
 
 def test_a_forged_message_is_hidden_on_every_device_of_both_accounts() -> None:
@@ -350,7 +341,7 @@ def test_a_forged_message_is_hidden_on_every_device_of_both_accounts() -> None:
                     ("forged1", "wrong account"),
                 ]
 
-    run_virtual(scenario)
+    run(scenario)
 
 
 def test_a_member_that_leaves_reads_nothing_sent_after_the_rotation() -> None:
@@ -375,7 +366,7 @@ def test_a_member_that_leaves_reads_nothing_sent_after_the_rotation() -> None:
             with pytest.raises(NodeError):
                 await a_phone.leave_chat(a_phone.default_chat())  # notes: nobody to leave
 
-    run_virtual(scenario)
+    run(scenario)
 
 
 # ---- CRDT structs are bound to accounts -----------------------------------------------
