@@ -58,6 +58,7 @@ from p2p.identity import (
     short_id,
 )
 from p2p.model import (
+    INDEXED,
     UNREAD,
     Changes,
     Entry,
@@ -73,6 +74,8 @@ from p2p.model import (
 )
 from p2p.storage.base import INDEXED_MAPS, IndexKey, IndexRow, Store, WriteBatch
 from p2p.wire import pack, unpack
+
+assert INDEXED == INDEXED_MAPS, "the index mirrors exactly the maps whose changes apply reports"
 
 COUNTER_BLOCK: Final = 1024
 """Envelope counters reserved per store write: a crash skips at most this many."""
@@ -613,13 +616,18 @@ class DeviceState:
         return entry.signed(space_id, self.keys)
 
     def write_local(self, space_id: str, entries: list[Entry]) -> tuple[bytes, WriteBatch]:
-        """Put entries in the replica; return the update and the batch persisting it
-        (with the message-index rows of what it changed)."""
-        update = self.space(space_id).replica.write(entries)
-        index, _ = self._index(
-            space_id,
-            {(e.map_name(), e.key()): UNREAD for e in entries if e.map_name() in INDEXED_MAPS},
-        )
+        """Put our own signed entries in the replica, in one CRDT transaction; return the
+        update and the batch persisting it, with the message-index rows of the entries
+        (each is now the value under its key; judged like any other, but its signature
+        is ours: the replica trusts it without verifying)."""
+        replica = self.space(space_id).replica
+        update = replica.write(entries)
+        index: dict[IndexKey, IndexRow | None] = {}
+        for e in entries:
+            name, key = e.map_name(), e.key()
+            if name in INDEXED_MAPS:
+                judged = replica.judge_entry(key, e, self.any_signing_key, self.belongs)
+                index[(space_id, name, key)] = index_row(space_id, name, key, e, judged)
         batch = WriteBatch(
             records={"clock": self.clock.last.encode()},
             appends=[(space_id, update)],
@@ -630,14 +638,17 @@ class DeviceState:
     # ---- the message index ---------------------------------------------------------
 
     def _index(
-        self, space_id: str, changed: Changes
+        self, space_id: str, changed: Changes, *, vouched_by: str = ""
     ) -> tuple[dict[IndexKey, IndexRow | None], list[Rejected]]:
-        """Index rows for the keys an update changed, judged now (verified once, here)."""
+        """Index rows for the keys an update changed, judged now (verified once, here;
+        ``vouched_by``: the device that signed the envelope, see ``model.judge``)."""
         replica = self.space(space_id).replica
         rows: dict[IndexKey, IndexRow | None] = {}
         rejected: list[Rejected] = []
         for (map_name, key), value in changed.items():
-            found = replica.judge_key(map_name, key, self.any_signing_key, self.belongs, value)
+            found = replica.judge_key(
+                map_name, key, self.any_signing_key, self.belongs, value, vouched_by=vouched_by
+            )
             if found is None:  # the key was removed
                 rows[(space_id, map_name, key)] = None
                 continue
@@ -787,7 +798,7 @@ class DeviceState:
         )
         window.accept(opened.counter)
         self.replay[opened.sender] = window
-        index, rejected = self._index(opened.space, changed)
+        index, rejected = self._index(opened.space, changed, vouched_by=opened.sender)
         batch = WriteBatch(
             records={f"replay/{opened.sender}": window.to_record()},
             appends=[(opened.space, opened.payload)],

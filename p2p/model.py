@@ -29,6 +29,7 @@ relayed it. Display order is ``(ts, device, id)``: the same on every replica.
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -48,6 +49,9 @@ MAX_BODY: Final = 64 * 1024
 """Longest message body in bytes of UTF-8."""
 MAX_UPDATE: Final = MAX_FRAME
 MAPS: Final = ("m", "e", "x", "r", "k", "v", "c", "l")
+INDEXED: Final = ("m", "e", "x", "r")
+"""The maps whose changes :meth:`Replica.apply` reports (the message index mirrors them:
+``p2p.storage.base.INDEXED_MAPS``)."""
 
 Kind = Literal["msg", "edit", "del", "react", "read", "rcpt", "contact", "leave", "file"]
 _MAP_OF_KIND: Final[dict[str, str]] = {
@@ -214,17 +218,32 @@ def judge(
     entry: Entry | None,
     signing_key_of: SigningKeyLookup,
     belongs: DeviceInAccount,
-    verified: dict[tuple[str, str], bool] | None = None,
+    verified: dict[bytes, bool] | None = None,
+    *,
+    vouched_by: str = "",
 ) -> Judged:
     """The one check every entry passes before a reader sees it, CRDT view and index
     alike: well-formed, filed under its own key, signed by its device, and that device
-    belongs to the account it names. ``verified`` caches signature checks."""
+    belongs to the account it names. ``verified`` caches signature checks, keyed by
+    :func:`fingerprint` (the whole entry: an entry reusing another's id and signature
+    with any field changed is checked afresh).
+
+    ``vouched_by``: the device whose signature over the envelope that brought this value
+    was just checked. An entry that device authored is authenticated by that signature
+    already, so its own is not checked again here (an Ed25519 verification per entry
+    per receiver was the largest cost of receiving); a device that gets the entry
+    relayed by anyone else checks the entry's own signature. See security.md, "Entry
+    signatures", for what this leaves to a dishonest author."""
     if entry is None:
         return Rejected(space=space, entry_id=key, device="?", reason="malformed")
-    cache_key = (entry.id, entry.sig)
+    canonical = entry.canonical(space)
+    cache_key = fingerprint(canonical, entry.sig)
     ok = None if verified is None else verified.get(cache_key)
     if ok is None:
-        ok = entry.key() == key and _verify_entry(space, entry, signing_key_of)
+        ok = entry.key() == key and (
+            (vouched_by != "" and entry.device == vouched_by)
+            or _verify_entry(canonical, entry, signing_key_of)
+        )
         if verified is not None:
             verified[cache_key] = ok
     if not ok:
@@ -237,6 +256,14 @@ def judge(
     if not belongs(entry.device, entry.account):
         return Rejected(space=space, entry_id=entry.id, device=entry.device, reason="wrong account")
     return entry
+
+
+def fingerprint(canonical: bytes, sig: str) -> bytes:
+    """What a cached signature check is keyed by: a digest of the entry's canonical
+    bytes and its signature (16 bytes, whatever the body's size)."""
+    digest = hashlib.blake2b(canonical, digest_size=16, person=b"p2p-entry-check")
+    digest.update(sig.encode("utf-8", "surrogatepass"))
+    return digest.digest()
 
 
 def fold(
@@ -346,7 +373,16 @@ class Replica:
         self._source = source
         self._doc: pycrdt.Doc[Any] = pycrdt.Doc(client_id=client_id)
         self._map_of = {name: self._doc.get(name, type=pycrdt.Map) for name in MAPS}
-        self._verified: dict[tuple[str, str], bool] = {}
+        self._changes: Changes | None = None
+        """Where the observers note what :meth:`apply` changes (None: not watching)."""
+        # pycrdt's own ``Map.observe`` converts every event into Python objects again,
+        # recursively (~8 us per changed key); the integrated map's observer hands over
+        # the event as yrs made it, and we read only its ``keys``. Kept: a dropped
+        # subscription stops observing.
+        self._observers = [
+            self._map_of[name].integrated.observe(self._note_keys(name)) for name in INDEXED
+        ]
+        self._verified: dict[bytes, bool] = {}
         self._latest_ts = ""
         self._scanned = False
         self._authors: dict[str, str] | None = None
@@ -389,11 +425,14 @@ class Replica:
             )
         return self._latest_ts
 
-    def _note_keys(self, name: str, changed: Changes) -> Callable[[Any], None]:
+    def _note_keys(self, name: str) -> Callable[[Any], None]:
         def note(event: Any) -> None:
             # runs inside pycrdt's transaction: it must never raise (it would resurface
             # in the writer as an exception group); if reading the event fails, the
             # whole map counts as changed (slow, never wrong)
+            changed = self._changes
+            if changed is None:
+                return  # our own writes, or history loading: nothing to report
             try:
                 for key, change in event.keys.items():
                     removed = change.get("action") == "delete"
@@ -453,11 +492,7 @@ class Replica:
         if not from_store:
             self.load()  # the history first, so that the changes seen are this update's
         changed: Changes = {}
-        watching = (
-            []
-            if from_store
-            else [(m, m.observe(self._note_keys(n, changed))) for n, m in self._indexed()]
-        )
+        self._changes = None if from_store else changed
         try:
             self._doc.apply_update(update)
         except (KeyboardInterrupt, SystemExit, GeneratorExit):
@@ -465,8 +500,7 @@ class Replica:
         except BaseException as exc:  # pycrdt panics are BaseExceptions (PyO3)
             raise InvalidUpdate(self.space, f"{type(exc).__name__}: {str(exc)[:120]}") from None
         finally:
-            for m, subscription in watching:
-                m.unobserve(subscription)
+            self._changes = None
         if _EVERY in changed:
             names = {name for name, _ in changed if name != "*"}
             changed = {(name, key): UNREAD for name in sorted(names) for key in self._map_of[name]}
@@ -480,9 +514,6 @@ class Replica:
                 if name == "m":
                     self._note_author(value)
         return Applied(changed=changed, clients=clients)
-
-    def _indexed(self) -> list[tuple[str, pycrdt.Map[Any]]]:
-        return [(name, self._map_of[name]) for name in ("m", "e", "x", "r")]
 
     def state_vector(self) -> bytes:
         return bytes(self.doc.get_state())
@@ -517,7 +548,8 @@ class Replica:
         with doc.transaction():
             for entry in entries:
                 self._map_of[_MAP_OF_KIND[entry.kind]][entry.key()] = entry.to_value()
-                self._verified[(entry.id, entry.sig)] = True  # we signed it ourselves
+                # we signed it ourselves
+                self._verified[fingerprint(entry.canonical(self.space), entry.sig)] = True
                 if entry.kind == "msg":
                     self._note_author(entry.to_value())
         return bytes(doc.get_update(before))
@@ -535,22 +567,38 @@ class Replica:
         signing_key_of: SigningKeyLookup,
         belongs: DeviceInAccount,
         value: Any = UNREAD,
+        *,
+        vouched_by: str = "",
     ) -> tuple[Entry | None, Judged] | None:
         """The parsed value under ``key`` (``value`` when the caller saw it change) and
-        its :func:`judge`; None when no value is there."""
+        its :func:`judge` (``vouched_by``: see there); None when no value is there."""
         if value is UNREAD:
             value = self._maps[map_name].get(key)
         if value is None:
             return None
         entry = Entry.from_value(value)
-        return entry, judge(self.space, key, entry, signing_key_of, belongs, self._verified)
+        return entry, self.judge_entry(key, entry, signing_key_of, belongs, vouched_by=vouched_by)
+
+    def judge_entry(
+        self,
+        key: str,
+        entry: Entry | None,
+        signing_key_of: SigningKeyLookup,
+        belongs: DeviceInAccount,
+        *,
+        vouched_by: str = "",
+    ) -> Judged:
+        """:func:`judge` with this replica's cache of signature checks."""
+        return judge(
+            self.space, key, entry, signing_key_of, belongs, self._verified, vouched_by=vouched_by
+        )
 
     def judge_all(
         self, map_name: str, signing_key_of: SigningKeyLookup, belongs: DeviceInAccount
     ) -> list[tuple[str, Entry | None, Judged]]:
         """Every value of one map: (key, parsed entry, its :func:`judge`)."""
         return [
-            (key, entry, judge(self.space, key, entry, signing_key_of, belongs, self._verified))
+            (key, entry, self.judge_entry(key, entry, signing_key_of, belongs))
             for key, entry in self.entries(map_name)
         ]
 
@@ -596,13 +644,13 @@ class Replica:
         return len(self._maps["m"])
 
 
-def _verify_entry(space: str, entry: Entry, signing_key_of: SigningKeyLookup) -> bool:
+def _verify_entry(canonical: bytes, entry: Entry, signing_key_of: SigningKeyLookup) -> bool:
     public_key = signing_key_of(entry.device)
     if public_key is None:
         return False
     try:
         signature = base64.b64decode(entry.sig, validate=True)
-        verify(public_key, DOMAIN_ENTRY, entry.canonical(space), signature)
+        verify(public_key, DOMAIN_ENTRY, canonical, signature)
     except (BadSignature, ValueError):
         return False
     return True

@@ -52,7 +52,7 @@ from p2p.linking import Linked, approve_code
 from p2p.media.descriptor import Attachment, file_body
 from p2p.media.service import MediaService, open_blobs
 from p2p.media.store import BlobStore
-from p2p.model import MAX_BODY, Message, Rejected
+from p2p.model import MAX_BODY, Entry, Message, Rejected
 from p2p.relay.client import RelayClient, is_relay_address
 from p2p.relay.routing import RoutedTransport
 from p2p.storage.base import Store, WriteBatch
@@ -161,6 +161,8 @@ class Node:
         self._peers: dict[str, _Peer] = {}
         self._peers_changed = trio.Event()
         self._writes: list[tuple[WriteBatch, trio.Event, ev.Event | None]] = []
+        self._local: dict[str, list[Entry]] = {}
+        """Our own entries waiting for the writer, per space (see ``_queue_entry``)."""
         self._load_lock = trio.Lock()
         """One replica loads at a time, in a worker thread (see :meth:`_load`)."""
         self._rejections_read: set[str] = set()
@@ -394,12 +396,24 @@ class Node:
         if space.replica.latest_ts:  # sort after everything this chat has seen so far
             self.state.clock.observe(space.replica.latest_ts, self._wall_ms())
         entry = self.state.new_entry(space.id, kind, self._wall_ms(), body=body, target=target)
-        update, batch = self.state.write_local(space.id, [entry])
-        await self._commit(batch)
-        self._outbox.setdefault(space.id, []).append(update)
-        self._outbox_wakeup.set()
+        await self._queue_entry(space.id, entry).wait()
         self._emit(ev.ChatChanged(chat=space.id, origin=self.device_id))
         return entry.id
+
+    def _queue_entry(
+        self, space_id: str, entry: Entry, batch: WriteBatch | None = None
+    ) -> trio.Event:
+        """Queue one of our signed entries (and a batch that must commit with it) for
+        the writer; the event fires once it is durable and on its way to peers.
+
+        The writer puts every entry queued since its last round into its space's replica
+        in one CRDT transaction (``DeviceState.write_local``): concurrent sends make one
+        update, one stored row and one envelope, not one each."""
+        done = trio.Event()
+        self._local.setdefault(space_id, []).append(entry)
+        self._writes.append((batch or WriteBatch(), done, None))
+        self._write_wakeup.set()
+        return done
 
     async def _receipter(self) -> None:
         """Write this device's delivery receipt of each chat that received messages,
@@ -493,13 +507,20 @@ class Node:
     async def _flush_writes(self) -> None:
         while self._writes or self.state.unsaved:
             taken, self._writes = self._writes, []
+            local, self._local = self._local, {}
             self._write_room.set()
-            batch = merge_batches([b for b, _, _ in taken] + [self.state.take_unsaved()])
+            written = [(s, *self.state.write_local(s, entries)) for s, entries in local.items()]
+            batch = merge_batches(
+                [b for b, _, _ in taken] + [b for _, _, b in written] + [self.state.take_unsaved()]
+            )
             if batch:
                 await self._run_store(self.store.write, batch)
                 for space_id, _update in batch.appends:
                     self.state.spaces[space_id].log_seq += 1
                 await self._compact(batch.appends)
+            for space_id, update, _ in written:
+                self._outbox.setdefault(space_id, []).append(update)
+                self._outbox_wakeup.set()
             for _, done, announce in taken:
                 done.set()
                 if announce is not None:
@@ -1167,10 +1188,7 @@ class Node:
             chosen, parsed.device_list, parsed.key, self._wall_ms()
         )
         batch = self.state.follow(parsed.device_list, trusted=True, contact_key=parsed.key)
-        update, written = self.state.write_local(space_id, [entry])
-        await self._commit(merge_batches([batch or WriteBatch(), written]))
-        self._outbox.setdefault(space_id, []).append(update)
-        self._outbox_wakeup.set()
+        await self._queue_entry(space_id, entry, batch).wait()
         for relay in self.relays:
             relay.update_watch()
         return entry.target

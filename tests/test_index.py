@@ -25,7 +25,7 @@ import p2p
 from p2p.core import NOTES, DeviceState, index_view
 from p2p.errors import ReplayDetected, StoreCorrupt
 from p2p.identity import DeviceKeys
-from p2p.model import Message
+from p2p.model import Entry, Message, Rejected, SigningKeyLookup, judge
 from p2p.storage import MemoryStore, SqliteStore, Store, WriteBatch
 from p2p.storage.base import IndexRow
 
@@ -104,12 +104,14 @@ def write(device: Device, kind: str, target: str, body: str, wall: int) -> None:
     device.sent.append(state.seal(chat(device), update))
 
 
-def forge(device: Device, how: str, target: str, wall: int) -> None:
-    """A member writes an entry readers must hide: a tampered body, or one signed by a
-    device of another account."""
+def forge(device: Device, how: str, target: str, wall: int, *, as_device: str) -> None:
+    """A member writes an entry readers must hide: one claiming another device of the
+    account as its author (with the forger's signature over another body), or one signed
+    by a device of another account."""
     state = device.state
     if how == "tampered":
-        entry = replace(state.new_entry(chat(device), "msg", wall, body="real"), body="forged")
+        signed = state.new_entry(chat(device), "msg", wall, body="real")
+        entry = replace(signed, body="forged", device=as_device)
     else:
         stranger, _ = DeviceState.create_account("stranger")
         entry = replace(
@@ -180,7 +182,10 @@ def test_index_view_equals_crdt_view_on_random_histories(
                     _, d, how = op
                     device = devices[int(d)]  # type: ignore[call-overload]
                     shown, _ = crdt_view(device)
-                    forge(device, str(how), shown[0].id if shown else "0" * 20, wall)
+                    other = devices[(int(d) + 1) % len(devices)].state.device_id  # type: ignore[call-overload]
+                    forge(
+                        device, str(how), shown[0].id if shown else "0" * 20, wall, as_device=other
+                    )
                 else:
                     _, s, d, which = op
                     src, dst = int(s), int(d)  # type: ignore[call-overload]
@@ -243,6 +248,61 @@ def test_entries_of_a_device_learned_later_are_shown_after_the_list_grows(
 
 
 # ---- the node reads the index; the CRDT loads when needed ----------------------------
+
+
+def test_the_envelope_signature_vouches_for_its_signers_entries_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Entries arriving in an envelope their author device signed are authenticated by
+    that signature (no Ed25519 check per entry); entries relayed by another device are
+    each verified. What that leaves to a dishonest author (security.md, "Entry
+    signatures"): an entry it signed badly is shown by devices it sent it to itself,
+    and hidden by those that get it relayed."""
+    phone, laptop, tablet = account(3, tmp_path)
+    checked: list[str] = []
+    verify_entry = p2p.model._verify_entry
+
+    def counting(canonical: bytes, entry: Entry, signing_key_of: SigningKeyLookup) -> bool:
+        checked.append(entry.id)
+        return verify_entry(canonical, entry, signing_key_of)
+
+    monkeypatch.setattr(p2p.model, "_verify_entry", counting)
+    for i in range(5):
+        write(laptop, "msg", "", f"from the laptop {i}", WALL + i)
+    forge(laptop, "tampered", "", WALL + 9, as_device=laptop.state.device_id)
+    deliver(laptop, phone, 1, list(range(6)))
+    assert checked == []
+    assert len(crdt_view(phone)[0]) == 6  # the badly signed one too: its signer sent it
+    assert_index_matches(phone)
+
+    space = chat(phone)
+    relayed = phone.state.seal(space, phone.state.diff(space, tablet.state.state_vector(space)))
+    ingested = tablet.state.ingest(relayed)
+    tablet.commit(ingested.batch)
+    assert len(checked) == 6  # each of the laptop's entries, checked once
+    shown, hidden = crdt_view(tablet)
+    assert [m.text for m in shown] == [f"from the laptop {i}" for i in range(5)]
+    assert [reason for _, reason in hidden] == ["bad signature"]
+    assert_index_matches(tablet)
+
+
+def test_a_cached_check_covers_the_whole_entry_not_its_id_and_signature() -> None:
+    """An entry copying a verified entry's id and signature with another body is checked
+    afresh (a cache keyed by id and signature alone would show the forgery)."""
+    phone, _ = DeviceState.create_account("phone")
+    space = phone.chat_by_name(NOTES).id
+    genuine = phone.new_entry(space, "msg", WALL, body="genuine")
+    verified: dict[bytes, bool] = {}
+    key_of, belongs = phone.any_signing_key, phone.belongs
+    assert judge(space, genuine.id, genuine, key_of, belongs, verified) == genuine
+    for changed in (
+        replace(genuine, body="forged"),
+        replace(genuine, ts=phone.clock.now(WALL + 1)),
+        replace(genuine, kind="file"),
+    ):
+        judged = judge(space, genuine.id, changed, key_of, belongs, verified)
+        assert isinstance(judged, Rejected)
+        assert judged.reason == "bad signature"
 
 
 def test_open_node_reads_the_last_messages_without_loading_the_crdt(tmp_path: Path) -> None:

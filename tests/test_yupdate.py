@@ -490,3 +490,22 @@ def test_mutated_updates_raise_nothing_but_invalid_update(data: st.DataObject) -
     if verdict(mutant) is None:  # what passes, pycrdt handles without drama
         with contextlib.suppress(InvalidUpdate):
             Replica("s").apply(mutant)
+
+
+def test_the_fast_lane_reads_entries_of_the_chat_schema() -> None:
+    """The lane reads objects of exactly ``_LANE_ENTRIES`` entries: the chat schema's
+    (should an entry gain a field, the lane would silently stand aside)."""
+    from p2p.model import Entry
+
+    value = Entry(id="0" * 20, kind="msg", account="a", device="d", ts="1.0").to_value()
+    assert len(value) == yupdate._LANE_ENTRIES
+    doc = pycrdt.Doc()
+    doc.get("m", type=pycrdt.Map)["k"] = value
+    update = doc.get_update()
+    # one client with one struct at clock 0: the struct follows those four varuints
+    client = yupdate.encode_uvar(doc.client_id)
+    assert update.startswith(b"\x01\x01" + client + b"\x00")
+    start = 3 + len(client)
+    match = yupdate._lane().match(update, start)
+    assert match is not None
+    assert yupdate._refusal(update) is None

@@ -12,6 +12,7 @@ nothing, and sharing the checks is what keeps the two adapters refusing the same
 
 from __future__ import annotations
 
+import operator
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -70,10 +71,15 @@ INDEX_TEXT: Final = tuple(f.name for f in fields(IndexRow))
 """The columns of an index row, all text, in the order SQLite stores them."""
 
 
+index_values: Final = operator.attrgetter(*INDEX_TEXT)
+"""An index row's columns as a tuple, in INDEX_TEXT order."""
+
+
 def check_index_row(key: object, row: object) -> tuple[IndexKey, IndexRow | None]:
     """Return ``(key, row)`` if they make one index change, else raise StoreError.
 
-    ``key`` must be the row's own (space, map, key); every field is text.
+    ``key`` must be the row's own (space, map, key); every field is text. (Run for every
+    row a node writes: the common case is checked in a few C calls.)
     """
     if not (isinstance(key, tuple) and len(key) == 3 and all(isinstance(k, str) for k in key)):
         raise StoreError(f"index key must be (space, map, key), not {key!r}")
@@ -85,16 +91,22 @@ def check_index_row(key: object, row: object) -> tuple[IndexKey, IndexRow | None
         return (space, map_name, name), None
     if not isinstance(row, IndexRow):
         raise StoreError(f"index rows are IndexRow, not {type(row).__name__}")
-    if (row.space, row.map, row.key) != key:
-        raise StoreError(f"index row {row.space, row.map, row.key} filed under {key}")
-    for column in INDEX_TEXT:
-        value = getattr(row, column)
-        if not isinstance(value, str):
-            raise StoreError(f"index field {column} must be str, not {type(value).__name__}")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise StoreError(f"index field {column} is not valid Unicode: {e.reason}") from None
+    values = index_values(row)
+    if values[:3] != key:
+        raise StoreError(f"index row {values[:3]} filed under {key}")
+    try:
+        "".join(values).encode("utf-8")  # TypeError unless all are str
+    except (TypeError, UnicodeEncodeError):
+        for column, value in zip(INDEX_TEXT, values, strict=True):
+            if not isinstance(value, str):
+                raise StoreError(
+                    f"index field {column} must be str, not {type(value).__name__}"
+                ) from None
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise StoreError(f"index field {column} is not valid Unicode: {e.reason}") from None
+        raise  # not reached: one of the columns failed above
     return (space, map_name, name), row
 
 

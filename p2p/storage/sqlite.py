@@ -55,6 +55,7 @@ from p2p.storage.memory import (
     check_name,
     check_seq,
     check_value,
+    index_values,
 )
 
 SCHEMA_VERSION: Final = 2
@@ -378,11 +379,7 @@ class SqliteStore:
                 )
                 conn.executemany(
                     _UPSERT_INDEX,
-                    [
-                        tuple(getattr(row, c) for c in INDEX_TEXT)
-                        for row in checked.index.values()
-                        if row is not None
-                    ],
+                    [index_values(row) for row in checked.index.values() if row is not None],
                 )
 
     def spaces(self) -> list[str]:
