@@ -50,11 +50,6 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-class _NeverHolds(set[str]):
-    def add(self, item: str) -> None:
-        pass
-
-
 async def readline() -> str:
     return await trio.to_thread.run_sync(sys.stdin.readline)
 
@@ -103,11 +98,6 @@ async def run(args: argparse.Namespace) -> None:
             with trio.fail_after(30):
                 await transport.wait_connected()
         space = node.state.space(node.default_chat())
-        if args.what_if == "no-view-in-send":
-            # What-if (not the shipped behaviour): Node._write rebuilds the whole chat
-            # view (Node.messages) before each send that follows a received envelope, to
-            # feed the clock; a set that never holds a space skips that rebuild.
-            node._unobserved = _NeverHolds()
 
         async def send_all() -> None:
             todo = iter(bodies)
@@ -189,12 +179,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", default="")
     parser.add_argument("--raw", action="store_true", help="report raw pycrdt sizes (S2)")
-    parser.add_argument(
-        "--what-if",
-        default="",
-        choices=["", "no-view-in-send"],
-        help="measure a change to p2p/ without making it (see the code)",
-    )
     parser.add_argument("--relay", default="", help="connect through this relay URL (S7)")
     parser.add_argument(
         "--offline", action="store_true", help="send before meeting the peers (S3 catch-up)"

@@ -55,7 +55,6 @@ TARGETS = {
 }
 COLORS = {
     "ours": "#1f77b4",
-    "what-if": "#9ecae1",
     "y-websocket": "#ff7f0e",
     "pycrdt-websocket": "#2ca02c",
     "raw": "#7f7f7f",
@@ -113,20 +112,12 @@ def s1(r: Report, n: int) -> None:
     say(f"S1 gossip throughput: {n} messages, 3 and 5 devices")
     runs: dict[tuple[str, int], dict[str, Any]] = {}
     spy = OUT / "s5_node0.pyspy.txt"
-    spy_whatif = OUT / "s5_node0_whatif.pyspy.txt"
-    for stale in (spy, spy_whatif):
-        stale.unlink(missing_ok=True)
+    spy.unlink(missing_ok=True)
     for devices in (3, 5):
         for label, fn in (
             ("y-websocket", lambda d: systems.run_y_websocket(d, n)),
             ("pycrdt-websocket", lambda d: systems.run_pycrdt_ws(d, n)),
             ("ours", lambda d: systems.run_ours(d, n, spy=spy if d == 5 else None)),
-            (
-                "what-if",
-                lambda d: systems.run_ours(
-                    d, n, what_if="no-view-in-send", spy=spy_whatif if d == 5 else None
-                ),
-            ),
         ):
             say(f"  {label}, {devices} devices")
             runs[(label, devices)] = fn(devices)
@@ -134,9 +125,9 @@ def s1(r: Report, n: int) -> None:
     rows = []
     for devices in (3, 5):
         yws = runs[("y-websocket", devices)]["rate_held"]
-        for label in ("ours", "what-if", "y-websocket", "pycrdt-websocket"):
+        for label in ("ours", "y-websocket", "pycrdt-websocket"):
             run = runs[(label, devices)]
-            shown = run["rate"] if label in ("ours", "what-if") else None
+            shown = run["rate"] if label == "ours" else None
             cpu = sum(run["cpu_seconds"].values())
             rows.append(
                 [
@@ -174,51 +165,43 @@ def s1(r: Report, n: int) -> None:
             f"(target >= 1x y-websocket: {verdict(ours >= yws)})"
         )
     fig, ax = plt.subplots(figsize=(8, 4.2))
-    labels = ["ours", "what-if", "y-websocket", "pycrdt-websocket"]
-    width = 0.2
+    labels = ["ours", "y-websocket", "pycrdt-websocket"]
+    width = 0.25
     for j, label in enumerate(labels):
-        xs = [i + (j - 1.5) * width for i in range(2)]
+        xs = [i + (j - 1) * width for i in range(2)]
         ys = [runs[(label, d)]["rate_held"] for d in (3, 5)]
-        name = "ours, what-if: no view rebuild in send" if label == "what-if" else label
-        bars = ax.bar(xs, ys, width, label=name, color=COLORS[label])
+        bars = ax.bar(xs, ys, width, label=label, color=COLORS[label])
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
     ax.set_xticks([0, 1], ["3 devices", "5 devices"])
     ax.set_ylabel("messages/s until every replica holds all")
     ax.set_title(f"S1 gossip throughput ({n:,} messages, loopback, {os.cpu_count()} cores)")
     ax.legend(fontsize=8)
     r.plot(fig, "s1_gossip.png")
-    s5(r, spy, spy_whatif)
+    s5(r, spy)
 
 
-def s5(r: Report, spy: Path, spy_whatif: Path) -> None:
-    if not spy.exists() or not spy_whatif.exists():
+def s5(r: Report, spy: Path) -> None:
+    if not spy.exists():
         r.note("S5: no py-spy samples (py-spy could not attach)")
         return
     cats = profiling.categorise(spy)
-    cats_w = profiling.categorise(spy_whatif)
     paths = profiling.by_path(spy)
-    paths_w = profiling.by_path(spy_whatif)
     tops = profiling.top_functions(spy, 15)
     r.results["s5"] = {
         "samples": profiling.samples(spy),
         "categories": cats,
         "paths": paths,
         "top": tops,
-        "what_if": {
-            "samples": profiling.samples(spy_whatif),
-            "categories": cats_w,
-            "paths": paths_w,
-        },
     }
     r.table(
         "S5 where the CPU goes: node 0 of the 5-device S1 runs (py-spy, on-CPU samples)",
-        ["category", "ours", "what-if: no view rebuild in send"],
-        [[k, f"{v:.1%}", f"{cats_w.get(k, 0):.1%}"] for k, v in cats.items()],
+        ["category", "ours"],
+        [[k, f"{v:.1%}"] for k, v in cats.items()],
     )
     r.table(
         "S5 by call path (a sample can be under several)",
-        ["path", "ours", "what-if"],
-        [[k, f"{v:.1%}", f"{paths_w[k]:.1%}"] for k, v in paths.items() if v or paths_w[k]],
+        ["path", "ours"],
+        [[k, f"{v:.1%}"] for k, v in paths.items() if v],
     )
     r.table(
         "S5 innermost p2p function of each sample, ours (top 15)",
@@ -228,20 +211,7 @@ def s5(r: Report, spy: Path, spy_whatif: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.2))
     names = list(cats)[::-1]
     ys = range(len(names))
-    ax.barh(
-        [y + 0.2 for y in ys],
-        [cats[k] * 100 for k in names],
-        0.4,
-        color=COLORS["ours"],
-        label="ours",
-    )
-    ax.barh(
-        [y - 0.2 for y in ys],
-        [cats_w.get(k, 0) * 100 for k in names],
-        0.4,
-        color=COLORS["what-if"],
-        label="what-if: no view rebuild in send",
-    )
+    ax.barh(list(ys), [cats[k] * 100 for k in names], 0.6, color=COLORS["ours"], label="ours")
     ax.set_yticks(list(ys), names, fontsize=8)
     ax.set_xlabel("% of on-CPU samples of node 0")
     ax.set_title("S5 where one node's CPU goes during S1 (5 devices)")
@@ -549,26 +519,19 @@ def s7(r: Report, n: int) -> None:
         r.note("S7 skipped: no p2p/relay/ with `python -m p2p.relay`")
         return
     say(f"S7 relay: 5 devices, {n} messages")
-    what_if = "no-view-in-send"
     runs = {
         "direct TCP": systems.run_ours(5, n),
         "one relay": systems.run_relay(5, n),
         "one relay + 1,000 idle devices": systems.run_relay(5, n, idle=1000),
-        "direct TCP, what-if": systems.run_ours(5, n, what_if=what_if),
-        "one relay, what-if": systems.run_relay(5, n, what_if=what_if),
-        "one relay + 1,000 idle, what-if": systems.run_relay(5, n, idle=1000, what_if=what_if),
     }
     r.results["s7"] = runs
-
-    def direct_of(key: str) -> str:
-        return "direct TCP, what-if" if "what-if" in key else "direct TCP"
-
+    direct = runs["direct TCP"]["rate_held"]
     rows = [
         [
             k,
             v["seconds_held"],
             round(v["rate_held"]),
-            f"{ratio(v['rate_held'], runs[direct_of(k)]['rate_held']):.2f}x",
+            f"{ratio(v['rate_held'], direct):.2f}x",
             round(v.get("relay_cpu_seconds", 0), 2) if "relay_cpu_seconds" in v else "-",
             f"{v['relay_peak_rss_mb']:.0f}" if "relay_peak_rss_mb" in v else "-",
             round(v["idle_clients_cpu_seconds"], 2) if v.get("idle_connections") else "-",
@@ -590,9 +553,9 @@ def s7(r: Report, n: int) -> None:
     )
     fig, ax = plt.subplots(figsize=(8, 3.8))
     bars = ax.bar(
-        [k.replace(", what-if", "\nwhat-if").replace(" + ", "\n+ ") for k in runs],
+        [k.replace(" + ", "\n+ ") for k in runs],
         [v["rate_held"] for v in runs.values()],
-        color=[COLORS["what-if" if "what-if" in k else "ours"] for k in runs],
+        color=COLORS["ours"],
     )
     ax.bar_label(bars, fmt="%.0f", fontsize=8)
     ax.set_ylabel("messages/s until every replica holds all")

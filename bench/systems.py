@@ -88,7 +88,6 @@ def run_ours(
     spy: Path | None = None,
     raw: bool = False,
     relay: str = "",
-    what_if: str = "",
 ) -> dict[str, Any]:
     """``senders``: per-device message counts (default: each message from a random one)."""
     from p2p.testing import provision_homes
@@ -122,8 +121,6 @@ def run_ours(
                     argv += ["--raw"]
                 if relay:
                     argv += ["--relay", relay]
-                if what_if:
-                    argv += ["--what-if", what_if]
                 children.append(Child(argv, name=f"ours-{i}"))
             addresses = [c.expect("listening")["address"] for c in children]
             for i, child in enumerate(children):  # node i dials 0..i-1: a full mesh
@@ -131,13 +128,11 @@ def run_ours(
             t_go, done, cpu = _race(children, children, 600, spy)
         finally:
             stop_all(children)
-    name = "ours" + (" via relay" if relay else "") + (f" [what-if: {what_if}]" if what_if else "")
+    name = "ours" + (" via relay" if relay else "")
     return _summarise(name, devices, total, t_go, done, cpu)
 
 
-def run_relay(
-    devices: int, total: int, *, idle: int = 0, seed: int = 1, what_if: str = ""
-) -> dict[str, Any]:
+def run_relay(devices: int, total: int, *, idle: int = 0, seed: int = 1) -> dict[str, Any]:
     """S7: ``devices`` nodes whose every connection is a pipe through one relay process
     (``python -m p2p.relay``), optionally with ``idle`` more devices holding idle
     authenticated connections to it (``bench/relay_idle.py``)."""
@@ -152,7 +147,7 @@ def run_relay(
             extra[0].expect("ready", timeout=300)
         cpu0 = relay.cpu_seconds()
         idle_cpu0 = extra[0].cpu_seconds() if extra else 0.0
-        result = run_ours(devices, total, seed=seed, relay=url, what_if=what_if)
+        result = run_ours(devices, total, seed=seed, relay=url)
         result["relay_cpu_seconds"] = relay.cpu_seconds() - cpu0
         result["idle_clients_cpu_seconds"] = extra[0].cpu_seconds() - idle_cpu0 if extra else 0.0
         result["idle_connections"] = idle
