@@ -14,7 +14,9 @@ from typing import Final
 MAX_LOGICAL: Final = 999_999
 MAX_SKEW_MS: Final = 24 * 3600 * 1000
 """A remote timestamp further ahead than this does not drag our clock along."""
-_FORMAT: Final = re.compile(r"^\d{13}\.\d{6}$")
+_FORMAT: Final = re.compile(r"[0-9]{13}\.[0-9]{6}")
+"""Matched whole (``fullmatch``): ASCII digits only, nothing after (``\\d`` would take any
+Unicode digit, and ``$`` a trailing newline)."""
 
 
 def format_ts(ms: int, logical: int) -> str:
@@ -23,14 +25,14 @@ def format_ts(ms: int, logical: int) -> str:
 
 def parse_ts(ts: str) -> tuple[int, int]:
     """(ms, counter) of a well-formed timestamp; ValueError otherwise."""
-    if not _FORMAT.match(ts):
+    if not _FORMAT.fullmatch(ts):
         raise ValueError(f"not a timestamp: {ts[:32]!r}")
     ms, logical = ts.split(".")
     return int(ms), int(logical)
 
 
 def is_ts(value: object) -> bool:
-    return isinstance(value, str) and _FORMAT.match(value) is not None
+    return isinstance(value, str) and _FORMAT.fullmatch(value) is not None
 
 
 class HybridClock:

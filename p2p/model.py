@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import operator
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -66,6 +67,9 @@ _MAP_OF_KIND: Final[dict[str, str]] = {
     "leave": "l",
 }
 _FIELDS: Final = ("id", "k", "a", "d", "ts", "t", "b", "sig")
+_FIELD_SET: Final = frozenset(_FIELDS)
+_field_values: Final = operator.itemgetter(*_FIELDS)
+_ONLY_STR: Final = {str}
 
 
 def new_id() -> str:
@@ -89,13 +93,33 @@ class Entry:
     """Base64 of the author device's signature."""
 
     def canonical(self, space: str) -> bytes:
-        return pack(
+        """The bytes its signature covers, bound to ``space``. Memoised on the instance
+        (an entry is signed, cached and judged in one space; each needs these bytes)."""
+        memo: tuple[str, bytes] | None = self.__dict__.get("_canonical")
+        if memo is not None and memo[0] == space:
+            return memo[1]
+        data = pack(
             [space, self.kind, self.id, self.account, self.device, self.ts, self.target, self.body]
         )
+        self.__dict__["_canonical"] = (space, data)  # not a field: eq and hash ignore it
+        return data
 
     def signed(self, space: str, device: DeviceKeys) -> Entry:
-        signature = device.sign(DOMAIN_ENTRY, self.canonical(space))
-        return _replace_sig(self, base64.b64encode(signature).decode("ascii"))
+        """This entry with ``device``'s signature over its canonical bytes."""
+        canonical = self.canonical(space)
+        signature = base64.b64encode(device.sign(DOMAIN_ENTRY, canonical)).decode("ascii")
+        entry = Entry(
+            id=self.id,
+            kind=self.kind,
+            account=self.account,
+            device=self.device,
+            ts=self.ts,
+            target=self.target,
+            body=self.body,
+            sig=signature,
+        )
+        entry.__dict__["_canonical"] = (space, canonical)
+        return entry
 
     def map_name(self) -> str:
         """The space map entries of its kind live in (see the module docstring)."""
@@ -129,31 +153,29 @@ class Entry:
 
     @classmethod
     def from_value(cls, value: object) -> Entry | None:
-        """Parse a stored value; None if it is not shaped like an entry."""
-        if not isinstance(value, dict) or set(value) != set(_FIELDS):
+        """Parse a stored value; None if it is not shaped like an entry. (Run for every
+        entry that arrives and every index row read: the checks are C calls.)"""
+        if type(value) is not dict or value.keys() != _FIELD_SET:
             return None
-        if not all(isinstance(value[f], str) for f in _FIELDS):
+        fields = _field_values(value)
+        if set(map(type, fields)) != _ONLY_STR:
             return None
-        if value["k"] not in _MAP_OF_KIND or not is_ts(value["ts"]):
+        id_, kind, account, device, ts, target, body, sig = fields
+        if kind not in _MAP_OF_KIND or not is_ts(ts):
             return None
-        if len(value["b"].encode("utf-8", "surrogatepass")) > MAX_BODY:
+        # UTF-8 takes at most 4 bytes a code point (3 for a lone surrogate)
+        if len(body) > MAX_BODY // 4 and len(body.encode("utf-8", "surrogatepass")) > MAX_BODY:
             return None
         return cls(
-            id=value["id"],
-            kind=value["k"],
-            account=value["a"],
-            device=value["d"],
-            ts=value["ts"],
-            target=value["t"],
-            body=value["b"],
-            sig=value["sig"],
+            id=id_,
+            kind=kind,
+            account=account,
+            device=device,
+            ts=ts,
+            target=target,
+            body=body,
+            sig=sig,
         )
-
-
-def _replace_sig(entry: Entry, sig: str) -> Entry:
-    from dataclasses import replace
-
-    return replace(entry, sig=sig)
 
 
 @dataclass(frozen=True, kw_only=True)

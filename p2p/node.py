@@ -648,31 +648,32 @@ class Node:
             self._carry_out(peer, peer.session.send_envelope(envelope))
 
     def _announce(
-        self, space_id: str, envelope: bytes, *, exclude: Sequence[str], ours_only: bool = False
+        self, space_id: str, name: bytes, *, exclude: Sequence[str], ours_only: bool = False
     ) -> None:
         """Tell the other readers we hold an envelope we did not author (lazy gossip:
         they ask for it if its author did not reach them). ``ours_only``: only our own
         devices, for an envelope other accounts would refuse (a catch-up from one of our
-        devices, holding other accounts' structs)."""
-        name = [digest(envelope)]
+        devices, holding other accounts' structs). ``name``: the envelope's digest."""
         for device, peer in list(self._peers.items()):
             if device in exclude or space_id not in self.state.spaces_for(device):
                 continue
             if ours_only and device not in self.state.device_list.ids:
                 continue
-            self._carry_out(peer, peer.session.send_have(space_id, name))
+            self._carry_out(peer, peer.session.send_have(space_id, [name]))
 
-    def _remember(self, space_id: str, envelope: bytes) -> None:
-        """Keep an envelope we hold for ``want``s (bounded), and its digest as known."""
+    def _remember(self, space_id: str, envelope: bytes) -> bytes:
+        """Keep an envelope we hold for ``want``s (bounded), and its digest as known;
+        returns the digest."""
         name = digest(envelope)
         self._know(name)
         if name in self._recent or len(envelope) > RECENT_BYTES:
-            return
+            return name
         self._recent[name] = (space_id, envelope)
         self._recent_bytes += len(envelope)
         while len(self._recent) > RECENT_ENVELOPES or self._recent_bytes > RECENT_BYTES:
             _, (_, old) = self._recent.popitem(last=False)
             self._recent_bytes -= len(old)
+        return name
 
     def _know(self, name: bytes) -> None:
         """Remember (bounded) that we hold the envelope called ``name``."""
@@ -999,10 +1000,10 @@ class Node:
         durable = self._queue_write(
             ingested.batch, announce=ev.ChatChanged(chat=ingested.space, origin=ingested.sender)
         )
-        self._remember(ingested.space, envelope)
+        name = self._remember(ingested.space, envelope)
         self._announce(
             ingested.space,
-            envelope,
+            name,
             exclude=(came_from, ingested.sender),
             ours_only=not ingested.relayable,
         )
