@@ -82,6 +82,7 @@ _UPSERT_INDEX: Final = (
     " ON CONFLICT (space, map, key) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in INDEX_TEXT[3:])
 )
+_ONLY_TEXT: Final = {str}
 _RELATED_CHUNK: Final = 500
 """Targets per ``index_related`` query (SQLite bounds the parameters of a statement)."""
 
@@ -568,7 +569,7 @@ class SqliteStore:
 
     def _index_row(self, row: tuple[object, ...]) -> IndexRow:
         """An index row read back; StoreCorrupt if the file was edited into nonsense."""
-        if len(row) != len(INDEX_TEXT) or not all(type(v) is str for v in row):
+        if len(row) != len(INDEX_TEXT) or set(map(type, row)) != _ONLY_TEXT:
             raise StoreCorrupt(
                 f"{self._path}: index row {row[:3]!r} holds values that are not text"
             )
