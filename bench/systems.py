@@ -35,6 +35,8 @@ def _summarise(
     done: list[dict[str, Any]],
     cpu: dict[str, float],
 ) -> dict[str, Any]:
+    # ours: each node's held time plus its full read (Node.messages), timed after the
+    # race, one node at a time; the baselines' clients read nothing
     t_end = max(d.get("t_shown", d["t_held"]) for d in done)
     t_held = max(d["t_held"] for d in done)
     return {
@@ -74,6 +76,11 @@ def _race(
         client.tell("stats")
     for client, d in zip(clients, done, strict=True):
         d["final_traffic"] = client.expect("stats", timeout=30)["traffic"]
+    for client, d in zip(clients, done, strict=True):
+        if "t_shown" not in d and client.name.startswith("ours"):  # one at a time
+            client.tell("show")
+            shown = client.expect("shown", timeout=120)
+            d["shown"], d["t_shown"] = shown["shown"], d["t_held"] + shown["read_seconds"]
     return t_go, done, cpu
 
 
