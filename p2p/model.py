@@ -417,11 +417,16 @@ class Replica:
         return self._source is None
 
     def load(self) -> None:
-        """Apply the stored history now (idempotent); InvalidUpdate if it is refused."""
-        source, self._source = self._source, None
+        """Apply the stored history now (idempotent); InvalidUpdate if it is refused.
+
+        :attr:`loaded` turns true only once the whole history is in: the node loads in a
+        worker thread, and a task that sees ``loaded`` goes on to use the document from
+        the trio thread, which must not happen while the worker still applies."""
+        source = self._source
         if source is not None:
             for update in source():
-                self.apply(update, from_store=True)
+                self.apply(update, from_store=True)  # from_store: never calls load
+            self._source = None
 
     @property
     def doc(self) -> pycrdt.Doc[Any]:

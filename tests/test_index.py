@@ -13,6 +13,8 @@ from __future__ import annotations
 import random
 import sqlite3
 import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,7 +27,7 @@ import p2p
 from p2p.core import NOTES, DeviceState, index_view
 from p2p.errors import ReplayDetected, StoreCorrupt
 from p2p.identity import DeviceKeys
-from p2p.model import Entry, Message, Rejected, SigningKeyLookup, judge
+from p2p.model import Entry, Message, Rejected, Replica, SigningKeyLookup, judge
 from p2p.storage import MemoryStore, SqliteStore, Store, WriteBatch
 from p2p.storage.base import IndexRow
 
@@ -303,6 +305,36 @@ def test_a_cached_check_covers_the_whole_entry_not_its_id_and_signature() -> Non
         judged = judge(space, genuine.id, changed, key_of, belongs, verified)
         assert isinstance(judged, Rejected)
         assert judged.reason == "bad signature"
+
+
+def test_a_replica_counts_as_loaded_only_once_its_whole_history_is_in() -> None:
+    """The node loads a document in a worker thread; another task that sees ``loaded``
+    uses the document at once, so ``loaded`` must not turn true half-way."""
+    phone, _ = DeviceState.create_account("phone")
+    space = phone.chat_by_name(NOTES).id
+    writer = Replica(space)
+    updates = [
+        writer.write([phone.new_entry(space, "msg", WALL + i, body=f"m{i}")]) for i in range(3)
+    ]
+    halfway, resume = threading.Event(), threading.Event()
+
+    def history() -> Iterator[bytes]:
+        yield updates[0]
+        halfway.set()
+        resume.wait(10)
+        yield from updates[1:]
+
+    lazy = Replica(space, source=history)
+    loader = threading.Thread(target=lazy.load)
+    loader.start()
+    try:
+        assert halfway.wait(10)
+        assert not lazy.loaded
+    finally:
+        resume.set()
+        loader.join(10)
+    assert lazy.loaded
+    assert lazy.count() == 3
 
 
 def test_open_node_reads_the_last_messages_without_loading_the_crdt(tmp_path: Path) -> None:
