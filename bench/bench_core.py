@@ -7,7 +7,10 @@ machines are noisy, ratios hold where absolute times do not.
 1. Sends: ``Node.send`` x N into a real SQLite store (durable before it returns), against
    the floor of the same work done by hand: one pycrdt Map set + one committed SQLite
    insert per message.
-2. Catch-up: two devices, A with N new messages, B with N/5, reconnect through the sans-I/O
+2. Receiving: the cost per message of opening, checking, applying and storing what a
+   peer sends, against the floor of applying the same updates to a bare pycrdt document
+   and storing each (``bench_ingest``).
+3. Catch-up: two devices, A with N new messages, B with N/5, reconnect through the sans-I/O
    sessions. Bytes on the wire after the handshake against the raw pycrdt diffs
    (``get_update(state_vector)`` both ways), and round trips after the handshake.
 """
@@ -29,6 +32,7 @@ import trio
 import p2p
 from p2p.core import NOTES, DeviceState
 from p2p.identity import DeviceKeys
+from p2p.storage.sqlite import SqliteStore
 from p2p.sync import Authenticated, EnvelopeIn, Send, Session, State
 
 
@@ -146,6 +150,58 @@ def bench_catchup(n: int, rng: random.Random) -> dict[str, float]:
     }
 
 
+def bench_ingest(n: int, rng: random.Random, *, rounds_of: int = 64) -> dict[str, float]:
+    """What receiving costs per message: B opens every sealed envelope A sent (rounds of
+    ``rounds_of`` messages, one writer round each, as a node's concurrent sends make
+    them), applies it and writes its batch to a real SQLite store (synchronous=FULL).
+
+    The floor, measured right after: the same plaintext updates applied to a bare pycrdt
+    document and each appended with one committed insert, which any CRDT node that
+    keeps its history does. CPU time of this process (the store's fsync waits are not
+    CPU)."""
+    a, b = pair()
+    chat = a.chat_by_name(NOTES).id
+    envelopes, updates = [], []
+    for start in range(0, n, rounds_of):
+        entries = [
+            a.new_entry(chat, "msg", 1_767_225_600_000 + i, body=text(rng))
+            for i in range(start, min(n, start + rounds_of))
+        ]
+        update, _ = a.write_local(chat, entries)
+        updates.append(update)
+        envelopes.append(a.seal(chat, update))
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SqliteStore(Path(tmp) / "b.db")
+        b.space(chat).replica.load()
+        cpu = time.process_time()
+        for envelope in envelopes:
+            store.write(b.ingest(envelope).batch)
+        ours = time.process_time() - cpu
+        store.close()
+
+        db = sqlite3.connect(Path(tmp) / "floor.db", isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("CREATE TABLE u (seq INTEGER PRIMARY KEY, data BLOB)")
+        doc: pycrdt.Doc = pycrdt.Doc()
+        cpu = time.process_time()
+        for update in updates:
+            doc.apply_update(update)
+            db.execute("BEGIN")
+            db.execute("INSERT INTO u (data) VALUES (?)", (update,))
+            db.execute("COMMIT")
+        floor = time.process_time() - cpu
+        db.close()
+    shown = b.space(chat).replica.count()
+    assert shown == n, f"B holds {shown} of {n}"
+    print(
+        f"ingest      {n:>7} msgs in envelopes of {rounds_of}: ours {ours / n * 1e6:6.1f} us/msg"
+        f"   floor (pycrdt apply + one insert per update) {floor / n * 1e6:6.1f} us/msg"
+        f"   ratio {ours / floor:.2f}x"
+    )
+    return {"ours_us": ours / n * 1e6, "floor_us": floor / n * 1e6, "ratio": ours / floor}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=10_000)
@@ -154,6 +210,7 @@ def main() -> None:
     rng = random.Random(args.seed)
     print(f"p2p core benchmark  ({os.cpu_count()} cpus)")
     bench_sends(args.messages, rng)
+    bench_ingest(args.messages, rng)
     bench_catchup(args.messages, rng)
 
 

@@ -208,6 +208,15 @@ def s5(r: Report, spy: Path) -> None:
         ["function", "share"],
         [[k, f"{v:.1%}"] for k, v in tops],
     )
+    import bench_core
+
+    ingest = bench_core.bench_ingest(10_000, random.Random(7))
+    r.results["s5"]["ingest"] = ingest
+    r.table(
+        "S5 receiving, sans-I/O: open, check, apply and store 10,000 messages (envelopes of 64)",
+        ["ours CPU us/msg", "floor: pycrdt apply + one insert per update", "ours / floor"],
+        [[f"{ingest['ours_us']:.1f}", f"{ingest['floor_us']:.1f}", f"{ingest['ratio']:.2f}x"]],
+    )
     fig, ax = plt.subplots(figsize=(8, 4.2))
     names = list(cats)[::-1]
     ys = range(len(names))
