@@ -60,6 +60,7 @@ from p2p.identity import (
 from p2p.model import (
     INDEXED,
     UNREAD,
+    AuthorSource,
     Changes,
     Entry,
     Judged,
@@ -553,7 +554,12 @@ class DeviceState:
                     int(k.rsplit("/", 1)[1]): _required(store, k)
                     for k in store.names(f"spacekey/{space_id}/")
                 }
-                replica = state._replica(space_id, source=partial(_history, store, space_id))
+                indexed = store.get(f"indexed/{space_id}") is not None
+                replica = state._replica(
+                    space_id,
+                    source=partial(_history, store, space_id),
+                    authors=partial(store.index_authors, space_id) if indexed else None,
+                )
                 space = Space(
                     space_id,
                     kind,
@@ -565,7 +571,7 @@ class DeviceState:
                 )
                 state.spaces[space_id] = space
                 space.snapshot_seq, space.log_seq = store.log_seqs(space_id)
-                if store.get(f"indexed/{space_id}") is None:
+                if not indexed:
                     state.unsaved = merge_batches([state.unsaved, state.build_index(space_id)])
             for name in store.names("replay/"):
                 state.replay[name.removeprefix("replay/")] = envelope.ReplayWindow.from_record(
@@ -740,8 +746,18 @@ class DeviceState:
             return replica.diff(state_vector)
         return replica.diff(state_vector, keep=self._ours_client)
 
-    def _replica(self, space_id: str, source: UpdateSource | None = None) -> Replica:
-        return Replica(space_id, source=source, client_id=crdt_client(self.device_id, self.boot))
+    def _replica(
+        self,
+        space_id: str,
+        source: UpdateSource | None = None,
+        authors: AuthorSource | None = None,
+    ) -> Replica:
+        return Replica(
+            space_id,
+            source=source,
+            authors=authors,
+            client_id=crdt_client(self.device_id, self.boot),
+        )
 
     def start_run(self) -> WriteBatch:
         """What must be durable before this run seals anything: a block of envelope

@@ -372,6 +372,8 @@ class Applied:
 
 UpdateSource = Callable[[], Iterable[bytes]]
 """Where a lazily loaded replica finds its history: snapshot first, then the tail."""
+AuthorSource = Callable[[], dict[str, str]]
+"""Per author device, the newest ``ts`` of its messages in that history."""
 
 
 class Replica:
@@ -387,12 +389,21 @@ class Replica:
     """
 
     def __init__(
-        self, space: str, *, source: UpdateSource | None = None, client_id: int | None = None
+        self,
+        space: str,
+        *,
+        source: UpdateSource | None = None,
+        authors: AuthorSource | None = None,
+        client_id: int | None = None,
     ) -> None:
         """``client_id``: the CRDT client this device writes as in this run (bound to
-        the device, see ``core.crdt_client``); None for a random one."""
+        the device, see ``core.crdt_client``); None for a random one. ``authors``: what
+        :meth:`newest_by_device` says of the history in ``source`` (the message index
+        knows it), read when the history is loaded, so that neither it nor
+        :attr:`latest_ts` scans the whole document on the trio thread later."""
         self.space = space
         self._source = source
+        self._authors_source = authors
         self._doc: pycrdt.Doc[Any] = pycrdt.Doc(client_id=client_id)
         self._map_of = {name: self._doc.get(name, type=pycrdt.Map) for name in MAPS}
         self._changes: Changes | None = None
@@ -426,6 +437,10 @@ class Replica:
         if source is not None:
             for update in source():
                 self.apply(update, from_store=True)  # from_store: never calls load
+            if self._authors_source is not None:
+                self._authors = dict(self._authors_source())
+                self._latest_ts = max(self._authors.values(), default="")
+                self._scanned = True
             self._source = None
 
     @property

@@ -368,12 +368,11 @@ def test_random_well_formed_traffic_never_hurts_the_relay(relays: Any) -> None:
     acks of unknown mail, opens to strangers, to ourselves, twice): the relay answers or
     ignores each, or closes that one connection; it never fails, and others are served."""
     relay = relays()
-    rng = random.Random(5)
     keys = [DeviceKeys.generate() for _ in range(3)]
     ids = [k.device_id for k in keys]
     unscathed = 0
 
-    def message() -> bytes:
+    def message(rng: random.Random) -> bytes:
         cid = rng.choice([0, 1, 2, 2**31, 2**31 + 1, 2**32 - 1])
         kind = rng.choice(["open", "data", "close", "watch", "post", "ack", "ping"])
         if kind == "open":
@@ -390,15 +389,16 @@ def test_random_well_formed_traffic_never_hurts_the_relay(relays: Any) -> None:
             return encode_client("ack", ids=[rng.randbytes(16)])
         return encode_client("ping", n=rng.randint(0, 2**62))
 
-    async def chatter(k: DeviceKeys) -> None:
+    async def chatter(k: DeviceKeys, seed: int) -> None:
         nonlocal unscathed
+        rng = random.Random(seed)  # one per session: its messages do not depend on timing
         async with raw_ws(relay.url) as ws:
             nonce, relay_id = await challenge(ws)
             await ws.send_message(auth(k, nonce, relay_id))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(close_code, ws)  # keep reading what the relay says
                 for _ in range(300):
-                    if await send(ws, message()) is not None:
+                    if await send(ws, message(rng)) is not None:
                         break
                 else:
                     unscathed += 1
@@ -407,8 +407,8 @@ def test_random_well_formed_traffic_never_hurts_the_relay(relays: Any) -> None:
     async def main() -> None:
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
-                for k in keys:
-                    nursery.start_soon(chatter, k)
+                for seed, k in enumerate(keys, start=5):
+                    nursery.start_soon(chatter, k, seed)
             a, b = (RelayClient(relay.url, DeviceKeys.generate()) for _ in range(2))
             async with serving(a, b):  # and it still serves everyone else
                 pipe = await a.dial(b.address)

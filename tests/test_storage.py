@@ -90,6 +90,25 @@ def test_index_rows_replace_remove_and_page(store: Store) -> None:
     assert store.index_messages("other") == []
 
 
+def test_index_authors_gives_each_devices_newest_message(store: Store) -> None:
+    rows = {
+        ("s", "m", "a1"): replace(row("a1", "1000.000001"), device="da"),
+        ("s", "m", "a2"): replace(row("a2", "1000.000003"), device="da"),
+        ("s", "m", "b1"): replace(row("b1", "1000.000002"), device="db", reason="bad signature"),
+        ("s", "e", "b2"): replace(
+            row("b2", "2000.000000", map_name="e", kind="edit", target="a1"), device="db"
+        ),
+        ("s", "m", "junk"): IndexRow(space="s", map="m", key="junk", reason="malformed"),
+        ("t", "m", "c1"): replace(row("c1", "3000.000000"), space="t", device="dc"),
+    }
+    store.write(WriteBatch(index=rows))
+    # messages only (an edit is not one), hidden ones too, malformed ones (no device) not
+    assert store.index_authors("s") == {"da": "1000.000003", "db": "1000.000002"}
+    store.write(WriteBatch(index={("s", "m", "a2"): None}))
+    assert store.index_authors("s") == {"da": "1000.000001", "db": "1000.000002"}
+    assert store.index_authors("none") == {}
+
+
 def test_log_seqs_without_reading_updates(store: Store) -> None:
     assert store.log_seqs("s") == (0, 0)
     append(store, "s", b"u1", b"u2", b"u3")

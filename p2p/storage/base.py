@@ -145,6 +145,12 @@ class Store(Protocol):
         """Hidden rows of ``space`` (any map), in key order."""
         ...
 
+    def index_authors(self, space: str) -> dict[str, str]:
+        """Per device, the newest ``ts`` of its rows in the message map (``m``) of
+        ``space``, shown or hidden: what a delivery receipt states, and the newest
+        timestamp a chat holds, without loading its CRDT."""
+        ...
+
     def compact(self, space: str, snapshot: bytes, upto_seq: int) -> None:
         """Replace updates with seq <= ``upto_seq`` by ``snapshot``; atomic and durable.
 

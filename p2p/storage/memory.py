@@ -326,6 +326,14 @@ class MemoryStore:
             (r for r in self._index_rows(space) if r.reason), key=lambda r: (r.map, r.key)
         )
 
+    def index_authors(self, space: str) -> dict[str, str]:
+        """Per device, its newest ``ts`` in the message map."""
+        newest: dict[str, str] = {}
+        for row in self._index_rows(space):
+            if row.map == "m" and row.device and row.ts > newest.get(row.device, ""):
+                newest[row.device] = row.ts
+        return newest
+
     def compact(self, space: str, snapshot: bytes, upto_seq: int) -> None:
         """Replace updates with seq <= ``upto_seq`` by ``snapshot``; later ones stay."""
         check_name(space, "space id")

@@ -516,6 +516,19 @@ class SqliteStore:
             ).fetchall()
         return [self._index_row(row) for row in rows]
 
+    def index_authors(self, space: str) -> dict[str, str]:
+        """Per device, its newest ``ts`` in the message map (one pass over an index)."""
+        check_name(space, "space id")
+        with self._session("index_authors") as conn:
+            rows = conn.execute(
+                "SELECT device, max(ts) FROM entries WHERE space = ? AND map = 'm'"
+                " AND device != '' GROUP BY device",
+                (space,),
+            ).fetchall()
+        if any(set(map(type, row)) != _ONLY_TEXT for row in rows):
+            raise StoreCorrupt(f"{self._path}: index rows of {space!r} hold non-text values")
+        return dict(rows)
+
     def compact(self, space: str, snapshot: bytes, upto_seq: int) -> None:
         """Replace updates with seq <= ``upto_seq`` by ``snapshot``, in one transaction.
 
