@@ -135,18 +135,14 @@ PATHS: list[tuple[str, list[str]]] = [
     # (name, patterns that frames on the stack must match in this order, outermost
     # first; each pattern is matched at the start of a frame, "function (path:line)")
     (
-        "Node._write -> Node.messages (view rebuilt before a send)",
-        [r"Node\._write ", r"Node\.messages "],
-    ),
-    (
         "the benchmark's own final read (Node.messages)",
         [r"\S*run \((node_driver|cold_start)", r"Node\.messages "],
     ),
     ("receiving: Node._receive_envelope (DeviceState.ingest)", [r"Node\._receive_envelope "]),
     ("local write: DeviceState.new_entry (sign)", [r"Node\._write ", r"DeviceState\.new_entry "]),
     (
-        "local write: DeviceState.write_local (pycrdt)",
-        [r"Node\._write ", r"DeviceState\.write_local "],
+        "local write: DeviceState.write_local (pycrdt, one transaction per writer round)",
+        [r"Node\._flush_writes ", r"DeviceState\.write_local "],
     ),
     ("gossip: Node._gossiper (merge, seal, send)", [r"Node\._gossiper "]),
     (
