@@ -357,7 +357,7 @@ UNREAD: Final = _Unread()
 Changes = dict[tuple[str, str], Any]
 """(map, key) -> the key's new value (None once removed, UNREAD if not seen)."""
 _EVERY: Final = ("*", "*")
-"""Marks changes whose keys could not be read (see ``Replica._note_keys``)."""
+"""Marks changes whose keys could not be read (see ``_KeyWatch``)."""
 
 
 @dataclass(frozen=True)
@@ -374,6 +374,38 @@ UpdateSource = Callable[[], Iterable[bytes]]
 """Where a lazily loaded replica finds its history: snapshot first, then the tail."""
 AuthorSource = Callable[[], dict[str, str]]
 """Per author device, the newest ``ts`` of its messages in that history."""
+
+
+class _KeyWatch:
+    """Where the map observers note the keys an :meth:`Replica.apply` changed.
+
+    Apart from the replica on purpose: the document holds the observers, so an observer
+    holding the replica would make a cycle through yrs, which Python's collector cannot
+    see, and no replica would ever be freed."""
+
+    __slots__ = ("changes",)
+
+    def __init__(self) -> None:
+        self.changes: Changes | None = None
+        """Where to note changes now (None: not watching)."""
+
+    def observer(self, name: str) -> Callable[[Any], None]:
+        def note(event: Any) -> None:
+            # runs inside pycrdt's transaction: it must never raise (it would resurface
+            # in the writer as an exception group); if reading the event fails, the
+            # whole map counts as changed (slow, never wrong)
+            changed = self.changes
+            if changed is None:
+                return  # our own writes, or history loading: nothing to report
+            try:
+                for key, change in event.keys.items():
+                    removed = change.get("action") == "delete"
+                    changed[(name, str(key))] = None if removed else change.get("newValue")
+            except Exception:
+                changed[(name, "")] = UNREAD
+                changed[_EVERY] = UNREAD
+
+        return note
 
 
 class Replica:
@@ -406,14 +438,13 @@ class Replica:
         self._authors_source = authors
         self._doc: pycrdt.Doc[Any] = pycrdt.Doc(client_id=client_id)
         self._map_of = {name: self._doc.get(name, type=pycrdt.Map) for name in MAPS}
-        self._changes: Changes | None = None
-        """Where the observers note what :meth:`apply` changes (None: not watching)."""
+        self._watch = _KeyWatch()
         # pycrdt's own ``Map.observe`` converts every event into Python objects again,
         # recursively (~8 us per changed key); the integrated map's observer hands over
         # the event as yrs made it, and we read only its ``keys``. Kept: a dropped
         # subscription stops observing.
         self._observers = [
-            self._map_of[name].integrated.observe(self._note_keys(name)) for name in INDEXED
+            self._map_of[name].integrated.observe(self._watch.observer(name)) for name in INDEXED
         ]
         self._verified: dict[bytes, bool] = {}
         self._latest_ts = ""
@@ -467,24 +498,6 @@ class Replica:
             )
         return self._latest_ts
 
-    def _note_keys(self, name: str) -> Callable[[Any], None]:
-        def note(event: Any) -> None:
-            # runs inside pycrdt's transaction: it must never raise (it would resurface
-            # in the writer as an exception group); if reading the event fails, the
-            # whole map counts as changed (slow, never wrong)
-            changed = self._changes
-            if changed is None:
-                return  # our own writes, or history loading: nothing to report
-            try:
-                for key, change in event.keys.items():
-                    removed = change.get("action") == "delete"
-                    changed[(name, str(key))] = None if removed else change.get("newValue")
-            except Exception:
-                changed[(name, "")] = UNREAD
-                changed[_EVERY] = UNREAD
-
-        return note
-
     def newest_by_device(self) -> dict[str, str]:
         """Per author device, the newest ``ts`` of its messages this replica holds (not
         verified: what a delivery receipt states). The first call scans the messages;
@@ -534,7 +547,7 @@ class Replica:
         if not from_store:
             self.load()  # the history first, so that the changes seen are this update's
         changed: Changes = {}
-        self._changes = None if from_store else changed
+        self._watch.changes = None if from_store else changed
         try:
             self._doc.apply_update(update)
         except (KeyboardInterrupt, SystemExit, GeneratorExit):
@@ -542,7 +555,7 @@ class Replica:
         except BaseException as exc:  # pycrdt panics are BaseExceptions (PyO3)
             raise InvalidUpdate(self.space, f"{type(exc).__name__}: {str(exc)[:120]}") from None
         finally:
-            self._changes = None
+            self._watch.changes = None
         if _EVERY in changed:
             names = {name for name, _ in changed if name != "*"}
             changed = {(name, key): UNREAD for name in sorted(names) for key in self._map_of[name]}

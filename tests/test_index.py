@@ -10,10 +10,12 @@ compare the index-based view, whole and paged, with ``Replica.view`` over the CR
 
 from __future__ import annotations
 
+import gc
 import random
 import sqlite3
 import tempfile
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -354,6 +356,19 @@ def test_a_reloaded_replica_knows_its_authors_from_the_index(tmp_path: Path) -> 
         assert reloaded.newest_by_device() == live.newest_by_device()
         assert len(reloaded.newest_by_device()) == 3
         assert reloaded.latest_ts == live.latest_ts
+
+
+def test_a_replica_is_freed_once_nothing_refers_to_it() -> None:
+    """A replica's document holds its observers; were they to hold the replica, the
+    cycle would run through yrs, where Python's collector cannot see it."""
+    phone, _ = DeviceState.create_account("phone")
+    space = phone.chat_by_name(NOTES).id
+    replica = Replica(space)
+    replica.apply(Replica(space).write([phone.new_entry(space, "msg", WALL, body="hi")]))
+    gone = weakref.ref(replica)
+    del replica
+    gc.collect()
+    assert gone() is None
 
 
 def test_open_node_reads_the_last_messages_without_loading_the_crdt(tmp_path: Path) -> None:
