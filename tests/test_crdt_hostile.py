@@ -1,0 +1,145 @@
+"""Hostile CRDT updates from a member of another account, and poisoned replicas.
+
+A member of a conversation may write and delete only its own account's entries. In a
+Yjs map, the value of a key is the item placed last among that key's items: an item
+whose origin is our item is placed after it and replaces it, with no deletion in its
+update at all. The attacker here is B's phone, holding a second pycrdt document that
+writes as one of its own CRDT clients over a copy of the conversation; pycrdt puts the
+deletion of the item it replaces in the update's delete set, which A refuses already,
+so the attacker strips it (the hand-crafted part). A's laptop must refuse what is left:
+an update that refers to our structs touches them.
+
+Then the poisoned replica: an update that makes pycrdt panic half-way leaves the
+document changed and unreadable. ``check_update`` refuses the updates known to do that;
+should one get through, the replica is thrown away and reloaded from its history, and
+the update is neither kept nor passed on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pycrdt
+import pytest
+
+from p2p import yupdate
+from p2p.core import DeviceState, crdt_client
+from p2p.errors import InvalidUpdate
+from p2p.model import Entry
+from tests.test_accounts import conversation, two_accounts
+from tests.test_sync_session import WALL, Link, view
+
+
+class Attacker:
+    """B's phone with a raw replica of a conversation: a pycrdt document writing as a
+    CRDT client of B's phone (another account's than the structs it replaces)."""
+
+    def __init__(self, b_phone: DeviceState, chat: str, victim: DeviceState) -> None:
+        self.b_phone, self.chat, self.victim = b_phone, chat, victim
+        self.doc: pycrdt.Doc[Any] = pycrdt.Doc(client_id=crdt_client(b_phone.device_id, 999))
+        self.doc.apply_update(b_phone.space(chat).replica.snapshot())
+
+    def place(self, map_name: str, key: str, value: Any) -> bytes:
+        """The update setting ``map_name[key]``, its delete set stripped of every client
+        not B's (what pycrdt would never write), sealed by B's phone."""
+        before = self.doc.get_state()
+        self.doc.get(map_name, type=pycrdt.Map)[key] = value
+        update = bytes(self.doc.get_update(before))
+        ours = self.victim.client_account
+        bare = yupdate.strip_deletions(update, lambda c: ours(c) == self.b_phone.account_id)
+        return self.b_phone.seal(self.chat, bare)
+
+
+def setup() -> tuple[DeviceState, DeviceState, DeviceState, str, Entry]:
+    """A's phone and laptop and B's phone in one conversation; A wrote a message, which
+    every device holds."""
+    [a_phone, a_laptop], [b_phone, _] = two_accounts()
+    chat = conversation(a_phone, b_phone)
+    Link(a_phone, b_phone).connect().run()
+    Link(a_phone, a_laptop).connect().run()
+    message = a_phone.new_entry(chat, "msg", WALL, body="hello from A")
+    a_phone.write_local(chat, [message])
+    sync(a_phone, a_laptop, b_phone)
+    return a_phone, a_laptop, b_phone, chat, message
+
+
+def sync(a_phone: DeviceState, *others: DeviceState) -> None:
+    for other in others:
+        link = Link(a_phone, other).connect()
+        link.run()
+        assert link.b.ingest_errors == []
+        assert link.a.ingest_errors == []
+
+
+def b_entry(b_phone: DeviceState, chat: str, entry_id: str, body: str) -> dict[str, str]:
+    """A well-formed entry of B's own (it verifies: it is B's, under B's key)."""
+    return (
+        Entry(
+            id=entry_id,
+            kind="msg",
+            account=b_phone.account_id,
+            device=b_phone.device_id,
+            ts=b_phone.clock.now(WALL),
+            body=body,
+        )
+        .signed(chat, b_phone.keys)
+        .to_value()
+    )
+
+
+def refused(device: DeviceState, envelope: bytes) -> None:
+    with pytest.raises(InvalidUpdate, match="another account"):
+        device.ingest(envelope)
+
+
+def test_a_member_cannot_replace_our_message() -> None:
+    _, a_laptop, b_phone, chat, message = setup()
+    attacker = Attacker(b_phone, chat, a_laptop)
+    refused(a_laptop, attacker.place("m", message.id, b_entry(b_phone, chat, message.id, "B's")))
+    shown = view(a_laptop, chat)
+    assert [(m.id, m.text, m.account) for m in shown] == [
+        (message.id, "hello from A", message.account)
+    ]
+
+
+def test_a_member_cannot_replace_our_reaction() -> None:
+    a_phone, a_laptop, b_phone, chat, message = setup()
+    react = a_phone.new_entry(chat, "react", WALL + 1, body="👍", target=message.id)
+    a_phone.write_local(chat, [react])
+    sync(a_phone, a_laptop, b_phone)
+    attacker = Attacker(b_phone, chat, a_laptop)
+    refused(a_laptop, attacker.place("r", react.key(), "gone"))
+    assert view(a_laptop, chat)[0].reactions == {a_phone.account_id: "👍"}
+
+
+@pytest.mark.parametrize("kind", ["read", "rcpt"])
+def test_a_member_cannot_replace_our_read_marker_or_receipt(kind: str) -> None:
+    a_phone, a_laptop, b_phone, chat, _ = setup()
+    marker = a_phone.new_entry(chat, kind, WALL + 1, body="{}" if kind == "rcpt" else "x")  # type: ignore[arg-type]
+    a_phone.write_local(chat, [marker])
+    sync(a_phone, a_laptop, b_phone)
+    attacker = Attacker(b_phone, chat, a_laptop)
+    refused(a_laptop, attacker.place(marker.map_name(), marker.key(), {"not": "ours"}))
+    held = dict(a_laptop.space(chat).replica.entries(marker.map_name()))
+    assert held[a_phone.device_id] == marker
+
+
+def test_a_member_cannot_undo_our_deletion() -> None:
+    a_phone, a_laptop, b_phone, chat, message = setup()
+    tombstone = a_phone.new_entry(chat, "del", WALL + 1, target=message.id)
+    a_phone.write_local(chat, [tombstone])
+    sync(a_phone, a_laptop, b_phone)
+    assert view(a_laptop, chat)[0].deleted
+    attacker = Attacker(b_phone, chat, a_laptop)
+    refused(a_laptop, attacker.place("x", message.id, "resurrected"))
+    assert view(a_laptop, chat)[0].deleted
+
+
+def test_a_member_still_replaces_its_own_values() -> None:
+    """B placing its own value after its own item (editing its receipt, say) is fine:
+    only references to other accounts' structs count against it."""
+    _, a_laptop, b_phone, chat, _ = setup()
+    attacker = Attacker(b_phone, chat, a_laptop)
+    a_laptop.ingest(attacker.place("m", "b1", b_entry(b_phone, chat, "b1", "first")))
+    a_laptop.ingest(attacker.place("m", "b1", b_entry(b_phone, chat, "b1", "second")))
+    assert [m.text for m in view(a_laptop, chat)][-1] == "second"
