@@ -7,19 +7,11 @@ import contextlib
 import pytest
 import trio
 import trio.testing
+from procs import run_virtual as run
+from procs import wait_for
 
 from p2p import events as ev
 from p2p import testing
-
-
-def run(fn: object) -> None:
-    trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0))  # type: ignore[arg-type]
-
-
-async def wait_for(predicate: object, seconds: float = 120) -> None:
-    with trio.fail_after(seconds):
-        while not predicate():  # type: ignore[operator]  # noqa: ASYNC110
-            await trio.sleep(0.05)
 
 
 def test_a_live_unlink_reaches_every_running_device_and_locks_the_removed_one_out() -> None:
