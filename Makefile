@@ -24,8 +24,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The property modules run twice: with fresh random examples (the default profile, in
+# the full run) and with the derandomized examples of every earlier run (replay).
+PROPERTIES := tests/test_wire.py tests/test_relay_protocol.py tests/test_yupdate.py \
+	tests/test_fuzz_inputs.py tests/test_index.py tests/test_convergence.py tests/test_chaos_sync.py
+
 unit: $(STAMP)
 	$(BIN)/pytest -q
+	$(BIN)/pytest -q --hypothesis-profile=replay -m property $(PROPERTIES)
 
 test: lint typecheck unit
 

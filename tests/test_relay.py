@@ -14,14 +14,8 @@ The transport acceptance suite runs against the relay in ``test_relay_transport.
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import random
-import selectors
-import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -47,67 +41,6 @@ from p2p.transport.tcp import TcpTransport
 pytestmark = pytest.mark.slow
 
 _numbers = itertools.count()
-
-
-class RelayProcess:
-    """``python -m p2p.relay`` on 127.0.0.1, port 0; its log goes to a file."""
-
-    def __init__(self, tmp: Path, *args: str, data: Path | None = None) -> None:
-        self.log_path = tmp / f"relay-{next(_numbers)}.log"
-        command = [sys.executable, "-m", "p2p.relay", "--listen", "127.0.0.1:0", *args]
-        if data is not None:
-            command += ["--data", str(data)]
-        with self.log_path.open("w") as log:
-            self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
-        event = json.loads(self._readline(timeout=20))
-        assert event["event"] == "listening", event
-        self.url: str = event["address"]
-
-    def _readline(self, timeout: float) -> str:
-        assert self.proc.stdout is not None
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            if not sel.select(timeout):
-                self.kill()
-                raise AssertionError(f"relay did not start: {self.log()}")
-        line = self.proc.stdout.readline()
-        if not line:
-            self.kill()
-            raise AssertionError(f"relay exited: {self.log()}")
-        return line
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, sig)
-        code = self.proc.wait(timeout=20)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        return code
-
-    def kill(self) -> None:
-        self.stop(signal.SIGKILL)
-
-
-@pytest.fixture
-def relays(tmp_path: Path) -> Any:
-    """Start relays with ``relays(*args, data=...)``; all are stopped after the test."""
-    started: list[RelayProcess] = []
-
-    def start(*args: str, data: Path | None = None) -> RelayProcess:
-        relay = RelayProcess(tmp_path, *args, data=data)
-        started.append(relay)
-        return relay
-
-    yield start
-    for relay in started:
-        relay.kill()
 
 
 async def echo(conn: Connection) -> None:

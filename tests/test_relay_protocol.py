@@ -53,8 +53,6 @@ from p2p.transport.base import TransportError
 
 FAST = settings(
     max_examples=200,
-    derandomize=True,
-    database=None,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
