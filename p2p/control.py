@@ -15,13 +15,16 @@ request per connection, one JSON reply, both a single line of at most
     {"op": "chat_add", "chat": "...", "with": [...]} -> {"ok": true}
     {"op": "chat_leave", "chat": "..."}             -> {"ok": true}
 
-A failed request gets ``{"ok": false, "error": "<ErrorClass>", "message": "..."}``.
+A failed request gets ``{"ok": false, "error": "<ErrorClass>", "message": "..."}``; so
+does any request the node cannot read (longer than :data:`MAX_LINE`, nested deeper than
+:data:`MAX_DEPTH`, not JSON) and any that meets a bug: a request never ends the node.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -33,9 +36,14 @@ import trio
 from p2p.errors import NodeError, P2PError
 from p2p.node import Node
 from p2p.pairing import CheckCodeMismatch, same_check_code
+from p2p.wire import load_json
+
+log = logging.getLogger("p2p.control")
 
 SOCKET_FILE: Final = "control.sock"
 MAX_LINE: Final = 256 * 1024
+MAX_DEPTH: Final = 8
+"""Nesting a request may have (checked before parsing; requests nest 2 deep)."""
 REQUEST_TIMEOUT: Final = 10.0
 """Longest wait for a request line (an owner's client that stalls is cut off)."""
 CONFIRM_TIMEOUT: Final = 300.0
@@ -210,12 +218,15 @@ async def serve_control(
                         json.dumps({"event": "check", "check": digits}).encode() + b"\n"
                     )
                     with trio.fail_after(CONFIRM_TIMEOUT):
-                        answer = json.loads(await _read_line(stream))
+                        answer = _parse(await _read_line(stream))
                     return isinstance(answer, dict) and answer.get("confirm") is True
 
-                reply = {"ok": True, **(await _handle(node, json.loads(line), ask))}
+                reply = {"ok": True, **(await _handle(node, _parse(line), ask))}
             except (P2PError, ValueError, trio.TooSlowError) as exc:
                 reply = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
+            except Exception as exc:  # a bug met by one request must not end the node
+                log.exception("bug while answering a control request")
+                reply = {"ok": False, "error": "InternalError", "message": type(exc).__name__}
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.send_all(json.dumps(reply).encode() + b"\n")
 
@@ -225,6 +236,11 @@ async def serve_control(
             task_status.started()
     finally:
         path.unlink(missing_ok=True)
+
+
+def _parse(line: bytes) -> object:
+    """One request line: bounded in size and nesting before ``json.loads`` sees it."""
+    return load_json(line, what="control request", max_size=MAX_LINE, max_depth=MAX_DEPTH)
 
 
 async def _read_line(stream: trio.abc.ReceiveStream) -> bytes:

@@ -33,6 +33,14 @@ class MalformedFrame(WireError):
     """Not decodable msgpack, or not shaped like any frame we know."""
 
 
+class TooComplex(MalformedFrame):
+    """Encoded data nested deeper, or holding more values, than its format ever needs.
+
+    Checked on the encoded bytes before anything is decoded, so that a small input
+    cannot cost a large multiple of its size in memory or time (nested empty arrays
+    are one byte each on the wire and dozens of bytes each once decoded)."""
+
+
 class UnsupportedVersion(WireError):
     """A frame of a protocol version this node does not speak (or a downgrade)."""
 

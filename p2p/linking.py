@@ -58,7 +58,7 @@ from p2p.pairing import (
 )
 from p2p.storage.base import Store, WriteBatch
 from p2p.transport.base import Connection
-from p2p.wire import MAX_ID, decode_frame, encode_frame, pack, unpack
+from p2p.wire import MAX_HANDSHAKE_FRAME, MAX_ID, decode_frame, encode_frame, pack, unpack
 
 DOMAIN_LINK: Final = b"p2p/link/v1\x00"
 CHUNK: Final = 256 * 1024
@@ -206,9 +206,11 @@ async def approve(
 
 
 async def _raw(conn: Connection) -> bytes:
+    """A clear frame, from a side that has proven nothing yet: held to the handshake
+    limit before it is read."""
     with trio.fail_after(STEP_TIMEOUT):
-        data = await conn.receive()
-    frame = decode_frame(data)
+        data = await conn.receive(MAX_HANDSHAKE_FRAME)
+    frame = decode_frame(data, limit=MAX_HANDSHAKE_FRAME)
     if frame["t"] == "abort":
         raise PairingError(f"the other side stopped the link: {frame['code']}")
     return data

@@ -76,6 +76,7 @@ from p2p.sync import (
 )
 from p2p.transport.base import Connection, ConnectionClosed, TransportError
 from p2p.transport.base import Transport as TransportT
+from p2p.wire import MAX_HANDSHAKE_FRAME
 
 log = logging.getLogger("p2p.node")
 T = TypeVar("T")
@@ -800,7 +801,7 @@ class Node:
                         handshaking = False
                     with trio.move_on_at(session.next_deadline()) as timer:
                         try:
-                            data = await conn.receive()
+                            data = await conn.receive(session.frame_limit)
                         except P2PError as exc:  # broken connection, or an oversized frame
                             self._carry_out(peer, session.close(exc))
                             break
@@ -1408,7 +1409,13 @@ async def open_node(
         try:
             async with trio.open_nursery() as nursery:
                 clients = [
-                    RelayClient(url, state.keys, watch=state.followed_devices) for url in relays
+                    RelayClient(
+                        url,
+                        state.keys,
+                        watch=state.followed_devices,
+                        first_frame_limit=MAX_HANDSHAKE_FRAME,
+                    )
+                    for url in relays
                 ]
                 if clients:
                     transport = RoutedTransport(transport, clients)

@@ -66,6 +66,7 @@ from p2p.box import Box, shared_secret
 from p2p.errors import (
     DecryptionFailed,
     DeviceListError,
+    FrameTooLarge,
     HandshakeFailed,
     NotOurAccount,
     P2PError,
@@ -74,7 +75,14 @@ from p2p.errors import (
 )
 from p2p.identity import DeviceKeys, DeviceList, account_tag, check_lease, verify
 from p2p.model import covers
-from p2p.wire import DIGEST_SIZE, MAX_DIGESTS, decode_frame, encode_frame
+from p2p.wire import (
+    DIGEST_SIZE,
+    MAX_DIGESTS,
+    MAX_FRAME,
+    MAX_HANDSHAKE_FRAME,
+    decode_frame,
+    encode_frame,
+)
 
 DOMAIN_HANDSHAKE: Final = b"p2p/handshake/v1\x00"
 HANDSHAKE_TIMEOUT: Final = 10.0
@@ -285,6 +293,14 @@ class Session:
 
     # ---- input ---------------------------------------------------------------------
 
+    @property
+    def frame_limit(self) -> int:
+        """Largest frame the next one may be: :data:`~p2p.wire.MAX_HANDSHAKE_FRAME` until
+        the peer is authenticated (a stranger's bytes are bounded before they are read;
+        the caller passes this to ``Connection.receive``), :data:`~p2p.wire.MAX_FRAME`
+        after."""
+        return MAX_FRAME if self.state is State.OPEN else MAX_HANDSHAKE_FRAME
+
     def receive(self, data: bytes, now: float) -> list[Output]:
         """Handle one frame from the peer."""
         if self.state is State.CLOSED:
@@ -294,6 +310,8 @@ class Session:
         self.stats.bytes_in += len(data)
         self._in_size = len(data)
         try:
+            if len(data) > self.frame_limit:
+                raise FrameTooLarge(len(data), self.frame_limit)
             if self.state is State.HELLO:
                 return self._on_hello(data)
             if self.state is State.AUTH:

@@ -262,13 +262,15 @@ class _Link:
 class RelayPipe:
     """A connection to one device through the relay (a p2p Connection)."""
 
-    def __init__(self, link: _Link, cid: int, peer: str) -> None:
+    def __init__(self, link: _Link, cid: int, peer: str, first_limit: int = MAX_FRAME) -> None:
         self._link = link
+        self._first_limit = first_limit
         self._cid = cid
         self._peer = peer
         self._inbox = ByteQueue(PIPE_QUEUE_BYTES)
         self._partial: list[bytes] = []
         self._partial_size = 0
+        self._frames_in = 0
         self._send_lock = trio.Lock()
         self._closed = False
         """Closed here: nothing more is sent or received."""
@@ -300,12 +302,15 @@ class RelayPipe:
                 if not more:
                     return
 
-    async def receive(self) -> bytes:
+    async def receive(self, limit: int = MAX_FRAME) -> bytes:
         try:
-            return await self._inbox.get()
+            frame = await self._inbox.get()
         except QueueClosed:
             why = self._ended_why or "here"
             raise ConnectionClosed(f"pipe to {self._peer} closed ({why})") from None
+        if len(frame) > limit:
+            raise FrameTooLarge(len(frame), limit)
+        return frame
 
     async def aclose(self) -> None:
         if self._closed:
@@ -326,9 +331,12 @@ class RelayPipe:
             return
         self._partial.append(chunk)
         self._partial_size += len(chunk)
-        if self._partial_size > MAX_FRAME:
-            log.warning("%s sent a frame over %d bytes; closing the pipe", self._peer, MAX_FRAME)
-            self._inbox.close(FrameTooLarge(self._partial_size, MAX_FRAME))
+        # a node's pipes open with a handshake (a hello): a stranger's first frame is
+        # never held past the handshake limit (RelayClient's first_frame_limit)
+        limit = MAX_FRAME if self._frames_in else self._first_limit
+        if self._partial_size > limit:
+            log.warning("%s sent a frame over %d bytes; closing the pipe", self._peer, limit)
+            self._inbox.close(FrameTooLarge(self._partial_size, limit))
             self._ended_why = "frame too large"
             self._partial = []
             if self._link.pipes.pop(self._cid, None) is not None:
@@ -338,6 +346,7 @@ class RelayPipe:
             return
         frame = self._partial[0] if len(self._partial) == 1 else b"".join(self._partial)
         self._partial, self._partial_size = [], 0
+        self._frames_in += 1
         await self._inbox.put(frame)
 
     def _ended(self, why: str) -> None:
@@ -352,7 +361,9 @@ class RelayClient:
     ``url`` is the relay's ``ws://`` or ``wss://`` URL; ``device`` signs our auth; the
     ``watch`` callable names the devices whose presence we follow (called on every
     (re)connection and after :meth:`update_watch`; at most MAX_WATCH (64) are sent). ``relay_id``
-    is the name the relay must sign in as: the URL by default.
+    is the name the relay must sign in as: the URL by default. ``first_frame_limit``
+    bounds the first frame a pipe buffers, either way (a node passes the handshake
+    limit, p2p.wire.MAX_HANDSHAKE_FRAME: its sessions open with a small hello).
     """
 
     def __init__(
@@ -362,8 +373,10 @@ class RelayClient:
         *,
         watch: Callable[[], Iterable[str]] = tuple,
         relay_id: str | None = None,
+        first_frame_limit: int = MAX_FRAME,
     ) -> None:
         self.url = url
+        self._first_limit = first_frame_limit
         _split_url(url)  # RelayError now rather than at each reconnection
         self.relay_id = relay_id if relay_id is not None else url.rstrip("/")
         self._device = device
@@ -463,7 +476,7 @@ class RelayClient:
         link.next_cid += 1
         if cid >= CLIENT_CID_LIMIT:
             raise TransportError("pipe numbers exhausted on this relay connection")
-        pipe = RelayPipe(link, cid, peer)
+        pipe = RelayPipe(link, cid, peer, self._first_limit)
         waiter = _Waiter()
         link.opening[cid] = (pipe, waiter)
         try:
@@ -768,7 +781,7 @@ class RelayClient:
     def _incoming(self, link: _Link, peer: str, cid: int) -> None:
         if cid < CLIENT_CID_LIMIT or cid in link.pipes:
             raise RelayError(f"the relay opened pipe {cid}, which it may not")
-        pipe = RelayPipe(link, cid, peer)
+        pipe = RelayPipe(link, cid, peer, self._first_limit)
         link.pipes[cid] = pipe
         if self._nursery is None or self._handler is None:
             link.pipes.pop(cid)
