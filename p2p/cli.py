@@ -21,7 +21,7 @@ import trio
 from p2p import control
 from p2p.clock import parse_ts
 from p2p.errors import AlreadyRunning, NodeError, P2PError
-from p2p.home import default_home, init_account, open_home_store
+from p2p.home import LOCK_WAIT, default_home, init_account, open_home_store
 from p2p.node import open_node
 
 
@@ -114,10 +114,6 @@ def _parse_size(text: str) -> int:
     return value * factor
 
 
-START_WAIT = 60.0
-"""Seconds a command waits for a node that holds its home but does not answer yet."""
-
-
 def _node_or_offline(
     args: argparse.Namespace,
     request: dict[str, Any],
@@ -129,7 +125,7 @@ def _node_or_offline(
     this process opens on the store (holding the home's lock, so none starts meanwhile).
 
     A home whose lock is taken while its control socket does not answer has a node
-    starting (or stopping): wait for it and ask again, up to START_WAIT seconds. Never
+    starting (or stopping): wait for it and ask again, up to LOCK_WAIT seconds. Never
     write the store beside it: a node does not see what another process appends."""
     home = _home(args)
 
@@ -137,7 +133,7 @@ def _node_or_offline(
         async with open_node(home) as node:
             return await offline(node)
 
-    deadline = time.monotonic() + START_WAIT
+    deadline = time.monotonic() + LOCK_WAIT
     waiting = False
     while True:
         reply = control.request(home, request, ask=ask)
@@ -147,7 +143,7 @@ def _node_or_offline(
             return trio.run(run)
         except AlreadyRunning as exc:
             if time.monotonic() > deadline:
-                raise NodeError(f"{exc} and does not answer after {START_WAIT:.0f} s") from None
+                raise NodeError(f"{exc}, and it does not answer after {LOCK_WAIT:.0f} s") from None
             if not waiting:
                 waiting = True
                 print(f"p2p: waiting for the node of {home} to answer", file=sys.stderr, flush=True)

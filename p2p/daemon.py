@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -19,11 +20,12 @@ from typing import Any
 
 import trio
 
+from p2p import control
 from p2p import events as ev
 from p2p.control import serve_control
 from p2p.discovery.base import StaticPeers
-from p2p.errors import AlreadyRunning
-from p2p.home import home_lock
+from p2p.errors import AlreadyRunning, P2PError
+from p2p.home import LOCK_WAIT, home_lock
 from p2p.node import Node, open_node
 from p2p.transport.tcp import TcpTransport
 
@@ -119,9 +121,48 @@ async def run_daemon(
     """Run until SIGINT/SIGTERM; the exit code.
 
     ``open_node`` holds the home's lock (``p2p.home.home_lock``) from before it reads
-    the store until the node is closed: AlreadyRunning if another process has it. Until
-    the control socket answers, a ``p2p send`` waits for this node rather than write
-    the store beside it."""
+    the store until the node is closed; until the control socket answers, a ``p2p
+    send`` waits for this node rather than write the store beside it. A home locked by
+    a node that answers is refused at once (AlreadyRunning); one locked by a process
+    that does not (a ``p2p`` command working on the store, a node starting) is waited
+    for, up to LOCK_WAIT seconds."""
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            return await _run(
+                home,
+                listen=listen,
+                peers=peers,
+                mdns=mdns,
+                mdns_interfaces=mdns_interfaces,
+                as_json=as_json,
+                relays=relays,
+            )
+        except AlreadyRunning:
+            answered = await trio.to_thread.run_sync(_answers, home, abandon_on_cancel=True)
+            if answered or time.monotonic() > deadline:
+                raise
+            await trio.sleep(0.1)
+
+
+def _answers(home: Path) -> bool:
+    """Whether a node answers the control socket of ``home``."""
+    try:
+        return control.request(home, {"op": "status"}) is not None
+    except (P2PError, OSError):
+        return False
+
+
+async def _run(
+    home: Path,
+    *,
+    listen: str,
+    peers: list[str],
+    mdns: bool,
+    mdns_interfaces: list[str],
+    as_json: bool,
+    relays: Sequence[str],
+) -> int:
     transport = TcpTransport(listen)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with (

@@ -22,6 +22,9 @@ from p2p.storage.sqlite import SqliteStore
 
 STORE_FILE: Final = "p2p.db"
 LOCK_FILE: Final = "node.lock"
+LOCK_WAIT: Final = 60.0
+"""Seconds a command (or ``p2p run``) waits for a home whose lock is taken by a process
+that does not answer its control socket yet: a node starting, or a command at work."""
 
 
 def default_home() -> Path:
@@ -64,7 +67,9 @@ def home_lock(home: str | os.PathLike[str]) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise AlreadyRunning(f"another process uses {home} (pid {other})") from None
+            raise AlreadyRunning(
+                f"a node is already running for {home}, or another p2p command (pid {other})"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
