@@ -665,16 +665,21 @@ class DeviceState:
         second struct under a client and clock was taken for the first one, here and
         at every peer. The peers then hold the other struct of each such pair, which
         we cannot tell from ours; so every entry of ours is written again, under this
-        run's client id: the same signed values under the same keys, so no view
-        changes, and every replica ends up holding all of them.
+        run's client id: the same values under the same keys (signed again: a shown
+        row keeps no signature, and ours are deterministic), so no view changes, and
+        every replica ends up holding all of them.
         """
         replica = self.space(space_id).replica
         lost: list[Entry] = []
 
         def check() -> None:
             rows = [r for r in store.index_by_device(space_id, self.device_id) if not r.reason]
-            if not all(replica.holds(r.map, r.key, r.id, r.sig) for r in rows):
-                lost.extend(e for e in map(row_entry, rows) if e is not None)
+            if all(replica.holds(r.map, r.key, r.id) for r in rows):
+                return
+            for row in rows:
+                entry = row_entry(row)
+                if entry is not None and entry.account == self.account_id:
+                    lost.append(entry.signed(space_id, self.keys))
 
         replica.load(check)
         return lost

@@ -483,10 +483,10 @@ class Replica:
             finally:
                 self._loading = False
 
-    def holds(self, map_name: str, key: str, entry_id: str, sig: str) -> bool:
-        """Whether the value under ``key`` is the entry ``entry_id`` signed ``sig``."""
+    def holds(self, map_name: str, key: str, entry_id: str) -> bool:
+        """Whether the value under ``key`` is the entry ``entry_id``."""
         value = self._maps[map_name].get(key)
-        return isinstance(value, dict) and value.get("id") == entry_id and value.get("sig") == sig
+        return isinstance(value, dict) and value.get("id") == entry_id
 
     @property
     def doc(self) -> pycrdt.Doc[Any]:
