@@ -20,8 +20,8 @@ import trio
 
 from p2p import control
 from p2p.clock import parse_ts
-from p2p.errors import NodeError, P2PError
-from p2p.home import default_home, init_account, open_home_store
+from p2p.errors import AlreadyRunning, NodeError, P2PError
+from p2p.home import LOCK_WAIT, default_home, init_account, open_home_store
 from p2p.node import open_node
 
 
@@ -50,16 +50,14 @@ def cmd_send(args: argparse.Namespace) -> int:
         print("p2p: send needs a TEXT, a --file, or both", file=sys.stderr)
         return 2
 
-    async def run() -> str:
-        async with open_node(_home(args)) as node:
-            if file:
-                return await node.send_file(file, text, chat=args.chat)
-            return await node.send(text, chat=args.chat)
+    async def offline(node: Any) -> dict[str, Any]:
+        if file:
+            return {"id": await node.send_file(file, text, chat=args.chat)}
+        return {"id": await node.send(text, chat=args.chat)}
 
     # through the running node when there is one (it owns the store and gossips at once)
     request = {"op": "send", "text": text, "chat": args.chat, "file": file}
-    reply = control.request(_home(args), request)
-    message_id = str(reply["id"]) if reply is not None else trio.run(run)
+    message_id = str(_node_or_offline(args, request, offline)["id"])
     if args.json:
         print(json.dumps({"id": message_id}))
     else:
@@ -116,17 +114,40 @@ def _parse_size(text: str) -> int:
     return value * factor
 
 
-def _node_or_offline(args: argparse.Namespace, request: dict[str, Any], offline: Any) -> Any:
-    """Ask the running node; without one, run ``offline(node)`` on the store."""
-    reply = control.request(_home(args), request)
-    if reply is not None:
-        return reply
+def _node_or_offline(
+    args: argparse.Namespace,
+    request: dict[str, Any],
+    offline: Any,
+    *,
+    ask: Callable[[str], bool] | None = None,
+) -> Any:
+    """Ask the node running for the home; without one, run ``offline(node)`` on a node
+    this process opens on the store (holding the home's lock, so none starts meanwhile).
+
+    A home whose lock is taken while its control socket does not answer has a node
+    starting (or stopping): wait for it and ask again, up to LOCK_WAIT seconds. Never
+    write the store beside it: a node does not see what another process appends."""
+    home = _home(args)
 
     async def run() -> Any:
-        async with open_node(_home(args)) as node:
+        async with open_node(home) as node:
             return await offline(node)
 
-    return trio.run(run)
+    deadline = time.monotonic() + LOCK_WAIT
+    waiting = False
+    while True:
+        reply = control.request(home, request, ask=ask)
+        if reply is not None:
+            return reply
+        try:
+            return trio.run(run)
+        except AlreadyRunning as exc:
+            if time.monotonic() > deadline:
+                raise NodeError(f"{exc}, and it does not answer after {LOCK_WAIT:.0f} s") from None
+            if not waiting:
+                waiting = True
+                print(f"p2p: waiting for the node of {home} to answer", file=sys.stderr, flush=True)
+            time.sleep(0.05)
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
@@ -231,16 +252,11 @@ def cmd_media(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    reply = control.request(_home(args), {"op": "status"})
-    if reply is None:
+    async def offline(node: Any) -> dict[str, Any]:
+        return {"status": node.status(), "running": False}
 
-        async def offline() -> dict[str, Any]:
-            async with open_node(_home(args)) as node:
-                return {**node.status(), "running": False}
-
-        status = trio.run(offline)
-    else:
-        status = {**reply["status"], "running": True}
+    reply = _node_or_offline(args, {"op": "status"}, offline)
+    status = {**reply["status"], "running": reply.get("running", True)}
     if args.json:
         print(json.dumps(status))
         return 0
@@ -366,8 +382,6 @@ def cmd_link(args: argparse.Namespace) -> int:
 def cmd_approve(args: argparse.Namespace) -> int:
     from p2p.pairing import CheckCodeMismatch, same_check_code
 
-    home = _home(args)
-
     def ask(digits: str) -> bool:
         answer = input(f"check code {digits}: does the new device show the same? [y/N] ")
         return answer.strip().lower() in ("y", "yes")
@@ -380,15 +394,6 @@ def cmd_approve(args: argparse.Namespace) -> int:
         "connect": args.connect,
         "interactive": interactive,
     }
-    # a node running for this home links the device itself (it owns the store); the
-    # check code still comes to this prompt
-    reply = control.request(home, request, ask=ask)
-    if reply is not None:
-        if args.json:
-            print(json.dumps({"event": "linked", "device": reply["device"], "name": reply["name"]}))
-        else:
-            print(f"linked {reply['name']} ({reply['device']})")
-        return 0
 
     async def confirm(digits: str) -> bool:
         if args.yes:
@@ -403,14 +408,16 @@ def cmd_approve(args: argparse.Namespace) -> int:
 
     screen = _LinkScreen(args.json)
 
-    async def run() -> tuple[str, str]:
-        async with open_node(home) as node:
-            linked = await node.approve(
-                args.code, confirm=confirm, connect=args.connect, progress=screen.progress
-            )
-            return linked.name, linked.device
+    async def offline(node: Any) -> dict[str, str]:
+        linked = await node.approve(
+            args.code, confirm=confirm, connect=args.connect, progress=screen.progress
+        )
+        return {"name": linked.name, "device": linked.device}
 
-    name, device = trio.run(run)
+    # a node running for this home links the device itself (it owns the store); the
+    # check code still comes to this prompt
+    reply = _node_or_offline(args, request, offline, ask=ask)
+    name, device = reply["name"], reply["device"]
     if args.json:
         print(json.dumps({"event": "linked", "device": device, "name": name}))
     else:
@@ -424,13 +431,12 @@ def cmd_unlink(args: argparse.Namespace) -> int:
         if args.device:
             print("p2p: give a DEVICE or --self, not both", file=sys.stderr)
             return 2
-        if control.request(home, {"op": "leave"}) is None:
 
-            async def leave() -> None:
-                async with open_node(home) as node:
-                    await node.leave()
+        async def leave(node: Any) -> dict[str, Any]:
+            await node.leave()
+            return {"offline": True}
 
-            trio.run(leave)
+        if _node_or_offline(args, {"op": "leave"}, leave).get("offline"):
             print("asked to be unlinked: the request goes to the primary at the next meeting")
         else:
             status = control.request(home, {"op": "status"})
@@ -444,17 +450,13 @@ def cmd_unlink(args: argparse.Namespace) -> int:
     if not args.device:
         print("p2p: unlink needs a DEVICE id (or --self on a companion)", file=sys.stderr)
         return 2
-    reply = control.request(home, {"op": "unlink", "device": args.device})
-    if reply is None:
 
-        async def run() -> int:
-            async with open_node(home) as node:
-                await node.unlink(args.device)
-                return node.state.device_list.version
+    async def offline(node: Any) -> dict[str, Any]:
+        await node.unlink(args.device)
+        return {"version": node.state.device_list.version}
 
-        version = trio.run(run)
-    else:
-        version = int(reply["version"])
+    reply = _node_or_offline(args, {"op": "unlink", "device": args.device}, offline)
+    version = int(reply["version"])
     print(f"unlinked {args.device}; keys rotated; device list version {version}")
     return 0
 
@@ -510,15 +512,12 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 def _call(args: argparse.Namespace, payload: dict[str, Any]) -> dict[str, Any]:
     """One request, through the running node of this home, else on the store."""
-    reply = control.request(_home(args), payload)
-    if reply is not None:
-        return reply
 
-    async def offline() -> dict[str, Any]:
-        async with open_node(_home(args)) as node:
-            return await control.handle(node, payload)
+    async def offline(node: Any) -> dict[str, Any]:
+        return await control.handle(node, payload)
 
-    return trio.run(offline)
+    result: dict[str, Any] = _node_or_offline(args, payload, offline)
+    return result
 
 
 def cmd_contact_code(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Final, Literal
@@ -206,6 +206,8 @@ class DeviceState:
         signed device list of each, verified by its account key."""
         self.boot = 0
         """This run's number (persisted as ``boot``; part of our CRDT client id)."""
+        self.counters_wanted = False
+        """Half of the counter block is used: the node's writer claims the next one."""
         self._client_owners: dict[int, str] | None = None
         self.contact_keys: dict[str, bytes] = {}
         """The contact key of each contact (from its contact code): our devices meet
@@ -511,8 +513,12 @@ class DeviceState:
         return WriteBatch(records=records)
 
     @classmethod
-    def load(cls, store: Store) -> DeviceState:
+    def load(cls, store: Store, run: Run | None = None) -> DeviceState:
         """Rebuild the state from a store: records now, each space's CRDT on first use.
+
+        ``run``: what this run writes with (:func:`claim_run`, taken from the store
+        before loading); without one the state is for reading (its run number is the
+        stored one plus one, which another process may use too: never write with it).
 
         A space's document (snapshot, then tail) is loaded from ``store`` only when
         something needs it (sync, a write; see ``Replica.load``): readers are served by
@@ -543,8 +549,11 @@ class DeviceState:
                 state.accounts[followed.account_id] = followed
             for name in store.names("peerkey/"):
                 state.contact_keys[name.removeprefix("peerkey/")] = _required(store, name)
-            boot = store.get("boot")
-            state.boot = unpack(boot, what="boot") + 1 if boot else 1
+            if run is None:
+                boot = store.get("boot")
+                state.boot = unpack(boot, what="boot") + 1 if boot else 1
+            else:
+                state.boot = run.boot
             for name in store.names("space/"):
                 space_id = name.removeprefix("space/")
                 kind, space_name, epoch, member_pks = unpack(
@@ -577,10 +586,13 @@ class DeviceState:
                 state.replay[name.removeprefix("replay/")] = envelope.ReplayWindow.from_record(
                     _required(store, name)
                 )
-            reserved = store.get("counter")
-            state.counter = state.counter_reserved = (
-                unpack(reserved, what="counter") if reserved else 0
-            )
+            if run is None:
+                reserved = store.get("counter")
+                state.counter = state.counter_reserved = (
+                    unpack(reserved, what="counter") if reserved else 0
+                )
+            else:
+                state.counter, state.counter_reserved = run.counter, run.reserved
             state.lease = store.get("device/lease") or b""
             last = store.get("clock")
             if last:
@@ -640,6 +652,37 @@ class DeviceState:
             index=index,
         )
         return update, batch
+
+    def load_checked(self, space_id: str, store: Store) -> list[Entry]:
+        """Load a space's CRDT from ``store`` and check that it holds every entry of
+        ours that the message index shows; [] when it does, else every entry of ours
+        in the space, to be written again (run in a worker thread: the check reads the
+        document before anyone else may use it).
+
+        Our index rows commit with the update that holds them, so a row whose entry the
+        loaded CRDT lacks means an update of ours was dropped as a duplicate: older
+        versions let two processes write one home with one CRDT client id, and the
+        second struct under a client and clock was taken for the first one, here and
+        at every peer. The peers then hold the other struct of each such pair, which
+        we cannot tell from ours; so every entry of ours is written again, under this
+        run's client id: the same values under the same keys (signed again: a shown
+        row keeps no signature, and ours are deterministic), so no view changes, and
+        every replica ends up holding all of them.
+        """
+        replica = self.space(space_id).replica
+        lost: list[Entry] = []
+
+        def check() -> None:
+            rows = [r for r in store.index_by_device(space_id, self.device_id) if not r.reason]
+            if all(replica.holds(r.map, r.key, r.id) for r in rows):
+                return
+            for row in rows:
+                entry = row_entry(row)
+                if entry is not None and entry.account == self.account_id:
+                    lost.append(entry.signed(space_id, self.keys))
+
+        replica.load(check)
+        return lost
 
     # ---- the message index ---------------------------------------------------------
 
@@ -710,7 +753,7 @@ class DeviceState:
         space = self.space(space_id)
         self.counter += 1
         if self.counter > self.counter_reserved - COUNTER_BLOCK // 2:
-            self.unsaved = merge_batches([self.unsaved, self.reserve_counters()])
+            self.counters_wanted = True
         return envelope.seal(
             self.keys,
             space=space_id,
@@ -720,14 +763,15 @@ class DeviceState:
             payload=payload,
         )
 
-    def reserve_counters(self) -> WriteBatch:
-        """Reserve the next block of envelope counters; durable before any is used.
-
-        After a crash the device resumes past everything it ever reserved, so no
-        counter is used twice (peers would drop the second use as a replay).
-        """
-        self.counter_reserved = max(self.counter, self.counter_reserved) + COUNTER_BLOCK
-        return WriteBatch(records={"counter": pack(self.counter_reserved)})
+    def grant_counters(self, reserved: int) -> None:
+        """Take the block of envelope counters ending at ``reserved`` (from
+        :func:`claim_counters`). The block follows ours unless another writer took the
+        ones between (never while the home lock is held): then those are skipped."""
+        start = reserved - COUNTER_BLOCK
+        if start > self.counter_reserved:
+            self.counter = max(self.counter, start)
+        self.counter_reserved = max(self.counter_reserved, reserved)
+        self.counters_wanted = self.counter > self.counter_reserved - COUNTER_BLOCK // 2
 
     def take_unsaved(self) -> WriteBatch:
         """Records changed outside an operation's own batch (counter reservations)."""
@@ -757,13 +801,6 @@ class DeviceState:
             source=source,
             authors=authors,
             client_id=crdt_client(self.device_id, self.boot),
-        )
-
-    def start_run(self) -> WriteBatch:
-        """What must be durable before this run seals anything: a block of envelope
-        counters and the run number in our CRDT client id."""
-        return merge_batches(
-            [self.reserve_counters(), WriteBatch(records={"boot": pack(self.boot)})]
         )
 
     def client_account(self, client: int) -> str | None:
@@ -1143,6 +1180,59 @@ class DeviceState:
                 delivered_to=got, waiting_for=waiting, read_by=read_by, status=status
             )
         return out
+
+
+@dataclass(frozen=True)
+class Run:
+    """What one run of a device writes with, handed out by the store (:func:`claim_run`)."""
+
+    boot: int
+    """The run number: the low bits of this run's CRDT client id (``crdt_client``)."""
+    counter: int
+    """The last envelope counter before this run's block."""
+    reserved: int
+    """The last envelope counter of this run's block."""
+
+
+def _stored_int(value: bytes | None, name: str) -> int:
+    try:
+        number = unpack(value, what=name) if value else 0
+    except WireError as exc:
+        raise StoreCorrupt(f"record {name!r} is unreadable: {exc}") from exc
+    if type(number) is not int or number < 0:
+        raise StoreCorrupt(f"record {name!r} holds {number!r}, not a count")
+    return number
+
+
+def _claim(store: Store, amounts: dict[str, int]) -> dict[str, int]:
+    """Add ``amounts`` to the counts stored under their names, in one write transaction
+    of the store; the new counts."""
+
+    def add(current: Mapping[str, bytes | None]) -> dict[str, bytes]:
+        return {n: pack(_stored_int(current[n], n) + k) for n, k in amounts.items()}
+
+    new = store.update_records(list(amounts), add)
+    return {name: _stored_int(new[name], name) for name in amounts}
+
+
+def claim_run(store: Store) -> Run:
+    """A new run number and a fresh block of envelope counters, both taken from the
+    store in one write transaction before anything is loaded.
+
+    Reading them at load and writing them back later (as this once did) let two
+    processes opening one home at once take the same run number: the same CRDT client
+    id, so each wrote structs the other's peers took for ones they already held (a
+    message acknowledged and never sent), and the same counters (dropped as replays).
+    """
+    claimed = _claim(store, {"boot": 1, "counter": COUNTER_BLOCK})
+    reserved = claimed["counter"]
+    return Run(boot=claimed["boot"], counter=reserved - COUNTER_BLOCK, reserved=reserved)
+
+
+def claim_counters(store: Store) -> int:
+    """The end of a fresh block of envelope counters, taken from the store atomically
+    (run by the node's writer, off the trio thread; see ``DeviceState.grant_counters``)."""
+    return _claim(store, {"counter": COUNTER_BLOCK})["counter"]
 
 
 def _history(store: Store, space_id: str) -> Iterator[bytes]:

@@ -184,6 +184,11 @@ class NodeError(P2PError):
     """The node facade was misused (closed node, unknown chat, ...)."""
 
 
+class AlreadyRunning(NodeError):
+    """Another process holds this home's lock: a running node (``p2p run``), or a
+    command working on the store while no node runs."""
+
+
 class ContactError(NodeError):
     """A contact code or contact operation that is refused (malformed or altered code,
     our own account, an account we do not know)."""

@@ -447,6 +447,7 @@ class Replica:
             self._map_of[name].integrated.observe(self._watch.observer(name)) for name in INDEXED
         ]
         self._verified: dict[bytes, bool] = {}
+        self._loading = False
         self._latest_ts = ""
         self._scanned = False
         self._authors: dict[str, str] | None = None
@@ -458,21 +459,34 @@ class Replica:
         """Whether the document holds the stored history (always, without a source)."""
         return self._source is None
 
-    def load(self) -> None:
+    def load(self, check: Callable[[], None] | None = None) -> None:
         """Apply the stored history now (idempotent); InvalidUpdate if it is refused.
 
         :attr:`loaded` turns true only once the whole history is in: the node loads in a
         worker thread, and a task that sees ``loaded`` goes on to use the document from
-        the trio thread, which must not happen while the worker still applies."""
+        the trio thread, which must not happen while the worker still applies. ``check``
+        runs once the history is in and before :attr:`loaded` turns true, in the same
+        thread (it may read the document: see ``DeviceState.load_checked``)."""
         source = self._source
-        if source is not None:
-            for update in source():
-                self.apply(update, from_store=True)  # from_store: never calls load
-            if self._authors_source is not None:
-                self._authors = dict(self._authors_source())
-                self._latest_ts = max(self._authors.values(), default="")
-                self._scanned = True
-            self._source = None
+        if source is not None and not self._loading:
+            self._loading = True
+            try:
+                for update in source():
+                    self.apply(update, from_store=True)  # from_store: never calls load
+                if self._authors_source is not None:
+                    self._authors = dict(self._authors_source())
+                    self._latest_ts = max(self._authors.values(), default="")
+                    self._scanned = True
+                if check is not None:
+                    check()
+                self._source = None
+            finally:
+                self._loading = False
+
+    def holds(self, map_name: str, key: str, entry_id: str) -> bool:
+        """Whether the value under ``key`` is the entry ``entry_id``."""
+        value = self._maps[map_name].get(key)
+        return isinstance(value, dict) and value.get("id") == entry_id
 
     @property
     def doc(self) -> pycrdt.Doc[Any]:

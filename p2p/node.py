@@ -24,7 +24,7 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -33,7 +33,16 @@ import trio
 
 from p2p import events as ev
 from p2p.contacts import ContactCode
-from p2p.core import Delivery, DeviceState, Ingested, Space, index_view, merge_batches
+from p2p.core import (
+    Delivery,
+    DeviceState,
+    Ingested,
+    Space,
+    claim_counters,
+    claim_run,
+    index_view,
+    merge_batches,
+)
 from p2p.discovery.base import Discovery, Found, Source, StaticPeers
 from p2p.errors import (
     ContactError,
@@ -46,7 +55,7 @@ from p2p.errors import (
     UnknownKey,
 )
 from p2p.grants import is_grant
-from p2p.home import open_home_store
+from p2p.home import home_lock, open_home_store
 from p2p.identity import DeviceList
 from p2p.linking import Linked, approve_code
 from p2p.media.descriptor import Attachment, file_body
@@ -92,6 +101,9 @@ EVENT_QUEUE: Final = 1024
 BACKOFF_MIN: Final = 0.2
 BACKOFF_MAX: Final = 30.0
 COMPACT_AFTER: Final = 5000
+REWRITE_CHUNK: Final = 64
+"""Entries per update when the node writes its own entries again (``_write_again``):
+far below what a peer accepts in one update."""
 """Updates appended to a space's log before it is folded into a snapshot."""
 COALESCE_MAX: Final = 1_000_000
 """Largest merged update sealed as one envelope: the same envelope goes to connected
@@ -475,7 +487,25 @@ class Node:
             return
         async with self._load_lock:
             if not space.replica.loaded:
-                await self._run_store(space.replica.load)
+                lost = await self._run_store(self.state.load_checked, space.id, self.store)
+                if lost:
+                    self._write_again(space.id, lost)
+
+    def _write_again(self, space_id: str, entries: list[Entry]) -> None:
+        """Put entries of ours that the loaded CRDT lacked back into it (see
+        ``DeviceState.load_checked``), in updates small enough for any peer, and on
+        their way to peers as soon as they are durable."""
+        log.warning(
+            "chat %s: its document lacked entries of ours that this device shows;"
+            " writing its %d entries again",
+            space_id,
+            len(entries),
+        )
+        for at in range(0, len(entries), REWRITE_CHUNK):
+            update, batch = self.state.write_local(space_id, entries[at : at + REWRITE_CHUNK])
+            self._queue_write(batch)
+            self._outbox.setdefault(space_id, []).append(update)
+        self._outbox_wakeup.set()
 
     async def _load_all(self) -> None:
         for space in list(self.state.spaces.values()):
@@ -506,7 +536,7 @@ class Node:
             await self._flush_writes()
 
     async def _flush_writes(self) -> None:
-        while self._writes or self.state.unsaved:
+        while self._writes or self.state.unsaved or self.state.counters_wanted:
             taken, self._writes = self._writes, []
             local, self._local = self._local, {}
             self._write_room.set()
@@ -519,6 +549,8 @@ class Node:
                 for space_id, _update in batch.appends:
                     self.state.spaces[space_id].log_seq += 1
                 await self._compact(batch.appends)
+            if self.state.counters_wanted:  # long before the current block runs out
+                self.state.grant_counters(await self._run_store(claim_counters, self.store))
             for space_id, update, _ in written:
                 self._outbox.setdefault(space_id, []).append(update)
                 self._outbox_wakeup.set()
@@ -587,7 +619,7 @@ class Node:
                     self._broadcast(space_id, envelope, exclude=())
                     for device in offline:
                         self._post_mail(device, envelope)
-            if self.state.unsaved:
+            if self.state.unsaved or self.state.counters_wanted:
                 self._queue_write(WriteBatch())
 
     def _post_mail(self, device: str, envelope: bytes) -> None:
@@ -1391,21 +1423,35 @@ async def open_node(
     never see their messages delivered to it: a privacy choice, as in any messenger).
     Attachments are kept in ``blobs`` (the caller's, left open), else in
     ``<home>/media.db``, else (a node opened on a ``store``) in memory.
+
+    A node opened on a ``home`` holds its lock (``p2p.home.home_lock``) until the block
+    exits: AlreadyRunning, before anything is read, when another process or node has
+    it. A node opened on a ``store`` is the caller's to keep alone on it (this run's
+    CRDT client id and counters are still claimed atomically, see ``claim_run``).
     """
     if (home is None) == (store is None):
         raise NodeError("open_node needs exactly one of home or store")
     owned = store is None
-    the_store: Store = open_home_store(home) if store is None else store  # type: ignore[arg-type]
+    locked = ExitStack()
+    if home is not None:  # before anything is read: one process writes a home
+        locked.enter_context(home_lock(home))
+    try:
+        the_store: Store = open_home_store(home) if store is None else store  # type: ignore[arg-type]
+    except BaseException:
+        locked.close()
+        raise
     own_blobs = blobs is None
     try:
         if blobs is None:
             blobs = open_blobs(home)
-        state = await trio.to_thread.run_sync(DeviceState.load, the_store)
-        # counters used from now on, and this run's number, are on disk before anything
-        # is sealed (with the message index of a store from before it existed, built
-        # by load)
-        opening = merge_batches([state.take_unsaved(), state.start_run()])
-        await trio.to_thread.run_sync(the_store.write, opening)
+        # this run's number (in its CRDT client id) and its envelope counters are taken
+        # from the store in one write transaction before anything is read, so no other
+        # process opened on the same store can ever write with the same ones
+        run = await trio.to_thread.run_sync(claim_run, the_store)
+        state = await trio.to_thread.run_sync(DeviceState.load, the_store, run)
+        opening = state.take_unsaved()  # the index of a store from before it existed
+        if opening:
+            await trio.to_thread.run_sync(the_store.write, opening)
         try:
             async with trio.open_nursery() as nursery:
                 clients = [
@@ -1451,10 +1497,13 @@ async def open_node(
         except BaseExceptionGroup as group:
             raise _unwrap(group) from None
     finally:
-        if own_blobs and blobs is not None:
-            blobs.close()
-        if owned:
-            the_store.close()
+        try:
+            if own_blobs and blobs is not None:
+                blobs.close()
+            if owned:
+                the_store.close()
+        finally:
+            locked.close()
 
 
 def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:

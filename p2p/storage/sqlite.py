@@ -47,7 +47,7 @@ from contextlib import contextmanager
 from typing import Any, Final
 
 from p2p.errors import StoreCorrupt, StoreError
-from p2p.storage.base import INDEXED_MAPS, IndexRow, SpaceLog, WriteBatch
+from p2p.storage.base import INDEXED_MAPS, IndexRow, RecordChange, SpaceLog, WriteBatch
 from p2p.storage.memory import (
     INDEX_TEXT,
     check_batch,
@@ -55,6 +55,7 @@ from p2p.storage.memory import (
     check_name,
     check_seq,
     check_value,
+    checked_change,
     index_values,
 )
 
@@ -383,6 +384,25 @@ class SqliteStore:
                     [index_values(row) for row in checked.index.values() if row is not None],
                 )
 
+    def update_records(self, names: Sequence[str], change: RecordChange) -> dict[str, bytes]:
+        """Read ``names`` and write what ``change`` makes of them in one BEGIN IMMEDIATE
+        transaction: the write lock is held from the read on, so another connection
+        (another process on the same file) reads what this one wrote, never the same
+        old values."""
+        wanted = [check_name(name) for name in names]
+        with self._transaction("update_records") as conn:
+            current: dict[str, bytes | None] = {}
+            for name in wanted:
+                row = conn.execute("SELECT value FROM records WHERE name = ?", (name,)).fetchone()
+                current[name] = None if row is None else self._blob(row[0], f"record {name!r}")
+            new = checked_change(change, current)
+            conn.executemany(
+                "INSERT INTO records (name, value) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                new.items(),
+            )
+        return new
+
     def spaces(self) -> list[str]:
         """Ids of every space with a snapshot or at least one update, sorted."""
         with self._session("spaces") as conn:
@@ -513,6 +533,18 @@ class SqliteStore:
                 f"SELECT {_INDEX_COLUMNS} FROM entries WHERE space = ? AND reason != ''"
                 " ORDER BY map, key",
                 (space,),
+            ).fetchall()
+        return [self._index_row(row) for row in rows]
+
+    def index_by_device(self, space: str, device: str) -> list[IndexRow]:
+        """Rows of ``space`` naming ``device``, in (map, key) order (one pass over the
+        space's rows in the primary key)."""
+        check_name(space, "space id")
+        with self._session("index_by_device") as conn:
+            rows = conn.execute(
+                f"SELECT {_INDEX_COLUMNS} FROM entries WHERE space = ? AND device = ?"
+                " ORDER BY map, key",
+                (space, device),
             ).fetchall()
         return [self._index_row(row) for row in rows]
 
