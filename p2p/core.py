@@ -386,9 +386,7 @@ class DeviceState:
         passes them because tests create both ends in one process.
         """
         return self.enroll_public(
-            DeviceEntry(
-                name=name, role="companion", sign_pk=new_device.sign_pk, box_pk=new_device.box_pk
-            )
+            DeviceEntry.of(new_device, self.device_list.account_pk, name, "companion")
         )
 
     def issue_lease(self, device_id: str, now_ms: int | None) -> bytes:
@@ -771,7 +769,8 @@ class DeviceState:
         know of)."""
         if self._client_owners is None:
             owners = {}
-            for dl in (self.device_list, *self.accounts.values()):
+            # ours last: nothing another account lists can take our clients from us
+            for dl in (*self.accounts.values(), self.device_list):
                 for d in (*dl.devices, *dl.removed):
                     owners[device_prefix(d.device_id)] = dl.account_id
             self._client_owners = owners
@@ -882,12 +881,28 @@ class DeviceState:
             kept = accept_device_list(known, offered)
             if kept is known:
                 return keyed or None
+        self._check_unclaimed(kept)
         self.accounts[kept.account_id] = kept
         self._client_owners = None
         for space in self.spaces.values():  # its new devices' entries may verify now
             space.replica.forget_failures()
         keyed.records[f"peer/{kept.account_id}"] = kept.encode()
         return keyed
+
+    def _check_unclaimed(self, offered: DeviceList) -> None:
+        """DeviceListError if ``offered`` names a device key that our account or another
+        account we follow lists (now or as removed): a key belongs to one account, the
+        first we learned it from, so the CRDT-client table and every author check stay
+        unambiguous (see ``authority``)."""
+        for dl in (self.device_list, *self.accounts.values()):
+            if dl.account_id == offered.account_id:
+                continue
+            clash = (offered.ids | offered.removed_ids) & (dl.ids | dl.removed_ids)
+            if clash:
+                raise DeviceListError(
+                    f"account {offered.account_id} lists device {min(clash)}, "
+                    f"which account {dl.account_id} lists already"
+                )
 
     def new_conversation(self, name: str, members: list[str]) -> tuple[str, WriteBatch]:
         """A new conversation space with the accounts ``members`` (all followed)."""

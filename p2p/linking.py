@@ -4,8 +4,10 @@ The new device shows a pairing code (``p2p.pairing``) and listens; the primary r
 code and dials it. Then, over one connection::
 
     new -> primary   lcommit a hash of the new device's ephemeral key
-    primary -> new   lhello  primary's signing key, ephemeral key, MAC keyed by the secret
-    new -> primary   lauth   ephemeral key, signature by the key in the code
+    primary -> new   lhello  primary's signing key, ephemeral key, account key, MAC keyed
+                             by the secret
+    new -> primary   lauth   ephemeral key, signature by the key in the code, and its
+                             possession proof for the account key (its place on the list)
                      (both now show the same six-digit check code)
     new -> primary   lhave   history parts kept from an interrupted earlier try     [boxed]
     primary -> new   enroll  signed device list with the new device, space keys     [boxed]
@@ -47,7 +49,7 @@ from p2p.errors import (
     TooManyDevices,
     WireError,
 )
-from p2p.identity import DeviceEntry, DeviceKeys, DeviceList, verify
+from p2p.identity import DeviceEntry, DeviceKeys, DeviceList, possession_proof, verify
 from p2p.pairing import (
     CheckCodeMismatch,
     CodeAlreadyUsed,
@@ -91,7 +93,7 @@ def _transcript(commitment: bytes, hello: dict[str, Any], new_eph: bytes) -> byt
     frame bytes (a frame has many encodings, and a signature many valid values, which a
     party in the middle could otherwise try one after another). Every value here is
     fixed before the other side's key is seen."""
-    return pack([commitment, hello["pk"], hello["eph"], hello["mac"], new_eph])
+    return pack([commitment, hello["pk"], hello["eph"], hello["acct"], hello["mac"], new_eph])
 
 
 def _commit(ephemeral: bytes) -> bytes:
@@ -140,11 +142,13 @@ async def approve(
     commitment = _expect(decode_frame(commit_bytes), "lcommit")["c"]
     eph = PrivateKey.generate()
     eph_pk = bytes(eph.public_key)
+    account_pk = state.device_list.account_pk
     hello = encode_frame(
         "lhello",
         pk=state.keys.sign_pk,
         eph=eph_pk,
-        mac=_mac(code.secret, code.sign_pk, state.keys.sign_pk, eph_pk),
+        acct=account_pk,
+        mac=_mac(code.secret, code.sign_pk, state.keys.sign_pk, eph_pk, account_pk),
     )
     await conn.send(hello)
     auth_bytes = await _raw(conn)
@@ -167,7 +171,14 @@ async def approve(
         raise CheckCodeMismatch("the check codes differ: nothing linked")
     have = _parse_have(_expect(await _receive(conn, box, code.device_id), "lhave")["have"])
 
-    entry = DeviceEntry(name=code.name, role="companion", sign_pk=code.sign_pk, box_pk=code.box_pk)
+    entry = DeviceEntry(
+        name=code.name,
+        role="companion",
+        sign_pk=code.sign_pk,
+        box_pk=code.box_pk,
+        proof=auth["pop"],
+    )
+    entry.check_proof(account_pk)  # DeviceListError: the device did not consent
     bundle, batch = state.enroll_public(entry, now_ms=now_ms)
     await persist(batch)
     blobs = {space_id: await history(space_id) for space_id, *_ in bundle.spaces}
@@ -295,11 +306,16 @@ async def accept(
     hello_bytes = await _raw(conn)
     hello = _expect(decode_frame(hello_bytes), "lhello")
     if not hmac.compare_digest(
-        hello["mac"], _mac(code.secret, code.sign_pk, hello["pk"], hello["eph"])
+        hello["mac"], _mac(code.secret, code.sign_pk, hello["pk"], hello["eph"], hello["acct"])
     ):
         await conn.send(encode_frame("abort", code="WrongSecret"))
         raise PairingError("the dialer did not read our pairing code")
-    auth = encode_frame("lauth", eph=eph_pk, sig=keys.sign(DOMAIN_LINK, hello_bytes + eph_pk))
+    auth = encode_frame(
+        "lauth",
+        eph=eph_pk,
+        sig=keys.sign(DOMAIN_LINK, hello_bytes + eph_pk),
+        pop=possession_proof(keys, hello["acct"]),
+    )
     await conn.send(auth)
     transcript = _transcript(_commit(eph_pk), hello, eph_pk)
     show_check(check_code(transcript, code.secret))
@@ -317,7 +333,7 @@ async def accept(
 
     # the person at the primary compares check codes before this comes
     enroll = _expect(await _receive(conn, box, "primary", CONFIRM_TIMEOUT), "enroll")
-    device_list, spaces, sizes = _parse_enroll(enroll, keys, hello["pk"])
+    device_list, spaces, sizes = _parse_enroll(enroll, keys, hello["pk"], hello["acct"])
     have = parts.have()
     total = sum(size for _, size in sizes.values())
     done = sum(have[s][1] for s in sizes if s in have and have[s][0] == sizes[s][0])
@@ -357,7 +373,7 @@ async def accept(
 
 
 def _parse_enroll(
-    frame: dict[str, Any], keys: DeviceKeys, primary_pk: bytes
+    frame: dict[str, Any], keys: DeviceKeys, primary_pk: bytes, account_pk: bytes
 ) -> tuple[
     DeviceList, list[tuple[str, str, str, int, dict[int, bytes]]], dict[str, tuple[bytes, int]]
 ]:
@@ -365,7 +381,7 @@ def _parse_enroll(
         device_list = DeviceList.decode(frame["list"])
     except WireError as exc:
         raise DeviceListError(f"the enrollment's device list is malformed: {exc}") from exc
-    device_list.verify(device_list.account_pk)
+    device_list.verify(account_pk)  # the account we consented to, nobody else's
     if keys.device_id not in device_list.ids:
         raise DeviceListError("the enrollment's device list does not hold this device")
     if device_list.primary.sign_pk != primary_pk:
