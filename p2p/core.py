@@ -21,6 +21,14 @@ from nacl.exceptions import CryptoError as NaclCryptoError
 from nacl.public import PrivateKey, PublicKey, SealedBox
 
 from p2p import envelope
+from p2p.authority import (
+    MAX_MEMBERS,
+    Rotation,
+    RotationRefused,
+    check_key,
+    check_removal,
+    check_rotation,
+)
 from p2p.clock import HybridClock
 from p2p.errors import (
     ContactError,
@@ -37,7 +45,6 @@ from p2p.errors import (
     WireError,
 )
 from p2p.grants import (
-    MAX_MEMBERS,
     SpaceGrant,
     decode_members,
     open_grant,
@@ -121,6 +128,22 @@ class Space:
     members: dict[str, bytes] = field(default_factory=dict)
     """Member accounts: account id -> account public key (ours always among them). Every
     current device of a member account reads and writes the space."""
+    rotations: dict[int, bytes] = field(default_factory=dict, repr=False)
+    """The signed ``authority.Rotation`` that made each epoch after 0 (encoded), shown
+    with the key in every grant."""
+
+    def rotate(self, signer: DeviceKeys) -> dict[str, bytes]:
+        """Start the next epoch: a fresh key and the rotation ``signer`` states for it
+        (with the current member set); the records that keep them."""
+        self.epoch += 1
+        key = self.keys[self.epoch] = envelope.new_space_key()
+        rotation = Rotation.make(signer, self.id, self.epoch, key, list(self.members.values()))
+        self.rotations[self.epoch] = rotation.encode()
+        return {
+            f"space/{self.id}": self.meta_record(),
+            f"spacekey/{self.id}/{self.epoch}": key,
+            f"spacerot/{self.id}/{self.epoch}": self.rotations[self.epoch],
+        }
 
     def meta_record(self) -> bytes:
         return pack([self.kind, self.name, self.epoch, sorted(self.members.values())])
@@ -425,7 +448,10 @@ class DeviceState:
 
     def _grant(self, device: DeviceEntry) -> bytes:
         """The current key of every space, sealed to ``device`` (see DeviceList.grants)."""
-        keys = [[s.id, s.epoch, s.keys[s.epoch]] for s in self.spaces.values()]
+        keys = [
+            [s.id, s.epoch, s.keys[s.epoch], s.rotations.get(s.epoch, b"")]
+            for s in self.spaces.values()
+        ]
         return bytes(SealedBox(PublicKey(device.box_pk)).encrypt(pack(keys)))
 
     def _open_grant(self, device_list: DeviceList) -> WriteBatch:
@@ -438,18 +464,23 @@ class DeviceState:
             granted = unpack(
                 SealedBox(PrivateKey(self.keys.box_secret)).decrypt(sealed), what="key grant"
             )
-            items = [(str(s), int(e), bytes(k)) for s, e, k in granted]
+            items = [(str(s), int(e), bytes(k), bytes(r)) for s, e, k, r in granted]
         except (NaclCryptoError, WireError, ValueError, TypeError) as exc:
             raise DeviceListError(
                 f"our key grant in device list {device_list.version} is unusable"
             ) from exc
-        for space_id, epoch, key in items:
+        for space_id, epoch, key, rotation in items:
             space = self.spaces.get(space_id)
             if space is None or len(key) != envelope.KEY_SIZE or not 0 <= epoch < 2**32:
                 continue  # a space we do not hold yet, or junk: nothing to take
+            # the account key signed this: our primary's word for its epochs (authority
+            # rule 2); the rotation is kept to show with grants to other accounts
             if epoch not in space.keys:
                 space.keys[epoch] = key
                 batch.records[f"spacekey/{space_id}/{epoch}"] = key
+            if rotation and epoch not in space.rotations and space.keys[epoch] == key:
+                space.rotations[epoch] = rotation
+                batch.records[f"spacerot/{space_id}/{epoch}"] = rotation
             if epoch > space.epoch:
                 space.epoch = epoch
                 batch.records[f"space/{space_id}"] = space.meta_record()
@@ -466,10 +497,7 @@ class DeviceState:
         self.device_list.entry(device_id)  # UnknownDevice / RemovedDevice first
         batch = WriteBatch()
         for space in self.spaces.values():
-            space.epoch += 1
-            space.keys[space.epoch] = envelope.new_space_key()
-            batch.records[f"space/{space.id}"] = space.meta_record()
-            batch.records[f"spacekey/{space.id}/{space.epoch}"] = space.keys[space.epoch]
+            batch.records.update(space.rotate(self.keys))
         self.device_list = self.device_list.without_device(self.account_key, device_id, self._grant)
         batch.records["account/list"] = self.device_list.encode()
         return batch
@@ -494,11 +522,19 @@ class DeviceState:
         epoch: int = 0,
         keys: dict[int, bytes] | None = None,
         members: dict[str, bytes] | None = None,
+        rotations: dict[int, bytes] | None = None,
     ) -> WriteBatch:
         keys = keys if keys is not None else {epoch: envelope.new_space_key()}
         owners = {self.account_id: self.device_list.account_pk, **(members or {})}
         self.spaces[space_id] = Space(
-            space_id, kind, name, epoch, dict(keys), self._replica(space_id), members=owners
+            space_id,
+            kind,
+            name,
+            epoch,
+            dict(keys),
+            self._replica(space_id),
+            members=owners,
+            rotations=dict(rotations or {}),
         )
         records = {
             f"space/{space_id}": self.spaces[space_id].meta_record(),
@@ -506,6 +542,8 @@ class DeviceState:
         }
         for e, k in keys.items():
             records[f"spacekey/{space_id}/{e}"] = k
+        for e, r in (rotations or {}).items():
+            records[f"spacerot/{space_id}/{e}"] = r
         return WriteBatch(records=records)
 
     @classmethod
@@ -566,6 +604,10 @@ class DeviceState:
                     space_keys,
                     replica,
                     members={short_id(pk): pk for pk in member_pks},
+                    rotations={
+                        int(k.rsplit("/", 1)[1]): _required(store, k)
+                        for k in store.names(f"spacerot/{space_id}/")
+                    },
                 )
                 state.spaces[space_id] = space
                 space.snapshot_seq, space.log_seq = store.log_seqs(space_id)
@@ -927,6 +969,7 @@ class DeviceState:
             epoch=space.epoch,
             keys=dict(space.keys),
             members=tuple(dl.encode() for dl in lists if dl is not None),
+            rotations=dict(space.rotations),
         )
 
     def grant_to(
@@ -958,9 +1001,14 @@ class DeviceState:
 
         Refused (GrantRefused) unless a current device of our account or of an account
         we follow signed it, both accounts are among its members and, for a space we
-        hold, the granter's account is a member already. A newer epoch brings its key
-        and member set; member lists we do not hold yet are taken on the granter's word
-        (it vouches for the group it shares with us).
+        hold, the granter's account is a member already. Member lists we do not hold yet
+        are taken on the granter's word (it vouches for the group it shares with us).
+        What a grant may change follows ``authority``: a space we do not hold comes
+        whole; for one we hold, a key of an epoch we lack comes only with the rotation
+        that made it (without one, it is left for a device that has it), a newer epoch
+        brings the member set its rotation states, and within an epoch members are only
+        added. RotationRefused (a GrantRefused) for a rotation its signer was not
+        entitled to make, and for another key of an epoch we hold: nothing is changed.
         """
         sealed = parse_grant(data)
         granted = open_grant(sealed, self.keys)
@@ -987,8 +1035,21 @@ class DeviceState:
             raise GrantRefused(f"grant from {sealed.sender} names another account")
         verify_grant(sealed, granter.entry(sealed.sender).sign_pk)
         members = {a: dl.account_pk for a, dl in lists.items()}
+        known = {self.account_id: self.device_list, **self.accounts}
+        rotations: dict[int, Rotation] = {}
+
+        def verified(epoch: int) -> None:
+            # checked only where it decides something: a key we do not hold yet
+            rotation = Rotation.decode(granted.rotations[epoch])
+            if rotation.epoch != epoch or epoch not in granted.keys:
+                raise RotationRefused(f"grant of {granted.space} misfiles a rotation")
+            check_rotation(rotation, space=granted.space, key=granted.keys[epoch], list_of=known)
+            rotations[epoch] = rotation
+
         space = self.spaces.get(granted.space)
         if space is None:
+            for epoch in granted.rotations:
+                verified(epoch)
             batches.append(
                 self.add_space(
                     granted.space,
@@ -997,24 +1058,51 @@ class DeviceState:
                     epoch=granted.epoch,
                     keys=granted.keys,
                     members=members,
+                    rotations={e: granted.rotations[e] for e in rotations},
                 )
             )
             return granted.space, True, merge_batches(batches)
         if space.kind != "chat" or sealed.account not in space.members:
             raise GrantFromNonMember(f"grant of {space.id} from a non-member account")
+        # every check before any change: a refused grant changes nothing
+        taken: dict[int, bytes] = {}
+        for epoch, key in sorted(granted.keys.items()):
+            if check_key(space.id, epoch, space.keys.get(epoch), key) and (
+                epoch in granted.rotations
+            ):
+                verified(epoch)
+                taken[epoch] = key
+        newest = max((e for e in taken if e > space.epoch), default=None)
+        if newest is not None:
+            rotation = rotations[newest]
+            check_removal(
+                rotation,
+                members=set(space.members),
+                departed=self.departed(space.id),
+                trusted_signer=rotation.signer_pk == self.device_list.primary.sign_pk,
+            )
         news = False
-        for epoch, key in granted.keys.items():
-            if epoch not in space.keys:
-                space.keys[epoch] = key
-                batches.append(WriteBatch(records={f"spacekey/{space.id}/{epoch}": key}))
-                news = True
-        # a newer epoch brings its member set (a rotation decides who stays); within an
-        # epoch the set only grows (members added, concurrently too: the union of what
-        # every grant says), which also teaches a newly linked device the members its
-        # enrollment left out
-        if granted.epoch > space.epoch:
+        for epoch, key in taken.items():
+            space.keys[epoch] = key
+            space.rotations[epoch] = granted.rotations[epoch]
+            batches.append(
+                WriteBatch(
+                    records={
+                        f"spacekey/{space.id}/{epoch}": key,
+                        f"spacerot/{space.id}/{epoch}": granted.rotations[epoch],
+                    }
+                )
+            )
             news = True
-            space.epoch, space.members = granted.epoch, members
+        # a newer epoch brings the member set its rotation states; within an epoch the
+        # set only grows (members added, concurrently too: the union of what every
+        # grant says), which also teaches a newly linked device the members its
+        # enrollment left out
+        if newest is not None:
+            stated = {short_id(pk): pk for pk in rotations[newest].members}
+            if granted.epoch == newest:  # and those added since, by anyone (rule 4)
+                stated.update(members)
+            space.epoch, space.members = newest, stated
             batches.append(WriteBatch(records={f"space/{space.id}": space.meta_record()}))
         elif granted.epoch == space.epoch and not set(members) <= set(space.members):
             news = True
@@ -1101,15 +1189,8 @@ class DeviceState:
     def rotate_without(self, space_id: str, departed: set[str]) -> WriteBatch:
         """A new epoch key for a conversation, its member set without ``departed``."""
         space = self.space(space_id)
-        space.epoch += 1
-        space.keys[space.epoch] = envelope.new_space_key()
         space.members = {a: pk for a, pk in space.members.items() if a not in departed}
-        return WriteBatch(
-            records={
-                f"space/{space.id}": space.meta_record(),
-                f"spacekey/{space.id}/{space.epoch}": space.keys[space.epoch],
-            }
-        )
+        return WriteBatch(records=space.rotate(self.keys))
 
     # ---- delivery state ------------------------------------------------------------
 

@@ -13,8 +13,10 @@ from dataclasses import replace
 
 import pytest
 
-from p2p.core import DeviceState, crdt_client
-from p2p.errors import DeviceListError, InvalidUpdate, P2PError
+from p2p.core import NOTES, DeviceState, crdt_client
+from p2p.envelope import new_space_key
+from p2p.errors import DeviceListError, GrantRefused, InvalidUpdate, P2PError
+from p2p.grants import SpaceGrant, seal_grant
 from p2p.identity import DOMAIN_DEVICE_LIST, DeviceEntry
 from p2p.model import Entry
 from tests.test_accounts import befriend
@@ -112,3 +114,162 @@ def test_a_device_key_listed_by_one_account_is_refused_on_another() -> None:
     with pytest.raises(DeviceListError, match="already"):
         bob.follow(doubled.encode(), trusted=False)
     assert bob.accounts[mallory.account_id].version == doubled.version - 1
+
+
+# ---- rotation by anyone: a member device replaces the key and the member list -------
+
+
+def forged_grant(
+    granter: DeviceState,
+    to: DeviceState,
+    chat: str,
+    epoch: int,
+    key: bytes,
+    members: list[DeviceState],
+) -> bytes:
+    """A grant of ``chat`` at ``epoch`` with ``key``, naming ``members``' accounts: what a
+    modified granter sends (it signs with its own device key, as any grant is)."""
+    space = granter.space(chat)
+    grant = SpaceGrant(
+        space=chat,
+        name=space.name,
+        epoch=epoch,
+        keys={**space.keys, epoch: key},
+        members=tuple(
+            (
+                m.device_list
+                if m.account_id == granter.account_id
+                else granter.accounts.get(m.account_id, m.device_list)
+            ).encode()
+            for m in members
+        ),
+    )
+    box_pk = to.device_list.entry(to.device_id).box_pk
+    return seal_grant(granter.keys, granter.account_id, to.device_id, box_pk, grant)
+
+
+def rotate(state: DeviceState, chat: str) -> None:
+    """The next epoch of ``chat``, made by ``state`` as the code under test makes one."""
+    space = state.space(chat)
+    if hasattr(space, "rotate"):
+        space.rotate(state.keys)
+    else:  # before rotations were signed statements
+        space.epoch += 1
+        space.keys[space.epoch] = new_space_key()
+
+
+def test_a_member_device_cannot_rotate_a_conversation_and_drop_a_member() -> None:
+    """Bob's tablet (not a primary) and then Bob's primary each send Alice a newer epoch
+    whose member list leaves Carol out (Carol never left). Alice keeps epoch 0, its key
+    and all three members."""
+    alice, _ = new_account()
+    bob, [bob_tablet] = new_account("tablet")
+    carol, _ = new_account()
+    befriend([alice], [bob, bob_tablet], [carol])
+    chat, _ = alice.new_conversation("team", [bob.account_id, carol.account_id])
+    for other in (bob, bob_tablet, carol):
+        Link(alice, other).connect().run()
+    key0 = alice.space(chat).keys[0]
+    for granter in (bob_tablet, bob):
+        grant = forged_grant(granter, alice, chat, 1, new_space_key(), [alice, bob])
+        with contextlib.suppress(GrantRefused):
+            alice.accept_grant(grant)
+        space = alice.space(chat)
+        assert space.epoch == 0
+        assert space.keys == {0: key0}
+        assert set(space.members) == {alice.account_id, bob.account_id, carol.account_id}
+
+
+def test_a_primary_cannot_drop_a_member_that_did_not_leave() -> None:
+    """Bob's primary makes a well-signed rotation (as for an unlink of its own) whose
+    member set leaves Carol out: refused visibly, nothing taken."""
+    alice, _ = new_account()
+    bob, _ = new_account()
+    carol, _ = new_account()
+    befriend([alice], [bob], [carol])
+    chat, _ = alice.new_conversation("team", [bob.account_id, carol.account_id])
+    for other in (bob, carol):
+        Link(alice, other).connect().run()
+    space = bob.space(chat)
+    space.members.pop(carol.account_id)
+    rotate(bob, chat)
+    grant = bob.grant_to(alice.device_id, chat)
+    assert grant is not None
+    with pytest.raises(GrantRefused, match="did not leave"):
+        alice.accept_grant(grant)
+    assert alice.space(chat).epoch == 0
+    assert carol.account_id in alice.space(chat).members
+
+
+def test_two_keys_for_one_epoch_are_refused_visibly() -> None:
+    """Bob's primary gives Alice and Carol different keys for epoch 1 (a split). Each
+    takes its own; when Carol's grant reaches Alice, the second key is refused."""
+    alice, _ = new_account()
+    bob, _ = new_account()
+    carol, _ = new_account()
+    befriend([alice], [bob], [carol])
+    chat, _ = alice.new_conversation("team", [bob.account_id, carol.account_id])
+    for a, b in ((alice, bob), (alice, carol), (bob, carol)):
+        Link(a, b).connect().run()
+    rotate(bob, chat)
+    to_alice = bob.grant_to(alice.device_id, chat)
+    bob.space(chat).keys.pop(1)
+    bob.space(chat).epoch = 0
+    rotate(bob, chat)
+    to_carol = bob.grant_to(carol.device_id, chat)
+    assert to_alice is not None
+    assert to_carol is not None
+    alice.accept_grant(to_alice)
+    carol.accept_grant(to_carol)
+    assert alice.space(chat).keys[1] != carol.space(chat).keys[1]
+    gossip = carol.grant_to(alice.device_id, chat)
+    assert gossip is not None
+    with pytest.raises(GrantRefused, match="two different keys"):
+        alice.accept_grant(gossip)
+
+
+# ---- planted future keys: a device about to be removed gives a sibling the next key ---
+
+
+def test_a_device_about_to_be_removed_cannot_plant_the_next_key() -> None:
+    """The tablet, before it is unlinked, grants the laptop epoch 1 of the notes chat
+    with a key of its own choosing. After the unlink the laptop seals with the primary's
+    new key: the removed tablet cannot open it, the primary can."""
+    phone, [laptop, tablet] = new_account("laptop", "tablet")
+    laptop.offer_device_list(phone.device_list.encode())
+    tablet.offer_device_list(phone.device_list.encode())
+    chat = next(s.id for s in laptop.spaces.values() if s.name == NOTES)
+    planted = new_space_key()
+    grant = forged_grant(tablet, laptop, chat, 1, planted, [tablet])
+    with contextlib.suppress(GrantRefused):
+        laptop.accept_grant(grant)
+    assert laptop.space(chat).keys.get(1) != planted
+    phone.unlink(tablet.device_id)
+    laptop.offer_device_list(phone.device_list.encode())
+    assert laptop.space(chat).keys[1] == phone.space(chat).keys[1] != planted
+    entry = laptop.new_entry(chat, "msg", WALL + 5, body="after the unlink")
+    update, _ = laptop.write_local(chat, [entry])
+    sealed = laptop.seal(chat, update)
+    tablet.space(chat).keys[1] = planted  # all the tablet has for epoch 1
+    with pytest.raises(P2PError):
+        tablet.ingest(sealed)
+    assert phone.ingest(sealed).space == chat
+
+
+def test_a_conversation_key_from_a_non_rotating_member_is_not_taken() -> None:
+    """Bob's tablet, about to be unlinked, grants Alice epoch 1 of their conversation
+    first. Bob's primary then unlinks it and rotates: Alice takes the primary's key."""
+    alice, _ = new_account()
+    bob, [bob_tablet] = new_account("tablet")
+    befriend([alice], [bob, bob_tablet])
+    chat, _ = alice.new_conversation("team", [bob.account_id])
+    for other in (bob, bob_tablet):
+        Link(alice, other).connect().run()
+    Link(bob, bob_tablet).connect().run()
+    planted = new_space_key()
+    with contextlib.suppress(GrantRefused):
+        alice.accept_grant(forged_grant(bob_tablet, alice, chat, 1, planted, [alice, bob]))
+    bob.unlink(bob_tablet.device_id)
+    Link(alice, bob).connect().run()
+    assert alice.space(chat).epoch == 1
+    assert alice.space(chat).keys[1] == bob.space(chat).keys[1] != planted
