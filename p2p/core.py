@@ -199,6 +199,9 @@ class Enrollment:
     """(space id, kind, name, epoch, epoch -> key, full-state update)."""
     lease: bytes = b""
     """The new companion's first lease (see ``identity.issue_lease``)."""
+    rotations: dict[str, dict[int, bytes]] = field(default_factory=dict, repr=False)
+    """Space id -> epoch -> the encoded rotation that made it: a companion shows them in
+    its grants, so that other accounts' devices take a key it forwards."""
 
 
 class DeviceState:
@@ -391,7 +394,14 @@ class DeviceState:
             if kind not in ("account", "chat"):
                 raise DeviceListError(f"enrollment names an unknown space kind {kind!r}")
             batches.append(
-                state.add_space(space_id, kind, space_name, epoch=epoch, keys=space_keys)  # type: ignore[arg-type]
+                state.add_space(
+                    space_id,
+                    kind,  # type: ignore[arg-type]
+                    space_name,
+                    epoch=epoch,
+                    keys=space_keys,
+                    rotations=bundle.rotations.get(space_id),
+                )
             )
             applied.append((space_id, update, state.spaces[space_id].replica.apply(update)))
         # our contacts came with the history: follow them before judging entries, so that
@@ -443,6 +453,7 @@ class DeviceState:
                 (s.id, s.kind, s.name, s.epoch, dict(s.keys), s.replica.snapshot())
                 for s in self.spaces.values()
             ],
+            rotations={s.id: dict(s.rotations) for s in self.spaces.values() if s.rotations},
         )
         return bundle, WriteBatch(records={"account/list": self.device_list.encode()})
 

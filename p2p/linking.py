@@ -184,7 +184,14 @@ async def approve(
     blobs = {space_id: await history(space_id) for space_id, *_ in bundle.spaces}
     sizes = {s: [_digest(b), len(b)] for s, b in blobs.items()}
     keys = [
-        [s_id, kind, name, epoch, [[e, k] for e, k in space_keys.items()]]
+        [
+            s_id,
+            kind,
+            name,
+            epoch,
+            [[e, k] for e, k in space_keys.items()],
+            [[e, r] for e, r in bundle.rotations.get(s_id, {}).items()],
+        ]
         for s_id, kind, name, epoch, space_keys, _ in bundle.spaces
     ]
     await conn.send(
@@ -333,7 +340,7 @@ async def accept(
 
     # the person at the primary compares check codes before this comes
     enroll = _expect(await _receive(conn, box, "primary", CONFIRM_TIMEOUT), "enroll")
-    device_list, spaces, sizes = _parse_enroll(enroll, keys, hello["pk"], hello["acct"])
+    device_list, spaces, sizes, rotations = _parse_enroll(enroll, keys, hello["pk"], hello["acct"])
     have = parts.have()
     total = sum(size for _, size in sizes.values())
     done = sum(have[s][1] for s in sizes if s in have and have[s][0] == sizes[s][0])
@@ -366,6 +373,7 @@ async def accept(
             (s, kind, sname, epoch, space_keys, histories[s])
             for s, kind, sname, epoch, space_keys in spaces
         ],
+        rotations=rotations,
     )
     state, batch = DeviceState.from_enrollment(keys, name, bundle)
     await conn.send(box.seal(encode_frame("ldone", n=total)))
@@ -375,7 +383,10 @@ async def accept(
 def _parse_enroll(
     frame: dict[str, Any], keys: DeviceKeys, primary_pk: bytes, account_pk: bytes
 ) -> tuple[
-    DeviceList, list[tuple[str, str, str, int, dict[int, bytes]]], dict[str, tuple[bytes, int]]
+    DeviceList,
+    list[tuple[str, str, str, int, dict[int, bytes]]],
+    dict[str, tuple[bytes, int]],
+    dict[str, dict[int, bytes]],
 ]:
     try:
         device_list = DeviceList.decode(frame["list"])
@@ -388,7 +399,8 @@ def _parse_enroll(
         raise DeviceListError("the device that dialed us is not the account's primary")
     try:
         spaces = []
-        for s, kind, sname, epoch, space_keys in unpack(frame["keys"], what="space keys"):
+        rotations: dict[str, dict[int, bytes]] = {}
+        for s, kind, sname, epoch, space_keys, rots in unpack(frame["keys"], what="space keys"):
             key_map: dict[int, bytes] = {}
             for e, k in space_keys:
                 if not (
@@ -396,6 +408,10 @@ def _parse_enroll(
                 ):
                     raise ValueError("space key")
                 key_map[e] = k
+            for e, r in rots:
+                if not (type(e) is int and e in key_map and isinstance(r, bytes) and len(r) < 4096):
+                    raise ValueError("rotation")
+                rotations.setdefault(s, {})[e] = r  # checked by whoever we show it to
             if not (
                 isinstance(s, str)
                 and 0 < len(s) <= MAX_ID
@@ -420,7 +436,7 @@ def _parse_enroll(
         raise WireError(f"the enrollment is malformed: {exc}") from exc
     if set(sizes) != {s for s, *_ in spaces}:
         raise WireError("the enrollment's history sizes do not match its spaces")
-    return device_list, spaces, sizes
+    return device_list, spaces, sizes, rotations
 
 
 # ---- orchestration: what `p2p approve` and `p2p link` run ----------------------------

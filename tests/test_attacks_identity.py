@@ -17,7 +17,7 @@ from p2p.core import NOTES, DeviceState, crdt_client
 from p2p.envelope import new_space_key
 from p2p.errors import DeviceListError, GrantRefused, InvalidUpdate, P2PError
 from p2p.grants import SpaceGrant, seal_grant
-from p2p.identity import DOMAIN_DEVICE_LIST, DeviceEntry
+from p2p.identity import DOMAIN_DEVICE_LIST, DeviceEntry, DeviceKeys
 from p2p.model import Entry
 from tests.test_accounts import befriend
 from tests.test_sync_session import WALL, Link, new_account, view
@@ -273,3 +273,30 @@ def test_a_conversation_key_from_a_non_rotating_member_is_not_taken() -> None:
     Link(alice, bob).connect().run()
     assert alice.space(chat).epoch == 1
     assert alice.space(chat).keys[1] == bob.space(chat).keys[1] != planted
+
+
+def test_a_rotation_still_spreads_through_devices_that_did_not_make_it() -> None:
+    """Bob's primary unlinks his tablet and rotates; Alice never meets it. Bob's laptop
+    (which took the new list) and a desktop Bob links afterwards each carry the rotation
+    in their grants, and Alice takes epoch 1 from either."""
+    alice, [alice_laptop] = new_account("laptop")
+    bob, [bob_laptop, bob_tablet] = new_account("laptop", "tablet")
+    befriend([alice, alice_laptop], [bob, bob_laptop, bob_tablet])
+    chat, _ = alice.new_conversation("team", [bob.account_id])
+    for a, b in ((alice, bob), (alice, bob_laptop), (alice_laptop, alice), (bob, bob_laptop)):
+        Link(a, b).connect().run()
+    bob.unlink(bob_tablet.device_id)
+    bob_laptop.offer_device_list(bob.device_list.encode())
+    Link(bob_laptop, alice).connect().run()
+    assert alice.space(chat).epoch == 1
+    assert alice.space(chat).keys[1] == bob.space(chat).keys[1]
+    desktop_keys = DeviceKeys.generate()
+    bundle, _ = bob.enroll(desktop_keys, "desktop")
+    desktop, _ = DeviceState.from_enrollment(desktop_keys, "desktop", bundle)
+    bob_laptop.offer_device_list(bob.device_list.encode())
+    Link(bob_laptop, desktop).connect().run()  # the desktop learns the chat's members
+    alice_laptop.follow(bob.device_list.encode(), trusted=False)
+    assert alice_laptop.space(chat).epoch == 0
+    Link(desktop, alice_laptop).connect().run()
+    assert alice_laptop.space(chat).epoch == 1
+    assert alice_laptop.space(chat).keys[1] == bob.space(chat).keys[1]

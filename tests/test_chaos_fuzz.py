@@ -288,7 +288,7 @@ class LinkWorld:
             s: [hashlib.blake2b(b, digest_size=32).digest(), len(b)] for s, b in self.blobs.items()
         }
         keys = [
-            [s, k, n, e, [[x, y] for x, y in ks.items()]] for s, k, n, e, ks, _ in bundle.spaces
+            [s, k, n, e, [[x, y] for x, y in ks.items()], []] for s, k, n, e, ks, _ in bundle.spaces
         ]
         self.enroll = encode_frame(
             "enroll",
