@@ -1077,13 +1077,20 @@ class DeviceState:
             raise GrantFromNonMember(f"grant of {space.id} from a non-member account")
         # every check before any change: a refused grant changes nothing
         taken: dict[int, bytes] = {}
+        split: RotationRefused | None = None
         for epoch, key in sorted(granted.keys.items()):
-            if check_key(space.id, epoch, space.keys.get(epoch), key) and (
-                epoch in granted.rotations
-            ):
+            try:
+                if not check_key(space.id, epoch, space.keys.get(epoch), key):
+                    continue  # the key we hold
+            except RotationRefused as exc:
+                split = exc  # another key of an epoch we hold
+                continue
+            if epoch in granted.rotations:
                 verified(epoch)
                 taken[epoch] = key
         newest = max((e for e in taken if e > space.epoch), default=None)
+        if split is not None and newest is None:
+            raise split  # a newer rotation would take everyone past the split epoch
         if newest is not None:
             rotation = rotations[newest]
             check_removal(

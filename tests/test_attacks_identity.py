@@ -300,3 +300,24 @@ def test_a_rotation_still_spreads_through_devices_that_did_not_make_it() -> None
     Link(desktop, alice_laptop).connect().run()
     assert alice_laptop.space(chat).epoch == 1
     assert alice_laptop.space(chat).keys[1] == bob.space(chat).keys[1]
+
+
+def test_the_next_rotation_takes_every_member_past_a_split_epoch() -> None:
+    """Bob's and Carol's primaries both rotate epoch 1 (each unlinked a device): Alice
+    refuses the second key visibly, and takes Carol's epoch 2 despite the split."""
+    alice, _ = new_account()
+    bob, _ = new_account()
+    carol, _ = new_account()
+    befriend([alice], [bob], [carol])
+    chat, _ = alice.new_conversation("team", [bob.account_id, carol.account_id])
+    for a, b in ((alice, bob), (alice, carol), (bob, carol)):
+        Link(a, b).connect().run()
+    rotate(bob, chat)
+    alice.accept_grant(bob.grant_to(alice.device_id, chat) or b"")
+    rotate(carol, chat)  # Carol's primary rotates epoch 1 too, at the same time
+    with pytest.raises(GrantRefused, match="two different keys"):
+        alice.accept_grant(carol.grant_to(alice.device_id, chat) or b"")
+    rotate(carol, chat)  # epoch 2, from Carol's primary
+    alice.accept_grant(carol.grant_to(alice.device_id, chat) or b"")
+    assert alice.space(chat).epoch == 2
+    assert alice.space(chat).keys[2] == carol.space(chat).keys[2]
