@@ -26,6 +26,9 @@ Everything that changes who reads or writes is decided here, and only here:
    brings us a space we do not hold yet).
 4. **Members added** within an epoch: by any current device of a member account (it
    holds the key and could hand it over anyway; everyone sees the new member set).
+5. **A new conversation** reaches us only from our own account or a contact (an account
+   whose contact code we took): an account we follow only because it shares a group
+   with us cannot start conversations on our devices (``GrantFromStranger``).
 
 A later account-key succession (recovering an account whose primary is lost) extends
 rule 1 (who may sign an account's list) and with it "primary" in rules 2-3: only
@@ -40,7 +43,7 @@ import hashlib
 from dataclasses import dataclass, replace
 from typing import Final
 
-from p2p.errors import BadSignature, GrantRefused, WireError
+from p2p.errors import BadSignature, GrantFromNonMember, GrantRefused, WireError
 from p2p.identity import DeviceKeys, DeviceList, short_id, verify
 from p2p.wire import MAX_ID, pack, unpack
 
@@ -53,6 +56,12 @@ MAX_MEMBERS: Final = 16
 class RotationRefused(GrantRefused):
     """A new key epoch, member set or epoch key that its signer was not entitled to
     make, that does not match its key, or that conflicts with one we hold (a split)."""
+
+
+class GrantFromStranger(GrantFromNonMember):
+    """A grant of a conversation we do not hold, from an account that is not our
+    contact: ignored (a group's members may grant us its keys, but only a contact may
+    start a conversation with us)."""
 
 
 def key_hash(key: bytes) -> bytes:

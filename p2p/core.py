@@ -23,6 +23,7 @@ from nacl.public import PrivateKey, PublicKey, SealedBox
 from p2p import envelope
 from p2p.authority import (
     MAX_MEMBERS,
+    GrantFromStranger,
     Rotation,
     RotationRefused,
     check_key,
@@ -308,18 +309,22 @@ class DeviceState:
         a rotation still proves membership with the old one (and is then judged by the
         device list, which says whether it was removed).
 
-        Our account's epochs come first (at most 8), then our contact key, the newest
-        two epochs of each conversation shared with other accounts and the contact key
-        of each contact: their devices meet ours with those."""
+        Our account's epochs come first (at most 8), then our contact key, the contact
+        key of each contact, and last the newest two epochs of each conversation with an
+        account that is not our contact (a group's other members: their devices meet
+        ours with those). A session sends at most 64 tags: a contact that makes many
+        conversations can push only the last kind out, never our account's or our
+        contacts' tags (contacts meet us with their contact keys, whatever they share)."""
         account = next((s for s in self.spaces.values() if s.kind == "account"), None)
         if account is None:  # not enrolled: nothing to prove membership with
             return [bytes(32)]
         keys = [account.keys[e] for e in sorted(account.keys, reverse=True)][:8]
         keys.append(self.contact_key())
-        for space in sorted(self.spaces.values(), key=lambda s: s.id):
-            if space.shared:
-                keys += [space.keys[e] for e in sorted(space.keys, reverse=True)[:2]]
         keys += [self.contact_keys[a] for a in sorted(self.contact_keys)]
+        known = set(self.contact_keys) | {self.account_id}
+        for space in sorted(self.spaces.values(), key=lambda s: s.id):
+            if space.shared and not set(space.members) <= known:
+                keys += [space.keys[e] for e in sorted(space.keys, reverse=True)[:2]]
         return [
             hashlib.blake2b(key, digest_size=32, person=b"p2p-discovery").digest() for key in keys
         ]
@@ -1028,6 +1033,16 @@ class DeviceState:
             raise GrantRefused(f"grant of {granted.space}: we or the granter are not members")
         if self.list_of(sealed.account) is None:
             raise GrantRefused(f"grant from account {sealed.account}, which we do not follow")
+        if (
+            granted.space not in self.spaces
+            and sealed.account != self.account_id
+            and sealed.account not in self.contact_keys
+        ):
+            # a group's other members are followed so that their entries verify, but
+            # only a contact (whose code we took) may bring us into a new conversation
+            raise GrantFromStranger(
+                f"grant of a new chat from account {sealed.account}, which is not a contact"
+            )
         batches: list[WriteBatch] = []
         for account_id, dl in sorted(lists.items(), key=lambda kv: kv[0] != sealed.account):
             try:  # the granter's own list first: it may be what makes the granter current

@@ -51,11 +51,13 @@ from p2p.errors import (
 )
 from p2p.identity import DeviceEntry, DeviceKeys, DeviceList, possession_proof, verify
 from p2p.pairing import (
+    MAX_TTL_S,
     CheckCodeMismatch,
     CodeAlreadyUsed,
     ExpiredCode,
     PairingCode,
     PairingError,
+    UnsafeAddress,
     check_code,
 )
 from p2p.storage.base import Store, WriteBatch
@@ -455,9 +457,11 @@ async def approve_code(
 ) -> Linked:
     """Check a pairing code and link the device that shows it (primary side).
 
-    Refuses, before dialing: a malformed, expired or used code, a non-primary, and a
-    fifth companion. ``read``/``write`` reach the primary's store; the history snapshot
-    is cached there per code until the link completes, so a retry resumes.
+    Refuses, before dialing: a malformed, expired or used code, one that states a life
+    longer than ``MAX_TTL_S``, one naming no local address (without ``connect``), a
+    non-primary, and a fifth companion. ``read``/``write`` reach the primary's store;
+    the history snapshot is cached there per code until the link completes, so a retry
+    resumes.
     """
     code = PairingCode.decode(code_text)
     code.check_fresh(now_s)
@@ -470,7 +474,13 @@ async def approve_code(
         raise TooManyDevices(
             f"the account already has {dl.max_companions} companions; unlink one first"
         )
-    conn = await _dial_any([connect] if connect else list(code.addresses))
+    addresses = [connect] if connect else code.local_addresses()
+    if not addresses:
+        raise UnsafeAddress(
+            "the pairing code names no local network address; "
+            "give the new device's address with --connect HOST:PORT"
+        )
+    conn = await _dial_any(addresses)
     cached = f"link/blob/{code.code_id}/"
 
     async def history(space_id: str) -> bytes:
@@ -544,6 +554,7 @@ async def wait_for_primary(
     from p2p.home import create_store
     from p2p.transport.tcp import TcpTransport, advertised_addresses
 
+    ttl_s = min(ttl_s, MAX_TTL_S)  # primaries refuse a code that says it lives longer
     store = create_store(home)
     try:
         if store.get("account/list") is not None:

@@ -1053,12 +1053,18 @@ class Node:
         self._known_devices = set(dl.ids)
         if added:
             self._nursery.start_soon(self._recheck_hidden)
+            # when this device first saw each (``p2p devices`` shows recent links)
+            now = str(self._wall_ms()).encode()
+            self._queue_write(WriteBatch(records={f"linked/{d}": now for d in added}))
         log.info("device list version %d: added %s, removed %s", dl.version, added, removed)
         self._emit(
             ev.DeviceListChanged(
                 version=dl.version, devices=tuple(sorted(dl.ids)), added=added, removed=removed
             )
         )
+        for device in added:
+            log.info("new device linked: %s (%s)", dl.entry(device).name, device)
+            self._emit(ev.DeviceLinked(device=device, name=dl.entry(device).name))
 
     def _announce_lists(self, own: DeviceList, others: dict[str, DeviceList]) -> None:
         """Act on whatever lists changed since ``own`` / ``others`` were ours."""

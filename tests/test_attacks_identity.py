@@ -9,7 +9,9 @@ sans-I/O ``Link``; every test fails on the code before the defence it checks.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import replace
+from functools import partial
 
 import pytest
 
@@ -321,3 +323,172 @@ def test_the_next_rotation_takes_every_member_past_a_split_epoch() -> None:
     alice.accept_grant(carol.grant_to(alice.device_id, chat) or b"")
     assert alice.space(chat).epoch == 2
     assert alice.space(chat).keys[2] == carol.space(chat).keys[2]
+
+
+# ---- linked-device phishing: codes that live for years, codes that point anywhere ----
+
+
+def approve_with(code_text: str, dialed: list[list[str]], now_s: int) -> None:
+    """Run the primary's ``approve_code`` with dialing replaced by a recorder (a test
+    never dials anything but loopback): what would it have dialed?"""
+    import trio
+
+    from p2p import linking
+    from p2p.pairing import PairingError
+
+    phone, _ = new_account()
+
+    async def fake_dial(addresses: list[str]) -> object:
+        dialed.append(list(addresses))
+        raise PairingError("not dialed in this test")
+
+    async def read(name: str) -> bytes | None:
+        return None
+
+    async def write(batch: object) -> None:
+        return None
+
+    async def confirm(digits: str) -> bool:
+        return True
+
+    original = linking._dial_any
+    linking._dial_any = fake_dial  # type: ignore[assignment]
+    try:
+        trio.run(
+            partial(
+                linking.approve_code,
+                phone,
+                code_text,
+                read=read,
+                write=write,
+                confirm=confirm,
+                now_s=now_s,
+            )
+        )
+    finally:
+        linking._dial_any = original
+
+
+def test_a_primary_refuses_a_pairing_code_that_lives_for_a_year() -> None:
+    from p2p.pairing import PairingCode, PairingError
+
+    keys = DeviceKeys.generate()
+    now = 1_800_000_000
+    code = PairingCode.create(
+        sign_pk=keys.sign_pk,
+        box_pk=keys.box_pk,
+        name="Support desk",
+        addresses=["127.0.0.1:9"],
+        now_s=now,
+        ttl_s=365 * 24 * 3600,
+    )
+    dialed: list[list[str]] = []
+    with pytest.raises(PairingError, match="at most"):
+        approve_with(code.encode(), dialed, now + 3600)
+    assert dialed == []
+
+
+def test_a_primary_dials_only_local_addresses_a_code_names() -> None:
+    from p2p.pairing import PairingCode, PairingError
+
+    keys = DeviceKeys.generate()
+    now = 1_800_000_000
+    addresses = ["93.184.216.34:443", "attacker.example:80", "127.0.0.1:9", "192.168.1.20:9"]
+    code = PairingCode.create(
+        sign_pk=keys.sign_pk,
+        box_pk=keys.box_pk,
+        name="laptop",
+        addresses=addresses,
+        now_s=now,
+        ttl_s=600,
+    )
+    dialed: list[list[str]] = []
+    with pytest.raises(PairingError):
+        approve_with(code.encode(), dialed, now)
+    assert dialed == [["127.0.0.1:9", "192.168.1.20:9"]]
+    public = PairingCode.create(
+        sign_pk=keys.sign_pk,
+        box_pk=keys.box_pk,
+        name="laptop",
+        addresses=addresses[:2],
+        now_s=now,
+        ttl_s=600,
+    )
+    dialed.clear()
+    with pytest.raises(PairingError, match="--connect"):
+        approve_with(public.encode(), dialed, now)
+    assert dialed == []
+
+
+def test_every_device_of_the_account_reports_a_new_device() -> None:
+    """A phished code links an attacker's device: the owner's other devices say so."""
+    import trio
+
+    from p2p import events as ev
+    from p2p import testing
+    from tests.test_node import run, wait_for
+
+    async def scenario() -> None:
+        async with testing.cluster(2) as c:
+            phone, laptop = c.nodes
+            await c.settle()
+            seen = {node: node.subscribe() for node in (phone, laptop)}
+            keys = DeviceKeys.generate()
+            _, batch = phone.state.enroll(keys, "Evil laptop")
+            await phone._commit(batch)
+            phone._device_list_changed()  # as Node.approve does once a link is made
+            await wait_for(lambda: keys.device_id in laptop.state.device_list.ids)
+            await wait_for(lambda: laptop.store.get(f"linked/{keys.device_id}") is not None)
+            for events in seen.values():
+                got = []
+                while True:
+                    try:
+                        got.append(events.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                linked = [e for e in got if isinstance(e, ev.DeviceLinked)]
+                assert linked == [ev.DeviceLinked(device=keys.device_id, name="Evil laptop")]
+
+    run(scenario)
+
+
+# ---- contacts' chats: who may start one on our devices, and the 64 hello tags --------
+
+
+def test_a_group_member_that_is_not_a_contact_cannot_start_chats_with_us() -> None:
+    """Bob (a contact of Alice and of Carol) makes a group of the three; Alice follows
+    Carol only through it. Carol then starts a conversation with Alice alone: Alice's
+    devices do not join it."""
+    alice, _ = new_account()
+    bob, _ = new_account()
+    carol, _ = new_account()
+    befriend([alice], [bob])
+    befriend([bob], [carol])
+    group, _ = bob.new_conversation("group", [alice.account_id, carol.account_id])
+    Link(bob, alice).connect().run()
+    Link(bob, carol).connect().run()
+    assert group in alice.spaces
+    assert carol.account_id in alice.accounts  # followed: her entries must verify
+    carol.follow(alice.device_list.encode(), trusted=True)  # Carol has Alice's list
+    spam, _ = carol.new_conversation("buy now", [alice.account_id])
+    with contextlib.suppress(GrantRefused):
+        alice.accept_grant(carol.grant_to(alice.device_id, spam) or b"")
+    assert spam not in alice.spaces
+
+
+def test_a_contact_making_many_chats_pushes_no_contact_out_of_our_hello() -> None:
+    from p2p.sync import MAX_TAGS
+
+    alice, _ = new_account()
+    bob, _ = new_account()
+    carol, _ = new_account()
+    befriend([alice], [bob], [carol])
+    for i in range(MAX_TAGS):
+        chat, _ = bob.new_conversation(f"spam {i}", [alice.account_id])
+        alice.accept_grant(bob.grant_to(alice.device_id, chat) or b"")
+    sent = alice.discovery_keys()[:MAX_TAGS]
+    for contact in (bob, carol):  # each contact's devices meet ours with its contact key
+        tag_key = hashlib.blake2b(
+            contact.contact_key(), digest_size=32, person=b"p2p-discovery"
+        ).digest()
+        assert tag_key in sent
