@@ -225,6 +225,11 @@ class Node:
         """Conversation spaces this device holds."""
         return [s for s in self.state.spaces.values() if s.kind == "chat"]
 
+    def reads(self, device: str, chat: str) -> bool:
+        """Whether ``device`` is a current member device of ``chat`` (any of our own
+        devices, or one of a member account): who may fetch that chat's attachments."""
+        return chat in self.state.spaces_for(device)
+
     def _chat(self, chat: str | None) -> Space:
         """The space of ``chat`` (an id or a name), or of the default chat."""
         return self.state.chat_by_name(chat) if chat else self.state.space(self.default_chat())

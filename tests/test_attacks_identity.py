@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 from dataclasses import replace
 from functools import partial
+from pathlib import Path
 
 import pytest
 
@@ -492,3 +493,55 @@ def test_a_contact_making_many_chats_pushes_no_contact_out_of_our_hello() -> Non
             contact.contact_key(), digest_size=32, person=b"p2p-discovery"
         ).digest()
         assert tag_key in sent
+
+
+# ---- attachments: chunks only for member devices of a chat that carries them ---------
+
+
+def test_another_accounts_device_gets_no_chunk_of_a_chat_it_is_not_in(tmp_path: Path) -> None:
+    """A's phone sends a file in A's notes. B's phone (connected: they share a chat)
+    asks A's phone for its chunks by hash: it gets nohave, A's laptop gets them."""
+    import trio
+
+    from p2p import events as ev
+    from tests.test_accounts import two_account_nodes
+    from tests.test_node import run, wait_for
+
+    (tmp_path / "secret.bin").write_bytes(b"private notes " * 5000)
+
+    async def scenario() -> None:
+        async with two_account_nodes() as ([a_phone, a_laptop], [b_phone, _]):
+            await wait_for(lambda: len(a_phone.contacts()) == 1)
+            await a_phone.create_chat("team", with_=["Bea"])
+            sent = await a_phone.send_file(tmp_path / "secret.bin", chat="notes")
+            [message] = [m for m in a_phone.messages("notes") if m.id == sent]
+            assert message.attachment is not None
+            wanted = message.attachment.hashes[0]
+            await trio.sleep(5)  # (virtual time) the media service scans the new message
+            media = a_phone.media
+            for device in (b_phone.device_id, a_laptop.device_id):
+                media.observe(ev.PeerConnected(device=device, remote="test"))
+                media._lanes[device].serve.clear()
+                media._lanes[device].refusals.clear()
+                # no checkpoint from here to next_out: the node's own pump cannot interleave
+                assert media.frame_in(device, "ask", {"h": wanted}) is None
+                out = media.next_out(device)
+                assert out is not None
+                kind, fields = out
+                expected = "nohave" if device == b_phone.device_id else "blob"
+                assert (kind, fields["h"]) == (expected, wanted)
+
+    run(scenario)
+
+
+def test_our_fetcher_asks_only_member_devices_of_the_chat() -> None:
+    from p2p.media.fetch import Fetcher
+
+    fetcher = Fetcher()
+    for peer in ("ours", "theirs"):
+        fetcher.peer_up(peer)
+    chunks = [bytes([i]) * 32 for i in range(4)]
+    fetcher.want(chunks)
+    plan = fetcher.plan(lambda peer, h: peer == "ours")
+    assert set(plan) == {"ours"}
+    assert sorted(plan["ours"]) == sorted(chunks)
