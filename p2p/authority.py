@@ -5,7 +5,8 @@ Everything that changes who reads or writes is decided here, and only here:
 1. **Device list.** Signed by the account key; its version only grows
    (``identity.accept_device_list``). Every entry carries the device's own possession
    proof for that account key (``identity.possession_proof``), and a device key belongs
-   to one account: the first we learned it from (``DeviceState.follow``).
+   to one account: the first we learned it from (:func:`check_unclaimed`). Only the
+   primary holds the account key, so only it adds or removes devices.
 2. **A new key epoch** of a space, with the member set that goes with it, is made by one
    device and stated in a :class:`Rotation` that device signs: the space, the epoch, a
    hash of its key, the member accounts from then on, and the signer's key.
@@ -14,8 +15,8 @@ Everything that changes who reads or writes is decided here, and only here:
      and an account's own chats, that is the account's own primary, which rotates when
      it unlinks a device. For a conversation, it is the primary of any member account:
      one rotates when it unlinks a device of its own (the member set stays), and the
-     primary of the remaining account with the smallest id rotates when an account
-     leaves.
+     primary of the remaining account with the smallest id (:func:`leave_rotator`)
+     rotates when an account leaves.
    - A rotation may leave out only accounts that **signed a leave entry** in the space
      (the receiver checks its own replica): no member is dropped by anyone else. Our own
      primary is trusted on this (it signs our list).
@@ -43,7 +44,7 @@ import hashlib
 from dataclasses import dataclass, replace
 from typing import Final
 
-from p2p.errors import BadSignature, GrantFromNonMember, GrantRefused, WireError
+from p2p.errors import BadSignature, DeviceListError, GrantFromNonMember, GrantRefused, WireError
 from p2p.identity import DeviceKeys, DeviceList, short_id, verify
 from p2p.wire import MAX_ID, pack, unpack
 
@@ -196,6 +197,28 @@ def check_removal(
             f"epoch {rotation.epoch} of {rotation.space} drops "
             f"{', '.join(sorted(dropped - departed))}, which did not leave"
         )
+
+
+def check_unclaimed(offered: DeviceList, known: list[DeviceList]) -> None:
+    """Rule 1's last part: DeviceListError if ``offered`` names a device key (current or
+    removed) that another account's list in ``known`` names: a key belongs to one
+    account, the first we learned it from (so the CRDT-client table and every author
+    check stay unambiguous)."""
+    for dl in known:
+        if dl.account_id == offered.account_id:
+            continue
+        clash = (offered.ids | offered.removed_ids) & (dl.ids | dl.removed_ids)
+        if clash:
+            raise DeviceListError(
+                f"account {offered.account_id} lists device {min(clash)}, "
+                f"which account {dl.account_id} lists already"
+            )
+
+
+def leave_rotator(remaining: set[str]) -> str | None:
+    """Rule 2 after a leave: the account whose primary rotates (the remaining member
+    account with the smallest id), so that one new key exists; None if nobody is left."""
+    return min(remaining) if remaining else None
 
 
 def check_key(space: str, epoch: int, held: bytes | None, offered: bytes) -> bool:

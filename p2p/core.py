@@ -29,6 +29,8 @@ from p2p.authority import (
     check_key,
     check_removal,
     check_rotation,
+    check_unclaimed,
+    leave_rotator,
 )
 from p2p.clock import HybridClock
 from p2p.errors import (
@@ -939,28 +941,13 @@ class DeviceState:
             kept = accept_device_list(known, offered)
             if kept is known:
                 return keyed or None
-        self._check_unclaimed(kept)
+        check_unclaimed(kept, [self.device_list, *self.accounts.values()])
         self.accounts[kept.account_id] = kept
         self._client_owners = None
         for space in self.spaces.values():  # its new devices' entries may verify now
             space.replica.forget_failures()
         keyed.records[f"peer/{kept.account_id}"] = kept.encode()
         return keyed
-
-    def _check_unclaimed(self, offered: DeviceList) -> None:
-        """DeviceListError if ``offered`` names a device key that our account or another
-        account we follow lists (now or as removed): a key belongs to one account, the
-        first we learned it from, so the CRDT-client table and every author check stay
-        unambiguous (see ``authority``)."""
-        for dl in (self.device_list, *self.accounts.values()):
-            if dl.account_id == offered.account_id:
-                continue
-            clash = (offered.ids | offered.removed_ids) & (dl.ids | dl.removed_ids)
-            if clash:
-                raise DeviceListError(
-                    f"account {offered.account_id} lists device {min(clash)}, "
-                    f"which account {dl.account_id} lists already"
-                )
 
     def new_conversation(self, name: str, members: list[str]) -> tuple[str, WriteBatch]:
         """A new conversation space with the accounts ``members`` (all followed)."""
@@ -1217,7 +1204,7 @@ class DeviceState:
         the remaining member account with the smallest id, so that one new key exists
         (the others wait for its grant; until then the old key stays in use)."""
         remaining = set(self.space(space_id).members) - departed
-        return self.is_primary and bool(remaining) and min(remaining) == self.account_id
+        return self.is_primary and leave_rotator(remaining) == self.account_id
 
     def rotate_without(self, space_id: str, departed: set[str]) -> WriteBatch:
         """A new epoch key for a conversation, its member set without ``departed``."""
