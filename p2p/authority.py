@@ -19,7 +19,8 @@ Everything that changes who reads or writes is decided here, and only here:
      rotates when an account leaves.
    - A rotation may leave out only accounts that **signed a leave entry** in the space
      (the receiver checks its own replica): no member is dropped by anyone else. Our own
-     primary is trusted on this (it signs our list).
+     primary is trusted on this (it signs our list). Until the entry is here the
+     rotation waits (:class:`RotationUnproven`); it is never applied without it.
 3. **A key for an epoch** after 0 is taken only with the rotation that created it: signed
    as in 2, and the key hashes to what the rotation states. A key held is never replaced;
    another key for an epoch we hold is a split, refused (``RotationRefused``). Epoch 0's
@@ -63,6 +64,17 @@ class GrantFromStranger(GrantFromNonMember):
     """A grant of a conversation we do not hold, from an account that is not our
     contact: ignored (a group's members may grant us its keys, but only a contact may
     start a conversation with us)."""
+
+
+class RotationUnproven(GrantFromNonMember):
+    """A rotation that drops an account whose leave entry we do not hold (yet): not
+    applied. The node keeps it aside and tries it again when that chat changes (the
+    leave entry may still be on its way); a rotation dropping an account that never
+    left is never applied."""
+
+    def __init__(self, space: str, message: str) -> None:
+        super().__init__(message)
+        self.space = space
 
 
 def key_hash(key: bytes) -> bytes:
@@ -193,9 +205,10 @@ def check_removal(
     their leave entries in our replica), unless its signer is our own primary."""
     dropped = members - rotation.member_ids
     if dropped - departed and not trusted_signer:
-        raise RotationRefused(
+        raise RotationUnproven(
+            rotation.space,
             f"epoch {rotation.epoch} of {rotation.space} drops "
-            f"{', '.join(sorted(dropped - departed))}, which did not leave"
+            f"{', '.join(sorted(dropped - departed))}, which did not leave",
         )
 
 

@@ -32,6 +32,7 @@ import pycrdt
 import trio
 
 from p2p import events as ev
+from p2p.authority import RotationUnproven
 from p2p.contacts import ContactCode
 from p2p.core import Delivery, DeviceState, Ingested, Space, index_view, merge_batches
 from p2p.discovery.base import Discovery, Found, Source, StaticPeers
@@ -195,6 +196,9 @@ class Node:
         self.dropped_events = 0
         self._receipts_due: set[str] = set()
         self._rotating: set[str] = set()
+        self._unproven: dict[str, bytes] = {}
+        """Chat -> a grant whose rotation drops an account whose leave entry we lack:
+        tried again when the chat changes (one per chat, the newest)."""
         self._receipts_wakeup = trio.Event()
         self.media = MediaService(
             blobs, self, wall_ms=wall_ms, emit=self._emit, wake=self._wake_peer
@@ -1022,6 +1026,9 @@ class Node:
             departed = self.state.departed(ingested.space)  # usually nobody: no task
             if departed and self.state.rotates_for(ingested.space, departed):
                 self._nursery.start_soon(self._rotate_after_leave, ingested.space)
+            waiting = self._unproven.pop(ingested.space, None)
+            if waiting is not None:  # the leave entry it waits for may be here now
+                self._on_grant(waiting, came_from=None)
         return durable
 
     def _adopt_device_list(self, peer: _Peer, data: bytes) -> None:
@@ -1105,6 +1112,11 @@ class Node:
         lists_before = (self.state.device_list, dict(self.state.accounts))
         try:
             space_id, news, batch = self.state.accept_grant(data)
+        except RotationUnproven as exc:
+            log.info("a grant waits for a leave entry: %s", exc)
+            if len(self._unproven) < 256:
+                self._unproven[exc.space] = data
+            return None
         except GrantFromNonMember as exc:
             log.info("ignored a grant: %s", exc)  # we learn the members from our own
             return None

@@ -198,7 +198,7 @@ def test_a_primary_cannot_drop_a_member_that_did_not_leave() -> None:
     rotate(bob, chat)
     grant = bob.grant_to(alice.device_id, chat)
     assert grant is not None
-    with pytest.raises(GrantRefused, match="did not leave"):
+    with pytest.raises(GrantRefused, match="did not leave"):  # and it is never applied
         alice.accept_grant(grant)
     assert alice.space(chat).epoch == 0
     assert carol.account_id in alice.space(chat).members
@@ -545,3 +545,35 @@ def test_our_fetcher_asks_only_member_devices_of_the_chat() -> None:
     plan = fetcher.plan(lambda peer, h: peer == "ours")
     assert set(plan) == {"ours"}
     assert sorted(plan["ours"]) == sorted(chunks)
+
+
+def test_a_leave_rotation_waits_for_the_leave_entry_then_applies() -> None:
+    """Carol leaves; the rotating primary's grant reaches the other member before
+    Carol's leave entry does: it waits (RotationUnproven), and applies once it has it."""
+    from p2p.authority import RotationUnproven
+
+    alice, _ = new_account()
+    bob, _ = new_account()
+    carol, _ = new_account()
+    befriend([alice], [bob], [carol])
+    chat, _ = alice.new_conversation("team", [bob.account_id, carol.account_id])
+    for a, b in ((alice, bob), (alice, carol), (bob, carol)):
+        Link(a, b).connect().run()
+    leave = carol.new_entry(chat, "leave", WALL + 1)
+    update, _ = carol.write_local(chat, [leave])
+    envelope = carol.seal(chat, update)
+    rotator, other = sorted((alice, bob), key=lambda s: s.account_id)
+    rotator.ingest(envelope)
+    departed = rotator.departed(chat)
+    assert departed == {carol.account_id}
+    assert rotator.rotates_for(chat, departed)
+    rotator.rotate_without(chat, departed)
+    grant = rotator.grant_to(other.device_id, chat)
+    assert grant is not None
+    with pytest.raises(RotationUnproven):
+        other.accept_grant(grant)
+    assert other.space(chat).epoch == 0
+    other.ingest(envelope)
+    assert other.accept_grant(grant)[:2] == (chat, True)
+    assert other.space(chat).epoch == 1
+    assert set(other.space(chat).members) == {alice.account_id, bob.account_id}
