@@ -23,7 +23,9 @@ Everything that changes who reads or writes is decided here, and only here:
      rotation waits (:class:`RotationUnproven`); it is never applied without it.
 3. **A key for an epoch** after 0 is taken only with the rotation that created it: signed
    as in 2, and the key hashes to what the rotation states. A key held is never replaced;
-   another key for an epoch we hold is a split, refused (``RotationRefused``). Epoch 0's
+   another key for an epoch we hold is a split, refused and reported (:class:`EpochSplit`),
+   which the primary of the member account with the smallest id heals with a new epoch
+   (:func:`split_healer`); a newer epoch takes a member past a split. Epoch 0's
    key comes with the space itself (the device that created it, or the grant that
    brings us a space we do not hold yet).
 4. **Members added** within an epoch: by any current device of a member account (it
@@ -64,6 +66,17 @@ class GrantFromStranger(GrantFromNonMember):
     """A grant of a conversation we do not hold, from an account that is not our
     contact: ignored (a group's members may grant us its keys, but only a contact may
     start a conversation with us)."""
+
+
+class EpochSplit(RotationRefused):
+    """Two keys for one epoch of a space (two primaries rotated at once, or one gave
+    members different keys): the second is refused and reported, the session stays, and
+    the primary of the member account with the smallest id starts a new epoch for
+    everyone (:func:`split_healer`)."""
+
+    def __init__(self, space: str, message: str) -> None:
+        super().__init__(message)
+        self.space = space
 
 
 class RotationUnproven(GrantFromNonMember):
@@ -236,9 +249,15 @@ def leave_rotator(remaining: set[str]) -> str | None:
 
 def check_key(space: str, epoch: int, held: bytes | None, offered: bytes) -> bool:
     """Rule 3's last part: whether ``offered`` is news for ``epoch`` (False: we hold the
-    same key); RotationRefused for another key of an epoch we hold (a split)."""
+    same key); EpochSplit for another key of an epoch we hold."""
     if held is None:
         return True
     if held != offered:
-        raise RotationRefused(f"two different keys claim epoch {epoch} of {space}")
+        raise EpochSplit(space, f"two different keys claim epoch {epoch} of {space}")
     return False
+
+
+def split_healer(members: set[str]) -> str:
+    """Rule 2 after a split: the account whose primary starts a new epoch for everyone
+    (the member account with the smallest id), so that one new key exists."""
+    return min(members)

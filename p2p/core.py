@@ -23,6 +23,7 @@ from nacl.public import PrivateKey, PublicKey, SealedBox
 from p2p import envelope
 from p2p.authority import (
     MAX_MEMBERS,
+    EpochSplit,
     GrantFromStranger,
     Rotation,
     RotationRefused,
@@ -31,6 +32,7 @@ from p2p.authority import (
     check_rotation,
     check_unclaimed,
     leave_rotator,
+    split_healer,
 )
 from p2p.clock import HybridClock
 from p2p.errors import (
@@ -1079,13 +1081,14 @@ class DeviceState:
             raise GrantFromNonMember(f"grant of {space.id} from a non-member account")
         # every check before any change: a refused grant changes nothing
         taken: dict[int, bytes] = {}
-        split: RotationRefused | None = None
+        split: EpochSplit | None = None
         for epoch, key in sorted(granted.keys.items()):
             try:
                 if not check_key(space.id, epoch, space.keys.get(epoch), key):
                     continue  # the key we hold
-            except RotationRefused as exc:
-                split = exc  # another key of an epoch we hold
+            except EpochSplit as exc:
+                if epoch >= space.epoch:  # one we are past (a healed split) is history
+                    split = exc
                 continue
             if epoch in granted.rotations:
                 verified(epoch)
@@ -1205,6 +1208,13 @@ class DeviceState:
         (the others wait for its grant; until then the old key stays in use)."""
         remaining = set(self.space(space_id).members) - departed
         return self.is_primary and leave_rotator(remaining) == self.account_id
+
+    def heals_split(self, space_id: str) -> bool:
+        """Whether this device starts a new epoch after a split of ``space_id``: the
+        primary of the member account ``authority.split_healer`` names."""
+        return self.is_primary and split_healer(set(self.space(space_id).members)) == (
+            self.account_id
+        )
 
     def rotate_without(self, space_id: str, departed: set[str]) -> WriteBatch:
         """A new epoch key for a conversation, its member set without ``departed``."""

@@ -32,7 +32,7 @@ import pycrdt
 import trio
 
 from p2p import events as ev
-from p2p.authority import RotationUnproven
+from p2p.authority import EpochSplit, RotationUnproven
 from p2p.contacts import ContactCode
 from p2p.core import Delivery, DeviceState, Ingested, Space, index_view, merge_batches
 from p2p.discovery.base import Discovery, Found, Source, StaticPeers
@@ -1112,6 +1112,21 @@ class Node:
         lists_before = (self.state.device_list, dict(self.state.accounts))
         try:
             space_id, news, batch = self.state.accept_grant(data)
+        except EpochSplit as exc:
+            log.warning("refused a grant: %s", exc)
+            self._emit(
+                ev.InputRejected(
+                    remote=came_from.remote if came_from else "mailbox",
+                    device=came_from.session.peer if came_from else None,
+                    error=type(exc).__name__,
+                    detail=str(exc),
+                )
+            )
+            # the session stays (the peer is honest as far as we can tell), and one
+            # primary starts an epoch that takes everyone past the split
+            if self.state.heals_split(exc.space) and exc.space not in self._rotating:
+                self._nursery.start_soon(self._rotate, exc.space, set())
+            return None
         except RotationUnproven as exc:
             log.info("a grant waits for a leave entry: %s", exc)
             if len(self._unproven) < 256:
@@ -1287,6 +1302,10 @@ class Node:
         departed = self.state.departed(space_id)
         if not departed or not self.state.rotates_for(space_id, departed):
             return
+        await self._rotate(space_id, departed)
+
+    async def _rotate(self, space_id: str, departed: set[str]) -> None:
+        """A new epoch of a conversation without ``departed``, granted to every reader."""
         if space_id in self._rotating:
             return
         self._rotating.add(space_id)

@@ -324,6 +324,11 @@ def test_the_next_rotation_takes_every_member_past_a_split_epoch() -> None:
     alice.accept_grant(carol.grant_to(alice.device_id, chat) or b"")
     assert alice.space(chat).epoch == 2
     assert alice.space(chat).keys[2] == carol.space(chat).keys[2]
+    # past the split, its two keys of epoch 1 are history: no refusal, no news
+    assert alice.accept_grant(carol.grant_to(alice.device_id, chat) or b"")[1] is False
+    # and the member that heals a split is one primary, the same for everyone
+    healers = [s for s in (alice, bob, carol) if s.heals_split(chat)]
+    assert [h.account_id for h in healers] == [min(alice.space(chat).members)]
 
 
 # ---- linked-device phishing: codes that live for years, codes that point anywhere ----
