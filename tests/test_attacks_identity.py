@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import trio
 
 from p2p.core import NOTES, DeviceState, crdt_client
 from p2p.envelope import new_space_key
@@ -582,3 +583,65 @@ def test_a_leave_rotation_waits_for_the_leave_entry_then_applies() -> None:
     assert other.accept_grant(grant)[:2] == (chat, True)
     assert other.space(chat).epoch == 1
     assert set(other.space(chat).members) == {alice.account_id, bob.account_id}
+
+
+def test_running_nodes_heal_an_epoch_split() -> None:
+    """A's and B's primaries each unlink a companion while cut off from each other: two
+    keys for epoch 1 of their conversation. When they meet, the split is reported and
+    one primary's new epoch joins them again."""
+    from contextlib import AsyncExitStack
+
+    from p2p import events as ev
+    from p2p.node import open_node
+    from p2p.testing import Cluster, provision_account
+    from p2p.transport.memory import MemoryNetwork
+    from tests.test_node import run, wait_for
+
+    async def scenario() -> None:
+        network = MemoryNetwork(seed=4)
+        names = ["a-phone", "a-laptop", "b-phone", "b-tablet"]
+        stores = provision_account(2) + provision_account(2)
+        async with AsyncExitStack() as stack:
+            nodes = [
+                await stack.enter_async_context(
+                    open_node(
+                        store=store,
+                        transport=network.transport(name),
+                        peers=names[:i],
+                        wall_ms=Cluster.wall_ms,
+                    )
+                )
+                for i, (name, store) in enumerate(zip(names, stores, strict=True))
+            ]
+            a_phone, a_laptop, b_phone, b_tablet = nodes
+            await a_phone.add_contact(b_phone.contact_code(), name="Bea")
+            await b_phone.add_contact(a_phone.contact_code(), name="Ali")
+            chat = await a_phone.create_chat("team", with_=["Bea"])
+            await wait_for(lambda: chat in b_phone.state.spaces)
+            reports = a_phone.subscribe(), b_phone.subscribe()
+            network.partition({"a-phone", "a-laptop"}, {"b-phone", "b-tablet"})
+            await a_phone.unlink(a_laptop.device_id)
+            await b_phone.unlink(b_tablet.device_id)
+            keys = a_phone.state.space(chat).keys, b_phone.state.space(chat).keys
+            assert keys[0][1] != keys[1][1]
+            network.heal()
+
+            def joined() -> bool:
+                a, b = a_phone.state.space(chat), b_phone.state.space(chat)
+                return a.epoch == b.epoch == 2 and a.keys[2] == b.keys[2]
+
+            await wait_for(joined)
+            splits = []
+            for events in reports:
+                while True:
+                    try:
+                        event = events.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    if isinstance(event, ev.InputRejected) and event.error == "EpochSplit":
+                        splits.append(event)
+            assert splits
+            await a_phone.send("after the split", chat=chat)
+            await wait_for(lambda: len(b_phone.messages(chat)) == 1)
+
+    run(scenario)
