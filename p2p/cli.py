@@ -700,7 +700,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("link", cmd_link, "new device: show a pairing code and wait for the primary")
     p.add_argument("--name", required=True, help="this device's name")
     p.add_argument("--listen", default="0.0.0.0:0", help="HOST:PORT the primary dials")
-    p.add_argument("--ttl", type=int, default=600, help="seconds the code stays valid")
+    p.add_argument(
+        "--ttl", type=int, default=600, help="seconds the code stays valid (at most 600)"
+    )
     p = add("approve", cmd_approve, "primary: link the device that shows CODE")
     p.add_argument("code")
     p.add_argument("--yes", action="store_true", help="skip comparing check codes (scripts)")
