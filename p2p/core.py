@@ -1013,7 +1013,10 @@ class DeviceState:
         that made it (without one, it is left for a device that has it), a newer epoch
         brings the member set its rotation states, and within an epoch members are only
         added. RotationRefused (a GrantRefused) for a rotation its signer was not
-        entitled to make, and for another key of an epoch we hold: nothing is changed.
+        entitled to make; EpochSplit for another key of our current epoch (unless a newer
+        epoch comes with it); RotationUnproven for one that drops an account whose leave
+        entry we lack; GrantFromStranger for a new chat from an account that is not a
+        contact. A refused grant changes nothing.
         """
         sealed = parse_grant(data)
         granted = open_grant(sealed, self.keys)
