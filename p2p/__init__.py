@@ -37,6 +37,7 @@ from p2p.errors import (
 from p2p.events import (
     ChatChanged,
     ChatKeysChanged,
+    DeviceLinked,
     DeviceListChanged,
     EntryRejected,
     Event,
@@ -60,6 +61,7 @@ __all__ = [
     "CryptoError",
     "DecryptionFailed",
     "Delivery",
+    "DeviceLinked",
     "DeviceListChanged",
     "DeviceListError",
     "DeviceState",

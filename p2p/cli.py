@@ -379,6 +379,25 @@ def cmd_link(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_new_device(code_text: str, connect: str | None) -> None:
+    """Before a person approves: who asks to join, from where, and what it will get
+    (linked-device phishing hands out codes of an attacker's device)."""
+    from p2p.pairing import PairingCode, PairingError
+
+    try:
+        code = PairingCode.decode(code_text)
+    except PairingError:
+        return  # approving reports it
+    where = connect or ", ".join(code.local_addresses()) or "no local address"
+    print(
+        f"a device named {code.name!r} ({code.device_id}) at {where} asks to join your "
+        "account.\nIt will read every chat and send as you. Approve only a device you are "
+        "holding now, that showed this code itself;\nif someone sent you this code, say no.",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def cmd_approve(args: argparse.Namespace) -> int:
     from p2p.pairing import CheckCodeMismatch, same_check_code
 
@@ -387,6 +406,8 @@ def cmd_approve(args: argparse.Namespace) -> int:
         return answer.strip().lower() in ("y", "yes")
 
     interactive = not (args.yes or args.check)
+    if interactive:
+        _warn_new_device(args.code, args.connect)
     request = {
         "op": "approve",
         "code": args.code,
@@ -478,6 +499,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
     try:
         state = DeviceState.load(store)
         seen = {n.removeprefix("seen/"): store.get(n) for n in store.names("seen/")}
+        linked = {n.removeprefix("linked/"): store.get(n) for n in store.names("linked/")}
     finally:
         store.close()
     reply = control.request(home, {"op": "status"})  # who is connected right now
@@ -485,6 +507,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
     dl = state.device_list
     for d in dl.devices:
         last = seen.get(d.device_id)
+        linked_ms = int(linked[d.device_id] or 0) if d.device_id in linked else None
         row = {
             "id": d.device_id,
             "name": d.name,
@@ -493,6 +516,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
             "online": d.device_id in online,
             "last_seen_ms": int(last) if last else None,
             "list_version": dl.version,
+            "linked_ms": linked_ms,
         }
         if args.json:
             print(json.dumps(row))
@@ -507,6 +531,9 @@ def cmd_devices(args: argparse.Namespace) -> int:
         else:
             where = "never seen"
         print(f"{d.device_id}  {d.role:<9}  {d.name:<12} {where}")
+        if linked_ms and time.time() * 1000 - linked_ms < 7 * 24 * 3600 * 1000:
+            when = datetime.fromtimestamp(linked_ms / 1000, UTC)
+            print(f"  new device linked: {d.name} on {when:%Y-%m-%d %H:%M}")
     return 0
 
 
@@ -672,7 +699,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("link", cmd_link, "new device: show a pairing code and wait for the primary")
     p.add_argument("--name", required=True, help="this device's name")
     p.add_argument("--listen", default="0.0.0.0:0", help="HOST:PORT the primary dials")
-    p.add_argument("--ttl", type=int, default=600, help="seconds the code stays valid")
+    p.add_argument(
+        "--ttl", type=int, default=600, help="seconds the code stays valid (at most 600)"
+    )
     p = add("approve", cmd_approve, "primary: link the device that shows CODE")
     p.add_argument("code")
     p.add_argument("--yes", action="store_true", help="skip comparing check codes (scripts)")

@@ -21,6 +21,19 @@ from nacl.exceptions import CryptoError as NaclCryptoError
 from nacl.public import PrivateKey, PublicKey, SealedBox
 
 from p2p import envelope
+from p2p.authority import (
+    MAX_MEMBERS,
+    EpochSplit,
+    GrantFromStranger,
+    Rotation,
+    RotationRefused,
+    check_key,
+    check_removal,
+    check_rotation,
+    check_unclaimed,
+    leave_rotator,
+    split_healer,
+)
 from p2p.clock import HybridClock
 from p2p.errors import (
     ContactError,
@@ -37,7 +50,6 @@ from p2p.errors import (
     WireError,
 )
 from p2p.grants import (
-    MAX_MEMBERS,
     SpaceGrant,
     decode_members,
     open_grant,
@@ -121,6 +133,22 @@ class Space:
     members: dict[str, bytes] = field(default_factory=dict)
     """Member accounts: account id -> account public key (ours always among them). Every
     current device of a member account reads and writes the space."""
+    rotations: dict[int, bytes] = field(default_factory=dict, repr=False)
+    """The signed ``authority.Rotation`` that made each epoch after 0 (encoded), shown
+    with the key in every grant."""
+
+    def rotate(self, signer: DeviceKeys) -> dict[str, bytes]:
+        """Start the next epoch: a fresh key and the rotation ``signer`` states for it
+        (with the current member set); the records that keep them."""
+        self.epoch += 1
+        key = self.keys[self.epoch] = envelope.new_space_key()
+        rotation = Rotation.make(signer, self.id, self.epoch, key, list(self.members.values()))
+        self.rotations[self.epoch] = rotation.encode()
+        return {
+            f"space/{self.id}": self.meta_record(),
+            f"spacekey/{self.id}/{self.epoch}": key,
+            f"spacerot/{self.id}/{self.epoch}": self.rotations[self.epoch],
+        }
 
     def meta_record(self) -> bytes:
         return pack([self.kind, self.name, self.epoch, sorted(self.members.values())])
@@ -176,6 +204,9 @@ class Enrollment:
     """(space id, kind, name, epoch, epoch -> key, full-state update)."""
     lease: bytes = b""
     """The new companion's first lease (see ``identity.issue_lease``)."""
+    rotations: dict[str, dict[int, bytes]] = field(default_factory=dict, repr=False)
+    """Space id -> epoch -> the encoded rotation that made it: a companion shows them in
+    its grants, so that other accounts' devices take a key it forwards."""
 
 
 class DeviceState:
@@ -284,18 +315,22 @@ class DeviceState:
         a rotation still proves membership with the old one (and is then judged by the
         device list, which says whether it was removed).
 
-        Our account's epochs come first (at most 8), then our contact key, the newest
-        two epochs of each conversation shared with other accounts and the contact key
-        of each contact: their devices meet ours with those."""
+        Our account's epochs come first (at most 8), then our contact key, the contact
+        key of each contact, and last the newest two epochs of each conversation with an
+        account that is not our contact (a group's other members: their devices meet
+        ours with those). A session sends at most 64 tags: a contact that makes many
+        conversations can push only the last kind out, never our account's or our
+        contacts' tags (contacts meet us with their contact keys, whatever they share)."""
         account = next((s for s in self.spaces.values() if s.kind == "account"), None)
         if account is None:  # not enrolled: nothing to prove membership with
             return [bytes(32)]
         keys = [account.keys[e] for e in sorted(account.keys, reverse=True)][:8]
         keys.append(self.contact_key())
-        for space in sorted(self.spaces.values(), key=lambda s: s.id):
-            if space.shared:
-                keys += [space.keys[e] for e in sorted(space.keys, reverse=True)[:2]]
         keys += [self.contact_keys[a] for a in sorted(self.contact_keys)]
+        known = set(self.contact_keys) | {self.account_id}
+        for space in sorted(self.spaces.values(), key=lambda s: s.id):
+            if space.shared and not set(space.members) <= known:
+                keys += [space.keys[e] for e in sorted(space.keys, reverse=True)[:2]]
         return [
             hashlib.blake2b(key, digest_size=32, person=b"p2p-discovery").digest() for key in keys
         ]
@@ -370,7 +405,14 @@ class DeviceState:
             if kind not in ("account", "chat"):
                 raise DeviceListError(f"enrollment names an unknown space kind {kind!r}")
             batches.append(
-                state.add_space(space_id, kind, space_name, epoch=epoch, keys=space_keys)  # type: ignore[arg-type]
+                state.add_space(
+                    space_id,
+                    kind,  # type: ignore[arg-type]
+                    space_name,
+                    epoch=epoch,
+                    keys=space_keys,
+                    rotations=bundle.rotations.get(space_id),
+                )
             )
             applied.append((space_id, update, state.spaces[space_id].replica.apply(update)))
         # our contacts came with the history: follow them before judging entries, so that
@@ -388,9 +430,7 @@ class DeviceState:
         passes them because tests create both ends in one process.
         """
         return self.enroll_public(
-            DeviceEntry(
-                name=name, role="companion", sign_pk=new_device.sign_pk, box_pk=new_device.box_pk
-            )
+            DeviceEntry.of(new_device, self.device_list.account_pk, name, "companion")
         )
 
     def issue_lease(self, device_id: str, now_ms: int | None) -> bytes:
@@ -424,12 +464,16 @@ class DeviceState:
                 (s.id, s.kind, s.name, s.epoch, dict(s.keys), s.replica.snapshot())
                 for s in self.spaces.values()
             ],
+            rotations={s.id: dict(s.rotations) for s in self.spaces.values() if s.rotations},
         )
         return bundle, WriteBatch(records={"account/list": self.device_list.encode()})
 
     def _grant(self, device: DeviceEntry) -> bytes:
         """The current key of every space, sealed to ``device`` (see DeviceList.grants)."""
-        keys = [[s.id, s.epoch, s.keys[s.epoch]] for s in self.spaces.values()]
+        keys = [
+            [s.id, s.epoch, s.keys[s.epoch], s.rotations.get(s.epoch, b"")]
+            for s in self.spaces.values()
+        ]
         return bytes(SealedBox(PublicKey(device.box_pk)).encrypt(pack(keys)))
 
     def _open_grant(self, device_list: DeviceList) -> WriteBatch:
@@ -442,18 +486,23 @@ class DeviceState:
             granted = unpack(
                 SealedBox(PrivateKey(self.keys.box_secret)).decrypt(sealed), what="key grant"
             )
-            items = [(str(s), int(e), bytes(k)) for s, e, k in granted]
+            items = [(str(s), int(e), bytes(k), bytes(r)) for s, e, k, r in granted]
         except (NaclCryptoError, WireError, ValueError, TypeError) as exc:
             raise DeviceListError(
                 f"our key grant in device list {device_list.version} is unusable"
             ) from exc
-        for space_id, epoch, key in items:
+        for space_id, epoch, key, rotation in items:
             space = self.spaces.get(space_id)
             if space is None or len(key) != envelope.KEY_SIZE or not 0 <= epoch < 2**32:
                 continue  # a space we do not hold yet, or junk: nothing to take
+            # the account key signed this: our primary's word for its epochs (authority
+            # rule 2); the rotation is kept to show with grants to other accounts
             if epoch not in space.keys:
                 space.keys[epoch] = key
                 batch.records[f"spacekey/{space_id}/{epoch}"] = key
+            if rotation and epoch not in space.rotations and space.keys[epoch] == key:
+                space.rotations[epoch] = rotation
+                batch.records[f"spacerot/{space_id}/{epoch}"] = rotation
             if epoch > space.epoch:
                 space.epoch = epoch
                 batch.records[f"space/{space_id}"] = space.meta_record()
@@ -470,10 +519,7 @@ class DeviceState:
         self.device_list.entry(device_id)  # UnknownDevice / RemovedDevice first
         batch = WriteBatch()
         for space in self.spaces.values():
-            space.epoch += 1
-            space.keys[space.epoch] = envelope.new_space_key()
-            batch.records[f"space/{space.id}"] = space.meta_record()
-            batch.records[f"spacekey/{space.id}/{space.epoch}"] = space.keys[space.epoch]
+            batch.records.update(space.rotate(self.keys))
         self.device_list = self.device_list.without_device(self.account_key, device_id, self._grant)
         batch.records["account/list"] = self.device_list.encode()
         return batch
@@ -498,11 +544,19 @@ class DeviceState:
         epoch: int = 0,
         keys: dict[int, bytes] | None = None,
         members: dict[str, bytes] | None = None,
+        rotations: dict[int, bytes] | None = None,
     ) -> WriteBatch:
         keys = keys if keys is not None else {epoch: envelope.new_space_key()}
         owners = {self.account_id: self.device_list.account_pk, **(members or {})}
         self.spaces[space_id] = Space(
-            space_id, kind, name, epoch, dict(keys), self._replica(space_id), members=owners
+            space_id,
+            kind,
+            name,
+            epoch,
+            dict(keys),
+            self._replica(space_id),
+            members=owners,
+            rotations=dict(rotations or {}),
         )
         records = {
             f"space/{space_id}": self.spaces[space_id].meta_record(),
@@ -510,6 +564,8 @@ class DeviceState:
         }
         for e, k in keys.items():
             records[f"spacekey/{space_id}/{e}"] = k
+        for e, r in (rotations or {}).items():
+            records[f"spacerot/{space_id}/{e}"] = r
         return WriteBatch(records=records)
 
     @classmethod
@@ -577,6 +633,10 @@ class DeviceState:
                     space_keys,
                     replica,
                     members={short_id(pk): pk for pk in member_pks},
+                    rotations={
+                        int(k.rsplit("/", 1)[1]): _required(store, k)
+                        for k in store.names(f"spacerot/{space_id}/")
+                    },
                 )
                 state.spaces[space_id] = space
                 space.snapshot_seq, space.log_seq = store.log_seqs(space_id)
@@ -808,7 +868,8 @@ class DeviceState:
         know of)."""
         if self._client_owners is None:
             owners = {}
-            for dl in (self.device_list, *self.accounts.values()):
+            # ours last: nothing another account lists can take our clients from us
+            for dl in (*self.accounts.values(), self.device_list):
                 for d in (*dl.devices, *dl.removed):
                     owners[device_prefix(d.device_id)] = dl.account_id
             self._client_owners = owners
@@ -919,6 +980,7 @@ class DeviceState:
             kept = accept_device_list(known, offered)
             if kept is known:
                 return keyed or None
+        check_unclaimed(kept, [self.device_list, *self.accounts.values()])
         self.accounts[kept.account_id] = kept
         self._client_owners = None
         for space in self.spaces.values():  # its new devices' entries may verify now
@@ -949,6 +1011,7 @@ class DeviceState:
             epoch=space.epoch,
             keys=dict(space.keys),
             members=tuple(dl.encode() for dl in lists if dl is not None),
+            rotations=dict(space.rotations),
         )
 
     def grant_to(
@@ -980,9 +1043,17 @@ class DeviceState:
 
         Refused (GrantRefused) unless a current device of our account or of an account
         we follow signed it, both accounts are among its members and, for a space we
-        hold, the granter's account is a member already. A newer epoch brings its key
-        and member set; member lists we do not hold yet are taken on the granter's word
-        (it vouches for the group it shares with us).
+        hold, the granter's account is a member already. Member lists we do not hold yet
+        are taken on the granter's word (it vouches for the group it shares with us).
+        What a grant may change follows ``authority``: a space we do not hold comes
+        whole; for one we hold, a key of an epoch we lack comes only with the rotation
+        that made it (without one, it is left for a device that has it), a newer epoch
+        brings the member set its rotation states, and within an epoch members are only
+        added. RotationRefused (a GrantRefused) for a rotation its signer was not
+        entitled to make; EpochSplit for another key of our current epoch (unless a newer
+        epoch comes with it); RotationUnproven for one that drops an account whose leave
+        entry we lack; GrantFromStranger for a new chat from an account that is not a
+        contact. A refused grant changes nothing.
         """
         sealed = parse_grant(data)
         granted = open_grant(sealed, self.keys)
@@ -991,6 +1062,16 @@ class DeviceState:
             raise GrantRefused(f"grant of {granted.space}: we or the granter are not members")
         if self.list_of(sealed.account) is None:
             raise GrantRefused(f"grant from account {sealed.account}, which we do not follow")
+        if (
+            granted.space not in self.spaces
+            and sealed.account != self.account_id
+            and sealed.account not in self.contact_keys
+        ):
+            # a group's other members are followed so that their entries verify, but
+            # only a contact (whose code we took) may bring us into a new conversation
+            raise GrantFromStranger(
+                f"grant of a new chat from account {sealed.account}, which is not a contact"
+            )
         batches: list[WriteBatch] = []
         for account_id, dl in sorted(lists.items(), key=lambda kv: kv[0] != sealed.account):
             try:  # the granter's own list first: it may be what makes the granter current
@@ -1009,8 +1090,21 @@ class DeviceState:
             raise GrantRefused(f"grant from {sealed.sender} names another account")
         verify_grant(sealed, granter.entry(sealed.sender).sign_pk)
         members = {a: dl.account_pk for a, dl in lists.items()}
+        known = {self.account_id: self.device_list, **self.accounts}
+        rotations: dict[int, Rotation] = {}
+
+        def verified(epoch: int) -> None:
+            # checked only where it decides something: a key we do not hold yet
+            rotation = Rotation.decode(granted.rotations[epoch])
+            if rotation.epoch != epoch or epoch not in granted.keys:
+                raise RotationRefused(f"grant of {granted.space} misfiles a rotation")
+            check_rotation(rotation, space=granted.space, key=granted.keys[epoch], list_of=known)
+            rotations[epoch] = rotation
+
         space = self.spaces.get(granted.space)
         if space is None:
+            for epoch in granted.rotations:
+                verified(epoch)
             batches.append(
                 self.add_space(
                     granted.space,
@@ -1019,24 +1113,59 @@ class DeviceState:
                     epoch=granted.epoch,
                     keys=granted.keys,
                     members=members,
+                    rotations={e: granted.rotations[e] for e in rotations},
                 )
             )
             return granted.space, True, merge_batches(batches)
         if space.kind != "chat" or sealed.account not in space.members:
             raise GrantFromNonMember(f"grant of {space.id} from a non-member account")
+        # every check before any change: a refused grant changes nothing
+        taken: dict[int, bytes] = {}
+        split: EpochSplit | None = None
+        for epoch, key in sorted(granted.keys.items()):
+            try:
+                if not check_key(space.id, epoch, space.keys.get(epoch), key):
+                    continue  # the key we hold
+            except EpochSplit as exc:
+                if epoch >= space.epoch:  # one we are past (a healed split) is history
+                    split = exc
+                continue
+            if epoch in granted.rotations:
+                verified(epoch)
+                taken[epoch] = key
+        newest = max((e for e in taken if e > space.epoch), default=None)
+        if split is not None and newest is None:
+            raise split  # a newer rotation would take everyone past the split epoch
+        if newest is not None:
+            rotation = rotations[newest]
+            check_removal(
+                rotation,
+                members=set(space.members),
+                departed=self.departed(space.id),
+                trusted_signer=rotation.signer_pk == self.device_list.primary.sign_pk,
+            )
         news = False
-        for epoch, key in granted.keys.items():
-            if epoch not in space.keys:
-                space.keys[epoch] = key
-                batches.append(WriteBatch(records={f"spacekey/{space.id}/{epoch}": key}))
-                news = True
-        # a newer epoch brings its member set (a rotation decides who stays); within an
-        # epoch the set only grows (members added, concurrently too: the union of what
-        # every grant says), which also teaches a newly linked device the members its
-        # enrollment left out
-        if granted.epoch > space.epoch:
+        for epoch, key in taken.items():
+            space.keys[epoch] = key
+            space.rotations[epoch] = granted.rotations[epoch]
+            batches.append(
+                WriteBatch(
+                    records={
+                        f"spacekey/{space.id}/{epoch}": key,
+                        f"spacerot/{space.id}/{epoch}": granted.rotations[epoch],
+                    }
+                )
+            )
             news = True
-            space.epoch, space.members = granted.epoch, members
+        # a newer epoch brings the member set its rotation states; within an epoch the
+        # set only grows (members added, concurrently too: the union of what every
+        # grant says), which also teaches a newly linked device the members its
+        # enrollment left out
+        if newest is not None:
+            stated = {short_id(pk): pk for pk in rotations[newest].members}
+            if granted.epoch == newest:  # and those added since, by anyone (rule 4)
+                stated.update(members)
+            space.epoch, space.members = newest, stated
             batches.append(WriteBatch(records={f"space/{space.id}": space.meta_record()}))
         elif granted.epoch == space.epoch and not set(members) <= set(space.members):
             news = True
@@ -1118,20 +1247,20 @@ class DeviceState:
         the remaining member account with the smallest id, so that one new key exists
         (the others wait for its grant; until then the old key stays in use)."""
         remaining = set(self.space(space_id).members) - departed
-        return self.is_primary and bool(remaining) and min(remaining) == self.account_id
+        return self.is_primary and leave_rotator(remaining) == self.account_id
+
+    def heals_split(self, space_id: str) -> bool:
+        """Whether this device starts a new epoch after a split of ``space_id``: the
+        primary of the member account ``authority.split_healer`` names."""
+        return self.is_primary and split_healer(set(self.space(space_id).members)) == (
+            self.account_id
+        )
 
     def rotate_without(self, space_id: str, departed: set[str]) -> WriteBatch:
         """A new epoch key for a conversation, its member set without ``departed``."""
         space = self.space(space_id)
-        space.epoch += 1
-        space.keys[space.epoch] = envelope.new_space_key()
         space.members = {a: pk for a, pk in space.members.items() if a not in departed}
-        return WriteBatch(
-            records={
-                f"space/{space.id}": space.meta_record(),
-                f"spacekey/{space.id}/{space.epoch}": space.keys[space.epoch],
-            }
-        )
+        return WriteBatch(records=space.rotate(self.keys))
 
     # ---- delivery state ------------------------------------------------------------
 

@@ -56,6 +56,8 @@ def _describe(event: ev.Event) -> tuple[str, str]:
             "entry_rejected",
             f"hidden entry {event.entry_id} from {event.device}: {event.reason}",
         )
+    if isinstance(event, ev.DeviceLinked):
+        return "device_linked", f"new device linked: {event.name} ({event.device})"
     if isinstance(event, ev.ChatKeysChanged):
         what = "joined" if event.joined else "keys changed in"
         return "chat_keys_changed", f"{what} chat {event.chat} (epoch {event.epoch})"

@@ -70,6 +70,17 @@ class DeviceListChanged:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DeviceLinked:
+    """A device joined our account's list. Every device of the account reports it, so a
+    link the owner did not make (a phished pairing code) shows on the devices they hold."""
+
+    device: str
+    name: str
+    """The name the new device gave itself (its own word: compare it with what you
+    linked)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class ChatKeysChanged:
     """A grant brought a conversation we did not hold (``joined``), a new key epoch,
     or a new member set."""
@@ -104,6 +115,7 @@ Event = (
     | InputRejected
     | EntryRejected
     | DeviceListChanged
+    | DeviceLinked
     | ChatKeysChanged
     | MediaProgress
 )

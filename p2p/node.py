@@ -32,6 +32,7 @@ import pycrdt
 import trio
 
 from p2p import events as ev
+from p2p.authority import EpochSplit, RotationUnproven
 from p2p.contacts import ContactCode
 from p2p.core import (
     Delivery,
@@ -208,6 +209,9 @@ class Node:
         self.dropped_events = 0
         self._receipts_due: set[str] = set()
         self._rotating: set[str] = set()
+        self._unproven: dict[str, bytes] = {}
+        """Chat -> a grant whose rotation drops an account whose leave entry we lack:
+        tried again when the chat changes (one per chat, the newest)."""
         self._receipts_wakeup = trio.Event()
         self.media = MediaService(
             blobs, self, wall_ms=wall_ms, emit=self._emit, wake=self._wake_peer
@@ -237,6 +241,11 @@ class Node:
     def chats(self) -> list[Space]:
         """Conversation spaces this device holds."""
         return [s for s in self.state.spaces.values() if s.kind == "chat"]
+
+    def reads(self, device: str, chat: str) -> bool:
+        """Whether ``device`` is a current member device of ``chat`` (any of our own
+        devices, or one of a member account): who may fetch that chat's attachments."""
+        return chat in self.state.spaces_for(device)
 
     def _chat(self, chat: str | None) -> Space:
         """The space of ``chat`` (an id or a name), or of the default chat."""
@@ -1050,6 +1059,9 @@ class Node:
             departed = self.state.departed(ingested.space)  # usually nobody: no task
             if departed and self.state.rotates_for(ingested.space, departed):
                 self._nursery.start_soon(self._rotate_after_leave, ingested.space)
+            waiting = self._unproven.pop(ingested.space, None)
+            if waiting is not None:  # the leave entry it waits for may be here now
+                self._on_grant(waiting, came_from=None)
         return durable
 
     def _adopt_device_list(self, peer: _Peer, data: bytes) -> None:
@@ -1086,12 +1098,18 @@ class Node:
         self._known_devices = set(dl.ids)
         if added:
             self._nursery.start_soon(self._recheck_hidden)
+            # when this device first saw each (``p2p devices`` shows recent links)
+            now = str(self._wall_ms()).encode()
+            self._queue_write(WriteBatch(records={f"linked/{d}": now for d in added}))
         log.info("device list version %d: added %s, removed %s", dl.version, added, removed)
         self._emit(
             ev.DeviceListChanged(
                 version=dl.version, devices=tuple(sorted(dl.ids)), added=added, removed=removed
             )
         )
+        for device in added:
+            log.info("new device linked: %s (%s)", dl.entry(device).name, device)
+            self._emit(ev.DeviceLinked(device=device, name=dl.entry(device).name))
 
     def _announce_lists(self, own: DeviceList, others: dict[str, DeviceList]) -> None:
         """Act on whatever lists changed since ``own`` / ``others`` were ours."""
@@ -1127,6 +1145,26 @@ class Node:
         lists_before = (self.state.device_list, dict(self.state.accounts))
         try:
             space_id, news, batch = self.state.accept_grant(data)
+        except EpochSplit as exc:
+            log.warning("refused a grant: %s", exc)
+            self._emit(
+                ev.InputRejected(
+                    remote=came_from.remote if came_from else "mailbox",
+                    device=came_from.session.peer if came_from else None,
+                    error=type(exc).__name__,
+                    detail=str(exc),
+                )
+            )
+            # the session stays (the peer is honest as far as we can tell), and one
+            # primary starts an epoch that takes everyone past the split
+            if self.state.heals_split(exc.space) and exc.space not in self._rotating:
+                self._nursery.start_soon(self._rotate, exc.space, set())
+            return None
+        except RotationUnproven as exc:
+            log.info("a grant waits for a leave entry: %s", exc)
+            if len(self._unproven) < 256:
+                self._unproven[exc.space] = data
+            return None
         except GrantFromNonMember as exc:
             log.info("ignored a grant: %s", exc)  # we learn the members from our own
             return None
@@ -1297,6 +1335,10 @@ class Node:
         departed = self.state.departed(space_id)
         if not departed or not self.state.rotates_for(space_id, departed):
             return
+        await self._rotate(space_id, departed)
+
+    async def _rotate(self, space_id: str, departed: set[str]) -> None:
+        """A new epoch of a conversation without ``departed``, granted to every reader."""
         if space_id in self._rotating:
             return
         self._rotating.add(space_id)

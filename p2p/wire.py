@@ -90,10 +90,12 @@ SCHEMA: Final[dict[str, dict[str, Field]]] = {
         "pk": Field(_B, 32),  # the primary's device signing key
         "eph": Field(_B, 32),  # its ephemeral X25519 key
         "mac": Field(_B, 32),  # keyed by the code's secret: proves it read the code
+        "acct": Field(_B, 32),  # the account key the new device is asked to join
     },
     "lauth": {
         "eph": Field(_B, 32),  # the new device's ephemeral X25519 key
         "sig": Field(_B, 64),  # by the key in the code, over the transcript so far
+        "pop": Field(_B, 64),  # its consent to be listed by "acct" (identity.possession_proof)
     },
     "lhave": {"have": Field(_B, 64 * KiB)},  # history parts kept from an earlier try
     "enroll": {

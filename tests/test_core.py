@@ -46,7 +46,7 @@ def test_a_companion_out_of_touch_with_the_primary_is_refused_until_renewed() ->
     companions = []
     for name in ("laptop", "tablet"):
         keys = DeviceKeys.generate()
-        entry = DeviceEntry(name=name, role="companion", sign_pk=keys.sign_pk, box_pk=keys.box_pk)
+        entry = DeviceEntry.of(keys, phone.device_list.account_pk, name, "companion")
         bundle, _ = phone.enroll_public(entry, now_ms=0)
         companions.append(DeviceState.from_enrollment(keys, name, bundle)[0])
     laptop, tablet = companions

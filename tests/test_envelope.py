@@ -45,12 +45,7 @@ class Fixture:
         dl = DeviceList.create(self.account, self.phone, "phone")
         self.device_list = dl.with_device(
             self.account,
-            DeviceEntry(
-                name="laptop",
-                role="companion",
-                sign_pk=self.laptop.sign_pk,
-                box_pk=self.laptop.box_pk,
-            ),
+            DeviceEntry.of(self.laptop, self.account.public_key, "laptop", "companion"),
         )
         self.keys = {0: new_space_key(), 1: new_space_key()}
 

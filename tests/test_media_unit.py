@@ -360,6 +360,9 @@ def test_a_peer_asking_for_too_much_at_once_is_refused() -> None:
         def messages(self, chat: str | None = None) -> list[object]:
             return []
 
+        def reads(self, device: str, chat: str) -> bool:
+            return True
+
     woken: list[str] = []
     media = MediaService(
         BlobStore(None), Host(), wall_ms=lambda: 0, emit=lambda e: None, wake=woken.append
