@@ -23,6 +23,7 @@ from p2p.clock import parse_ts
 from p2p.errors import NodeError, P2PError
 from p2p.home import default_home, init_account, open_home_store
 from p2p.node import open_node
+from p2p.terminal import multiline, safe, say
 
 
 def _home(args: argparse.Namespace) -> Path:
@@ -36,7 +37,7 @@ def cmd_init(args: argparse.Namespace) -> int:
             json.dumps({"device": state.device_id, "account": state.account_id, "name": state.name})
         )
     else:
-        print(
+        say(
             f"account {state.account_id} created; "
             f"this device ({state.name}) is its primary {state.device_id}"
         )
@@ -47,7 +48,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     text = args.text or ""
     file = str(Path(args.file).resolve()) if args.file else None
     if not file and args.text is None:
-        print("p2p: send needs a TEXT, a --file, or both", file=sys.stderr)
+        say("p2p: send needs a TEXT, a --file, or both", file=sys.stderr)
         return 2
 
     async def run() -> str:
@@ -63,7 +64,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"id": message_id}))
     else:
-        print(message_id)
+        say(message_id)
     return 0
 
 
@@ -82,7 +83,8 @@ def cmd_log(args: argparse.Namespace) -> int:
             flags = " (deleted)" if m["deleted"] else " (edited)" if m["edited"] else ""
             file = f" [{_file_line(m['file'])}]" if "file" in m else ""
             status = marks.get(m["status"], m["status"])
-            print(f"{_time_of(m['ts'])} {m['device']}: {m['text']}{file}{flags}  [{status}]")
+            first, *more = multiline(m["text"])
+            say(f"{_time_of(m['ts'])} {m['device']}: {first}{file}{flags}  [{status}]", *more)
     return 0
 
 
@@ -139,14 +141,16 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     running = control.request(_home(args), {"op": "status"}) is not None
     file = reply["file"]
     if not running and not file["fetched"]:
-        print(
-            json.dumps(file)
-            if args.json
-            else f"{file['name']}: will be fetched when the node runs (p2p run)"
-        )
+        if args.json:
+            print(json.dumps(file))
+        else:
+            say(f"{file['name']}: will be fetched when the node runs (p2p run)")
         return 0
     if args.no_wait or file["fetched"]:
-        print(json.dumps(file) if args.json else _file_line(file))
+        if args.json:
+            print(json.dumps(file))
+        else:
+            say(_file_line(file))
         return 0
     return _follow(args, file)
 
@@ -165,7 +169,7 @@ def _follow(args: argparse.Namespace, file: dict[str, Any]) -> int:
         disable=args.json,
         transient=False,
     ) as bar:
-        task = bar.add_task(file["name"], total=file["size"])
+        task = bar.add_task(safe(file["name"]), total=file["size"])
         while time.monotonic() < deadline:
             reply = control.request(_home(args), request)
             if reply is None:
@@ -178,7 +182,7 @@ def _follow(args: argparse.Namespace, file: dict[str, Any]) -> int:
     if args.json:
         print(json.dumps(file))
     if not file["fetched"]:
-        print(f"p2p: {file['name']} is not complete after {args.timeout} s", file=sys.stderr)
+        say(f"p2p: {file['name']} is not complete after {args.timeout} s", file=sys.stderr)
         return 1
     return 0
 
@@ -192,7 +196,10 @@ def cmd_open(args: argparse.Namespace) -> int:
 
     request = {"op": "open", "message": args.message, "chat": args.chat, "out": out}
     file = _node_or_offline(args, request, offline)["file"]
-    print(json.dumps({**file, "out": out}) if args.json else f"wrote {file['name']} to {out}")
+    if args.json:
+        print(json.dumps({**file, "out": out}))
+    else:
+        say(f"wrote {file['name']} to {out}")
     return 0
 
 
@@ -224,9 +231,11 @@ def cmd_media(args: argparse.Namespace) -> int:
         return 0
     p = status["policy"]
     fetch = f"below {_size(p['below'])}" if p["fetch"] == "below" else p["fetch"]
-    print(f"fetch {fetch}; largest file {_size(p['max_file'])}; quota {_size(p['quota'])}")
-    print(f"serve rate per peer: {_size(p['rate']) + '/s' if p['rate'] else 'unlimited'}")
-    print(f"held: {_size(status['own_bytes'])} own, {_size(status['fetched_bytes'])} fetched")
+    say(
+        f"fetch {fetch}; largest file {_size(p['max_file'])}; quota {_size(p['quota'])}",
+        f"serve rate per peer: {_size(p['rate']) + '/s' if p['rate'] else 'unlimited'}",
+        f"held: {_size(status['own_bytes'])} own, {_size(status['fetched_bytes'])} fetched",
+    )
     return 0
 
 
@@ -245,18 +254,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status))
         return 0
     state = "running" if status["running"] else "not running"
-    print(f"device {status['device']} ({status['name']}, {status['role']}), {state}")
-    print(f"account {status['account']}, device list version {status['device_list_version']}")
+    say(f"device {status['device']} ({status['name']}, {status['role']}), {state}")
+    say(f"account {status['account']}, device list version {status['device_list_version']}")
     if status.get("address"):
-        print(f"listening on {status['address']}")
+        say(f"listening on {status['address']}")
     for p in status["peers"]:
-        print(f"  peer {p['device']} via {p['remote']} ({p['found_via']})")
+        say(f"  peer {p['device']} via {p['remote']} ({p['found_via']})")
     for s in status["spaces"]:
         held = "history not loaded" if s["entries"] is None else f"{s['entries']} entries"
-        print(f"  {s['kind']:<7} {s['name']:<10} {s['id']}  {held}")
+        say(f"  {s['kind']:<7} {s['name']:<10} {s['id']}  {held}")
     media = status.get("media")
     if media:
-        print(
+        say(
             f"media: {_size(media['own_bytes'])} own, {_size(media['fetched_bytes'])} fetched"
             f", {len(media['fetching'])} files fetching (fetch {media['policy']['fetch']})"
         )
@@ -297,15 +306,15 @@ class _LinkScreen:
             return
         from p2p.pairing import qr_text
 
-        print(qr_text(text))
-        print(f"pairing code (on the primary: p2p approve CODE):\n{text}\n", flush=True)
-        print("waiting for the primary...", flush=True)
+        say(*qr_text(text).splitlines())
+        say("pairing code (on the primary: p2p approve CODE):", text, "")
+        say("waiting for the primary...")
 
     def check(self, digits: str) -> None:
         if self.as_json:
             self._emit(event="check", check=digits)
         else:
-            print(f"check code: {digits}  (the primary must show the same)", flush=True)
+            say(f"check code: {digits}  (the primary must show the same)")
 
     def progress(self, done: int, total: int) -> None:
         percent = 100 * done // total if total else 100
@@ -331,7 +340,7 @@ class _LinkScreen:
         if self.as_json:
             self._emit(event="failed", error=type(error).__name__, detail=str(error))
         else:
-            print(f"link attempt failed: {error}; still waiting", file=sys.stderr, flush=True)
+            say(f"link attempt failed: {error}; still waiting", file=sys.stderr)
 
 
 def cmd_link(args: argparse.Namespace) -> int:
@@ -356,7 +365,7 @@ def cmd_link(args: argparse.Namespace) -> int:
             )
         )
     else:
-        print(
+        say(
             f"linked: this device ({state.name}, {state.device_id}) "
             f"joined account {state.account_id}"
         )
@@ -387,7 +396,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"event": "linked", "device": reply["device"], "name": reply["name"]}))
         else:
-            print(f"linked {reply['name']} ({reply['device']})")
+            say(f"linked {reply['name']} ({reply['device']})")
         return 0
 
     async def confirm(digits: str) -> bool:
@@ -414,7 +423,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"event": "linked", "device": device, "name": name}))
     else:
-        print(f"linked {name} ({device})")
+        say(f"linked {name} ({device})")
     return 0
 
 
@@ -422,7 +431,7 @@ def cmd_unlink(args: argparse.Namespace) -> int:
     home = _home(args)
     if args.self:
         if args.device:
-            print("p2p: give a DEVICE or --self, not both", file=sys.stderr)
+            say("p2p: give a DEVICE or --self, not both", file=sys.stderr)
             return 2
         if control.request(home, {"op": "leave"}) is None:
 
@@ -431,18 +440,18 @@ def cmd_unlink(args: argparse.Namespace) -> int:
                     await node.leave()
 
             trio.run(leave)
-            print("asked to be unlinked: the request goes to the primary at the next meeting")
+            say("asked to be unlinked: the request goes to the primary at the next meeting")
         else:
             status = control.request(home, {"op": "status"})
             peers = {p["device"] for p in status["status"]["peers"]} if status else set()
             primary = status["status"]["primary"] if status else None
             if primary in peers:
-                print("asked the primary to unlink this device")
+                say("asked the primary to unlink this device")
             else:
-                print("asked to be unlinked: the request goes to the primary at the next meeting")
+                say("asked to be unlinked: the request goes to the primary at the next meeting")
         return 0
     if not args.device:
-        print("p2p: unlink needs a DEVICE id (or --self on a companion)", file=sys.stderr)
+        say("p2p: unlink needs a DEVICE id (or --self on a companion)", file=sys.stderr)
         return 2
     reply = control.request(home, {"op": "unlink", "device": args.device})
     if reply is None:
@@ -455,7 +464,7 @@ def cmd_unlink(args: argparse.Namespace) -> int:
         version = trio.run(run)
     else:
         version = int(reply["version"])
-    print(f"unlinked {args.device}; keys rotated; device list version {version}")
+    say(f"unlinked {args.device}; keys rotated; device list version {version}")
     return 0
 
 
@@ -504,7 +513,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
             where = f"last seen {when:%Y-%m-%d %H:%M}"
         else:
             where = "never seen"
-        print(f"{d.device_id}  {d.role:<9}  {d.name:<12} {where}")
+        say(f"{d.device_id}  {d.role:<9}  {d.name:<12} {where}")
     return 0
 
 
@@ -531,10 +540,10 @@ def cmd_contact_code(args: argparse.Namespace) -> int:
     from p2p.pairing import qr_text
 
     try:
-        print(qr_text(code))
+        say(*qr_text(code).splitlines())
     except DataOverflowError:  # a code too long for a QR code is still valid text
-        print("(this contact code is too long for a QR code; pass the text)")
-    print(code)
+        say("(this contact code is too long for a QR code; pass the text)")
+    say(code)
     return 0
 
 
@@ -543,7 +552,7 @@ def cmd_contact_add(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"id": reply["id"]}))
     else:
-        print(f"contact {reply['id']} added")
+        say(f"contact {reply['id']} added")
     return 0
 
 
@@ -552,14 +561,17 @@ def cmd_contacts(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(c, ensure_ascii=False))
         else:
-            print(f"{c['id']}  {c['name']}  ({len(c['devices'])} devices)")
+            say(f"{c['id']}  {c['name']}  ({len(c['devices'])} devices)")
     return 0
 
 
 def cmd_chat_new(args: argparse.Namespace) -> int:
     name = args.name or ", ".join(args.with_)
     reply = _call(args, {"op": "chat_new", "name": name, "with": args.with_})
-    print(json.dumps({"chat": reply["chat"]}) if args.json else reply["chat"])
+    if args.json:
+        print(json.dumps({"chat": reply["chat"]}))
+    else:
+        say(reply["chat"])
     return 0
 
 
@@ -583,7 +595,7 @@ def cmd_chats(args: argparse.Namespace) -> int:
             print(json.dumps(c, ensure_ascii=False))
         else:
             members = ", ".join(m["name"] or m["id"] for m in c["members"])
-            print(f"{c['id']}  {c['name']}  [{members}]")
+            say(f"{c['id']}  {c['name']}  [{members}]")
     return 0
 
 
@@ -720,17 +732,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.home is not None and not args.home.strip():
-        print("p2p: --home is empty", file=sys.stderr)
+        say("p2p: --home is empty", file=sys.stderr)
         return 2
     try:
         code: int = args.handler(args)
     except P2PError as exc:
-        print(f"p2p: {exc}", file=sys.stderr)
+        say(f"p2p: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     except OSError as exc:
-        print(f"p2p: {exc.strerror or exc} ({exc.filename or ''})".rstrip(" ()"), file=sys.stderr)
+        say(f"p2p: {exc.strerror or exc} ({exc.filename or ''})".rstrip(" ()"), file=sys.stderr)
         return 1
     return code
 

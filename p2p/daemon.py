@@ -26,6 +26,7 @@ from p2p.discovery.base import StaticPeers
 from p2p.errors import NodeError
 from p2p.home import open_home_store
 from p2p.node import Node, open_node
+from p2p.terminal import log_to_stderr, say
 from p2p.transport.tcp import TcpTransport
 
 LOCK_FILE: Final = "node.lock"
@@ -59,7 +60,7 @@ def _say(as_json: bool, event: str, text: str, **fields: Any) -> None:
     if as_json:
         print(json.dumps({"event": event, **fields}), flush=True)
     else:
-        print(text, flush=True)
+        say(text)
 
 
 def _describe(event: ev.Event) -> tuple[str, str]:
@@ -142,6 +143,7 @@ async def run_daemon(
 ) -> int:
     """Run until SIGINT/SIGTERM; the exit code."""
     open_home_store(home).close()  # NotInitialized early, with a clear message
+    log_to_stderr()  # peers' and relays' words in warnings reach the terminal escaped
     with home_lock(home):
         transport = TcpTransport(listen)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -1,0 +1,114 @@
+"""The ``p2p`` command as a person meets it: real processes on loopback, real homes.
+
+What it prints for people (names, not ids; nothing a peer wrote can steer the
+terminal), what it refuses, and how it ends (one line, never a traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+from procs import Node, p2p
+from trio_websocket import WebSocketRequest, serve_websocket
+
+from p2p.relay.protocol import encode_server
+from p2p.testing import provision_homes
+
+pytestmark = pytest.mark.slow
+
+ESC = "\x1b"
+OSC52 = f"{ESC}]52;c;ZWNobyBwd25lZA==\a"
+"""Writes "echo pwned" to the clipboard of a terminal that obeys it."""
+FAKE_LINE = f"{ESC}[2K\r2026-01-01 00:00:00 primary: transfer approved"
+
+
+def no_control(text: str) -> bool:
+    """True when ``text`` holds no character that steers a terminal (newlines between
+    the lines the command itself prints are allowed)."""
+    return not any((ord(c) < 32 and c != "\n") or 0x7F <= ord(c) < 0xA0 for c in text)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    h = tmp_path / "phone"
+    provision_homes([h])
+    return h
+
+
+def test_log_and_names_show_escape_sequences_escaped_and_json_exact(
+    tmp_path: Path, home: Path
+) -> None:
+    hostile = f"hi{OSC52}{FAKE_LINE}\u202eevil"
+    p2p(home, "send", hostile)
+    p2p(home, "send", "two\nlines")
+    out = p2p(home, "log").stdout
+    assert no_control(out), repr(out)
+    assert "\\x1b]52;c;ZWNobyBwd25lZA==\\x07" in out
+    assert "\\u202e" in out
+    # a newline a sender wrote continues the message, indented: it cannot pass for a line
+    lines = out.splitlines()
+    assert lines[-1] == "    lines"
+    # JSON stays exact
+    rows = [json.loads(line) for line in p2p(home, "log", "--json").stdout.splitlines()]
+    assert [r["text"] for r in rows] == [hostile, "two\nlines"]
+
+    # a device name is someone's words too (it travels in the signed device list)
+    other = tmp_path / "other"
+    named = p2p(other, "init", "--name", f"lap{OSC52}top")
+    assert no_control(named.stdout)
+    assert "\\x1b]52" in named.stdout
+    assert no_control(p2p(other, "status").stdout)
+    assert no_control(p2p(other, "devices").stdout)
+    assert json.loads(p2p(other, "status", "--json").stdout)["name"] == f"lap{OSC52}top"
+
+
+def _fake_relay(port_box: list[int], ready: threading.Event) -> None:
+    """A websocket server that challenges, then closes with a hostile reason."""
+
+    async def handler(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        await ws.send_message(
+            encode_server("challenge", nonce=b"n" * 32, relay=f"ws://127.0.0.1:{port_box[0]}")
+        )
+        await ws.get_message()  # the device's signed auth
+        await ws.aclose(code=4001, reason=f"no{OSC52}{FAKE_LINE}")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_websocket, handler, "127.0.0.1", port_box[0], None)
+            ready.set()
+            await trio.sleep(60)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+@pytest.fixture
+def hostile_relay() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ready = threading.Event()
+    thread = threading.Thread(target=_fake_relay, args=([port], ready), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    return f"ws://127.0.0.1:{port}"
+
+
+def test_run_prints_a_relays_words_escaped(home: Path, hostile_relay: str) -> None:
+    node = Node(home, "--listen", "127.0.0.1:0", "--no-mdns", "--relay", hostile_relay)
+    try:
+        node.drain(settle=3)
+        node.proc.terminate()
+        node.proc.wait(timeout=20)
+        assert node.proc.stderr is not None
+        err = node.proc.stderr.read()
+    finally:
+        node.stop()
+    assert "the relay refused us" in err, err
+    assert no_control(err), repr(err)
