@@ -75,17 +75,33 @@ def _time_of(ts: str) -> str:
 
 def cmd_log(args: argparse.Namespace) -> int:
     reply = _call(args, {"op": "log", "chat": args.chat, "mark_read": args.mark_read})
-    marks = {"sent": "✓", "delivered": "✓✓", "read": "read"}
+    names: dict[str, str] = reply.get("names", {})
     for m in reply["messages"]:
         if args.json:
             print(json.dumps(m, ensure_ascii=False))
         else:
-            flags = " (deleted)" if m["deleted"] else " (edited)" if m["edited"] else ""
-            file = f" [{_file_line(m['file'])}]" if "file" in m else ""
-            status = marks.get(m["status"], m["status"])
-            first, *more = multiline(m["text"])
-            say(f"{_time_of(m['ts'])} {m['device']}: {first}{file}{flags}  [{status}]", *more)
+            say(*_message_lines(m, names, ids=args.ids))
     return 0
+
+
+_MARKS = {"sent": "✓", "delivered": "✓✓", "read": "read"}
+
+
+def _message_lines(m: dict[str, Any], names: dict[str, str], *, ids: bool) -> list[str]:
+    """One message as ``p2p log`` shows it: its author by name (the device's own name
+    for ours, the contact's name for another account's), with ids when asked."""
+    flags = " (deleted)" if m["deleted"] else " (edited)" if m["edited"] else ""
+    file = f" [{_file_line(m['file'])}]" if "file" in m else ""
+    status = _MARKS.get(m["status"], m["status"])
+    who = names.get(m["device"]) or m["device"]
+    if ids:
+        who = f"{m['id']} {who} ({m['device']})"
+    reactions = ", ".join(
+        f"{emoji} {names.get(account) or account}" for account, emoji in m["reactions"].items()
+    )
+    tail = f"  [{status}]" + (f"  {reactions}" if reactions else "")
+    first, *more = multiline(m["text"])
+    return [f"{_time_of(m['ts'])} {who}: {first}{file}{flags}{tail}", *more]
 
 
 # ---- attachments (p2p.media) -----------------------------------------------------------
@@ -259,7 +275,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if status.get("address"):
         say(f"listening on {status['address']}")
     for p in status["peers"]:
-        say(f"  peer {p['device']} via {p['remote']} ({p['found_via']})")
+        name = f"{p['name']} ({p['device']})" if p.get("name") else p["device"]
+        say(f"  peer {name} via {p['remote']} ({p['found_via']})")
     for s in status["spaces"]:
         held = "history not loaded" if s["entries"] is None else f"{s['entries']} entries"
         say(f"  {s['kind']:<7} {s['name']:<10} {s['id']}  {held}")
@@ -451,7 +468,7 @@ def cmd_unlink(args: argparse.Namespace) -> int:
                 say("asked to be unlinked: the request goes to the primary at the next meeting")
         return 0
     if not args.device:
-        say("p2p: unlink needs a DEVICE id (or --self on a companion)", file=sys.stderr)
+        say("p2p: unlink needs a DEVICE name or id (or --self on a companion)", file=sys.stderr)
         return 2
     reply = control.request(home, {"op": "unlink", "device": args.device})
     if reply is None:
@@ -550,9 +567,9 @@ def cmd_contact_code(args: argparse.Namespace) -> int:
 def cmd_contact_add(args: argparse.Namespace) -> int:
     reply = _call(args, {"op": "contact_add", "code": args.code, "name": args.name})
     if args.json:
-        print(json.dumps({"id": reply["id"]}))
+        print(json.dumps({"id": reply["id"], "name": reply.get("name", "")}))
     else:
-        say(f"contact {reply['id']} added")
+        say(f"added contact {reply.get('name') or reply['id']} ({reply['id']})")
     return 0
 
 
@@ -666,6 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mark-read", action="store_true", help="record that this device has shown the chat"
     )
+    p.add_argument("--ids", action="store_true", help="show message and device ids too")
     add("devices", cmd_devices, "the signed device list")
     p = add("fetch", cmd_fetch, "fetch a message's attachment (progress bar)")
     p.add_argument("message", help="message id")
@@ -692,7 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", help="the check code the new device shows")
     p.add_argument("--connect", help="HOST:PORT to reach the new device (overrides the code)")
     p = add("unlink", cmd_unlink, "primary: remove a device and rotate keys")
-    p.add_argument("device", nargs="?", help="device id")
+    p.add_argument("device", nargs="?", help="device name or id")
     p.add_argument("--self", action="store_true", help="companion: ask the primary to unlink us")
     add("status", cmd_status, "this device, its peers, its spaces")
     p = sub.add_parser(

@@ -5,10 +5,12 @@ request per connection, one JSON reply, both a single line of at most
 :data:`MAX_LINE` bytes::
 
     {"op": "send", "text": "...", "chat": null}   -> {"ok": true, "id": "..."}
-    {"op": "log", "chat": null, "mark_read": false} -> {"ok": true, "messages": [...]}
+    {"op": "log", "chat": null, "mark_read": false} -> {"ok": true, "messages": [...],
+                                                        "names": {id: name}}
     {"op": "status"}                                -> {"ok": true, "status": {...}}
     {"op": "contact_code"}                          -> {"ok": true, "code": "P2PC1:..."}
-    {"op": "contact_add", "code": "...", "name": null} -> {"ok": true, "id": "..."}
+    {"op": "contact_add", "code": "...", "name": null} -> {"ok": true, "id": "...",
+                                                           "name": "..."}
     {"op": "contacts"}                              -> {"ok": true, "contacts": [...]}
     {"op": "chat_new", "name": "...", "with": [...]} -> {"ok": true, "chat": "..."}
     {"op": "chats"}                                 -> {"ok": true, "chats": [...]}
@@ -87,7 +89,7 @@ async def _handle(node: Node, request: object, ask: Ask) -> dict[str, Any]:
     if op == "log":
         if request.get("mark_read"):
             await node.mark_read(chat=chat)
-        return {"messages": await node.log(chat)}
+        return {"messages": await node.log(chat), "names": node.display_names()}
     if op in ("fetch", "open", "describe"):  # attachments (p2p.media)
         message, out = request.get("message"), request.get("out")
         if not isinstance(message, str) or not (out is None or isinstance(out, str)):
@@ -139,7 +141,7 @@ async def _handle(node: Node, request: object, ask: Ask) -> dict[str, Any]:
         if not isinstance(code, str) or not (name is None or isinstance(name, str)):
             raise ControlError("'code' must be a string, 'name' a string or null")
         account = await node.add_contact(code, name=name)
-        return {"id": account}
+        return {"id": account, "name": node.display_names().get(account, "")}
     if op == "contacts":
         return {"contacts": node.contacts()}
     if op == "chat_new":

@@ -288,9 +288,43 @@ class Node:
             ev.EntryRejected(chat=r.space, entry_id=r.entry_id, device=r.device, reason=r.reason)
         )
 
+    def display_names(self) -> dict[str, str]:
+        """Device and account ids -> the names people know them by: our devices by the
+        names on our list (removed ones too, for old messages), another account and its
+        devices by the name we gave it as a contact (else the name its primary carries).
+
+        For display only: names are not unique and anyone may choose any, so ids stay
+        the identity everywhere else (``--json``, the API)."""
+        names: dict[str, str] = {}
+        contacts = {a: n for a, (n, *_) in self.state.contact_entries().items()}
+        for account, dl in self.state.accounts.items():
+            known_as = contacts.get(account) or dl.primary.name
+            names[account] = known_as
+            for d in (*dl.devices, *dl.removed):
+                names[d.device_id] = known_as
+        own = self.state.device_list
+        for d in (*own.devices, *own.removed):
+            names[d.device_id] = d.name
+        names[self.account_id] = "me"
+        return names
+
+    def _own_device(self, device: str) -> str:
+        """The id of our device ``device`` (an id, or the name of exactly one of our
+        current devices): what ``p2p unlink NAME`` accepts."""
+        dl = self.state.device_list
+        if device in dl.ids or device in dl.removed_ids:
+            return device
+        named = [d.device_id for d in dl.devices if d.name == device]
+        if len(named) == 1:
+            return named[0]
+        if named:
+            raise NodeError(f"{len(named)} devices are called {device!r}: give the id")
+        return device  # the device list's own error says it is not there
+
     def status(self) -> dict[str, Any]:
         """What ``p2p status`` shows: this device, its peers, its spaces, pending work."""
         now = trio.current_time()
+        names = self.display_names()
         return {
             "device": self.device_id,
             "name": self.state.name,
@@ -302,6 +336,7 @@ class Node:
             "peers": [
                 {
                     "device": d,
+                    "name": names.get(d, ""),
                     "remote": p.remote,
                     "found_via": self._dialing.get(p.remote, "incoming"),
                     "connected_for": round(now - p.since, 3),
@@ -1160,8 +1195,9 @@ class Node:
         """Primary only: remove a device, rotate keys, tell the remaining devices now.
 
         Our own devices find the new keys in the new device list; the other members of
-        our conversations get them as grants (sessions, or their relay mailboxes)."""
-        await self._commit(self.state.unlink(device_id))
+        our conversations get them as grants (sessions, or their relay mailboxes).
+        ``device_id`` may also be the name of exactly one of our devices."""
+        await self._commit(self.state.unlink(self._own_device(device_id)))
         self._device_list_changed()
         for space in self.state.spaces.values():
             if space.shared:

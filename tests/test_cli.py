@@ -112,3 +112,39 @@ def test_run_prints_a_relays_words_escaped(home: Path, hostile_relay: str) -> No
         node.stop()
     assert "the relay refused us" in err, err
     assert no_control(err), repr(err)
+
+
+def run(home: Path, *peers: str) -> Node:
+    extra = [a for p in peers for a in ("--peer", p)]
+    return Node(home, "--listen", "127.0.0.1:0", "--no-mdns", *extra)
+
+
+def test_people_and_devices_are_shown_by_name_with_ids_on_demand(tmp_path: Path) -> None:
+    phone, laptop, bea = tmp_path / "phone", tmp_path / "laptop", tmp_path / "bea"
+    phone_id, laptop_id = provision_homes([phone, laptop])
+    p2p(phone, "send", "hello from the phone")
+    line = p2p(phone, "log").stdout.splitlines()[-1]
+    assert " phone: hello from the phone" in line
+    assert phone_id not in line
+    message = json.loads(p2p(phone, "log", "--json").stdout)
+    assert message["device"] == phone_id  # ids stay in JSON
+    assert f"{message['id']} phone ({phone_id})" in p2p(phone, "log", "--ids").stdout
+
+    p2p(bea, "init", "--name", "bea-phone")
+    code = json.loads(p2p(bea, "contact", "code", "--json").stdout)["code"]
+    added = p2p(phone, "contact", "add", code, "--name", "Bea").stdout
+    assert added.startswith("added contact Bea (")
+
+    nodes = [run(phone)]
+    try:
+        nodes.append(run(laptop, nodes[0].address))
+        nodes[0].wait_for("peer_connected", device=laptop_id)
+        assert f"peer laptop ({laptop_id})" in p2p(phone, "status").stdout
+        # the primary unlinks a device by its name, as --chat takes chat names
+        done = p2p(phone, "unlink", "laptop")
+        assert "unlinked laptop" in done.stdout
+    finally:
+        for n in nodes:
+            n.stop()
+    devices = [json.loads(line) for line in p2p(phone, "devices", "--json").stdout.splitlines()]
+    assert [d["name"] for d in devices] == ["phone"]
