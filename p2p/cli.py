@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from p2p import control
+from p2p import __version__, control
 from p2p.clock import parse_ts
 from p2p.errors import NodeError, P2PError
 from p2p.home import default_home, init_account, open_home_store
@@ -49,6 +49,9 @@ def cmd_send(args: argparse.Namespace) -> int:
     file = str(Path(args.file).resolve()) if args.file else None
     if not file and args.text is None:
         say("p2p: send needs a TEXT, a --file, or both", file=sys.stderr)
+        return 2
+    if not file and _text_arg(text):
+        say("p2p: send needs some TEXT (an empty message is not sent)", file=sys.stderr)
         return 2
 
     async def run() -> str:
@@ -81,7 +84,62 @@ def cmd_log(args: argparse.Namespace) -> int:
             print(json.dumps(m, ensure_ascii=False))
         else:
             say(*_message_lines(m, names, ids=args.ids))
+    if args.follow:
+        _follow_log(args, reply["messages"])
     return 0
+
+
+def _follow_log(args: argparse.Namespace, shown: list[dict[str, Any]]) -> None:
+    """``p2p log --follow``: after the log, each change as it happens (new messages,
+    edits, deletions, reactions, delivery states), by name, until Ctrl-C.
+
+    The node says that the chat changed; what changed is the difference between two
+    reads of the log, so every kind of change is caught the same way."""
+    before = {m["id"]: m for m in shown}
+    events = control.watch(_home(args), args.chat)
+    next(events)  # the node's "ok": the chat exists and we are subscribed
+    for event in events:
+        if event.get("event") != "ChatChanged":
+            continue
+        reply = _call(args, {"op": "log", "chat": args.chat, "mark_read": args.mark_read})
+        names: dict[str, str] = reply.get("names", {})
+        for m in reply["messages"]:
+            old = before.get(m["id"])
+            before[m["id"]] = m
+            for change, line in _changes(old, m, names, ids=args.ids):
+                if args.json:
+                    print(json.dumps({"change": change, **m}, ensure_ascii=False), flush=True)
+                else:
+                    say(*line)
+
+
+def _changes(
+    old: dict[str, Any] | None, new: dict[str, Any], names: dict[str, str], *, ids: bool
+) -> list[tuple[str, list[str]]]:
+    """What ``--follow`` reports about one message: (kind, lines to show) each."""
+    if old is None:
+        return [("new", _message_lines(new, names, ids=ids))]
+    who = names.get(new["device"]) or new["device"]
+    quoted = safe(new["text"] if len(new["text"]) <= 40 else new["text"][:39] + "…")
+    out: list[tuple[str, list[str]]] = []
+    if new["deleted"] and not old["deleted"]:
+        out.append(("deleted", [f"{who} deleted a message ({new['id']})"]))
+    elif new["text"] != old["text"] or new["edited"] != old["edited"]:
+        out.append(("edited", [f"{who} edited:", *_message_lines(new, names, ids=ids)]))
+    for account, emoji in new["reactions"].items():
+        if old["reactions"].get(account) != emoji:
+            out.append(
+                ("reaction", [f"{names.get(account) or account} reacted {emoji} to {quoted!r}"])
+            )
+    for account in old["reactions"].keys() - new["reactions"].keys():
+        out.append(
+            ("reaction", [f"{names.get(account) or account} withdrew a reaction to {quoted!r}"])
+        )
+    if new["status"] != old["status"]:
+        out.append(
+            ("status", [f"{_MARKS.get(new['status'], new['status'])} {new['status']}: {quoted!r}"])
+        )
+    return out
 
 
 _MARKS = {"sent": "✓", "delivered": "✓✓", "read": "read"}
@@ -102,6 +160,37 @@ def _message_lines(m: dict[str, Any], names: dict[str, str], *, ids: bool) -> li
     tail = f"  [{status}]" + (f"  {reactions}" if reactions else "")
     first, *more = multiline(m["text"])
     return [f"{_time_of(m['ts'])} {who}: {first}{file}{flags}{tail}", *more]
+
+
+def _text_arg(text: str) -> str | None:
+    """An error line when ``text`` is no message to send (empty or only blanks)."""
+    return None if text.strip() else "a message needs some text"
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    if _text_arg(args.text):
+        say("p2p: edit needs the new TEXT (p2p delete removes a message)", file=sys.stderr)
+        return 2
+    request = {"op": "edit", "message": args.message, "text": args.text, "chat": args.chat}
+    return _print_id(args, _call(args, request)["id"])
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    request = {"op": "delete", "message": args.message, "chat": args.chat}
+    return _print_id(args, _call(args, request)["id"])
+
+
+def cmd_react(args: argparse.Namespace) -> int:
+    request = {"op": "react", "message": args.message, "text": args.emoji, "chat": args.chat}
+    return _print_id(args, _call(args, request)["id"])
+
+
+def _print_id(args: argparse.Namespace, entry: str) -> int:
+    if args.json:
+        print(json.dumps({"id": entry}))
+    else:
+        say(entry)
+    return 0
 
 
 # ---- attachments (p2p.media) -----------------------------------------------------------
@@ -624,6 +713,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="p2p", description="Peer-to-peer, local-first chat sync.")
+    parser.add_argument("--version", action="version", version=f"p2p {__version__}")
     parser.add_argument(
         "--home", help="device data folder (default $P2P_HOME or the user data dir)"
     )
@@ -684,6 +774,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--mark-read", action="store_true", help="record that this device has shown the chat"
     )
     p.add_argument("--ids", action="store_true", help="show message and device ids too")
+    p.add_argument(
+        "--follow", "-f", action="store_true", help="then show changes as they happen (Ctrl-C)"
+    )
+    for name, handler, help in (
+        ("edit", cmd_edit, "replace the text of one of our messages"),
+        ("delete", cmd_delete, "delete one of our messages for everyone"),
+        ("react", cmd_react, "react to a message ('' withdraws our reaction)"),
+    ):
+        p = add(name, handler, help)
+        p.add_argument("message", help="message id (p2p log --ids shows them)")
+        if name == "edit":
+            p.add_argument("text", help="the new text")
+        if name == "react":
+            p.add_argument("emoji", help="one emoji (at most 16 characters)")
+        p.add_argument("--chat", help="chat id or name (default: notes)")
     add("devices", cmd_devices, "the signed device list")
     p = add("fetch", cmd_fetch, "fetch a message's attachment (progress bar)")
     p.add_argument("message", help="message id")

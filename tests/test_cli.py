@@ -7,13 +7,17 @@ terminal), what it refuses, and how it ends (one line, never a traceback).
 from __future__ import annotations
 
 import json
+import queue
+import signal
 import socket
+import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import trio
-from procs import Node, p2p
+from procs import P2P, Node, p2p
 from trio_websocket import WebSocketRequest, serve_websocket
 
 from p2p.relay.protocol import encode_server
@@ -148,3 +152,104 @@ def test_people_and_devices_are_shown_by_name_with_ids_on_demand(tmp_path: Path)
             n.stop()
     devices = [json.loads(line) for line in p2p(phone, "devices", "--json").stdout.splitlines()]
     assert [d["name"] for d in devices] == ["phone"]
+
+
+class Lines:
+    """A long-running ``p2p`` command whose stdout lines are read on a thread."""
+
+    def __init__(self, home: Path, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [*P2P, "--home", str(home), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def wait_for(self, text: str, timeout: float = 20) -> str:
+        """The first line (seen or coming) that contains ``text``."""
+        for line in self.seen:
+            if text in line:
+                return line
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if line is None:
+                raise AssertionError(f"exited {self.proc.wait(5)}: {self.seen[-5:]}")
+            self.seen.append(line)
+            if text in line:
+                return line
+        raise AssertionError(f"no line with {text!r} within {timeout}s; saw {self.seen[-8:]}")
+
+    def interrupt(self) -> tuple[int, str]:
+        """Ctrl-C: the exit code and what it printed on stderr."""
+        self.proc.send_signal(signal.SIGINT)
+        code = self.proc.wait(timeout=20)
+        assert self.proc.stderr is not None
+        err = self.proc.stderr.read()
+        self.close()
+        return code, err
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=20)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def test_log_follow_shows_messages_edits_reactions_deletions_by_name(tmp_path: Path) -> None:
+    phone, laptop = tmp_path / "phone", tmp_path / "laptop"
+    provision_homes([phone, laptop])
+    nodes = [run(phone)]
+    closing: list[Lines] = []
+    try:
+        nodes.append(run(laptop, nodes[0].address))
+        nodes[0].wait_for("peer_connected")
+        p2p(phone, "send", "before following")
+        follow = Lines(phone, "log", "--follow")
+        closing.append(follow)
+        follow.wait_for("phone: before following")
+        p2p(laptop, "send", "hello from the laptop")
+        follow.wait_for("laptop: hello from the laptop")
+        message = json.loads(p2p(laptop, "log", "--json").stdout.splitlines()[-1])["id"]
+        p2p(laptop, "edit", message, "hello, edited")
+        follow.wait_for("laptop edited:")
+        follow.wait_for("laptop: hello, edited (edited)")
+        p2p(phone, "react", message, "👍")
+        follow.wait_for("me reacted 👍 to 'hello, edited'")
+        p2p(laptop, "delete", message)
+        follow.wait_for(f"laptop deleted a message ({message})")
+        code, err = follow.interrupt()
+        assert code == 130
+        assert "Traceback" not in err
+    finally:
+        for c in closing:
+            c.close()
+        for n in nodes:
+            n.stop()
+    # without a running node, following says what to do
+    done = p2p(phone, "log", "--follow", check=False)
+    assert done.returncode == 1
+    assert "p2p run" in done.stderr
+
+
+def test_small_things_a_first_user_meets(home: Path) -> None:
+    assert p2p(home, "--version").stdout.startswith("p2p ")
+    empty = p2p(home, "send", "", check=False)
+    assert empty.returncode == 2
+    assert "empty" in empty.stderr
+    assert p2p(home, "send", "   ", check=False).returncode == 2
+    assert p2p(home, "log").stdout == ""
