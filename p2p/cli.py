@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +20,6 @@ from typing import Any
 import trio
 
 from p2p import __version__, control
-from p2p.clock import parse_ts
 from p2p.errors import NodeError, P2PError
 from p2p.home import default_home, init_account, open_home_store
 from p2p.node import open_node
@@ -71,8 +71,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0
 
 
-def _time_of(ts: str) -> str:
-    ms, _ = parse_ts(ts)
+def _time_of(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
@@ -262,15 +261,24 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 def _follow(args: argparse.Namespace, file: dict[str, Any]) -> int:
     """Poll the running node until the file is here, with a progress bar."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+    from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, Task
+    from rich.text import Text
+
+    class Speed(ProgressColumn):
+        """Bytes per second in the powers of 1024 every other size here is shown in
+        (rich's own speed column counts in powers of 1000)."""
+
+        def render(self, task: Task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("?" if speed is None else f"{_size(int(speed))}/s")
 
     request = {"op": "describe", "message": args.message, "chat": args.chat}
     deadline = time.monotonic() + args.timeout
     with Progress(
         "{task.description}",
         BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
+        DownloadColumn(binary_units=True),
+        Speed(),
         disable=args.json,
         transient=False,
     ) as bar:
@@ -859,15 +867,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         code: int = args.handler(args)
-    except P2PError as exc:
-        say(f"p2p: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    except OSError as exc:
-        say(f"p2p: {exc.strerror or exc} ({exc.filename or ''})".rstrip(" ()"), file=sys.stderr)
-        return 1
+    except BrokenPipeError:
+        return _reader_gone()
+    except BaseException as exc:  # sorted by _failure; a bug is re-raised
+        code = _failure(exc)
+        if code < 0:
+            raise
     return code
+
+
+def _failure(exc: BaseException) -> int:
+    """One line on stderr and the exit code for an exception that ends a command, or -1
+    for one that is a bug (its traceback is wanted). Trio wraps what ends ``trio.run``
+    in exception groups: Ctrl-C while ``p2p link`` waits is one KeyboardInterrupt
+    inside them, and is one line like any other Ctrl-C."""
+    leaves = _leaves(exc)
+    if any(isinstance(e, KeyboardInterrupt) for e in leaves):
+        say("p2p: interrupted", file=sys.stderr)
+        return 130
+    if any(isinstance(e, BrokenPipeError) for e in leaves):
+        return _reader_gone()
+    known = [e for e in leaves if isinstance(e, (P2PError, OSError))]
+    if not known or len(known) != len(leaves):
+        return -1
+    first = known[0]
+    if isinstance(first, OSError) and not isinstance(first, P2PError):
+        where = f" ({first.filename})" if first.filename else ""
+        say(f"p2p: {first.strerror or first}{where}", file=sys.stderr)
+    else:
+        say(f"p2p: {first}", file=sys.stderr)
+    return 1
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _reader_gone() -> int:
+    """Whoever read our output stopped (``p2p log | head -1``): end quietly, with
+    stdout pointed at /dev/null so the interpreter's last flush fails no more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

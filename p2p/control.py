@@ -57,6 +57,9 @@ REPLY_TIMEOUT: Final = 600.0
 class ControlError(NodeError):
     """The running node refused a control request (the reason is in the message)."""
 
+    error: str = "ControlError"
+    """The class name of the error the node raised (its message is this one's)."""
+
 
 def _read_reply(sock: socket.socket) -> Any:
     data = bytearray()
@@ -301,7 +304,7 @@ def watch(home: str | os.PathLike[str], chat: str | None) -> Iterator[dict[str, 
                     raise ControlError("event line too long")
                 item = json.loads(raw)
                 if isinstance(item, dict) and item.get("ok") is False:
-                    raise ControlError(f"{item.get('error')}: {item.get('message')}")
+                    raise ControlError(str(item.get("message")))
                 if isinstance(item, dict):
                     yield item
 
@@ -349,5 +352,8 @@ def request(
     if not reply.get("ok") and reply.get("error") in ("CheckCodeMismatch",):
         raise CheckCodeMismatch(str(reply.get("message")))
     if not reply.get("ok"):
-        raise ControlError(f"{reply.get('error')}: {reply.get('message')}")
+        # the node's words, as the same command says them without a running node
+        error = ControlError(str(reply.get("message")))
+        error.error = str(reply.get("error"))
+        raise error
     return reply

@@ -8,6 +8,9 @@ closes that peer's connection and keeps running.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Sequence
+
 
 class P2PError(Exception):
     """Root of every error p2p raises on purpose."""
@@ -184,8 +187,10 @@ class ContactError(NodeError):
 class UnknownChat(NodeError):
     """A chat id this device holds no space for."""
 
-    def __init__(self, chat: str) -> None:
-        super().__init__(f"unknown chat {chat}")
+    def __init__(self, chat: str, known: Sequence[str] = ()) -> None:
+        close = difflib.get_close_matches(chat, known, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        super().__init__(f"unknown chat {chat} ({hint}p2p chats lists them)")
         self.chat = chat
 
 

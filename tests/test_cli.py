@@ -253,3 +253,74 @@ def test_small_things_a_first_user_meets(home: Path) -> None:
     assert "empty" in empty.stderr
     assert p2p(home, "send", "   ", check=False).returncode == 2
     assert p2p(home, "log").stdout == ""
+
+
+def test_ctrl_c_while_link_waits_is_one_line(tmp_path: Path) -> None:
+    waiting = Lines(tmp_path / "tablet", "link", "--name", "tablet", "--listen", "127.0.0.1:0")
+    try:
+        waiting.wait_for("waiting for the primary")
+        code, err = waiting.interrupt()
+    finally:
+        waiting.close()
+    assert code == 130
+    assert err.strip() == "p2p: interrupted"
+
+
+def test_a_reader_that_stops_early_ends_the_log_quietly(home: Path) -> None:
+    p2p(home, "send", "ab\n" * 20_000)  # more than a pipe holds: the log is still writing
+    log = subprocess.Popen(
+        [*P2P, "--home", str(home), "log"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert log.stdout is not None
+    assert log.stderr is not None
+    try:
+        assert log.stdout.readline()  # as `p2p log | head -1` reads
+        log.stdout.close()
+        code = log.wait(timeout=30)
+        err = log.stderr.read()
+    finally:
+        log.kill()
+        log.stderr.close()
+    assert code == 0
+    assert err == ""
+
+
+def test_errors_read_the_same_with_and_without_a_node_and_say_where_to_look(
+    tmp_path: Path, home: Path
+) -> None:
+    p2p(home, "send", "x")
+    offline = p2p(home, "log", "--chat", "note", check=False)
+    node = run(home)
+    try:
+        online = p2p(home, "log", "--chat", "note", check=False)
+    finally:
+        node.stop()
+    assert offline.returncode == online.returncode == 1
+    assert offline.stderr == online.stderr
+    assert (
+        offline.stderr.strip()
+        == "p2p: unknown chat note (did you mean notes? p2p chats lists them)"
+    )
+
+    # an OSError keeps its closing parenthesis; a store that cannot be opened says why
+    (tmp_path / "afile").touch()
+    nested = p2p(tmp_path / "afile" / "x", "init", "--name", "a", check=False)
+    assert nested.returncode == 1
+    assert nested.stderr.strip().endswith(f"({tmp_path / 'afile' / 'x'})")
+    blocked = tmp_path / "blocked"
+    blocked.mkdir(mode=0o700)
+    (blocked / "p2p.db").mkdir()
+    refused = p2p(blocked, "status", check=False)
+    assert refused.returncode == 1
+    assert "may read and write" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_json_times_are_numbers(home: Path) -> None:
+    p2p(home, "send", "when?")
+    row = json.loads(p2p(home, "log", "--json").stdout)
+    assert isinstance(row["ts"], int)
+    assert row["hlc"].startswith(f"{row['ts']}.")
