@@ -367,7 +367,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status))
         return 0
     state = "running" if status["running"] else "not running"
-    say(f"device {status['device']} ({status['name']}, {status['role']}), {state}")
+    role = status["role"]
+    if status.get("removed"):
+        role = "unlinked from the account: reads nothing new, writes nothing"
+    elif status.get("leaving"):
+        role += ", asked to be unlinked (the primary acts at the next meeting)"
+    say(f"device {status['device']} ({status['name']}, {role}), {state}")
     say(f"account {status['account']}, device list version {status['device_list_version']}")
     if status.get("address"):
         say(f"listening on {status['address']}")

@@ -184,6 +184,19 @@ class ContactError(NodeError):
     our own account, an account we do not know)."""
 
 
+class Unlinked(NodeError):
+    """This device was removed from its account (unlinked by the primary, or at its own
+    request): it keeps what it had, reads nothing new, and may write nothing."""
+
+    def __init__(self, device: str, account: str) -> None:
+        super().__init__(
+            f"this device ({device}) was unlinked from account {account}: it can no longer"
+            " write (to use this account here again, link a new home with p2p link)"
+        )
+        self.device = device
+        self.account = account
+
+
 class UnknownChat(NodeError):
     """A chat id this device holds no space for."""
 

@@ -44,6 +44,7 @@ from p2p.errors import (
     ReplayDetected,
     RollbackRefused,
     UnknownKey,
+    Unlinked,
 )
 from p2p.grants import is_grant
 from p2p.home import open_home_store
@@ -217,6 +218,17 @@ class Node:
         return self.transport.address if self.transport else None
 
     @property
+    def removed(self) -> bool:
+        """Whether our account's signed list names this device as removed (unlinked by
+        the primary, or at its own request): it then writes nothing and dials nobody."""
+        return self.device_id in self.state.device_list.removed_ids
+
+    @property
+    def leaving(self) -> bool:
+        """Whether this device asked to be unlinked and the primary has not acted yet."""
+        return self._leaving and not self.removed
+
+    @property
     def connected_peers(self) -> list[str]:
         """Device ids with an authenticated session right now."""
         return sorted(self._peers)
@@ -330,6 +342,8 @@ class Node:
             "name": self.state.name,
             "account": self.account_id,
             "role": "primary" if self.state.is_primary else "companion",
+            "removed": self.removed,
+            "leaving": self.leaving,
             "address": self.address,
             "device_list_version": self.state.device_list.version,
             "primary": self.state.device_list.primary.device_id,
@@ -424,6 +438,8 @@ class Node:
     async def _write(self, chat: str | None, kind: Any, *, body: str = "", target: str = "") -> str:
         if self._closed:
             raise NodeError("the node is closed")
+        if self.removed:  # nobody would accept it, and it would sit in the store forever
+            raise Unlinked(self.device_id, self.account_id)
         space = self._chat(chat)
         await self._load(space)
         if self._closed:
@@ -462,7 +478,7 @@ class Node:
             for space_id in sorted(due):
                 body = self.state.receipt_body(space_id)
                 stated = self._stated_receipt(space_id)
-                if body and body != stated and not self._closed:
+                if body and body != stated and not self._closed and not self.removed:
                     await self._write(space_id, "rcpt", body=body)
 
     def _stated_receipt(self, space_id: str) -> str:
@@ -778,6 +794,8 @@ class Node:
         """Dial every new address any discovery adapter reports."""
         async with self._found_receive:
             async for found in self._found_receive:
+                if self.removed:
+                    continue
                 if found.device is not None and (
                     found.device in self._peers or found.device == self.device_id
                 ):
@@ -788,7 +806,7 @@ class Node:
     async def _dial_loop(self, address: str) -> None:
         assert self.transport is not None
         backoff = BACKOFF_MIN
-        while True:
+        while not self.removed:  # a removed device is refused everywhere: stop asking
             try:
                 conn = await self.transport.dial(address)
             except TransportError as exc:
@@ -805,6 +823,7 @@ class Node:
             # slowly; one that talked to us gets a quick redial
             backoff = BACKOFF_MIN if ended.authenticated else min(backoff * 2, BACKOFF_MAX)
             await trio.sleep(backoff * random.uniform(0.5, 1.5))
+        log.info("not dialing %s: this device was unlinked", address)
 
     async def _accept(self, conn: Connection) -> None:
         if self._handshaking >= MAX_HANDSHAKES:
@@ -1077,9 +1096,14 @@ class Node:
         dl = self.state.device_list
         data = dl.encode()
         for device, peer in list(self._peers.items()):
-            if device not in dl.ids:
+            if device in dl.removed_ids:
+                # the signed list first, so the removed device knows it from the primary's
+                # signature (a bare refusal could come from anyone), then the refusal
+                self._carry_out(peer, peer.session.send_device_list(data))
                 self._carry_out(peer, peer.session.close(RemovedDevice(device)))
-            else:
+            elif self.removed:  # we are the one removed: nobody of the account takes us
+                self._carry_out(peer, peer.session.close(Unlinked(self.device_id, dl.account_id)))
+            else:  # our devices, and other accounts' (they follow our list)
                 self._carry_out(peer, peer.session.send_device_list(data))
         for relay in self.relays:
             relay.update_watch()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from procs import P2P, Node, p2p
+from procs import P2P, Node, p2p, wait_until
 from trio_websocket import WebSocketRequest, serve_websocket
 
 from p2p.relay.protocol import encode_server
@@ -324,3 +324,52 @@ def test_json_times_are_numbers(home: Path) -> None:
     row = json.loads(p2p(home, "log", "--json").stdout)
     assert isinstance(row["ts"], int)
     assert row["hlc"].startswith(f"{row['ts']}.")
+
+
+def test_an_unlinked_device_knows_it_refuses_writes_and_stops_dialing(tmp_path: Path) -> None:
+    phone, laptop, tablet, bea = (tmp_path / n for n in ("phone", "laptop", "tablet", "bea"))
+    _, laptop_id, tablet_id = provision_homes([phone, laptop, tablet])
+    (bea_id,) = provision_homes([bea])
+    code_bea = json.loads(p2p(bea, "contact", "code", "--json").stdout)["code"]
+    code_phone = json.loads(p2p(phone, "contact", "code", "--json").stdout)["code"]
+    p2p(phone, "contact", "add", code_bea, "--name", "Bea")
+    p2p(bea, "contact", "add", code_phone, "--name", "Ali")
+    nodes = {phone: run(phone)}
+    try:
+        nodes[laptop] = run(laptop, nodes[phone].address)
+        nodes[tablet] = run(tablet, nodes[phone].address)
+        nodes[bea] = run(bea, nodes[phone].address)
+        for device in (laptop_id, tablet_id, bea_id):
+            nodes[phone].wait_for("peer_connected", device=device)
+
+        # the laptop leaves at its own request; the phone unlinks the tablet
+        p2p(laptop, "unlink", "--self")
+        p2p(phone, "unlink", "desktop")  # provision_homes names it so
+        for home in (laptop, tablet):
+            wait_until(lambda h=home: status(h)["removed"], timeout=30)
+            shown = p2p(home, "status").stdout
+            assert "unlinked from the account" in shown
+            refused = p2p(home, "send", "still here?", check=False)
+            assert refused.returncode == 1
+            assert "unlinked from account" in refused.stderr
+
+        # they stop dialing: no new connection attempt reaches the phone
+        nodes[phone].drain(settle=1)
+        before = len(nodes[phone].events)
+        nodes[phone].drain(settle=3)
+        tries = [e for e in nodes[phone].events[before:] if e.get("remote")]
+        assert tries == []
+
+        # Bea's device stayed connected to the phone throughout: no false alarm about it
+        assert not [
+            e
+            for e in nodes[phone].events
+            if e.get("event") == "peer_disconnected" and e.get("device") == bea_id
+        ]
+    finally:
+        for n in nodes.values():
+            n.stop()
+
+
+def status(home: Path) -> dict[str, object]:
+    return dict(json.loads(p2p(home, "status", "--json").stdout))
