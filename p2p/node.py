@@ -1252,6 +1252,11 @@ class Node:
         await self._queue_entry(space_id, entry, batch).wait()
         for relay in self.relays:
             relay.update_watch()
+        if self.transport is not None:
+            # where the code says its devices listen: meet them now, without waiting for
+            # mDNS or a relay (our devices that learn the contact later have no address)
+            for address in parsed.addresses:
+                await self.connect(address, source="contact")
         return entry.target
 
     def contacts(self) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,68 @@ class Node:
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
+
+
+class Lines:
+    """A long-running ``p2p`` command whose stdout lines are read on a thread."""
+
+    def __init__(self, home: Path, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [*P2P, "--home", str(home), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def wait_for(self, text: str, timeout: float = 20) -> str:
+        """The first line (seen or coming) that contains ``text``."""
+        return self.wait_until(lambda line: text in line, repr(text), timeout)
+
+    def wait_until(self, test: Callable[[str], bool], what: str, timeout: float = 20) -> str:
+        """The first line (seen or coming) that passes ``test``."""
+        for line in self.seen:
+            if test(line):
+                return line
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if line is None:
+                self.lines.put(None)  # ended: every later wait fails at once
+                break
+            self.seen.append(line)
+            if test(line):
+                return line
+        raise AssertionError(f"no line with {what} within {timeout}s; saw {self.seen[-8:]}")
+
+    def interrupt(self) -> tuple[int, str]:
+        """Ctrl-C: the exit code and what it printed on stderr."""
+        self.proc.send_signal(signal.SIGINT)
+        code = self.proc.wait(timeout=20)
+        assert self.proc.stderr is not None
+        err = self.proc.stderr.read()
+        self.close()
+        return code, err
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=20)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
 
 
 def wait_until(predicate: Any, timeout: float = 20, interval: float = 0.1) -> None:

@@ -7,17 +7,14 @@ terminal), what it refuses, and how it ends (one line, never a traceback).
 from __future__ import annotations
 
 import json
-import queue
-import signal
 import socket
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import trio
-from procs import P2P, Node, p2p, wait_until
+from procs import P2P, Lines, Node, p2p, wait_until
 from trio_websocket import WebSocketRequest, serve_websocket
 
 from p2p.relay.protocol import encode_server
@@ -152,62 +149,6 @@ def test_people_and_devices_are_shown_by_name_with_ids_on_demand(tmp_path: Path)
             n.stop()
     devices = [json.loads(line) for line in p2p(phone, "devices", "--json").stdout.splitlines()]
     assert [d["name"] for d in devices] == ["phone"]
-
-
-class Lines:
-    """A long-running ``p2p`` command whose stdout lines are read on a thread."""
-
-    def __init__(self, home: Path, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [*P2P, "--home", str(home), *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def wait_for(self, text: str, timeout: float = 20) -> str:
-        """The first line (seen or coming) that contains ``text``."""
-        for line in self.seen:
-            if text in line:
-                return line
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if line is None:
-                raise AssertionError(f"exited {self.proc.wait(5)}: {self.seen[-5:]}")
-            self.seen.append(line)
-            if text in line:
-                return line
-        raise AssertionError(f"no line with {text!r} within {timeout}s; saw {self.seen[-8:]}")
-
-    def interrupt(self) -> tuple[int, str]:
-        """Ctrl-C: the exit code and what it printed on stderr."""
-        self.proc.send_signal(signal.SIGINT)
-        code = self.proc.wait(timeout=20)
-        assert self.proc.stderr is not None
-        err = self.proc.stderr.read()
-        self.close()
-        return code, err
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=20)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
 
 
 def test_log_follow_shows_messages_edits_reactions_deletions_by_name(tmp_path: Path) -> None:
