@@ -84,11 +84,13 @@ def cmd_log(args: argparse.Namespace) -> int:
         else:
             say(*_message_lines(m, names, ids=args.ids))
     if args.follow:
-        _follow_log(args, reply["messages"])
+        _follow_log(args, reply["messages"], names)
     return 0
 
 
-def _follow_log(args: argparse.Namespace, shown: list[dict[str, Any]]) -> None:
+def _follow_log(
+    args: argparse.Namespace, shown: list[dict[str, Any]], names: dict[str, str]
+) -> None:
     """``p2p log --follow``: after the log, each change as it happens (new messages,
     edits, deletions, reactions, delivery states), by name, until Ctrl-C.
 
@@ -98,10 +100,14 @@ def _follow_log(args: argparse.Namespace, shown: list[dict[str, Any]]) -> None:
     events = control.watch(_home(args), args.chat)
     next(events)  # the node's "ok": the chat exists and we are subscribed
     for event in events:
-        if event.get("event") != "ChatChanged":
+        kind = event.get("event")
+        if kind in ("Typing", "PeerConnected", "PeerDisconnected"):
+            _say_awareness(args, event, names)
+            continue
+        if kind != "ChatChanged":
             continue
         reply = _call(args, {"op": "log", "chat": args.chat, "mark_read": args.mark_read})
-        names: dict[str, str] = reply.get("names", {})
+        names = reply.get("names", {})
         for m in reply["messages"]:
             old = before.get(m["id"])
             before[m["id"]] = m
@@ -110,6 +116,21 @@ def _follow_log(args: argparse.Namespace, shown: list[dict[str, Any]]) -> None:
                     print(json.dumps({"change": change, **m}, ensure_ascii=False), flush=True)
                 else:
                     say(*line)
+
+
+def _say_awareness(args: argparse.Namespace, event: dict[str, Any], names: dict[str, str]) -> None:
+    """Typing and presence, as ``--follow`` shows them (never stored anywhere)."""
+    device = str(event.get("device"))
+    if args.json:
+        print(json.dumps(event, ensure_ascii=False), flush=True)
+        return
+    who = names.get(device) or device
+    if event["event"] == "Typing":
+        say(f"{who} is typing…" if event.get("typing") else f"{who} stopped typing")
+    elif event["event"] == "PeerConnected":
+        say(f"{who} is online")
+    else:
+        say(f"{who} went offline")
 
 
 def _changes(
@@ -164,6 +185,14 @@ def _message_lines(m: dict[str, Any], names: dict[str, str], *, ids: bool) -> li
 def _text_arg(text: str) -> str | None:
     """An error line when ``text`` is no message to send (empty or only blanks)."""
     return None if text.strip() else "a message needs some text"
+
+
+def cmd_typing(args: argparse.Namespace) -> int:
+    """Tell the chat's readers we type (what an app does on keystrokes): needs p2p run,
+    since typing lives only in live sessions."""
+    if control.request(_home(args), {"op": "typing", "chat": args.chat, "stop": args.stop}) is None:
+        raise NodeError("typing is shown over live sessions only: start the node with p2p run")
+    return 0
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
@@ -676,11 +705,22 @@ def cmd_contact_add(args: argparse.Namespace) -> int:
 
 
 def cmd_contacts(args: argparse.Namespace) -> int:
+    reply = control.request(_home(args), {"op": "presence"})  # only a running node knows
+    presence = reply["presence"] if reply is not None else []
     for c in _call(args, {"op": "contacts"})["contacts"]:
+        theirs = [p for p in presence if p["account"] == c["id"]]
+        online = sorted(p["device_name"] for p in theirs if p["online"])
+        seen = max((p["last_seen_ms"] or 0 for p in theirs), default=0)
         if args.json:
-            print(json.dumps(c, ensure_ascii=False))
+            print(json.dumps({**c, "online": online, "last_seen_ms": seen or None}))
+            continue
+        if online:
+            where = f"online ({', '.join(online)})"
+        elif seen:
+            where = f"last seen {datetime.fromtimestamp(seen / 1000, UTC):%Y-%m-%d %H:%M}"
         else:
-            say(f"{c['id']}  {c['name']}  ({len(c['devices'])} devices)")
+            where = "not seen" if reply is not None else "(p2p run shows who is online)"
+        say(f"{c['id']}  {c['name']}  ({len(c['devices'])} devices)  {where}")
     return 0
 
 
@@ -790,6 +830,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--follow", "-f", action="store_true", help="then show changes as they happen (Ctrl-C)"
     )
+    p = add("typing", cmd_typing, "tell a chat's readers we are typing (through p2p run)")
+    p.add_argument("--chat", help="chat id or name (default: notes)")
+    p.add_argument("--stop", action="store_true", help="we stopped typing")
     for name, handler, help in (
         ("edit", cmd_edit, "replace the text of one of our messages"),
         ("delete", cmd_delete, "delete one of our messages for everyone"),

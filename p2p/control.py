@@ -19,6 +19,8 @@ request per connection, one JSON reply, both a single line of at most
     {"op": "edit", "message": "...", "text": "...", "chat": null} -> {"ok": true, "id": "..."}
     {"op": "delete", "message": "...", "chat": null} -> {"ok": true, "id": "..."}
     {"op": "react", "message": "...", "text": "👍", "chat": null} -> {"ok": true, "id": "..."}
+    {"op": "typing", "chat": null, "stop": false}   -> {"ok": true}
+    {"op": "presence"}                              -> {"ok": true, "presence": [...]}
 
 ``{"op": "watch", "chat": null}`` is the one request that is not answered once: the node
 sends ``{"ok": true, "chat": ID}`` and then one line per event of that chat (and per
@@ -108,6 +110,11 @@ async def _handle(node: Node, request: object, ask: Ask) -> dict[str, Any]:
         return {"id": await node.react(message, text, chat=chat)}
     if op == "watch":
         raise ControlError("watching needs a running node (p2p run)")
+    if op == "typing":
+        node.set_typing(chat, typing=not request.get("stop"))
+        return {}
+    if op == "presence":
+        return {"presence": node.presence()}
     if op == "log":
         if request.get("mark_read"):
             await node.mark_read(chat=chat)

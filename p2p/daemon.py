@@ -63,13 +63,26 @@ def _say(as_json: bool, event: str, text: str, **fields: Any) -> None:
         say(text)
 
 
-def _describe(event: ev.Event) -> tuple[str, str]:
+def _describe(event: ev.Event, names: dict[str, str] | None = None) -> tuple[str, str]:
+    """The event's name in ``--json`` and its line for people (devices by name, with
+    the id, when ``names`` knows them)."""
+    known = names or {}
+
+    def who(device: str) -> str:
+        return f"{known[device]} ({device})" if known.get(device) else device
+
     if isinstance(event, ev.PeerConnected):
-        return "peer_connected", f"connected to {event.device} ({event.remote})"
+        return "peer_connected", f"connected to {who(event.device)} via {event.remote}"
     if isinstance(event, ev.PeerDisconnected):
-        return "peer_disconnected", f"disconnected from {event.device} {event.reason}".rstrip()
+        return (
+            "peer_disconnected",
+            f"disconnected from {who(event.device)} {event.reason}".rstrip(),
+        )
     if isinstance(event, ev.ChatChanged):
-        return "chat_changed", f"chat {event.chat} changed by {event.origin}"
+        return "chat_changed", f"chat {event.chat} changed by {who(event.origin)}"
+    if isinstance(event, ev.Typing):
+        doing = "is typing" if event.typing else "stopped typing"
+        return "typing", f"{who(event.device)} {doing} in chat {event.chat}"
     if isinstance(event, ev.InputRejected):
         return "input_rejected", f"refused input from {event.remote}: {event.error}: {event.detail}"
     if isinstance(event, ev.MediaProgress):
@@ -91,10 +104,19 @@ async def _report(
 ) -> None:
     events = node.subscribe()
     task_status.started()
+    shown: dict[str, int] = {}
+    """Attachment -> tenths of it last reported (people get at most 11 lines a file)."""
     async for event in events:
         if isinstance(event, ev.ChatChanged) and event.origin == node.device_id:
             continue
-        name, text = _describe(event)
+        if isinstance(event, ev.MediaProgress) and not as_json:
+            tenth = 10 * event.done // max(event.total, 1)
+            if event.done < event.total and shown.get(event.file, -1) >= tenth:
+                continue
+            shown[event.file] = tenth
+            if event.done >= event.total:
+                shown.pop(event.file, None)
+        name, text = _describe(event, None if as_json else node.display_names())
         _say(as_json, name, text, **asdict(event))
 
 

@@ -97,6 +97,18 @@ class MediaProgress:
     """The file's size in bytes."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class Typing:
+    """Someone started typing in a chat (``typing``), or stopped: said so, went quiet
+    for ``node.TYPING_TTL`` seconds, or disconnected. Awareness from live sessions,
+    never stored."""
+
+    chat: str
+    device: str
+    """Who types: one of our devices, or a device of a member account."""
+    typing: bool
+
+
 Event = (
     ChatChanged
     | PeerConnected
@@ -106,4 +118,5 @@ Event = (
     | DeviceListChanged
     | ChatKeysChanged
     | MediaProgress
+    | Typing
 )

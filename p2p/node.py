@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import random
 import time
@@ -72,6 +73,7 @@ from p2p.sync import (
     Send,
     Session,
     State,
+    TypingIn,
     WantIn,
     digest,
 )
@@ -96,6 +98,15 @@ COMPACT_AFTER: Final = 5000
 COALESCE_MAX: Final = 1_000_000
 """Largest merged update sealed as one envelope: the same envelope goes to connected
 peers and, through the relay, into the mailboxes of offline ones (1 MiB each)."""
+TYPING_TTL: Final = 6.0
+"""Seconds a "typing" stays shown without a refresh (a sender refreshes every
+TYPING_REFRESH while the person types), so a lost "stopped" frame costs seconds."""
+TYPING_REFRESH: Final = 3.0
+"""Least interval between two "typing" frames we send for one chat: ``set_typing`` may
+be called on every keystroke."""
+TYPING_IN_MIN: Final = 1.0
+"""Least interval between two "typing" frames we act on per device and chat: a peer
+that sends more is not shown more often."""
 RECEIPT_DELAY: Final = 1.0
 """Seconds a device waits after new messages before it writes its delivery receipt for
 the chat: a burst of messages costs one receipt per device, not one per message."""
@@ -195,6 +206,12 @@ class Node:
         """Address -> where it was found ('static', 'mdns', ...), one dial loop each."""
         self.dropped_events = 0
         self._receipts_due: set[str] = set()
+        self._typing_sent: dict[str, float] = {}
+        """Space -> when we last told peers we type in it (TYPING_REFRESH)."""
+        self._typing_in: dict[tuple[str, str], float] = {}
+        """(space, device) typing now -> when that expires (TYPING_TTL); in memory only."""
+        self._typing_heard: dict[tuple[str, str], float] = {}
+        """(space, device) -> when its last "typing" frame was acted on (TYPING_IN_MIN)."""
         self._rotating: set[str] = set()
         self._receipts_wakeup = trio.Event()
         self.media = MediaService(
@@ -429,6 +446,82 @@ class Node:
         if len(emoji) > 16:
             raise NodeError("a reaction is at most 16 characters")
         return await self._write(chat, "react", body=emoji, target=message_id)
+
+    def set_typing(self, chat: str | None = None, typing: bool = True) -> None:
+        """Tell the chat's readers we are typing (or stopped): ephemeral awareness, sent
+        to the connected devices that read the chat and never stored or relayed.
+
+        Call it on every keystroke if you like: a "typing" goes out at most once per
+        TYPING_REFRESH seconds per chat, and readers drop it after TYPING_TTL seconds
+        without a refresh. ``typing=False`` goes out at once."""
+        space = self._chat(chat)
+        now = trio.current_time()
+        if typing:
+            if now - self._typing_sent.get(space.id, -math.inf) < TYPING_REFRESH:
+                return
+            self._typing_sent[space.id] = now
+        elif self._typing_sent.pop(space.id, None) is None:
+            return  # we never said we were typing
+        for peer in list(self._peers.values()):
+            self._carry_out(peer, peer.session.send_typing(space.id, typing))
+
+    def typing(self, chat: str | None = None) -> list[str]:
+        """Devices typing in a chat right now (ours and other members')."""
+        space = self._chat(chat)
+        return sorted(d for s, d in self._typing_in if s == space.id)
+
+    def _on_typing(self, device: str, typing_in: TypingIn) -> None:
+        key = (typing_in.space, device)
+        now = trio.current_time()
+        if not typing_in.typing:
+            self._stop_typing(key)
+            return
+        if now - self._typing_heard.get(key, -math.inf) < TYPING_IN_MIN:
+            return  # more often than anyone types: not shown more often
+        self._typing_heard[key] = now
+        started = key not in self._typing_in
+        self._typing_in[key] = now + TYPING_TTL
+        if started:
+            self._emit(ev.Typing(chat=typing_in.space, device=device, typing=True))
+            self._nursery.start_soon(self._typing_expires, key)
+
+    def _stop_typing(self, key: tuple[str, str]) -> None:
+        self._typing_heard.pop(key, None)
+        if self._typing_in.pop(key, None) is not None:
+            self._emit(ev.Typing(chat=key[0], device=key[1], typing=False))
+
+    async def _typing_expires(self, key: tuple[str, str]) -> None:
+        """End a "typing" that was not refreshed in time (one task per typing device)."""
+        while (deadline := self._typing_in.get(key)) is not None:
+            if trio.current_time() >= deadline:
+                self._stop_typing(key)
+                return
+            await trio.sleep_until(deadline)
+
+    def presence(self) -> list[dict[str, Any]]:
+        """Online and last seen, per device of ours and of the accounts we follow:
+        ``online`` when a session with it is up (or a relay says it is connected),
+        ``last_seen_ms`` when our last session with it ended (None: never met)."""
+        names = self.display_names()
+        relayed = set().union(*(r.online for r in self.relays)) if self.relays else set()
+        rows = []
+        lists = [(self.account_id, self.state.device_list), *sorted(self.state.accounts.items())]
+        for account, dl in lists:
+            for d in dl.devices:
+                if d.device_id == self.device_id:
+                    continue
+                seen = self.store.get(f"seen/{d.device_id}")
+                rows.append(
+                    {
+                        "device": d.device_id,
+                        "account": account,
+                        "name": names.get(d.device_id, ""),
+                        "device_name": d.name,
+                        "online": d.device_id in self._peers or d.device_id in relayed,
+                        "last_seen_ms": int(seen) if seen else None,
+                    }
+                )
+        return rows
 
     async def mark_read(self, *, chat: str | None = None) -> str:
         """Record that this device has shown the chat up to its newest message."""
@@ -968,6 +1061,10 @@ class Node:
                     self._queue_write(self.state.accept_lease(out.data, self._wall_ms()))
                 except P2PError as exc:
                     self._carry_out(peer, peer.session.close(exc))
+            elif isinstance(out, TypingIn):
+                device = peer.session.peer
+                if device is not None and self._peers.get(device) is peer:
+                    self._on_typing(device, out)
             elif isinstance(out, MediaIn):
                 device = peer.session.peer
                 if device is not None and self._peers.get(device) is peer:
@@ -1025,6 +1122,8 @@ class Node:
                 )
             )
         if device is not None and self._peers.get(device) is peer:
+            for key in [k for k in self._typing_in if k[1] == device]:
+                self._stop_typing(key)  # gone quiet: no session, no typing
             self._queue_write(self._seen(device))
             self._emit(
                 ev.PeerDisconnected(

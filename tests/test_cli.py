@@ -314,3 +314,39 @@ def test_an_unlinked_device_knows_it_refuses_writes_and_stops_dialing(tmp_path: 
 
 def status(home: Path) -> dict[str, object]:
     return dict(json.loads(p2p(home, "status", "--json").stdout))
+
+
+def test_typing_and_presence_show_in_follow_and_are_never_stored(tmp_path: Path) -> None:
+    phone, laptop = tmp_path / "phone", tmp_path / "laptop"
+    provision_homes([phone, laptop])
+    nodes = [run(phone)]
+    closing: list[Lines] = []
+    try:
+        follow = Lines(phone, "log", "--follow")
+        closing.append(follow)
+        nodes.append(run(laptop, nodes[0].address))
+        follow.wait_for("laptop is online")
+        p2p(laptop, "typing")
+        follow.wait_for("laptop is typing…")
+        p2p(laptop, "typing", "--stop")
+        follow.wait_for("laptop stopped typing")
+        # a typing nobody stops ends by itself (the sender went quiet)
+        p2p(laptop, "typing")
+        follow.wait_for("laptop is typing…")
+        count = sum("stopped typing" in line for line in follow.seen)
+        follow.wait_until(
+            lambda _: sum("stopped typing" in line for line in follow.seen) > count,
+            "a second stop",
+            timeout=20,
+        )
+        # `p2p run` says it too, by name
+        nodes[0].wait_for("typing", typing=True)
+        nodes[1].stop()
+        follow.wait_for("laptop went offline")
+    finally:
+        for c in closing:
+            c.close()
+        for n in nodes:
+            n.stop()
+    # nothing of it is in the store
+    assert "typing" not in p2p(phone, "log", "--json").stdout
