@@ -17,6 +17,8 @@ $(STAMP): requirements.lock pyproject.toml
 demo: $(STAMP)
 	$(BIN)/p2p demo
 
+install: $(STAMP)  # .venv with the exact versions of requirements.lock, p2p in it
+
 lint: $(STAMP)
 	$(BIN)/ruff check p2p tests bench demos
 	$(BIN)/ruff format --check p2p tests bench demos

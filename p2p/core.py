@@ -676,7 +676,7 @@ class DeviceState:
         for s in self.spaces.values():
             if s.kind == "chat" and s.name == name:
                 return s
-        raise UnknownChat(name)
+        raise UnknownChat(name, [s.name for s in self.spaces.values() if s.kind == "chat"])
 
     def new_entry(
         self, space_id: str, kind: Kind, wall_ms: int, *, body: str = "", target: str = ""

@@ -27,6 +27,7 @@ from p2p.discovery.base import StaticPeers
 from p2p.errors import AlreadyRunning, P2PError
 from p2p.home import LOCK_WAIT, home_lock
 from p2p.node import Node, open_node
+from p2p.terminal import log_to_stderr, say
 from p2p.transport.tcp import TcpTransport
 
 log = logging.getLogger("p2p.daemon")
@@ -37,16 +38,29 @@ def _say(as_json: bool, event: str, text: str, **fields: Any) -> None:
     if as_json:
         print(json.dumps({"event": event, **fields}), flush=True)
     else:
-        print(text, flush=True)
+        say(text)
 
 
-def _describe(event: ev.Event) -> tuple[str, str]:
+def _describe(event: ev.Event, names: dict[str, str] | None = None) -> tuple[str, str]:
+    """The event's name in ``--json`` and its line for people (devices by name, with
+    the id, when ``names`` knows them)."""
+    known = names or {}
+
+    def who(device: str) -> str:
+        return f"{known[device]} ({device})" if known.get(device) else device
+
     if isinstance(event, ev.PeerConnected):
-        return "peer_connected", f"connected to {event.device} ({event.remote})"
+        return "peer_connected", f"connected to {who(event.device)} via {event.remote}"
     if isinstance(event, ev.PeerDisconnected):
-        return "peer_disconnected", f"disconnected from {event.device} {event.reason}".rstrip()
+        return (
+            "peer_disconnected",
+            f"disconnected from {who(event.device)} {event.reason}".rstrip(),
+        )
     if isinstance(event, ev.ChatChanged):
-        return "chat_changed", f"chat {event.chat} changed by {event.origin}"
+        return "chat_changed", f"chat {event.chat} changed by {who(event.origin)}"
+    if isinstance(event, ev.Typing):
+        doing = "is typing" if event.typing else "stopped typing"
+        return "typing", f"{who(event.device)} {doing} in chat {event.chat}"
     if isinstance(event, ev.InputRejected):
         return "input_rejected", f"refused input from {event.remote}: {event.error}: {event.detail}"
     if isinstance(event, ev.MediaProgress):
@@ -70,10 +84,19 @@ async def _report(
 ) -> None:
     events = node.subscribe()
     task_status.started()
+    shown: dict[str, int] = {}
+    """Attachment -> tenths of it last reported (people get at most 11 lines a file)."""
     async for event in events:
         if isinstance(event, ev.ChatChanged) and event.origin == node.device_id:
             continue
-        name, text = _describe(event)
+        if isinstance(event, ev.MediaProgress) and not as_json:
+            tenth = 10 * event.done // max(event.total, 1)
+            if event.done < event.total and shown.get(event.file, -1) >= tenth:
+                continue
+            shown[event.file] = tenth
+            if event.done >= event.total:
+                shown.pop(event.file, None)
+        name, text = _describe(event, None if as_json else node.display_names())
         _say(as_json, name, text, **asdict(event))
 
 
@@ -128,6 +151,7 @@ async def run_daemon(
     a node that answers is refused at once (AlreadyRunning); one locked by a process
     that does not (a ``p2p`` command working on the store, a node starting) is waited
     for, up to LOCK_WAIT seconds."""
+    log_to_stderr()  # peers' and relays' words in warnings reach the terminal escaped
     deadline = time.monotonic() + LOCK_WAIT
     while True:
         try:

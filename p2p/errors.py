@@ -8,6 +8,9 @@ closes that peer's connection and keeps running.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Sequence
+
 
 class P2PError(Exception):
     """Root of every error p2p raises on purpose."""
@@ -194,11 +197,26 @@ class ContactError(NodeError):
     our own account, an account we do not know)."""
 
 
+class Unlinked(NodeError):
+    """This device was removed from its account (unlinked by the primary, or at its own
+    request): it keeps what it had, reads nothing new, and may write nothing."""
+
+    def __init__(self, device: str, account: str) -> None:
+        super().__init__(
+            f"this device ({device}) was unlinked from account {account}: it can no longer"
+            " write (to use this account here again, link a new home with p2p link)"
+        )
+        self.device = device
+        self.account = account
+
+
 class UnknownChat(NodeError):
     """A chat id this device holds no space for."""
 
-    def __init__(self, chat: str) -> None:
-        super().__init__(f"unknown chat {chat}")
+    def __init__(self, chat: str, known: Sequence[str] = ()) -> None:
+        close = difflib.get_close_matches(chat, known, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        super().__init__(f"unknown chat {chat} ({hint}p2p chats lists them)")
         self.chat = chat
 
 

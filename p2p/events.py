@@ -108,6 +108,18 @@ class MediaProgress:
     """The file's size in bytes."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class Typing:
+    """Someone started typing in a chat (``typing``), or stopped: said so, went quiet
+    for ``node.TYPING_TTL`` seconds, or disconnected. Awareness from live sessions,
+    never stored."""
+
+    chat: str
+    device: str
+    """Who types: one of our devices, or a device of a member account."""
+    typing: bool
+
+
 Event = (
     ChatChanged
     | PeerConnected
@@ -118,4 +130,5 @@ Event = (
     | DeviceLinked
     | ChatKeysChanged
     | MediaProgress
+    | Typing
 )

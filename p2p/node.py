@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import random
 import time
@@ -54,6 +55,7 @@ from p2p.errors import (
     ReplayDetected,
     RollbackRefused,
     UnknownKey,
+    Unlinked,
 )
 from p2p.grants import is_grant
 from p2p.home import home_lock, open_home_store
@@ -81,6 +83,7 @@ from p2p.sync import (
     Send,
     Session,
     State,
+    TypingIn,
     WantIn,
     digest,
 )
@@ -109,6 +112,15 @@ far below what a peer accepts in one update."""
 COALESCE_MAX: Final = 1_000_000
 """Largest merged update sealed as one envelope: the same envelope goes to connected
 peers and, through the relay, into the mailboxes of offline ones (1 MiB each)."""
+TYPING_TTL: Final = 6.0
+"""Seconds a "typing" stays shown without a refresh (a sender refreshes every
+TYPING_REFRESH while the person types), so a lost "stopped" frame costs seconds."""
+TYPING_REFRESH: Final = 3.0
+"""Least interval between two "typing" frames we send for one chat: ``set_typing`` may
+be called on every keystroke."""
+TYPING_IN_MIN: Final = 1.0
+"""Least interval between two "typing" frames we act on per device and chat: a peer
+that sends more is not shown more often."""
 RECEIPT_DELAY: Final = 1.0
 """Seconds a device waits after new messages before it writes its delivery receipt for
 the chat: a burst of messages costs one receipt per device, not one per message."""
@@ -208,6 +220,12 @@ class Node:
         """Address -> where it was found ('static', 'mdns', ...), one dial loop each."""
         self.dropped_events = 0
         self._receipts_due: set[str] = set()
+        self._typing_sent: dict[str, float] = {}
+        """Space -> when we last told peers we type in it (TYPING_REFRESH)."""
+        self._typing_in: dict[tuple[str, str], float] = {}
+        """(space, device) typing now -> when that expires (TYPING_TTL); in memory only."""
+        self._typing_heard: dict[tuple[str, str], float] = {}
+        """(space, device) -> when its last "typing" frame was acted on (TYPING_IN_MIN)."""
         self._rotating: set[str] = set()
         self._unproven: dict[str, bytes] = {}
         """Chat -> a grant whose rotation drops an account whose leave entry we lack:
@@ -232,6 +250,17 @@ class Node:
     def address(self) -> str | None:
         """Where peers can dial this node, when it serves a transport."""
         return self.transport.address if self.transport else None
+
+    @property
+    def removed(self) -> bool:
+        """Whether our account's signed list names this device as removed (unlinked by
+        the primary, or at its own request): it then writes nothing and dials nobody."""
+        return self.device_id in self.state.device_list.removed_ids
+
+    @property
+    def leaving(self) -> bool:
+        """Whether this device asked to be unlinked and the primary has not acted yet."""
+        return self._leaving and not self.removed
 
     @property
     def connected_peers(self) -> list[str]:
@@ -310,20 +339,57 @@ class Node:
             ev.EntryRejected(chat=r.space, entry_id=r.entry_id, device=r.device, reason=r.reason)
         )
 
+    def display_names(self) -> dict[str, str]:
+        """Device and account ids -> the names people know them by: our devices by the
+        names on our list (removed ones too, for old messages), another account and its
+        devices by the name we gave it as a contact (else the name its primary carries).
+
+        For display only: names are not unique and anyone may choose any, so ids stay
+        the identity everywhere else (``--json``, the API)."""
+        names: dict[str, str] = {}
+        contacts = {a: n for a, (n, *_) in self.state.contact_entries().items()}
+        for account, dl in self.state.accounts.items():
+            known_as = contacts.get(account) or dl.primary.name
+            names[account] = known_as
+            for d in (*dl.devices, *dl.removed):
+                names[d.device_id] = known_as
+        own = self.state.device_list
+        for d in (*own.devices, *own.removed):
+            names[d.device_id] = d.name
+        names[self.account_id] = "me"
+        return names
+
+    def _own_device(self, device: str) -> str:
+        """The id of our device ``device`` (an id, or the name of exactly one of our
+        current devices): what ``p2p unlink NAME`` accepts."""
+        dl = self.state.device_list
+        if device in dl.ids or device in dl.removed_ids:
+            return device
+        named = [d.device_id for d in dl.devices if d.name == device]
+        if len(named) == 1:
+            return named[0]
+        if named:
+            raise NodeError(f"{len(named)} devices are called {device!r}: give the id")
+        return device  # the device list's own error says it is not there
+
     def status(self) -> dict[str, Any]:
         """What ``p2p status`` shows: this device, its peers, its spaces, pending work."""
         now = trio.current_time()
+        names = self.display_names()
         return {
             "device": self.device_id,
             "name": self.state.name,
             "account": self.account_id,
             "role": "primary" if self.state.is_primary else "companion",
+            "removed": self.removed,
+            "leaving": self.leaving,
             "address": self.address,
             "device_list_version": self.state.device_list.version,
             "primary": self.state.device_list.primary.device_id,
             "peers": [
                 {
                     "device": d,
+                    "name": names.get(d, ""),
                     "remote": p.remote,
                     "found_via": self._dialing.get(p.remote, "incoming"),
                     "connected_for": round(now - p.since, 3),
@@ -403,6 +469,82 @@ class Node:
             raise NodeError("a reaction is at most 16 characters")
         return await self._write(chat, "react", body=emoji, target=message_id)
 
+    def set_typing(self, chat: str | None = None, typing: bool = True) -> None:
+        """Tell the chat's readers we are typing (or stopped): ephemeral awareness, sent
+        to the connected devices that read the chat and never stored or relayed.
+
+        Call it on every keystroke if you like: a "typing" goes out at most once per
+        TYPING_REFRESH seconds per chat, and readers drop it after TYPING_TTL seconds
+        without a refresh. ``typing=False`` goes out at once."""
+        space = self._chat(chat)
+        now = trio.current_time()
+        if typing:
+            if now - self._typing_sent.get(space.id, -math.inf) < TYPING_REFRESH:
+                return
+            self._typing_sent[space.id] = now
+        elif self._typing_sent.pop(space.id, None) is None:
+            return  # we never said we were typing
+        for peer in list(self._peers.values()):
+            self._carry_out(peer, peer.session.send_typing(space.id, typing))
+
+    def typing(self, chat: str | None = None) -> list[str]:
+        """Devices typing in a chat right now (ours and other members')."""
+        space = self._chat(chat)
+        return sorted(d for s, d in self._typing_in if s == space.id)
+
+    def _on_typing(self, device: str, typing_in: TypingIn) -> None:
+        key = (typing_in.space, device)
+        now = trio.current_time()
+        if not typing_in.typing:
+            self._stop_typing(key)
+            return
+        if now - self._typing_heard.get(key, -math.inf) < TYPING_IN_MIN:
+            return  # more often than anyone types: not shown more often
+        self._typing_heard[key] = now
+        started = key not in self._typing_in
+        self._typing_in[key] = now + TYPING_TTL
+        if started:
+            self._emit(ev.Typing(chat=typing_in.space, device=device, typing=True))
+            self._nursery.start_soon(self._typing_expires, key)
+
+    def _stop_typing(self, key: tuple[str, str]) -> None:
+        self._typing_heard.pop(key, None)
+        if self._typing_in.pop(key, None) is not None:
+            self._emit(ev.Typing(chat=key[0], device=key[1], typing=False))
+
+    async def _typing_expires(self, key: tuple[str, str]) -> None:
+        """End a "typing" that was not refreshed in time (one task per typing device)."""
+        while (deadline := self._typing_in.get(key)) is not None:
+            if trio.current_time() >= deadline:
+                self._stop_typing(key)
+                return
+            await trio.sleep_until(deadline)
+
+    def presence(self) -> list[dict[str, Any]]:
+        """Online and last seen, per device of ours and of the accounts we follow:
+        ``online`` when a session with it is up (or a relay says it is connected),
+        ``last_seen_ms`` when our last session with it ended (None: never met)."""
+        names = self.display_names()
+        relayed = set().union(*(r.online for r in self.relays)) if self.relays else set()
+        rows = []
+        lists = [(self.account_id, self.state.device_list), *sorted(self.state.accounts.items())]
+        for account, dl in lists:
+            for d in dl.devices:
+                if d.device_id == self.device_id:
+                    continue
+                seen = self.store.get(f"seen/{d.device_id}")
+                rows.append(
+                    {
+                        "device": d.device_id,
+                        "account": account,
+                        "name": names.get(d.device_id, ""),
+                        "device_name": d.name,
+                        "online": d.device_id in self._peers or d.device_id in relayed,
+                        "last_seen_ms": int(seen) if seen else None,
+                    }
+                )
+        return rows
+
     async def mark_read(self, *, chat: str | None = None) -> str:
         """Record that this device has shown the chat up to its newest message."""
         shown = self.messages(chat, last=1)
@@ -411,6 +553,8 @@ class Node:
     async def _write(self, chat: str | None, kind: Any, *, body: str = "", target: str = "") -> str:
         if self._closed:
             raise NodeError("the node is closed")
+        if self.removed:  # nobody would accept it, and it would sit in the store forever
+            raise Unlinked(self.device_id, self.account_id)
         space = self._chat(chat)
         await self._load(space)
         if self._closed:
@@ -449,7 +593,7 @@ class Node:
             for space_id in sorted(due):
                 body = self.state.receipt_body(space_id)
                 stated = self._stated_receipt(space_id)
-                if body and body != stated and not self._closed:
+                if body and body != stated and not self._closed and not self.removed:
                     await self._write(space_id, "rcpt", body=body)
 
     def _stated_receipt(self, space_id: str) -> str:
@@ -785,6 +929,8 @@ class Node:
         """Dial every new address any discovery adapter reports."""
         async with self._found_receive:
             async for found in self._found_receive:
+                if self.removed:
+                    continue
                 if found.device is not None and (
                     found.device in self._peers or found.device == self.device_id
                 ):
@@ -795,7 +941,7 @@ class Node:
     async def _dial_loop(self, address: str) -> None:
         assert self.transport is not None
         backoff = BACKOFF_MIN
-        while True:
+        while not self.removed:  # a removed device is refused everywhere: stop asking
             try:
                 conn = await self.transport.dial(address)
             except TransportError as exc:
@@ -812,6 +958,7 @@ class Node:
             # slowly; one that talked to us gets a quick redial
             backoff = BACKOFF_MIN if ended.authenticated else min(backoff * 2, BACKOFF_MAX)
             await trio.sleep(backoff * random.uniform(0.5, 1.5))
+        log.info("not dialing %s: this device was unlinked", address)
 
     async def _accept(self, conn: Connection) -> None:
         if self._handshaking >= MAX_HANDSHAKES:
@@ -956,6 +1103,10 @@ class Node:
                     self._queue_write(self.state.accept_lease(out.data, self._wall_ms()))
                 except P2PError as exc:
                     self._carry_out(peer, peer.session.close(exc))
+            elif isinstance(out, TypingIn):
+                device = peer.session.peer
+                if device is not None and self._peers.get(device) is peer:
+                    self._on_typing(device, out)
             elif isinstance(out, MediaIn):
                 device = peer.session.peer
                 if device is not None and self._peers.get(device) is peer:
@@ -1013,6 +1164,8 @@ class Node:
                 )
             )
         if device is not None and self._peers.get(device) is peer:
+            for key in [k for k in self._typing_in if k[1] == device]:
+                self._stop_typing(key)  # gone quiet: no session, no typing
             self._queue_write(self._seen(device))
             self._emit(
                 ev.PeerDisconnected(
@@ -1087,9 +1240,14 @@ class Node:
         dl = self.state.device_list
         data = dl.encode()
         for device, peer in list(self._peers.items()):
-            if device not in dl.ids:
+            if device in dl.removed_ids:
+                # the signed list first, so the removed device knows it from the primary's
+                # signature (a bare refusal could come from anyone), then the refusal
+                self._carry_out(peer, peer.session.send_device_list(data))
                 self._carry_out(peer, peer.session.close(RemovedDevice(device)))
-            else:
+            elif self.removed:  # we are the one removed: nobody of the account takes us
+                self._carry_out(peer, peer.session.close(Unlinked(self.device_id, dl.account_id)))
+            else:  # our devices, and other accounts' (they follow our list)
                 self._carry_out(peer, peer.session.send_device_list(data))
         for relay in self.relays:
             relay.update_watch()
@@ -1231,8 +1389,9 @@ class Node:
         """Primary only: remove a device, rotate keys, tell the remaining devices now.
 
         Our own devices find the new keys in the new device list; the other members of
-        our conversations get them as grants (sessions, or their relay mailboxes)."""
-        await self._commit(self.state.unlink(device_id))
+        our conversations get them as grants (sessions, or their relay mailboxes).
+        ``device_id`` may also be the name of exactly one of our devices."""
+        await self._commit(self.state.unlink(self._own_device(device_id)))
         self._device_list_changed()
         for space in self.state.spaces.values():
             if space.shared:
@@ -1263,6 +1422,11 @@ class Node:
         await self._queue_entry(space_id, entry, batch).wait()
         for relay in self.relays:
             relay.update_watch()
+        if self.transport is not None:
+            # where the code says its devices listen: meet them now, without waiting for
+            # mDNS or a relay (our devices that learn the contact later have no address)
+            for address in parsed.addresses:
+                await self.connect(address, source="contact")
         return entry.target
 
     def contacts(self) -> list[dict[str, Any]]:

@@ -202,6 +202,15 @@ class LeaveRequested:
 
 
 @dataclass(frozen=True)
+class TypingIn:
+    """The peer's person started (``typing``) or stopped typing in a space we share
+    with it: awareness, passed on to the app and never stored."""
+
+    space: str
+    typing: bool
+
+
+@dataclass(frozen=True)
 class MediaIn:
     """A media frame (``ask``, ``blob``, ``nohave``) for the node's media service."""
 
@@ -226,6 +235,7 @@ Output = (
     | WantIn
     | LeaseIn
     | LeaveRequested
+    | TypingIn
     | MediaIn
     | Closed
 )
@@ -370,6 +380,14 @@ class Session:
         if self.state is not State.OPEN:
             return []
         return [self._send_boxed(encode_frame("leave", n=0))]
+
+    def send_typing(self, space_id: str, typing: bool) -> list[Output]:
+        """Tell the peer we are (or stopped) typing in a space, if open and it reads it."""
+        if self.state is not State.OPEN or self.peer is None:
+            return []
+        if space_id not in self.local.spaces_for(self.peer):
+            return []
+        return [self._send_boxed(encode_frame("typing", s=space_id, on=int(typing)))]
 
     def send_media(self, kind: str, **fields: Any) -> list[Output]:
         """Send a media frame (``ask``, ``blob``, ``nohave``) to the peer, if open."""
@@ -531,6 +549,11 @@ class Session:
         if kind == "leave":
             assert self.peer is not None
             return [LeaveRequested(self.peer)]
+        if kind == "typing":
+            assert self.peer is not None
+            if frame["s"] not in self.local.spaces_for(self.peer):
+                return []  # a space we don't share with this device: say nothing
+            return [TypingIn(frame["s"], bool(frame["on"]))]
         if kind in MEDIA_FRAMES:
             self.stats.media_bytes_in += self._in_size
             return [MediaIn(kind, frame)]

@@ -133,6 +133,7 @@ SCHEMA: Final[dict[str, dict[str, Field]]] = {
     "lease": {"l": Field(_B, 256)},  # primary -> companion: a renewed lease
     "grant": {"g": Field(_B, 1024 * KiB)},  # a space's keys sealed to the peer (p2p.grants)
     "leave": {"n": Field(_I, 2**31)},  # companion -> primary: unlink me (p2p unlink --self)
+    "typing": {"s": Field(_S, MAX_ID), "on": Field(_I, 255)},  # 0: stopped; never stored
     "ping": {"n": Field(_I, 2**63 - 1)},
     "pong": {"n": Field(_I, 2**63 - 1)},
     "bye": {"code": Field(_S, 64)},

@@ -377,3 +377,51 @@ class Linker(Child):
             self.events = [e for e in self.events if "code" not in e]
         self.code: str = shown["code"]
         self.device: str = shown["device"]
+
+
+class Lines(Child):
+    """A long-running ``p2p`` command (``log --follow``, ``link``) read line by line;
+    ``seen`` holds the lines its waits have gone through, in order."""
+
+    def __init__(self, home: Path, *args: str) -> None:
+        super().__init__([*P2P, "--home", str(home), *args], logs=home.parent)
+        self._through = 0
+
+    @property
+    def seen(self) -> list[str]:
+        with self._lock:
+            return self.lines[: self._through]
+
+    def wait_for(self, text: str, timeout: float = 20) -> str:  # type: ignore[override]
+        """The first line (seen or coming) that contains ``text``."""
+        return self.wait_until(lambda line: text in line, repr(text), timeout)
+
+    def wait_until(self, test: Callable[[str], bool], what: str, timeout: float = 20) -> str:
+        """The first line (seen or coming) that passes ``test``."""
+        for line in self.seen:
+            if test(line):
+                return line
+
+        def found() -> str | None:
+            with self._lock:
+                fresh = self.lines[self._through :]
+            for line in fresh:
+                self._through += 1
+                if test(line):
+                    return line
+            return None
+
+        try:
+            return self._wait(found, timeout, f"line with {what}")
+        except AssertionError:
+            raise AssertionError(
+                f"no line with {what} within {timeout}s; saw {self.seen[-8:]}"
+            ) from None
+
+    def interrupt(self) -> tuple[int, str]:
+        """Ctrl-C: the exit code and what it printed on stderr."""
+        code = self.stop(signal.SIGINT)
+        return code, self.stderr()
+
+    def close(self) -> None:
+        self.kill()

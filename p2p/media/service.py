@@ -36,6 +36,7 @@ from typing import Any, Final, Literal, Protocol
 import trio
 
 from p2p import events as ev
+from p2p.clock import parse_ts
 from p2p.errors import (
     BadDescriptor,
     BlobCorrupt,
@@ -592,6 +593,9 @@ class MediaService:
         out = []
         for m in messages:
             row = m.to_json()
+            # a number for programs (ms since the epoch); the exact hybrid timestamp,
+            # which orders messages written in the same millisecond, beside it
+            row["ts"], row["hlc"] = parse_ts(m.ts)[0], m.ts
             if m.attachment is not None:
                 row["file"].update(self.describe(m.attachment))
             out.append(row)

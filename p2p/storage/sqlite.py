@@ -121,6 +121,19 @@ _SPACES_SQL: Final = (
 )
 
 
+_ACCESS_CODES: Final = frozenset({3, 8, 14, 23})
+"""SQLITE_PERM, SQLITE_READONLY, SQLITE_CANTOPEN, SQLITE_AUTH: the file or its folder
+cannot be used by this user (SQLite's own text, "unable to open database file", does
+not say what to check)."""
+
+
+def _access_hint(error: sqlite3.Error) -> str:
+    code = getattr(error, "sqlite_errorcode", None)
+    if isinstance(code, int) and (code & 0xFF) in _ACCESS_CODES:
+        return " (check that it is a file this user may read and write, in a folder it may write)"
+    return ""
+
+
 def _is_corrupt(error: sqlite3.Error) -> bool:
     """Whether SQLite says the file's content is bad (as opposed to busy, full, I/O...)."""
     code = getattr(error, "sqlite_errorcode", None)
@@ -167,7 +180,7 @@ class SqliteStore:
                 check_same_thread=False,
             )
         except sqlite3.Error as e:
-            raise StoreError(f"cannot open store {self._path}: {e}") from e
+            raise StoreError(f"cannot open store {self._path}: {e}{_access_hint(e)}") from e
         try:
             with self._errors("open"):
                 self._prepare(conn, synchronous)
@@ -279,7 +292,9 @@ class SqliteStore:
         except sqlite3.Error as e:
             if _is_corrupt(e):
                 raise StoreCorrupt(f"{self._path}: not a usable p2p store: {e}") from e
-            raise StoreError(f"{operation} failed on store {self._path}: {e}") from e
+            raise StoreError(
+                f"{operation} failed on store {self._path}: {e}{_access_hint(e)}"
+            ) from e
 
     @contextmanager
     def _session(self, operation: str) -> Iterator[sqlite3.Connection]:
