@@ -18,13 +18,13 @@ groups.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
 import random
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
@@ -57,6 +57,30 @@ from p2p.errors import (
     UnknownKey,
     Unlinked,
 )
+from p2p.gossip import (
+    KNOWN_DIGESTS,
+    RECENT_BYTES,
+    RECENT_ENVELOPES,
+    WANT_DELAY,
+    WANT_TASKS,
+    WANT_TIMEOUT,
+    Accepted,
+    Authored,
+    Duplicate,
+    Gossip,
+    Have,
+    Limits,
+    PeerDown,
+    PeerUp,
+    SendEnvelope,
+    SendHave,
+    SendStateVector,
+    SendWant,
+    SetTimer,
+    TimerFired,
+    Want,
+)
+from p2p.gossip import Event as GossipEvent
 from p2p.grants import is_grant
 from p2p.home import home_lock, open_home_store
 from p2p.identity import DeviceList
@@ -65,6 +89,7 @@ from p2p.media.descriptor import Attachment, file_body
 from p2p.media.service import MediaService, open_blobs
 from p2p.media.store import BlobStore
 from p2p.model import MAX_BODY, Entry, Message, Rejected
+from p2p.peering import Link, keep_new
 from p2p.relay.client import RelayClient, is_relay_address
 from p2p.relay.routing import RoutedTransport
 from p2p.storage.base import Store, WriteBatch
@@ -85,7 +110,6 @@ from p2p.sync import (
     State,
     TypingIn,
     WantIn,
-    digest,
 )
 from p2p.transport.base import Connection, ConnectionClosed, TransportError
 from p2p.transport.base import Transport as TransportT
@@ -126,21 +150,6 @@ RECEIPT_DELAY: Final = 1.0
 the chat: a burst of messages costs one receipt per device, not one per message."""
 MAIL_POSTS: Final = 256
 """Mailbox posts in flight at once; past that, offline peers catch up by state vector."""
-RECENT_ENVELOPES: Final = 1024
-RECENT_BYTES: Final = 32 * 1024 * 1024
-"""Envelopes (and their total bytes) kept to answer peers' ``want``s; older ones are
-forgotten, and a peer that asks too late is caught up by state vectors instead."""
-KNOWN_DIGESTS: Final = 65536
-"""Digests of envelopes we hold, remembered so that a ``have`` of one is not wanted."""
-WANT_DELAY: Final = 0.25
-"""Seconds to wait after a ``have`` before asking for the envelope: its author sends it
-to every peer it is connected to, so it is usually on its way already."""
-WANT_TIMEOUT: Final = 5.0
-"""Seconds a ``want`` may go unanswered (the peer forgot the envelope) before we ask
-that peer for the whole difference instead (a state vector)."""
-WANT_TASKS: Final = 256
-"""Delayed ``want``s pending at once; past that, ``have``s are ignored (state vectors
-repair what is missed)."""
 
 
 def wall_clock_ms() -> int:
@@ -196,14 +205,17 @@ class Node:
         self._write_wakeup = trio.Event()
         self._write_room = trio.Event()
         self._outbox: dict[str, list[bytes]] = {}
-        self._recent: OrderedDict[bytes, tuple[str, bytes]] = OrderedDict()
-        """Digest -> (space, envelope) of recent envelopes, to answer ``want``s."""
-        self._recent_bytes = 0
-        self._known: OrderedDict[bytes, None] = OrderedDict()
-        """Digests of envelopes we hold (bounded): those are never wanted."""
-        self._wanted: set[bytes] = set()
-        """Digests of envelopes asked for and not yet received."""
-        self._want_tasks = 0
+        self._gossip = Gossip(
+            Limits(
+                RECENT_ENVELOPES, RECENT_BYTES, KNOWN_DIGESTS, WANT_DELAY, WANT_TIMEOUT, WANT_TASKS
+            )
+        )
+        """The lazy-push protocol (p2p.gossip); fed by :meth:`_gossip_handle`."""
+        self._gossip_links: dict[str, tuple[_Peer, int]] = {}
+        """The sessions the protocol was told about, and the link number given to each."""
+        self._gossip_link_ids = itertools.count(1)
+        self._gossip_timer_set = trio.Event()
+        self._gossip_sleeps_until = math.inf
         self._outbox_wakeup = trio.Event()
         self._subscribers: list[trio.MemorySendChannel[ev.Event]] = []
         self._reported: set[tuple[str, str]] = set()
@@ -756,6 +768,7 @@ class Node:
     # ---- gossip --------------------------------------------------------------------
 
     async def _gossiper(self) -> None:
+        self._nursery.start_soon(self._gossip_timer)
         while True:
             await self._outbox_wakeup.wait()
             self._outbox_wakeup = trio.Event()
@@ -768,8 +781,7 @@ class Node:
                     continue  # nobody to tell now; state vectors catch peers up later
                 for payload in _coalesce(updates):
                     envelope = self.state.seal(space_id, payload)
-                    self._remember(space_id, envelope)
-                    self._broadcast(space_id, envelope, exclude=())
+                    self._gossip_handle(Authored(space_id, envelope), refresh=self._peers)
                     for device in offline:
                         self._post_mail(device, envelope)
             if self.state.unsaved or self.state.counters_wanted:
@@ -825,83 +837,54 @@ class Node:
             with contextlib.suppress(P2PError):
                 await mail.ack()
 
-    def _broadcast(self, space_id: str, envelope: bytes, *, exclude: Sequence[str]) -> None:
-        """Send a whole envelope to every open session that may read the space (what
-        the author of an envelope does)."""
-        for device, peer in list(self._peers.items()):
-            if device in exclude or space_id not in self.state.spaces_for(device):
+    def _gossip_handle(self, event: GossipEvent, *, refresh: Iterable[str] = ()) -> None:
+        """Feed the gossip protocol one event and send what it asks for.
+
+        The protocol first sees the sessions as ``_peers`` holds them now (a session
+        that replaced another is a new link), and, for the devices in ``refresh``, what
+        they may read now: access changes with grants and device lists, and it is
+        judged when an envelope goes out, as it always was."""
+        now = trio.current_time()
+        links = self._gossip_links
+        for device in [d for d in links if d not in self._peers]:
+            del links[device]
+            self._gossip.handle(PeerDown(device), now)
+        for device, peer in self._peers.items():
+            link = links.get(device)
+            if link is None or link[0] is not peer:
+                link = links[device] = (peer, next(self._gossip_link_ids))
+            elif device not in refresh:
                 continue
-            self._carry_out(peer, peer.session.send_envelope(envelope))
-
-    def _announce(
-        self, space_id: str, name: bytes, *, exclude: Sequence[str], ours_only: bool = False
-    ) -> None:
-        """Tell the other readers we hold an envelope we did not author (lazy gossip:
-        they ask for it if its author did not reach them). ``ours_only``: only our own
-        devices, for an envelope other accounts would refuse (a catch-up from one of our
-        devices, holding other accounts' structs). ``name``: the envelope's digest."""
-        for device, peer in list(self._peers.items()):
-            if device in exclude or space_id not in self.state.spaces_for(device):
+            spaces = frozenset(self.state.spaces_for(device))
+            ours = device in self.state.device_list.ids
+            self._gossip.handle(PeerUp(device, link[1], spaces, ours), now)
+        for out in self._gossip.handle(event, now):
+            if isinstance(out, SetTimer):
+                if out.deadline < self._gossip_sleeps_until:
+                    self._gossip_timer_set.set()
                 continue
-            if ours_only and device not in self.state.device_list.ids:
+            to = self._peers.get(out.device)
+            if to is None:
                 continue
-            self._carry_out(peer, peer.session.send_have(space_id, [name]))
+            if isinstance(out, SendEnvelope):
+                self._carry_out(to, to.session.send_envelope(out.envelope))
+            elif isinstance(out, SendHave):
+                self._carry_out(to, to.session.send_have(out.space, out.digests))
+            elif isinstance(out, SendWant):
+                self._carry_out(to, to.session.send_want(out.digests))
+            elif isinstance(out, SendStateVector):
+                self._carry_out(to, to.session.send_state_vector(out.space))
 
-    def _remember(self, space_id: str, envelope: bytes) -> bytes:
-        """Keep an envelope we hold for ``want``s (bounded), and its digest as known;
-        returns the digest."""
-        name = digest(envelope)
-        self._know(name)
-        if name in self._recent or len(envelope) > RECENT_BYTES:
-            return name
-        self._recent[name] = (space_id, envelope)
-        self._recent_bytes += len(envelope)
-        while len(self._recent) > RECENT_ENVELOPES or self._recent_bytes > RECENT_BYTES:
-            _, (_, old) = self._recent.popitem(last=False)
-            self._recent_bytes -= len(old)
-        return name
-
-    def _know(self, name: bytes) -> None:
-        """Remember (bounded) that we hold the envelope called ``name``."""
-        self._wanted.discard(name)
-        self._known[name] = None
-        self._known.move_to_end(name)
-        while len(self._known) > KNOWN_DIGESTS:
-            self._known.popitem(last=False)
-
-    def _on_have(self, peer: _Peer, have: HaveIn) -> None:
-        """A peer holds envelopes: ask for those we lack, after WANT_DELAY (their author
-        has usually sent them to us already)."""
-        missing = [d for d in have.digests if d not in self._known and d not in self._wanted]
-        if not missing or self._want_tasks >= WANT_TASKS:
-            return
-        self._want_tasks += 1
-
-        async def want_later() -> None:
-            try:
-                await trio.sleep(WANT_DELAY)
-                still = [d for d in missing if d not in self._known and d not in self._wanted]
-                if not still or self._peers.get(peer.session.peer or "") is not peer:
-                    return
-                self._wanted.update(still)
-                self._carry_out(peer, peer.session.send_want(still))
-                await trio.sleep(WANT_TIMEOUT)
-                if any(d not in self._known for d in still):
-                    self._wanted.difference_update(still)
-                    if self._peers.get(peer.session.peer or "") is peer:
-                        self._carry_out(peer, peer.session.send_state_vector(have.space))
-            finally:
-                self._want_tasks -= 1
-
-        self._nursery.start_soon(want_later)
-
-    def _on_want(self, peer: _Peer, want: WantIn) -> None:
-        """A peer asks for envelopes: send those we still hold and it may read."""
-        readable = set(self.state.spaces_for(peer.session.peer or ""))
-        for name in want.digests:
-            held = self._recent.get(name)
-            if held is not None and held[0] in readable:
-                self._carry_out(peer, peer.session.send_envelope(held[1]))
+    async def _gossip_timer(self) -> None:
+        """Wake the gossip protocol at its deadlines (one task for all its timers)."""
+        while True:
+            deadline = self._gossip.next_deadline()
+            self._gossip_sleeps_until = math.inf if deadline is None else deadline
+            with trio.move_on_at(self._gossip_sleeps_until):
+                await self._gossip_timer_set.wait()
+            self._gossip_timer_set = trio.Event()
+            if deadline is not None and trio.current_time() >= deadline:
+                self._gossip_handle(TimerFired())
 
     # ---- connections ---------------------------------------------------------------
 
@@ -1084,10 +1067,13 @@ class Node:
                     alive = False
             elif isinstance(out, EnvelopeIn):
                 self._receive_envelope(peer, out.data)
-            elif isinstance(out, HaveIn):
-                self._on_have(peer, out)
-            elif isinstance(out, WantIn):
-                self._on_want(peer, out)
+            elif isinstance(out, HaveIn | WantIn):
+                device = peer.session.peer
+                if device is not None and self._peers.get(device) is peer:
+                    if isinstance(out, HaveIn):
+                        self._gossip_handle(Have(device, out.space, out.digests))
+                    else:
+                        self._gossip_handle(Want(device, out.digests), refresh=(device,))
             elif isinstance(out, Authenticated):
                 self._on_authenticated(peer, out.device)
             elif isinstance(out, DeviceListIn):
@@ -1140,18 +1126,14 @@ class Node:
         return WriteBatch(records={f"seen/{device}": str(self._wall_ms()).encode()})
 
     def _keep_new(self, new: _Peer, existing: _Peer) -> bool:
-        """Deterministic choice between two connections to the same device: both ends
-        keep the one dialed by the device with the smaller id."""
+        """Deterministic choice between two connections to the same device (see
+        :func:`p2p.peering.keep_new`)."""
         assert new.session.peer is not None
-        new_relayed, old_relayed = is_relay_address(new.remote), is_relay_address(existing.remote)
-        if new_relayed != old_relayed:
-            return old_relayed  # a direct link beats a relayed one, at both ends
-        if new.session.initiator == existing.session.initiator:
-            return True  # a redial: the old connection is stale
-        smaller_is_me = self.device_id < new.session.peer
-        # keep the connection where the smaller device is the initiator
-        return (
-            new.session.initiator == smaller_is_me and existing.session.initiator != smaller_is_me
+        return keep_new(
+            self.device_id,
+            new.session.peer,
+            Link(new.session.initiator, is_relay_address(new.remote)),
+            Link(existing.session.initiator, is_relay_address(existing.remote)),
         )
 
     def _on_closed(self, peer: _Peer, error: P2PError | None) -> None:
@@ -1181,7 +1163,7 @@ class Node:
             # the same envelope over two gossip paths, or a space we don't hold: harmless
             log.debug("dropped envelope from %s: %s", peer.session.peer, exc)
             if isinstance(exc, ReplayDetected):
-                self._know(digest(data))  # held already: never want it
+                self._gossip_handle(Duplicate(data))  # held already: never want it
             return
         except P2PError as exc:
             self._carry_out(peer, peer.session.close(exc))
@@ -1195,12 +1177,15 @@ class Node:
         durable = self._queue_write(
             ingested.batch, announce=ev.ChatChanged(chat=ingested.space, origin=ingested.sender)
         )
-        name = self._remember(ingested.space, envelope)
-        self._announce(
-            ingested.space,
-            name,
-            exclude=(came_from, ingested.sender),
-            ours_only=not ingested.relayable,
+        self._gossip_handle(
+            Accepted(
+                ingested.space,
+                envelope,
+                came_from=came_from,
+                author=ingested.sender,
+                ours_only=not ingested.relayable,
+            ),
+            refresh=self._peers,
         )
         for rejected in ingested.rejected:
             self._report(rejected)

@@ -25,6 +25,8 @@ PURE = [
     "p2p.relay.protocol",
     "p2p.media.descriptor",
     "p2p.media.fetch",
+    "p2p.gossip",
+    "p2p.peering",
 ]
 FORBIDDEN = {"trio", "socket", "zeroconf", "trio_websocket", "sqlite3", "threading", "asyncio"}
 ROOT = Path(p2p.__file__).parent

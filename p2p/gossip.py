@@ -1,0 +1,355 @@
+"""Lazy-push gossip across peers, sans-I/O: events and the time in, sends and timers out.
+
+One :class:`Gossip` per device. It never touches a socket, a clock or a task: the caller
+feeds it what happened (:meth:`Gossip.handle` with an event and the current time) and
+carries out what it returns (send this envelope, ``have``, ``want`` or state vector to
+that peer; wake me at this deadline). Same pattern as :class:`p2p.sync.Session`, which
+it sits above, and as iroh-gossip's ``proto/plumtree.rs``: the caller owns the clock,
+and a timer is an output, never a sleep. So the whole protocol can run in a simulation
+on a virtual clock (``tests/test_gossip.py``).
+
+The rules it keeps:
+
+- **Authored** (we sealed an envelope): send it whole to every peer that may read its
+  space. Its author reaches every reader it is connected to at once, so each device
+  usually receives each envelope once, however dense the mesh.
+- **Accepted** (an envelope from someone else applied): tell the other readers only its
+  digest (``have``), never the one it came from nor its author. ``ours_only``: only
+  our own devices (an envelope other accounts would refuse: a catch-up from one of our
+  devices, holding other accounts' structs).
+- **Have** (a peer holds envelopes): for the digests we neither hold nor asked for,
+  wait ``WANT_DELAY`` (their author is usually sending them to us already), then ask
+  that peer (``want``) for those still missing, if it is still the same connection.
+  If ``WANT_TIMEOUT`` later any is still missing (the peer forgot it), stop waiting for
+  them and ask that peer for the whole difference instead (a state vector). At most
+  ``WANT_TASKS`` such waits at once; past that a ``have`` is ignored (state vectors
+  repair what is missed).
+- **Want** (a peer asks): send each envelope we still hold of a space it may read.
+- **Duplicate** (an envelope we already hold came again): remember its digest as held,
+  so a ``have`` of it is never wanted.
+
+Memory is bounded whatever peers send: the last ``RECENT_ENVELOPES`` envelopes (at most
+``RECENT_BYTES``) to answer ``want``s, the last ``KNOWN_DIGESTS`` digests held, and
+``WANT_TASKS`` waits (each no larger than the ``have`` frame that caused it).
+
+The caller tells it which peers are connected (:class:`PeerUp`, :class:`PeerDown`), what
+each may read, and whether it is one of our own devices; a :class:`PeerUp` for a device
+already up with the same ``link`` only updates what it may read, with another ``link``
+it is a new connection replacing the old one (waits on the old one are dropped).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Final
+
+from p2p.sync import digest
+
+RECENT_ENVELOPES: Final = 1024
+RECENT_BYTES: Final = 32 * 1024 * 1024
+"""Envelopes (and their total bytes) kept to answer peers' ``want``s; older ones are
+forgotten, and a peer that asks too late is caught up by state vectors instead."""
+KNOWN_DIGESTS: Final = 65536
+"""Digests of envelopes we hold, remembered so that a ``have`` of one is not wanted."""
+WANT_DELAY: Final = 0.25
+"""Seconds to wait after a ``have`` before asking for the envelope: its author sends it
+to every peer it is connected to, so it is usually on its way already."""
+WANT_TIMEOUT: Final = 5.0
+"""Seconds a ``want`` may go unanswered (the peer forgot the envelope) before we ask
+that peer for the whole difference instead (a state vector)."""
+WANT_TASKS: Final = 256
+"""Delayed ``want``s pending at once; past that, ``have``s are ignored (state vectors
+repair what is missed)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The bounds and delays of one :class:`Gossip` (the module's constants by default;
+    a simulation shrinks them to make forgetting happen)."""
+
+    recent_envelopes: int = RECENT_ENVELOPES
+    recent_bytes: int = RECENT_BYTES
+    known_digests: int = KNOWN_DIGESTS
+    want_delay: float = WANT_DELAY
+    want_timeout: float = WANT_TIMEOUT
+    want_tasks: int = WANT_TASKS
+
+
+# ---- inputs ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeerUp:
+    """A session with ``device`` is open (``link`` names the connection), or, for the
+    same ``link``, what it may read changed. ``ours``: one of our account's devices."""
+
+    device: str
+    link: int
+    spaces: frozenset[str]
+    ours: bool
+
+
+@dataclass(frozen=True)
+class PeerDown:
+    """The session with ``device`` ended."""
+
+    device: str
+
+
+@dataclass(frozen=True)
+class Authored:
+    """We sealed ``envelope`` (of ``space``): push it whole to every reader."""
+
+    space: str
+    envelope: bytes
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """An envelope by ``author`` reached us from ``came_from`` and applied: announce it."""
+
+    space: str
+    envelope: bytes
+    came_from: str
+    author: str
+    ours_only: bool = False
+
+
+@dataclass(frozen=True)
+class Have:
+    """``device`` holds these envelopes of ``space``."""
+
+    device: str
+    space: str
+    digests: list[bytes]
+
+
+@dataclass(frozen=True)
+class Want:
+    """``device`` asks for these envelopes."""
+
+    device: str
+    digests: list[bytes]
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """An envelope we already hold arrived again (from anyone)."""
+
+    envelope: bytes
+
+
+@dataclass(frozen=True)
+class TimerFired:
+    """A deadline from :class:`SetTimer` passed (early or repeated ones do no harm)."""
+
+
+Event = PeerUp | PeerDown | Authored | Accepted | Have | Want | Duplicate | TimerFired
+
+
+# ---- outputs -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SendEnvelope:
+    device: str
+    envelope: bytes
+
+
+@dataclass(frozen=True)
+class SendHave:
+    device: str
+    space: str
+    digests: list[bytes]
+
+
+@dataclass(frozen=True)
+class SendWant:
+    device: str
+    digests: list[bytes]
+
+
+@dataclass(frozen=True)
+class SendStateVector:
+    """Ask ``device`` for whatever of ``space`` we lack (the repair of a lost want)."""
+
+    device: str
+    space: str
+
+
+@dataclass(frozen=True)
+class SetTimer:
+    """Feed :class:`TimerFired` once the time reaches ``deadline`` (also
+    :meth:`Gossip.next_deadline`)."""
+
+    deadline: float
+
+
+Output = SendEnvelope | SendHave | SendWant | SendStateVector | SetTimer
+
+
+@dataclass
+class _Peer:
+    link: int
+    spaces: frozenset[str]
+    ours: bool
+
+
+@dataclass
+class _Wait:
+    """A ``have`` being waited on: first to ask (``asked`` False), then for the answer."""
+
+    device: str
+    link: int
+    space: str
+    digests: list[bytes]
+    asked: bool = False
+
+
+@dataclass
+class Gossip:
+    """The lazy-push protocol of one device (see the module's docstring)."""
+
+    limits: Limits = field(default_factory=Limits)
+    _peers: dict[str, _Peer] = field(default_factory=dict)
+    _recent: OrderedDict[bytes, tuple[str, bytes]] = field(default_factory=OrderedDict)
+    """Digest -> (space, envelope) of recent envelopes, to answer ``want``s."""
+    _recent_bytes: int = 0
+    _known: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
+    """Digests of envelopes we hold (bounded): those are never wanted."""
+    _wanted: set[bytes] = field(default_factory=set)
+    """Digests of envelopes asked for and not yet received."""
+    _waits: list[tuple[float, int, _Wait]] = field(default_factory=list)
+    """A heap of (deadline, sequence, wait)."""
+    _seq: int = 0
+
+    # ---- queries -------------------------------------------------------------------
+
+    @property
+    def peers(self) -> list[str]:
+        return list(self._peers)
+
+    @property
+    def pending_waits(self) -> int:
+        return len(self._waits)
+
+    def next_deadline(self) -> float | None:
+        """When :class:`TimerFired` is next due, or None when nothing waits."""
+        return self._waits[0][0] if self._waits else None
+
+    def holds(self, name: bytes) -> bool:
+        """Whether we still know we hold the envelope with digest ``name``."""
+        return name in self._known
+
+    # ---- events --------------------------------------------------------------------
+
+    def handle(self, event: Event, now: float) -> list[Output]:
+        """Take one event at time ``now``; returns what to send and when to wake."""
+        if isinstance(event, Authored):
+            return self._on_authored(event)
+        if isinstance(event, Accepted):
+            return self._on_accepted(event)
+        if isinstance(event, Have):
+            return self._on_have(event, now)
+        if isinstance(event, Want):
+            return self._on_want(event)
+        if isinstance(event, Duplicate):
+            self._know(digest(event.envelope))
+            return []
+        if isinstance(event, TimerFired):
+            return self._on_timer(now)
+        if isinstance(event, PeerUp):
+            self._peers[event.device] = _Peer(event.link, event.spaces, event.ours)
+            return []
+        self._peers.pop(event.device, None)
+        return []
+
+    def _on_authored(self, event: Authored) -> list[Output]:
+        self._remember(event.space, event.envelope)
+        return [
+            SendEnvelope(device, event.envelope)
+            for device, peer in self._peers.items()
+            if event.space in peer.spaces
+        ]
+
+    def _on_accepted(self, event: Accepted) -> list[Output]:
+        name = self._remember(event.space, event.envelope)
+        return [
+            SendHave(device, event.space, [name])
+            for device, peer in self._peers.items()
+            if device not in (event.came_from, event.author)
+            and event.space in peer.spaces
+            and (peer.ours or not event.ours_only)
+        ]
+
+    def _on_have(self, event: Have, now: float) -> list[Output]:
+        missing = [d for d in event.digests if d not in self._known and d not in self._wanted]
+        peer = self._peers.get(event.device)
+        if not missing or peer is None or len(self._waits) >= self.limits.want_tasks:
+            return []
+        wait = _Wait(event.device, peer.link, event.space, missing)
+        return [self._schedule(wait, now + self.limits.want_delay)]
+
+    def _on_want(self, event: Want) -> list[Output]:
+        peer = self._peers.get(event.device)
+        readable = peer.spaces if peer is not None else frozenset()
+        out: list[Output] = []
+        for name in event.digests:
+            held = self._recent.get(name)
+            if held is not None and held[0] in readable:
+                out.append(SendEnvelope(event.device, held[1]))
+        return out
+
+    def _on_timer(self, now: float) -> list[Output]:
+        out: list[Output] = []
+        while self._waits and self._waits[0][0] <= now:
+            _, _, wait = heapq.heappop(self._waits)
+            peer = self._peers.get(wait.device)
+            same = peer is not None and peer.link == wait.link
+            if not wait.asked:
+                still = [d for d in wait.digests if d not in self._known and d not in self._wanted]
+                if not still or not same:
+                    continue
+                self._wanted.update(still)
+                out.append(SendWant(wait.device, still))
+                wait.digests, wait.asked = still, True
+                out.append(self._schedule(wait, now + self.limits.want_timeout))
+            elif any(d not in self._known for d in wait.digests):
+                self._wanted.difference_update(wait.digests)
+                if same:
+                    out.append(SendStateVector(wait.device, wait.space))
+        return out
+
+    def _schedule(self, wait: _Wait, deadline: float) -> SetTimer:
+        self._seq += 1
+        heapq.heappush(self._waits, (deadline, self._seq, wait))
+        return SetTimer(deadline)
+
+    # ---- bounded memory ------------------------------------------------------------
+
+    def _remember(self, space: str, envelope: bytes) -> bytes:
+        """Keep an envelope we hold for ``want``s (bounded), and its digest as known;
+        returns the digest."""
+        name = digest(envelope)
+        self._know(name)
+        if name in self._recent or len(envelope) > self.limits.recent_bytes:
+            return name
+        self._recent[name] = (space, envelope)
+        self._recent_bytes += len(envelope)
+        while (
+            len(self._recent) > self.limits.recent_envelopes
+            or self._recent_bytes > self.limits.recent_bytes
+        ):
+            _, (_, old) = self._recent.popitem(last=False)
+            self._recent_bytes -= len(old)
+        return name
+
+    def _know(self, name: bytes) -> None:
+        """Remember (bounded) that we hold the envelope called ``name``."""
+        self._wanted.discard(name)
+        self._known[name] = None
+        self._known.move_to_end(name)
+        while len(self._known) > self.limits.known_digests:
+            self._known.popitem(last=False)
