@@ -740,3 +740,28 @@ def test_expired_mail_is_purged_periodically_and_on_start(relays: Any, tmp_path:
             assert timer.cancelled_caught
 
     trio.run(nothing)
+
+
+def test_empty_mail_is_refused_and_tiny_mail_counts_per_sender(relays: Any) -> None:
+    """Empty items cost a row and no bytes: refused. One fresh key filling many victims'
+    mailboxes with 1-byte items is stopped by its item quota."""
+    relay = relays("--sender-count", "5")
+    victims = [DeviceKeys.generate().device_id for _ in range(6)]
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            async with raw_ws(relay.url) as ws:
+                await authenticated(ws)
+                answers = []
+                for i, victim in enumerate([victims[0], *victims]):
+                    data = b"" if i == 0 else b"x"
+                    await ws.send_message(
+                        encode_client("post", to=victim, id=bytes([i]) * 16, data=data)
+                    )
+                    raw = await ws.get_message()
+                    assert isinstance(raw, bytes)
+                    answer = decode_server(raw)
+                    answers.append(answer.get("code", answer["t"]))
+                assert answers == ["empty"] + ["posted"] * 5 + ["sender_quota"]
+
+    trio.run(main)

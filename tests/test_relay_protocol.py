@@ -296,6 +296,34 @@ def test_mailbox_sender_quota(tmp_path: Path) -> None:
     assert box.post(recipients[1], recipients[2], bytes(16), b"x" * 1000, now=1) == "posted"
 
 
+def test_mailbox_counts_items_per_sender_and_in_total_and_refuses_empty_mail(
+    tmp_path: Path,
+) -> None:
+    """Tiny items cost a row each: one fresh key must not fill many mailboxes while its
+    byte quota and the relay's stay near zero (an empty item counted no bytes at all)."""
+    path = tmp_path / "relay.db"
+    limits = quota(mailbox_count=100, sender_count=5, total_count=8)
+    box = Mailbox(path, limits, now=0)
+    sender, other = DeviceKeys.generate().device_id, DeviceKeys.generate().device_id
+    victims = [DeviceKeys.generate().device_id for _ in range(6)]
+    assert box.post(victims[0], sender, bytes(16), b"", now=1) == "empty"
+    codes = [box.post(v, sender, bytes([i]) * 16, b"x", now=1) for i, v in enumerate(victims)]
+    assert codes == ["posted"] * 5 + ["sender_quota"]  # items, though only 5 bytes
+    assert [box.post(victims[0], other, bytes([50 + i]) * 16, b"y", now=1) for i in range(4)] == [
+        "posted",
+        "posted",
+        "posted",
+        "relay_full",  # 8 items on the relay
+    ]
+    assert len(box) == 8
+    box.close()
+    reopened = Mailbox(path, limits, now=2)  # the counters are rebuilt from the file
+    assert reopened.post(victims[5], sender, bytes([9]) * 16, b"z", now=3) == "sender_quota"
+    assert reopened.ack(victims[0], [bytes(16)]) == 1
+    assert reopened.post(victims[5], sender, bytes([9]) * 16, b"z", now=3) == "posted"
+    reopened.close()
+
+
 def test_mailbox_fetch_ack_and_persistence(tmp_path: Path) -> None:
     path = tmp_path / "relay.db"
     box = Mailbox(path, quota(mailbox_count=100, mailbox_bytes=10**6), now=0)

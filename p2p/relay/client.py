@@ -513,6 +513,8 @@ class RelayClient:
         the same device are stored once)."""
         if not is_device_id(to):
             raise RelayError(f"not a device id: {to[:40]!r}")
+        if not data:
+            raise RelayError("mail holds at least one byte")
         try:
             link = await self._wait_link()
         except TransportError as exc:

@@ -95,7 +95,11 @@ class Limits:
     sender_bytes: int = _limit(
         256 * MiB, "Bytes of undelivered mail one device may have on the relay, all recipients."
     )
+    sender_count: int = _limit(
+        100_000, "Items of undelivered mail one device may have on the relay, all recipients."
+    )
     total_bytes: int = _limit(4096 * MiB, "Bytes of mail on the whole relay.")
+    total_count: int = _limit(4_000_000, "Items of mail on the whole relay.")
     mail_ttl: float = _limit(30 * 24 * 3600.0, "Seconds mail is kept for delivery (30 days).")
     purge_interval: float = _limit(
         3600.0, "Seconds between purges of expired mail (at most a quarter of the TTL)."
@@ -144,7 +148,9 @@ class Limits:
             mailbox_count=self.mailbox_count,
             mailbox_bytes=self.mailbox_bytes,
             sender_bytes=self.sender_bytes,
+            sender_count=self.sender_count,
             total_bytes=self.total_bytes,
+            total_count=self.total_count,
             ttl=self.mail_ttl,
         )
 
