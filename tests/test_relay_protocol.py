@@ -8,6 +8,7 @@ encoders never produce. The mailbox runs against a real SQLite file in ``tmp_pat
 from __future__ import annotations
 
 import contextlib
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from p2p.relay.protocol import (
     CLIENT_SCHEMA,
     DOMAIN_AUTH,
     MAX_MESSAGE,
+    MAX_WATCH,
     RELAY_VERSION,
     SERVER_SCHEMA,
     Field,
@@ -423,3 +425,17 @@ def test_byte_queue_bounds_bytes_and_closes_cleanly() -> None:
         assert not capped.put_nowait(b"3")
 
     trio.run(main)
+
+
+def test_the_documented_watch_bound_is_the_enforced_one() -> None:
+    """docs/relay.md tells operators and client authors how many ids a watch may hold;
+    it said 16 while the relay took 64."""
+    docs = (Path(__file__).parent.parent / "docs" / "relay.md").read_text()
+    stated: set[int] = set()
+    for pattern in (r"a `watch` holds at most (\d+) device ids", r"`ids`: up to (\d+) distinct"):
+        stated.update(int(n) for n in re.findall(pattern, docs))
+    assert stated == {MAX_WATCH}
+    ids = [DeviceKeys.generate().device_id for _ in range(MAX_WATCH + 1)]
+    assert decode_client(encode_client("watch", ids=ids[:MAX_WATCH]))["ids"] == ids[:MAX_WATCH]
+    with pytest.raises(MalformedFrame):
+        decode_client(raw({"v": 1, "t": "watch", "ids": ids}))
