@@ -113,7 +113,12 @@ class Limits:
     connections_per_device: int = _limit(
         4, "Connections one device may hold; a newer one evicts the oldest."
     )
-    max_connections: int = _limit(10_000, "Websockets open at once, authenticated or not.")
+    max_connections: int = _limit(
+        10_000, "TCP connections open at once, from accept on (handshaking, authenticated)."
+    )
+    max_handshakes: int = _limit(
+        1_000, "TCP connections at once that have not authenticated yet (a share of the above)."
+    )
     max_pipes: int = _limit(32, "Pipes open at once on one connection (both directions together).")
     msg_rate: int = _limit(
         2000, "Messages per second a connection may send, sustained (token bucket)."
@@ -181,6 +186,8 @@ class _Conn:
         self.scope = trio.CancelScope()
         self.close_code = NORMAL
         self.close_reason = ""
+        self.pending = [True]
+        """Shared with :meth:`RelayServer.accept`: True until the device authenticated."""
         self.messages = TokenBucket(limits.msg_rate, limits.msg_burst, now)
         self.bytes = TokenBucket(limits.byte_rate, limits.byte_burst, now)
 
@@ -235,12 +242,20 @@ class RelayServer:
         """Device id -> its authenticated connections, oldest first."""
         self.watchers: dict[str, set[_Conn]] = {}
         self.stats = RelayStats()
+        self.sockets = 0
+        """TCP connections held now, counted from accept: a socket that never finishes its
+        websocket handshake holds a descriptor as surely as an authenticated one."""
+        self.handshaking = 0
+        """Of those, the ones not authenticated yet."""
+        self._refusal_logged = -math.inf
 
     def snapshot(self) -> dict[str, Any]:
         """What is happening now, as plain values (for logs, status and tests)."""
         return {
             **asdict(self.stats),
             "connections": len(self.conns),
+            "sockets": self.sockets,
+            "handshaking": self.handshaking,
             "devices_online": len(self.devices),
             "pipes": sum(len(c.pipes) for c in self.conns) // 2,
             "mail_items": len(self.mailbox),
@@ -257,6 +272,24 @@ class RelayServer:
         open when the peer drops the TCP connection without a closing handshake. Never
         raises (but Cancelled): a bug or a bad client must not take the listener down.
         """
+        lim = self.limits
+        if self.sockets >= lim.max_connections or self.handshaking >= lim.max_handshakes:
+            # refused before reading a byte: a flood of slow handshakes must not hold
+            # descriptors past the bounds (nor spend a websocket handshake on each)
+            self.stats.refused += 1
+            now = trio.current_time()
+            if now - self._refusal_logged >= 1.0:  # one line a second, not one per socket
+                self._refusal_logged = now
+                log.warning(
+                    "refusing connections: %d open, %d not authenticated",
+                    self.sockets,
+                    self.handshaking,
+                )
+            await trio.aclose_forcefully(stream)
+            return
+        self.sockets += 1
+        self.handshaking += 1
+        pending = [True]  # cleared by _register once the device authenticated
         try:
             remote = _format_remote(stream)
             deadline = trio.current_time() + self.limits.auth_timeout
@@ -270,23 +303,25 @@ class RelayServer:
                         receive_buffer_size=RECEIVE_BUFFER,
                     )
                 if request is not None:
-                    await self.handle(request, remote, deadline)
+                    await self.handle(request, remote, deadline, pending)
                 nursery.cancel_scope.cancel()
         except Exception:
             log.exception("bug while serving a connection")
         finally:
+            self.sockets -= 1
+            if pending[0]:
+                self.handshaking -= 1
             await trio.aclose_forcefully(stream)
 
-    async def handle(self, request: WebSocketRequest, remote: str, auth_deadline: float) -> None:
+    async def handle(
+        self, request: WebSocketRequest, remote: str, auth_deadline: float, pending: list[bool]
+    ) -> None:
         """Serve one websocket until it ends (called by :meth:`accept`); ``auth`` must
-        arrive by ``auth_deadline`` (trio time)."""
-        if len(self.conns) >= self.limits.max_connections:
-            self.stats.refused += 1
-            log.warning("refusing %s: %d connections open", remote, len(self.conns))
-            await request.reject(503, body=b"relay full")
-            return
+        arrive by ``auth_deadline`` (trio time). ``pending[0]`` is cleared on auth (the
+        connection stops counting against ``max_handshakes``)."""
         ws = await request.accept()
         conn = _Conn(ws, remote, self.limits)
+        conn.pending = pending
         self.conns.add(conn)
         self.stats.accepted += 1
         try:
@@ -418,6 +453,9 @@ class RelayServer:
 
     def _register(self, conn: _Conn, device: str) -> None:
         conn.device = device
+        if conn.pending[0]:
+            conn.pending[0] = False
+            self.handshaking -= 1
         self.stats.authenticated += 1
         conns = self.devices.setdefault(device, [])
         conns.append(conn)
