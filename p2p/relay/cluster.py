@@ -517,9 +517,6 @@ class RedisCluster:
     def healthy(self) -> bool:
         return self._healthy
 
-    def alive(self, proc: str) -> bool:
-        return proc == self.proc_id or proc in self._alive
-
     @property
     def processes(self) -> int:
         """Live processes at the last sweep, this one included."""
