@@ -27,7 +27,7 @@ from typing import Any
 import trio
 
 from p2p.errors import P2PError, RelayError
-from p2p.relay.cluster import parse_redis_url
+from p2p.relay.backend import parse_redis_url
 from p2p.relay.metrics import serve_metrics
 from p2p.relay.server import Limits, RelayServer, serve_relay
 from p2p.transport.tcp import parse_address

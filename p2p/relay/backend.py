@@ -24,12 +24,19 @@ ends are both local exactly as a single relay does, and routes the others throug
 from __future__ import annotations
 
 import time
+import urllib.parse
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 import trio
 
+from p2p.errors import RelayError
 from p2p.relay.mailbox import Mailbox, MailQuota, StoredMail
+
+WINDOW_BYTES: Final = 4 * 1024 * 1024
+WINDOW_ITEMS: Final = 64
+"""A cross-process pipe's credit window, each direction: bytes and chunks in flight
+(cluster.py; here so the server need not import the Redis client unless it uses it)."""
 
 
 class MailStore(Protocol):
@@ -104,3 +111,19 @@ class SqliteMailStore:
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
         self.mailbox.close()
+
+
+def parse_redis_url(url: str) -> tuple[str, int, int]:
+    """``redis://HOST[:PORT][/DB]`` -> (host, port, db); RelayError for anything else
+    (TLS, passwords and sockets are left to a later change: say so rather than guess)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or 6379
+    except ValueError as exc:
+        raise RelayError(f"not a Redis URL: {url!r}") from exc
+    if parts.scheme != "redis" or not parts.hostname or parts.query or parts.username:
+        raise RelayError(f"not a redis://HOST:PORT/DB URL: {url!r}")
+    db_text = parts.path.strip("/") or "0"
+    if not db_text.isdigit():
+        raise RelayError(f"the Redis database must be a number: {url!r}")
+    return parts.hostname, port, int(db_text)

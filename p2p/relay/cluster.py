@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import urllib.parse
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
@@ -66,6 +65,7 @@ from coredis.exceptions import RedisError
 from coredis.retry import NoRetryPolicy
 
 from p2p.errors import RelayError, StoreError
+from p2p.relay.backend import WINDOW_BYTES, WINDOW_ITEMS, parse_redis_url
 from p2p.relay.mailbox import MailQuota, StoredMail
 from p2p.relay.protocol import MAIL_ID_BYTES, MAX_PAYLOAD, is_device_id
 
@@ -79,9 +79,6 @@ SWEEP: Final = 2.0
 """Seconds between sweeps for dead processes."""
 TIMEOUT: Final = 2.0
 """Seconds for one Redis command (connect and answer); past it, Redis counts as lost."""
-WINDOW_BYTES: Final = 4 * 1024 * 1024
-WINDOW_ITEMS: Final = 64
-"""A cross-process pipe's credit window, each direction: bytes and chunks in flight."""
 OUTBOX_BYTES: Final = 8 * 1024 * 1024
 """Bytes queued towards one other process before senders wait."""
 BATCH_BYTES: Final = 1024 * 1024
@@ -263,22 +260,6 @@ return any[1] or false
 """
 
 
-def parse_redis_url(url: str) -> tuple[str, int, int]:
-    """``redis://HOST[:PORT][/DB]`` -> (host, port, db); RelayError for anything else
-    (TLS, passwords and sockets are left to a later change: say so rather than guess)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port or 6379
-    except ValueError as exc:
-        raise RelayError(f"not a Redis URL: {url!r}") from exc
-    if parts.scheme != "redis" or not parts.hostname or parts.query or parts.username:
-        raise RelayError(f"not a redis://HOST:PORT/DB URL: {url!r}")
-    db_text = parts.path.strip("/") or "0"
-    if not db_text.isdigit():
-        raise RelayError(f"the Redis database must be a number: {url!r}")
-    return parts.hostname, port, int(db_text)
-
-
 def connect(url: str) -> coredis.Redis[bytes]:
     """A coredis client for ``url`` with short timeouts and no retries: a relay that
     loses Redis must learn it at once (and refuse logins), not hang in a retry loop."""
@@ -447,6 +428,8 @@ class _Outbox:
         self.closed = False
 
     def append(self, item: bytes) -> None:
+        if self.closed:
+            return
         self.items.append(item)
         self.bytes += len(item)
         self.has_items.unpark()
@@ -454,12 +437,24 @@ class _Outbox:
     async def put(self, item: bytes) -> None:
         while self.bytes >= OUTBOX_BYTES and not self.closed:
             await self.has_room.park()
-        self.append(item)
+        if not self.closed:
+            self.append(item)
         await trio.lowlevel.checkpoint()
 
+    def close(self) -> None:
+        """The process it went to is gone: drop what waits, end the sender."""
+        self.closed = True
+        self.items.clear()
+        self.bytes = 0
+        self.has_items.unpark_all()
+        self.has_room.unpark_all()
+
     async def batch(self) -> list[bytes]:
-        while not self.items:
+        """The next messages to publish, at most a batch; [] once closed."""
+        while not self.items and not self.closed:
             await self.has_items.park()
+        if self.closed:
+            return []
         out: list[bytes] = []
         size = 0
         while self.items and len(out) < BATCH_ITEMS and size < BATCH_BYTES:
@@ -637,7 +632,9 @@ class RedisCluster:
             self._alive = alive
             if dead:
                 for proc in dead:
-                    self._outboxes.pop(proc, None)
+                    box = self._outboxes.pop(proc, None)
+                    if box is not None:
+                        box.close()
                 self._on_lost(dead)
 
     async def _subscriber(self) -> None:
@@ -729,8 +726,10 @@ class RedisCluster:
 
     async def _sender(self, proc: str, box: _Outbox) -> None:
         channel = self._channel(proc)
-        while self._outboxes.get(proc) is box:
+        while not box.closed:
             batch = await box.batch()
+            if not batch:
+                return
             try:
                 with trio.fail_after(TIMEOUT * 2):
                     async with self.client.pipeline(transaction=False) as pipe:
@@ -745,6 +744,8 @@ class RedisCluster:
 
 
 __all__ = [
+    "WINDOW_BYTES",
+    "WINDOW_ITEMS",
     "RedisCluster",
     "RedisMailStore",
     "connect",

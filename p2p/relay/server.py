@@ -38,7 +38,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 from trio_websocket import ConnectionClosed as WsClosed
@@ -47,8 +47,7 @@ from trio_websocket import WebSocketConnection, WebSocketRequest, wrap_server_st
 from p2p.errors import BadSignature, FrameTooLarge, RelayError, StoreError, WireError
 from p2p.identity import short_id, verify
 from p2p.relay._queue import ByteQueue, QueueClosed
-from p2p.relay.backend import MailStore, SqliteMailStore
-from p2p.relay.cluster import WINDOW_BYTES, WINDOW_ITEMS, RedisCluster
+from p2p.relay.backend import WINDOW_BYTES, WINDOW_ITEMS, MailStore, SqliteMailStore
 from p2p.relay.mailbox import FILE_NAME, MailQuota
 from p2p.relay.protocol import (
     CLIENT_CID_LIMIT,
@@ -64,6 +63,9 @@ from p2p.relay.protocol import (
     encode_server,
     is_device_id,
 )
+
+if TYPE_CHECKING:  # coredis takes a second to import: only a cluster process loads it
+    from p2p.relay.cluster import RedisCluster
 
 log = logging.getLogger("p2p.relay")
 
@@ -1025,7 +1027,7 @@ async def serve_relay(
             finally:
                 await store.aclose()
             return
-        from p2p.relay.cluster import RedisMailStore, connect
+        from p2p.relay.cluster import RedisCluster, RedisMailStore, connect
 
         client = connect(redis_url)
         async with client:
