@@ -214,6 +214,12 @@ def test_presence_across_processes(topology: Topology) -> None:
             async with serving(b):
                 await until(lambda: b_keys.device_id in a.online)
             await until(lambda: b_keys.device_id not in a.online)
+            c = topology.client(2, b_keys)
+            async with serving(c):  # online before the watch: the answer says so
+                a.update_watch()
+                late = topology.client(1, watch=lambda: [b_keys.device_id])
+                async with serving(late):
+                    await until(lambda: b_keys.device_id in late.online)
 
     trio.run(main)
 
@@ -417,3 +423,40 @@ def test_losing_redis_refuses_logins_and_recovers_with_the_mail(start_cluster: A
         assert "p2p_relay_redis_up 1" in body
 
     trio.run(main)
+
+
+def test_junk_on_the_cluster_bus_is_dropped(start_cluster: Any) -> None:
+    """Redis is the operator's, but what arrives through it is input all the same:
+    junk on a process's bus channel and on the presence channel is dropped with a log
+    line, and the process goes on serving."""
+    topo: Topology = start_cluster(2)
+    assert topo.redis is not None
+    one, two = topo.relays
+    prefix = f"p2p:{CLUSTER_ID}:"
+    junk = [
+        b"\xc1",
+        b"\x91\xa4open",  # ["open"]: too short
+        b"\x95\xa4data\xa0\xa1k\x00\x00",  # data with a bad chunk
+        b"\x94\xa5close\xa1x\xa1k\x01",
+        b"\xdd\xff\xff\xff\xff",  # an array that claims 4 billion items
+    ]
+    with socket.create_connection(("127.0.0.1", topo.redis.port), timeout=5) as s:
+        for channel in (prefix + "proc:" + one.process, prefix + "presence"):
+            for item in junk:
+                parts = [b"PUBLISH", channel.encode(), item]
+                s.sendall(b"*3\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts))
+                assert s.recv(64).startswith(b":")
+    a, b = (
+        RelayClient(one.url, DeviceKeys.generate(), relay_id=CLUSTER_ID),
+        RelayClient(two.url, DeviceKeys.generate(), relay_id=CLUSTER_ID),
+    )
+
+    async def main() -> None:
+        async with serving(a, b):
+            pipe = await a.dial(relay_address(b.device_id))
+            await pipe.send(b"still here")
+            assert await pipe.receive() == b"still here"
+
+    trio.run(main)
+    assert one.proc is not None
+    assert one.proc.poll() is None

@@ -569,7 +569,7 @@ class RelayServer:
         """Forget a connection that ended (idempotent)."""
         conn.out.abort()
         self._unwatch(conn)
-        for end in conn.pipes.values():
+        for end in list(conn.pipes.values()):  # (dropping a remote end edits the dict)
             if isinstance(end, _RemotePipe):
                 self._drop_remote(end, tell_other="gone")
                 continue
