@@ -224,6 +224,25 @@ def test_presence_across_processes(topology: Topology) -> None:
     trio.run(main)
 
 
+def test_a_device_with_open_pipes_goes_offline_when_it_leaves(topology: Topology) -> None:
+    """Leaving with pipes open to devices on other processes: the pipes end at the
+    other end, and the device is offline for its watchers (the clean-up runs whole)."""
+    b_keys = DeviceKeys.generate()
+    a = topology.client(0, watch=lambda: [b_keys.device_id])
+
+    async def main() -> None:
+        async with serving(a):
+            b = topology.client(1, b_keys)
+            async with serving(b):
+                await until(lambda: b_keys.device_id in a.online)
+                pipe = await b.dial(relay_address(a.device_id))
+                await pipe.send(b"ping")
+                assert await pipe.receive() == b"ping"
+            await until(lambda: b_keys.device_id not in a.online)
+
+    trio.run(main)
+
+
 def test_pipes_keep_order_and_size_across_processes(topology: Topology) -> None:
     a, b = topology.client(0), topology.client(2)
     frames = [bytes([i % 251]) * (1 + (i * 7919) % 20_000) for i in range(300)]
