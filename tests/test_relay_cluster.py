@@ -479,3 +479,49 @@ def test_junk_on_the_cluster_bus_is_dropped(start_cluster: Any) -> None:
     trio.run(main)
     assert one.proc is not None
     assert one.proc.poll() is None
+
+
+def test_abuse_is_refused_by_a_cluster_process_as_by_a_single_relay(start_cluster: Any) -> None:
+    """The single relay's misbehaving clients (bad auth, silence, oversized messages,
+    floods, text, junk, auth twice) get the same close codes from a cluster process,
+    while a pair of devices on two processes keeps talking through it all."""
+    from test_relay import ATTACKS
+
+    topo: Topology = start_cluster(
+        2, "--auth-timeout", "1", "--msg-rate", "100", "--msg-burst", "200"
+    )
+    one, two = topo.relays
+    a = RelayClient(one.url, DeviceKeys.generate(), relay_id=CLUSTER_ID)
+    b = RelayClient(two.url, DeviceKeys.generate(), relay_id=CLUSTER_ID)
+    codes: dict[str, int] = {}
+    rounds = 0
+
+    async def talk(pipe: Connection) -> None:
+        nonlocal rounds
+        while True:
+            frame = b"%d" % rounds
+            await pipe.send(frame)
+            assert await pipe.receive() == frame
+            rounds += 1
+
+    async def attack(fn: Any) -> None:
+        codes[fn.__name__] = await fn(one.url)
+
+    async def main() -> None:
+        with trio.fail_after(60):
+            async with serving(a, b) as nursery:
+                pipe = await a.dial(relay_address(b.device_id))
+                nursery.start_soon(talk, pipe)
+                async with trio.open_nursery() as attacks:
+                    for fn in ATTACKS:
+                        attacks.start_soon(attack, fn)
+                before = rounds
+                await until(lambda: rounds > before + 5)
+                assert a.connected
+                assert b.connected
+
+    trio.run(main)
+    assert codes == {fn.__name__: code for fn, code in ATTACKS.items()}
+    assert one.proc is not None
+    assert one.proc.poll() is None
+    assert "Traceback" not in one.log()
