@@ -5,7 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean chaos
+.PHONY: demo test lint typecheck unit bench clean chaos redis
+
+# The relay cluster's tests (and its benchmark row) start their own redis-server on
+# loopback: Debian's package, installed where it is missing (CI runs as root).
+redis:
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,7 +36,7 @@ typecheck: $(STAMP)
 PROPERTIES := tests/test_wire.py tests/test_relay_protocol.py tests/test_yupdate.py \
 	tests/test_fuzz_inputs.py tests/test_index.py tests/test_convergence.py tests/test_chaos_sync.py
 
-unit: $(STAMP)
+unit: $(STAMP) redis
 	$(BIN)/pytest -q
 	$(BIN)/pytest -q --hypothesis-profile=replay -m property $(PROPERTIES)
 
@@ -41,7 +46,7 @@ test: lint typecheck unit
 # and inputs. Figures go to $(CHAOS_REPORT), one JSON line per run, summed up at the end.
 CHAOS_REPORT ?= $(VENV)/chaos-figures.jsonl
 
-chaos: $(STAMP)
+chaos: $(STAMP) redis
 	rm -f $(CHAOS_REPORT)
 	P2P_CHAOS=1 P2P_CHAOS_REPORT=$(abspath $(CHAOS_REPORT)) $(BIN)/pytest -q -m chaos tests; \
 	status=$$?; $(BIN)/python tests/chaos.py summary $(CHAOS_REPORT); exit $$status
@@ -65,7 +70,7 @@ $(NODE_STAMP): bench/package.json bench/package-lock.json
 	cd bench && npm ci --no-audit --no-fund --ignore-scripts
 	touch $(NODE_STAMP)
 
-bench: $(BENCH_STAMP) $(NODE_STAMP)
+bench: $(BENCH_STAMP) $(NODE_STAMP) redis
 	$(BENCH_VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
 clean:

@@ -642,7 +642,8 @@ def cmd_relay(args: argparse.Namespace) -> int:
     from p2p.relay.__main__ import main as relay_main
 
     rest = list(args.relay_args)
-    if "--data" not in rest and not any(a.startswith("--data=") for a in rest):
+    given = {a.split("=", 1)[0] for a in rest}
+    if not given & {"--data", "--redis"}:  # a cluster process keeps its mail in Redis
         rest += ["--data", str(_home(args) / "relay")]  # the mailbox lives in the home
     return relay_main(rest)
 
@@ -903,7 +904,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("status", cmd_status, "this device, its peers, its spaces")
     p = sub.add_parser(
         "relay",
-        help="run a rendezvous relay: p2p relay --listen HOST:PORT [--data DIR]",
+        help="run a rendezvous relay: p2p relay --listen HOST:PORT [--data DIR | --redis URL]",
         add_help=False,
     )
     p.set_defaults(handler=cmd_relay)

@@ -90,7 +90,7 @@ from p2p.media.service import MediaService, open_blobs
 from p2p.media.store import BlobStore
 from p2p.model import MAX_BODY, Entry, Message, Rejected
 from p2p.peering import Link, keep_new
-from p2p.relay.client import RelayClient, is_relay_address
+from p2p.relay.client import RelayClient, group_relay_urls, is_relay_address
 from p2p.relay.routing import RoutedTransport
 from p2p.storage.base import Store, WriteBatch
 from p2p.storage.memory import MemoryStore
@@ -1608,7 +1608,9 @@ async def open_node(
     ``transport`` accepts and makes connections (none: the node works offline);
     ``peers`` are addresses to keep connected to; ``discovery`` adapters report more
     (mDNS, ...) as they find them; ``relays`` are rendezvous relay URLs (``ws://...``):
-    the node meets linked devices through them and leaves mail for offline ones.
+    the node meets linked devices through them and leaves mail for offline ones. URLs
+    of one relay cluster name its id (``ws://HOST:PORT#id=RELAY_ID``) and make one
+    client that fails over between them.
     ``wall_ms`` is the time used for message timestamps (tests pass a virtual clock).
     ``receipts=False`` keeps this device from writing delivery receipts (others then
     never see their messages delivered to it: a privacy choice, as in any messenger).
@@ -1647,12 +1649,14 @@ async def open_node(
             async with trio.open_nursery() as nursery:
                 clients = [
                     RelayClient(
-                        url,
+                        urls[0],
                         state.keys,
                         watch=state.followed_devices,
+                        relay_id=relay_id,
+                        alternates=urls[1:],
                         first_frame_limit=MAX_HANDSHAKE_FRAME,
                     )
-                    for url in relays
+                    for relay_id, urls in group_relay_urls(relays)
                 ]
                 if clients:
                     transport = RoutedTransport(transport, clients)

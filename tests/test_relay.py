@@ -673,3 +673,76 @@ def test_expired_mail_is_purged_periodically_and_on_start(relays: Any, tmp_path:
             assert timer.cancelled_caught
 
     trio.run(nothing)
+
+
+def test_connections_are_counted_and_bounded_from_tcp_accept(relays: Any) -> None:
+    """Sockets that never finish the websocket handshake hold descriptors: past the
+    bounds they are closed at once, not after the auth timeout, and the relay serves
+    devices again once they are gone."""
+    relay = relays("--max-connections", "6", "--max-handshakes", "4", "--auth-timeout", "6")
+    host, port = relay.url.removeprefix("ws://").rsplit(":", 1)
+
+    async def closed_soon(stream: trio.SocketStream) -> bool:
+        with trio.move_on_after(3):
+            try:
+                return await stream.receive_some(1) == b""
+            except trio.BrokenResourceError:
+                return True
+        return False
+
+    async def main() -> None:
+        began = trio.current_time()
+        silent = [await trio.open_tcp_stream(host, int(port)) for _ in range(10)]
+        try:
+            verdicts: list[bool] = [False] * len(silent)
+
+            async def check(i: int) -> None:
+                verdicts[i] = await closed_soon(silent[i])
+
+            async with trio.open_nursery() as nursery:
+                for i in range(len(silent)):
+                    nursery.start_soon(check, i)
+            assert verdicts.count(True) == 6  # 4 still held, waiting for their handshake
+        finally:
+            for stream in silent:
+                await trio.aclose_forcefully(stream)
+        # the held ones end at the auth timeout (trio-websocket does not notice a client
+        # that hangs up before its handshake)
+        await trio.sleep_until(began + 6.5)
+        a, b = (
+            RelayClient(relay.url, DeviceKeys.generate()),
+            RelayClient(relay.url, DeviceKeys.generate()),
+        )
+        with trio.fail_after(20):
+            async with serving(a, b):
+                pipe = await a.dial(relay_address(b.device_id))
+                await pipe.send(b"still served")
+                assert await pipe.receive() == b"still served"
+
+    trio.run(main)
+    assert "refusing connections" in relay.log()
+
+
+def test_empty_mail_is_refused_and_tiny_mail_counts_per_sender(relays: Any) -> None:
+    """Empty items cost a row and no bytes: refused. One fresh key filling many victims'
+    mailboxes with 1-byte items is stopped by its item quota."""
+    relay = relays("--sender-count", "5")
+    victims = [DeviceKeys.generate().device_id for _ in range(6)]
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            async with raw_ws(relay.url) as ws:
+                await authenticated(ws)
+                answers = []
+                for i, victim in enumerate([victims[0], *victims]):
+                    data = b"" if i == 0 else b"x"
+                    await ws.send_message(
+                        encode_client("post", to=victim, id=bytes([i]) * 16, data=data)
+                    )
+                    raw = await ws.get_message()
+                    assert isinstance(raw, bytes)
+                    answer = decode_server(raw)
+                    answers.append(answer.get("code", answer["t"]))
+                assert answers == ["empty"] + ["posted"] * 5 + ["sender_quota"]
+
+    trio.run(main)

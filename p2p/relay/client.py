@@ -43,7 +43,7 @@ import math
 import random
 import ssl
 import urllib.parse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -116,6 +116,32 @@ PACE_RATE: Final = 0.8
 PACE_BURST: Final = 0.5
 """Share of the relay's announced rates and bursts this client allows itself."""
 QUOTA_CODES: Final = frozenset({"quota", "sender_quota", "relay_full"})
+
+
+def split_relay_url(url: str) -> tuple[str, str]:
+    """``URL[#id=RELAY_ID]`` -> (the URL to dial, the relay id it must sign in as).
+
+    A relay cluster serves one id from many addresses; ``#id=`` names that id for an
+    address that differs from it (``ws://10.0.0.5:7700#id=wss://relay.example``). The
+    fragment never leaves this device. Without it the id is the URL, as for one relay.
+    """
+    base, _, fragment = url.partition("#")
+    if not fragment:
+        return url, url.rstrip("/")
+    if not fragment.startswith("id=") or len(fragment) <= 3:
+        raise RelayError(f"a relay URL's fragment must be #id=RELAY_ID: {url!r}")
+    return base, fragment[3:]
+
+
+def group_relay_urls(urls: Iterable[str]) -> list[tuple[str, list[str]]]:
+    """Relay URLs grouped by relay id, in the order given: one client per relay id,
+    with the id's other addresses to fail over to."""
+    groups: dict[str, list[str]] = {}
+    for url in urls:
+        base, relay_id = split_relay_url(url)
+        if base not in groups.setdefault(relay_id, []):
+            groups[relay_id].append(base)
+    return list(groups.items())
 
 
 def relay_address(device_id: str) -> str:
@@ -364,6 +390,11 @@ class RelayClient:
     is the name the relay must sign in as: the URL by default. ``first_frame_limit``
     bounds the first frame a pipe buffers, either way (a node passes the handshake
     limit, p2p.wire.MAX_HANDSHAKE_FRAME: its sessions open with a small hello).
+
+    ``alternates`` are more URLs of the same relay id: other processes of a relay cluster.
+    When a connection fails or drops, the next URL is tried at once; the backoff starts
+    once every URL failed in a row. Mail and presence are the cluster's, so a device
+    that fails over finds its mail there, and its peers redial its pipes.
     """
 
     def __init__(
@@ -374,10 +405,14 @@ class RelayClient:
         watch: Callable[[], Iterable[str]] = tuple,
         relay_id: str | None = None,
         first_frame_limit: int = MAX_FRAME,
+        alternates: Sequence[str] = (),
     ) -> None:
+        self.urls = [url, *alternates]
+        for each in self.urls:
+            _split_url(each)  # RelayError now rather than at each reconnection
         self.url = url
+        """The URL in use now (or tried last): one of ``urls``."""
         self._first_limit = first_frame_limit
-        _split_url(url)  # RelayError now rather than at each reconnection
         self.relay_id = relay_id if relay_id is not None else url.rstrip("/")
         self._device = device
         self._watch = watch
@@ -526,6 +561,8 @@ class RelayClient:
         the same device are stored once)."""
         if not is_device_id(to):
             raise RelayError(f"not a device id: {to[:40]!r}")
+        if not data:
+            raise RelayError("mail holds at least one byte")
         try:
             link = await self._wait_link()
         except TransportError as exc:
@@ -585,11 +622,27 @@ class RelayClient:
 
     async def _keep_connected(self) -> None:
         backoff = BACKOFF_MIN
+        index = 0
+        untried = len(self.urls) - 1
+        """Other URLs still to try before backing off (a failover goes at once)."""
         while True:
+            self.url = self.urls[index % len(self.urls)]
             began = trio.current_time()
             welcomed = await self._connect_once()
-            if welcomed and trio.current_time() - began >= STABLE_AFTER:
-                backoff = BACKOFF_MIN
+            if welcomed:
+                untried = len(self.urls) - 1
+                if trio.current_time() - began >= STABLE_AFTER:
+                    backoff = BACKOFF_MIN
+            index += 1
+            if untried > 0:
+                untried -= 1
+                if len(self.urls) > 1:
+                    log.info(
+                        "relay %s: trying %s", self.relay_id, self.urls[index % len(self.urls)]
+                    )
+                await trio.sleep(random.uniform(0.0, BACKOFF_MIN))
+                continue
+            untried = len(self.urls) - 1
             await trio.sleep(backoff * random.uniform(0.5, 1.5))
             backoff = min(backoff * 2, BACKOFF_MAX)
 

@@ -137,6 +137,7 @@ MAIL_ERRORS: Final = {
     "sender_quota": "the sender holds as much undelivered mail on the relay as it may",
     "relay_full": "the relay's mail storage is full",
     "too_large": "the item is larger than the relay accepts",
+    "empty": "a mail item holds at least one byte",
     "self": "a device cannot post to itself",
     "unavailable": "the relay could not store the item (try again later)",
 }
