@@ -59,6 +59,7 @@ from p2p.identity import (
 )
 from p2p.model import (
     INDEXED,
+    MAX_BODY,
     UNREAD,
     AuthorSource,
     Changes,
@@ -74,7 +75,7 @@ from p2p.model import (
     new_id,
 )
 from p2p.storage.base import INDEXED_MAPS, IndexKey, IndexRow, Store, WriteBatch
-from p2p.wire import pack, unpack
+from p2p.wire import load_json, pack, unpack
 
 assert INDEXED == INDEXED_MAPS, "the index mirrors exactly the maps whose changes apply reports"
 
@@ -1112,9 +1113,13 @@ class DeviceState:
         replica = space.replica
         receipts: dict[str, dict[str, str]] = {}
         for e in replica.valid_entries("v", self.any_signing_key, self.belongs):
-            try:
-                stated = json.loads(e.body) if e.body else {}
-            except ValueError:
+            try:  # a member's receipt: its nesting is bounded before parsing
+                stated = (
+                    load_json(e.body, what="receipt", max_size=MAX_BODY, max_depth=2)
+                    if e.body
+                    else {}
+                )
+            except WireError:
                 continue
             if isinstance(stated, dict):
                 receipts[e.device] = {str(k): str(v) for k, v in stated.items()}
