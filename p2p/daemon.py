@@ -78,6 +78,8 @@ def _describe(event: ev.Event) -> tuple[str, str]:
             "entry_rejected",
             f"hidden entry {event.entry_id} from {event.device}: {event.reason}",
         )
+    if isinstance(event, ev.ChatSetAside):
+        return "chat_set_aside", f"chat {event.chat} set aside: {event.error}: {event.detail}"
     if isinstance(event, ev.ChatKeysChanged):
         what = "joined" if event.joined else "keys changed in"
         return "chat_keys_changed", f"{what} chat {event.chat} (epoch {event.epoch})"
@@ -90,6 +92,9 @@ async def _report(
 ) -> None:
     events = node.subscribe()
     task_status.started()
+    for corrupt in list(node.state.set_aside.values()):  # found while opening the home
+        found = ev.ChatSetAside(chat=corrupt.chat, error="ChatCorrupt", detail=corrupt.reason)
+        _say(as_json, *_describe(found), **asdict(found))
     async for event in events:
         if isinstance(event, ev.ChatChanged) and event.origin == node.device_id:
             continue

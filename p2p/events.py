@@ -97,6 +97,17 @@ class MediaProgress:
     """The file's size in bytes."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class ChatSetAside:
+    """A chat's stored history failed to load (a corrupt row): the chat is set aside,
+    the node and every other chat go on. Its rows stay on disk for a later repair."""
+
+    chat: str
+    error: str
+    """The typed error's class name."""
+    detail: str
+
+
 Event = (
     ChatChanged
     | PeerConnected
@@ -106,4 +117,5 @@ Event = (
     | DeviceListChanged
     | ChatKeysChanged
     | MediaProgress
+    | ChatSetAside
 )

@@ -36,14 +36,18 @@ from p2p.contacts import ContactCode
 from p2p.core import Delivery, DeviceState, Ingested, Space, index_view, merge_batches
 from p2p.discovery.base import Discovery, Found, Source, StaticPeers
 from p2p.errors import (
+    ChatCorrupt,
     ContactError,
     GrantFromNonMember,
+    InvalidUpdate,
     NodeError,
     P2PError,
     RemovedDevice,
     ReplayDetected,
     RollbackRefused,
+    StoreCorrupt,
     UnknownKey,
+    WireError,
 )
 from p2p.grants import is_grant
 from p2p.home import open_home_store
@@ -320,6 +324,10 @@ class Node:
                 }
                 for s in self.state.spaces.values()
             ],
+            "set_aside": [
+                {"id": c.chat, "name": c.name, "reason": c.reason}
+                for c in self.state.set_aside.values()
+            ],
             "pending_writes": len(self._writes),
             "pending_gossip": sum(len(v) for v in self._outbox.values()),
             "traffic": self.traffic(),
@@ -474,12 +482,28 @@ class Node:
         if space.replica.loaded:
             return
         async with self._load_lock:
+            if space.id in self.state.set_aside:
+                raise self.state.set_aside[space.id]
             if not space.replica.loaded:
-                await self._run_store(space.replica.load)
+                try:
+                    await self._run_store(space.replica.load)
+                except (StoreCorrupt, InvalidUpdate, WireError) as exc:
+                    raise self._put_aside(space, exc) from exc
+
+    def _put_aside(self, space: Space, error: P2PError) -> ChatCorrupt:
+        """A chat whose stored history does not load is set aside and reported; the node
+        and every other chat go on (its rows stay on disk as they are)."""
+        corrupt = self.state.put_aside(space.id, error)
+        log.error("%s", corrupt)
+        self._emit(ev.ChatSetAside(chat=space.id, error=type(error).__name__, detail=str(error)))
+        return corrupt
 
     async def _load_all(self) -> None:
+        """Load every space (a session offers them all); one that does not load is set
+        aside, not a reason to refuse the peer."""
         for space in list(self.state.spaces.values()):
-            await self._load(space)
+            with contextlib.suppress(ChatCorrupt):
+                await self._load(space)
 
     def _queue_write(self, batch: WriteBatch, *, announce: ev.Event | None = None) -> trio.Event:
         """Queue a batch for the writer, in order; the event fires once it is durable,
