@@ -434,10 +434,13 @@ class Node:
             self._receipts_wakeup = trio.Event()
             due, self._receipts_due = self._receipts_due, set()
             for space_id in sorted(due):
+                if space_id not in self.state.spaces:
+                    continue  # set aside meanwhile (a corrupt chat)
                 body = self.state.receipt_body(space_id)
                 stated = self._stated_receipt(space_id)
                 if body and body != stated and not self._closed:
-                    await self._write(space_id, "rcpt", body=body)
+                    with contextlib.suppress(ChatCorrupt):
+                        await self._write(space_id, "rcpt", body=body)
 
     def _stated_receipt(self, space_id: str) -> str:
         entries = self.state.space(space_id).replica.entries("v")
@@ -541,7 +544,8 @@ class Node:
             if batch:
                 await self._run_store(self.store.write, batch)
                 for space_id, _update in batch.appends:
-                    self.state.spaces[space_id].log_seq += 1
+                    if space_id in self.state.spaces:  # not set aside meanwhile
+                        self.state.spaces[space_id].log_seq += 1
                 await self._compact(batch.appends)
             for space_id, update, _ in written:
                 self._outbox.setdefault(space_id, []).append(update)
@@ -555,8 +559,8 @@ class Node:
         """Fold a space's update log into a snapshot once its tail grows long, so that
         opening the store stays fast (one snapshot plus a short tail)."""
         for space_id in {s for s, _ in appends}:
-            space = self.state.spaces[space_id]
-            if space.log_seq - space.snapshot_seq < COMPACT_AFTER:
+            space = self.state.spaces.get(space_id)
+            if space is None or space.log_seq - space.snapshot_seq < COMPACT_AFTER:
                 continue
             # every update up to log_seq is in the replica, so this snapshot covers them
             snapshot, upto = space.replica.snapshot(), space.log_seq
