@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean chaos redis
+.PHONY: demo test lint typecheck unit bench clean chaos redis fuzz
 
 # The relay cluster's tests (and its benchmark row) start their own redis-server on
 # loopback: Debian's package, installed where it is missing (CI runs as root).
@@ -48,8 +48,17 @@ CHAOS_REPORT ?= $(VENV)/chaos-figures.jsonl
 
 chaos: $(STAMP) redis
 	rm -f $(CHAOS_REPORT)
-	P2P_CHAOS=1 P2P_CHAOS_REPORT=$(abspath $(CHAOS_REPORT)) $(BIN)/pytest -q -m chaos tests; \
+	FUZZ_SECONDS=$(FUZZ_SECONDS) P2P_CHAOS=1 P2P_CHAOS_REPORT=$(abspath $(CHAOS_REPORT)) \
+	$(BIN)/pytest -q -m chaos tests; \
 	status=$$?; $(BIN)/python tests/chaos.py summary $(CHAOS_REPORT); exit $$status
+
+# Coverage-guided fuzzing (atheris) of every parser of outside bytes, FUZZ_SECONDS each
+# (tests/fuzz/run.py; crashes land in tests/fuzz/crashes/, replayed by make test).
+# make chaos runs the same through tests/test_fuzz_regressions.py.
+FUZZ_SECONDS ?= 60
+
+fuzz: $(STAMP)
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python tests/fuzz/run.py
 
 # `make bench` (BENCH_ARGS="--quick" for a smoke run): p2p against pycrdt-websocket and
 # y-websocket, tables + plots in bench/out/ (see docs/performance.md). Its own venv,

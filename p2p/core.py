@@ -36,11 +36,13 @@ from p2p.authority import (
 )
 from p2p.clock import HybridClock
 from p2p.errors import (
+    ChatCorrupt,
     ContactError,
     DeviceListError,
     GrantFromNonMember,
     GrantRefused,
     NotInitialized,
+    P2PError,
     RemovedDevice,
     RollbackRefused,
     StoreCorrupt,
@@ -71,6 +73,7 @@ from p2p.identity import (
 )
 from p2p.model import (
     INDEXED,
+    MAX_BODY,
     UNREAD,
     AuthorSource,
     Changes,
@@ -86,7 +89,7 @@ from p2p.model import (
     new_id,
 )
 from p2p.storage.base import INDEXED_MAPS, IndexKey, IndexRow, Store, WriteBatch
-from p2p.wire import pack, unpack
+from p2p.wire import load_json, pack, unpack
 
 assert INDEXED == INDEXED_MAPS, "the index mirrors exactly the maps whose changes apply reports"
 
@@ -225,6 +228,9 @@ class DeviceState:
         self.device_list = device_list
         self.account_key = account_key
         self.spaces: dict[str, Space] = {}
+        self.set_aside: dict[str, ChatCorrupt] = {}
+        """Spaces whose stored history or record did not load, by id: out of
+        :attr:`spaces` (nothing syncs, shows or writes them), their rows left on disk."""
         self.counter = 0
         self.counter_reserved = 0
         self.replay: dict[str, envelope.ReplayWindow] = {}
@@ -612,36 +618,11 @@ class DeviceState:
                 state.boot = run.boot
             for name in store.names("space/"):
                 space_id = name.removeprefix("space/")
-                kind, space_name, epoch, member_pks = unpack(
-                    _required(store, name), what="space record"
-                )
-                space_keys = {
-                    int(k.rsplit("/", 1)[1]): _required(store, k)
-                    for k in store.names(f"spacekey/{space_id}/")
-                }
-                indexed = store.get(f"indexed/{space_id}") is not None
-                replica = state._replica(
-                    space_id,
-                    source=partial(_history, store, space_id),
-                    authors=partial(store.index_authors, space_id) if indexed else None,
-                )
-                space = Space(
-                    space_id,
-                    kind,
-                    space_name,
-                    epoch,
-                    space_keys,
-                    replica,
-                    members={short_id(pk): pk for pk in member_pks},
-                    rotations={
-                        int(k.rsplit("/", 1)[1]): _required(store, k)
-                        for k in store.names(f"spacerot/{space_id}/")
-                    },
-                )
-                state.spaces[space_id] = space
-                space.snapshot_seq, space.log_seq = store.log_seqs(space_id)
-                if not indexed:
-                    state.unsaved = merge_batches([state.unsaved, state.build_index(space_id)])
+                try:
+                    state._load_space(store, space_id, _required(store, name))
+                except (P2PError, ValueError, TypeError, KeyError) as exc:
+                    # one unreadable chat must not take the others, or the node, down
+                    state.put_aside(space_id, exc if isinstance(exc, P2PError) else ValueError(exc))
             for name in store.names("replay/"):
                 state.replay[name.removeprefix("replay/")] = envelope.ReplayWindow.from_record(
                     _required(store, name)
@@ -663,10 +644,43 @@ class DeviceState:
 
     # ---- writing locally -----------------------------------------------------------
 
+    def _load_space(self, store: Store, space_id: str, record: bytes) -> None:
+        """One space from its records (its document stays lazy unless never indexed)."""
+        kind, space_name, epoch, member_pks = unpack(record, what="space record")
+        space_keys = {
+            int(k.rsplit("/", 1)[1]): _required(store, k)
+            for k in store.names(f"spacekey/{space_id}/")
+        }
+        indexed = store.get(f"indexed/{space_id}") is not None
+        replica = self._replica(
+            space_id,
+            source=partial(_history, store, space_id),
+            authors=partial(store.index_authors, space_id) if indexed else None,
+        )
+        space = Space(
+            space_id,
+            kind,
+            space_name,
+            epoch,
+            space_keys,
+            replica,
+            members={short_id(pk): pk for pk in member_pks},
+            rotations={
+                int(k.rsplit("/", 1)[1]): _required(store, k)
+                for k in store.names(f"spacerot/{space_id}/")
+            },
+        )
+        self.spaces[space_id] = space
+        space.snapshot_seq, space.log_seq = store.log_seqs(space_id)
+        if not indexed:
+            self.unsaved = merge_batches([self.unsaved, self.build_index(space_id)])
+
     def space(self, space_id: str) -> Space:
         try:
             return self.spaces[space_id]
         except KeyError:
+            if space_id in self.set_aside:
+                raise self.set_aside[space_id] from None
             raise UnknownChat(space_id) from None
 
     def chat_by_name(self, name: str) -> Space:
@@ -676,7 +690,20 @@ class DeviceState:
         for s in self.spaces.values():
             if s.kind == "chat" and s.name == name:
                 return s
+        for corrupt in self.set_aside.values():
+            if name in (corrupt.chat, corrupt.name):
+                raise corrupt
         raise UnknownChat(name, [s.name for s in self.spaces.values() if s.kind == "chat"])
+
+    def put_aside(self, space_id: str, error: P2PError | ValueError) -> ChatCorrupt:
+        """Set a space aside whose stored history or record does not load: the node and
+        every other space go on without it; its rows stay on disk as they are."""
+        space = self.spaces.pop(space_id, None)
+        corrupt = ChatCorrupt(
+            space_id, f"{type(error).__name__}: {error}", space.name if space else ""
+        )
+        self.set_aside[space_id] = corrupt
+        return corrupt
 
     def new_entry(
         self, space_id: str, kind: Kind, wall_ms: int, *, body: str = "", target: str = ""
@@ -1278,9 +1305,13 @@ class DeviceState:
         replica = space.replica
         receipts: dict[str, dict[str, str]] = {}
         for e in replica.valid_entries("v", self.any_signing_key, self.belongs):
-            try:
-                stated = json.loads(e.body) if e.body else {}
-            except ValueError:
+            try:  # a member's receipt: its nesting is bounded before parsing
+                stated = (
+                    load_json(e.body, what="receipt", max_size=MAX_BODY, max_depth=2)
+                    if e.body
+                    else {}
+                )
+            except WireError:
                 continue
             if isinstance(stated, dict):
                 receipts[e.device] = {str(k): str(v) for k, v in stated.items()}

@@ -72,6 +72,8 @@ def _describe(event: ev.Event, names: dict[str, str] | None = None) -> tuple[str
         )
     if isinstance(event, ev.DeviceLinked):
         return "device_linked", f"new device linked: {event.name} ({event.device})"
+    if isinstance(event, ev.ChatSetAside):
+        return "chat_set_aside", f"chat {event.chat} set aside: {event.error}: {event.detail}"
     if isinstance(event, ev.ChatKeysChanged):
         what = "joined" if event.joined else "keys changed in"
         return "chat_keys_changed", f"{what} chat {event.chat} (epoch {event.epoch})"
@@ -86,6 +88,9 @@ async def _report(
     task_status.started()
     shown: dict[str, int] = {}
     """Attachment -> tenths of it last reported (people get at most 11 lines a file)."""
+    for corrupt in list(node.state.set_aside.values()):  # found while opening the home
+        found = ev.ChatSetAside(chat=corrupt.chat, error="ChatCorrupt", detail=corrupt.reason)
+        _say(as_json, *_describe(found), **asdict(found))
     async for event in events:
         if isinstance(event, ev.ChatChanged) and event.origin == node.device_id:
             continue

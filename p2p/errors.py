@@ -172,6 +172,17 @@ class StoreCorrupt(StoreError):
     """The store's file exists but its content cannot be trusted."""
 
 
+class ChatCorrupt(StoreCorrupt):
+    """A chat whose stored history or record does not load: it is set aside (not
+    synced, not shown, its rows left on disk as they are) and every other chat goes on."""
+
+    def __init__(self, chat: str, reason: str, name: str = "") -> None:
+        super().__init__(f"chat {chat} is set aside, its stored history is unreadable: {reason}")
+        self.chat = chat
+        self.reason = reason
+        self.name = name
+
+
 class AlreadyInitialized(StoreError):
     """``init`` on a home that already holds a device."""
 

@@ -120,6 +120,17 @@ class Typing:
     typing: bool
 
 
+@dataclass(frozen=True, kw_only=True)
+class ChatSetAside:
+    """A chat's stored history failed to load (a corrupt row): the chat is set aside,
+    the node and every other chat go on. Its rows stay on disk for a later repair."""
+
+    chat: str
+    error: str
+    """The typed error's class name."""
+    detail: str
+
+
 Event = (
     ChatChanged
     | PeerConnected
@@ -131,4 +142,5 @@ Event = (
     | ChatKeysChanged
     | MediaProgress
     | Typing
+    | ChatSetAside
 )

@@ -47,15 +47,19 @@ from p2p.core import (
 )
 from p2p.discovery.base import Discovery, Found, Source, StaticPeers
 from p2p.errors import (
+    ChatCorrupt,
     ContactError,
     GrantFromNonMember,
+    InvalidUpdate,
     NodeError,
     P2PError,
     RemovedDevice,
     ReplayDetected,
     RollbackRefused,
+    StoreCorrupt,
     UnknownKey,
     Unlinked,
+    WireError,
 )
 from p2p.gossip import (
     KNOWN_DIGESTS,
@@ -419,6 +423,10 @@ class Node:
                 }
                 for s in self.state.spaces.values()
             ],
+            "set_aside": [
+                {"id": c.chat, "name": c.name, "reason": c.reason}
+                for c in self.state.set_aside.values()
+            ],
             "pending_writes": len(self._writes),
             "pending_gossip": sum(len(v) for v in self._outbox.values()),
             "traffic": self.traffic(),
@@ -603,10 +611,13 @@ class Node:
             self._receipts_wakeup = trio.Event()
             due, self._receipts_due = self._receipts_due, set()
             for space_id in sorted(due):
+                if space_id not in self.state.spaces:
+                    continue  # set aside meanwhile (a corrupt chat)
                 body = self.state.receipt_body(space_id)
                 stated = self._stated_receipt(space_id)
                 if body and body != stated and not self._closed and not self.removed:
-                    await self._write(space_id, "rcpt", body=body)
+                    with contextlib.suppress(ChatCorrupt):
+                        await self._write(space_id, "rcpt", body=body)
 
     def _stated_receipt(self, space_id: str) -> str:
         entries = self.state.space(space_id).replica.entries("v")
@@ -651,10 +662,23 @@ class Node:
         if space.replica.loaded:
             return
         async with self._load_lock:
+            if space.id in self.state.set_aside:
+                raise self.state.set_aside[space.id]
             if not space.replica.loaded:
-                lost = await self._run_store(self.state.load_checked, space.id, self.store)
+                try:
+                    lost = await self._run_store(self.state.load_checked, space.id, self.store)
+                except (StoreCorrupt, InvalidUpdate, WireError) as exc:
+                    raise self._put_aside(space, exc) from exc
                 if lost:
                     self._write_again(space.id, lost)
+
+    def _put_aside(self, space: Space, error: P2PError) -> ChatCorrupt:
+        """A chat whose stored history does not load is set aside and reported; the node
+        and every other chat go on (its rows stay on disk as they are)."""
+        corrupt = self.state.put_aside(space.id, error)
+        log.error("%s", corrupt)
+        self._emit(ev.ChatSetAside(chat=space.id, error=type(error).__name__, detail=str(error)))
+        return corrupt
 
     def _write_again(self, space_id: str, entries: list[Entry]) -> None:
         """Put entries of ours that the loaded CRDT lacked back into it (see
@@ -673,8 +697,11 @@ class Node:
         self._outbox_wakeup.set()
 
     async def _load_all(self) -> None:
+        """Load every space (a session offers them all); one that does not load is set
+        aside, not a reason to refuse the peer."""
         for space in list(self.state.spaces.values()):
-            await self._load(space)
+            with contextlib.suppress(ChatCorrupt):
+                await self._load(space)
 
     def _queue_write(self, batch: WriteBatch, *, announce: ev.Event | None = None) -> trio.Event:
         """Queue a batch for the writer, in order; the event fires once it is durable,
@@ -712,7 +739,8 @@ class Node:
             if batch:
                 await self._run_store(self.store.write, batch)
                 for space_id, _update in batch.appends:
-                    self.state.spaces[space_id].log_seq += 1
+                    if space_id in self.state.spaces:  # not set aside meanwhile
+                        self.state.spaces[space_id].log_seq += 1
                 await self._compact(batch.appends)
             if self.state.counters_wanted:  # long before the current block runs out
                 self.state.grant_counters(await self._run_store(claim_counters, self.store))
@@ -728,8 +756,8 @@ class Node:
         """Fold a space's update log into a snapshot once its tail grows long, so that
         opening the store stays fast (one snapshot plus a short tail)."""
         for space_id in {s for s, _ in appends}:
-            space = self.state.spaces[space_id]
-            if space.log_seq - space.snapshot_seq < COMPACT_AFTER:
+            space = self.state.spaces.get(space_id)
+            if space is None or space.log_seq - space.snapshot_seq < COMPACT_AFTER:
                 continue
             # every update up to log_seq is in the replica, so this snapshot covers them
             snapshot, upto = space.replica.snapshot(), space.log_seq

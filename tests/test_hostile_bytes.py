@@ -30,8 +30,10 @@ from trio_websocket import ConnectionClosed as WsClosed
 from trio_websocket import wrap_client_stream
 
 from p2p import wire
-from p2p.errors import MalformedFrame, WireError
+from p2p.core import DeviceState
+from p2p.errors import BadDescriptor, FrameTooLarge, MalformedFrame, TooComplex, WireError
 from p2p.identity import DeviceKeys
+from p2p.media.descriptor import parse_file_body
 from p2p.pairing import PairingCode
 from p2p.relay import protocol
 from p2p.relay.client import RelayClient, RelayPipe, relay_address
@@ -115,6 +117,40 @@ def test_the_scan_passes_what_our_formats_hold() -> None:
     for value in values:
         data = msgpack.packb(value, use_bin_type=True)
         assert wire.unpack(data, what="t") == msgpack.unpackb(data, strict_map_key=False)
+
+
+# ---- JSON from members and from disk ---------------------------------------------------
+
+NESTED = "[" * 30_000 + "]" * 30_000
+"""60 KB of JSON, well within an entry's body, and far past json.loads' recursion limit."""
+
+
+def test_a_deeply_nested_file_body_is_a_bad_descriptor() -> None:
+    with pytest.raises(BadDescriptor):
+        parse_file_body(NESTED)
+    with pytest.raises(BadDescriptor):
+        parse_file_body('{"text": "x", "file": ' + NESTED + "}")
+
+
+def test_a_deeply_nested_receipt_is_ignored() -> None:
+    state, _ = DeviceState.create_account("me")
+    chat = state.chat_by_name("notes").id
+    receipt = state.new_entry(chat, "rcpt", 1_767_225_600_000, body=NESTED)
+    state.write_local(chat, [receipt])
+    assert state.delivery(chat, []) == {}  # the receipt says nothing; no RecursionError
+
+
+def test_load_json_bounds_depth_and_size_before_parsing() -> None:
+    assert wire.load_json(
+        '{"a": [1, "[[[[", {"b": "\\\\\\"["}]}', what="t", max_size=100, max_depth=3
+    )
+    with pytest.raises(TooComplex):
+        wire.load_json(NESTED, what="t", max_size=10**6, max_depth=8)
+    with pytest.raises(FrameTooLarge):
+        wire.load_json("[]" * 100, what="t", max_size=100, max_depth=8)
+    with pytest.raises(MalformedFrame):
+        wire.load_json(b"\xff", what="t", max_size=100, max_depth=8)
+    assert wire.json_depth('"\\\\"[') == 1  # an escaped backslash escapes no quote
 
 
 # ---- real processes ---------------------------------------------------------------------

@@ -48,9 +48,11 @@ from p2p.errors import (
     P2PError,
     ProtocolError,
     StoreError,
+    WireError,
 )
 from p2p.media.descriptor import (
     HASH_SIZE,
+    MAX_BODY_TEXT,
     Attachment,
     chunk_hash,
     chunk_size_for,
@@ -61,7 +63,7 @@ from p2p.media.descriptor import (
 from p2p.media.fetch import WINDOW, Fetcher
 from p2p.media.store import FILE_NAME, BlobStore
 from p2p.model import Message
-from p2p.wire import MEDIA_WANT_MAX
+from p2p.wire import MEDIA_WANT_MAX, load_json
 
 log = logging.getLogger("p2p.media")
 
@@ -674,11 +676,9 @@ def _json(a: Attachment) -> str:
 
 
 def _loads(descriptor: str) -> object:
-    import json
-
-    try:
-        return json.loads(descriptor)
-    except ValueError as exc:
+    try:  # a stored row: bounded like any bytes from outside
+        return load_json(descriptor, what="stored descriptor", max_size=MAX_BODY_TEXT, max_depth=4)
+    except WireError as exc:
         raise StoreError("a stored descriptor is not JSON") from exc
 
 
