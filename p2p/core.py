@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Final, Literal
@@ -210,6 +210,10 @@ class DeviceState:
         self.contact_keys: dict[str, bytes] = {}
         """The contact key of each contact (from its contact code): our devices meet
         theirs with it before any conversation is shared."""
+        self.history: Callable[[str], Iterable[bytes]] | None = None
+        """A space's whole history as it stands: durable, then on its way to the store
+        (set by :meth:`load` to the store's; the node adds its write queue). A replica
+        that an update made pycrdt panic is rebuilt from it."""
 
     # ---- identity ------------------------------------------------------------------
 
@@ -536,6 +540,7 @@ class DeviceState:
                 device_list=device_list,
                 account_key=AccountKey(seed) if seed else None,
             )
+            state.history = partial(_history, store)
             # accounts we follow first: indexing a chat checks entries by their lists
             for name in store.names("peer/"):
                 followed = DeviceList.decode(_required(store, name))
@@ -757,7 +762,13 @@ class DeviceState:
             source=source,
             authors=authors,
             client_id=crdt_client(self.device_id, self.boot),
+            reload=partial(self._history_of, space_id),
         )
+
+    def _history_of(self, space_id: str) -> Iterable[bytes]:
+        """A space's whole history as it stands (see :attr:`history`); none without a
+        store (a state held in memory only: its replica then starts over empty)."""
+        return () if self.history is None else self.history(space_id)
 
     def start_run(self) -> WriteBatch:
         """What must be durable before this run seals anything: a block of envelope

@@ -17,16 +17,20 @@ the update is neither kept nor passed on.
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import pycrdt
 import pytest
+import trio
 
-from p2p import yupdate
-from p2p.core import DeviceState, crdt_client
-from p2p.errors import InvalidUpdate
-from p2p.model import Entry
+from p2p import events as ev
+from p2p import model, testing, yupdate
+from p2p.core import NOTES, DeviceState, crdt_client
+from p2p.errors import InvalidUpdate, PoisonedReplica
+from p2p.model import Entry, Replica
 from tests.test_accounts import conversation, two_accounts
+from tests.test_node import run
 from tests.test_sync_session import WALL, Link, view
 
 
@@ -143,3 +147,79 @@ def test_a_member_still_replaces_its_own_values() -> None:
     a_laptop.ingest(attacker.place("m", "b1", b_entry(b_phone, chat, "b1", "first")))
     a_laptop.ingest(attacker.place("m", "b1", b_entry(b_phone, chat, "b1", "second")))
     assert [m.text for m in view(a_laptop, chat)][-1] == "second"
+
+
+# ---- the poisoned replica ---------------------------------------------------------
+
+POISON = base64.b64decode("AQkAAAEBAQEBAQEBAAAAAAEAAAABAQEBAQEBAQEBAQEBAQEBAQEBAQEAAAA=")
+"""44 bytes that make pycrdt panic in its commit, keeping part of them (tests/test_yupdate
+checks that ``check_update`` refuses them; here the check is switched off, as if the
+next update of the kind got through)."""
+
+
+def lenient(data: bytes, space: str) -> frozenset[int]:
+    """``check_update`` with the new refusals missing: what a gap in it would let by."""
+    return frozenset({0})
+
+
+def clean(full_state: bytes) -> bool:
+    """Whether a document's full state applies in a fresh document without a panic."""
+    try:
+        pycrdt.Doc().apply_update(full_state)
+    except BaseException:
+        return False
+    return True
+
+
+def test_a_panic_rebuilds_the_replica_from_its_history(monkeypatch: pytest.MonkeyPatch) -> None:
+    writer: pycrdt.Doc[Any] = pycrdt.Doc(client_id=7)
+    writer.get("m", type=pycrdt.Map)["k"] = "kept"
+    history = [bytes(writer.get_update())]
+    replica = Replica("s", source=lambda: list(history))
+    replica.load()
+    before = replica.state_vector()
+    monkeypatch.setattr(model, "check_update", lenient)
+    with pytest.raises(PoisonedReplica) as info:
+        replica.apply(POISON)
+    assert isinstance(info.value, InvalidUpdate)  # a peer sending it is disconnected
+    assert "divide by zero" in info.value.reason
+    assert replica.state_vector() == before  # client 0 is not there
+    assert clean(replica.snapshot())
+    assert replica.doc.get("m", type=pycrdt.Map).to_py() == {"k": "kept"}
+    writer.get("m", type=pycrdt.Map)["j"] = "later"
+    replica.apply(bytes(writer.get_update(before)))  # and it goes on
+    assert replica.doc.get("m", type=pycrdt.Map).to_py() == {"k": "kept", "j": "later"}
+
+
+def test_a_panic_from_a_peer_closes_its_connection_and_keeps_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The laptop gets the poison from the phone's session: a typed error, the session
+    closed, nothing stored, the replica as it was; and sync goes on."""
+
+    async def scenario() -> None:
+        async with testing.cluster(2, receipts=False) as c:
+            phone, laptop = c.nodes
+            await phone.send("before")
+            await c.settle()
+            chat = laptop.state.chat_by_name(NOTES).id
+            replica = laptop.state.space(chat).replica
+            before = replica.state_vector()
+            monkeypatch.setattr(model, "check_update", lenient)
+            with laptop.events() as events:
+                phone._broadcast(chat, phone.state.seal(chat, POISON), exclude=())
+                with trio.fail_after(60):
+                    async for event in events:
+                        if isinstance(event, ev.InputRejected):
+                            break
+            monkeypatch.undo()
+            assert event.error == "PoisonedReplica"
+            assert event.device == phone.device_id
+            assert replica.state_vector() == before
+            assert clean(replica.snapshot())
+            assert POISON not in laptop.store.load_space(chat).updates
+            await phone.send("after")
+            await c.settle()
+            assert [m.text for m in laptop.messages(chat)] == ["before", "after"]
+
+    run(scenario)
