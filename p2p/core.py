@@ -71,6 +71,7 @@ from p2p.model import (
     UpdateSource,
     fold,
     judge,
+    may_open,
     new_id,
 )
 from p2p.storage.base import INDEXED_MAPS, IndexKey, IndexRow, Store, WriteBatch
@@ -788,6 +789,9 @@ class DeviceState:
             self._client_owners = owners
         return self._client_owners.get(client >> BOOT_BITS)
 
+    def _may_open(self, account_id: str, map_name: str, key: str) -> bool:
+        return may_open(map_name, key, account_id, self.belongs)
+
     def _ours_client(self, client: int) -> bool:
         return self.client_account(client) == self.account_id
 
@@ -818,7 +822,11 @@ class DeviceState:
         # another account's device may only write and delete its own account's structs
         # (so it can neither occupy nor delete ours); our own devices relay anyone's
         allowed = None if author == self.account_id else self._author_client(author)
-        applied = self.spaces[opened.space].replica.apply(opened.payload, allowed=allowed)
+        # nor write the first value under a key that is ours by its name
+        opens = None if allowed is None else partial(self._may_open, author)
+        applied = self.spaces[opened.space].replica.apply(
+            opened.payload, allowed=allowed, opens=opens
+        )
         changed = applied.changed
         relayable = allowed is not None or all(
             self.client_account(c) == author for c in applied.clients

@@ -178,6 +178,23 @@ class Entry:
         )
 
 
+def may_open(map_name: str, key: str, account: str, belongs: DeviceInAccount) -> bool:
+    """Whether a device of ``account`` may write the first value under ``key`` (see
+    :meth:`Entry.key`): read markers and receipts under its account's devices,
+    reactions and leave entries under its account. Keys known before their owner
+    writes them would otherwise be squatted: the owner's write then replaces another
+    account's item, which every other account refuses (``DeviceState.ingest``). Entry
+    ids are random; a deletion's key is its message's id, whose author the fold
+    checks (a deletion squatted first still blocks the author's: a known gap)."""
+    if map_name in ("k", "v"):
+        return belongs(key, account)
+    if map_name == "r":
+        return key.rpartition("/")[2] == account
+    if map_name == "l":
+        return key == account
+    return True
+
+
 @dataclass(frozen=True, kw_only=True)
 class Message:
     """A message as shown: edits applied, deletion and reactions folded in."""
@@ -547,6 +564,7 @@ class Replica:
         *,
         from_store: bool = False,
         allowed: Callable[[int], bool] | None = None,
+        opens: Callable[[str, str], bool] | None = None,
     ) -> Applied:
         """Integrate an update (idempotent); InvalidUpdate if pycrdt refuses it.
 
@@ -558,17 +576,26 @@ class Replica:
         keys are indexed already). ``allowed`` (when given) must accept every client the
         update touches: another account's device may only touch its own account's
         clients, so it can neither occupy, replace nor delete another's structs.
+        ``opens`` (when given) must accept every (map, key) the update names (see
+        :func:`may_open`).
 
         Should pycrdt panic part-way all the same, the document is rebuilt from its
         history (``reload``) and PoisonedReplica raised: the update is not kept.
         """
         if not from_store and len(update) > MAX_UPDATE:
             raise InvalidUpdate(self.space, f"{len(update)} bytes exceed {MAX_UPDATE}")
-        clients = check_update(update, self.space)  # before pycrdt trusts its counts
+        opened: list[tuple[str, str]] | None = None if opens is None else []
+        clients = check_update(update, self.space, opened)  # before pycrdt trusts its counts
         if allowed is not None and not all(allowed(c) for c in clients):
             raise InvalidUpdate(
                 self.space, "the update touches CRDT clients of another account than its sender's"
             )
+        if opens is not None:
+            for map_name, key in opened or ():
+                if not opens(map_name, key):
+                    raise InvalidUpdate(
+                        self.space, f"the update opens {map_name}/{key}, which is not its sender's"
+                    )
         if not from_store:
             self.load()  # the history first, so that the changes seen are this update's
         changed: Changes = {}

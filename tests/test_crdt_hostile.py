@@ -29,9 +29,9 @@ from p2p import model, testing, yupdate
 from p2p.core import NOTES, DeviceState, crdt_client
 from p2p.errors import InvalidUpdate, PoisonedReplica
 from p2p.model import Entry, Replica
-from tests.test_accounts import conversation, two_accounts
+from tests.test_accounts import befriend, conversation, two_accounts
 from tests.test_node import run
-from tests.test_sync_session import WALL, Link, view
+from tests.test_sync_session import WALL, Link, new_account, view
 
 
 class Attacker:
@@ -139,6 +139,47 @@ def test_a_member_cannot_undo_our_deletion() -> None:
     assert view(a_laptop, chat)[0].deleted
 
 
+@pytest.mark.parametrize("map_name", ["k", "v", "r", "l"])
+def test_a_member_cannot_squat_a_key_that_is_ours_by_name(map_name: str) -> None:
+    """B writes first under a key that names A's device or account (a read marker, a
+    receipt, a reaction, a leave entry): refused. Had it got in, A's own later write
+    would replace B's item, and every other account would refuse A's update (and A's
+    every catch-up holding it) as touching B's structs."""
+    a_phone, a_laptop, b_phone, chat, message = setup()
+    key = {
+        "k": a_phone.device_id,
+        "v": a_laptop.device_id,
+        "r": f"{message.id}/{a_phone.account_id}",
+        "l": a_phone.account_id,
+    }[map_name]
+    attacker = Attacker(b_phone, chat, a_laptop)
+    with pytest.raises(InvalidUpdate, match="opens"):
+        a_laptop.ingest(attacker.place(map_name, key, {"squatted": "by B"}))
+    assert key not in dict(a_laptop.space(chat).replica.entries(map_name))
+
+
+def test_a_squat_would_block_our_catch_up_to_a_third_account() -> None:
+    """Why squatting matters: with three accounts, B's squat of A's read-marker key,
+    taken by A's phone and by C, makes C refuse A's marker, and A's catch-up with it."""
+    a_phone, a_laptop, b_phone, _, _ = setup()
+    c_phone, _ = new_account()
+    befriend([a_phone, a_laptop], [b_phone], [c_phone])
+    trio_chat = conversation(a_phone, b_phone, c_phone)
+    Link(a_phone, b_phone).connect().run()
+    Link(a_phone, c_phone).connect().run()
+    squat = Attacker(b_phone, trio_chat, a_phone).place("k", a_phone.device_id, "squat")
+    for device in (a_phone, c_phone):
+        with pytest.raises(InvalidUpdate, match="opens"):
+            device.ingest(squat)
+    marker = a_phone.new_entry(trio_chat, "read", WALL + 1, body="x")
+    update, _ = a_phone.write_local(trio_chat, [marker])
+    c_phone.ingest(a_phone.seal(trio_chat, update))
+    link = Link(a_phone, c_phone).connect()
+    link.run()
+    assert link.b.ingest_errors == []
+    assert dict(c_phone.space(trio_chat).replica.entries("k"))[a_phone.device_id] == marker
+
+
 def test_a_member_still_replaces_its_own_values() -> None:
     """B placing its own value after its own item (editing its receipt, say) is fine:
     only references to other accounts' structs count against it."""
@@ -157,7 +198,7 @@ checks that ``check_update`` refuses them; here the check is switched off, as if
 next update of the kind got through)."""
 
 
-def lenient(data: bytes, space: str) -> frozenset[int]:
+def lenient(data: bytes, space: str, opened: object = None) -> frozenset[int]:
     """``check_update`` with the new refusals missing: what a gap in it would let by."""
     return frozenset({0})
 
