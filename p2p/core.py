@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Final, Literal
@@ -86,6 +86,7 @@ from p2p.model import (
     UpdateSource,
     fold,
     judge,
+    may_open,
     new_id,
 )
 from p2p.storage.base import INDEXED_MAPS, IndexKey, IndexRow, Store, WriteBatch
@@ -249,6 +250,10 @@ class DeviceState:
         self.contact_keys: dict[str, bytes] = {}
         """The contact key of each contact (from its contact code): our devices meet
         theirs with it before any conversation is shared."""
+        self.history: Callable[[str], Iterable[bytes]] | None = None
+        """A space's whole history as it stands: durable, then on its way to the store
+        (set by :meth:`load` to the store's; the node adds its write queue). A replica
+        that an update made pycrdt panic is rebuilt from it."""
 
     # ---- identity ------------------------------------------------------------------
 
@@ -604,6 +609,7 @@ class DeviceState:
                 device_list=device_list,
                 account_key=AccountKey(seed) if seed else None,
             )
+            state.history = partial(_history, store)
             # accounts we follow first: indexing a chat checks entries by their lists
             for name in store.names("peer/"):
                 followed = DeviceList.decode(_required(store, name))
@@ -888,7 +894,13 @@ class DeviceState:
             source=source,
             authors=authors,
             client_id=crdt_client(self.device_id, self.boot),
+            reload=partial(self._history_of, space_id),
         )
+
+    def _history_of(self, space_id: str) -> Iterable[bytes]:
+        """A space's whole history as it stands (see :attr:`history`); none without a
+        store (a state held in memory only: its replica then starts over empty)."""
+        return () if self.history is None else self.history(space_id)
 
     def client_account(self, client: int) -> str | None:
         """The account whose device writes as CRDT client ``client`` (None if none we
@@ -901,6 +913,9 @@ class DeviceState:
                     owners[device_prefix(d.device_id)] = dl.account_id
             self._client_owners = owners
         return self._client_owners.get(client >> BOOT_BITS)
+
+    def _may_open(self, account_id: str, map_name: str, key: str) -> bool:
+        return may_open(map_name, key, account_id, self.belongs)
 
     def _ours_client(self, client: int) -> bool:
         return self.client_account(client) == self.account_id
@@ -932,7 +947,11 @@ class DeviceState:
         # another account's device may only write and delete its own account's structs
         # (so it can neither occupy nor delete ours); our own devices relay anyone's
         allowed = None if author == self.account_id else self._author_client(author)
-        applied = self.spaces[opened.space].replica.apply(opened.payload, allowed=allowed)
+        # nor write the first value under a key that is ours by its name
+        opens = None if allowed is None else partial(self._may_open, author)
+        applied = self.spaces[opened.space].replica.apply(
+            opened.payload, allowed=allowed, opens=opens
+        )
         changed = applied.changed
         relayable = allowed is not None or all(
             self.client_account(c) == author for c in applied.clients

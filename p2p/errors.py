@@ -161,6 +161,12 @@ class InvalidUpdate(ProtocolError):
         self.reason = reason
 
 
+class PoisonedReplica(InvalidUpdate):
+    """An update made pycrdt panic part-way (the structural check let it through): the
+    document it left half-changed was thrown away and rebuilt from its history, and the
+    update was neither kept nor passed on. The peer that sent it is disconnected."""
+
+
 # --- storage ------------------------------------------------------------------------
 
 

@@ -24,9 +24,10 @@ import math
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final, TypeVar
 
 import pycrdt
@@ -200,6 +201,11 @@ class Node:
         self._peers: dict[str, _Peer] = {}
         self._peers_changed = trio.Event()
         self._writes: list[tuple[WriteBatch, trio.Event, ev.Event | None]] = []
+        self._inflight: list[tuple[str, bytes]] = []
+        """The updates of the batch the writer is storing now (no longer in _writes)."""
+        stored = state.history
+        if stored is not None:
+            state.history = partial(self._history_of, stored)
         self._local: dict[str, list[Entry]] = {}
         """Our own entries waiting for the writer, per space (see ``_queue_entry``)."""
         self._load_lock = trio.Lock()
@@ -737,7 +743,11 @@ class Node:
                 [b for b, _, _ in taken] + [b for _, _, b in written] + [self.state.take_unsaved()]
             )
             if batch:
-                await self._run_store(self.store.write, batch)
+                self._inflight = batch.appends
+                try:
+                    await self._run_store(self.store.write, batch)
+                finally:
+                    self._inflight = []
                 for space_id, _update in batch.appends:
                     if space_id in self.state.spaces:  # not set aside meanwhile
                         self.state.spaces[space_id].log_seq += 1
@@ -751,6 +761,18 @@ class Node:
                 done.set()
                 if announce is not None:
                     self._emit(announce)
+
+    def _history_of(
+        self, stored: Callable[[str], Iterable[bytes]], space_id: str
+    ) -> Iterator[bytes]:
+        """A space's whole history as its replica holds it: what the store holds, then
+        what is on its way there (what a replica an update poisoned is rebuilt from;
+        see ``Replica.apply``). The queue is read first: what leaves it meanwhile is in
+        the store by the time the store is read (applied twice: harmless)."""
+        pending = [u for s, u in self._inflight if s == space_id]
+        pending += [u for b, _, _ in self._writes for s, u in b.appends if s == space_id]
+        yield from stored(space_id)
+        yield from pending
 
     async def _compact(self, appends: list[tuple[str, bytes]]) -> None:
         """Fold a space's update log into a snapshot once its tail grows long, so that

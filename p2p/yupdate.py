@@ -121,13 +121,20 @@ class _Bad(Exception):
     """Internal: why an update is refused."""
 
 
-def check_update(data: bytes, space: str) -> frozenset[int]:
+Opened = list[tuple[str, str]]
+"""(root map, key) of each struct that names its key: the first of a key's items."""
+
+
+def check_update(data: bytes, space: str, opened: Opened | None = None) -> frozenset[int]:
     """Raise InvalidUpdate unless ``data`` is a well-formed, bounded Yjs update v1;
     return the CRDT client ids it touches: writes structs for, deletes structs of, or
     refers to as an origin, right origin or parent (what the caller checks against the
-    sender, see ``DeviceState.ingest``)."""
+    sender, see ``DeviceState.ingest``). With ``opened``, the keys of root maps that
+    the update's structs name are appended to it: a struct placed after or before
+    another (with an origin) takes that one's key, so these are the keys the update may
+    open (which of them an account may open is ``p2p.model.may_open``)."""
     clients: set[int] = set()
-    reason = _refusal(bytes(data), clients=clients)
+    reason = _refusal(bytes(data), clients=clients, opened=opened)
     if reason is not None:
         raise InvalidUpdate(space, reason)
     return frozenset(clients)
@@ -163,13 +170,16 @@ def encode_uvar(value: int) -> bytes:
     return bytes(out)
 
 
-def _refusal(data: bytes, lane: bool = True, clients: set[int] | None = None) -> str | None:
+def _refusal(
+    data: bytes, lane: bool = True, clients: set[int] | None = None, opened: Opened | None = None
+) -> str | None:
     """Why ``data`` is refused, or None. ``lane=False`` skips the regex (for tests);
-    ``clients`` collects the client ids of structs and deleted ranges."""
+    ``clients`` collects the client ids the update touches, ``opened`` the keys it
+    names (see :func:`check_update`)."""
     blanks: Blanks = []
     seen = clients if clients is not None else set()
     try:
-        end = _delete_set(data, _structs(data, blanks, lane, seen), blanks, seen)
+        end = _delete_set(data, _structs(data, blanks, lane, seen, opened), blanks, seen)
         if end > len(data):
             raise IndexError
         if end < len(data):
@@ -317,7 +327,13 @@ def _check_gap(data: bytes, start: int, end: int) -> None:
 # ---- the update -------------------------------------------------------------------
 
 
-def _structs(data: bytes, blanks: Blanks, lane: bool, seen: set[int] | None = None) -> int:
+def _structs(
+    data: bytes,
+    blanks: Blanks,
+    lane: bool,
+    seen: set[int] | None = None,
+    opened: Opened | None = None,
+) -> int:
     size = len(data)
     clients, pos = _uvar(data, 0, _U32, blanks)
     _count(clients, data, pos, 3, "clients")
@@ -343,6 +359,17 @@ def _structs(data: bytes, blanks: Blanks, lane: bool, seen: set[int] | None = No
                 else:
                     match = fast(data, pos)
                     if match is not None:
+                        if opened is not None:  # the lane's strings are short: one byte long
+                            n = data[pos + 2]
+                            k = pos + 3 + n
+                            raw = data[pos + 3 : k], data[k + 1 : k + 1 + data[k]]
+                            # (invalid UTF-8 is refused at the end, whatever is read here)
+                            opened.append(
+                                (
+                                    raw[0].decode("utf-8", "replace"),
+                                    raw[1].decode("utf-8", "replace"),
+                                )
+                            )
                         pos = match.end()
                         clock += 1
                         misses = 0
@@ -368,14 +395,18 @@ def _structs(data: bytes, blanks: Blanks, lane: bool, seen: set[int] | None = No
                 # 0x20 may be set here too (Yjs sets it), but no parent-sub follows
             else:
                 parent = data[pos]
-                if parent == 1:
+                if parent == 1 and opened is not None and info & _HAS_PARENT_SUB:
+                    name, pos = _text(data, pos + 1, blanks)
+                    key, pos = _text(data, pos, blanks)
+                    opened.append((name, key))
+                elif parent == 1:
                     n = data[pos + 1]
                     pos = pos + 2 + n if n < 0x80 else _string(data, pos + 1, blanks)
                 elif parent == 0:
                     pos = _ref(data, pos + 1, blanks, client, clock, refs, "parent")
                 else:
                     raise _Bad(f"parent info {parent}")
-                if info & _HAS_PARENT_SUB:
+                if info & _HAS_PARENT_SUB and not (parent == 1 and opened is not None):
                     n = data[pos]
                     pos = pos + 1 + n if n < 0x80 else _string(data, pos, blanks)
             kind = info & 0x1F

@@ -17,17 +17,21 @@ the update is neither kept nor passed on.
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import pycrdt
 import pytest
+import trio
 
-from p2p import yupdate
-from p2p.core import DeviceState, crdt_client
-from p2p.errors import InvalidUpdate
-from p2p.model import Entry
-from tests.test_accounts import conversation, two_accounts
-from tests.test_sync_session import WALL, Link, view
+from p2p import events as ev
+from p2p import model, testing, yupdate
+from p2p.core import NOTES, DeviceState, crdt_client
+from p2p.errors import InvalidUpdate, PoisonedReplica
+from p2p.model import Entry, Replica
+from tests.test_accounts import befriend, conversation, two_accounts
+from tests.test_node import run
+from tests.test_sync_session import WALL, Link, new_account, view
 
 
 class Attacker:
@@ -135,6 +139,47 @@ def test_a_member_cannot_undo_our_deletion() -> None:
     assert view(a_laptop, chat)[0].deleted
 
 
+@pytest.mark.parametrize("map_name", ["k", "v", "r", "l"])
+def test_a_member_cannot_squat_a_key_that_is_ours_by_name(map_name: str) -> None:
+    """B writes first under a key that names A's device or account (a read marker, a
+    receipt, a reaction, a leave entry): refused. Had it got in, A's own later write
+    would replace B's item, and every other account would refuse A's update (and A's
+    every catch-up holding it) as touching B's structs."""
+    a_phone, a_laptop, b_phone, chat, message = setup()
+    key = {
+        "k": a_phone.device_id,
+        "v": a_laptop.device_id,
+        "r": f"{message.id}/{a_phone.account_id}",
+        "l": a_phone.account_id,
+    }[map_name]
+    attacker = Attacker(b_phone, chat, a_laptop)
+    with pytest.raises(InvalidUpdate, match="opens"):
+        a_laptop.ingest(attacker.place(map_name, key, {"squatted": "by B"}))
+    assert key not in dict(a_laptop.space(chat).replica.entries(map_name))
+
+
+def test_a_squat_would_block_our_catch_up_to_a_third_account() -> None:
+    """Why squatting matters: with three accounts, B's squat of A's read-marker key,
+    taken by A's phone and by C, makes C refuse A's marker, and A's catch-up with it."""
+    a_phone, a_laptop, b_phone, _, _ = setup()
+    c_phone, _ = new_account()
+    befriend([a_phone, a_laptop], [b_phone], [c_phone])
+    trio_chat = conversation(a_phone, b_phone, c_phone)
+    Link(a_phone, b_phone).connect().run()
+    Link(a_phone, c_phone).connect().run()
+    squat = Attacker(b_phone, trio_chat, a_phone).place("k", a_phone.device_id, "squat")
+    for device in (a_phone, c_phone):
+        with pytest.raises(InvalidUpdate, match="opens"):
+            device.ingest(squat)
+    marker = a_phone.new_entry(trio_chat, "read", WALL + 1, body="x")
+    update, _ = a_phone.write_local(trio_chat, [marker])
+    c_phone.ingest(a_phone.seal(trio_chat, update))
+    link = Link(a_phone, c_phone).connect()
+    link.run()
+    assert link.b.ingest_errors == []
+    assert dict(c_phone.space(trio_chat).replica.entries("k"))[a_phone.device_id] == marker
+
+
 def test_a_member_still_replaces_its_own_values() -> None:
     """B placing its own value after its own item (editing its receipt, say) is fine:
     only references to other accounts' structs count against it."""
@@ -143,3 +188,79 @@ def test_a_member_still_replaces_its_own_values() -> None:
     a_laptop.ingest(attacker.place("m", "b1", b_entry(b_phone, chat, "b1", "first")))
     a_laptop.ingest(attacker.place("m", "b1", b_entry(b_phone, chat, "b1", "second")))
     assert [m.text for m in view(a_laptop, chat)][-1] == "second"
+
+
+# ---- the poisoned replica ---------------------------------------------------------
+
+POISON = base64.b64decode("AQkAAAEBAQEBAQEBAAAAAAEAAAABAQEBAQEBAQEBAQEBAQEBAQEBAQEAAAA=")
+"""44 bytes that make pycrdt panic in its commit, keeping part of them (tests/test_yupdate
+checks that ``check_update`` refuses them; here the check is switched off, as if the
+next update of the kind got through)."""
+
+
+def lenient(data: bytes, space: str, opened: object = None) -> frozenset[int]:
+    """``check_update`` with the new refusals missing: what a gap in it would let by."""
+    return frozenset({0})
+
+
+def clean(full_state: bytes) -> bool:
+    """Whether a document's full state applies in a fresh document without a panic."""
+    try:
+        pycrdt.Doc().apply_update(full_state)
+    except BaseException:
+        return False
+    return True
+
+
+def test_a_panic_rebuilds_the_replica_from_its_history(monkeypatch: pytest.MonkeyPatch) -> None:
+    writer: pycrdt.Doc[Any] = pycrdt.Doc(client_id=7)
+    writer.get("m", type=pycrdt.Map)["k"] = "kept"
+    history = [bytes(writer.get_update())]
+    replica = Replica("s", source=lambda: list(history))
+    replica.load()
+    before = replica.state_vector()
+    monkeypatch.setattr(model, "check_update", lenient)
+    with pytest.raises(PoisonedReplica) as info:
+        replica.apply(POISON)
+    assert isinstance(info.value, InvalidUpdate)  # a peer sending it is disconnected
+    assert "divide by zero" in info.value.reason
+    assert replica.state_vector() == before  # client 0 is not there
+    assert clean(replica.snapshot())
+    assert replica.doc.get("m", type=pycrdt.Map).to_py() == {"k": "kept"}
+    writer.get("m", type=pycrdt.Map)["j"] = "later"
+    replica.apply(bytes(writer.get_update(before)))  # and it goes on
+    assert replica.doc.get("m", type=pycrdt.Map).to_py() == {"k": "kept", "j": "later"}
+
+
+def test_a_panic_from_a_peer_closes_its_connection_and_keeps_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The laptop gets the poison from the phone's session: a typed error, the session
+    closed, nothing stored, the replica as it was; and sync goes on."""
+
+    async def scenario() -> None:
+        async with testing.cluster(2, receipts=False) as c:
+            phone, laptop = c.nodes
+            await phone.send("before")
+            await c.settle()
+            chat = laptop.state.chat_by_name(NOTES).id
+            replica = laptop.state.space(chat).replica
+            before = replica.state_vector()
+            monkeypatch.setattr(model, "check_update", lenient)
+            with laptop.events() as events:
+                phone._broadcast(chat, phone.state.seal(chat, POISON), exclude=())
+                with trio.fail_after(60):
+                    async for event in events:
+                        if isinstance(event, ev.InputRejected):
+                            break
+            monkeypatch.undo()
+            assert event.error == "PoisonedReplica"
+            assert event.device == phone.device_id
+            assert replica.state_vector() == before
+            assert clean(replica.snapshot())
+            assert POISON not in laptop.store.load_space(chat).updates
+            await phone.send("after")
+            await c.settle()
+            assert [m.text for m in laptop.messages(chat)] == ["before", "after"]
+
+    run(scenario)

@@ -610,3 +610,30 @@ def test_origins_and_parents_count_among_the_clients_touched() -> None:
     assert check_update(right, "s") == {1, 2}
     parent = update([(2, 0, [b"\x08\x00" + uv(3) + uv(0) + b"\x01\x7e"])])
     assert check_update(parent, "s") == {2, 3}
+
+
+def test_the_keys_an_update_opens_are_read_alike_in_and_out_of_the_lane() -> None:
+    rnd = random.Random(5)
+    doc: pycrdt.Doc[Any] = pycrdt.Doc()
+    m = doc.get("m", type=pycrdt.Map)
+    with doc.transaction():
+        for i in range(40):
+            m[f"k{i}"] = message(rnd, body="é" if i == 3 else None)
+        m["ключ" * 40] = {"b": "x" * 300}
+        doc.get("v", type=pycrdt.Map)["device"] = "receipt"
+    before = doc.get_state()
+    m["k0"] = "again"  # an overwrite names no key: it takes its origin's
+    for data in (doc.get_update(), doc.get_update(before)):
+        fast: list[tuple[str, str]] = []
+        plain: list[tuple[str, str]] = []
+        assert yupdate._refusal(data, opened=fast) is None
+        assert yupdate._refusal(data, lane=False, opened=plain) is None
+        assert fast == plain
+    opened: list[tuple[str, str]] = []
+    check_update(doc.get_update(), "s", opened)
+    assert sorted(opened) == sorted(
+        [("m", f"k{i}") for i in range(40)] + [("m", "ключ" * 40), ("v", "device")]
+    )
+    opened = []
+    check_update(doc.get_update(before), "s", opened)
+    assert opened == []
