@@ -1099,7 +1099,8 @@ class DeviceState:
         entitled to make; EpochSplit for another key of our current epoch (unless a newer
         epoch comes with it); RotationUnproven for one that drops an account whose leave
         entry we lack; GrantFromStranger for a new chat from an account that is not a
-        contact. A refused grant changes nothing.
+        contact. A refused grant changes no key, epoch or member set (member lists it
+        carried may have been followed: they verify on their own).
         """
         sealed = parse_grant(data)
         granted = open_grant(sealed, self.keys)

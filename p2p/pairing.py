@@ -170,13 +170,14 @@ class PairingCode:
         made the code point the primary at any host; ``--connect`` overrides."""
         import ipaddress
 
-        from p2p.transport.tcp import parse_address
-
         out = []
         for address in self.addresses:
+            host, _, port = address.rpartition(":")  # HOST:PORT or [v6]:PORT
             try:
-                ip = ipaddress.ip_address(parse_address(address)[0])
-            except (P2PError, ValueError):
+                ip = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+            except ValueError:
+                continue
+            if not port.isdigit():
                 continue
             if ip.is_loopback or ip.is_private or ip.is_link_local:
                 out.append(address)

@@ -77,6 +77,16 @@ def test_four_companions_link_with_full_history_and_a_fifth_is_refused(
 
         wait_until(lambda: all(listed(h) == listed(primary) for h in homes), timeout=30)
         assert len(listed(primary)) == 5
+        # every device reports the devices linked after it ("new device linked")
+        assert all(d["linked_ms"] for d in devices(primary) if d["role"] == "companion")
+        wait_until(
+            lambda: all(
+                d["linked_ms"]
+                for d in devices(homes[0])
+                if d["role"] == "companion" and not d["this"]
+            ),
+            timeout=30,
+        )
     finally:
         for node in [*running, phone]:
             node.stop()
