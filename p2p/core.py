@@ -752,7 +752,7 @@ class DeviceState:
         in the space, to be written again (run in a worker thread: the check reads the
         document before anyone else may use it).
 
-        Our index rows commit with the update that holds them, so a row whose entry the
+        Our index rows commit with the update that holds them, so a row whose key the
         loaded CRDT lacks means an update of ours was dropped as a duplicate: older
         versions let two processes write one home with one CRDT client id, and the
         second struct under a client and clock was taken for the first one, here and
@@ -766,10 +766,11 @@ class DeviceState:
         lost: list[Entry] = []
 
         def check() -> None:
-            rows = [r for r in store.index_by_device(space_id, self.device_id) if not r.reason]
-            if all(replica.holds(r.map, r.key, r.id) for r in rows):
+            if not replica.lacks(store.index_keys_by_device(space_id, self.device_id)):
                 return
-            for row in rows:
+            for row in store.index_by_device(space_id, self.device_id):
+                if row.reason:
+                    continue
                 entry = row_entry(row)
                 if entry is not None and entry.account == self.account_id:
                     lost.append(entry.signed(space_id, self.keys))

@@ -522,10 +522,16 @@ class Replica:
             finally:
                 self._loading = False
 
-    def holds(self, map_name: str, key: str, entry_id: str) -> bool:
-        """Whether the value under ``key`` is the entry ``entry_id``."""
-        value = self._maps[map_name].get(key)
-        return isinstance(value, dict) and value.get("id") == entry_id
+    def lacks(self, keys: Iterable[tuple[str, str]]) -> bool:
+        """Whether any of these (map, key) pairs has no value here. Reads the maps' keys
+        only: a value costs a conversion to Python, a key does not."""
+        held: dict[str, set[str]] = {}
+        for map_name, key in keys:
+            if map_name not in held:
+                held[map_name] = set(self._maps[map_name].keys())
+            if key not in held[map_name]:
+                return True
+        return False
 
     @property
     def doc(self) -> pycrdt.Doc[Any]:

@@ -46,6 +46,8 @@ pytestmark = pytest.mark.slow
 N = 5
 SEND_TIMEOUT = 120.0
 """Bound of one ``p2p send``: its own wait for a starting node (LOCK_WAIT) and more."""
+IN_FLIGHT = 4
+"""Sends running at once at most (each is a Python process: the machine has 2 cores)."""
 
 
 def free_ports(n: int) -> list[int]:
@@ -78,6 +80,7 @@ class Churn:
         self.stopped = [False] * N
         self.ledger = Ledger()
         self.senders: list[threading.Thread] = []
+        self.in_flight = threading.BoundedSemaphore(IN_FLIGHT)
         self.sent = 0
         self.actions: Counter[str] = Counter()
         self.log: list[str] = []
@@ -141,37 +144,46 @@ class Churn:
             self.actions["stop-cont-kill-start"] += 1
 
     def send(self, i: int, *, delay: float = 0.0) -> None:
+        if not self.in_flight.acquire(timeout=SEND_TIMEOUT + 30):
+            raise AssertionError(f"{IN_FLIGHT} sends stuck")
         text = f"s{self.seed}-m{self.sent}"
         self.sent += 1
         with self.ledger.lock:
             self.ledger.attempted.add(text)
 
         def run() -> None:
-            if delay:
-                time.sleep(delay)
-            started = time.monotonic() - self.t0
             try:
-                done = subprocess.run(
-                    [*P2P, "--home", str(self.homes[i]), "send", "--json", text],
-                    capture_output=True,
-                    text=True,
-                    timeout=SEND_TIMEOUT,
-                    stdin=subprocess.DEVNULL,
-                )
-            except subprocess.TimeoutExpired:
-                with self.ledger.lock:
-                    self.ledger.failed[text] = "timeout"
-                return
-            with self.ledger.lock:
-                if done.returncode == 0:
-                    self.ledger.acked[text] = str(json.loads(done.stdout)["id"])
-                else:
-                    self.ledger.failed[text] = done.stderr.strip()[-200:]
-            self.note(f"send {text} to d{i} at {started:.3f}: exit {done.returncode}")
+                if delay:
+                    time.sleep(delay)
+                self.run_send(i, text)
+            finally:
+                self.in_flight.release()
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
         self.senders.append(thread)
+
+    def run_send(self, i: int, text: str) -> None:
+        """One ``p2p send`` to device ``i``, into the ledger."""
+        started = time.monotonic() - self.t0
+        try:
+            done = subprocess.run(
+                [*P2P, "--home", str(self.homes[i]), "send", "--json", text],
+                capture_output=True,
+                text=True,
+                timeout=SEND_TIMEOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired:
+            with self.ledger.lock:
+                self.ledger.failed[text] = "timeout"
+            return
+        with self.ledger.lock:
+            if done.returncode == 0:
+                self.ledger.acked[text] = str(json.loads(done.stdout)["id"])
+            else:
+                self.ledger.failed[text] = done.stderr.strip()[-200:]
+        self.note(f"send {text} to d{i} at {started:.3f}: exit {done.returncode}")
 
     def step(self) -> None:
         i = self.rng.randrange(N)
@@ -284,7 +296,7 @@ def play(tmp_path: Path, seed: int, steps: int) -> None:
 
 
 def test_churn_with_sends_racing_start_ups_fast(tmp_path: Path) -> None:
-    play(tmp_path, seed=1, steps=30)
+    play(tmp_path, seed=1, steps=20)
 
 
 @pytest.mark.chaos

@@ -161,7 +161,12 @@ class Store(Protocol):
 
     def index_by_device(self, space: str, device: str) -> list[IndexRow]:
         """Every index row of ``space`` (any map, shown or hidden) whose entry names
-        ``device``, in (map, key) order: what a device checks its own CRDT against."""
+        ``device``, in (map, key) order: the entries a device writes again."""
+        ...
+
+    def index_keys_by_device(self, space: str, device: str) -> list[tuple[str, str]]:
+        """(map, key) of every shown row of ``space`` whose entry names ``device``,
+        without building rows: what a device checks its own CRDT against."""
         ...
 
     def index_authors(self, space: str) -> dict[str, str]:

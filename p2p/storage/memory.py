@@ -353,6 +353,11 @@ class MemoryStore:
         rows = [row for row in self._index_rows(space) if row.device == device]
         return sorted(rows, key=lambda row: (row.map, row.key))
 
+    def index_keys_by_device(self, space: str, device: str) -> list[tuple[str, str]]:
+        """(map, key) of the shown rows of ``space`` naming ``device``."""
+        rows = self.index_by_device(space, device)
+        return [(row.map, row.key) for row in rows if not row.reason]
+
     def index_authors(self, space: str) -> dict[str, str]:
         """Per device, its newest ``ts`` in the message map."""
         newest: dict[str, str] = {}

@@ -563,6 +563,19 @@ class SqliteStore:
             ).fetchall()
         return [self._index_row(row) for row in rows]
 
+    def index_keys_by_device(self, space: str, device: str) -> list[tuple[str, str]]:
+        """(map, key) of the shown rows of ``space`` naming ``device`` (one pass over the
+        space's rows; two columns, no row built)."""
+        check_name(space, "space id")
+        with self._session("index_keys_by_device") as conn:
+            rows = conn.execute(
+                "SELECT map, key FROM entries WHERE space = ? AND device = ? AND reason = ''",
+                (space, device),
+            ).fetchall()
+        if any(set(map(type, row)) != _ONLY_TEXT for row in rows):
+            raise StoreCorrupt(f"{self._path}: index rows of {space!r} hold non-text values")
+        return [(m, k) for m, k in rows]
+
     def index_authors(self, space: str) -> dict[str, str]:
         """Per device, its newest ``ts`` in the message map (one pass over an index)."""
         check_name(space, "space id")
