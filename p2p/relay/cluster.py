@@ -85,6 +85,9 @@ BATCH_BYTES: Final = 1024 * 1024
 BATCH_ITEMS: Final = 256
 """Most bytes and messages published in one pipeline."""
 PURGE_PAGE: Final = 500
+POOL: Final = 32
+"""Connections to Redis per process (commands wait for one past that): a login storm
+must not open thousands of connections to Redis."""
 
 _LIB: Final = """
 local function num(x) if x then return tonumber(x) or 0 end return 0 end
@@ -273,6 +276,8 @@ def connect(url: str) -> coredis.Redis[bytes]:
         retry_policy=NoRetryPolicy(),
         decode_responses=False,
         verify_version=False,
+        max_connections=POOL,
+        pool_timeout=TIMEOUT,
     )
 
 
@@ -521,11 +526,12 @@ class RedisCluster:
         return f"{self.prefix}proc:{proc}"
 
     async def _call(self, script: Any, *args: object) -> Any:
+        """Run a script; StoreError if Redis does not answer. Whether Redis is lost is
+        for the heartbeat to say (a slow answer under load is not a lost Redis)."""
         try:
             with trio.fail_after(TIMEOUT * 2):
                 return await script(args=[self.prefix, *args])
         except (RedisError, OSError, trio.TooSlowError) as exc:
-            self._lost(f"{type(exc).__name__}: {exc}")
             raise StoreError(f"relay cluster: Redis unavailable: {exc}") from exc
 
     def _lost(self, why: str) -> None:
@@ -694,7 +700,6 @@ class RedisCluster:
                     results = [pipe.hlen(self.prefix + "presence:" + d) for d in wanted]
                 counts = [await r for r in results]
         except (RedisError, OSError, trio.TooSlowError) as exc:
-            self._lost(f"{type(exc).__name__}: {exc}")
             raise StoreError(f"relay cluster: Redis unavailable: {exc}") from exc
         return {d: int(n) > 0 for d, n in zip(wanted, counts, strict=True)}
 
