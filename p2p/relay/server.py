@@ -1029,13 +1029,14 @@ async def serve_relay(
             return
         from p2p.relay.cluster import RedisCluster, RedisMailStore, connect
 
-        client = connect(redis_url)
-        async with client:
+        client, subscriber = connect(redis_url), connect(redis_url)
+        async with client, subscriber:
             redis_store = RedisMailStore(client, relay_id, limits.quota())
             server = RelayServer(redis_store, limits, relay_id, url)
             server.cluster = RedisCluster(
                 client,
                 relay_id,
+                subscriber=subscriber,
                 on_message=server.on_cluster_message,
                 on_presence=server.on_cluster_presence,
                 local_devices=server.local_devices,
