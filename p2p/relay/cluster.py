@@ -281,6 +281,11 @@ def connect(url: str) -> coredis.Redis[bytes]:
     )
 
 
+_REDIS_FAILURES: Final = (RedisError, OSError, trio.TooSlowError, ExceptionGroup)
+"""What a Redis call may raise when Redis is gone or slow (coredis runs some of its work
+in nurseries of its own, so a lost connection can come as an exception group)."""
+
+
 def key_prefix(relay_id: str) -> str:
     return f"p2p:{relay_id}:"
 
@@ -325,7 +330,7 @@ class RedisMailStore:
         try:
             with trio.fail_after(TIMEOUT * 2):
                 return await script(args=[self.prefix, *args])
-        except (RedisError, OSError, trio.TooSlowError) as exc:
+        except _REDIS_FAILURES as exc:
             raise StoreError(f"relay mail in Redis: {type(exc).__name__}: {exc}") from exc
 
     async def post(
@@ -402,7 +407,7 @@ class RedisMailStore:
         try:
             with trio.fail_after(TIMEOUT * 2):
                 values = await self.client.hmget(self.prefix + "q:t", ["c", "b"])
-        except (RedisError, OSError, trio.TooSlowError) as exc:
+        except _REDIS_FAILURES as exc:
             raise StoreError(f"relay mail in Redis: {exc}") from exc
         return tuple(int(v or 0) for v in values)  # type: ignore[return-value]
 
@@ -536,7 +541,7 @@ class RedisCluster:
         try:
             with trio.fail_after(TIMEOUT * 2):
                 return await script(args=[self.prefix, *args])
-        except (RedisError, OSError, trio.TooSlowError) as exc:
+        except _REDIS_FAILURES as exc:
             raise StoreError(f"relay cluster: Redis unavailable: {exc}") from exc
 
     def _lost(self, why: str) -> None:
@@ -572,7 +577,7 @@ class RedisCluster:
             try:
                 await self.client.delete([self.prefix + "alive:" + self.proc_id])
                 await self._scripts.reap(args=[self.prefix, self.proc_id])
-            except (RedisError, OSError):
+            except _REDIS_FAILURES:
                 pass
 
     async def _heartbeat(self) -> bool:
@@ -597,7 +602,7 @@ class RedisCluster:
                     await self.client.set(
                         self.prefix + "alive:" + self.proc_id, b"1", px=int(ALIVE_FOR * 1000)
                     )
-        except (RedisError, OSError, trio.TooSlowError) as exc:
+        except _REDIS_FAILURES as exc:
             self._lost(f"{type(exc).__name__}: {exc}")
             return False
         if not self._healthy:
@@ -636,7 +641,7 @@ class RedisCluster:
                                     proc,
                                     int(reaped),
                                 )
-            except (RedisError, OSError, trio.TooSlowError) as exc:
+            except _REDIS_FAILURES as exc:
                 self._lost(f"{type(exc).__name__}: {exc}")
                 continue
             dead = (self._alive | set(self._outboxes)) - alive
@@ -662,7 +667,7 @@ class RedisCluster:
                     async for message in pubsub:
                         if message["type"] == "message":
                             self._dispatch(message["channel"], message["data"])
-            except (RedisError, OSError, Exception) as exc:  # coredis wraps in groups
+            except Exception as exc:  # coredis wraps some failures in exception groups
                 self._lost(f"subscription ended: {type(exc).__name__}")
             await trio.sleep(0.5)
 
@@ -704,7 +709,7 @@ class RedisCluster:
                 async with self.client.pipeline(transaction=False) as pipe:
                     results = [pipe.hlen(self.prefix + "presence:" + d) for d in wanted]
                 counts = [await r for r in results]
-        except (RedisError, OSError, trio.TooSlowError) as exc:
+        except _REDIS_FAILURES as exc:
             raise StoreError(f"relay cluster: Redis unavailable: {exc}") from exc
         return {d: int(n) > 0 for d, n in zip(wanted, counts, strict=True)}
 
@@ -746,7 +751,7 @@ class RedisCluster:
                         for item in batch:
                             pipe.publish(channel, item)
                 self.stats["bus_sent"] += len(batch)
-            except (RedisError, OSError, trio.TooSlowError) as exc:
+            except _REDIS_FAILURES as exc:
                 log.info("relay cluster: messages to %s lost: %s", proc, exc)
                 box.items.clear()
                 box.bytes = 0

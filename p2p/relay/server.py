@@ -890,9 +890,22 @@ class RelayServer:
                 self._end_remote(pipe, "gone" if pipe.opened else "offline")
 
     def on_cluster_recovered(self) -> None:
-        """Redis is back: mail notices may have been missed; every mail pump looks."""
+        """Redis is back: mail notices and presence changes may have been missed; every
+        mail pump looks again, and every watcher is told the presence of its devices."""
         for conn in self.conns:
             conn.mail_event.set()
+        if self.nursery is not None:
+            self.nursery.start_soon(self._retell_presence)
+
+    async def _retell_presence(self) -> None:
+        for conn in list(self.conns):
+            if conn.watching and self.cluster is not None:
+                try:
+                    online = await self.cluster.online(conn.watching)
+                except StoreError:
+                    return  # lost again: the next recovery tells them
+                for device, up in online.items():
+                    conn.tell(encode_server("presence", id=device, online=up))
 
     # ---- mailbox --------------------------------------------------------------------
 
