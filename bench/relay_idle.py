@@ -16,6 +16,8 @@ import trio
 from p2p.identity import DeviceKeys
 from p2p.relay.client import RelayClient
 
+WAVE = 200
+
 
 async def refuse(conn: object) -> None:
     await conn.aclose()  # type: ignore[attr-defined]
@@ -24,11 +26,15 @@ async def refuse(conn: object) -> None:
 async def main(url: str, count: int, relay_id: str | None = None) -> None:
     clients = [RelayClient(url, DeviceKeys.generate(), relay_id=relay_id) for _ in range(count)]
     async with trio.open_nursery() as nursery:
-        for client in clients:
-            await nursery.start(client.serve, refuse)
-        with trio.fail_after(120 + count / 50):
-            for client in clients:
-                await client.wait_connected()
+        with trio.fail_after(120 + count / 20):
+            # in waves: thousands of handshakes at once would only meet the relay's
+            # --max-handshakes and back off
+            for start in range(0, count, WAVE):
+                wave = clients[start : start + WAVE]
+                for client in wave:
+                    await nursery.start(client.serve, refuse)
+                for client in wave:
+                    await client.wait_connected()
         print(json.dumps({"event": "ready", "connected": count}), flush=True)
         while await trio.to_thread.run_sync(sys.stdin.readline):
             pass

@@ -914,7 +914,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer", action="append", default=[], help="HOST:PORT of a peer (repeatable)")
     p.add_argument("--no-mdns", action="store_true", help="do not use mDNS discovery")
     p.add_argument(
-        "--relay", action="append", default=[], help="ws://HOST:PORT of a relay (repeatable)"
+        "--relay",
+        action="append",
+        default=[],
+        help="ws://HOST:PORT of a relay (repeatable); a cluster's processes as"
+        " ws://HOST:PORT#id=RELAY_ID, one flag each",
     )
     p.add_argument(
         "--mdns-interface",

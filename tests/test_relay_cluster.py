@@ -410,11 +410,16 @@ def test_a_killed_process_devices_fail_over_and_acknowledged_mail_is_delivered(
     trio.run(main)
 
 
-def test_losing_redis_refuses_logins_and_recovers_with_the_mail(start_cluster: Any) -> None:
+def test_losing_redis_refuses_logins_keeps_local_pipes_and_recovers_with_the_mail(
+    start_cluster: Any,
+) -> None:
     topo: Topology = start_cluster(2)
     assert topo.redis is not None
     one, two = topo.relays
     a_keys, b_keys = DeviceKeys.generate(), DeviceKeys.generate()
+
+    # two devices on the same process: their pipe does not need Redis, and lives on
+    c, d = (RelayClient(one.url, DeviceKeys.generate(), relay_id=CLUSTER_ID) for _ in range(2))
 
     async def main() -> None:
         a = RelayClient(one.url, a_keys, relay_id=CLUSTER_ID)
@@ -423,8 +428,12 @@ def test_losing_redis_refuses_logins_and_recovers_with_the_mail(start_cluster: A
                 await a.post(b_keys.device_id, b"kept %d" % i)
         assert one.http("/healthz") == (200, "ok\n")
         assert topo.redis is not None
-        topo.redis.kill()  # SIGKILL: AOF with appendfsync always has every item
-        await until(lambda: one.http("/healthz")[0] == 503)
+        async with serving(c, d):
+            local = await c.dial(relay_address(d.device_id))
+            topo.redis.kill()  # SIGKILL: AOF with appendfsync always has every item
+            await until(lambda: one.http("/healthz")[0] == 503)
+            await local.send(b"no Redis needed")
+            assert await local.receive() == b"no Redis needed"
         b = RelayClient(two.url, b_keys, relay_id=CLUSTER_ID)
         async with trio.open_nursery() as nursery:
             await nursery.start(b.serve, echo)

@@ -437,3 +437,18 @@ def test_the_documented_watch_bound_is_the_enforced_one() -> None:
     assert decode_client(encode_client("watch", ids=ids[:MAX_WATCH]))["ids"] == ids[:MAX_WATCH]
     with pytest.raises(MalformedFrame):
         decode_client(raw({"v": 1, "t": "watch", "ids": ids}))
+
+
+def test_relay_urls_of_one_cluster_group_by_relay_id() -> None:
+    from p2p.errors import RelayError
+    from p2p.relay.client import group_relay_urls, split_relay_url
+
+    assert split_relay_url("ws://a:1/") == ("ws://a:1/", "ws://a:1")
+    assert split_relay_url("ws://a:1#id=wss://r.example") == ("ws://a:1", "wss://r.example")
+    for bad in ("ws://a:1#r.example", "ws://a:1#id="):
+        with pytest.raises(RelayError):
+            split_relay_url(bad)
+    groups = group_relay_urls(
+        ["ws://a:1#id=wss://r", "ws://c:3", "ws://b:2#id=wss://r", "ws://a:1#id=wss://r"]
+    )
+    assert groups == [("wss://r", ["ws://a:1", "ws://b:2"]), ("ws://c:3", ["ws://c:3"])]

@@ -408,10 +408,10 @@ class RelayClient:
         alternates: Sequence[str] = (),
     ) -> None:
         self.urls = [url, *alternates]
+        """Every address of this relay id, in the order they are tried."""
         for each in self.urls:
             _split_url(each)  # RelayError now rather than at each reconnection
-        self.url = url
-        """The URL in use now (or tried last): one of ``urls``."""
+        self._index = 0
         self._first_limit = first_frame_limit
         self.relay_id = relay_id if relay_id is not None else url.rstrip("/")
         self._device = device
@@ -429,6 +429,18 @@ class RelayClient:
         self.dropped_mail = 0
 
     # ---- state ----------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """The URL in use now (or tried last): one of ``urls``."""
+        return self.urls[self._index % len(self.urls)]
+
+    @url.setter
+    def url(self, value: str) -> None:
+        """Point the client at another address for the one in use (as DNS would); the
+        next reconnection goes there."""
+        _split_url(value)
+        self.urls[self._index % len(self.urls)] = value
 
     @property
     def device_id(self) -> str:
@@ -622,24 +634,20 @@ class RelayClient:
 
     async def _keep_connected(self) -> None:
         backoff = BACKOFF_MIN
-        index = 0
         untried = len(self.urls) - 1
         """Other URLs still to try before backing off (a failover goes at once)."""
         while True:
-            self.url = self.urls[index % len(self.urls)]
             began = trio.current_time()
             welcomed = await self._connect_once()
             if welcomed:
                 untried = len(self.urls) - 1
                 if trio.current_time() - began >= STABLE_AFTER:
                     backoff = BACKOFF_MIN
-            index += 1
+            if len(self.urls) > 1:
+                self._index = (self._index + 1) % len(self.urls)
             if untried > 0:
                 untried -= 1
-                if len(self.urls) > 1:
-                    log.info(
-                        "relay %s: trying %s", self.relay_id, self.urls[index % len(self.urls)]
-                    )
+                log.info("relay %s: trying %s", self.relay_id, self.url)
                 await trio.sleep(random.uniform(0.0, BACKOFF_MIN))
                 continue
             untried = len(self.urls) - 1

@@ -85,6 +85,9 @@ BATCH_BYTES: Final = 1024 * 1024
 BATCH_ITEMS: Final = 256
 """Most bytes and messages published in one pipeline."""
 PURGE_PAGE: Final = 500
+POOL: Final = 32
+"""Connections to Redis per process (commands wait for one past that): a login storm
+must not open thousands of connections to Redis."""
 
 _LIB: Final = """
 local function num(x) if x then return tonumber(x) or 0 end return 0 end
@@ -273,7 +276,14 @@ def connect(url: str) -> coredis.Redis[bytes]:
         retry_policy=NoRetryPolicy(),
         decode_responses=False,
         verify_version=False,
+        max_connections=POOL,
+        pool_timeout=TIMEOUT,
     )
+
+
+_REDIS_FAILURES: Final = (RedisError, OSError, trio.TooSlowError, ExceptionGroup)
+"""What a Redis call may raise when Redis is gone or slow (coredis runs some of its work
+in nurseries of its own, so a lost connection can come as an exception group)."""
 
 
 def key_prefix(relay_id: str) -> str:
@@ -320,7 +330,7 @@ class RedisMailStore:
         try:
             with trio.fail_after(TIMEOUT * 2):
                 return await script(args=[self.prefix, *args])
-        except (RedisError, OSError, trio.TooSlowError) as exc:
+        except _REDIS_FAILURES as exc:
             raise StoreError(f"relay mail in Redis: {type(exc).__name__}: {exc}") from exc
 
     async def post(
@@ -397,7 +407,7 @@ class RedisMailStore:
         try:
             with trio.fail_after(TIMEOUT * 2):
                 values = await self.client.hmget(self.prefix + "q:t", ["c", "b"])
-        except (RedisError, OSError, trio.TooSlowError) as exc:
+        except _REDIS_FAILURES as exc:
             raise StoreError(f"relay mail in Redis: {exc}") from exc
         return tuple(int(v or 0) for v in values)  # type: ignore[return-value]
 
@@ -476,6 +486,7 @@ class RedisCluster:
     of presence after Redis was lost). ``on_lost(procs)`` is called when messages to or
     from those processes may have been lost (None: all of them): close their pipes.
     ``on_recovered()`` after a resync with a Redis that was lost (wake the mail pumps).
+    ``subscriber`` is a second client for the subscription (see :func:`connect`).
     """
 
     def __init__(
@@ -483,6 +494,7 @@ class RedisCluster:
         client: coredis.Redis[bytes],
         relay_id: str,
         *,
+        subscriber: coredis.Redis[bytes] | None = None,
         on_message: Callable[[str, list[Any]], None],
         on_presence: Callable[[str, bool], None],
         local_devices: Callable[[], dict[str, int]],
@@ -490,6 +502,9 @@ class RedisCluster:
         on_recovered: Callable[[], None],
     ) -> None:
         self.client = client
+        self.subscriber = subscriber or client
+        """The client whose connection follows the bus: a client of its own (sharing
+        one with commands made each publish wait ~8 ms on this machine)."""
         self.prefix = key_prefix(relay_id)
         self.proc_id = secrets.token_hex(6)
         self._scripts = _Scripts(client)
@@ -521,11 +536,12 @@ class RedisCluster:
         return f"{self.prefix}proc:{proc}"
 
     async def _call(self, script: Any, *args: object) -> Any:
+        """Run a script; StoreError if Redis does not answer. Whether Redis is lost is
+        for the heartbeat to say (a slow answer under load is not a lost Redis)."""
         try:
             with trio.fail_after(TIMEOUT * 2):
                 return await script(args=[self.prefix, *args])
-        except (RedisError, OSError, trio.TooSlowError) as exc:
-            self._lost(f"{type(exc).__name__}: {exc}")
+        except _REDIS_FAILURES as exc:
             raise StoreError(f"relay cluster: Redis unavailable: {exc}") from exc
 
     def _lost(self, why: str) -> None:
@@ -561,7 +577,7 @@ class RedisCluster:
             try:
                 await self.client.delete([self.prefix + "alive:" + self.proc_id])
                 await self._scripts.reap(args=[self.prefix, self.proc_id])
-            except (RedisError, OSError):
+            except _REDIS_FAILURES:
                 pass
 
     async def _heartbeat(self) -> bool:
@@ -586,7 +602,7 @@ class RedisCluster:
                     await self.client.set(
                         self.prefix + "alive:" + self.proc_id, b"1", px=int(ALIVE_FOR * 1000)
                     )
-        except (RedisError, OSError, trio.TooSlowError) as exc:
+        except _REDIS_FAILURES as exc:
             self._lost(f"{type(exc).__name__}: {exc}")
             return False
         if not self._healthy:
@@ -625,7 +641,7 @@ class RedisCluster:
                                     proc,
                                     int(reaped),
                                 )
-            except (RedisError, OSError, trio.TooSlowError) as exc:
+            except _REDIS_FAILURES as exc:
                 self._lost(f"{type(exc).__name__}: {exc}")
                 continue
             dead = (self._alive | set(self._outboxes)) - alive
@@ -642,7 +658,7 @@ class RedisCluster:
         subscription, everything that may have been missed is treated as lost."""
         while True:
             try:
-                async with self.client.pubsub(
+                async with self.subscriber.pubsub(
                     channels=[self._channel(self.proc_id), self.prefix + "presence"],
                     retry_policy=NoRetryPolicy(),
                     ignore_subscribe_messages=True,
@@ -651,7 +667,7 @@ class RedisCluster:
                     async for message in pubsub:
                         if message["type"] == "message":
                             self._dispatch(message["channel"], message["data"])
-            except (RedisError, OSError, Exception) as exc:  # coredis wraps in groups
+            except Exception as exc:  # coredis wraps some failures in exception groups
                 self._lost(f"subscription ended: {type(exc).__name__}")
             await trio.sleep(0.5)
 
@@ -693,8 +709,7 @@ class RedisCluster:
                 async with self.client.pipeline(transaction=False) as pipe:
                     results = [pipe.hlen(self.prefix + "presence:" + d) for d in wanted]
                 counts = [await r for r in results]
-        except (RedisError, OSError, trio.TooSlowError) as exc:
-            self._lost(f"{type(exc).__name__}: {exc}")
+        except _REDIS_FAILURES as exc:
             raise StoreError(f"relay cluster: Redis unavailable: {exc}") from exc
         return {d: int(n) > 0 for d, n in zip(wanted, counts, strict=True)}
 
@@ -736,7 +751,7 @@ class RedisCluster:
                         for item in batch:
                             pipe.publish(channel, item)
                 self.stats["bus_sent"] += len(batch)
-            except (RedisError, OSError, trio.TooSlowError) as exc:
+            except _REDIS_FAILURES as exc:
                 log.info("relay cluster: messages to %s lost: %s", proc, exc)
                 box.items.clear()
                 box.bytes = 0

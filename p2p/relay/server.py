@@ -899,9 +899,22 @@ class RelayServer:
                 self._end_remote(pipe, "gone" if pipe.opened else "offline")
 
     def on_cluster_recovered(self) -> None:
-        """Redis is back: mail notices may have been missed; every mail pump looks."""
+        """Redis is back: mail notices and presence changes may have been missed; every
+        mail pump looks again, and every watcher is told the presence of its devices."""
         for conn in self.conns:
             conn.mail_event.set()
+        if self.nursery is not None:
+            self.nursery.start_soon(self._retell_presence)
+
+    async def _retell_presence(self) -> None:
+        for conn in list(self.conns):
+            if conn.watching and self.cluster is not None:
+                try:
+                    online = await self.cluster.online(conn.watching)
+                except StoreError:
+                    return  # lost again: the next recovery tells them
+                for device, up in online.items():
+                    conn.tell(encode_server("presence", id=device, online=up))
 
     # ---- mailbox --------------------------------------------------------------------
 
@@ -1038,13 +1051,14 @@ async def serve_relay(
             return
         from p2p.relay.cluster import RedisCluster, RedisMailStore, connect
 
-        client = connect(redis_url)
-        async with client:
+        client, subscriber = connect(redis_url), connect(redis_url)
+        async with client, subscriber:
             redis_store = RedisMailStore(client, relay_id, limits.quota())
             server = RelayServer(redis_store, limits, relay_id, url)
             server.cluster = RedisCluster(
                 client,
                 relay_id,
+                subscriber=subscriber,
                 on_message=server.on_cluster_message,
                 on_presence=server.on_cluster_presence,
                 local_devices=server.local_devices,
