@@ -234,6 +234,16 @@ class Node:
         """Where peers can dial this node, when it serves a transport."""
         return self.transport.address if self.transport else None
 
+    def discovery_key(self) -> bytes:
+        """The account's current mDNS secret, for a discovery adapter the app runs. It
+        changes with every key rotation (an unlink): restart the adapter when it does."""
+        return self.state.discovery_key()
+
+    @property
+    def own_devices(self) -> frozenset[str]:
+        """Ids of the devices on our account's current signed list (this one too)."""
+        return self.state.device_list.ids
+
     @property
     def removed(self) -> bool:
         """Whether our account's signed list names this device as removed (unlinked by
