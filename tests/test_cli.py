@@ -7,6 +7,7 @@ terminal), what it refuses, and how it ends (one line, never a traceback).
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import threading
@@ -350,3 +351,24 @@ def test_typing_and_presence_show_in_follow_and_are_never_stored(tmp_path: Path)
             n.stop()
     # nothing of it is in the store
     assert "typing" not in p2p(phone, "log", "--json").stdout
+
+
+def test_run_reports_an_attachment_in_tenths_not_per_chunk(tmp_path: Path) -> None:
+    phone, laptop = tmp_path / "phone", tmp_path / "laptop"
+    provision_homes([phone, laptop])
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(8 * 1024 * 1024))  # 32 chunks of 256 KiB
+    loopback = ("--listen", "127.0.0.1:0", "--no-mdns")
+    shown = Lines(phone, "run", *loopback)
+    closing = [shown]
+    try:
+        address = shown.wait_for("listening on").rsplit(" ", 1)[-1]
+        closing.append(Lines(laptop, "run", *loopback, "--peer", address))
+        shown.wait_for("connected to laptop")
+        p2p(laptop, "send", "--file", str(big), "the big one")
+        shown.wait_for("attachment big.bin: 32/32 chunks", timeout=60)
+        lines = [line for line in shown.seen if line.startswith("attachment big.bin")]
+        assert 1 <= len(lines) <= 11, lines
+    finally:
+        for c in closing:
+            c.close()
