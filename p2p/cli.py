@@ -725,8 +725,8 @@ def cmd_contacts(args: argparse.Namespace) -> int:
 
 
 def cmd_chat_new(args: argparse.Namespace) -> int:
-    name = args.name or ", ".join(args.with_)
-    reply = _call(args, {"op": "chat_new", "name": name, "with": args.with_})
+    # without a name, each account shows the conversation by the other members' names
+    reply = _call(args, {"op": "chat_new", "name": args.name or "", "with": args.with_})
     if args.json:
         print(json.dumps({"chat": reply["chat"]}))
     else:

@@ -372,3 +372,30 @@ def test_run_reports_an_attachment_in_tenths_not_per_chunk(tmp_path: Path) -> No
     finally:
         for c in closing:
             c.close()
+
+
+def test_another_account_and_an_unnamed_conversation_are_shown_by_contact_name(
+    tmp_path: Path,
+) -> None:
+    ana, ben = tmp_path / "ana", tmp_path / "ben"
+    provision_homes([ana])
+    provision_homes([ben])
+    nodes = [run(ana), run(ben)]
+    try:
+        code_ana = json.loads(p2p(ana, "contact", "code", "--json").stdout)["code"]
+        p2p(ben, "contact", "add", code_ana, "--name", "Ana")  # Ben's node dials Ana's
+        code_ben = json.loads(p2p(ben, "contact", "code", "--json").stdout)["code"]
+        p2p(ana, "contact", "add", code_ben, "--name", "Ben")
+        chat = p2p(ana, "chat", "new", "--with", "Ben").stdout.strip()
+        assert f"{chat}  Ben  [" in p2p(ana, "chats").stdout
+        # Ben's copy is called by the name Ben knows Ana by, not by his own
+        wait_until(lambda: f"{chat}  Ana  [" in p2p(ben, "chats").stdout, timeout=60)
+        p2p(ben, "send", "--chat", "Ana", "hi Ana")
+        wait_until(lambda: " Ben: hi Ana" in p2p(ana, "log", "--chat", "Ben").stdout, timeout=60)
+        rows = [
+            json.loads(x) for x in p2p(ana, "log", "--chat", chat, "--json").stdout.split("\n") if x
+        ]
+        assert rows[-1]["account"] != json.loads(p2p(ana, "status", "--json").stdout)["account"]
+    finally:
+        for n in nodes:
+            n.stop()
