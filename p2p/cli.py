@@ -95,25 +95,33 @@ def _follow_log(
     The node says that the chat changed; what changed is the difference between two
     reads of the log, so every kind of change is caught the same way."""
     before = {m["id"]: m for m in shown}
-    events = control.watch(_home(args), args.chat)
-    next(events)  # the node's "ok": the chat exists and we are subscribed
-    for event in events:
-        kind = event.get("event")
-        if kind in ("Typing", "PeerConnected", "PeerDisconnected"):
-            _say_awareness(args, event, names)
-            continue
-        if kind != "ChatChanged":
-            continue
-        reply = _call(args, {"op": "log", "chat": args.chat, "mark_read": args.mark_read})
+
+    def reread() -> None:
+        nonlocal names
+        reply = _call(args, {"op": "log", "chat": args.chat, "mark_read": False})
         names = reply.get("names", {})
+        arrived = False
         for m in reply["messages"]:
             old = before.get(m["id"])
             before[m["id"]] = m
             for change, line in _changes(old, m, names, ids=args.ids):
+                arrived = arrived or change == "new"
                 if args.json:
                     print(json.dumps({"change": change, **m}, ensure_ascii=False), flush=True)
                 else:
                     say(*line)
+        if arrived and args.mark_read:  # only then: a read marker is a change itself
+            _call(args, {"op": "log", "chat": args.chat, "mark_read": True})
+
+    events = control.watch(_home(args), args.chat)
+    next(events)  # the node's "ok": the chat exists and we are subscribed
+    reread()  # what changed between the first read and the subscription
+    for event in events:
+        kind = event.get("event")
+        if kind in ("Typing", "PeerConnected", "PeerDisconnected"):
+            _say_awareness(args, event, names)
+        elif kind == "ChatChanged":
+            reread()
 
 
 def _say_awareness(args: argparse.Namespace, event: dict[str, Any], names: dict[str, str]) -> None:
@@ -751,8 +759,8 @@ def cmd_contacts(args: argparse.Namespace) -> int:
 
 
 def cmd_chat_new(args: argparse.Namespace) -> int:
-    name = args.name or ", ".join(args.with_)
-    reply = _call(args, {"op": "chat_new", "name": name, "with": args.with_})
+    # without a name, each account shows the conversation by the other members' names
+    reply = _call(args, {"op": "chat_new", "name": args.name or "", "with": args.with_})
     if args.json:
         print(json.dumps({"chat": reply["chat"]}))
     else:

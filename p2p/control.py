@@ -288,7 +288,7 @@ async def _watch(node: Node, stream: trio.SocketStream, request: dict[str, Any])
     if chat is not None and not isinstance(chat, str):
         raise ControlError("'chat' must be a string")
     # UnknownChat before anything is streamed
-    watched = node.state.chat_by_name(chat).id if chat else node.default_chat()
+    watched = node.chat_id(chat)
     events = node.subscribe()
 
     async def until_closed(scope: trio.CancelScope) -> None:

@@ -137,7 +137,7 @@ def open_grant(grant: SealedGrant, recipient: DeviceKeys) -> SpaceGrant:
             isinstance(space, str)
             and 0 < len(space) <= MAX_ID
             and isinstance(name, str)
-            and 0 < len(name) <= MAX_NAME
+            and len(name) <= MAX_NAME  # "": unnamed, each reader shows the members
             and type(epoch) is int
             and 0 <= epoch < 2**32
             and isinstance(keys, list)

@@ -58,6 +58,7 @@ from p2p.errors import (
     ReplayDetected,
     RollbackRefused,
     StoreCorrupt,
+    UnknownChat,
     UnknownKey,
     Unlinked,
     WireError,
@@ -273,6 +274,16 @@ class Node:
         """Where peers can dial this node, when it serves a transport."""
         return self.transport.address if self.transport else None
 
+    def discovery_key(self) -> bytes:
+        """The account's current mDNS secret, for a discovery adapter the app runs. It
+        changes with every key rotation (an unlink): restart the adapter when it does."""
+        return self.state.discovery_key()
+
+    @property
+    def own_devices(self) -> frozenset[str]:
+        """Ids of the devices on our account's current signed list (this one too)."""
+        return self.state.device_list.ids
+
     @property
     def removed(self) -> bool:
         """Whether our account's signed list names this device as removed (unlinked by
@@ -299,8 +310,31 @@ class Node:
         return chat in self.state.spaces_for(device)
 
     def _chat(self, chat: str | None) -> Space:
-        """The space of ``chat`` (an id or a name), or of the default chat."""
-        return self.state.chat_by_name(chat) if chat else self.state.space(self.default_chat())
+        """The space of ``chat`` (an id, its name, or the name it is shown by), or of
+        the default chat."""
+        if not chat:
+            return self.state.space(self.default_chat())
+        try:
+            return self.state.chat_by_name(chat)
+        except UnknownChat:
+            shown = [s for s in self.chats() if not s.name and self.chat_name(s) == chat]
+            if len(shown) == 1:
+                return shown[0]
+            raise
+
+    def chat_id(self, chat: str | None = None) -> str:
+        """The id of ``chat`` (an id or a name; None: the default chat); UnknownChat."""
+        return self._chat(chat).id
+
+    def chat_name(self, space: Space) -> str:
+        """What a chat is called on this device: the name its creator gave it, or for a
+        conversation created without one, the names we know its other members by (so
+        each account sees the others' names, not its own)."""
+        if space.name:
+            return space.name
+        names = self.display_names()
+        others = [names.get(a) or a for a in sorted(space.members) if a != self.account_id]
+        return ", ".join(sorted(others)) or space.id
 
     def default_chat(self) -> str:
         """The chat used when none is named: the account's notes chat."""
@@ -422,7 +456,7 @@ class Node:
                 {
                     "id": s.id,
                     "kind": s.kind,
-                    "name": s.name,
+                    "name": self.chat_name(s) if s.kind == "chat" else s.name,
                     "epoch": s.epoch,
                     "entries": s.replica.count() if s.replica.loaded else None,
                     "loaded": s.replica.loaded,
@@ -1505,7 +1539,7 @@ class Node:
         return [
             {
                 "id": s.id,
-                "name": s.name,
+                "name": self.chat_name(s),
                 "epoch": s.epoch,
                 "members": [{"id": a, "name": names.get(a, "")} for a in sorted(s.members)],
             }
@@ -1516,7 +1550,7 @@ class Node:
         """Add contacts (ids or names) to a conversation with other accounts: their
         devices get its keys (and so its whole history) as grants, and every member
         device learns the new member set from them."""
-        space = self.state.chat_by_name(chat)
+        space = self._chat(chat)
         await self._commit(self.state.add_members(space.id, [self._contact_id(c) for c in with_]))
         self._deliver_grants(space.id)
         for relay in self.relays:
@@ -1525,7 +1559,7 @@ class Node:
     async def leave_chat(self, chat: str) -> None:
         """Leave a conversation with other accounts: a signed leave entry tells its
         members, whose designated device rotates the key without us (``core``)."""
-        space = self.state.chat_by_name(chat)
+        space = self._chat(chat)
         if not space.shared:
             raise NodeError("only a conversation with other accounts can be left")
         await self._write(space.id, "leave")

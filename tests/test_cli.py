@@ -7,6 +7,7 @@ terminal), what it refuses, and how it ends (one line, never a traceback).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 from pathlib import Path
@@ -345,3 +346,51 @@ def test_typing_and_presence_show_in_follow_and_are_never_stored(tmp_path: Path)
             n.stop()
     # nothing of it is in the store
     assert "typing" not in p2p(phone, "log", "--json").stdout
+
+
+def test_run_reports_an_attachment_in_tenths_not_per_chunk(tmp_path: Path) -> None:
+    phone, laptop = tmp_path / "phone", tmp_path / "laptop"
+    provision_homes([phone, laptop])
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(8 * 1024 * 1024))  # 32 chunks of 256 KiB
+    loopback = ("--listen", "127.0.0.1:0", "--no-mdns")
+    shown = Lines(phone, "run", *loopback)
+    closing = [shown]
+    try:
+        address = shown.wait_for("listening on").rsplit(" ", 1)[-1]
+        closing.append(Lines(laptop, "run", *loopback, "--peer", address))
+        shown.wait_for("connected to laptop")
+        p2p(laptop, "send", "--file", str(big), "the big one")
+        shown.wait_for("attachment big.bin: 32/32 chunks", timeout=60)
+        lines = [line for line in shown.seen if line.startswith("attachment big.bin")]
+        assert 1 <= len(lines) <= 11, lines
+    finally:
+        for c in closing:
+            c.close()
+
+
+def test_another_account_and_an_unnamed_conversation_are_shown_by_contact_name(
+    tmp_path: Path,
+) -> None:
+    ana, ben = tmp_path / "ana", tmp_path / "ben"
+    provision_homes([ana])
+    provision_homes([ben])
+    nodes = [run(ana), run(ben)]
+    try:
+        code_ana = json.loads(p2p(ana, "contact", "code", "--json").stdout)["code"]
+        p2p(ben, "contact", "add", code_ana, "--name", "Ana")  # Ben's node dials Ana's
+        code_ben = json.loads(p2p(ben, "contact", "code", "--json").stdout)["code"]
+        p2p(ana, "contact", "add", code_ben, "--name", "Ben")
+        chat = p2p(ana, "chat", "new", "--with", "Ben").stdout.strip()
+        assert f"{chat}  Ben  [" in p2p(ana, "chats").stdout
+        # Ben's copy is called by the name Ben knows Ana by, not by his own
+        wait_until(lambda: f"{chat}  Ana  [" in p2p(ben, "chats").stdout, timeout=60)
+        p2p(ben, "send", "--chat", "Ana", "hi Ana")
+        wait_until(lambda: " Ben: hi Ana" in p2p(ana, "log", "--chat", "Ben").stdout, timeout=60)
+        rows = [
+            json.loads(x) for x in p2p(ana, "log", "--chat", chat, "--json").stdout.split("\n") if x
+        ]
+        assert rows[-1]["account"] != json.loads(p2p(ana, "status", "--json").stdout)["account"]
+    finally:
+        for n in nodes:
+            n.stop()
