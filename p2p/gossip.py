@@ -224,28 +224,28 @@ class _Repair:
     space: str
 
 
-@dataclass
 class Gossip:
     """The lazy-push protocol of one device (see the module's docstring)."""
 
-    limits: Limits = field(default_factory=Limits)
-    _peers: dict[str, _Peer] = field(default_factory=dict)
-    _recent: OrderedDict[bytes, tuple[str, bytes]] = field(default_factory=OrderedDict)
-    """Digest -> (space, envelope) of recent envelopes, to answer ``want``s."""
-    _recent_bytes: int = 0
-    _known: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
-    """Digests of envelopes we hold (bounded): those are never wanted."""
-    _wanted: set[bytes] = field(default_factory=set)
-    """Digests of envelopes asked for and not yet received."""
-    _timers: list[tuple[float, int, _Wait | _Repair]] = field(default_factory=list)
-    """A heap of (deadline, sequence, what is due)."""
-    _waiting: int = 0
-    """Waits not over (at most ``want_tasks``)."""
-    _asked: dict[bytes, _Wait] = field(default_factory=dict)
-    """Digest asked for -> its wait (a digest is asked for once at a time)."""
-    _repairs: set[tuple[str, str]] = field(default_factory=set)
-    """(device, space) of the pending repairs."""
-    _seq: int = 0
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self._peers: dict[str, _Peer] = {}
+        self._recent: OrderedDict[bytes, tuple[str, bytes]] = OrderedDict()
+        """Digest -> (space, envelope) of recent envelopes, to answer ``want``s."""
+        self._recent_bytes = 0
+        self._known: OrderedDict[bytes, None] = OrderedDict()
+        """Digests of envelopes we hold (bounded): those are never wanted."""
+        self._wanted: set[bytes] = set()
+        """Digests of envelopes asked for and not yet received."""
+        self._timers: list[tuple[float, int, _Wait | _Repair]] = []
+        """A heap of (deadline, sequence, what is due)."""
+        self._waiting = 0
+        """Waits not over (at most ``want_tasks``)."""
+        self._asked: dict[bytes, _Wait] = {}
+        """Digest asked for -> its wait (a digest is asked for once at a time)."""
+        self._repairs: set[tuple[str, str]] = set()
+        """(device, space) of the pending repairs."""
+        self._seq = 0
 
     # ---- queries -------------------------------------------------------------------
 
