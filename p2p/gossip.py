@@ -21,16 +21,19 @@ The rules it keeps:
   wait ``WANT_DELAY`` (their author is usually sending them to us already), then ask
   that peer (``want``) for those still missing, if it is still the same connection.
   If ``WANT_TIMEOUT`` later any is still missing (the peer forgot it), stop waiting for
-  them and ask that peer for the whole difference instead (a state vector). At most
-  ``WANT_TASKS`` such waits at once; past that a ``have`` is ignored (state vectors
-  repair what is missed).
+  them and ask that peer for the whole difference instead (a state vector). A wait
+  ends as soon as all it asked for arrived. At most ``WANT_TASKS`` waits at once; a
+  ``have`` past that is not waited on digest by digest: that peer is asked for the
+  whole difference of the space instead, once, ``WANT_TIMEOUT`` later (a burst of
+  envelopes from a device two hops away would otherwise be lost until a reconnect).
 - **Want** (a peer asks): send each envelope we still hold of a space it may read.
 - **Duplicate** (an envelope we already hold came again): remember its digest as held,
   so a ``have`` of it is never wanted.
 
 Memory is bounded whatever peers send: the last ``RECENT_ENVELOPES`` envelopes (at most
-``RECENT_BYTES``) to answer ``want``s, the last ``KNOWN_DIGESTS`` digests held, and
-``WANT_TASKS`` waits (each no larger than the ``have`` frame that caused it).
+``RECENT_BYTES``) to answer ``want``s, the last ``KNOWN_DIGESTS`` digests held,
+``WANT_TASKS`` waits (each no larger than the ``have`` frame that caused it), and one
+pending repair per connected peer and space it reads.
 
 The caller tells it which peers are connected (:class:`PeerUp`, :class:`PeerDown`), what
 each may read, and whether it is one of our own devices; a :class:`PeerUp` for a device
@@ -206,24 +209,43 @@ class _Wait:
     space: str
     digests: list[bytes]
     asked: bool = False
+    done: bool = False
+    """Over before its deadline (all it asked for arrived); its timer does nothing."""
+    missing: set[bytes] = field(default_factory=set)
+    """Once asked: the digests not received yet."""
 
 
 @dataclass
+class _Repair:
+    """A state vector owed to ``device`` for ``space``: a ``have`` we had no room for."""
+
+    device: str
+    link: int
+    space: str
+
+
 class Gossip:
     """The lazy-push protocol of one device (see the module's docstring)."""
 
-    limits: Limits = field(default_factory=Limits)
-    _peers: dict[str, _Peer] = field(default_factory=dict)
-    _recent: OrderedDict[bytes, tuple[str, bytes]] = field(default_factory=OrderedDict)
-    """Digest -> (space, envelope) of recent envelopes, to answer ``want``s."""
-    _recent_bytes: int = 0
-    _known: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
-    """Digests of envelopes we hold (bounded): those are never wanted."""
-    _wanted: set[bytes] = field(default_factory=set)
-    """Digests of envelopes asked for and not yet received."""
-    _waits: list[tuple[float, int, _Wait]] = field(default_factory=list)
-    """A heap of (deadline, sequence, wait)."""
-    _seq: int = 0
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self._peers: dict[str, _Peer] = {}
+        self._recent: OrderedDict[bytes, tuple[str, bytes]] = OrderedDict()
+        """Digest -> (space, envelope) of recent envelopes, to answer ``want``s."""
+        self._recent_bytes = 0
+        self._known: OrderedDict[bytes, None] = OrderedDict()
+        """Digests of envelopes we hold (bounded): those are never wanted."""
+        self._wanted: set[bytes] = set()
+        """Digests of envelopes asked for and not yet received."""
+        self._timers: list[tuple[float, int, _Wait | _Repair]] = []
+        """A heap of (deadline, sequence, what is due)."""
+        self._waiting = 0
+        """Waits not over (at most ``want_tasks``)."""
+        self._asked: dict[bytes, _Wait] = {}
+        """Digest asked for -> its wait (a digest is asked for once at a time)."""
+        self._repairs: set[tuple[str, str]] = set()
+        """(device, space) of the pending repairs."""
+        self._seq = 0
 
     # ---- queries -------------------------------------------------------------------
 
@@ -233,11 +255,15 @@ class Gossip:
 
     @property
     def pending_waits(self) -> int:
-        return len(self._waits)
+        return self._waiting
+
+    @property
+    def pending_repairs(self) -> int:
+        return len(self._repairs)
 
     def next_deadline(self) -> float | None:
         """When :class:`TimerFired` is next due, or None when nothing waits."""
-        return self._waits[0][0] if self._waits else None
+        return self._timers[0][0] if self._timers else None
 
     def holds(self, name: bytes) -> bool:
         """Whether we still know we hold the envelope with digest ``name``."""
@@ -287,10 +313,18 @@ class Gossip:
     def _on_have(self, event: Have, now: float) -> list[Output]:
         missing = [d for d in event.digests if d not in self._known and d not in self._wanted]
         peer = self._peers.get(event.device)
-        if not missing or peer is None or len(self._waits) >= self.limits.want_tasks:
+        if not missing or peer is None:
             return []
-        wait = _Wait(event.device, peer.link, event.space, missing)
-        return [self._schedule(wait, now + self.limits.want_delay)]
+        if self._waiting < self.limits.want_tasks:
+            self._waiting += 1
+            wait = _Wait(event.device, peer.link, event.space, missing)
+            return [self._schedule(wait, now + self.limits.want_delay)]
+        key = (event.device, event.space)
+        if key in self._repairs or event.space not in peer.spaces:
+            return []
+        self._repairs.add(key)
+        repair = _Repair(event.device, peer.link, event.space)
+        return [self._schedule(repair, now + self.limits.want_timeout)]
 
     def _on_want(self, event: Want) -> list[Output]:
         peer = self._peers.get(event.device)
@@ -304,28 +338,56 @@ class Gossip:
 
     def _on_timer(self, now: float) -> list[Output]:
         out: list[Output] = []
-        while self._waits and self._waits[0][0] <= now:
-            _, _, wait = heapq.heappop(self._waits)
-            peer = self._peers.get(wait.device)
-            same = peer is not None and peer.link == wait.link
-            if not wait.asked:
-                still = [d for d in wait.digests if d not in self._known and d not in self._wanted]
+        while self._timers and self._timers[0][0] <= now:
+            _, _, due = heapq.heappop(self._timers)
+            peer = self._peers.get(due.device)
+            same = peer is not None and peer.link == due.link
+            if isinstance(due, _Repair):
+                self._repairs.discard((due.device, due.space))
+                if same:
+                    out.append(SendStateVector(due.device, due.space))
+                continue
+            if due.done:
+                continue
+            if not due.asked:
+                still = [d for d in due.digests if d not in self._known and d not in self._wanted]
                 if not still or not same:
+                    self._end(due)
                     continue
                 self._wanted.update(still)
-                out.append(SendWant(wait.device, still))
-                wait.digests, wait.asked = still, True
-                out.append(self._schedule(wait, now + self.limits.want_timeout))
-            elif any(d not in self._known for d in wait.digests):
-                self._wanted.difference_update(wait.digests)
+                out.append(SendWant(due.device, still))
+                due.digests, due.asked, due.missing = still, True, set(still)
+                self._asked.update(dict.fromkeys(still, due))
+                out.append(self._schedule(due, now + self.limits.want_timeout))
+                continue
+            self._end(due)
+            if any(d not in self._known for d in due.digests):
+                self._wanted.difference_update(due.digests)
                 if same:
-                    out.append(SendStateVector(wait.device, wait.space))
+                    out.append(SendStateVector(due.device, due.space))
         return out
 
-    def _schedule(self, wait: _Wait, deadline: float) -> SetTimer:
+    def _schedule(self, due: _Wait | _Repair, deadline: float) -> SetTimer:
         self._seq += 1
-        heapq.heappush(self._waits, (deadline, self._seq, wait))
+        heapq.heappush(self._timers, (deadline, self._seq, due))
         return SetTimer(deadline)
+
+    def _end(self, wait: _Wait) -> None:
+        """A wait is over: free its place (its timer, if still set, does nothing)."""
+        wait.done = True
+        self._waiting -= 1
+        for name in wait.missing:
+            if self._asked.get(name) is wait:
+                del self._asked[name]
+        wait.missing = set()
+        timers = self._timers
+        while timers and isinstance(timers[0][2], _Wait) and timers[0][2].done:
+            heapq.heappop(timers)
+        if len(timers) > 2 * (self._waiting + len(self._repairs)) + 16:
+            # timers of waits over early: drop them, so the heap stays as bounded as
+            # the waits themselves
+            self._timers = [t for t in timers if not (isinstance(t[2], _Wait) and t[2].done)]
+            heapq.heapify(self._timers)
 
     # ---- bounded memory ------------------------------------------------------------
 
@@ -349,6 +411,11 @@ class Gossip:
     def _know(self, name: bytes) -> None:
         """Remember (bounded) that we hold the envelope called ``name``."""
         self._wanted.discard(name)
+        wait = self._asked.pop(name, None)
+        if wait is not None:
+            wait.missing.discard(name)
+            if not wait.missing:
+                self._end(wait)
         self._known[name] = None
         self._known.move_to_end(name)
         while len(self._known) > self.limits.known_digests:
