@@ -22,6 +22,7 @@ PURE = [
     "p2p.contacts",
     "p2p.grants",
     "p2p.yupdate",
+    "p2p.ysplit",
     "p2p.relay.protocol",
     "p2p.media.descriptor",
     "p2p.media.fetch",
