@@ -261,7 +261,7 @@ def run(ns: list[int], baseline: Path | None, timeout: float, limit: int) -> lis
 
 def table(rows: list[dict[str, Any]]) -> str:
     out = [
-        "| case | messages | code | result | s | msg/s | phone MB | other MB | ratio msg/s |",
+        "| case | messages | code | result | s | msg/s | phone MB | other MB | ours ÷ baseline |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     ours = {(r["case"], r["messages"]): r for r in rows if r["code"] == "ours"}
@@ -269,7 +269,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         mine = ours.get((r["case"], r["messages"]))
         ratio = ""
         if r["code"] == "baseline" and mine and mine.get("ok") and r.get("ok"):
-            ratio = f"{mine['msg_per_s'] / r['msg_per_s']:.2f}x ours"
+            ratio = f"{mine['msg_per_s'] / r['msg_per_s']:.2f}x msg/s"
         result = "ok" if r.get("ok") else f"FAILED ({r.get('why', '')})"
         out.append(
             f"| {r['case']} | {r['messages']:,} | {r['code']} | {result} | "

@@ -863,8 +863,11 @@ class Node:
         other sync frame waits, so a long history is never queued whole."""
         if not peer.session.catching_up:
             return None
-        sent = peer.session.next_catchup(trio.current_time())
-        return sent[0].data if sent and isinstance(sent[0], Send) else None
+        outputs = peer.session.next_catchup(trio.current_time())
+        if len(outputs) == 1 and isinstance(outputs[0], Send):
+            return outputs[0].data
+        self._carry_out(peer, outputs)  # the session failed: its bye queues, it closes
+        return None
 
     def _media_frame(self, peer: _Peer) -> bytes | None:
         """The next frame of the media lane, sealed now (so that it takes the box's

@@ -569,12 +569,16 @@ class Session:
             self._catchup = []
             return []
         self.now = now
-        while self._catchup:
-            space_id, pieces = self._catchup[0]
-            piece = next(pieces, None)
-            if piece is not None:
-                return [self._send_piece(space_id, piece)]
-            self._catchup.pop(0)
+        try:
+            while self._catchup:
+                space_id, pieces = self._catchup[0]
+                piece = next(pieces, None)
+                if piece is not None:
+                    return [self._send_piece(space_id, piece)]
+                self._catchup.pop(0)
+        except P2PError as exc:  # a piece our own envelope refuses: nothing to send it in
+            self._catchup = []
+            return self._fail(exc)
         return []
 
     def _send_piece(self, space_id: str, piece: bytes) -> Send:

@@ -13,11 +13,13 @@ import random
 import pycrdt
 import pytest
 
+import p2p.envelope
 import p2p.sync
 from p2p.core import DeviceState
-from p2p.errors import InvalidUpdate
+from p2p.errors import InvalidUpdate, MalformedFrame
 from p2p.identity import DeviceKeys
 from p2p.model import MAX_UPDATE
+from p2p.sync import State
 from p2p.wire import MAX_FRAME
 from p2p.ysplit import split_update
 from p2p.yupdate import check_update
@@ -236,3 +238,17 @@ def test_a_companion_enrolls_with_a_history_past_the_update_bound() -> None:
     stored = [update for space, update in batch.appends if space == chat]
     assert len(stored) >= 2
     assert all(len(u) <= MAX_UPDATE for u in stored)
+
+
+def test_a_piece_our_envelope_refuses_closes_the_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(p2p.sync, "PIECE", 32 * 1024)
+    phone, [laptop] = new_account("laptop")
+    history(phone, notes(phone), 1000)
+    link = Link(phone, laptop).connect()
+    link.run()
+    assert link.a.session.catching_up
+    monkeypatch.setattr(p2p.envelope, "MAX_PAYLOAD", 1024)
+    link.handle(link.a, link.a.session.next_catchup(0.0))
+    assert isinstance(link.a.error, MalformedFrame)
+    assert link.a.session.state is State.CLOSED
+    assert not link.a.session.catching_up
