@@ -74,6 +74,7 @@ from p2p.identity import (
 from p2p.model import (
     INDEXED,
     MAX_BODY,
+    MAX_UPDATE,
     UNREAD,
     AuthorSource,
     Changes,
@@ -91,6 +92,7 @@ from p2p.model import (
 )
 from p2p.storage.base import INDEXED_MAPS, IndexKey, IndexRow, Store, WriteBatch
 from p2p.wire import load_json, pack, unpack
+from p2p.ysplit import split_update
 
 assert INDEXED == INDEXED_MAPS, "the index mirrors exactly the maps whose changes apply reports"
 
@@ -425,13 +427,17 @@ class DeviceState:
                     rotations=bundle.rotations.get(space_id),
                 )
             )
-            applied.append((space_id, update, state.spaces[space_id].replica.apply(update)))
+            # a history of any size, as bounded pieces: each is an update a peer could
+            # have sent (within MAX_UPDATE), applied and stored as one
+            replica = state.spaces[space_id].replica
+            for piece in split_update(update, MAX_UPDATE):
+                applied.append((space_id, piece, replica.apply(piece)))
         # our contacts came with the history: follow them before judging entries, so that
         # theirs in our conversations verify
         batches.append(state.learn_contacts())
-        for space_id, update, result in applied:
+        for space_id, piece, result in applied:
             index, _rejected = state._index(space_id, result.changed)
-            batches.append(WriteBatch(appends=[(space_id, update)], index=index))
+            batches.append(WriteBatch(appends=[(space_id, piece)], index=index))
         return state, merge_batches(batches)
 
     def enroll(self, new_device: DeviceKeys, name: str) -> tuple[Enrollment, WriteBatch]:

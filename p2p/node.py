@@ -120,6 +120,7 @@ from p2p.sync import (
 from p2p.transport.base import Connection, ConnectionClosed, TransportError
 from p2p.transport.base import Transport as TransportT
 from p2p.wire import MAX_HANDSHAKE_FRAME
+from p2p.ysplit import split_update
 
 log = logging.getLogger("p2p.node")
 T = TypeVar("T")
@@ -1061,7 +1062,10 @@ class Node:
                             self._carry_out(peer, session.close(exc))
                             break
                         self._carry_out(peer, session.receive(data, trio.current_time()))
-                    if timer.cancelled_caught:
+                    # frames arriving back to back (a long catch-up) never let the wait
+                    # time out: keep-alive pings must go out all the same, or the sender,
+                    # hearing nothing for IDLE_TIMEOUT, drops us
+                    if timer.cancelled_caught or trio.current_time() >= session.next_deadline():
                         self._carry_out(peer, session.tick(trio.current_time()))
                     if (
                         session.state is State.OPEN
@@ -1099,7 +1103,7 @@ class Node:
                     try:
                         frame: bytes | None = frames.receive_nowait()
                     except trio.WouldBlock:
-                        frame = self._media_frame(peer)
+                        frame = self._catchup_frame(peer) or self._media_frame(peer)
                     except trio.EndOfChannel:
                         return
                     if frame is None:
@@ -1109,6 +1113,17 @@ class Node:
                     await conn.send(frame)
         except TransportError:
             scope.cancel()
+
+    def _catchup_frame(self, peer: _Peer) -> bytes | None:
+        """The next piece of a large catch-up, sealed now: pulled one at a time when no
+        other sync frame waits, so a long history is never queued whole."""
+        if not peer.session.catching_up:
+            return None
+        outputs = peer.session.next_catchup(trio.current_time())
+        if len(outputs) == 1 and isinstance(outputs[0], Send):
+            return outputs[0].data
+        self._carry_out(peer, outputs)  # the session failed: its bye queues, it closes
+        return None
 
     def _media_frame(self, peer: _Peer) -> bytes | None:
         """The next frame of the media lane, sealed now (so that it takes the box's
@@ -1655,11 +1670,12 @@ class Node:
 
 
 def _coalesce(updates: list[bytes]) -> list[bytes]:
-    """Merge consecutive updates into as few payloads as fit in one envelope."""
+    """Merge consecutive updates into as few payloads as fit in one envelope (one
+    writer round larger than that, many long messages sent at once, is cut in pieces)."""
     out: list[bytes] = []
     group: list[bytes] = []
     size = 0
-    for u in updates:
+    for u in (piece for update in updates for piece in split_update(update, COALESCE_MAX)):
         if group and size + len(u) > COALESCE_MAX:
             out.append(_merge(group))
             group, size = [], 0

@@ -23,8 +23,11 @@ import msgpack
 from p2p.errors import FrameTooLarge, MalformedFrame, TooComplex, UnsupportedVersion
 
 PROTOCOL_VERSION: Final = 1
-MAX_FRAME: Final = 16 * 1024 * 1024
-"""Hard limit on one encoded frame, in bytes (length prefixes above it are refused)."""
+MAX_FRAME: Final = 1024 * 1024
+"""Hard limit on one encoded frame, in bytes (length prefixes above it are refused).
+Every producer keeps under it: a history of any size moves as many bounded envelopes
+(``p2p.ysplit``), so no peer ever needs a larger buffer and every envelope fits relay
+mail."""
 MAX_ID: Final = 64
 """Longest id (device, space, message) accepted in a frame."""
 MAX_HANDSHAKE_FRAME: Final = 80 * 1024
@@ -49,8 +52,9 @@ MAX_DIGESTS: Final = 256
 """Digests one ``have`` or ``want`` frame may carry."""
 MEDIA_WANT_MAX: Final = 64
 """Most chunk hashes one ``want`` or ``nohave`` frame names (p2p.media)."""
-MEDIA_CHUNK_MAX: Final = 4 * 1024 * KiB
-"""Largest plaintext chunk of an attachment; its ciphertext is 16 bytes more."""
+MEDIA_CHUNK_MAX: Final = 512 * KiB
+"""Largest plaintext chunk of an attachment; its ciphertext is 16 bytes more (a chunk
+frame stays under MAX_FRAME)."""
 
 # field kinds: (python type, max length or max value)
 _B = bytes
@@ -100,21 +104,21 @@ SCHEMA: Final[dict[str, dict[str, Field]]] = {
     "lhave": {"have": Field(_B, 64 * KiB)},  # history parts kept from an earlier try
     "enroll": {
         "list": Field(_B, 64 * KiB),  # the signed device list that includes the new device
-        "keys": Field(_B, 1024 * KiB),  # every space: id, kind, name, epoch, epoch keys
+        "keys": Field(_B, 768 * KiB),  # every space: id, kind, name, epoch, epoch keys
         "sizes": Field(_B, 64 * KiB),  # every space: history hash and size in bytes
         "lease": Field(_B, 256),  # the new companion's first lease
     },
     "chunk": {
         "s": Field(_S, MAX_ID),
         "o": Field(_I, 2**40),
-        "d": Field(_B, 1024 * KiB),
+        "d": Field(_B, 512 * KiB),  # linking.CHUNK of a history snapshot
     },
     "ldone": {"n": Field(_I, 2**40)},
     "abort": {"code": Field(_S, 64)},
     # inside the session box, after the handshake
     "sv": {
         "s": Field(_S, MAX_ID),  # space id
-        "sv": Field(_B, 1024 * KiB),  # pycrdt state vector of the sender's replica
+        "sv": Field(_B, 512 * KiB),  # pycrdt state vector of the sender's replica
     },
     "env": {
         "e": Field(_B, MAX_FRAME - KiB),  # one sealed envelope (crypto.Envelope)
@@ -131,7 +135,7 @@ SCHEMA: Final[dict[str, dict[str, Field]]] = {
         "l": Field(_B, 64 * KiB),  # a newer signed device list, gossiped
     },
     "lease": {"l": Field(_B, 256)},  # primary -> companion: a renewed lease
-    "grant": {"g": Field(_B, 1024 * KiB)},  # a space's keys sealed to the peer (p2p.grants)
+    "grant": {"g": Field(_B, MAX_FRAME - KiB)},  # a space's keys sealed to the peer (p2p.grants)
     "leave": {"n": Field(_I, 2**31)},  # companion -> primary: unlink me (p2p unlink --self)
     "typing": {"s": Field(_S, MAX_ID), "on": Field(_I, 255)},  # 0: stopped; never stored
     "ping": {"n": Field(_I, 2**63 - 1)},

@@ -84,7 +84,7 @@ def test_long_logs_are_compacted_and_reopen_identically(
 
 
 def test_a_snapshot_larger_than_any_frame_still_opens(tmp_path: Path) -> None:
-    """Compaction folds the whole chat into one snapshot: past MAX_UPDATE (16 MiB, the
+    """Compaction folds the whole chat into one snapshot: past MAX_UPDATE (1 MiB, the
     bound on what a peer may send) our own store must still open."""
     import p2p.model
     from p2p.core import DeviceState

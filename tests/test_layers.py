@@ -23,6 +23,7 @@ PURE = [
     "p2p.grants",
     "p2p.authority",
     "p2p.yupdate",
+    "p2p.ysplit",
     "p2p.relay.protocol",
     "p2p.media.descriptor",
     "p2p.media.fetch",

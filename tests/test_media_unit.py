@@ -43,7 +43,7 @@ from p2p.media.store import BlobStore
 from p2p.model import Replica
 from p2p.sync import MediaIn, Send
 from p2p.testing import provision_account
-from p2p.wire import MEDIA_WANT_MAX, decode_frame, encode_frame
+from p2p.wire import MEDIA_CHUNK_MAX, MEDIA_WANT_MAX, decode_frame, encode_frame
 
 
 def make_file(data: bytes, chunk: int = CHUNK_MIN) -> tuple[Attachment, list[bytes]]:
@@ -202,7 +202,7 @@ def test_media_frames_are_bounded_by_the_schema() -> None:
     with pytest.raises(MalformedFrame):
         encode_frame("blob", h=b"x" * 33, d=b"")
     with pytest.raises(MalformedFrame):
-        encode_frame("blob", h=h(1), d=b"\x00" * (4 * 1024 * 1024 + 17))
+        encode_frame("blob", h=h(1), d=b"\x00" * (MEDIA_CHUNK_MAX + 17))
 
 
 def open_pair() -> tuple[object, object]:

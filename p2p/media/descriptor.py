@@ -36,7 +36,7 @@ Small enough that a chunk frame never holds the sync lane for long."""
 MAX_CHUNKS: Final = 1024
 """Most chunks of one file: keeps the descriptor (32 bytes a hash) inside one entry."""
 HARD_MAX_FILE: Final = MEDIA_CHUNK_MAX * MAX_CHUNKS
-"""Largest file the format can describe (4 GiB); a device's own limit is lower."""
+"""Largest file the format can describe (512 MiB); a device's own limit is lower."""
 MAX_NAME: Final = 255
 MAX_MIME: Final = 127
 MAX_CAPTION: Final = 16 * 1024
