@@ -339,7 +339,7 @@ def test_a_bomb_through_a_relay_pipe_leaves_the_node_as_it_was(
     phone = Node(homes[0], "--listen", "127.0.0.1:0", "--no-mdns", "--relay", relay.url)
     nodes.append(phone)
     before = peak_rss(phone.proc.pid)
-    big, small = bomb(2 * MiB - 4096), bomb(60 * 1024)
+    big, small = bomb(MiB - 4096), bomb(60 * 1024)  # past a hello, within any frame
     assert trio.run(pipe_bombs, relay.url, phone.device, [big, small]) == [True, True]
     wait_until(lambda: rejected(phone, "FrameTooLarge"), timeout=20)
     wait_until(lambda: rejected(phone, "TooComplex"), timeout=20)
