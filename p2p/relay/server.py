@@ -476,7 +476,7 @@ class RelayServer:
         # Until the device has authenticated, trio-websocket refuses (1009) any message
         # past MAX_PREAUTH as it arrives: a stranger cannot make us buffer, let alone
         # decode, a full-size message. The private attribute is the one the library's
-        # own reader checks (pinned trio-websocket; tests/test_relay.py holds it to it).
+        # own reader checks (pinned trio-websocket; tests/test_hostile_bytes.py holds it to it).
         conn.ws._max_message_size = min(MAX_PREAUTH, self.limits.max_message)
         conn.tell(encode_server("challenge", nonce=nonce, relay=self.relay_id))
         with trio.move_on_at(auth_deadline) as timer:
