@@ -184,8 +184,8 @@ def may_open(map_name: str, key: str, account: str, belongs: DeviceInAccount) ->
     reactions and leave entries under its account. Keys known before their owner
     writes them would otherwise be squatted: the owner's write then replaces another
     account's item, which every other account refuses (``DeviceState.ingest``). Entry
-    ids are random; a deletion's key is its message's id, whose author the fold
-    checks (a deletion squatted first still blocks the author's: a known gap)."""
+    ids are random; a deletion's key is its message's id, whose author the receiver
+    checks against the message it holds (``DeviceState._refused_key``)."""
     if map_name in ("k", "v"):
         return belongs(key, account)
     if map_name == "r":
@@ -564,7 +564,7 @@ class Replica:
         *,
         from_store: bool = False,
         allowed: Callable[[int], bool] | None = None,
-        opens: Callable[[str, str], bool] | None = None,
+        opens: Callable[[list[tuple[str, str]]], str | None] | None = None,
     ) -> Applied:
         """Integrate an update (idempotent); InvalidUpdate if pycrdt refuses it.
 
@@ -576,8 +576,8 @@ class Replica:
         keys are indexed already). ``allowed`` (when given) must accept every client the
         update touches: another account's device may only touch its own account's
         clients, so it can neither occupy, replace nor delete another's structs.
-        ``opens`` (when given) must accept every (map, key) the update names (see
-        :func:`may_open`).
+        ``opens`` (when given) is asked about the (map, key) pairs the update names
+        and says which one its sender may not open, if any (``DeviceState.ingest``).
 
         Should pycrdt panic part-way all the same, the document is rebuilt from its
         history (``reload``) and PoisonedReplica raised: the update is not kept.
@@ -591,11 +591,11 @@ class Replica:
                 self.space, "the update touches CRDT clients of another account than its sender's"
             )
         if opens is not None:
-            for map_name, key in opened or ():
-                if not opens(map_name, key):
-                    raise InvalidUpdate(
-                        self.space, f"the update opens {map_name}/{key}, which is not its sender's"
-                    )
+            refused = opens(opened or [])
+            if refused is not None:
+                raise InvalidUpdate(
+                    self.space, f"the update opens {refused}, which is not its sender's"
+                )
         if not from_store:
             self.load()  # the history first, so that the changes seen are this update's
         changed: Changes = {}
@@ -669,6 +669,11 @@ class Replica:
         return bytes(doc.get_update(before))
 
     # ---- reading -------------------------------------------------------------------
+
+    def value(self, map_name: str, key: str) -> Any:
+        """The value under a key of one of the chat maps (None if none)."""
+        held = self._maps.get(map_name)
+        return None if held is None else held.get(key)
 
     def entries(self, map_name: str) -> list[tuple[str, Entry | None]]:
         """(key, parsed entry or None when malformed) of one map."""
