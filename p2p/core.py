@@ -800,14 +800,15 @@ class DeviceState:
         deletion only of a message of its own account, held or written with it."""
         replica = self.spaces[space_id].replica
         messages = {key for name, key in opened if name == "m"}
+        held = replica.values([*opened, *(("m", k) for n, k in opened if n == "x")])
         for name, key in opened:
-            held = replica.value(name, key)
-            if held is not None and not (isinstance(held, dict) and held.get("a") == account_id):
+            value = held.get((name, key))
+            if value is not None and not (isinstance(value, dict) and value.get("a") == account_id):
                 return f"{name}/{key}"
             if not may_open(name, key, account_id, self.belongs):
                 return f"{name}/{key}"
             if name == "x" and key not in messages:
-                message = replica.value("m", key)
+                message = held.get(("m", key))
                 if not (isinstance(message, dict) and message.get("a") == account_id):
                     return f"{name}/{key}"
         return None

@@ -670,10 +670,18 @@ class Replica:
 
     # ---- reading -------------------------------------------------------------------
 
-    def value(self, map_name: str, key: str) -> Any:
-        """The value under a key of one of the chat maps (None if none)."""
-        held = self._maps.get(map_name)
-        return None if held is None else held.get(key)
+    def values(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Any]:
+        """The values under some (map, key) pairs of the chat maps, read in one
+        transaction (pycrdt opens one per read otherwise); absent ones left out."""
+        maps = self._maps
+        found = {}
+        with self._doc.transaction() as txn:
+            raw = txn._txn  # the yrs transaction: pycrdt's Map.get opens three more
+            for map_name, key in keys:
+                held = maps.get(map_name)
+                if held is not None and held.integrated.has(raw, key):
+                    found[(map_name, key)] = held.integrated.get(raw, key)
+        return found
 
     def entries(self, map_name: str) -> list[tuple[str, Entry | None]]:
         """(key, parsed entry or None when malformed) of one map."""
