@@ -463,6 +463,7 @@ class Replica:
         self._watch = _KeyWatch()
         self._new_doc()
         self._verified: dict[bytes, bool] = {}
+        self._loading = False
         self._latest_ts = ""
         self._scanned = False
         self._authors: dict[str, str] | None = None
@@ -497,21 +498,40 @@ class Replica:
         """Whether the document holds the stored history (always, without a source)."""
         return self._source is None
 
-    def load(self) -> None:
+    def load(self, check: Callable[[], None] | None = None) -> None:
         """Apply the stored history now (idempotent); InvalidUpdate if it is refused.
 
         :attr:`loaded` turns true only once the whole history is in: the node loads in a
         worker thread, and a task that sees ``loaded`` goes on to use the document from
-        the trio thread, which must not happen while the worker still applies."""
+        the trio thread, which must not happen while the worker still applies. ``check``
+        runs once the history is in and before :attr:`loaded` turns true, in the same
+        thread (it may read the document: see ``DeviceState.load_checked``)."""
         source = self._source
-        if source is not None:
-            for update in source():
-                self.apply(update, from_store=True)  # from_store: never calls load
-            if self._authors_source is not None:
-                self._authors = dict(self._authors_source())
-                self._latest_ts = max(self._authors.values(), default="")
-                self._scanned = True
-            self._source = None
+        if source is not None and not self._loading:
+            self._loading = True
+            try:
+                for update in source():
+                    self.apply(update, from_store=True)  # from_store: never calls load
+                if self._authors_source is not None:
+                    self._authors = dict(self._authors_source())
+                    self._latest_ts = max(self._authors.values(), default="")
+                    self._scanned = True
+                if check is not None:
+                    check()
+                self._source = None
+            finally:
+                self._loading = False
+
+    def lacks(self, keys: Iterable[tuple[str, str]]) -> bool:
+        """Whether any of these (map, key) pairs has no value here. Reads the maps' keys
+        only: a value costs a conversion to Python, a key does not."""
+        held: dict[str, set[str]] = {}
+        for map_name, key in keys:
+            if map_name not in held:
+                held[map_name] = set(self._maps[map_name].keys())
+            if key not in held[map_name]:
+                return True
+        return False
 
     @property
     def doc(self) -> pycrdt.Doc[Any]:

@@ -56,6 +56,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Final, Protocol
@@ -63,9 +64,11 @@ from typing import Any, Final, Protocol
 from nacl.public import PrivateKey
 
 from p2p.box import Box, shared_secret
+from p2p.envelope import MAX_PAYLOAD
 from p2p.errors import (
     DecryptionFailed,
     DeviceListError,
+    FrameTooLarge,
     HandshakeFailed,
     NotOurAccount,
     P2PError,
@@ -74,7 +77,15 @@ from p2p.errors import (
 )
 from p2p.identity import DeviceKeys, DeviceList, account_tag, check_lease, verify
 from p2p.model import covers
-from p2p.wire import DIGEST_SIZE, MAX_DIGESTS, decode_frame, encode_frame
+from p2p.wire import (
+    DIGEST_SIZE,
+    MAX_DIGESTS,
+    MAX_FRAME,
+    MAX_HANDSHAKE_FRAME,
+    decode_frame,
+    encode_frame,
+)
+from p2p.ysplit import split_update
 
 DOMAIN_HANDSHAKE: Final = b"p2p/handshake/v1\x00"
 HANDSHAKE_TIMEOUT: Final = 10.0
@@ -84,6 +95,8 @@ EMPTY_UPDATE: Final = b"\x00\x00"
 MAX_TAGS: Final = 64
 """Discovery keys a hello carries tags for (and a receiver checks): our account's
 epochs, then those of conversations shared with other accounts."""
+PIECE: Final = MAX_PAYLOAD
+"""Largest update one catch-up envelope carries; a larger diff goes as several."""
 MEDIA_FRAMES: Final = frozenset({"ask", "blob", "nohave"})
 """Frames of the media transfer (p2p.media), passed up as :class:`MediaIn`."""
 
@@ -194,6 +207,15 @@ class LeaveRequested:
 
 
 @dataclass(frozen=True)
+class TypingIn:
+    """The peer's person started (``typing``) or stopped typing in a space we share
+    with it: awareness, passed on to the app and never stored."""
+
+    space: str
+    typing: bool
+
+
+@dataclass(frozen=True)
 class MediaIn:
     """A media frame (``ask``, ``blob``, ``nohave``) for the node's media service."""
 
@@ -218,6 +240,7 @@ Output = (
     | WantIn
     | LeaseIn
     | LeaveRequested
+    | TypingIn
     | MediaIn
     | Closed
 )
@@ -271,6 +294,8 @@ class Session:
     _last_in: float = 0.0
     _last_out: float = 0.0
     _in_size: int = 0
+    _catchup: list[tuple[str, Iterator[bytes]]] = field(default_factory=list)
+    """Large catch-ups in progress: (space, the pieces not yet sent)."""
 
     def start(self) -> list[Output]:
         """Begin: our hello goes out at once (both sides do this)."""
@@ -285,6 +310,14 @@ class Session:
 
     # ---- input ---------------------------------------------------------------------
 
+    @property
+    def frame_limit(self) -> int:
+        """Largest frame the next one may be: :data:`~p2p.wire.MAX_HANDSHAKE_FRAME` until
+        the peer is authenticated (a stranger's bytes are bounded before they are read;
+        the caller passes this to ``Connection.receive``), :data:`~p2p.wire.MAX_FRAME`
+        after."""
+        return MAX_FRAME if self.state is State.OPEN else MAX_HANDSHAKE_FRAME
+
     def receive(self, data: bytes, now: float) -> list[Output]:
         """Handle one frame from the peer."""
         if self.state is State.CLOSED:
@@ -294,6 +327,8 @@ class Session:
         self.stats.bytes_in += len(data)
         self._in_size = len(data)
         try:
+            if len(data) > self.frame_limit:
+                raise FrameTooLarge(len(data), self.frame_limit)
             if self.state is State.HELLO:
                 return self._on_hello(data)
             if self.state is State.AUTH:
@@ -352,6 +387,14 @@ class Session:
         if self.state is not State.OPEN:
             return []
         return [self._send_boxed(encode_frame("leave", n=0))]
+
+    def send_typing(self, space_id: str, typing: bool) -> list[Output]:
+        """Tell the peer we are (or stopped) typing in a space, if open and it reads it."""
+        if self.state is not State.OPEN or self.peer is None:
+            return []
+        if space_id not in self.local.spaces_for(self.peer):
+            return []
+        return [self._send_boxed(encode_frame("typing", s=space_id, on=int(typing)))]
 
     def send_media(self, kind: str, **fields: Any) -> list[Output]:
         """Send a media frame (``ask``, ``blob``, ``nohave``) to the peer, if open."""
@@ -513,6 +556,11 @@ class Session:
         if kind == "leave":
             assert self.peer is not None
             return [LeaveRequested(self.peer)]
+        if kind == "typing":
+            assert self.peer is not None
+            if frame["s"] not in self.local.spaces_for(self.peer):
+                return []  # a space we don't share with this device: say nothing
+            return [TypingIn(frame["s"], bool(frame["on"]))]
         if kind in MEDIA_FRAMES:
             self.stats.media_bytes_in += self._in_size
             return [MediaIn(kind, frame)]
@@ -531,15 +579,53 @@ class Session:
         assert self.peer is not None
         if space_id not in self.local.spaces_for(self.peer):
             return []  # a space we don't share with this device: say nothing about it
+        # a newer vector for a space being caught up supersedes the older answer
+        self._catchup = [(s, p) for s, p in self._catchup if s != space_id]
         if covers(sv, self.local.state_vector(space_id)):
             return []  # the peer already holds everything we have
         missing = self.local.diff(space_id, sv, self.peer)
         if missing == EMPTY_UPDATE:
             return []
-        sealed = self.local.seal(space_id, missing)
-        frame = self._send_boxed(encode_frame("env", e=sealed))
+        pieces = split_update(missing, PIECE)
+        del missing  # the generator holds it; nothing else should
+        out: list[Output] = [self._send_piece(space_id, next(pieces))]
+        self._catchup.append((space_id, pieces))
+        return out
+
+    @property
+    def catching_up(self) -> bool:
+        """Whether pieces of a large catch-up wait for :meth:`next_catchup`."""
+        return bool(self._catchup)
+
+    def next_catchup(self, now: float) -> list[Output]:
+        """The next piece of a catch-up too large for one envelope, sealed and boxed now.
+
+        The first piece goes out in answer to the state vector (a small gap is one
+        envelope, as before); the caller pulls the rest one frame at a time when its
+        sync lane is idle, so a history of any size is never held as frames in memory,
+        and each piece takes the box's number after every frame already queued. Each
+        piece is an update of its own: the peer applies and stores them as they come,
+        so a cut catch-up resumes from the peer's state vector next time."""
+        if self.state is not State.OPEN:
+            self._catchup = []
+            return []
+        self.now = now
+        try:
+            while self._catchup:
+                space_id, pieces = self._catchup[0]
+                piece = next(pieces, None)
+                if piece is not None:
+                    return [self._send_piece(space_id, piece)]
+                self._catchup.pop(0)
+        except P2PError as exc:  # a piece our own envelope refuses: nothing to send it in
+            self._catchup = []
+            return self._fail(exc)
+        return []
+
+    def _send_piece(self, space_id: str, piece: bytes) -> Send:
+        frame = self._send_boxed(encode_frame("env", e=self.local.seal(space_id, piece)))
         self.stats.catchup_bytes_out += len(frame.data)
-        return [frame]
+        return frame
 
     # ---- framing -------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from p2p import events as ev
 from p2p import model, testing, yupdate
 from p2p.core import NOTES, DeviceState, crdt_client
 from p2p.errors import InvalidUpdate, PoisonedReplica
+from p2p.gossip import Authored
 from p2p.model import Entry, Replica
 from tests.test_accounts import befriend, conversation, two_accounts
 from tests.test_node import run
@@ -277,7 +278,9 @@ def test_a_panic_from_a_peer_closes_its_connection_and_keeps_nothing(
             before = replica.state_vector()
             monkeypatch.setattr(model, "check_update", lenient)
             with laptop.events() as events:
-                phone._broadcast(chat, phone.state.seal(chat, POISON), exclude=())
+                phone._gossip_handle(
+                    Authored(chat, phone.state.seal(chat, POISON)), refresh=phone._peers
+                )
                 with trio.fail_after(60):
                     async for event in events:
                         if isinstance(event, ev.InputRejected):

@@ -7,13 +7,12 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import sqlite3
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from procs import Child
 
 from p2p.errors import (
     BadDescriptor,
@@ -44,7 +43,7 @@ from p2p.media.store import BlobStore
 from p2p.model import Replica
 from p2p.sync import MediaIn, Send
 from p2p.testing import provision_account
-from p2p.wire import MEDIA_WANT_MAX, decode_frame, encode_frame
+from p2p.wire import MEDIA_CHUNK_MAX, MEDIA_WANT_MAX, decode_frame, encode_frame
 
 
 def make_file(data: bytes, chunk: int = CHUNK_MIN) -> tuple[Attachment, list[bytes]]:
@@ -203,7 +202,7 @@ def test_media_frames_are_bounded_by_the_schema() -> None:
     with pytest.raises(MalformedFrame):
         encode_frame("blob", h=b"x" * 33, d=b"")
     with pytest.raises(MalformedFrame):
-        encode_frame("blob", h=h(1), d=b"\x00" * (4 * 1024 * 1024 + 17))
+        encode_frame("blob", h=h(1), d=b"\x00" * (MEDIA_CHUNK_MAX + 17))
 
 
 def open_pair() -> tuple[object, object]:
@@ -331,15 +330,12 @@ while True:
 def test_sigkill_while_writing_leaves_no_torn_chunk(tmp_path: Path) -> None:
     """A process killed mid-write: the store opens, and every chunk in it checks."""
     path = tmp_path / "media.db"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True
-    )
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "ready"
-    assert proc.stdout.readline().strip() == "written"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
-    proc.stdout.close()
+    writer = Child([sys.executable, "-c", WRITER, str(path)], logs=tmp_path)
+    try:
+        writer.wait_line(lambda line: line == "written", timeout=60)
+        assert writer.lines[:2] == ["ready", "written"]
+    finally:
+        writer.kill()
     store = BlobStore(path)
     with sqlite3.connect(path) as db:
         hashes = [r[0] for r in db.execute("SELECT hash FROM chunks")]
@@ -363,6 +359,9 @@ def test_a_peer_asking_for_too_much_at_once_is_refused() -> None:
 
         def messages(self, chat: str | None = None) -> list[object]:
             return []
+
+        def reads(self, device: str, chat: str) -> bool:
+            return True
 
     woken: list[str] = []
     media = MediaService(

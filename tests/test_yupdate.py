@@ -14,7 +14,6 @@ import base64
 import contextlib
 import os
 import random
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,8 +29,6 @@ from p2p.yupdate import MAX_DEPTH, check_update
 
 SETTINGS = settings(
     max_examples=60,
-    derandomize=True,
-    database=None,
     deadline=None,
     suppress_health_check=list(HealthCheck),
 )
@@ -138,20 +135,16 @@ def test_the_test_encoder_speaks_pycrdt() -> None:
 
 
 @pytest.mark.parametrize("hexed", HOSTILE)
-def test_hostile_tiny_updates_are_refused_fast(hexed: str) -> None:
+def test_hostile_tiny_updates_are_refused_by_our_checker(hexed: str) -> None:
     data = bytes.fromhex(hexed)
-    start = time.perf_counter()
-    refused(data)
-    assert time.perf_counter() - start < 0.05
+    assert refused(data) == yupdate._refusal(data)  # our checker's reason, not pycrdt's
 
 
 @pytest.mark.parametrize("hexed", HOSTILE)
 def test_replica_apply_refuses_them_before_pycrdt(hexed: str) -> None:
     replica = Replica("s")
-    start = time.perf_counter()
     with pytest.raises(InvalidUpdate) as info:
         replica.apply(bytes.fromhex(hexed))
-    assert time.perf_counter() - start < 0.05
     assert info.value.space == "s"
     assert info.value.reason == yupdate._refusal(bytes.fromhex(hexed))  # not pycrdt's
 
@@ -322,8 +315,8 @@ def message(rnd: random.Random, body: str | None = None) -> dict[str, str]:
     }
 
 
-def test_ten_thousand_messages_are_checked_quickly() -> None:
-    """3.5 MB, ~40 % of pycrdt's apply_update (p2p.yupdate); here only a loose bound."""
+def test_ten_thousand_messages_pass_the_check() -> None:
+    """3.5 MB of real messages pass, twice (the second time through the compiled lane)."""
     rnd = random.Random(1)
     doc = pycrdt.Doc()
     m = doc.get("m", type=pycrdt.Map)
@@ -332,9 +325,7 @@ def test_ten_thousand_messages_are_checked_quickly() -> None:
             m[os.urandom(10).hex()] = message(rnd)
     data = doc.get_update()
     check_update(data, "s")  # compiles the lane
-    start = time.perf_counter()
-    check_update(data, "s")
-    assert time.perf_counter() - start < 2.0
+    check_update(data, "s")  # and accepts it again (its speed: bench/bench_core.py)
 
 
 # ---- hand-made hostile updates -----------------------------------------------------
