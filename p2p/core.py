@@ -747,9 +747,9 @@ class DeviceState:
     def seal(self, space_id: str, payload: bytes) -> bytes:
         """Seal ``payload`` for a space with the next counter.
 
-        Counters come from a reserved block (see :meth:`reserve_counters`); half-way
-        through a block the next one is reserved in :attr:`unsaved`, which the node
-        writes long before the first block runs out.
+        Counters come from a block claimed in the store (``claim_run``); half-way
+        through a block :attr:`counters_wanted` asks the node's writer to claim the
+        next one (``claim_counters``), long before this one runs out.
         """
         space = self.space(space_id)
         self.counter += 1
