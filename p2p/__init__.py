@@ -8,6 +8,7 @@ from p2p.contacts import ContactCode, MalformedContactCode
 from p2p.core import Delivery, DeviceState, Enrollment
 from p2p.errors import (
     AlreadyInitialized,
+    AlreadyRunning,
     BadSignature,
     ContactError,
     CryptoError,
@@ -52,6 +53,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AlreadyInitialized",
+    "AlreadyRunning",
     "BadSignature",
     "ChatChanged",
     "ChatKeysChanged",
