@@ -775,7 +775,8 @@ class DeviceState:
         self.counters_wanted = self.counter > self.counter_reserved - COUNTER_BLOCK // 2
 
     def take_unsaved(self) -> WriteBatch:
-        """Records changed outside an operation's own batch (counter reservations)."""
+        """Writes made outside an operation's own batch (the index of a store from before it
+        existed, built by :meth:`load`)."""
         batch, self.unsaved = self.unsaved, WriteBatch()
         return batch
 
