@@ -9,6 +9,7 @@ from p2p.core import Delivery, DeviceState, Enrollment
 from p2p.discovery.base import StaticPeers
 from p2p.errors import (
     AlreadyInitialized,
+    AlreadyRunning,
     BadSignature,
     ContactError,
     CryptoError,
@@ -58,6 +59,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AlreadyInitialized",
+    "AlreadyRunning",
     "BadSignature",
     "ChatChanged",
     "ChatKeysChanged",

@@ -846,9 +846,9 @@ class DeviceState:
     def seal(self, space_id: str, payload: bytes) -> bytes:
         """Seal ``payload`` for a space with the next counter.
 
-        Counters come from a reserved block (see :meth:`reserve_counters`); half-way
-        through a block the next one is reserved in :attr:`unsaved`, which the node
-        writes long before the first block runs out.
+        Counters come from a block claimed in the store (``claim_run``); half-way
+        through a block :attr:`counters_wanted` asks the node's writer to claim the
+        next one (``claim_counters``), long before this one runs out.
         """
         space = self.space(space_id)
         self.counter += 1
@@ -874,7 +874,8 @@ class DeviceState:
         self.counters_wanted = self.counter > self.counter_reserved - COUNTER_BLOCK // 2
 
     def take_unsaved(self) -> WriteBatch:
-        """Records changed outside an operation's own batch (counter reservations)."""
+        """Writes made outside an operation's own batch (the index of a store from before it
+        existed, built by :meth:`load`)."""
         batch, self.unsaved = self.unsaved, WriteBatch()
         return batch
 
