@@ -7,6 +7,11 @@ encrypted sync session through it), and post mail for devices that are offline (
 SQLite, bounded, expiring). The relay never holds a key that opens anything it carries.
 What it can and cannot see is in docs/relay.md.
 
+With ``redis_url`` the process is one of a cluster serving one relay id: mail lives in
+Redis (backend.MailStore), presence is cluster-wide, and a pipe whose other device is on
+another process is a :class:`_RemotePipe` whose chunks cross the cluster's bus with a
+credit window (cluster.py). Pipes between devices of this process stay as they are.
+
 Structure (trio-websocket's habit): :func:`serve_relay` runs inside the caller's
 nursery (``server = await nursery.start(serve_relay, host, port, ...)``) and owns a
 :class:`RelayServer`, the shared state. Each websocket is one connection task with its own
