@@ -78,7 +78,9 @@ class Writers:
         """Jepsen's set check on every device, then one order everywhere."""
 
         def complete() -> bool:
-            return all({m["text"] for m in messages(h)} >= self.written for h in self.homes)
+            return all(
+                {m["text"] for m in messages(h, self.chat)} >= self.written for h in self.homes
+            )
 
         try:
             wait_until(complete, timeout=timeout, interval=0.5)
