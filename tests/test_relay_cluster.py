@@ -11,6 +11,7 @@ restarted (AOF keeps the mail).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -486,3 +487,28 @@ def test_abuse_is_refused_by_a_cluster_process_as_by_a_single_relay(start_cluste
     assert one.proc is not None
     assert one.proc.poll() is None
     assert "Traceback" not in one.log()
+
+
+def test_health_and_metrics_answer_and_bad_requests_are_refused(topology: Topology) -> None:
+    relay = topology.relays[0]
+    assert relay.http("/healthz") == (200, "ok\n")
+    status, body = relay.http("/metrics")
+    assert status == 200
+    for name in ("connections", "pipes", "mail_items", "mail_bytes", "chunks_relayed_total"):
+        assert f"\np2p_relay_{name} " in "\n" + body, name
+    assert relay.http("/nope")[0] == 404
+
+    def raw(data: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", relay.metrics_port), timeout=10) as s:
+            s.sendall(data)
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+            return answer
+
+    assert raw(b"POST /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 405")
+    assert raw(b"garbage\r\n\r\n").startswith(b"HTTP/1.1 400")
+    # a head past 8 KiB: 400, or a reset when the unread rest is thrown away
+    with contextlib.suppress(ConnectionResetError):
+        assert raw(b"GET /" + b"x" * 20_000 + b" HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 400")
+    assert relay.http("/healthz") == (200, "ok\n")
