@@ -5,7 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean chaos
+.PHONY: demo test lint typecheck unit bench clean chaos redis fuzz
+
+# The relay cluster's tests (and its benchmark row) start their own redis-server on
+# loopback: Debian's package, installed where it is missing (CI runs as root).
+redis:
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,6 +22,8 @@ $(STAMP): requirements.lock pyproject.toml
 demo: $(STAMP)
 	$(BIN)/p2p demo
 
+install: $(STAMP)  # .venv with the exact versions of requirements.lock, p2p in it
+
 lint: $(STAMP)
 	$(BIN)/ruff check p2p tests bench demos
 	$(BIN)/ruff format --check p2p tests bench demos
@@ -24,8 +31,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+# The property modules run twice: with fresh random examples (the default profile, in
+# the full run) and with the derandomized examples of every earlier run (replay).
+PROPERTIES := tests/test_wire.py tests/test_relay_protocol.py tests/test_yupdate.py \
+	tests/test_fuzz_inputs.py tests/test_index.py tests/test_convergence.py tests/test_chaos_sync.py
+
+unit: $(STAMP) redis
 	$(BIN)/pytest -q
+	$(BIN)/pytest -q --hypothesis-profile=replay -m property $(PROPERTIES)
 
 test: lint typecheck unit
 
@@ -33,10 +46,19 @@ test: lint typecheck unit
 # and inputs. Figures go to $(CHAOS_REPORT), one JSON line per run, summed up at the end.
 CHAOS_REPORT ?= $(VENV)/chaos-figures.jsonl
 
-chaos: $(STAMP)
+chaos: $(STAMP) redis
 	rm -f $(CHAOS_REPORT)
-	P2P_CHAOS=1 P2P_CHAOS_REPORT=$(abspath $(CHAOS_REPORT)) $(BIN)/pytest -q -m chaos tests; \
+	FUZZ_SECONDS=$(FUZZ_SECONDS) P2P_CHAOS=1 P2P_CHAOS_REPORT=$(abspath $(CHAOS_REPORT)) \
+	$(BIN)/pytest -q -m chaos tests; \
 	status=$$?; $(BIN)/python tests/chaos.py summary $(CHAOS_REPORT); exit $$status
+
+# Coverage-guided fuzzing (atheris) of every parser of outside bytes, FUZZ_SECONDS each
+# (tests/fuzz/run.py; crashes land in tests/fuzz/crashes/, replayed by make test).
+# make chaos runs the same through tests/test_fuzz_regressions.py.
+FUZZ_SECONDS ?= 60
+
+fuzz: $(STAMP)
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python tests/fuzz/run.py
 
 # `make bench` (BENCH_ARGS="--quick" for a smoke run): p2p against pycrdt-websocket and
 # y-websocket, tables + plots in bench/out/ (see docs/performance.md). Its own venv,
@@ -57,7 +79,7 @@ $(NODE_STAMP): bench/package.json bench/package-lock.json
 	cd bench && npm ci --no-audit --no-fund --ignore-scripts
 	touch $(NODE_STAMP)
 
-bench: $(BENCH_STAMP) $(NODE_STAMP)
+bench: $(BENCH_STAMP) $(NODE_STAMP) redis
 	$(BENCH_VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
 clean:

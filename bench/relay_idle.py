@@ -1,4 +1,5 @@
-"""S7 load: ``COUNT`` idle devices held connected to a relay (python relay_idle.py URL COUNT).
+"""S7 load: ``COUNT`` idle devices held connected to a relay
+(``python relay_idle.py URL COUNT [RELAY_ID]``).
 
 Each is a ``RelayClient`` with its own fresh device key, authenticated to the relay and
 keeping its websocket alive with the client's own pings, and nothing else. Prints
@@ -15,19 +16,25 @@ import trio
 from p2p.identity import DeviceKeys
 from p2p.relay.client import RelayClient
 
+WAVE = 200
+
 
 async def refuse(conn: object) -> None:
     await conn.aclose()  # type: ignore[attr-defined]
 
 
-async def main(url: str, count: int) -> None:
-    clients = [RelayClient(url, DeviceKeys.generate()) for _ in range(count)]
+async def main(url: str, count: int, relay_id: str | None = None) -> None:
+    clients = [RelayClient(url, DeviceKeys.generate(), relay_id=relay_id) for _ in range(count)]
     async with trio.open_nursery() as nursery:
-        for client in clients:
-            await nursery.start(client.serve, refuse)
-        with trio.fail_after(120):
-            for client in clients:
-                await client.wait_connected()
+        with trio.fail_after(120 + count / 20):
+            # in waves: thousands of handshakes at once would only meet the relay's
+            # --max-handshakes and back off
+            for start in range(0, count, WAVE):
+                wave = clients[start : start + WAVE]
+                for client in wave:
+                    await nursery.start(client.serve, refuse)
+                for client in wave:
+                    await client.wait_connected()
         print(json.dumps({"event": "ready", "connected": count}), flush=True)
         while await trio.to_thread.run_sync(sys.stdin.readline):
             pass
@@ -39,4 +46,4 @@ async def main(url: str, count: int) -> None:
 
 
 if __name__ == "__main__":
-    trio.run(main, sys.argv[1], int(sys.argv[2]))
+    trio.run(main, sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)

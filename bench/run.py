@@ -18,7 +18,9 @@ Workload everywhere: chat messages of 120 random characters, each from a random 
   loading the same messages as one pycrdt update.
 - S5 where the CPU of one S1 node goes (py-spy), in categories.
 - S6 fan-out: what one sender pays with 2 and with 5 devices.
-- S7 relay: 5 devices through one ``python -m p2p.relay``, and with 1,000 idle devices.
+- S7 relay: 5 devices through one ``python -m p2p.relay``, and with 1,000 idle devices;
+  then a relay cluster (``--redis``): 5 pairs through 1, 2 and 3 processes against the
+  single relay, and 10,000 idle devices on one process with a live pair through it.
 """
 
 from __future__ import annotations
@@ -571,6 +573,57 @@ def s7(r: Report, n: int) -> None:
     ax.set_title(f"S7 relay: 5 devices, {n:,} messages")
     ax.tick_params(axis="x", labelsize=8)
     r.plot(fig, "s7_relay.png")
+    s7_cluster(r, 400 if r.quick else 2000)
+
+
+def s7_cluster(r: Report, frames: int) -> None:
+    """Relay processes sharing one Redis against the single relay: 5 pairs of devices
+    streaming 1 KiB frames (every pipe crossing processes when there are several), and
+    one process holding 10,000 idle devices with a live pair through it."""
+    if shutil.which("redis-server") is None:
+        r.note("S7 cluster skipped: redis-server is not installed (make bench installs it)")
+        return
+    say(f"S7 cluster: 5 pairs x {frames} frames through 1, 2, 3 relay processes")
+    runs = {
+        "single relay (SQLite)": systems.run_relay_pairs(1, cluster=False, frames=frames),
+        "cluster, 1 process": systems.run_relay_pairs(1, cluster=True, frames=frames),
+        "cluster, 2 processes": systems.run_relay_pairs(2, cluster=True, frames=frames),
+        "cluster, 3 processes": systems.run_relay_pairs(3, cluster=True, frames=frames),
+    }
+    r.results["s7_cluster"] = runs
+    single = runs["single relay (SQLite)"]["frames_per_second"]
+    r.table(
+        f"S7 cluster: 5 pairs, {frames:,} frames of 1 KiB each",
+        ["relay", "frames/s", "vs single", "relay CPU s", "Redis CPU s", "peak MB per process"],
+        [
+            [
+                k,
+                round(v["frames_per_second"]),
+                f"{ratio(v['frames_per_second'], single):.2f}x",
+                round(v["relay_cpu_seconds"], 2),
+                round(v["redis_cpu_seconds"], 2),
+                f"{v['relay_peak_rss_mb']:.0f}",
+            ]
+            for k, v in runs.items()
+        ],
+    )
+    idle = 1000 if r.quick else 10_000
+    say(f"S7 cluster: {idle:,} idle devices on one process, a live pair through it")
+    held = systems.run_relay_idle_per_process(idle, frames=frames)
+    r.results["s7_cluster_idle"] = held
+    r.table(
+        f"S7 cluster: {idle:,} idle devices on one relay process",
+        ["idle", "pair alone f/s", "pair with idle f/s", "ratio", "process peak MB"],
+        [
+            [
+                f"{idle:,}",
+                round(held["pair_alone_fps"]),
+                round(held["pair_with_idle_fps"]),
+                f"{held['ratio']:.2f}x",
+                f"{held['relay_peak_rss_mb']:.0f}",
+            ]
+        ],
+    )
 
 
 def main() -> None:

@@ -288,3 +288,175 @@ if __name__ == "__main__":  # a quick manual run: python bench/systems.py ours 3
     for d in result.pop("per_device"):
         say(str({k: v for k, v in d.items() if k != "event"}))
     say(str(result))
+
+
+CLUSTER_ID = "ws://relay.cluster.bench"
+
+
+class _Redis:
+    """A ``redis-server`` of the benchmark's own: loopback, a free port, a temp folder,
+    AOF with ``appendfsync always`` (what relay.md asks of a cluster)."""
+
+    def __init__(self, folder: Path) -> None:
+        import shutil
+        import socket
+        import subprocess
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        server = shutil.which("redis-server")
+        if server is None:
+            raise RuntimeError("redis-server is not installed (make bench installs it)")
+        self.proc = subprocess.Popen(
+            [server, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(folder),
+             "--save", "", "--appendonly", "yes", "--appendfsync", "always"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    break
+            time.sleep(0.05)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def cpu_seconds(self) -> float:
+        return Child.cpu_seconds(self)  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=20)
+
+
+def _stop_relays(relays: list[Child]) -> None:
+    for relay in relays:
+        relay.proc.terminate()  # a relay ignores stdin: SIGTERM is its clean stop
+    for relay in relays:
+        relay.proc.wait(timeout=20)
+
+
+def run_relay_pairs(
+    processes: int, *, cluster: bool, pairs: int = 5, frames: int = 2000, size: int = 1024
+) -> dict[str, Any]:
+    """S7 cluster row: ``pairs`` senders each streaming ``frames`` frames of ``size``
+    bytes to its own receiver through relay processes (``bench/relay_pairs.py``);
+    ``cluster``: ``processes`` relay processes sharing one Redis, each pipe crossing
+    from one process to another when there are several; else one plain relay (SQLite).
+    Aggregate frames/s from go until the last frame arrived."""
+    with tempfile.TemporaryDirectory(prefix="p2p-bench-cluster-") as tmp:
+        redis = _Redis(Path(tmp)) if cluster else None
+        relays: list[Child] = []
+        sides: list[Child] = []
+        try:
+            for i in range(processes if cluster else 1):
+                argv = [PY, "-m", "p2p.relay", "--listen", "127.0.0.1:0"]
+                if redis is not None:
+                    argv += ["--redis", redis.url, "--id", CLUSTER_ID]
+                relays.append(Child(argv, name=f"relay-{i}", cwd=BENCH.parent))
+            urls = ",".join(r.expect("listening")["address"] for r in relays)
+            common = ["--pairs", str(pairs), "--frames", str(frames), "--urls", urls]
+            if redis is not None:
+                common += ["--id", CLUSTER_ID]
+            receiver = Child([PY, str(BENCH / "relay_pairs.py"), "receive", *common], name="rx")
+            sides.append(receiver)
+            devices = receiver.expect("ready", timeout=120)["devices"]
+            sender = Child(
+                [PY, str(BENCH / "relay_pairs.py"), "send", *common, "--size", str(size),
+                 "--to", ",".join(devices)],
+                name="tx",
+            )  # fmt: skip
+            sides.append(sender)
+            sender.expect("ready", timeout=120)
+            cpu0 = [r.cpu_seconds() for r in relays]
+            redis_cpu0 = redis.cpu_seconds() if redis is not None else 0.0
+            sender.tell("go")
+            go = sender.expect("sent", timeout=900)["t_go"]
+            done = receiver.expect("done", timeout=900)
+            seconds = done["t_last"] - go
+            result = {
+                "processes": len(relays),
+                "cluster": cluster,
+                "pairs": pairs,
+                "frames": done["frames"],
+                "frame_bytes": size,
+                "seconds": seconds,
+                "frames_per_second": done["frames"] / seconds,
+                "relay_cpu_seconds": sum(
+                    r.cpu_seconds() - c for r, c in zip(relays, cpu0, strict=True)
+                ),
+                "redis_cpu_seconds": (redis.cpu_seconds() - redis_cpu0) if redis else 0.0,
+                "relay_peak_rss_mb": max(_vm_hwm(r.proc.pid) for r in relays),
+            }
+        finally:
+            stop_all(sides)
+            _stop_relays(relays)
+            if redis is not None:
+                redis.stop()
+    return result
+
+
+def run_relay_idle_per_process(idle: int, *, frames: int = 2000) -> dict[str, Any]:
+    """S7 idle row: one cluster process holding ``idle`` idle devices, and one live pair
+    through it (rate with and without them); its peak memory."""
+    with tempfile.TemporaryDirectory(prefix="p2p-bench-idle-") as tmp:
+        redis = _Redis(Path(tmp))
+        relay = Child(
+            [PY, "-m", "p2p.relay", "--listen", "127.0.0.1:0", "--redis", redis.url,
+             "--id", CLUSTER_ID, "--max-connections", str(idle + 100)],
+            name="relay",
+            cwd=BENCH.parent,
+        )  # fmt: skip
+        extra: list[Child] = []
+        try:
+            url = relay.expect("listening")["address"]
+
+            def live_pair() -> float:
+                common = [
+                    "--pairs",
+                    "1",
+                    "--frames",
+                    str(frames),
+                    "--urls",
+                    url,
+                    "--id",
+                    CLUSTER_ID,
+                ]
+                rx = Child([PY, str(BENCH / "relay_pairs.py"), "receive", *common], name="rx")
+                devices = rx.expect("ready", timeout=120)["devices"]
+                tx = Child(
+                    [PY, str(BENCH / "relay_pairs.py"), "send", *common, "--to", devices[0]],
+                    name="tx",
+                )
+                try:
+                    tx.expect("ready", timeout=120)
+                    tx.tell("go")
+                    go = tx.expect("sent", timeout=600)["t_go"]
+                    done = rx.expect("done", timeout=600)
+                    return float(done["frames"] / (done["t_last"] - go))
+                finally:
+                    stop_all([tx, rx])
+
+            alone = live_pair()
+            base_mb = _vm_hwm(relay.proc.pid)
+            began = time.monotonic()
+            extra.append(
+                Child([PY, str(BENCH / "relay_idle.py"), url, str(idle), CLUSTER_ID], name="idle")
+            )
+            extra[0].expect("ready", timeout=900)
+            connect_seconds = time.monotonic() - began
+            loaded = live_pair()
+            return {
+                "idle": idle,
+                "pair_alone_fps": alone,
+                "pair_with_idle_fps": loaded,
+                "ratio": loaded / alone,
+                "relay_peak_rss_mb": _vm_hwm(relay.proc.pid),
+                "relay_rss_before_idle_mb": base_mb,
+                "connect_seconds": connect_seconds,
+            }
+        finally:
+            stop_all(extra)
+            _stop_relays([relay])
+            redis.stop()

@@ -6,6 +6,7 @@ everything else lives in modules an app need not import.
 
 from p2p.contacts import ContactCode, MalformedContactCode
 from p2p.core import Delivery, DeviceState, Enrollment
+from p2p.discovery.base import StaticPeers
 from p2p.errors import (
     AlreadyInitialized,
     BadSignature,
@@ -21,6 +22,7 @@ from p2p.errors import (
     NodeError,
     NotInitialized,
     P2PError,
+    PoisonedReplica,
     ProtocolError,
     RemovedDevice,
     ReplayDetected,
@@ -31,22 +33,27 @@ from p2p.errors import (
     UnknownChat,
     UnknownDevice,
     UnknownKey,
+    Unlinked,
     UnsupportedVersion,
     WireError,
 )
 from p2p.events import (
     ChatChanged,
     ChatKeysChanged,
+    DeviceLinked,
     DeviceListChanged,
     EntryRejected,
     Event,
     InputRejected,
+    MediaProgress,
     PeerConnected,
     PeerDisconnected,
+    Typing,
 )
 from p2p.home import default_home, init_account
 from p2p.model import Message
 from p2p.node import Node, open_node
+from p2p.transport.tcp import TcpTransport
 
 __version__ = "0.1.0"
 
@@ -60,6 +67,7 @@ __all__ = [
     "CryptoError",
     "DecryptionFailed",
     "Delivery",
+    "DeviceLinked",
     "DeviceListChanged",
     "DeviceListError",
     "DeviceState",
@@ -71,6 +79,7 @@ __all__ = [
     "HandshakeFailed",
     "InputRejected",
     "InvalidUpdate",
+    "MediaProgress",
     "MalformedContactCode",
     "MalformedFrame",
     "Message",
@@ -80,16 +89,21 @@ __all__ = [
     "P2PError",
     "PeerConnected",
     "PeerDisconnected",
+    "PoisonedReplica",
     "ProtocolError",
     "RemovedDevice",
     "ReplayDetected",
     "RollbackRefused",
     "StoreCorrupt",
+    "StaticPeers",
     "StoreError",
+    "TcpTransport",
     "TooManyDevices",
+    "Typing",
     "UnknownChat",
     "UnknownDevice",
     "UnknownKey",
+    "Unlinked",
     "UnsupportedVersion",
     "WireError",
     "__version__",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -18,11 +19,11 @@ from typing import Any
 
 import trio
 
-from p2p import control
-from p2p.clock import parse_ts
-from p2p.errors import NodeError, P2PError
-from p2p.home import default_home, init_account, open_home_store
+from p2p import __version__, control
+from p2p.errors import AlreadyRunning, NodeError, P2PError
+from p2p.home import LOCK_WAIT, default_home, init_account, open_home_store
 from p2p.node import open_node
+from p2p.terminal import multiline, safe, say
 
 
 def _home(args: argparse.Namespace) -> Path:
@@ -36,7 +37,7 @@ def cmd_init(args: argparse.Namespace) -> int:
             json.dumps({"device": state.device_id, "account": state.account_id, "name": state.name})
         )
     else:
-        print(
+        say(
             f"account {state.account_id} created; "
             f"this device ({state.name}) is its primary {state.device_id}"
         )
@@ -47,42 +48,182 @@ def cmd_send(args: argparse.Namespace) -> int:
     text = args.text or ""
     file = str(Path(args.file).resolve()) if args.file else None
     if not file and args.text is None:
-        print("p2p: send needs a TEXT, a --file, or both", file=sys.stderr)
+        say("p2p: send needs a TEXT, a --file, or both", file=sys.stderr)
+        return 2
+    if not file and _text_arg(text):
+        say("p2p: send needs some TEXT (an empty message is not sent)", file=sys.stderr)
         return 2
 
-    async def run() -> str:
-        async with open_node(_home(args)) as node:
-            if file:
-                return await node.send_file(file, text, chat=args.chat)
-            return await node.send(text, chat=args.chat)
+    async def offline(node: Any) -> dict[str, Any]:
+        if file:
+            return {"id": await node.send_file(file, text, chat=args.chat)}
+        return {"id": await node.send(text, chat=args.chat)}
 
     # through the running node when there is one (it owns the store and gossips at once)
     request = {"op": "send", "text": text, "chat": args.chat, "file": file}
-    reply = control.request(_home(args), request)
-    message_id = str(reply["id"]) if reply is not None else trio.run(run)
+    message_id = str(_node_or_offline(args, request, offline)["id"])
     if args.json:
         print(json.dumps({"id": message_id}))
     else:
-        print(message_id)
+        say(message_id)
     return 0
 
 
-def _time_of(ts: str) -> str:
-    ms, _ = parse_ts(ts)
+def _time_of(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def cmd_log(args: argparse.Namespace) -> int:
     reply = _call(args, {"op": "log", "chat": args.chat, "mark_read": args.mark_read})
-    marks = {"sent": "✓", "delivered": "✓✓", "read": "read"}
+    names: dict[str, str] = reply.get("names", {})
     for m in reply["messages"]:
         if args.json:
             print(json.dumps(m, ensure_ascii=False))
         else:
-            flags = " (deleted)" if m["deleted"] else " (edited)" if m["edited"] else ""
-            file = f" [{_file_line(m['file'])}]" if "file" in m else ""
-            status = marks.get(m["status"], m["status"])
-            print(f"{_time_of(m['ts'])} {m['device']}: {m['text']}{file}{flags}  [{status}]")
+            say(*_message_lines(m, names, ids=args.ids))
+    if args.follow:
+        _follow_log(args, reply["messages"], names)
+    return 0
+
+
+def _follow_log(
+    args: argparse.Namespace, shown: list[dict[str, Any]], names: dict[str, str]
+) -> None:
+    """``p2p log --follow``: after the log, each change as it happens (new messages,
+    edits, deletions, reactions, delivery states), by name, until Ctrl-C.
+
+    The node says that the chat changed; what changed is the difference between two
+    reads of the log, so every kind of change is caught the same way."""
+    before = {m["id"]: m for m in shown}
+
+    def reread() -> None:
+        nonlocal names
+        reply = _call(args, {"op": "log", "chat": args.chat, "mark_read": False})
+        names = reply.get("names", {})
+        arrived = False
+        for m in reply["messages"]:
+            old = before.get(m["id"])
+            before[m["id"]] = m
+            for change, line in _changes(old, m, names, ids=args.ids):
+                arrived = arrived or change == "new"
+                if args.json:
+                    print(json.dumps({"change": change, **m}, ensure_ascii=False), flush=True)
+                else:
+                    say(*line)
+        if arrived and args.mark_read:  # only then: a read marker is a change itself
+            _call(args, {"op": "log", "chat": args.chat, "mark_read": True})
+
+    events = control.watch(_home(args), args.chat)
+    next(events)  # the node's "ok": the chat exists and we are subscribed
+    reread()  # what changed between the first read and the subscription
+    for event in events:
+        kind = event.get("event")
+        if kind in ("Typing", "PeerConnected", "PeerDisconnected"):
+            _say_awareness(args, event, names)
+        elif kind == "ChatChanged":
+            reread()
+
+
+def _say_awareness(args: argparse.Namespace, event: dict[str, Any], names: dict[str, str]) -> None:
+    """Typing and presence, as ``--follow`` shows them (never stored anywhere)."""
+    device = str(event.get("device"))
+    if args.json:
+        print(json.dumps(event, ensure_ascii=False), flush=True)
+        return
+    who = names.get(device) or device
+    if event["event"] == "Typing":
+        say(f"{who} is typing…" if event.get("typing") else f"{who} stopped typing")
+    elif event["event"] == "PeerConnected":
+        say(f"{who} is online")
+    else:
+        say(f"{who} went offline")
+
+
+def _changes(
+    old: dict[str, Any] | None, new: dict[str, Any], names: dict[str, str], *, ids: bool
+) -> list[tuple[str, list[str]]]:
+    """What ``--follow`` reports about one message: (kind, lines to show) each."""
+    if old is None:
+        return [("new", _message_lines(new, names, ids=ids))]
+    who = names.get(new["device"]) or new["device"]
+    quoted = safe(new["text"] if len(new["text"]) <= 40 else new["text"][:39] + "…")
+    out: list[tuple[str, list[str]]] = []
+    if new["deleted"] and not old["deleted"]:
+        out.append(("deleted", [f"{who} deleted a message ({new['id']})"]))
+    elif new["text"] != old["text"] or new["edited"] != old["edited"]:
+        out.append(("edited", [f"{who} edited:", *_message_lines(new, names, ids=ids)]))
+    for account, emoji in new["reactions"].items():
+        if old["reactions"].get(account) != emoji:
+            out.append(
+                ("reaction", [f"{names.get(account) or account} reacted {emoji} to {quoted!r}"])
+            )
+    for account in old["reactions"].keys() - new["reactions"].keys():
+        out.append(
+            ("reaction", [f"{names.get(account) or account} withdrew a reaction to {quoted!r}"])
+        )
+    if new["status"] != old["status"]:
+        out.append(
+            ("status", [f"{_MARKS.get(new['status'], new['status'])} {new['status']}: {quoted!r}"])
+        )
+    return out
+
+
+_MARKS = {"sent": "✓", "delivered": "✓✓", "read": "read"}
+
+
+def _message_lines(m: dict[str, Any], names: dict[str, str], *, ids: bool) -> list[str]:
+    """One message as ``p2p log`` shows it: its author by name (the device's own name
+    for ours, the contact's name for another account's), with ids when asked."""
+    flags = " (deleted)" if m["deleted"] else " (edited)" if m["edited"] else ""
+    file = f" [{_file_line(m['file'])}]" if "file" in m else ""
+    status = _MARKS.get(m["status"], m["status"])
+    who = names.get(m["device"]) or m["device"]
+    if ids:
+        who = f"{m['id']} {who} ({m['device']})"
+    reactions = ", ".join(
+        f"{emoji} {names.get(account) or account}" for account, emoji in m["reactions"].items()
+    )
+    tail = f"  [{status}]" + (f"  {reactions}" if reactions else "")
+    first, *more = multiline(m["text"])
+    return [f"{_time_of(m['ts'])} {who}: {first}{file}{flags}{tail}", *more]
+
+
+def _text_arg(text: str) -> str | None:
+    """An error line when ``text`` is no message to send (empty or only blanks)."""
+    return None if text.strip() else "a message needs some text"
+
+
+def cmd_typing(args: argparse.Namespace) -> int:
+    """Tell the chat's readers we type (what an app does on keystrokes): needs p2p run,
+    since typing lives only in live sessions."""
+    if control.request(_home(args), {"op": "typing", "chat": args.chat, "stop": args.stop}) is None:
+        raise NodeError("typing is shown over live sessions only: start the node with p2p run")
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    if _text_arg(args.text):
+        say("p2p: edit needs the new TEXT (p2p delete removes a message)", file=sys.stderr)
+        return 2
+    request = {"op": "edit", "message": args.message, "text": args.text, "chat": args.chat}
+    return _print_id(args, _call(args, request)["id"])
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    request = {"op": "delete", "message": args.message, "chat": args.chat}
+    return _print_id(args, _call(args, request)["id"])
+
+
+def cmd_react(args: argparse.Namespace) -> int:
+    request = {"op": "react", "message": args.message, "text": args.emoji, "chat": args.chat}
+    return _print_id(args, _call(args, request)["id"])
+
+
+def _print_id(args: argparse.Namespace, entry: str) -> int:
+    if args.json:
+        print(json.dumps({"id": entry}))
+    else:
+        say(entry)
     return 0
 
 
@@ -116,17 +257,40 @@ def _parse_size(text: str) -> int:
     return value * factor
 
 
-def _node_or_offline(args: argparse.Namespace, request: dict[str, Any], offline: Any) -> Any:
-    """Ask the running node; without one, run ``offline(node)`` on the store."""
-    reply = control.request(_home(args), request)
-    if reply is not None:
-        return reply
+def _node_or_offline(
+    args: argparse.Namespace,
+    request: dict[str, Any],
+    offline: Any,
+    *,
+    ask: Callable[[str], bool] | None = None,
+) -> Any:
+    """Ask the node running for the home; without one, run ``offline(node)`` on a node
+    this process opens on the store (holding the home's lock, so none starts meanwhile).
+
+    A home whose lock is taken while its control socket does not answer has a node
+    starting (or stopping): wait for it and ask again, up to LOCK_WAIT seconds. Never
+    write the store beside it: a node does not see what another process appends."""
+    home = _home(args)
 
     async def run() -> Any:
-        async with open_node(_home(args)) as node:
+        async with open_node(home) as node:
             return await offline(node)
 
-    return trio.run(run)
+    deadline = time.monotonic() + LOCK_WAIT
+    waiting = False
+    while True:
+        reply = control.request(home, request, ask=ask)
+        if reply is not None:
+            return reply
+        try:
+            return trio.run(run)
+        except AlreadyRunning as exc:
+            if time.monotonic() > deadline:
+                raise NodeError(f"{exc}, and it does not answer after {LOCK_WAIT:.0f} s") from None
+            if not waiting:
+                waiting = True
+                print(f"p2p: waiting for the node of {home} to answer", file=sys.stderr, flush=True)
+            time.sleep(0.05)
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
@@ -139,33 +303,44 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     running = control.request(_home(args), {"op": "status"}) is not None
     file = reply["file"]
     if not running and not file["fetched"]:
-        print(
-            json.dumps(file)
-            if args.json
-            else f"{file['name']}: will be fetched when the node runs (p2p run)"
-        )
+        if args.json:
+            print(json.dumps(file))
+        else:
+            say(f"{file['name']}: will be fetched when the node runs (p2p run)")
         return 0
     if args.no_wait or file["fetched"]:
-        print(json.dumps(file) if args.json else _file_line(file))
+        if args.json:
+            print(json.dumps(file))
+        else:
+            say(_file_line(file))
         return 0
     return _follow(args, file)
 
 
 def _follow(args: argparse.Namespace, file: dict[str, Any]) -> int:
     """Poll the running node until the file is here, with a progress bar."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+    from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, Task
+    from rich.text import Text
+
+    class Speed(ProgressColumn):
+        """Bytes per second in the powers of 1024 every other size here is shown in
+        (rich's own speed column counts in powers of 1000)."""
+
+        def render(self, task: Task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("?" if speed is None else f"{_size(int(speed))}/s")
 
     request = {"op": "describe", "message": args.message, "chat": args.chat}
     deadline = time.monotonic() + args.timeout
     with Progress(
         "{task.description}",
         BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
+        DownloadColumn(binary_units=True),
+        Speed(),
         disable=args.json,
         transient=False,
     ) as bar:
-        task = bar.add_task(file["name"], total=file["size"])
+        task = bar.add_task(safe(file["name"]), total=file["size"])
         while time.monotonic() < deadline:
             reply = control.request(_home(args), request)
             if reply is None:
@@ -178,7 +353,7 @@ def _follow(args: argparse.Namespace, file: dict[str, Any]) -> int:
     if args.json:
         print(json.dumps(file))
     if not file["fetched"]:
-        print(f"p2p: {file['name']} is not complete after {args.timeout} s", file=sys.stderr)
+        say(f"p2p: {file['name']} is not complete after {args.timeout} s", file=sys.stderr)
         return 1
     return 0
 
@@ -192,7 +367,10 @@ def cmd_open(args: argparse.Namespace) -> int:
 
     request = {"op": "open", "message": args.message, "chat": args.chat, "out": out}
     file = _node_or_offline(args, request, offline)["file"]
-    print(json.dumps({**file, "out": out}) if args.json else f"wrote {file['name']} to {out}")
+    if args.json:
+        print(json.dumps({**file, "out": out}))
+    else:
+        say(f"wrote {file['name']} to {out}")
     return 0
 
 
@@ -224,39 +402,42 @@ def cmd_media(args: argparse.Namespace) -> int:
         return 0
     p = status["policy"]
     fetch = f"below {_size(p['below'])}" if p["fetch"] == "below" else p["fetch"]
-    print(f"fetch {fetch}; largest file {_size(p['max_file'])}; quota {_size(p['quota'])}")
-    print(f"serve rate per peer: {_size(p['rate']) + '/s' if p['rate'] else 'unlimited'}")
-    print(f"held: {_size(status['own_bytes'])} own, {_size(status['fetched_bytes'])} fetched")
+    say(
+        f"fetch {fetch}; largest file {_size(p['max_file'])}; quota {_size(p['quota'])}",
+        f"serve rate per peer: {_size(p['rate']) + '/s' if p['rate'] else 'unlimited'}",
+        f"held: {_size(status['own_bytes'])} own, {_size(status['fetched_bytes'])} fetched",
+    )
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    reply = control.request(_home(args), {"op": "status"})
-    if reply is None:
+    async def offline(node: Any) -> dict[str, Any]:
+        return {"status": node.status(), "running": False}
 
-        async def offline() -> dict[str, Any]:
-            async with open_node(_home(args)) as node:
-                return {**node.status(), "running": False}
-
-        status = trio.run(offline)
-    else:
-        status = {**reply["status"], "running": True}
+    reply = _node_or_offline(args, {"op": "status"}, offline)
+    status = {**reply["status"], "running": reply.get("running", True)}
     if args.json:
         print(json.dumps(status))
         return 0
     state = "running" if status["running"] else "not running"
-    print(f"device {status['device']} ({status['name']}, {status['role']}), {state}")
-    print(f"account {status['account']}, device list version {status['device_list_version']}")
+    role = status["role"]
+    if status.get("removed"):
+        role = "unlinked from the account: reads nothing new, writes nothing"
+    elif status.get("leaving"):
+        role += ", asked to be unlinked (the primary acts at the next meeting)"
+    say(f"device {status['device']} ({status['name']}, {role}), {state}")
+    say(f"account {status['account']}, device list version {status['device_list_version']}")
     if status.get("address"):
-        print(f"listening on {status['address']}")
+        say(f"listening on {status['address']}")
     for p in status["peers"]:
-        print(f"  peer {p['device']} via {p['remote']} ({p['found_via']})")
+        name = f"{p['name']} ({p['device']})" if p.get("name") else p["device"]
+        say(f"  peer {name} via {p['remote']} ({p['found_via']})")
     for s in status["spaces"]:
         held = "history not loaded" if s["entries"] is None else f"{s['entries']} entries"
-        print(f"  {s['kind']:<7} {s['name']:<10} {s['id']}  {held}")
+        say(f"  {s['kind']:<7} {s['name']:<10} {s['id']}  {held}")
     media = status.get("media")
     if media:
-        print(
+        say(
             f"media: {_size(media['own_bytes'])} own, {_size(media['fetched_bytes'])} fetched"
             f", {len(media['fetching'])} files fetching (fetch {media['policy']['fetch']})"
         )
@@ -297,15 +478,15 @@ class _LinkScreen:
             return
         from p2p.pairing import qr_text
 
-        print(qr_text(text))
-        print(f"pairing code (on the primary: p2p approve CODE):\n{text}\n", flush=True)
-        print("waiting for the primary...", flush=True)
+        say(*qr_text(text).splitlines())
+        say("pairing code (on the primary: p2p approve CODE):", text, "")
+        say("waiting for the primary...")
 
     def check(self, digits: str) -> None:
         if self.as_json:
             self._emit(event="check", check=digits)
         else:
-            print(f"check code: {digits}  (the primary must show the same)", flush=True)
+            say(f"check code: {digits}  (the primary must show the same)")
 
     def progress(self, done: int, total: int) -> None:
         percent = 100 * done // total if total else 100
@@ -331,7 +512,7 @@ class _LinkScreen:
         if self.as_json:
             self._emit(event="failed", error=type(error).__name__, detail=str(error))
         else:
-            print(f"link attempt failed: {error}; still waiting", file=sys.stderr, flush=True)
+            say(f"link attempt failed: {error}; still waiting", file=sys.stderr)
 
 
 def cmd_link(args: argparse.Namespace) -> int:
@@ -356,23 +537,41 @@ def cmd_link(args: argparse.Namespace) -> int:
             )
         )
     else:
-        print(
+        say(
             f"linked: this device ({state.name}, {state.device_id}) "
             f"joined account {state.account_id}"
         )
     return 0
 
 
+def _warn_new_device(code_text: str, connect: str | None) -> None:
+    """Before a person approves: who asks to join, from where, and what it will get
+    (linked-device phishing hands out codes of an attacker's device)."""
+    from p2p.pairing import PairingCode, PairingError
+
+    try:
+        code = PairingCode.decode(code_text)
+    except PairingError:
+        return  # approving reports it
+    where = connect or ", ".join(code.local_addresses()) or "no local address"
+    say(
+        f"a device named {code.name!r} ({code.device_id}) at {where} asks to join your account.",
+        "It will read every chat and send as you. Approve only a device you are holding now,",
+        "that showed this code itself; if someone sent you this code, say no.",
+        file=sys.stderr,
+    )
+
+
 def cmd_approve(args: argparse.Namespace) -> int:
     from p2p.pairing import CheckCodeMismatch, same_check_code
-
-    home = _home(args)
 
     def ask(digits: str) -> bool:
         answer = input(f"check code {digits}: does the new device show the same? [y/N] ")
         return answer.strip().lower() in ("y", "yes")
 
     interactive = not (args.yes or args.check)
+    if interactive:
+        _warn_new_device(args.code, args.connect)
     request = {
         "op": "approve",
         "code": args.code,
@@ -380,15 +579,6 @@ def cmd_approve(args: argparse.Namespace) -> int:
         "connect": args.connect,
         "interactive": interactive,
     }
-    # a node running for this home links the device itself (it owns the store); the
-    # check code still comes to this prompt
-    reply = control.request(home, request, ask=ask)
-    if reply is not None:
-        if args.json:
-            print(json.dumps({"event": "linked", "device": reply["device"], "name": reply["name"]}))
-        else:
-            print(f"linked {reply['name']} ({reply['device']})")
-        return 0
 
     async def confirm(digits: str) -> bool:
         if args.yes:
@@ -403,18 +593,20 @@ def cmd_approve(args: argparse.Namespace) -> int:
 
     screen = _LinkScreen(args.json)
 
-    async def run() -> tuple[str, str]:
-        async with open_node(home) as node:
-            linked = await node.approve(
-                args.code, confirm=confirm, connect=args.connect, progress=screen.progress
-            )
-            return linked.name, linked.device
+    async def offline(node: Any) -> dict[str, str]:
+        linked = await node.approve(
+            args.code, confirm=confirm, connect=args.connect, progress=screen.progress
+        )
+        return {"name": linked.name, "device": linked.device}
 
-    name, device = trio.run(run)
+    # a node running for this home links the device itself (it owns the store); the
+    # check code still comes to this prompt
+    reply = _node_or_offline(args, request, offline, ask=ask)
+    name, device = reply["name"], reply["device"]
     if args.json:
         print(json.dumps({"event": "linked", "device": device, "name": name}))
     else:
-        print(f"linked {name} ({device})")
+        say(f"linked {name} ({device})")
     return 0
 
 
@@ -422,40 +614,35 @@ def cmd_unlink(args: argparse.Namespace) -> int:
     home = _home(args)
     if args.self:
         if args.device:
-            print("p2p: give a DEVICE or --self, not both", file=sys.stderr)
+            say("p2p: give a DEVICE or --self, not both", file=sys.stderr)
             return 2
-        if control.request(home, {"op": "leave"}) is None:
 
-            async def leave() -> None:
-                async with open_node(home) as node:
-                    await node.leave()
+        async def leave(node: Any) -> dict[str, Any]:
+            await node.leave()
+            return {"offline": True}
 
-            trio.run(leave)
-            print("asked to be unlinked: the request goes to the primary at the next meeting")
+        if _node_or_offline(args, {"op": "leave"}, leave).get("offline"):
+            say("asked to be unlinked: the request goes to the primary at the next meeting")
         else:
             status = control.request(home, {"op": "status"})
             peers = {p["device"] for p in status["status"]["peers"]} if status else set()
             primary = status["status"]["primary"] if status else None
             if primary in peers:
-                print("asked the primary to unlink this device")
+                say("asked the primary to unlink this device")
             else:
-                print("asked to be unlinked: the request goes to the primary at the next meeting")
+                say("asked to be unlinked: the request goes to the primary at the next meeting")
         return 0
     if not args.device:
-        print("p2p: unlink needs a DEVICE id (or --self on a companion)", file=sys.stderr)
+        say("p2p: unlink needs a DEVICE name or id (or --self on a companion)", file=sys.stderr)
         return 2
-    reply = control.request(home, {"op": "unlink", "device": args.device})
-    if reply is None:
 
-        async def run() -> int:
-            async with open_node(home) as node:
-                await node.unlink(args.device)
-                return node.state.device_list.version
+    async def offline(node: Any) -> dict[str, Any]:
+        await node.unlink(args.device)
+        return {"version": node.state.device_list.version}
 
-        version = trio.run(run)
-    else:
-        version = int(reply["version"])
-    print(f"unlinked {args.device}; keys rotated; device list version {version}")
+    reply = _node_or_offline(args, {"op": "unlink", "device": args.device}, offline)
+    version = int(reply["version"])
+    say(f"unlinked {args.device}; keys rotated; device list version {version}")
     return 0
 
 
@@ -463,7 +650,8 @@ def cmd_relay(args: argparse.Namespace) -> int:
     from p2p.relay.__main__ import main as relay_main
 
     rest = list(args.relay_args)
-    if "--data" not in rest and not any(a.startswith("--data=") for a in rest):
+    given = {a.split("=", 1)[0] for a in rest}
+    if not given & {"--data", "--redis"}:  # a cluster process keeps its mail in Redis
         rest += ["--data", str(_home(args) / "relay")]  # the mailbox lives in the home
     return relay_main(rest)
 
@@ -476,6 +664,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
     try:
         state = DeviceState.load(store)
         seen = {n.removeprefix("seen/"): store.get(n) for n in store.names("seen/")}
+        linked = {n.removeprefix("linked/"): store.get(n) for n in store.names("linked/")}
     finally:
         store.close()
     reply = control.request(home, {"op": "status"})  # who is connected right now
@@ -483,6 +672,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
     dl = state.device_list
     for d in dl.devices:
         last = seen.get(d.device_id)
+        linked_ms = int(linked[d.device_id] or 0) if d.device_id in linked else None
         row = {
             "id": d.device_id,
             "name": d.name,
@@ -491,6 +681,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
             "online": d.device_id in online,
             "last_seen_ms": int(last) if last else None,
             "list_version": dl.version,
+            "linked_ms": linked_ms,
         }
         if args.json:
             print(json.dumps(row))
@@ -504,21 +695,21 @@ def cmd_devices(args: argparse.Namespace) -> int:
             where = f"last seen {when:%Y-%m-%d %H:%M}"
         else:
             where = "never seen"
-        print(f"{d.device_id}  {d.role:<9}  {d.name:<12} {where}")
+        say(f"{d.device_id}  {d.role:<9}  {d.name:<12} {where}")
+        if linked_ms and time.time() * 1000 - linked_ms < 7 * 24 * 3600 * 1000:
+            when = datetime.fromtimestamp(linked_ms / 1000, UTC)
+            say(f"  new device linked: {d.name} on {when:%Y-%m-%d %H:%M}")
     return 0
 
 
 def _call(args: argparse.Namespace, payload: dict[str, Any]) -> dict[str, Any]:
     """One request, through the running node of this home, else on the store."""
-    reply = control.request(_home(args), payload)
-    if reply is not None:
-        return reply
 
-    async def offline() -> dict[str, Any]:
-        async with open_node(_home(args)) as node:
-            return await control.handle(node, payload)
+    async def offline(node: Any) -> dict[str, Any]:
+        return await control.handle(node, payload)
 
-    return trio.run(offline)
+    result: dict[str, Any] = _node_or_offline(args, payload, offline)
+    return result
 
 
 def cmd_contact_code(args: argparse.Namespace) -> int:
@@ -531,35 +722,49 @@ def cmd_contact_code(args: argparse.Namespace) -> int:
     from p2p.pairing import qr_text
 
     try:
-        print(qr_text(code))
+        say(*qr_text(code).splitlines())
     except DataOverflowError:  # a code too long for a QR code is still valid text
-        print("(this contact code is too long for a QR code; pass the text)")
-    print(code)
+        say("(this contact code is too long for a QR code; pass the text)")
+    say(code)
     return 0
 
 
 def cmd_contact_add(args: argparse.Namespace) -> int:
     reply = _call(args, {"op": "contact_add", "code": args.code, "name": args.name})
     if args.json:
-        print(json.dumps({"id": reply["id"]}))
+        print(json.dumps({"id": reply["id"], "name": reply.get("name", "")}))
     else:
-        print(f"contact {reply['id']} added")
+        say(f"added contact {reply.get('name') or reply['id']} ({reply['id']})")
     return 0
 
 
 def cmd_contacts(args: argparse.Namespace) -> int:
+    reply = control.request(_home(args), {"op": "presence"})  # only a running node knows
+    presence = reply["presence"] if reply is not None else []
     for c in _call(args, {"op": "contacts"})["contacts"]:
+        theirs = [p for p in presence if p["account"] == c["id"]]
+        online = sorted(p["device_name"] for p in theirs if p["online"])
+        seen = max((p["last_seen_ms"] or 0 for p in theirs), default=0)
         if args.json:
-            print(json.dumps(c, ensure_ascii=False))
+            print(json.dumps({**c, "online": online, "last_seen_ms": seen or None}))
+            continue
+        if online:
+            where = f"online ({', '.join(online)})"
+        elif seen:
+            where = f"last seen {datetime.fromtimestamp(seen / 1000, UTC):%Y-%m-%d %H:%M}"
         else:
-            print(f"{c['id']}  {c['name']}  ({len(c['devices'])} devices)")
+            where = "not seen" if reply is not None else "(p2p run shows who is online)"
+        say(f"{c['id']}  {c['name']}  ({len(c['devices'])} devices)  {where}")
     return 0
 
 
 def cmd_chat_new(args: argparse.Namespace) -> int:
-    name = args.name or ", ".join(args.with_)
-    reply = _call(args, {"op": "chat_new", "name": name, "with": args.with_})
-    print(json.dumps({"chat": reply["chat"]}) if args.json else reply["chat"])
+    # without a name, each account shows the conversation by the other members' names
+    reply = _call(args, {"op": "chat_new", "name": args.name or "", "with": args.with_})
+    if args.json:
+        print(json.dumps({"chat": reply["chat"]}))
+    else:
+        say(reply["chat"])
     return 0
 
 
@@ -583,7 +788,7 @@ def cmd_chats(args: argparse.Namespace) -> int:
             print(json.dumps(c, ensure_ascii=False))
         else:
             members = ", ".join(m["name"] or m["id"] for m in c["members"])
-            print(f"{c['id']}  {c['name']}  [{members}]")
+            say(f"{c['id']}  {c['name']}  [{members}]")
     return 0
 
 
@@ -595,6 +800,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="p2p", description="Peer-to-peer, local-first chat sync.")
+    parser.add_argument("--version", action="version", version=f"p2p {__version__}")
     parser.add_argument(
         "--home", help="device data folder (default $P2P_HOME or the user data dir)"
     )
@@ -654,6 +860,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mark-read", action="store_true", help="record that this device has shown the chat"
     )
+    p.add_argument("--ids", action="store_true", help="show message and device ids too")
+    p.add_argument(
+        "--follow", "-f", action="store_true", help="then show changes as they happen (Ctrl-C)"
+    )
+    p = add("typing", cmd_typing, "tell a chat's readers we are typing (through p2p run)")
+    p.add_argument("--chat", help="chat id or name (default: notes)")
+    p.add_argument("--stop", action="store_true", help="we stopped typing")
+    for name, handler, help in (
+        ("edit", cmd_edit, "replace the text of one of our messages"),
+        ("delete", cmd_delete, "delete one of our messages for everyone"),
+        ("react", cmd_react, "react to a message ('' withdraws our reaction)"),
+    ):
+        p = add(name, handler, help)
+        p.add_argument("message", help="message id (p2p log --ids shows them)")
+        if name == "edit":
+            p.add_argument("text", help="the new text")
+        if name == "react":
+            p.add_argument("emoji", help="one emoji (at most 16 characters)")
+        p.add_argument("--chat", help="chat id or name (default: notes)")
     add("devices", cmd_devices, "the signed device list")
     p = add("fetch", cmd_fetch, "fetch a message's attachment (progress bar)")
     p.add_argument("message", help="message id")
@@ -673,19 +898,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("link", cmd_link, "new device: show a pairing code and wait for the primary")
     p.add_argument("--name", required=True, help="this device's name")
     p.add_argument("--listen", default="0.0.0.0:0", help="HOST:PORT the primary dials")
-    p.add_argument("--ttl", type=int, default=600, help="seconds the code stays valid")
+    p.add_argument(
+        "--ttl", type=int, default=600, help="seconds the code stays valid (at most 600)"
+    )
     p = add("approve", cmd_approve, "primary: link the device that shows CODE")
     p.add_argument("code")
     p.add_argument("--yes", action="store_true", help="skip comparing check codes (scripts)")
     p.add_argument("--check", help="the check code the new device shows")
     p.add_argument("--connect", help="HOST:PORT to reach the new device (overrides the code)")
     p = add("unlink", cmd_unlink, "primary: remove a device and rotate keys")
-    p.add_argument("device", nargs="?", help="device id")
+    p.add_argument("device", nargs="?", help="device name or id")
     p.add_argument("--self", action="store_true", help="companion: ask the primary to unlink us")
     add("status", cmd_status, "this device, its peers, its spaces")
     p = sub.add_parser(
         "relay",
-        help="run a rendezvous relay: p2p relay --listen HOST:PORT [--data DIR]",
+        help="run a rendezvous relay: p2p relay --listen HOST:PORT [--data DIR | --redis URL]",
         add_help=False,
     )
     p.set_defaults(handler=cmd_relay)
@@ -695,7 +922,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer", action="append", default=[], help="HOST:PORT of a peer (repeatable)")
     p.add_argument("--no-mdns", action="store_true", help="do not use mDNS discovery")
     p.add_argument(
-        "--relay", action="append", default=[], help="ws://HOST:PORT of a relay (repeatable)"
+        "--relay",
+        action="append",
+        default=[],
+        help="ws://HOST:PORT of a relay (repeatable); a cluster's processes as"
+        " ws://HOST:PORT#id=RELAY_ID, one flag each",
     )
     p.add_argument(
         "--mdns-interface",
@@ -720,19 +951,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.home is not None and not args.home.strip():
-        print("p2p: --home is empty", file=sys.stderr)
+        say("p2p: --home is empty", file=sys.stderr)
         return 2
     try:
         code: int = args.handler(args)
-    except P2PError as exc:
-        print(f"p2p: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    except OSError as exc:
-        print(f"p2p: {exc.strerror or exc} ({exc.filename or ''})".rstrip(" ()"), file=sys.stderr)
-        return 1
+    except BrokenPipeError:
+        return _reader_gone()
+    except BaseException as exc:  # sorted by _failure; a bug is re-raised
+        code = _failure(exc)
+        if code < 0:
+            raise
     return code
+
+
+def _failure(exc: BaseException) -> int:
+    """One line on stderr and the exit code for an exception that ends a command, or -1
+    for one that is a bug (its traceback is wanted). Trio wraps what ends ``trio.run``
+    in exception groups: Ctrl-C while ``p2p link`` waits is one KeyboardInterrupt
+    inside them, and is one line like any other Ctrl-C."""
+    leaves = _leaves(exc)
+    if any(isinstance(e, KeyboardInterrupt) for e in leaves):
+        say("p2p: interrupted", file=sys.stderr)
+        return 130
+    if any(isinstance(e, BrokenPipeError) for e in leaves):
+        return _reader_gone()
+    known = [e for e in leaves if isinstance(e, (P2PError, OSError))]
+    if not known or len(known) != len(leaves):
+        return -1
+    first = known[0]
+    if isinstance(first, OSError) and not isinstance(first, P2PError):
+        where = f" ({first.filename})" if first.filename else ""
+        say(f"p2p: {first.strerror or first}{where}", file=sys.stderr)
+    else:
+        say(f"p2p: {first}", file=sys.stderr)
+    return 1
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _reader_gone() -> int:
+    """Whoever read our output stopped (``p2p log | head -1``): end quietly, with
+    stdout pointed at /dev/null so the interpreter's last flush fails no more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

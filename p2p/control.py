@@ -5,26 +5,41 @@ request per connection, one JSON reply, both a single line of at most
 :data:`MAX_LINE` bytes::
 
     {"op": "send", "text": "...", "chat": null}   -> {"ok": true, "id": "..."}
-    {"op": "log", "chat": null, "mark_read": false} -> {"ok": true, "messages": [...]}
+    {"op": "log", "chat": null, "mark_read": false} -> {"ok": true, "messages": [...],
+                                                        "names": {id: name}}
     {"op": "status"}                                -> {"ok": true, "status": {...}}
     {"op": "contact_code"}                          -> {"ok": true, "code": "P2PC1:..."}
-    {"op": "contact_add", "code": "...", "name": null} -> {"ok": true, "id": "..."}
+    {"op": "contact_add", "code": "...", "name": null} -> {"ok": true, "id": "...",
+                                                           "name": "..."}
     {"op": "contacts"}                              -> {"ok": true, "contacts": [...]}
     {"op": "chat_new", "name": "...", "with": [...]} -> {"ok": true, "chat": "..."}
     {"op": "chats"}                                 -> {"ok": true, "chats": [...]}
     {"op": "chat_add", "chat": "...", "with": [...]} -> {"ok": true}
     {"op": "chat_leave", "chat": "..."}             -> {"ok": true}
+    {"op": "edit", "message": "...", "text": "...", "chat": null} -> {"ok": true, "id": "..."}
+    {"op": "delete", "message": "...", "chat": null} -> {"ok": true, "id": "..."}
+    {"op": "react", "message": "...", "text": "👍", "chat": null} -> {"ok": true, "id": "..."}
+    {"op": "typing", "chat": null, "stop": false}   -> {"ok": true}
+    {"op": "presence"}                              -> {"ok": true, "presence": [...]}
 
-A failed request gets ``{"ok": false, "error": "<ErrorClass>", "message": "..."}``.
+``{"op": "watch", "chat": null}`` is the one request that is not answered once: the node
+sends ``{"ok": true, "chat": ID}`` and then one line per event of that chat (and per
+event that belongs to no chat) until the client closes the connection.
+
+A failed request gets ``{"ok": false, "error": "<ErrorClass>", "message": "..."}``; so
+does any request the node cannot read (longer than :data:`MAX_LINE`, nested deeper than
+:data:`MAX_DEPTH`, not JSON) and any that meets a bug: a request never ends the node.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -33,9 +48,14 @@ import trio
 from p2p.errors import NodeError, P2PError
 from p2p.node import Node
 from p2p.pairing import CheckCodeMismatch, same_check_code
+from p2p.wire import load_json
+
+log = logging.getLogger("p2p.control")
 
 SOCKET_FILE: Final = "control.sock"
 MAX_LINE: Final = 256 * 1024
+MAX_DEPTH: Final = 8
+"""Nesting a request may have (checked before parsing; requests nest 2 deep)."""
 REQUEST_TIMEOUT: Final = 10.0
 """Longest wait for a request line (an owner's client that stalls is cut off)."""
 CONFIRM_TIMEOUT: Final = 300.0
@@ -46,6 +66,9 @@ REPLY_TIMEOUT: Final = 600.0
 
 class ControlError(NodeError):
     """The running node refused a control request (the reason is in the message)."""
+
+    error: str = "ControlError"
+    """The class name of the error the node raised (its message is this one's)."""
 
 
 def _read_reply(sock: socket.socket) -> Any:
@@ -84,10 +107,26 @@ async def _handle(node: Node, request: object, ask: Ask) -> dict[str, Any]:
         if file is not None:
             return {"id": await node.send_file(file, text, chat=chat)}
         return {"id": await node.send(text, chat=chat)}
+    if op in ("edit", "delete", "react"):
+        message, text = request.get("message"), request.get("text", "")
+        if not isinstance(message, str) or not isinstance(text, str):
+            raise ControlError("'message' and 'text' must be strings")
+        if op == "edit":
+            return {"id": await node.edit(message, text, chat=chat)}
+        if op == "delete":
+            return {"id": await node.delete(message, chat=chat)}
+        return {"id": await node.react(message, text, chat=chat)}
+    if op == "watch":
+        raise ControlError("watching needs a running node (p2p run)")
+    if op == "typing":
+        node.set_typing(chat, typing=not request.get("stop"))
+        return {}
+    if op == "presence":
+        return {"presence": node.presence()}
     if op == "log":
         if request.get("mark_read"):
             await node.mark_read(chat=chat)
-        return {"messages": await node.log(chat)}
+        return {"messages": await node.log(chat), "names": node.display_names()}
     if op in ("fetch", "open", "describe"):  # attachments (p2p.media)
         message, out = request.get("message"), request.get("out")
         if not isinstance(message, str) or not (out is None or isinstance(out, str)):
@@ -139,7 +178,7 @@ async def _handle(node: Node, request: object, ask: Ask) -> dict[str, Any]:
         if not isinstance(code, str) or not (name is None or isinstance(name, str)):
             raise ControlError("'code' must be a string, 'name' a string or null")
         account = await node.add_contact(code, name=name)
-        return {"id": account}
+        return {"id": account, "name": node.display_names().get(account, "")}
     if op == "contacts":
         return {"contacts": node.contacts()}
     if op == "chat_new":
@@ -210,12 +249,19 @@ async def serve_control(
                         json.dumps({"event": "check", "check": digits}).encode() + b"\n"
                     )
                     with trio.fail_after(CONFIRM_TIMEOUT):
-                        answer = json.loads(await _read_line(stream))
+                        answer = _parse(await _read_line(stream))
                     return isinstance(answer, dict) and answer.get("confirm") is True
 
-                reply = {"ok": True, **(await _handle(node, json.loads(line), ask))}
+                request = _parse(line)
+                if isinstance(request, dict) and request.get("op") == "watch":
+                    await _watch(node, stream, request)
+                    return
+                reply = {"ok": True, **(await _handle(node, request, ask))}
             except (P2PError, ValueError, trio.TooSlowError) as exc:
                 reply = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
+            except Exception as exc:  # a bug met by one request must not end the node
+                log.exception("bug while answering a control request")
+                reply = {"ok": False, "error": "InternalError", "message": type(exc).__name__}
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.send_all(json.dumps(reply).encode() + b"\n")
 
@@ -225,6 +271,65 @@ async def serve_control(
             task_status.started()
     finally:
         path.unlink(missing_ok=True)
+
+
+def _parse(line: bytes) -> object:
+    """One request line: bounded in size and nesting before ``json.loads`` sees it."""
+    return load_json(line, what="control request", max_size=MAX_LINE, max_depth=MAX_DEPTH)
+
+
+async def _watch(node: Node, stream: trio.SocketStream, request: dict[str, Any]) -> None:
+    """Stream the node's events to a ``p2p log --follow``, one JSON line each, until
+    the client goes away: ``{"ok": true}`` first, then ``{"event": "<class>", ...}``.
+
+    A chat's events say *that* it changed; the client reads the log again to see what
+    (a slow client loses events, as any subscriber does, never the node's memory)."""
+    chat = request.get("chat")
+    if chat is not None and not isinstance(chat, str):
+        raise ControlError("'chat' must be a string")
+    # UnknownChat before anything is streamed
+    watched = node.chat_id(chat)
+    events = node.subscribe()
+
+    async def until_closed(scope: trio.CancelScope) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while await stream.receive_some(1024):
+                pass
+        scope.cancel()
+
+    with events, contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(until_closed, nursery.cancel_scope)
+            await stream.send_all(json.dumps({"ok": True, "chat": watched}).encode() + b"\n")
+            async for event in events:
+                fields = dataclasses.asdict(event)
+                if fields.get("chat", watched) != watched:
+                    continue
+                line = {"event": type(event).__name__, **fields}
+                await stream.send_all(json.dumps(line, default=list).encode() + b"\n")
+
+
+def watch(home: str | os.PathLike[str], chat: str | None) -> Iterator[dict[str, Any]]:
+    """The running node's events for ``chat``, as they happen (blocking; for the CLI).
+
+    The first item is the node's ``{"ok": true, "chat": ID}``; NodeError when no node
+    runs for ``home``."""
+    path = socket_path(home)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            raise NodeError("following needs a running node: start it with p2p run") from None
+        sock.sendall(json.dumps({"op": "watch", "chat": chat}).encode() + b"\n")
+        with sock.makefile("rb") as lines:
+            for raw in lines:
+                if len(raw) > MAX_LINE:
+                    raise ControlError("event line too long")
+                item = _parse(raw)
+                if isinstance(item, dict) and item.get("ok") is False:
+                    raise ControlError(str(item.get("message")))
+                if isinstance(item, dict):
+                    yield item
 
 
 async def _read_line(stream: trio.abc.ReceiveStream) -> bytes:
@@ -270,5 +375,8 @@ def request(
     if not reply.get("ok") and reply.get("error") in ("CheckCodeMismatch",):
         raise CheckCodeMismatch(str(reply.get("message")))
     if not reply.get("ok"):
-        raise ControlError(f"{reply.get('error')}: {reply.get('message')}")
+        # the node's words, as the same command says them without a running node
+        error = ControlError(str(reply.get("message")))
+        error.error = str(reply.get("error"))
+        raise error
     return reply

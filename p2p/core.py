@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Final, Literal
@@ -21,13 +21,28 @@ from nacl.exceptions import CryptoError as NaclCryptoError
 from nacl.public import PrivateKey, PublicKey, SealedBox
 
 from p2p import envelope
+from p2p.authority import (
+    MAX_MEMBERS,
+    EpochSplit,
+    GrantFromStranger,
+    Rotation,
+    RotationRefused,
+    check_key,
+    check_removal,
+    check_rotation,
+    check_unclaimed,
+    leave_rotator,
+    split_healer,
+)
 from p2p.clock import HybridClock
 from p2p.errors import (
+    ChatCorrupt,
     ContactError,
     DeviceListError,
     GrantFromNonMember,
     GrantRefused,
     NotInitialized,
+    P2PError,
     RemovedDevice,
     RollbackRefused,
     StoreCorrupt,
@@ -37,7 +52,6 @@ from p2p.errors import (
     WireError,
 )
 from p2p.grants import (
-    MAX_MEMBERS,
     SpaceGrant,
     decode_members,
     open_grant,
@@ -59,6 +73,7 @@ from p2p.identity import (
 )
 from p2p.model import (
     INDEXED,
+    MAX_BODY,
     MAX_UPDATE,
     UNREAD,
     AuthorSource,
@@ -72,10 +87,11 @@ from p2p.model import (
     UpdateSource,
     fold,
     judge,
+    may_open,
     new_id,
 )
 from p2p.storage.base import INDEXED_MAPS, IndexKey, IndexRow, Store, WriteBatch
-from p2p.wire import pack, unpack
+from p2p.wire import load_json, pack, unpack
 from p2p.ysplit import split_update
 
 assert INDEXED == INDEXED_MAPS, "the index mirrors exactly the maps whose changes apply reports"
@@ -123,6 +139,22 @@ class Space:
     members: dict[str, bytes] = field(default_factory=dict)
     """Member accounts: account id -> account public key (ours always among them). Every
     current device of a member account reads and writes the space."""
+    rotations: dict[int, bytes] = field(default_factory=dict, repr=False)
+    """The signed ``authority.Rotation`` that made each epoch after 0 (encoded), shown
+    with the key in every grant."""
+
+    def rotate(self, signer: DeviceKeys) -> dict[str, bytes]:
+        """Start the next epoch: a fresh key and the rotation ``signer`` states for it
+        (with the current member set); the records that keep them."""
+        self.epoch += 1
+        key = self.keys[self.epoch] = envelope.new_space_key()
+        rotation = Rotation.make(signer, self.id, self.epoch, key, list(self.members.values()))
+        self.rotations[self.epoch] = rotation.encode()
+        return {
+            f"space/{self.id}": self.meta_record(),
+            f"spacekey/{self.id}/{self.epoch}": key,
+            f"spacerot/{self.id}/{self.epoch}": self.rotations[self.epoch],
+        }
 
     def meta_record(self) -> bytes:
         return pack([self.kind, self.name, self.epoch, sorted(self.members.values())])
@@ -178,6 +210,9 @@ class Enrollment:
     """(space id, kind, name, epoch, epoch -> key, full-state update)."""
     lease: bytes = b""
     """The new companion's first lease (see ``identity.issue_lease``)."""
+    rotations: dict[str, dict[int, bytes]] = field(default_factory=dict, repr=False)
+    """Space id -> epoch -> the encoded rotation that made it: a companion shows them in
+    its grants, so that other accounts' devices take a key it forwards."""
 
 
 class DeviceState:
@@ -196,6 +231,9 @@ class DeviceState:
         self.device_list = device_list
         self.account_key = account_key
         self.spaces: dict[str, Space] = {}
+        self.set_aside: dict[str, ChatCorrupt] = {}
+        """Spaces whose stored history or record did not load, by id: out of
+        :attr:`spaces` (nothing syncs, shows or writes them), their rows left on disk."""
         self.counter = 0
         self.counter_reserved = 0
         self.replay: dict[str, envelope.ReplayWindow] = {}
@@ -208,10 +246,16 @@ class DeviceState:
         signed device list of each, verified by its account key."""
         self.boot = 0
         """This run's number (persisted as ``boot``; part of our CRDT client id)."""
+        self.counters_wanted = False
+        """Half of the counter block is used: the node's writer claims the next one."""
         self._client_owners: dict[int, str] | None = None
         self.contact_keys: dict[str, bytes] = {}
         """The contact key of each contact (from its contact code): our devices meet
         theirs with it before any conversation is shared."""
+        self.history: Callable[[str], Iterable[bytes]] | None = None
+        """A space's whole history as it stands: durable, then on its way to the store
+        (set by :meth:`load` to the store's; the node adds its write queue). A replica
+        that an update made pycrdt panic is rebuilt from it."""
 
     # ---- identity ------------------------------------------------------------------
 
@@ -284,18 +328,22 @@ class DeviceState:
         a rotation still proves membership with the old one (and is then judged by the
         device list, which says whether it was removed).
 
-        Our account's epochs come first (at most 8), then our contact key, the newest
-        two epochs of each conversation shared with other accounts and the contact key
-        of each contact: their devices meet ours with those."""
+        Our account's epochs come first (at most 8), then our contact key, the contact
+        key of each contact, and last the newest two epochs of each conversation with an
+        account that is not our contact (a group's other members: their devices meet
+        ours with those). A session sends at most 64 tags: a contact that makes many
+        conversations can push only the last kind out, never our account's or our
+        contacts' tags (contacts meet us with their contact keys, whatever they share)."""
         account = next((s for s in self.spaces.values() if s.kind == "account"), None)
         if account is None:  # not enrolled: nothing to prove membership with
             return [bytes(32)]
         keys = [account.keys[e] for e in sorted(account.keys, reverse=True)][:8]
         keys.append(self.contact_key())
-        for space in sorted(self.spaces.values(), key=lambda s: s.id):
-            if space.shared:
-                keys += [space.keys[e] for e in sorted(space.keys, reverse=True)[:2]]
         keys += [self.contact_keys[a] for a in sorted(self.contact_keys)]
+        known = set(self.contact_keys) | {self.account_id}
+        for space in sorted(self.spaces.values(), key=lambda s: s.id):
+            if space.shared and not set(space.members) <= known:
+                keys += [space.keys[e] for e in sorted(space.keys, reverse=True)[:2]]
         return [
             hashlib.blake2b(key, digest_size=32, person=b"p2p-discovery").digest() for key in keys
         ]
@@ -370,7 +418,14 @@ class DeviceState:
             if kind not in ("account", "chat"):
                 raise DeviceListError(f"enrollment names an unknown space kind {kind!r}")
             batches.append(
-                state.add_space(space_id, kind, space_name, epoch=epoch, keys=space_keys)  # type: ignore[arg-type]
+                state.add_space(
+                    space_id,
+                    kind,  # type: ignore[arg-type]
+                    space_name,
+                    epoch=epoch,
+                    keys=space_keys,
+                    rotations=bundle.rotations.get(space_id),
+                )
             )
             # a history of any size, as bounded pieces: each is an update a peer could
             # have sent (within MAX_UPDATE), applied and stored as one
@@ -392,9 +447,7 @@ class DeviceState:
         passes them because tests create both ends in one process.
         """
         return self.enroll_public(
-            DeviceEntry(
-                name=name, role="companion", sign_pk=new_device.sign_pk, box_pk=new_device.box_pk
-            )
+            DeviceEntry.of(new_device, self.device_list.account_pk, name, "companion")
         )
 
     def issue_lease(self, device_id: str, now_ms: int | None) -> bytes:
@@ -428,12 +481,16 @@ class DeviceState:
                 (s.id, s.kind, s.name, s.epoch, dict(s.keys), s.replica.snapshot())
                 for s in self.spaces.values()
             ],
+            rotations={s.id: dict(s.rotations) for s in self.spaces.values() if s.rotations},
         )
         return bundle, WriteBatch(records={"account/list": self.device_list.encode()})
 
     def _grant(self, device: DeviceEntry) -> bytes:
         """The current key of every space, sealed to ``device`` (see DeviceList.grants)."""
-        keys = [[s.id, s.epoch, s.keys[s.epoch]] for s in self.spaces.values()]
+        keys = [
+            [s.id, s.epoch, s.keys[s.epoch], s.rotations.get(s.epoch, b"")]
+            for s in self.spaces.values()
+        ]
         return bytes(SealedBox(PublicKey(device.box_pk)).encrypt(pack(keys)))
 
     def _open_grant(self, device_list: DeviceList) -> WriteBatch:
@@ -446,18 +503,23 @@ class DeviceState:
             granted = unpack(
                 SealedBox(PrivateKey(self.keys.box_secret)).decrypt(sealed), what="key grant"
             )
-            items = [(str(s), int(e), bytes(k)) for s, e, k in granted]
+            items = [(str(s), int(e), bytes(k), bytes(r)) for s, e, k, r in granted]
         except (NaclCryptoError, WireError, ValueError, TypeError) as exc:
             raise DeviceListError(
                 f"our key grant in device list {device_list.version} is unusable"
             ) from exc
-        for space_id, epoch, key in items:
+        for space_id, epoch, key, rotation in items:
             space = self.spaces.get(space_id)
             if space is None or len(key) != envelope.KEY_SIZE or not 0 <= epoch < 2**32:
                 continue  # a space we do not hold yet, or junk: nothing to take
+            # the account key signed this: our primary's word for its epochs (authority
+            # rule 2); the rotation is kept to show with grants to other accounts
             if epoch not in space.keys:
                 space.keys[epoch] = key
                 batch.records[f"spacekey/{space_id}/{epoch}"] = key
+            if rotation and epoch not in space.rotations and space.keys[epoch] == key:
+                space.rotations[epoch] = rotation
+                batch.records[f"spacerot/{space_id}/{epoch}"] = rotation
             if epoch > space.epoch:
                 space.epoch = epoch
                 batch.records[f"space/{space_id}"] = space.meta_record()
@@ -474,10 +536,7 @@ class DeviceState:
         self.device_list.entry(device_id)  # UnknownDevice / RemovedDevice first
         batch = WriteBatch()
         for space in self.spaces.values():
-            space.epoch += 1
-            space.keys[space.epoch] = envelope.new_space_key()
-            batch.records[f"space/{space.id}"] = space.meta_record()
-            batch.records[f"spacekey/{space.id}/{space.epoch}"] = space.keys[space.epoch]
+            batch.records.update(space.rotate(self.keys))
         self.device_list = self.device_list.without_device(self.account_key, device_id, self._grant)
         batch.records["account/list"] = self.device_list.encode()
         return batch
@@ -502,11 +561,19 @@ class DeviceState:
         epoch: int = 0,
         keys: dict[int, bytes] | None = None,
         members: dict[str, bytes] | None = None,
+        rotations: dict[int, bytes] | None = None,
     ) -> WriteBatch:
         keys = keys if keys is not None else {epoch: envelope.new_space_key()}
         owners = {self.account_id: self.device_list.account_pk, **(members or {})}
         self.spaces[space_id] = Space(
-            space_id, kind, name, epoch, dict(keys), self._replica(space_id), members=owners
+            space_id,
+            kind,
+            name,
+            epoch,
+            dict(keys),
+            self._replica(space_id),
+            members=owners,
+            rotations=dict(rotations or {}),
         )
         records = {
             f"space/{space_id}": self.spaces[space_id].meta_record(),
@@ -514,11 +581,17 @@ class DeviceState:
         }
         for e, k in keys.items():
             records[f"spacekey/{space_id}/{e}"] = k
+        for e, r in (rotations or {}).items():
+            records[f"spacerot/{space_id}/{e}"] = r
         return WriteBatch(records=records)
 
     @classmethod
-    def load(cls, store: Store) -> DeviceState:
+    def load(cls, store: Store, run: Run | None = None) -> DeviceState:
         """Rebuild the state from a store: records now, each space's CRDT on first use.
+
+        ``run``: what this run writes with (:func:`claim_run`, taken from the store
+        before loading); without one the state is for reading (its run number is the
+        stored one plus one, which another process may use too: never write with it).
 
         A space's document (snapshot, then tail) is loaded from ``store`` only when
         something needs it (sync, a write; see ``Replica.load``): readers are served by
@@ -542,6 +615,7 @@ class DeviceState:
                 device_list=device_list,
                 account_key=AccountKey(seed) if seed else None,
             )
+            state.history = partial(_history, store)
             # accounts we follow first: indexing a chat checks entries by their lists
             for name in store.names("peer/"):
                 followed = DeviceList.decode(_required(store, name))
@@ -549,44 +623,29 @@ class DeviceState:
                 state.accounts[followed.account_id] = followed
             for name in store.names("peerkey/"):
                 state.contact_keys[name.removeprefix("peerkey/")] = _required(store, name)
-            boot = store.get("boot")
-            state.boot = unpack(boot, what="boot") + 1 if boot else 1
+            if run is None:
+                boot = store.get("boot")
+                state.boot = unpack(boot, what="boot") + 1 if boot else 1
+            else:
+                state.boot = run.boot
             for name in store.names("space/"):
                 space_id = name.removeprefix("space/")
-                kind, space_name, epoch, member_pks = unpack(
-                    _required(store, name), what="space record"
-                )
-                space_keys = {
-                    int(k.rsplit("/", 1)[1]): _required(store, k)
-                    for k in store.names(f"spacekey/{space_id}/")
-                }
-                indexed = store.get(f"indexed/{space_id}") is not None
-                replica = state._replica(
-                    space_id,
-                    source=partial(_history, store, space_id),
-                    authors=partial(store.index_authors, space_id) if indexed else None,
-                )
-                space = Space(
-                    space_id,
-                    kind,
-                    space_name,
-                    epoch,
-                    space_keys,
-                    replica,
-                    members={short_id(pk): pk for pk in member_pks},
-                )
-                state.spaces[space_id] = space
-                space.snapshot_seq, space.log_seq = store.log_seqs(space_id)
-                if not indexed:
-                    state.unsaved = merge_batches([state.unsaved, state.build_index(space_id)])
+                try:
+                    state._load_space(store, space_id, _required(store, name))
+                except (P2PError, ValueError, TypeError, KeyError) as exc:
+                    # one unreadable chat must not take the others, or the node, down
+                    state.put_aside(space_id, exc if isinstance(exc, P2PError) else ValueError(exc))
             for name in store.names("replay/"):
                 state.replay[name.removeprefix("replay/")] = envelope.ReplayWindow.from_record(
                     _required(store, name)
                 )
-            reserved = store.get("counter")
-            state.counter = state.counter_reserved = (
-                unpack(reserved, what="counter") if reserved else 0
-            )
+            if run is None:
+                reserved = store.get("counter")
+                state.counter = state.counter_reserved = (
+                    unpack(reserved, what="counter") if reserved else 0
+                )
+            else:
+                state.counter, state.counter_reserved = run.counter, run.reserved
             state.lease = store.get("device/lease") or b""
             last = store.get("clock")
             if last:
@@ -597,10 +656,43 @@ class DeviceState:
 
     # ---- writing locally -----------------------------------------------------------
 
+    def _load_space(self, store: Store, space_id: str, record: bytes) -> None:
+        """One space from its records (its document stays lazy unless never indexed)."""
+        kind, space_name, epoch, member_pks = unpack(record, what="space record")
+        space_keys = {
+            int(k.rsplit("/", 1)[1]): _required(store, k)
+            for k in store.names(f"spacekey/{space_id}/")
+        }
+        indexed = store.get(f"indexed/{space_id}") is not None
+        replica = self._replica(
+            space_id,
+            source=partial(_history, store, space_id),
+            authors=partial(store.index_authors, space_id) if indexed else None,
+        )
+        space = Space(
+            space_id,
+            kind,
+            space_name,
+            epoch,
+            space_keys,
+            replica,
+            members={short_id(pk): pk for pk in member_pks},
+            rotations={
+                int(k.rsplit("/", 1)[1]): _required(store, k)
+                for k in store.names(f"spacerot/{space_id}/")
+            },
+        )
+        self.spaces[space_id] = space
+        space.snapshot_seq, space.log_seq = store.log_seqs(space_id)
+        if not indexed:
+            self.unsaved = merge_batches([self.unsaved, self.build_index(space_id)])
+
     def space(self, space_id: str) -> Space:
         try:
             return self.spaces[space_id]
         except KeyError:
+            if space_id in self.set_aside:
+                raise self.set_aside[space_id] from None
             raise UnknownChat(space_id) from None
 
     def chat_by_name(self, name: str) -> Space:
@@ -610,7 +702,20 @@ class DeviceState:
         for s in self.spaces.values():
             if s.kind == "chat" and s.name == name:
                 return s
-        raise UnknownChat(name)
+        for corrupt in self.set_aside.values():
+            if name in (corrupt.chat, corrupt.name):
+                raise corrupt
+        raise UnknownChat(name, [s.name for s in self.spaces.values() if s.kind == "chat"])
+
+    def put_aside(self, space_id: str, error: P2PError | ValueError) -> ChatCorrupt:
+        """Set a space aside whose stored history or record does not load: the node and
+        every other space go on without it; its rows stay on disk as they are."""
+        space = self.spaces.pop(space_id, None)
+        corrupt = ChatCorrupt(
+            space_id, f"{type(error).__name__}: {error}", space.name if space else ""
+        )
+        self.set_aside[space_id] = corrupt
+        return corrupt
 
     def new_entry(
         self, space_id: str, kind: Kind, wall_ms: int, *, body: str = "", target: str = ""
@@ -646,6 +751,38 @@ class DeviceState:
             index=index,
         )
         return update, batch
+
+    def load_checked(self, space_id: str, store: Store) -> list[Entry]:
+        """Load a space's CRDT from ``store`` and check that it holds every entry of
+        ours that the message index shows; [] when it does, else every entry of ours
+        in the space, to be written again (run in a worker thread: the check reads the
+        document before anyone else may use it).
+
+        Our index rows commit with the update that holds them, so a row whose key the
+        loaded CRDT lacks means an update of ours was dropped as a duplicate: older
+        versions let two processes write one home with one CRDT client id, and the
+        second struct under a client and clock was taken for the first one, here and
+        at every peer. The peers then hold the other struct of each such pair, which
+        we cannot tell from ours; so every entry of ours is written again, under this
+        run's client id: the same values under the same keys (signed again: a shown
+        row keeps no signature, and ours are deterministic), so no view changes, and
+        every replica ends up holding all of them.
+        """
+        replica = self.space(space_id).replica
+        lost: list[Entry] = []
+
+        def check() -> None:
+            if not replica.lacks(store.index_keys_by_device(space_id, self.device_id)):
+                return
+            for row in store.index_by_device(space_id, self.device_id):
+                if row.reason:
+                    continue
+                entry = row_entry(row)
+                if entry is not None and entry.account == self.account_id:
+                    lost.append(entry.signed(space_id, self.keys))
+
+        replica.load(check)
+        return lost
 
     # ---- the message index ---------------------------------------------------------
 
@@ -716,7 +853,7 @@ class DeviceState:
         space = self.space(space_id)
         self.counter += 1
         if self.counter > self.counter_reserved - COUNTER_BLOCK // 2:
-            self.unsaved = merge_batches([self.unsaved, self.reserve_counters()])
+            self.counters_wanted = True
         return envelope.seal(
             self.keys,
             space=space_id,
@@ -726,14 +863,15 @@ class DeviceState:
             payload=payload,
         )
 
-    def reserve_counters(self) -> WriteBatch:
-        """Reserve the next block of envelope counters; durable before any is used.
-
-        After a crash the device resumes past everything it ever reserved, so no
-        counter is used twice (peers would drop the second use as a replay).
-        """
-        self.counter_reserved = max(self.counter, self.counter_reserved) + COUNTER_BLOCK
-        return WriteBatch(records={"counter": pack(self.counter_reserved)})
+    def grant_counters(self, reserved: int) -> None:
+        """Take the block of envelope counters ending at ``reserved`` (from
+        :func:`claim_counters`). The block follows ours unless another writer took the
+        ones between (never while the home lock is held): then those are skipped."""
+        start = reserved - COUNTER_BLOCK
+        if start > self.counter_reserved:
+            self.counter = max(self.counter, start)
+        self.counter_reserved = max(self.counter_reserved, reserved)
+        self.counters_wanted = self.counter > self.counter_reserved - COUNTER_BLOCK // 2
 
     def take_unsaved(self) -> WriteBatch:
         """Records changed outside an operation's own batch (counter reservations)."""
@@ -763,25 +901,28 @@ class DeviceState:
             source=source,
             authors=authors,
             client_id=crdt_client(self.device_id, self.boot),
+            reload=partial(self._history_of, space_id),
         )
 
-    def start_run(self) -> WriteBatch:
-        """What must be durable before this run seals anything: a block of envelope
-        counters and the run number in our CRDT client id."""
-        return merge_batches(
-            [self.reserve_counters(), WriteBatch(records={"boot": pack(self.boot)})]
-        )
+    def _history_of(self, space_id: str) -> Iterable[bytes]:
+        """A space's whole history as it stands (see :attr:`history`); none without a
+        store (a state held in memory only: its replica then starts over empty)."""
+        return () if self.history is None else self.history(space_id)
 
     def client_account(self, client: int) -> str | None:
         """The account whose device writes as CRDT client ``client`` (None if none we
         know of)."""
         if self._client_owners is None:
             owners = {}
-            for dl in (self.device_list, *self.accounts.values()):
+            # ours last: nothing another account lists can take our clients from us
+            for dl in (*self.accounts.values(), self.device_list):
                 for d in (*dl.devices, *dl.removed):
                     owners[device_prefix(d.device_id)] = dl.account_id
             self._client_owners = owners
         return self._client_owners.get(client >> BOOT_BITS)
+
+    def _may_open(self, account_id: str, map_name: str, key: str) -> bool:
+        return may_open(map_name, key, account_id, self.belongs)
 
     def _ours_client(self, client: int) -> bool:
         return self.client_account(client) == self.account_id
@@ -813,7 +954,11 @@ class DeviceState:
         # another account's device may only write and delete its own account's structs
         # (so it can neither occupy nor delete ours); our own devices relay anyone's
         allowed = None if author == self.account_id else self._author_client(author)
-        applied = self.spaces[opened.space].replica.apply(opened.payload, allowed=allowed)
+        # nor write the first value under a key that is ours by its name
+        opens = None if allowed is None else partial(self._may_open, author)
+        applied = self.spaces[opened.space].replica.apply(
+            opened.payload, allowed=allowed, opens=opens
+        )
         changed = applied.changed
         relayable = allowed is not None or all(
             self.client_account(c) == author for c in applied.clients
@@ -888,6 +1033,7 @@ class DeviceState:
             kept = accept_device_list(known, offered)
             if kept is known:
                 return keyed or None
+        check_unclaimed(kept, [self.device_list, *self.accounts.values()])
         self.accounts[kept.account_id] = kept
         self._client_owners = None
         for space in self.spaces.values():  # its new devices' entries may verify now
@@ -918,6 +1064,7 @@ class DeviceState:
             epoch=space.epoch,
             keys=dict(space.keys),
             members=tuple(dl.encode() for dl in lists if dl is not None),
+            rotations=dict(space.rotations),
         )
 
     def grant_to(
@@ -949,9 +1096,18 @@ class DeviceState:
 
         Refused (GrantRefused) unless a current device of our account or of an account
         we follow signed it, both accounts are among its members and, for a space we
-        hold, the granter's account is a member already. A newer epoch brings its key
-        and member set; member lists we do not hold yet are taken on the granter's word
-        (it vouches for the group it shares with us).
+        hold, the granter's account is a member already. Member lists we do not hold yet
+        are taken on the granter's word (it vouches for the group it shares with us).
+        What a grant may change follows ``authority``: a space we do not hold comes
+        whole; for one we hold, a key of an epoch we lack comes only with the rotation
+        that made it (without one, it is left for a device that has it), a newer epoch
+        brings the member set its rotation states, and within an epoch members are only
+        added. RotationRefused (a GrantRefused) for a rotation its signer was not
+        entitled to make; EpochSplit for another key of our current epoch (unless a newer
+        epoch comes with it); RotationUnproven for one that drops an account whose leave
+        entry we lack; GrantFromStranger for a new chat from an account that is not a
+        contact. A refused grant changes no key, epoch or member set (member lists it
+        carried may have been followed: they verify on their own).
         """
         sealed = parse_grant(data)
         granted = open_grant(sealed, self.keys)
@@ -960,6 +1116,16 @@ class DeviceState:
             raise GrantRefused(f"grant of {granted.space}: we or the granter are not members")
         if self.list_of(sealed.account) is None:
             raise GrantRefused(f"grant from account {sealed.account}, which we do not follow")
+        if (
+            granted.space not in self.spaces
+            and sealed.account != self.account_id
+            and sealed.account not in self.contact_keys
+        ):
+            # a group's other members are followed so that their entries verify, but
+            # only a contact (whose code we took) may bring us into a new conversation
+            raise GrantFromStranger(
+                f"grant of a new chat from account {sealed.account}, which is not a contact"
+            )
         batches: list[WriteBatch] = []
         for account_id, dl in sorted(lists.items(), key=lambda kv: kv[0] != sealed.account):
             try:  # the granter's own list first: it may be what makes the granter current
@@ -978,8 +1144,21 @@ class DeviceState:
             raise GrantRefused(f"grant from {sealed.sender} names another account")
         verify_grant(sealed, granter.entry(sealed.sender).sign_pk)
         members = {a: dl.account_pk for a, dl in lists.items()}
+        known = {self.account_id: self.device_list, **self.accounts}
+        rotations: dict[int, Rotation] = {}
+
+        def verified(epoch: int) -> None:
+            # checked only where it decides something: a key we do not hold yet
+            rotation = Rotation.decode(granted.rotations[epoch])
+            if rotation.epoch != epoch or epoch not in granted.keys:
+                raise RotationRefused(f"grant of {granted.space} misfiles a rotation")
+            check_rotation(rotation, space=granted.space, key=granted.keys[epoch], list_of=known)
+            rotations[epoch] = rotation
+
         space = self.spaces.get(granted.space)
         if space is None:
+            for epoch in granted.rotations:
+                verified(epoch)
             batches.append(
                 self.add_space(
                     granted.space,
@@ -988,24 +1167,59 @@ class DeviceState:
                     epoch=granted.epoch,
                     keys=granted.keys,
                     members=members,
+                    rotations={e: granted.rotations[e] for e in rotations},
                 )
             )
             return granted.space, True, merge_batches(batches)
         if space.kind != "chat" or sealed.account not in space.members:
             raise GrantFromNonMember(f"grant of {space.id} from a non-member account")
+        # every check before any change: a refused grant changes nothing
+        taken: dict[int, bytes] = {}
+        split: EpochSplit | None = None
+        for epoch, key in sorted(granted.keys.items()):
+            try:
+                if not check_key(space.id, epoch, space.keys.get(epoch), key):
+                    continue  # the key we hold
+            except EpochSplit as exc:
+                if epoch >= space.epoch:  # one we are past (a healed split) is history
+                    split = exc
+                continue
+            if epoch in granted.rotations:
+                verified(epoch)
+                taken[epoch] = key
+        newest = max((e for e in taken if e > space.epoch), default=None)
+        if split is not None and newest is None:
+            raise split  # a newer rotation would take everyone past the split epoch
+        if newest is not None:
+            rotation = rotations[newest]
+            check_removal(
+                rotation,
+                members=set(space.members),
+                departed=self.departed(space.id),
+                trusted_signer=rotation.signer_pk == self.device_list.primary.sign_pk,
+            )
         news = False
-        for epoch, key in granted.keys.items():
-            if epoch not in space.keys:
-                space.keys[epoch] = key
-                batches.append(WriteBatch(records={f"spacekey/{space.id}/{epoch}": key}))
-                news = True
-        # a newer epoch brings its member set (a rotation decides who stays); within an
-        # epoch the set only grows (members added, concurrently too: the union of what
-        # every grant says), which also teaches a newly linked device the members its
-        # enrollment left out
-        if granted.epoch > space.epoch:
+        for epoch, key in taken.items():
+            space.keys[epoch] = key
+            space.rotations[epoch] = granted.rotations[epoch]
+            batches.append(
+                WriteBatch(
+                    records={
+                        f"spacekey/{space.id}/{epoch}": key,
+                        f"spacerot/{space.id}/{epoch}": granted.rotations[epoch],
+                    }
+                )
+            )
             news = True
-            space.epoch, space.members = granted.epoch, members
+        # a newer epoch brings the member set its rotation states; within an epoch the
+        # set only grows (members added, concurrently too: the union of what every
+        # grant says), which also teaches a newly linked device the members its
+        # enrollment left out
+        if newest is not None:
+            stated = {short_id(pk): pk for pk in rotations[newest].members}
+            if granted.epoch == newest:  # and those added since, by anyone (rule 4)
+                stated.update(members)
+            space.epoch, space.members = newest, stated
             batches.append(WriteBatch(records={f"space/{space.id}": space.meta_record()}))
         elif granted.epoch == space.epoch and not set(members) <= set(space.members):
             news = True
@@ -1087,20 +1301,20 @@ class DeviceState:
         the remaining member account with the smallest id, so that one new key exists
         (the others wait for its grant; until then the old key stays in use)."""
         remaining = set(self.space(space_id).members) - departed
-        return self.is_primary and bool(remaining) and min(remaining) == self.account_id
+        return self.is_primary and leave_rotator(remaining) == self.account_id
+
+    def heals_split(self, space_id: str) -> bool:
+        """Whether this device starts a new epoch after a split of ``space_id``: the
+        primary of the member account ``authority.split_healer`` names."""
+        return self.is_primary and split_healer(set(self.space(space_id).members)) == (
+            self.account_id
+        )
 
     def rotate_without(self, space_id: str, departed: set[str]) -> WriteBatch:
         """A new epoch key for a conversation, its member set without ``departed``."""
         space = self.space(space_id)
-        space.epoch += 1
-        space.keys[space.epoch] = envelope.new_space_key()
         space.members = {a: pk for a, pk in space.members.items() if a not in departed}
-        return WriteBatch(
-            records={
-                f"space/{space.id}": space.meta_record(),
-                f"spacekey/{space.id}/{space.epoch}": space.keys[space.epoch],
-            }
-        )
+        return WriteBatch(records=space.rotate(self.keys))
 
     # ---- delivery state ------------------------------------------------------------
 
@@ -1118,9 +1332,13 @@ class DeviceState:
         replica = space.replica
         receipts: dict[str, dict[str, str]] = {}
         for e in replica.valid_entries("v", self.any_signing_key, self.belongs):
-            try:
-                stated = json.loads(e.body) if e.body else {}
-            except ValueError:
+            try:  # a member's receipt: its nesting is bounded before parsing
+                stated = (
+                    load_json(e.body, what="receipt", max_size=MAX_BODY, max_depth=2)
+                    if e.body
+                    else {}
+                )
+            except WireError:
                 continue
             if isinstance(stated, dict):
                 receipts[e.device] = {str(k): str(v) for k, v in stated.items()}
@@ -1149,6 +1367,59 @@ class DeviceState:
                 delivered_to=got, waiting_for=waiting, read_by=read_by, status=status
             )
         return out
+
+
+@dataclass(frozen=True)
+class Run:
+    """What one run of a device writes with, handed out by the store (:func:`claim_run`)."""
+
+    boot: int
+    """The run number: the low bits of this run's CRDT client id (``crdt_client``)."""
+    counter: int
+    """The last envelope counter before this run's block."""
+    reserved: int
+    """The last envelope counter of this run's block."""
+
+
+def _stored_int(value: bytes | None, name: str) -> int:
+    try:
+        number = unpack(value, what=name) if value else 0
+    except WireError as exc:
+        raise StoreCorrupt(f"record {name!r} is unreadable: {exc}") from exc
+    if type(number) is not int or number < 0:
+        raise StoreCorrupt(f"record {name!r} holds {number!r}, not a count")
+    return number
+
+
+def _claim(store: Store, amounts: dict[str, int]) -> dict[str, int]:
+    """Add ``amounts`` to the counts stored under their names, in one write transaction
+    of the store; the new counts."""
+
+    def add(current: Mapping[str, bytes | None]) -> dict[str, bytes]:
+        return {n: pack(_stored_int(current[n], n) + k) for n, k in amounts.items()}
+
+    new = store.update_records(list(amounts), add)
+    return {name: _stored_int(new[name], name) for name in amounts}
+
+
+def claim_run(store: Store) -> Run:
+    """A new run number and a fresh block of envelope counters, both taken from the
+    store in one write transaction before anything is loaded.
+
+    Reading them at load and writing them back later (as this once did) let two
+    processes opening one home at once take the same run number: the same CRDT client
+    id, so each wrote structs the other's peers took for ones they already held (a
+    message acknowledged and never sent), and the same counters (dropped as replays).
+    """
+    claimed = _claim(store, {"boot": 1, "counter": COUNTER_BLOCK})
+    reserved = claimed["counter"]
+    return Run(boot=claimed["boot"], counter=reserved - COUNTER_BLOCK, reserved=reserved)
+
+
+def claim_counters(store: Store) -> int:
+    """The end of a fresh block of envelope counters, taken from the store atomically
+    (run by the node's writer, off the trio thread; see ``DeviceState.grant_counters``)."""
+    return _claim(store, {"counter": COUNTER_BLOCK})["counter"]
 
 
 def _history(store: Store, space_id: str) -> Iterator[bytes]:

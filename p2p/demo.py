@@ -169,7 +169,9 @@ def run_demo(*, messages: int = 200, seed: int = 1) -> int:
 
 
 async def _scenario(messages: int, seed: int) -> int:
-    console = Console(highlight=False)
+    # soft_wrap: a sentence is one line, wrapped by the terminal where it is one (rich
+    # would break it at 80 columns even into a file, mid-phrase)
+    console = Console(highlight=False, soft_wrap=True)
     rng = random.Random(seed)
     checks: dict[str, bool] = {}
     with tempfile.TemporaryDirectory(prefix="p2p-demo-") as tmp:
@@ -283,7 +285,14 @@ async def _scenario(messages: int, seed: int) -> int:
                 and lunch not in web.running().state.spaces
             )
 
-            table = Table(title="per device")
+            table = Table(
+                title="per device",
+                caption=(
+                    "history digest: a hash of the messages the device shows (one digest"
+                    " on every linked device: identical histories); bytes moved: what it"
+                    " sent and received over all its sessions"
+                ),
+            )
             for column in ("device", "role", "messages", "history digest", "bytes moved"):
                 table.add_column(column)
             digests = set()

@@ -91,7 +91,7 @@ class Parsed:
 
 def parse(data: bytes) -> Parsed:
     """Check an envelope's shape; MalformedFrame (or UnsupportedVersion) if wrong."""
-    value = unpack(data, what="envelope")
+    value = unpack(data, what="envelope", max_items=9, max_depth=1)
     if not (isinstance(value, list) and len(value) == 8):
         raise MalformedFrame("envelope is not an 8-item array")
     version, space, epoch, sender, counter, nonce, ciphertext, signature = value
@@ -196,7 +196,7 @@ class ReplayWindow:
 
     @classmethod
     def from_record(cls, data: bytes) -> ReplayWindow:
-        value = unpack(data, what="replay window")
+        value = unpack(data, what="replay window", max_items=3, max_depth=1)
         if not (
             isinstance(value, list)
             and len(value) == 2

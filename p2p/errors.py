@@ -8,6 +8,9 @@ closes that peer's connection and keeps running.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Sequence
+
 
 class P2PError(Exception):
     """Root of every error p2p raises on purpose."""
@@ -31,6 +34,14 @@ class FrameTooLarge(WireError):
 
 class MalformedFrame(WireError):
     """Not decodable msgpack, or not shaped like any frame we know."""
+
+
+class TooComplex(MalformedFrame):
+    """Encoded data nested deeper, or holding more values, than its format ever needs.
+
+    Checked on the encoded bytes before anything is decoded, so that a small input
+    cannot cost a large multiple of its size in memory or time (nested empty arrays
+    are one byte each on the wire and dozens of bytes each once decoded)."""
 
 
 class UnsupportedVersion(WireError):
@@ -150,6 +161,12 @@ class InvalidUpdate(ProtocolError):
         self.reason = reason
 
 
+class PoisonedReplica(InvalidUpdate):
+    """An update made pycrdt panic part-way (the structural check let it through): the
+    document it left half-changed was thrown away and rebuilt from its history, and the
+    update was neither kept nor passed on. The peer that sent it is disconnected."""
+
+
 # --- storage ------------------------------------------------------------------------
 
 
@@ -159,6 +176,17 @@ class StoreError(P2PError):
 
 class StoreCorrupt(StoreError):
     """The store's file exists but its content cannot be trusted."""
+
+
+class ChatCorrupt(StoreCorrupt):
+    """A chat whose stored history or record does not load: it is set aside (not
+    synced, not shown, its rows left on disk as they are) and every other chat goes on."""
+
+    def __init__(self, chat: str, reason: str, name: str = "") -> None:
+        super().__init__(f"chat {chat} is set aside, its stored history is unreadable: {reason}")
+        self.chat = chat
+        self.reason = reason
+        self.name = name
 
 
 class AlreadyInitialized(StoreError):
@@ -176,16 +204,36 @@ class NodeError(P2PError):
     """The node facade was misused (closed node, unknown chat, ...)."""
 
 
+class AlreadyRunning(NodeError):
+    """Another process holds this home's lock: a running node (``p2p run``), or a
+    command working on the store while no node runs."""
+
+
 class ContactError(NodeError):
     """A contact code or contact operation that is refused (malformed or altered code,
     our own account, an account we do not know)."""
 
 
+class Unlinked(NodeError):
+    """This device was removed from its account (unlinked by the primary, or at its own
+    request): it keeps what it had, reads nothing new, and may write nothing."""
+
+    def __init__(self, device: str, account: str) -> None:
+        super().__init__(
+            f"this device ({device}) was unlinked from account {account}: it can no longer"
+            " write (to use this account here again, link a new home with p2p link)"
+        )
+        self.device = device
+        self.account = account
+
+
 class UnknownChat(NodeError):
     """A chat id this device holds no space for."""
 
-    def __init__(self, chat: str) -> None:
-        super().__init__(f"unknown chat {chat}")
+    def __init__(self, chat: str, known: Sequence[str] = ()) -> None:
+        close = difflib.get_close_matches(chat, known, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        super().__init__(f"unknown chat {chat} ({hint}p2p chats lists them)")
         self.chat = chat
 
 

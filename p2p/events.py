@@ -70,6 +70,17 @@ class DeviceListChanged:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DeviceLinked:
+    """A device joined our account's list. Every device of the account reports it, so a
+    link the owner did not make (a phished pairing code) shows on the devices they hold."""
+
+    device: str
+    name: str
+    """The name the new device gave itself (its own word: compare it with what you
+    linked)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class ChatKeysChanged:
     """A grant brought a conversation we did not hold (``joined``), a new key epoch,
     or a new member set."""
@@ -97,6 +108,29 @@ class MediaProgress:
     """The file's size in bytes."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class Typing:
+    """Someone started typing in a chat (``typing``), or stopped: said so, went quiet
+    for ``node.TYPING_TTL`` seconds, or disconnected. Awareness from live sessions,
+    never stored."""
+
+    chat: str
+    device: str
+    """Who types: one of our devices, or a device of a member account."""
+    typing: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChatSetAside:
+    """A chat's stored history failed to load (a corrupt row): the chat is set aside,
+    the node and every other chat go on. Its rows stay on disk for a later repair."""
+
+    chat: str
+    error: str
+    """The typed error's class name."""
+    detail: str
+
+
 Event = (
     ChatChanged
     | PeerConnected
@@ -104,6 +138,9 @@ Event = (
     | InputRejected
     | EntryRejected
     | DeviceListChanged
+    | DeviceLinked
     | ChatKeysChanged
     | MediaProgress
+    | Typing
+    | ChatSetAside
 )

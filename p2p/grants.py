@@ -8,26 +8,30 @@ one space, sealed to one device:
     ["grant", to, from, account, sealed, signature]
 
 - ``sealed`` = SealedBox(recipient's X25519 key, msgpack [space id, name, epoch,
-  [[epoch, key]...], [signed device list of each member account]...]): only the
-  recipient opens it; the member lists let it check every member's devices (and, in a
-  group, meet members it has no contact with) without asking anyone.
+  [[epoch, key]...], [signed device list of each member account]..., [[epoch,
+  rotation]...]]): only the recipient opens it; the member lists let it check every
+  member's devices (and, in a group, meet members it has no contact with) without asking
+  anyone; the rotations (``authority.Rotation``, signed by whoever made each epoch after
+  0) let it take a key only from the act that created its epoch.
 - ``signature`` = Ed25519 of the granting device over ``DOMAIN || msgpack [to, from,
   account, sealed]``: the recipient accepts a grant only from a current device of an
   account it trusts for that space (see ``DeviceState.accept_grant``).
 
 Any member device grants to any other current member device it meets, so a key rotated
-by one device spreads like gossip; a grant travels a session (``grant`` frame) or a relay
-mailbox, where it is told apart from an envelope by its first item. Pure functions.
+by one device spreads like gossip (the rotation it carries proves who made it); a grant
+travels a session (``grant`` frame) or a relay mailbox, where it is told apart from an
+envelope by its first item. Pure functions.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from nacl.exceptions import CryptoError as NaclCryptoError
 from nacl.public import PrivateKey, PublicKey, SealedBox
 
+from p2p.authority import MAX_MEMBERS, MAX_ROTATION
 from p2p.envelope import KEY_SIZE
 from p2p.errors import BadSignature, GrantRefused, MalformedFrame, WireError
 from p2p.identity import MAX_NAME, DeviceKeys, DeviceList, verify
@@ -36,8 +40,6 @@ from p2p.wire import MAX_ID, pack, unpack
 DOMAIN_GRANT: Final = b"p2p/grant/v1\x00"
 TAG: Final = "grant"
 MAX_GRANT: Final = 1024 * 1024
-MAX_MEMBERS: Final = 16
-"""Accounts in one conversation."""
 MAX_EPOCHS: Final = 256
 
 
@@ -51,6 +53,8 @@ class SpaceGrant:
     keys: dict[int, bytes]
     members: tuple[bytes, ...]
     """The signed device list of each member account (encoded)."""
+    rotations: dict[int, bytes] = field(default_factory=dict)
+    """The encoded ``authority.Rotation`` of each epoch after 0 that the granter holds."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,6 +87,7 @@ def seal_grant(
             grant.epoch,
             [[e, k] for e, k in sorted(grant.keys.items())],
             list(grant.members),
+            [[e, r] for e, r in sorted(grant.rotations.items())],
         ]
     )
     sealed = bytes(SealedBox(PublicKey(box_pk)).encrypt(inner))
@@ -125,12 +130,14 @@ def open_grant(grant: SealedGrant, recipient: DeviceKeys) -> SpaceGrant:
         raise GrantRefused(f"grant is for device {grant.to}, not us")
     try:
         inner = SealedBox(PrivateKey(recipient.box_secret)).decrypt(grant.sealed)
-        space, name, epoch, keys, members = unpack(inner, what="grant body", max_size=MAX_GRANT)
+        space, name, epoch, keys, members, rotations = unpack(
+            inner, what="grant body", max_size=MAX_GRANT
+        )
         ok = (
             isinstance(space, str)
             and 0 < len(space) <= MAX_ID
             and isinstance(name, str)
-            and 0 < len(name) <= MAX_NAME
+            and len(name) <= MAX_NAME  # "": unnamed, each reader shows the members
             and type(epoch) is int
             and 0 <= epoch < 2**32
             and isinstance(keys, list)
@@ -147,6 +154,17 @@ def open_grant(grant: SealedGrant, recipient: DeviceKeys) -> SpaceGrant:
             and isinstance(members, list)
             and 0 < len(members) <= MAX_MEMBERS
             and all(isinstance(m, bytes) for m in members)
+            and isinstance(rotations, list)
+            and len(rotations) <= MAX_EPOCHS
+            and all(
+                isinstance(r, list)
+                and len(r) == 2
+                and type(r[0]) is int
+                and 0 < r[0] < 2**32
+                and isinstance(r[1], bytes)
+                and len(r[1]) <= MAX_ROTATION
+                for r in rotations
+            )
         )
     except (NaclCryptoError, WireError, ValueError, TypeError) as exc:
         raise GrantRefused(f"grant from {grant.sender} does not open") from exc
@@ -155,7 +173,14 @@ def open_grant(grant: SealedGrant, recipient: DeviceKeys) -> SpaceGrant:
     key_map = {int(e): bytes(k) for e, k in keys}
     if epoch not in key_map:
         raise GrantRefused(f"grant from {grant.sender} lacks the key of its own epoch")
-    return SpaceGrant(space=space, name=name, epoch=epoch, keys=key_map, members=tuple(members))
+    return SpaceGrant(
+        space=space,
+        name=name,
+        epoch=epoch,
+        keys=key_map,
+        members=tuple(members),
+        rotations={int(e): bytes(r) for e, r in rotations},
+    )
 
 
 def decode_members(grant: SpaceGrant) -> list[DeviceList]:

@@ -35,7 +35,10 @@ from p2p.errors import (
 )
 from p2p.wire import pack, unpack
 
-DOMAIN_DEVICE_LIST: Final = b"p2p/device-list/v1\x00"
+DOMAIN_DEVICE_LIST: Final = b"p2p/device-list/v2\x00"
+DOMAIN_POSSESSION: Final = b"p2p/device-possession/v1\x00"
+"""A device's own signature over (account key, its signing key, its box key): it consents
+to be listed by that account (see ``possession_proof``)."""
 MAX_COMPANIONS: Final = 4
 """Companions per account by default (one primary plus four, as the product we model)."""
 MAX_NAME: Final = 64
@@ -136,27 +139,76 @@ class AccountKey:
         return bytes(self._signing_key.sign(domain + message).signature)
 
 
+def _possession_body(account_pk: bytes, sign_pk: bytes, box_pk: bytes) -> bytes:
+    return pack([account_pk, sign_pk, box_pk])
+
+
+def possession_proof(keys: DeviceKeys, account_pk: bytes) -> bytes:
+    """This device's consent to be listed by the account ``account_pk``: without it an
+    account could list another account's device key as its own and claim its writes
+    (the account key signs the list; only the device can sign this)."""
+    return keys.sign(DOMAIN_POSSESSION, _possession_body(account_pk, keys.sign_pk, keys.box_pk))
+
+
+_PROVEN: dict[bytes, None] = {}
+"""Possession proofs verified already (bounded; insertion order evicts the oldest): every
+handshake and grant shows a list, and an Ed25519 check costs ~100 us."""
+_PROVEN_MAX: Final = 4096
+
+
 @dataclass(frozen=True, kw_only=True)
 class DeviceEntry:
-    """One device on the list: its public keys, its name and its role."""
+    """One device on the list: its public keys, its name, its role and its own proof
+    that it holds the signing key and agreed to belong to this account."""
 
     name: str
     role: Role
     sign_pk: bytes
     box_pk: bytes
+    proof: bytes = field(default=b"", repr=False)
+    """``possession_proof`` by this device for the list's account key."""
+
+    @classmethod
+    def of(cls, keys: DeviceKeys, account_pk: bytes, name: str, role: Role) -> DeviceEntry:
+        """The entry of a device whose keys we hold (tests, the primary itself)."""
+        return cls(
+            name=name,
+            role=role,
+            sign_pk=keys.sign_pk,
+            box_pk=keys.box_pk,
+            proof=possession_proof(keys, account_pk),
+        )
 
     @cached_property  # BLAKE2b + base32: worth doing once (every check looks it up)
     def device_id(self) -> str:
         return short_id(self.sign_pk)
 
+    def check_proof(self, account_pk: bytes) -> None:
+        """DeviceListError unless this device signed its consent to ``account_pk``."""
+        body = _possession_body(account_pk, self.sign_pk, self.box_pk)
+        memo = hashlib.blake2b(body + self.proof, digest_size=32).digest()
+        if memo in _PROVEN:
+            return
+        try:
+            verify(self.sign_pk, DOMAIN_POSSESSION, body, self.proof)
+        except BadSignature as exc:
+            raise DeviceListError(
+                f"device {self.device_id} did not sign its place on this account's list"
+            ) from exc
+        if len(_PROVEN) >= _PROVEN_MAX:
+            del _PROVEN[next(iter(_PROVEN))]
+        _PROVEN[memo] = None
+
     def to_wire(self) -> list[Any]:
-        return [self.name, self.role, self.sign_pk, self.box_pk]
+        return [self.name, self.role, self.sign_pk, self.box_pk, self.proof]
 
     @classmethod
     def from_wire(cls, value: object) -> DeviceEntry:
-        if not (isinstance(value, list) and len(value) == 4):
+        if not (isinstance(value, list) and len(value) == 5):
             raise MalformedFrame("device entry is malformed")
-        name, role, sign_pk, box_pk = value
+        name, role, sign_pk, box_pk, proof = value
+        if not (isinstance(proof, bytes) and len(proof) == 64):
+            raise MalformedFrame("device possession proof is malformed")
         if not (isinstance(name, str) and 0 < len(name) <= MAX_NAME):
             raise MalformedFrame("device name is malformed")
         if role not in ("primary", "companion"):
@@ -165,7 +217,7 @@ class DeviceEntry:
             raise MalformedFrame("device signing key is malformed")
         if not (isinstance(box_pk, bytes) and len(box_pk) == 32):
             raise MalformedFrame("device box key is malformed")
-        return cls(name=name, role=role, sign_pk=sign_pk, box_pk=box_pk)
+        return cls(name=name, role=role, sign_pk=sign_pk, box_pk=box_pk, proof=proof)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -208,9 +260,7 @@ class DeviceList:
     @classmethod
     def create(cls, account: AccountKey, primary: DeviceKeys, name: str) -> DeviceList:
         """Version 1: the primary alone."""
-        entry = DeviceEntry(
-            name=name, role="primary", sign_pk=primary.sign_pk, box_pk=primary.box_pk
-        )
+        entry = DeviceEntry.of(primary, account.public_key, name, "primary")
         return cls(account_pk=account.public_key, version=1, devices=(entry,)).signed(account)
 
     def signed(self, account: AccountKey) -> DeviceList:
@@ -250,7 +300,8 @@ class DeviceList:
         return replace(self, grants=tuple((d.device_id, grant(d)) for d in companions))
 
     def check_rules(self) -> None:
-        """One primary, companions within the limit, no device twice."""
+        """One primary, companions within the limit, no device twice, and every device
+        (removed ones too) proves it agreed to be on this account's list."""
         primaries = [d for d in self.devices if d.role == "primary"]
         if len(primaries) != 1:
             raise DeviceListError("a device list has exactly one primary")
@@ -264,6 +315,8 @@ class DeviceList:
             raise DeviceListError("a device appears twice on the list")
         if self.version < 1:
             raise DeviceListError("device list versions start at 1")
+        for d in (*self.devices, *self.removed):
+            d.check_proof(self.account_pk)
 
     def verify(self, account_pk: bytes) -> None:
         """Check signature, account and rules; raise a DeviceListError subclass if not."""

@@ -4,8 +4,10 @@ The new device shows a pairing code (``p2p.pairing``) and listens; the primary r
 code and dials it. Then, over one connection::
 
     new -> primary   lcommit a hash of the new device's ephemeral key
-    primary -> new   lhello  primary's signing key, ephemeral key, MAC keyed by the secret
-    new -> primary   lauth   ephemeral key, signature by the key in the code
+    primary -> new   lhello  primary's signing key, ephemeral key, account key, MAC keyed
+                             by the secret
+    new -> primary   lauth   ephemeral key, signature by the key in the code, and its
+                             possession proof for the account key (its place on the list)
                      (both now show the same six-digit check code)
     new -> primary   lhave   history parts kept from an interrupted earlier try     [boxed]
     primary -> new   enroll  signed device list with the new device, space keys     [boxed]
@@ -47,18 +49,20 @@ from p2p.errors import (
     TooManyDevices,
     WireError,
 )
-from p2p.identity import DeviceEntry, DeviceKeys, DeviceList, verify
+from p2p.identity import DeviceEntry, DeviceKeys, DeviceList, possession_proof, verify
 from p2p.pairing import (
+    MAX_TTL_S,
     CheckCodeMismatch,
     CodeAlreadyUsed,
     ExpiredCode,
     PairingCode,
     PairingError,
+    UnsafeAddress,
     check_code,
 )
 from p2p.storage.base import Store, WriteBatch
 from p2p.transport.base import Connection
-from p2p.wire import MAX_ID, decode_frame, encode_frame, pack, unpack
+from p2p.wire import MAX_HANDSHAKE_FRAME, MAX_ID, decode_frame, encode_frame, pack, unpack
 
 DOMAIN_LINK: Final = b"p2p/link/v1\x00"
 CHUNK: Final = 256 * 1024
@@ -91,7 +95,7 @@ def _transcript(commitment: bytes, hello: dict[str, Any], new_eph: bytes) -> byt
     frame bytes (a frame has many encodings, and a signature many valid values, which a
     party in the middle could otherwise try one after another). Every value here is
     fixed before the other side's key is seen."""
-    return pack([commitment, hello["pk"], hello["eph"], hello["mac"], new_eph])
+    return pack([commitment, hello["pk"], hello["eph"], hello["acct"], hello["mac"], new_eph])
 
 
 def _commit(ephemeral: bytes) -> bytes:
@@ -140,11 +144,13 @@ async def approve(
     commitment = _expect(decode_frame(commit_bytes), "lcommit")["c"]
     eph = PrivateKey.generate()
     eph_pk = bytes(eph.public_key)
+    account_pk = state.device_list.account_pk
     hello = encode_frame(
         "lhello",
         pk=state.keys.sign_pk,
         eph=eph_pk,
-        mac=_mac(code.secret, code.sign_pk, state.keys.sign_pk, eph_pk),
+        acct=account_pk,
+        mac=_mac(code.secret, code.sign_pk, state.keys.sign_pk, eph_pk, account_pk),
     )
     await conn.send(hello)
     auth_bytes = await _raw(conn)
@@ -167,13 +173,27 @@ async def approve(
         raise CheckCodeMismatch("the check codes differ: nothing linked")
     have = _parse_have(_expect(await _receive(conn, box, code.device_id), "lhave")["have"])
 
-    entry = DeviceEntry(name=code.name, role="companion", sign_pk=code.sign_pk, box_pk=code.box_pk)
+    entry = DeviceEntry(
+        name=code.name,
+        role="companion",
+        sign_pk=code.sign_pk,
+        box_pk=code.box_pk,
+        proof=auth["pop"],
+    )
+    entry.check_proof(account_pk)  # DeviceListError: the device did not consent
     bundle, batch = state.enroll_public(entry, now_ms=now_ms)
     await persist(batch)
     blobs = {space_id: await history(space_id) for space_id, *_ in bundle.spaces}
     sizes = {s: [_digest(b), len(b)] for s, b in blobs.items()}
     keys = [
-        [s_id, kind, name, epoch, [[e, k] for e, k in space_keys.items()]]
+        [
+            s_id,
+            kind,
+            name,
+            epoch,
+            [[e, k] for e, k in space_keys.items()],
+            [[e, r] for e, r in bundle.rotations.get(s_id, {}).items()],
+        ]
         for s_id, kind, name, epoch, space_keys, _ in bundle.spaces
     ]
     await conn.send(
@@ -206,9 +226,11 @@ async def approve(
 
 
 async def _raw(conn: Connection) -> bytes:
+    """A clear frame, from a side that has proven nothing yet: held to the handshake
+    limit before it is read."""
     with trio.fail_after(STEP_TIMEOUT):
-        data = await conn.receive()
-    frame = decode_frame(data)
+        data = await conn.receive(MAX_HANDSHAKE_FRAME)
+    frame = decode_frame(data, limit=MAX_HANDSHAKE_FRAME)
     if frame["t"] == "abort":
         raise PairingError(f"the other side stopped the link: {frame['code']}")
     return data
@@ -295,11 +317,16 @@ async def accept(
     hello_bytes = await _raw(conn)
     hello = _expect(decode_frame(hello_bytes), "lhello")
     if not hmac.compare_digest(
-        hello["mac"], _mac(code.secret, code.sign_pk, hello["pk"], hello["eph"])
+        hello["mac"], _mac(code.secret, code.sign_pk, hello["pk"], hello["eph"], hello["acct"])
     ):
         await conn.send(encode_frame("abort", code="WrongSecret"))
         raise PairingError("the dialer did not read our pairing code")
-    auth = encode_frame("lauth", eph=eph_pk, sig=keys.sign(DOMAIN_LINK, hello_bytes + eph_pk))
+    auth = encode_frame(
+        "lauth",
+        eph=eph_pk,
+        sig=keys.sign(DOMAIN_LINK, hello_bytes + eph_pk),
+        pop=possession_proof(keys, hello["acct"]),
+    )
     await conn.send(auth)
     transcript = _transcript(_commit(eph_pk), hello, eph_pk)
     show_check(check_code(transcript, code.secret))
@@ -317,7 +344,7 @@ async def accept(
 
     # the person at the primary compares check codes before this comes
     enroll = _expect(await _receive(conn, box, "primary", CONFIRM_TIMEOUT), "enroll")
-    device_list, spaces, sizes = _parse_enroll(enroll, keys, hello["pk"])
+    device_list, spaces, sizes, rotations = _parse_enroll(enroll, keys, hello["pk"], hello["acct"])
     have = parts.have()
     total = sum(size for _, size in sizes.values())
     done = sum(have[s][1] for s in sizes if s in have and have[s][0] == sizes[s][0])
@@ -350,6 +377,7 @@ async def accept(
             (s, kind, sname, epoch, space_keys, histories[s])
             for s, kind, sname, epoch, space_keys in spaces
         ],
+        rotations=rotations,
     )
     state, batch = DeviceState.from_enrollment(keys, name, bundle)
     await conn.send(box.seal(encode_frame("ldone", n=total)))
@@ -357,22 +385,26 @@ async def accept(
 
 
 def _parse_enroll(
-    frame: dict[str, Any], keys: DeviceKeys, primary_pk: bytes
+    frame: dict[str, Any], keys: DeviceKeys, primary_pk: bytes, account_pk: bytes
 ) -> tuple[
-    DeviceList, list[tuple[str, str, str, int, dict[int, bytes]]], dict[str, tuple[bytes, int]]
+    DeviceList,
+    list[tuple[str, str, str, int, dict[int, bytes]]],
+    dict[str, tuple[bytes, int]],
+    dict[str, dict[int, bytes]],
 ]:
     try:
         device_list = DeviceList.decode(frame["list"])
     except WireError as exc:
         raise DeviceListError(f"the enrollment's device list is malformed: {exc}") from exc
-    device_list.verify(device_list.account_pk)
+    device_list.verify(account_pk)  # the account we consented to, nobody else's
     if keys.device_id not in device_list.ids:
         raise DeviceListError("the enrollment's device list does not hold this device")
     if device_list.primary.sign_pk != primary_pk:
         raise DeviceListError("the device that dialed us is not the account's primary")
     try:
         spaces = []
-        for s, kind, sname, epoch, space_keys in unpack(frame["keys"], what="space keys"):
+        rotations: dict[str, dict[int, bytes]] = {}
+        for s, kind, sname, epoch, space_keys, rots in unpack(frame["keys"], what="space keys"):
             key_map: dict[int, bytes] = {}
             for e, k in space_keys:
                 if not (
@@ -380,6 +412,10 @@ def _parse_enroll(
                 ):
                     raise ValueError("space key")
                 key_map[e] = k
+            for e, r in rots:
+                if not (type(e) is int and e in key_map and isinstance(r, bytes) and len(r) < 4096):
+                    raise ValueError("rotation")
+                rotations.setdefault(s, {})[e] = r  # checked by whoever we show it to
             if not (
                 isinstance(s, str)
                 and 0 < len(s) <= MAX_ID
@@ -404,7 +440,7 @@ def _parse_enroll(
         raise WireError(f"the enrollment is malformed: {exc}") from exc
     if set(sizes) != {s for s, *_ in spaces}:
         raise WireError("the enrollment's history sizes do not match its spaces")
-    return device_list, spaces, sizes
+    return device_list, spaces, sizes, rotations
 
 
 # ---- orchestration: what `p2p approve` and `p2p link` run ----------------------------
@@ -423,9 +459,11 @@ async def approve_code(
 ) -> Linked:
     """Check a pairing code and link the device that shows it (primary side).
 
-    Refuses, before dialing: a malformed, expired or used code, a non-primary, and a
-    fifth companion. ``read``/``write`` reach the primary's store; the history snapshot
-    is cached there per code until the link completes, so a retry resumes.
+    Refuses, before dialing: a malformed, expired or used code, one that states a life
+    longer than ``MAX_TTL_S``, one naming no local address (without ``connect``), a
+    non-primary, and a fifth companion. ``read``/``write`` reach the primary's store;
+    the history snapshot is cached there per code until the link completes, so a retry
+    resumes.
     """
     code = PairingCode.decode(code_text)
     code.check_fresh(now_s)
@@ -438,7 +476,13 @@ async def approve_code(
         raise TooManyDevices(
             f"the account already has {dl.max_companions} companions; unlink one first"
         )
-    conn = await _dial_any([connect] if connect else list(code.addresses))
+    addresses = [connect] if connect else code.local_addresses()
+    if not addresses:
+        raise UnsafeAddress(
+            "the pairing code names no local network address; "
+            "give the new device's address with --connect HOST:PORT"
+        )
+    conn = await _dial_any(addresses)
     cached = f"link/blob/{code.code_id}/"
 
     async def history(space_id: str) -> bytes:
@@ -512,6 +556,7 @@ async def wait_for_primary(
     from p2p.home import create_store
     from p2p.transport.tcp import TcpTransport, advertised_addresses
 
+    ttl_s = min(ttl_s, MAX_TTL_S)  # primaries refuse a code that says it lives longer
     store = create_store(home)
     try:
         if store.get("account/list") is not None:

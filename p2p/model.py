@@ -39,7 +39,7 @@ from typing import Any, Final, Literal
 import pycrdt
 
 from p2p.clock import is_ts
-from p2p.errors import BadSignature, InvalidUpdate, P2PError
+from p2p.errors import BadSignature, InvalidUpdate, P2PError, PoisonedReplica
 from p2p.identity import DeviceKeys, verify
 from p2p.media.descriptor import Attachment, parse_file_body
 from p2p.wire import MAX_FRAME, pack
@@ -176,6 +176,23 @@ class Entry:
             body=body,
             sig=sig,
         )
+
+
+def may_open(map_name: str, key: str, account: str, belongs: DeviceInAccount) -> bool:
+    """Whether a device of ``account`` may write the first value under ``key`` (see
+    :meth:`Entry.key`): read markers and receipts under its account's devices,
+    reactions and leave entries under its account. Keys known before their owner
+    writes them would otherwise be squatted: the owner's write then replaces another
+    account's item, which every other account refuses (``DeviceState.ingest``). Entry
+    ids are random; a deletion's key is its message's id, whose author the fold
+    checks (a deletion squatted first still blocks the author's: a known gap)."""
+    if map_name in ("k", "v"):
+        return belongs(key, account)
+    if map_name == "r":
+        return key.rpartition("/")[2] == account
+    if map_name == "l":
+        return key == account
+    return True
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -413,7 +430,8 @@ class Replica:
 
     Not thread-safe and free of I/O: the node feeds it updates and persists what it
     returns. ``apply`` is the only door for bytes from outside and maps every pycrdt
-    failure (including its ``PanicException``, a BaseException) to InvalidUpdate.
+    failure to InvalidUpdate; a panic (pyo3's ``PanicException``, a BaseException)
+    also throws the half-changed document away and rebuilds it (PoisonedReplica).
 
     With a ``source``, the document is loaded from it on first use (or by :meth:`load`):
     opening a store does not pay for a long history until sync or a write needs it,
@@ -427,18 +445,35 @@ class Replica:
         source: UpdateSource | None = None,
         authors: AuthorSource | None = None,
         client_id: int | None = None,
+        reload: UpdateSource | None = None,
     ) -> None:
         """``client_id``: the CRDT client this device writes as in this run (bound to
         the device, see ``core.crdt_client``); None for a random one. ``authors``: what
         :meth:`newest_by_device` says of the history in ``source`` (the message index
         knows it), read when the history is loaded, so that neither it nor
-        :attr:`latest_ts` scans the whole document on the trio thread later."""
+        :attr:`latest_ts` scans the whole document on the trio thread later.
+        ``reload``: the whole history as it stands when called (durable, and what is
+        on its way to the store), to rebuild the document from after an update made
+        pycrdt panic (see :meth:`apply`); without it, ``source``."""
         self.space = space
         self._source = source
+        self._reload = reload if reload is not None else source
         self._authors_source = authors
-        self._doc: pycrdt.Doc[Any] = pycrdt.Doc(client_id=client_id)
-        self._map_of = {name: self._doc.get(name, type=pycrdt.Map) for name in MAPS}
+        self._client_id = client_id
         self._watch = _KeyWatch()
+        self._new_doc()
+        self._verified: dict[bytes, bool] = {}
+        self._loading = False
+        self._latest_ts = ""
+        self._scanned = False
+        self._authors: dict[str, str] | None = None
+        """Device -> newest ``ts`` of its messages here, once :meth:`newest_by_device`
+        was asked (then kept up to date by ``apply`` and ``write``)."""
+
+    def _new_doc(self) -> None:
+        """An empty document with the chat maps, observed."""
+        self._doc: pycrdt.Doc[Any] = pycrdt.Doc(client_id=self._client_id)
+        self._map_of = {name: self._doc.get(name, type=pycrdt.Map) for name in MAPS}
         # pycrdt's own ``Map.observe`` converts every event into Python objects again,
         # recursively (~8 us per changed key); the integrated map's observer hands over
         # the event as yrs made it, and we read only its ``keys``. Kept: a dropped
@@ -446,33 +481,57 @@ class Replica:
         self._observers = [
             self._map_of[name].integrated.observe(self._watch.observer(name)) for name in INDEXED
         ]
-        self._verified: dict[bytes, bool] = {}
-        self._latest_ts = ""
-        self._scanned = False
-        self._authors: dict[str, str] | None = None
-        """Device -> newest ``ts`` of its messages here, once :meth:`newest_by_device`
-        was asked (then kept up to date by ``apply`` and ``write``)."""
+
+    def _rebuild(self) -> None:
+        """Throw the document away and apply the history again (after a panic left it
+        half-changed: its state vector may already claim what the update held, and its
+        own encoding may panic every document it is applied to). What was learnt from
+        the old document's contents is forgotten with it, and found again on demand."""
+        self._new_doc()
+        self._latest_ts, self._scanned, self._authors = "", False, None
+        if self._reload is not None:
+            for update in self._reload():
+                self.apply(update, from_store=True)
 
     @property
     def loaded(self) -> bool:
         """Whether the document holds the stored history (always, without a source)."""
         return self._source is None
 
-    def load(self) -> None:
+    def load(self, check: Callable[[], None] | None = None) -> None:
         """Apply the stored history now (idempotent); InvalidUpdate if it is refused.
 
         :attr:`loaded` turns true only once the whole history is in: the node loads in a
         worker thread, and a task that sees ``loaded`` goes on to use the document from
-        the trio thread, which must not happen while the worker still applies."""
+        the trio thread, which must not happen while the worker still applies. ``check``
+        runs once the history is in and before :attr:`loaded` turns true, in the same
+        thread (it may read the document: see ``DeviceState.load_checked``)."""
         source = self._source
-        if source is not None:
-            for update in source():
-                self.apply(update, from_store=True)  # from_store: never calls load
-            if self._authors_source is not None:
-                self._authors = dict(self._authors_source())
-                self._latest_ts = max(self._authors.values(), default="")
-                self._scanned = True
-            self._source = None
+        if source is not None and not self._loading:
+            self._loading = True
+            try:
+                for update in source():
+                    self.apply(update, from_store=True)  # from_store: never calls load
+                if self._authors_source is not None:
+                    self._authors = dict(self._authors_source())
+                    self._latest_ts = max(self._authors.values(), default="")
+                    self._scanned = True
+                if check is not None:
+                    check()
+                self._source = None
+            finally:
+                self._loading = False
+
+    def lacks(self, keys: Iterable[tuple[str, str]]) -> bool:
+        """Whether any of these (map, key) pairs has no value here. Reads the maps' keys
+        only: a value costs a conversion to Python, a key does not."""
+        held: dict[str, set[str]] = {}
+        for map_name, key in keys:
+            if map_name not in held:
+                held[map_name] = set(self._maps[map_name].keys())
+            if key not in held[map_name]:
+                return True
+        return False
 
     @property
     def doc(self) -> pycrdt.Doc[Any]:
@@ -525,25 +584,38 @@ class Replica:
         *,
         from_store: bool = False,
         allowed: Callable[[int], bool] | None = None,
+        opens: Callable[[str, str], bool] | None = None,
     ) -> Applied:
         """Integrate an update (idempotent); InvalidUpdate if pycrdt refuses it.
 
         Returns the keys of the chat maps whose value it changed, with their new values
         (as pycrdt's change events report them), for the message index, and the CRDT
-        clients it wrote or deleted structs of. What a peer sends is bounded by
-        MAX_UPDATE; our own store's snapshots (``from_store``) grow with the history,
-        are only checked for structure, and are not watched (their keys are indexed
-        already). ``allowed`` (when given) must accept every client the update touches:
-        another account's device may only touch its own account's clients, so it can
-        neither occupy nor delete another's structs.
+        clients it touched (wrote, deleted or referred to structs of). What a peer
+        sends is bounded by MAX_UPDATE; our own store's snapshots (``from_store``) grow
+        with the history, are only checked for structure, and are not watched (their
+        keys are indexed already). ``allowed`` (when given) must accept every client the
+        update touches: another account's device may only touch its own account's
+        clients, so it can neither occupy, replace nor delete another's structs.
+        ``opens`` (when given) must accept every (map, key) the update names (see
+        :func:`may_open`).
+
+        Should pycrdt panic part-way all the same, the document is rebuilt from its
+        history (``reload``) and PoisonedReplica raised: the update is not kept.
         """
         if not from_store and len(update) > MAX_UPDATE:
             raise InvalidUpdate(self.space, f"{len(update)} bytes exceed {MAX_UPDATE}")
-        clients = check_update(update, self.space)  # before pycrdt trusts its counts
+        opened: list[tuple[str, str]] | None = None if opens is None else []
+        clients = check_update(update, self.space, opened)  # before pycrdt trusts its counts
         if allowed is not None and not all(allowed(c) for c in clients):
             raise InvalidUpdate(
                 self.space, "the update touches CRDT clients of another account than its sender's"
             )
+        if opens is not None:
+            for map_name, key in opened or ():
+                if not opens(map_name, key):
+                    raise InvalidUpdate(
+                        self.space, f"the update opens {map_name}/{key}, which is not its sender's"
+                    )
         if not from_store:
             self.load()  # the history first, so that the changes seen are this update's
         changed: Changes = {}
@@ -552,8 +624,15 @@ class Replica:
             self._doc.apply_update(update)
         except (KeyboardInterrupt, SystemExit, GeneratorExit):
             raise
-        except BaseException as exc:  # pycrdt panics are BaseExceptions (PyO3)
+        except Exception as exc:  # pycrdt could not decode it: nothing was integrated
             raise InvalidUpdate(self.space, f"{type(exc).__name__}: {str(exc)[:120]}") from None
+        except BaseException as exc:  # pycrdt panics are BaseExceptions (PyO3)
+            reason = f"{type(exc).__name__}: {str(exc)[:120]}"
+            if from_store:  # the history itself: nothing better to rebuild from
+                raise InvalidUpdate(self.space, reason) from None
+            self._watch.changes = None
+            self._rebuild()
+            raise PoisonedReplica(self.space, reason) from None
         finally:
             self._watch.changes = None
         if _EVERY in changed:

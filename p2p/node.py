@@ -18,42 +18,85 @@ groups.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import math
 import os
 import random
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final, TypeVar
 
 import pycrdt
 import trio
 
 from p2p import events as ev
+from p2p.authority import EpochSplit, RotationUnproven
 from p2p.contacts import ContactCode
-from p2p.core import Delivery, DeviceState, Ingested, Space, index_view, merge_batches
+from p2p.core import (
+    Delivery,
+    DeviceState,
+    Ingested,
+    Space,
+    claim_counters,
+    claim_run,
+    index_view,
+    merge_batches,
+)
 from p2p.discovery.base import Discovery, Found, Source, StaticPeers
 from p2p.errors import (
+    ChatCorrupt,
     ContactError,
     GrantFromNonMember,
+    InvalidUpdate,
     NodeError,
     P2PError,
     RemovedDevice,
     ReplayDetected,
     RollbackRefused,
+    StoreCorrupt,
+    UnknownChat,
     UnknownKey,
+    Unlinked,
+    WireError,
 )
+from p2p.gossip import (
+    KNOWN_DIGESTS,
+    RECENT_BYTES,
+    RECENT_ENVELOPES,
+    WANT_DELAY,
+    WANT_TASKS,
+    WANT_TIMEOUT,
+    Accepted,
+    Authored,
+    Duplicate,
+    Gossip,
+    Have,
+    Limits,
+    PeerDown,
+    PeerUp,
+    SendEnvelope,
+    SendHave,
+    SendStateVector,
+    SendWant,
+    SetTimer,
+    TimerFired,
+    Want,
+)
+from p2p.gossip import Event as GossipEvent
 from p2p.grants import is_grant
-from p2p.home import open_home_store
+from p2p.home import home_lock, open_home_store
 from p2p.identity import DeviceList
 from p2p.linking import Linked, approve_code
 from p2p.media.descriptor import Attachment, file_body
 from p2p.media.service import MediaService, open_blobs
 from p2p.media.store import BlobStore
 from p2p.model import MAX_BODY, Entry, Message, Rejected
-from p2p.relay.client import RelayClient, is_relay_address
+from p2p.peering import Link, keep_new
+from p2p.relay.client import RelayClient, group_relay_urls, is_relay_address
 from p2p.relay.routing import RoutedTransport
 from p2p.storage.base import Store, WriteBatch
 from p2p.storage.memory import MemoryStore
@@ -71,11 +114,12 @@ from p2p.sync import (
     Send,
     Session,
     State,
+    TypingIn,
     WantIn,
-    digest,
 )
 from p2p.transport.base import Connection, ConnectionClosed, TransportError
 from p2p.transport.base import Transport as TransportT
+from p2p.wire import MAX_HANDSHAKE_FRAME
 from p2p.ysplit import split_update
 
 log = logging.getLogger("p2p.node")
@@ -92,30 +136,27 @@ EVENT_QUEUE: Final = 1024
 BACKOFF_MIN: Final = 0.2
 BACKOFF_MAX: Final = 30.0
 COMPACT_AFTER: Final = 5000
+REWRITE_CHUNK: Final = 64
+"""Entries per update when the node writes its own entries again (``_write_again``):
+far below what a peer accepts in one update."""
 """Updates appended to a space's log before it is folded into a snapshot."""
 COALESCE_MAX: Final = 1_000_000
 """Largest merged update sealed as one envelope: the same envelope goes to connected
 peers and, through the relay, into the mailboxes of offline ones (1 MiB each)."""
+TYPING_TTL: Final = 6.0
+"""Seconds a "typing" stays shown without a refresh (a sender refreshes every
+TYPING_REFRESH while the person types), so a lost "stopped" frame costs seconds."""
+TYPING_REFRESH: Final = 3.0
+"""Least interval between two "typing" frames we send for one chat: ``set_typing`` may
+be called on every keystroke."""
+TYPING_IN_MIN: Final = 1.0
+"""Least interval between two "typing" frames we act on per device and chat: a peer
+that sends more is not shown more often."""
 RECEIPT_DELAY: Final = 1.0
 """Seconds a device waits after new messages before it writes its delivery receipt for
 the chat: a burst of messages costs one receipt per device, not one per message."""
 MAIL_POSTS: Final = 256
 """Mailbox posts in flight at once; past that, offline peers catch up by state vector."""
-RECENT_ENVELOPES: Final = 1024
-RECENT_BYTES: Final = 32 * 1024 * 1024
-"""Envelopes (and their total bytes) kept to answer peers' ``want``s; older ones are
-forgotten, and a peer that asks too late is caught up by state vectors instead."""
-KNOWN_DIGESTS: Final = 65536
-"""Digests of envelopes we hold, remembered so that a ``have`` of one is not wanted."""
-WANT_DELAY: Final = 0.25
-"""Seconds to wait after a ``have`` before asking for the envelope: its author sends it
-to every peer it is connected to, so it is usually on its way already."""
-WANT_TIMEOUT: Final = 5.0
-"""Seconds a ``want`` may go unanswered (the peer forgot the envelope) before we ask
-that peer for the whole difference instead (a state vector)."""
-WANT_TASKS: Final = 256
-"""Delayed ``want``s pending at once; past that, ``have``s are ignored (state vectors
-repair what is missed)."""
 
 
 def wall_clock_ms() -> int:
@@ -162,6 +203,11 @@ class Node:
         self._peers: dict[str, _Peer] = {}
         self._peers_changed = trio.Event()
         self._writes: list[tuple[WriteBatch, trio.Event, ev.Event | None]] = []
+        self._inflight: list[tuple[str, bytes]] = []
+        """The updates of the batch the writer is storing now (no longer in _writes)."""
+        stored = state.history
+        if stored is not None:
+            state.history = partial(self._history_of, stored)
         self._local: dict[str, list[Entry]] = {}
         """Our own entries waiting for the writer, per space (see ``_queue_entry``)."""
         self._load_lock = trio.Lock()
@@ -171,14 +217,17 @@ class Node:
         self._write_wakeup = trio.Event()
         self._write_room = trio.Event()
         self._outbox: dict[str, list[bytes]] = {}
-        self._recent: OrderedDict[bytes, tuple[str, bytes]] = OrderedDict()
-        """Digest -> (space, envelope) of recent envelopes, to answer ``want``s."""
-        self._recent_bytes = 0
-        self._known: OrderedDict[bytes, None] = OrderedDict()
-        """Digests of envelopes we hold (bounded): those are never wanted."""
-        self._wanted: set[bytes] = set()
-        """Digests of envelopes asked for and not yet received."""
-        self._want_tasks = 0
+        self._gossip = Gossip(
+            Limits(
+                RECENT_ENVELOPES, RECENT_BYTES, KNOWN_DIGESTS, WANT_DELAY, WANT_TIMEOUT, WANT_TASKS
+            )
+        )
+        """The lazy-push protocol (p2p.gossip); fed by :meth:`_gossip_handle`."""
+        self._gossip_links: dict[str, tuple[_Peer, int]] = {}
+        """The sessions the protocol was told about, and the link number given to each."""
+        self._gossip_link_ids = itertools.count(1)
+        self._gossip_timer_set = trio.Event()
+        self._gossip_sleeps_until = math.inf
         self._outbox_wakeup = trio.Event()
         self._subscribers: list[trio.MemorySendChannel[ev.Event]] = []
         self._reported: set[tuple[str, str]] = set()
@@ -195,7 +244,16 @@ class Node:
         """Address -> where it was found ('static', 'mdns', ...), one dial loop each."""
         self.dropped_events = 0
         self._receipts_due: set[str] = set()
+        self._typing_sent: dict[str, float] = {}
+        """Space -> when we last told peers we type in it (TYPING_REFRESH)."""
+        self._typing_in: dict[tuple[str, str], float] = {}
+        """(space, device) typing now -> when that expires (TYPING_TTL); in memory only."""
+        self._typing_heard: dict[tuple[str, str], float] = {}
+        """(space, device) -> when its last "typing" frame was acted on (TYPING_IN_MIN)."""
         self._rotating: set[str] = set()
+        self._unproven: dict[str, bytes] = {}
+        """Chat -> a grant whose rotation drops an account whose leave entry we lack:
+        tried again when the chat changes (one per chat, the newest)."""
         self._receipts_wakeup = trio.Event()
         self.media = MediaService(
             blobs, self, wall_ms=wall_ms, emit=self._emit, wake=self._wake_peer
@@ -217,6 +275,27 @@ class Node:
         """Where peers can dial this node, when it serves a transport."""
         return self.transport.address if self.transport else None
 
+    def discovery_key(self) -> bytes:
+        """The account's current mDNS secret, for a discovery adapter the app runs. It
+        changes with every key rotation (an unlink): restart the adapter when it does."""
+        return self.state.discovery_key()
+
+    @property
+    def own_devices(self) -> frozenset[str]:
+        """Ids of the devices on our account's current signed list (this one too)."""
+        return self.state.device_list.ids
+
+    @property
+    def removed(self) -> bool:
+        """Whether our account's signed list names this device as removed (unlinked by
+        the primary, or at its own request): it then writes nothing and dials nobody."""
+        return self.device_id in self.state.device_list.removed_ids
+
+    @property
+    def leaving(self) -> bool:
+        """Whether this device asked to be unlinked and the primary has not acted yet."""
+        return self._leaving and not self.removed
+
     @property
     def connected_peers(self) -> list[str]:
         """Device ids with an authenticated session right now."""
@@ -226,9 +305,37 @@ class Node:
         """Conversation spaces this device holds."""
         return [s for s in self.state.spaces.values() if s.kind == "chat"]
 
+    def reads(self, device: str, chat: str) -> bool:
+        """Whether ``device`` is a current member device of ``chat`` (any of our own
+        devices, or one of a member account): who may fetch that chat's attachments."""
+        return chat in self.state.spaces_for(device)
+
     def _chat(self, chat: str | None) -> Space:
-        """The space of ``chat`` (an id or a name), or of the default chat."""
-        return self.state.chat_by_name(chat) if chat else self.state.space(self.default_chat())
+        """The space of ``chat`` (an id, its name, or the name it is shown by), or of
+        the default chat."""
+        if not chat:
+            return self.state.space(self.default_chat())
+        try:
+            return self.state.chat_by_name(chat)
+        except UnknownChat:
+            shown = [s for s in self.chats() if not s.name and self.chat_name(s) == chat]
+            if len(shown) == 1:
+                return shown[0]
+            raise
+
+    def chat_id(self, chat: str | None = None) -> str:
+        """The id of ``chat`` (an id or a name; None: the default chat); UnknownChat."""
+        return self._chat(chat).id
+
+    def chat_name(self, space: Space) -> str:
+        """What a chat is called on this device: the name its creator gave it, or for a
+        conversation created without one, the names we know its other members by (so
+        each account sees the others' names, not its own)."""
+        if space.name:
+            return space.name
+        names = self.display_names()
+        others = [names.get(a) or a for a in sorted(space.members) if a != self.account_id]
+        return ", ".join(sorted(others)) or space.id
 
     def default_chat(self) -> str:
         """The chat used when none is named: the account's notes chat."""
@@ -289,20 +396,57 @@ class Node:
             ev.EntryRejected(chat=r.space, entry_id=r.entry_id, device=r.device, reason=r.reason)
         )
 
+    def display_names(self) -> dict[str, str]:
+        """Device and account ids -> the names people know them by: our devices by the
+        names on our list (removed ones too, for old messages), another account and its
+        devices by the name we gave it as a contact (else the name its primary carries).
+
+        For display only: names are not unique and anyone may choose any, so ids stay
+        the identity everywhere else (``--json``, the API)."""
+        names: dict[str, str] = {}
+        contacts = {a: n for a, (n, *_) in self.state.contact_entries().items()}
+        for account, dl in self.state.accounts.items():
+            known_as = contacts.get(account) or dl.primary.name
+            names[account] = known_as
+            for d in (*dl.devices, *dl.removed):
+                names[d.device_id] = known_as
+        own = self.state.device_list
+        for d in (*own.devices, *own.removed):
+            names[d.device_id] = d.name
+        names[self.account_id] = "me"
+        return names
+
+    def _own_device(self, device: str) -> str:
+        """The id of our device ``device`` (an id, or the name of exactly one of our
+        current devices): what ``p2p unlink NAME`` accepts."""
+        dl = self.state.device_list
+        if device in dl.ids or device in dl.removed_ids:
+            return device
+        named = [d.device_id for d in dl.devices if d.name == device]
+        if len(named) == 1:
+            return named[0]
+        if named:
+            raise NodeError(f"{len(named)} devices are called {device!r}: give the id")
+        return device  # the device list's own error says it is not there
+
     def status(self) -> dict[str, Any]:
         """What ``p2p status`` shows: this device, its peers, its spaces, pending work."""
         now = trio.current_time()
+        names = self.display_names()
         return {
             "device": self.device_id,
             "name": self.state.name,
             "account": self.account_id,
             "role": "primary" if self.state.is_primary else "companion",
+            "removed": self.removed,
+            "leaving": self.leaving,
             "address": self.address,
             "device_list_version": self.state.device_list.version,
             "primary": self.state.device_list.primary.device_id,
             "peers": [
                 {
                     "device": d,
+                    "name": names.get(d, ""),
                     "remote": p.remote,
                     "found_via": self._dialing.get(p.remote, "incoming"),
                     "connected_for": round(now - p.since, 3),
@@ -313,12 +457,16 @@ class Node:
                 {
                     "id": s.id,
                     "kind": s.kind,
-                    "name": s.name,
+                    "name": self.chat_name(s) if s.kind == "chat" else s.name,
                     "epoch": s.epoch,
                     "entries": s.replica.count() if s.replica.loaded else None,
                     "loaded": s.replica.loaded,
                 }
                 for s in self.state.spaces.values()
+            ],
+            "set_aside": [
+                {"id": c.chat, "name": c.name, "reason": c.reason}
+                for c in self.state.set_aside.values()
             ],
             "pending_writes": len(self._writes),
             "pending_gossip": sum(len(v) for v in self._outbox.values()),
@@ -382,6 +530,82 @@ class Node:
             raise NodeError("a reaction is at most 16 characters")
         return await self._write(chat, "react", body=emoji, target=message_id)
 
+    def set_typing(self, chat: str | None = None, typing: bool = True) -> None:
+        """Tell the chat's readers we are typing (or stopped): ephemeral awareness, sent
+        to the connected devices that read the chat and never stored or relayed.
+
+        Call it on every keystroke if you like: a "typing" goes out at most once per
+        TYPING_REFRESH seconds per chat, and readers drop it after TYPING_TTL seconds
+        without a refresh. ``typing=False`` goes out at once."""
+        space = self._chat(chat)
+        now = trio.current_time()
+        if typing:
+            if now - self._typing_sent.get(space.id, -math.inf) < TYPING_REFRESH:
+                return
+            self._typing_sent[space.id] = now
+        elif self._typing_sent.pop(space.id, None) is None:
+            return  # we never said we were typing
+        for peer in list(self._peers.values()):
+            self._carry_out(peer, peer.session.send_typing(space.id, typing))
+
+    def typing(self, chat: str | None = None) -> list[str]:
+        """Devices typing in a chat right now (ours and other members')."""
+        space = self._chat(chat)
+        return sorted(d for s, d in self._typing_in if s == space.id)
+
+    def _on_typing(self, device: str, typing_in: TypingIn) -> None:
+        key = (typing_in.space, device)
+        now = trio.current_time()
+        if not typing_in.typing:
+            self._stop_typing(key)
+            return
+        if now - self._typing_heard.get(key, -math.inf) < TYPING_IN_MIN:
+            return  # more often than anyone types: not shown more often
+        self._typing_heard[key] = now
+        started = key not in self._typing_in
+        self._typing_in[key] = now + TYPING_TTL
+        if started:
+            self._emit(ev.Typing(chat=typing_in.space, device=device, typing=True))
+            self._nursery.start_soon(self._typing_expires, key)
+
+    def _stop_typing(self, key: tuple[str, str]) -> None:
+        self._typing_heard.pop(key, None)
+        if self._typing_in.pop(key, None) is not None:
+            self._emit(ev.Typing(chat=key[0], device=key[1], typing=False))
+
+    async def _typing_expires(self, key: tuple[str, str]) -> None:
+        """End a "typing" that was not refreshed in time (one task per typing device)."""
+        while (deadline := self._typing_in.get(key)) is not None:
+            if trio.current_time() >= deadline:
+                self._stop_typing(key)
+                return
+            await trio.sleep_until(deadline)
+
+    def presence(self) -> list[dict[str, Any]]:
+        """Online and last seen, per device of ours and of the accounts we follow:
+        ``online`` when a session with it is up (or a relay says it is connected),
+        ``last_seen_ms`` when our last session with it ended (None: never met)."""
+        names = self.display_names()
+        relayed = set().union(*(r.online for r in self.relays)) if self.relays else set()
+        rows = []
+        lists = [(self.account_id, self.state.device_list), *sorted(self.state.accounts.items())]
+        for account, dl in lists:
+            for d in dl.devices:
+                if d.device_id == self.device_id:
+                    continue
+                seen = self.store.get(f"seen/{d.device_id}")
+                rows.append(
+                    {
+                        "device": d.device_id,
+                        "account": account,
+                        "name": names.get(d.device_id, ""),
+                        "device_name": d.name,
+                        "online": d.device_id in self._peers or d.device_id in relayed,
+                        "last_seen_ms": int(seen) if seen else None,
+                    }
+                )
+        return rows
+
     async def mark_read(self, *, chat: str | None = None) -> str:
         """Record that this device has shown the chat up to its newest message."""
         shown = self.messages(chat, last=1)
@@ -390,6 +614,8 @@ class Node:
     async def _write(self, chat: str | None, kind: Any, *, body: str = "", target: str = "") -> str:
         if self._closed:
             raise NodeError("the node is closed")
+        if self.removed:  # nobody would accept it, and it would sit in the store forever
+            raise Unlinked(self.device_id, self.account_id)
         space = self._chat(chat)
         await self._load(space)
         if self._closed:
@@ -426,10 +652,13 @@ class Node:
             self._receipts_wakeup = trio.Event()
             due, self._receipts_due = self._receipts_due, set()
             for space_id in sorted(due):
+                if space_id not in self.state.spaces:
+                    continue  # set aside meanwhile (a corrupt chat)
                 body = self.state.receipt_body(space_id)
                 stated = self._stated_receipt(space_id)
-                if body and body != stated and not self._closed:
-                    await self._write(space_id, "rcpt", body=body)
+                if body and body != stated and not self._closed and not self.removed:
+                    with contextlib.suppress(ChatCorrupt):
+                        await self._write(space_id, "rcpt", body=body)
 
     def _stated_receipt(self, space_id: str) -> str:
         entries = self.state.space(space_id).replica.entries("v")
@@ -474,12 +703,46 @@ class Node:
         if space.replica.loaded:
             return
         async with self._load_lock:
+            if space.id in self.state.set_aside:
+                raise self.state.set_aside[space.id]
             if not space.replica.loaded:
-                await self._run_store(space.replica.load)
+                try:
+                    lost = await self._run_store(self.state.load_checked, space.id, self.store)
+                except (StoreCorrupt, InvalidUpdate, WireError) as exc:
+                    raise self._put_aside(space, exc) from exc
+                if lost:
+                    self._write_again(space.id, lost)
+
+    def _put_aside(self, space: Space, error: P2PError) -> ChatCorrupt:
+        """A chat whose stored history does not load is set aside and reported; the node
+        and every other chat go on (its rows stay on disk as they are)."""
+        corrupt = self.state.put_aside(space.id, error)
+        log.error("%s", corrupt)
+        self._emit(ev.ChatSetAside(chat=space.id, error=type(error).__name__, detail=str(error)))
+        return corrupt
+
+    def _write_again(self, space_id: str, entries: list[Entry]) -> None:
+        """Put entries of ours that the loaded CRDT lacked back into it (see
+        ``DeviceState.load_checked``), in updates small enough for any peer, and on
+        their way to peers as soon as they are durable."""
+        log.warning(
+            "chat %s: its document lacked entries of ours that this device shows;"
+            " writing its %d entries again",
+            space_id,
+            len(entries),
+        )
+        for at in range(0, len(entries), REWRITE_CHUNK):
+            update, batch = self.state.write_local(space_id, entries[at : at + REWRITE_CHUNK])
+            self._queue_write(batch)
+            self._outbox.setdefault(space_id, []).append(update)
+        self._outbox_wakeup.set()
 
     async def _load_all(self) -> None:
+        """Load every space (a session offers them all); one that does not load is set
+        aside, not a reason to refuse the peer."""
         for space in list(self.state.spaces.values()):
-            await self._load(space)
+            with contextlib.suppress(ChatCorrupt):
+                await self._load(space)
 
     def _queue_write(self, batch: WriteBatch, *, announce: ev.Event | None = None) -> trio.Event:
         """Queue a batch for the writer, in order; the event fires once it is durable,
@@ -506,7 +769,7 @@ class Node:
             await self._flush_writes()
 
     async def _flush_writes(self) -> None:
-        while self._writes or self.state.unsaved:
+        while self._writes or self.state.unsaved or self.state.counters_wanted:
             taken, self._writes = self._writes, []
             local, self._local = self._local, {}
             self._write_room.set()
@@ -515,10 +778,17 @@ class Node:
                 [b for b, _, _ in taken] + [b for _, _, b in written] + [self.state.take_unsaved()]
             )
             if batch:
-                await self._run_store(self.store.write, batch)
+                self._inflight = batch.appends
+                try:
+                    await self._run_store(self.store.write, batch)
+                finally:
+                    self._inflight = []
                 for space_id, _update in batch.appends:
-                    self.state.spaces[space_id].log_seq += 1
+                    if space_id in self.state.spaces:  # not set aside meanwhile
+                        self.state.spaces[space_id].log_seq += 1
                 await self._compact(batch.appends)
+            if self.state.counters_wanted:  # long before the current block runs out
+                self.state.grant_counters(await self._run_store(claim_counters, self.store))
             for space_id, update, _ in written:
                 self._outbox.setdefault(space_id, []).append(update)
                 self._outbox_wakeup.set()
@@ -527,12 +797,24 @@ class Node:
                 if announce is not None:
                     self._emit(announce)
 
+    def _history_of(
+        self, stored: Callable[[str], Iterable[bytes]], space_id: str
+    ) -> Iterator[bytes]:
+        """A space's whole history as its replica holds it: what the store holds, then
+        what is on its way there (what a replica an update poisoned is rebuilt from;
+        see ``Replica.apply``). The queue is read first: what leaves it meanwhile is in
+        the store by the time the store is read (applied twice: harmless)."""
+        pending = [u for s, u in self._inflight if s == space_id]
+        pending += [u for b, _, _ in self._writes for s, u in b.appends if s == space_id]
+        yield from stored(space_id)
+        yield from pending
+
     async def _compact(self, appends: list[tuple[str, bytes]]) -> None:
         """Fold a space's update log into a snapshot once its tail grows long, so that
         opening the store stays fast (one snapshot plus a short tail)."""
         for space_id in {s for s, _ in appends}:
-            space = self.state.spaces[space_id]
-            if space.log_seq - space.snapshot_seq < COMPACT_AFTER:
+            space = self.state.spaces.get(space_id)
+            if space is None or space.log_seq - space.snapshot_seq < COMPACT_AFTER:
                 continue
             # every update up to log_seq is in the replica, so this snapshot covers them
             snapshot, upto = space.replica.snapshot(), space.log_seq
@@ -571,6 +853,7 @@ class Node:
     # ---- gossip --------------------------------------------------------------------
 
     async def _gossiper(self) -> None:
+        self._nursery.start_soon(self._gossip_timer)
         while True:
             await self._outbox_wakeup.wait()
             self._outbox_wakeup = trio.Event()
@@ -583,11 +866,10 @@ class Node:
                     continue  # nobody to tell now; state vectors catch peers up later
                 for payload in _coalesce(updates):
                     envelope = self.state.seal(space_id, payload)
-                    self._remember(space_id, envelope)
-                    self._broadcast(space_id, envelope, exclude=())
+                    self._gossip_handle(Authored(space_id, envelope), refresh=self._peers)
                     for device in offline:
                         self._post_mail(device, envelope)
-            if self.state.unsaved:
+            if self.state.unsaved or self.state.counters_wanted:
                 self._queue_write(WriteBatch())
 
     def _post_mail(self, device: str, envelope: bytes) -> None:
@@ -640,83 +922,54 @@ class Node:
             with contextlib.suppress(P2PError):
                 await mail.ack()
 
-    def _broadcast(self, space_id: str, envelope: bytes, *, exclude: Sequence[str]) -> None:
-        """Send a whole envelope to every open session that may read the space (what
-        the author of an envelope does)."""
-        for device, peer in list(self._peers.items()):
-            if device in exclude or space_id not in self.state.spaces_for(device):
+    def _gossip_handle(self, event: GossipEvent, *, refresh: Iterable[str] = ()) -> None:
+        """Feed the gossip protocol one event and send what it asks for.
+
+        The protocol first sees the sessions as ``_peers`` holds them now (a session
+        that replaced another is a new link), and, for the devices in ``refresh``, what
+        they may read now: access changes with grants and device lists, and it is
+        judged when an envelope goes out, as it always was."""
+        now = trio.current_time()
+        links = self._gossip_links
+        for device in [d for d in links if d not in self._peers]:
+            del links[device]
+            self._gossip.handle(PeerDown(device), now)
+        for device, peer in self._peers.items():
+            link = links.get(device)
+            if link is None or link[0] is not peer:
+                link = links[device] = (peer, next(self._gossip_link_ids))
+            elif device not in refresh:
                 continue
-            self._carry_out(peer, peer.session.send_envelope(envelope))
-
-    def _announce(
-        self, space_id: str, name: bytes, *, exclude: Sequence[str], ours_only: bool = False
-    ) -> None:
-        """Tell the other readers we hold an envelope we did not author (lazy gossip:
-        they ask for it if its author did not reach them). ``ours_only``: only our own
-        devices, for an envelope other accounts would refuse (a catch-up from one of our
-        devices, holding other accounts' structs). ``name``: the envelope's digest."""
-        for device, peer in list(self._peers.items()):
-            if device in exclude or space_id not in self.state.spaces_for(device):
+            spaces = frozenset(self.state.spaces_for(device))
+            ours = device in self.state.device_list.ids
+            self._gossip.handle(PeerUp(device, link[1], spaces, ours), now)
+        for out in self._gossip.handle(event, now):
+            if isinstance(out, SetTimer):
+                if out.deadline < self._gossip_sleeps_until:
+                    self._gossip_timer_set.set()
                 continue
-            if ours_only and device not in self.state.device_list.ids:
+            to = self._peers.get(out.device)
+            if to is None:
                 continue
-            self._carry_out(peer, peer.session.send_have(space_id, [name]))
+            if isinstance(out, SendEnvelope):
+                self._carry_out(to, to.session.send_envelope(out.envelope))
+            elif isinstance(out, SendHave):
+                self._carry_out(to, to.session.send_have(out.space, out.digests))
+            elif isinstance(out, SendWant):
+                self._carry_out(to, to.session.send_want(out.digests))
+            elif isinstance(out, SendStateVector):
+                self._carry_out(to, to.session.send_state_vector(out.space))
 
-    def _remember(self, space_id: str, envelope: bytes) -> bytes:
-        """Keep an envelope we hold for ``want``s (bounded), and its digest as known;
-        returns the digest."""
-        name = digest(envelope)
-        self._know(name)
-        if name in self._recent or len(envelope) > RECENT_BYTES:
-            return name
-        self._recent[name] = (space_id, envelope)
-        self._recent_bytes += len(envelope)
-        while len(self._recent) > RECENT_ENVELOPES or self._recent_bytes > RECENT_BYTES:
-            _, (_, old) = self._recent.popitem(last=False)
-            self._recent_bytes -= len(old)
-        return name
-
-    def _know(self, name: bytes) -> None:
-        """Remember (bounded) that we hold the envelope called ``name``."""
-        self._wanted.discard(name)
-        self._known[name] = None
-        self._known.move_to_end(name)
-        while len(self._known) > KNOWN_DIGESTS:
-            self._known.popitem(last=False)
-
-    def _on_have(self, peer: _Peer, have: HaveIn) -> None:
-        """A peer holds envelopes: ask for those we lack, after WANT_DELAY (their author
-        has usually sent them to us already)."""
-        missing = [d for d in have.digests if d not in self._known and d not in self._wanted]
-        if not missing or self._want_tasks >= WANT_TASKS:
-            return
-        self._want_tasks += 1
-
-        async def want_later() -> None:
-            try:
-                await trio.sleep(WANT_DELAY)
-                still = [d for d in missing if d not in self._known and d not in self._wanted]
-                if not still or self._peers.get(peer.session.peer or "") is not peer:
-                    return
-                self._wanted.update(still)
-                self._carry_out(peer, peer.session.send_want(still))
-                await trio.sleep(WANT_TIMEOUT)
-                if any(d not in self._known for d in still):
-                    self._wanted.difference_update(still)
-                    if self._peers.get(peer.session.peer or "") is peer:
-                        self._carry_out(peer, peer.session.send_state_vector(have.space))
-            finally:
-                self._want_tasks -= 1
-
-        self._nursery.start_soon(want_later)
-
-    def _on_want(self, peer: _Peer, want: WantIn) -> None:
-        """A peer asks for envelopes: send those we still hold and it may read."""
-        readable = set(self.state.spaces_for(peer.session.peer or ""))
-        for name in want.digests:
-            held = self._recent.get(name)
-            if held is not None and held[0] in readable:
-                self._carry_out(peer, peer.session.send_envelope(held[1]))
+    async def _gossip_timer(self) -> None:
+        """Wake the gossip protocol at its deadlines (one task for all its timers)."""
+        while True:
+            deadline = self._gossip.next_deadline()
+            self._gossip_sleeps_until = math.inf if deadline is None else deadline
+            with trio.move_on_at(self._gossip_sleeps_until):
+                await self._gossip_timer_set.wait()
+            self._gossip_timer_set = trio.Event()
+            if deadline is not None and trio.current_time() >= deadline:
+                self._gossip_handle(TimerFired())
 
     # ---- connections ---------------------------------------------------------------
 
@@ -744,6 +997,8 @@ class Node:
         """Dial every new address any discovery adapter reports."""
         async with self._found_receive:
             async for found in self._found_receive:
+                if self.removed:
+                    continue
                 if found.device is not None and (
                     found.device in self._peers or found.device == self.device_id
                 ):
@@ -754,7 +1009,7 @@ class Node:
     async def _dial_loop(self, address: str) -> None:
         assert self.transport is not None
         backoff = BACKOFF_MIN
-        while True:
+        while not self.removed:  # a removed device is refused everywhere: stop asking
             try:
                 conn = await self.transport.dial(address)
             except TransportError as exc:
@@ -771,6 +1026,7 @@ class Node:
             # slowly; one that talked to us gets a quick redial
             backoff = BACKOFF_MIN if ended.authenticated else min(backoff * 2, BACKOFF_MAX)
             await trio.sleep(backoff * random.uniform(0.5, 1.5))
+        log.info("not dialing %s: this device was unlinked", address)
 
     async def _accept(self, conn: Connection) -> None:
         if self._handshaking >= MAX_HANDSHAKES:
@@ -801,7 +1057,7 @@ class Node:
                         handshaking = False
                     with trio.move_on_at(session.next_deadline()) as timer:
                         try:
-                            data = await conn.receive()
+                            data = await conn.receive(session.frame_limit)
                         except P2PError as exc:  # broken connection, or an oversized frame
                             self._carry_out(peer, session.close(exc))
                             break
@@ -910,10 +1166,13 @@ class Node:
                     alive = False
             elif isinstance(out, EnvelopeIn):
                 self._receive_envelope(peer, out.data)
-            elif isinstance(out, HaveIn):
-                self._on_have(peer, out)
-            elif isinstance(out, WantIn):
-                self._on_want(peer, out)
+            elif isinstance(out, HaveIn | WantIn):
+                device = peer.session.peer
+                if device is not None and self._peers.get(device) is peer:
+                    if isinstance(out, HaveIn):
+                        self._gossip_handle(Have(device, out.space, out.digests))
+                    else:
+                        self._gossip_handle(Want(device, out.digests), refresh=(device,))
             elif isinstance(out, Authenticated):
                 self._on_authenticated(peer, out.device)
             elif isinstance(out, DeviceListIn):
@@ -929,6 +1188,10 @@ class Node:
                     self._queue_write(self.state.accept_lease(out.data, self._wall_ms()))
                 except P2PError as exc:
                     self._carry_out(peer, peer.session.close(exc))
+            elif isinstance(out, TypingIn):
+                device = peer.session.peer
+                if device is not None and self._peers.get(device) is peer:
+                    self._on_typing(device, out)
             elif isinstance(out, MediaIn):
                 device = peer.session.peer
                 if device is not None and self._peers.get(device) is peer:
@@ -962,18 +1225,14 @@ class Node:
         return WriteBatch(records={f"seen/{device}": str(self._wall_ms()).encode()})
 
     def _keep_new(self, new: _Peer, existing: _Peer) -> bool:
-        """Deterministic choice between two connections to the same device: both ends
-        keep the one dialed by the device with the smaller id."""
+        """Deterministic choice between two connections to the same device (see
+        :func:`p2p.peering.keep_new`)."""
         assert new.session.peer is not None
-        new_relayed, old_relayed = is_relay_address(new.remote), is_relay_address(existing.remote)
-        if new_relayed != old_relayed:
-            return old_relayed  # a direct link beats a relayed one, at both ends
-        if new.session.initiator == existing.session.initiator:
-            return True  # a redial: the old connection is stale
-        smaller_is_me = self.device_id < new.session.peer
-        # keep the connection where the smaller device is the initiator
-        return (
-            new.session.initiator == smaller_is_me and existing.session.initiator != smaller_is_me
+        return keep_new(
+            self.device_id,
+            new.session.peer,
+            Link(new.session.initiator, is_relay_address(new.remote)),
+            Link(existing.session.initiator, is_relay_address(existing.remote)),
         )
 
     def _on_closed(self, peer: _Peer, error: P2PError | None) -> None:
@@ -986,6 +1245,8 @@ class Node:
                 )
             )
         if device is not None and self._peers.get(device) is peer:
+            for key in [k for k in self._typing_in if k[1] == device]:
+                self._stop_typing(key)  # gone quiet: no session, no typing
             self._queue_write(self._seen(device))
             self._emit(
                 ev.PeerDisconnected(
@@ -1001,7 +1262,7 @@ class Node:
             # the same envelope over two gossip paths, or a space we don't hold: harmless
             log.debug("dropped envelope from %s: %s", peer.session.peer, exc)
             if isinstance(exc, ReplayDetected):
-                self._know(digest(data))  # held already: never want it
+                self._gossip_handle(Duplicate(data))  # held already: never want it
             return
         except P2PError as exc:
             self._carry_out(peer, peer.session.close(exc))
@@ -1015,12 +1276,15 @@ class Node:
         durable = self._queue_write(
             ingested.batch, announce=ev.ChatChanged(chat=ingested.space, origin=ingested.sender)
         )
-        name = self._remember(ingested.space, envelope)
-        self._announce(
-            ingested.space,
-            name,
-            exclude=(came_from, ingested.sender),
-            ours_only=not ingested.relayable,
+        self._gossip_handle(
+            Accepted(
+                ingested.space,
+                envelope,
+                came_from=came_from,
+                author=ingested.sender,
+                ours_only=not ingested.relayable,
+            ),
+            refresh=self._peers,
         )
         for rejected in ingested.rejected:
             self._report(rejected)
@@ -1032,6 +1296,9 @@ class Node:
             departed = self.state.departed(ingested.space)  # usually nobody: no task
             if departed and self.state.rotates_for(ingested.space, departed):
                 self._nursery.start_soon(self._rotate_after_leave, ingested.space)
+            waiting = self._unproven.pop(ingested.space, None)
+            if waiting is not None:  # the leave entry it waits for may be here now
+                self._on_grant(waiting, came_from=None)
         return durable
 
     def _adopt_device_list(self, peer: _Peer, data: bytes) -> None:
@@ -1057,9 +1324,14 @@ class Node:
         dl = self.state.device_list
         data = dl.encode()
         for device, peer in list(self._peers.items()):
-            if device not in dl.ids:
+            if device in dl.removed_ids:
+                # the signed list first, so the removed device knows it from the primary's
+                # signature (a bare refusal could come from anyone), then the refusal
+                self._carry_out(peer, peer.session.send_device_list(data))
                 self._carry_out(peer, peer.session.close(RemovedDevice(device)))
-            else:
+            elif self.removed:  # we are the one removed: nobody of the account takes us
+                self._carry_out(peer, peer.session.close(Unlinked(self.device_id, dl.account_id)))
+            else:  # our devices, and other accounts' (they follow our list)
                 self._carry_out(peer, peer.session.send_device_list(data))
         for relay in self.relays:
             relay.update_watch()
@@ -1068,12 +1340,18 @@ class Node:
         self._known_devices = set(dl.ids)
         if added:
             self._nursery.start_soon(self._recheck_hidden)
+            # when this device first saw each (``p2p devices`` shows recent links)
+            now = str(self._wall_ms()).encode()
+            self._queue_write(WriteBatch(records={f"linked/{d}": now for d in added}))
         log.info("device list version %d: added %s, removed %s", dl.version, added, removed)
         self._emit(
             ev.DeviceListChanged(
                 version=dl.version, devices=tuple(sorted(dl.ids)), added=added, removed=removed
             )
         )
+        for device in added:
+            log.info("new device linked: %s (%s)", dl.entry(device).name, device)
+            self._emit(ev.DeviceLinked(device=device, name=dl.entry(device).name))
 
     def _announce_lists(self, own: DeviceList, others: dict[str, DeviceList]) -> None:
         """Act on whatever lists changed since ``own`` / ``others`` were ours."""
@@ -1109,6 +1387,26 @@ class Node:
         lists_before = (self.state.device_list, dict(self.state.accounts))
         try:
             space_id, news, batch = self.state.accept_grant(data)
+        except EpochSplit as exc:
+            log.warning("refused a grant: %s", exc)
+            self._emit(
+                ev.InputRejected(
+                    remote=came_from.remote if came_from else "mailbox",
+                    device=came_from.session.peer if came_from else None,
+                    error=type(exc).__name__,
+                    detail=str(exc),
+                )
+            )
+            # the session stays (the peer is honest as far as we can tell), and one
+            # primary starts an epoch that takes everyone past the split
+            if self.state.heals_split(exc.space) and exc.space not in self._rotating:
+                self._nursery.start_soon(self._rotate, exc.space, set())
+            return None
+        except RotationUnproven as exc:
+            log.info("a grant waits for a leave entry: %s", exc)
+            if len(self._unproven) < 256:
+                self._unproven[exc.space] = data
+            return None
         except GrantFromNonMember as exc:
             log.info("ignored a grant: %s", exc)  # we learn the members from our own
             return None
@@ -1175,8 +1473,9 @@ class Node:
         """Primary only: remove a device, rotate keys, tell the remaining devices now.
 
         Our own devices find the new keys in the new device list; the other members of
-        our conversations get them as grants (sessions, or their relay mailboxes)."""
-        await self._commit(self.state.unlink(device_id))
+        our conversations get them as grants (sessions, or their relay mailboxes).
+        ``device_id`` may also be the name of exactly one of our devices."""
+        await self._commit(self.state.unlink(self._own_device(device_id)))
         self._device_list_changed()
         for space in self.state.spaces.values():
             if space.shared:
@@ -1207,6 +1506,11 @@ class Node:
         await self._queue_entry(space_id, entry, batch).wait()
         for relay in self.relays:
             relay.update_watch()
+        if self.transport is not None:
+            # where the code says its devices listen: meet them now, without waiting for
+            # mDNS or a relay (our devices that learn the contact later have no address)
+            for address in parsed.addresses:
+                await self.connect(address, source="contact")
         return entry.target
 
     def contacts(self) -> list[dict[str, Any]]:
@@ -1250,7 +1554,7 @@ class Node:
         return [
             {
                 "id": s.id,
-                "name": s.name,
+                "name": self.chat_name(s),
                 "epoch": s.epoch,
                 "members": [{"id": a, "name": names.get(a, "")} for a in sorted(s.members)],
             }
@@ -1261,7 +1565,7 @@ class Node:
         """Add contacts (ids or names) to a conversation with other accounts: their
         devices get its keys (and so its whole history) as grants, and every member
         device learns the new member set from them."""
-        space = self.state.chat_by_name(chat)
+        space = self._chat(chat)
         await self._commit(self.state.add_members(space.id, [self._contact_id(c) for c in with_]))
         self._deliver_grants(space.id)
         for relay in self.relays:
@@ -1270,7 +1574,7 @@ class Node:
     async def leave_chat(self, chat: str) -> None:
         """Leave a conversation with other accounts: a signed leave entry tells its
         members, whose designated device rotates the key without us (``core``)."""
-        space = self.state.chat_by_name(chat)
+        space = self._chat(chat)
         if not space.shared:
             raise NodeError("only a conversation with other accounts can be left")
         await self._write(space.id, "leave")
@@ -1279,6 +1583,10 @@ class Node:
         departed = self.state.departed(space_id)
         if not departed or not self.state.rotates_for(space_id, departed):
             return
+        await self._rotate(space_id, departed)
+
+    async def _rotate(self, space_id: str, departed: set[str]) -> None:
+        """A new epoch of a conversation without ``departed``, granted to every reader."""
         if space_id in self._rotating:
             return
         self._rotating.add(space_id)
@@ -1400,31 +1708,55 @@ async def open_node(
     ``transport`` accepts and makes connections (none: the node works offline);
     ``peers`` are addresses to keep connected to; ``discovery`` adapters report more
     (mDNS, ...) as they find them; ``relays`` are rendezvous relay URLs (``ws://...``):
-    the node meets linked devices through them and leaves mail for offline ones.
+    the node meets linked devices through them and leaves mail for offline ones. URLs
+    of one relay cluster name its id (``ws://HOST:PORT#id=RELAY_ID``) and make one
+    client that fails over between them.
     ``wall_ms`` is the time used for message timestamps (tests pass a virtual clock).
     ``receipts=False`` keeps this device from writing delivery receipts (others then
     never see their messages delivered to it: a privacy choice, as in any messenger).
     Attachments are kept in ``blobs`` (the caller's, left open), else in
     ``<home>/media.db``, else (a node opened on a ``store``) in memory.
+
+    A node opened on a ``home`` holds its lock (``p2p.home.home_lock``) until the block
+    exits: AlreadyRunning, before anything is read, when another process or node has
+    it. A node opened on a ``store`` is the caller's to keep alone on it (this run's
+    CRDT client id and counters are still claimed atomically, see ``claim_run``).
     """
     if (home is None) == (store is None):
         raise NodeError("open_node needs exactly one of home or store")
     owned = store is None
-    the_store: Store = open_home_store(home) if store is None else store  # type: ignore[arg-type]
+    locked = ExitStack()
+    if home is not None:  # before anything is read: one process writes a home
+        locked.enter_context(home_lock(home))
+    try:
+        the_store: Store = open_home_store(home) if store is None else store  # type: ignore[arg-type]
+    except BaseException:
+        locked.close()
+        raise
     own_blobs = blobs is None
     try:
         if blobs is None:
             blobs = open_blobs(home)
-        state = await trio.to_thread.run_sync(DeviceState.load, the_store)
-        # counters used from now on, and this run's number, are on disk before anything
-        # is sealed (with the message index of a store from before it existed, built
-        # by load)
-        opening = merge_batches([state.take_unsaved(), state.start_run()])
-        await trio.to_thread.run_sync(the_store.write, opening)
+        # this run's number (in its CRDT client id) and its envelope counters are taken
+        # from the store in one write transaction before anything is read, so no other
+        # process opened on the same store can ever write with the same ones
+        run = await trio.to_thread.run_sync(claim_run, the_store)
+        state = await trio.to_thread.run_sync(DeviceState.load, the_store, run)
+        opening = state.take_unsaved()  # the index of a store from before it existed
+        if opening:
+            await trio.to_thread.run_sync(the_store.write, opening)
         try:
             async with trio.open_nursery() as nursery:
                 clients = [
-                    RelayClient(url, state.keys, watch=state.followed_devices) for url in relays
+                    RelayClient(
+                        urls[0],
+                        state.keys,
+                        watch=state.followed_devices,
+                        relay_id=relay_id,
+                        alternates=urls[1:],
+                        first_frame_limit=MAX_HANDSHAKE_FRAME,
+                    )
+                    for relay_id, urls in group_relay_urls(relays)
                 ]
                 if clients:
                     transport = RoutedTransport(transport, clients)
@@ -1460,10 +1792,13 @@ async def open_node(
         except BaseExceptionGroup as group:
             raise _unwrap(group) from None
     finally:
-        if own_blobs and blobs is not None:
-            blobs.close()
-        if owned:
-            the_store.close()
+        try:
+            if own_blobs and blobs is not None:
+                blobs.close()
+            if owned:
+                the_store.close()
+        finally:
+            locked.close()
 
 
 def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:

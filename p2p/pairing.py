@@ -28,6 +28,12 @@ SECRET_SIZE: Final = 16
 MAX_CODE: Final = 2048
 MAX_ADDRESSES: Final = 8
 DEFAULT_TTL_S: Final = 600
+MAX_TTL_S: Final = 600
+"""The longest a primary accepts a code for, whatever expiry the code states: a code is
+meant to be shown now, by a device in the owner's hand (a code that stays valid for days
+is what a phishing page hands out)."""
+CLOCK_SLACK_S: Final = 120
+"""How far the new device's clock may run ahead of the primary's."""
 
 
 class PairingError(P2PError):
@@ -44,6 +50,14 @@ class ExpiredCode(PairingError):
 
 class CodeAlreadyUsed(PairingError):
     """A pairing code this primary has already linked a device with."""
+
+
+class CodeTooLong(PairingError):
+    """A pairing code that states an expiry further ahead than a primary accepts."""
+
+
+class UnsafeAddress(PairingError):
+    """A pairing code naming only addresses a primary does not dial on a code's word."""
 
 
 class CheckCodeMismatch(PairingError):
@@ -139,8 +153,35 @@ class PairingCode:
         )
 
     def check_fresh(self, now_s: int) -> None:
+        """ExpiredCode past its expiry; CodeTooLong for an expiry further ahead than
+        MAX_TTL_S (plus clock slack): the primary caps every code's life."""
         if now_s > self.expires_s:
             raise ExpiredCode(f"the pairing code expired {now_s - self.expires_s} s ago")
+        if self.expires_s > now_s + MAX_TTL_S + CLOCK_SLACK_S:
+            raise CodeTooLong(
+                f"the pairing code says it stays valid for {self.expires_s - now_s} s; "
+                f"a primary accepts at most {MAX_TTL_S} s: show a new code (p2p link)"
+            )
+
+    def local_addresses(self) -> list[str]:
+        """The code's addresses a primary dials on the code's word: IP literals on
+        loopback, private or link-local networks (a code is shown by a device next to
+        the owner). Anything else (a public host, a name to resolve) would let whoever
+        made the code point the primary at any host; ``--connect`` overrides."""
+        import ipaddress
+
+        out = []
+        for address in self.addresses:
+            host, _, port = address.rpartition(":")  # HOST:PORT or [v6]:PORT
+            try:
+                ip = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+            except ValueError:
+                continue
+            if not port.isdigit():
+                continue
+            if ip.is_loopback or ip.is_private or ip.is_link_local:
+                out.append(address)
+        return out
 
 
 def to_text(prefix: str, payload: bytes) -> str:

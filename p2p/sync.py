@@ -68,6 +68,7 @@ from p2p.envelope import MAX_PAYLOAD
 from p2p.errors import (
     DecryptionFailed,
     DeviceListError,
+    FrameTooLarge,
     HandshakeFailed,
     NotOurAccount,
     P2PError,
@@ -76,7 +77,14 @@ from p2p.errors import (
 )
 from p2p.identity import DeviceKeys, DeviceList, account_tag, check_lease, verify
 from p2p.model import covers
-from p2p.wire import DIGEST_SIZE, MAX_DIGESTS, decode_frame, encode_frame
+from p2p.wire import (
+    DIGEST_SIZE,
+    MAX_DIGESTS,
+    MAX_FRAME,
+    MAX_HANDSHAKE_FRAME,
+    decode_frame,
+    encode_frame,
+)
 from p2p.ysplit import split_update
 
 DOMAIN_HANDSHAKE: Final = b"p2p/handshake/v1\x00"
@@ -199,6 +207,15 @@ class LeaveRequested:
 
 
 @dataclass(frozen=True)
+class TypingIn:
+    """The peer's person started (``typing``) or stopped typing in a space we share
+    with it: awareness, passed on to the app and never stored."""
+
+    space: str
+    typing: bool
+
+
+@dataclass(frozen=True)
 class MediaIn:
     """A media frame (``ask``, ``blob``, ``nohave``) for the node's media service."""
 
@@ -223,6 +240,7 @@ Output = (
     | WantIn
     | LeaseIn
     | LeaveRequested
+    | TypingIn
     | MediaIn
     | Closed
 )
@@ -292,6 +310,14 @@ class Session:
 
     # ---- input ---------------------------------------------------------------------
 
+    @property
+    def frame_limit(self) -> int:
+        """Largest frame the next one may be: :data:`~p2p.wire.MAX_HANDSHAKE_FRAME` until
+        the peer is authenticated (a stranger's bytes are bounded before they are read;
+        the caller passes this to ``Connection.receive``), :data:`~p2p.wire.MAX_FRAME`
+        after."""
+        return MAX_FRAME if self.state is State.OPEN else MAX_HANDSHAKE_FRAME
+
     def receive(self, data: bytes, now: float) -> list[Output]:
         """Handle one frame from the peer."""
         if self.state is State.CLOSED:
@@ -301,6 +327,8 @@ class Session:
         self.stats.bytes_in += len(data)
         self._in_size = len(data)
         try:
+            if len(data) > self.frame_limit:
+                raise FrameTooLarge(len(data), self.frame_limit)
             if self.state is State.HELLO:
                 return self._on_hello(data)
             if self.state is State.AUTH:
@@ -359,6 +387,14 @@ class Session:
         if self.state is not State.OPEN:
             return []
         return [self._send_boxed(encode_frame("leave", n=0))]
+
+    def send_typing(self, space_id: str, typing: bool) -> list[Output]:
+        """Tell the peer we are (or stopped) typing in a space, if open and it reads it."""
+        if self.state is not State.OPEN or self.peer is None:
+            return []
+        if space_id not in self.local.spaces_for(self.peer):
+            return []
+        return [self._send_boxed(encode_frame("typing", s=space_id, on=int(typing)))]
 
     def send_media(self, kind: str, **fields: Any) -> list[Output]:
         """Send a media frame (``ask``, ``blob``, ``nohave``) to the peer, if open."""
@@ -520,6 +556,11 @@ class Session:
         if kind == "leave":
             assert self.peer is not None
             return [LeaveRequested(self.peer)]
+        if kind == "typing":
+            assert self.peer is not None
+            if frame["s"] not in self.local.spaces_for(self.peer):
+                return []  # a space we don't share with this device: say nothing
+            return [TypingIn(frame["s"], bool(frame["on"]))]
         if kind in MEDIA_FRAMES:
             self.stats.media_bytes_in += self._in_size
             return [MediaIn(kind, frame)]

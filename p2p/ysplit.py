@@ -37,12 +37,19 @@ from p2p.yupdate import (
     _any,
     _Bad,
     _content,
-    _id,
     _lane,
     _string,
     _uvar,
     encode_uvar,
 )
+
+
+def _id(data: bytes, pos: int, blanks: Blanks) -> int:
+    """Skip one struct id (client, clock); the position after it."""
+    _client, pos = _uvar(data, pos, _CLIENT, blanks)
+    _clock, pos = _uvar(data, pos, _U32, blanks)
+    return pos
+
 
 SECTION_OVERHEAD: Final = 30
 """Most bytes a run's header takes (three varuints of at most 10 bytes each)."""

@@ -23,6 +23,20 @@ The format (yrs ``Update::decode`` with ``DecoderV1``; lib0 ``Any``)::
                  and, if 0x20, a parent-sub key string; then the content
     delete_set = varuint n, n * (varuint client, varuint m, m * (varuint clock, len))
 
+Refused because yrs panics on them inside its commit, leaving the document half
+changed and its own full state unreadable (every later diff of it panics its receivers):
+structs of length 0 (empty GC, Skip, Deleted, string or Any content), a client section
+without structs, and clocks of 2**31 or more (see :data:`MAX_CLOCK`). Found by the
+differential fuzzing of tests/test_yupdate_diff.py, which applies whatever this
+accepts. Refused as well, though no panic was seen from them, because neither Yjs nor
+yrs writes them: a client with two sections, and an origin or parent that is not an
+earlier struct of the struct's own client (no struct precedes itself).
+
+The clients an update touches (what :func:`check_update` returns) are those of its
+structs, of its deleted ranges and of every id its structs refer to (origin, right
+origin, parent): integrating a struct after another's item is how a map value is
+replaced without deleting it, so referring to a client counts as touching it.
+
 Refused on purpose although yrs knows them, because pycrdt never writes them and yrs
 and Yjs disagree on how to read them: JSON content (kind 2: yrs reads one string more
 than the declared count), Move content (kind 11), and the XmlHook (5), WeakLink (7) and
@@ -49,8 +63,12 @@ from p2p.errors import InvalidUpdate
 
 MAX_DEPTH: Final = 64
 """Deepest nesting of ``Any`` arrays and maps."""
-MAX_CLOCK: Final = 2**32 - 1
-"""yrs clocks and lengths are u32: a client's clock plus a length stays within this."""
+MAX_CLOCK: Final = 2**31 - 1
+"""A client's clock plus a length stays within this. yrs clocks are u32, but yrs
+compares a struct's clock with the document's state in 32-bit signed arithmetic: a
+struct 2**31 or more clocks ahead of the state counts as already integrated (it is
+spliced in without its predecessors), which panics at the next lookup."""
+_CLOCKS: Final = MAX_CLOCK + 1
 _U32: Final = 2**32
 _CLIENT: Final = 2**53
 """Client ids are at most 53 bits (pycrdt refuses more, Yjs cannot represent more)."""
@@ -76,6 +94,13 @@ _TYPE_XML_ELEMENT: Final = 3
 _PLAIN_TYPE_REFS: Final = frozenset({0, 1, 2, 4, 6, 9})
 """Array, Map, Text, XmlFragment, XmlText, SubDoc: nothing follows the type ref."""
 
+_EMPTY: Final = "a struct of length 0"
+"""Refused whatever its kind: yrs drops an empty item it integrates, but one that
+arrives again (or first in a section the document holds already) makes it unwrap a
+block that is not there, and empty GC or Skip structs leave blocks whose clock range
+ends before it starts (a division by zero at the next lookup, in every later diff).
+Yjs never writes one; pycrdt's text edits sometimes write an empty string."""
+
 _LANE_INFO: Final = _HAS_PARENT_SUB | _ANY
 _LANE_MIN: Final = 16
 """Client sections with fewer structs do not use (nor compile) the regular expression.
@@ -96,12 +121,20 @@ class _Bad(Exception):
     """Internal: why an update is refused."""
 
 
-def check_update(data: bytes, space: str) -> frozenset[int]:
+Opened = list[tuple[str, str]]
+"""(root map, key) of each struct that names its key: the first of a key's items."""
+
+
+def check_update(data: bytes, space: str, opened: Opened | None = None) -> frozenset[int]:
     """Raise InvalidUpdate unless ``data`` is a well-formed, bounded Yjs update v1;
-    return the CRDT client ids it writes structs for or deletes structs of (what the
-    caller checks against the sender, see ``DeviceState.ingest``)."""
+    return the CRDT client ids it touches: writes structs for, deletes structs of, or
+    refers to as an origin, right origin or parent (what the caller checks against the
+    sender, see ``DeviceState.ingest``). With ``opened``, the keys of root maps that
+    the update's structs name are appended to it: a struct placed after or before
+    another (with an origin) takes that one's key, so these are the keys the update may
+    open (which of them an account may open is ``p2p.model.may_open``)."""
     clients: set[int] = set()
-    reason = _refusal(bytes(data), clients=clients)
+    reason = _refusal(bytes(data), clients=clients, opened=opened)
     if reason is not None:
         raise InvalidUpdate(space, reason)
     return frozenset(clients)
@@ -137,13 +170,16 @@ def encode_uvar(value: int) -> bytes:
     return bytes(out)
 
 
-def _refusal(data: bytes, lane: bool = True, clients: set[int] | None = None) -> str | None:
+def _refusal(
+    data: bytes, lane: bool = True, clients: set[int] | None = None, opened: Opened | None = None
+) -> str | None:
     """Why ``data`` is refused, or None. ``lane=False`` skips the regex (for tests);
-    ``clients`` collects the client ids of structs and deleted ranges."""
+    ``clients`` collects the client ids the update touches, ``opened`` the keys it
+    names (see :func:`check_update`)."""
     blanks: Blanks = []
     seen = clients if clients is not None else set()
     try:
-        end = _delete_set(data, _structs(data, blanks, lane, seen), blanks, seen)
+        end = _delete_set(data, _structs(data, blanks, lane, seen, opened), blanks, seen)
         if end > len(data):
             raise IndexError
         if end < len(data):
@@ -291,16 +327,27 @@ def _check_gap(data: bytes, start: int, end: int) -> None:
 # ---- the update -------------------------------------------------------------------
 
 
-def _structs(data: bytes, blanks: Blanks, lane: bool, seen: set[int] | None = None) -> int:
+def _structs(
+    data: bytes,
+    blanks: Blanks,
+    lane: bool,
+    seen: set[int] | None = None,
+    opened: Opened | None = None,
+) -> int:
     size = len(data)
     clients, pos = _uvar(data, 0, _U32, blanks)
     _count(clients, data, pos, 3, "clients")
+    sections: set[int] = set()
+    refs: set[int] = set()
     for _ in range(clients):
         count, pos = _uvar(data, pos, _U32, blanks)
         client, pos = _uvar(data, pos, _CLIENT, blanks)
-        if seen is not None:
-            seen.add(client)
-        clock, pos = _uvar(data, pos, _U32, blanks)
+        if count == 0:
+            raise _Bad(f"client {client} declares no structs")
+        if client in sections:
+            raise _Bad(f"client {client} has two sections")
+        sections.add(client)
+        clock, pos = _uvar(data, pos, _CLOCKS, blanks)
         _count(count, data, pos, 2, "structs")
         fast = _lane().match if lane and count >= _LANE_MIN else None
         misses = pause = 0  # after 4 misses in a row, structs skip the lane a while
@@ -312,6 +359,17 @@ def _structs(data: bytes, blanks: Blanks, lane: bool, seen: set[int] | None = No
                 else:
                     match = fast(data, pos)
                     if match is not None:
+                        if opened is not None:  # the lane's strings are short: one byte long
+                            n = data[pos + 2]
+                            k = pos + 3 + n
+                            raw = data[pos + 3 : k], data[k + 1 : k + 1 + data[k]]
+                            # (invalid UTF-8 is refused at the end, whatever is read here)
+                            opened.append(
+                                (
+                                    raw[0].decode("utf-8", "replace"),
+                                    raw[1].decode("utf-8", "replace"),
+                                )
+                            )
                         pos = match.end()
                         clock += 1
                         misses = 0
@@ -322,25 +380,33 @@ def _structs(data: bytes, blanks: Blanks, lane: bool, seen: set[int] | None = No
             pos += 1
             if info in (_GC, _SKIP):
                 length, pos = _uvar(data, pos, _U32, blanks)
+                if length == 0:
+                    raise _Bad(_EMPTY)
                 clock += length
                 continue
             if info & (_HAS_ORIGIN | _HAS_RIGHT_ORIGIN):
                 blanks.append((pos - 1, pos))
                 if info & _HAS_ORIGIN:
-                    pos = _id(data, pos, blanks)
+                    pos = _ref(data, pos, blanks, client, clock, refs, "origin")
                 if info & _HAS_RIGHT_ORIGIN:
-                    pos = _id(data, pos, blanks)
+                    # (not checked against its own clock: yrs writes a slice of an
+                    # item with the whole item's right origin, which can be the slice)
+                    pos = _ref(data, pos, blanks, client, _CLOCKS, refs, "right origin")
                 # 0x20 may be set here too (Yjs sets it), but no parent-sub follows
             else:
                 parent = data[pos]
-                if parent == 1:
+                if parent == 1 and opened is not None and info & _HAS_PARENT_SUB:
+                    name, pos = _text(data, pos + 1, blanks)
+                    key, pos = _text(data, pos, blanks)
+                    opened.append((name, key))
+                elif parent == 1:
                     n = data[pos + 1]
                     pos = pos + 2 + n if n < 0x80 else _string(data, pos + 1, blanks)
                 elif parent == 0:
-                    pos = _id(data, pos + 1, blanks)
+                    pos = _ref(data, pos + 1, blanks, client, clock, refs, "parent")
                 else:
                     raise _Bad(f"parent info {parent}")
-                if info & _HAS_PARENT_SUB:
+                if info & _HAS_PARENT_SUB and not (parent == 1 and opened is not None):
                     n = data[pos]
                     pos = pos + 1 + n if n < 0x80 else _string(data, pos, blanks)
             kind = info & 0x1F
@@ -352,20 +418,35 @@ def _structs(data: bytes, blanks: Blanks, lane: bool, seen: set[int] | None = No
                     n, pos = _uvar(data, pos, _U32, blanks)
                 if n > size - pos:
                     raise _Bad(f"declares {n} values, only {size - pos} bytes left")
+                if n == 0:
+                    raise _Bad(_EMPTY)
                 for _ in range(n):
                     pos = _any(data, pos, 0, blanks)
                 clock += n
             else:
                 length, pos = _content(data, pos, kind, blanks)
+                if length == 0:
+                    raise _Bad(_EMPTY)
                 clock += length
         if clock > MAX_CLOCK:
-            raise _Bad("a clock overflows u32")
+            raise _Bad(f"a client's structs end past clock {MAX_CLOCK}")
+    if seen is not None:
+        seen |= sections
+        seen |= refs
     return pos
 
 
-def _id(data: bytes, pos: int, blanks: Blanks) -> int:
-    _client, pos = _uvar(data, pos, _CLIENT, blanks)
-    _clock, pos = _uvar(data, pos, _U32, blanks)
+def _ref(
+    data: bytes, pos: int, blanks: Blanks, client: int, clock: int, refs: set[int], what: str
+) -> int:
+    """An id a struct refers to (origin, right origin, parent): its client counts among
+    those the update touches (placing a struct next to another's is how a map value is
+    replaced). A struct can only refer to an earlier struct of its own client."""
+    ref_client, pos = _uvar(data, pos, _CLIENT, blanks)
+    ref_clock, pos = _uvar(data, pos, _CLOCKS, blanks)
+    if ref_client == client and ref_clock >= clock:
+        raise _Bad(f"a struct's {what} is its own clock or a later one of its client")
+    refs.add(ref_client)
     return pos
 
 
@@ -466,10 +547,10 @@ def _delete_set(data: bytes, pos: int, blanks: Blanks, seen: set[int] | None = N
         ranges, pos = _uvar(data, pos, _U32, blanks)
         _count(ranges, data, pos, 2, "deleted ranges")
         for _ in range(ranges):
-            clock, pos = _uvar(data, pos, _U32, blanks)
+            clock, pos = _uvar(data, pos, _CLOCKS, blanks)
             length, pos = _uvar(data, pos, _U32, blanks)
             if clock + length > MAX_CLOCK:
-                raise _Bad("a deleted range overflows u32")
+                raise _Bad(f"a deleted range ends past clock {MAX_CLOCK}")
     return pos
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from procs import P2P, Child
 
 CHAOS = os.environ.get("P2P_CHAOS", "") == "1"
 """The long runs of ``make chaos``."""
@@ -333,13 +334,11 @@ class FaultProxy:
 
 # ---- p2p run processes ------------------------------------------------------------
 
-P2P = [sys.executable, "-m", "p2p"]
 
-
-class Daemon:
-    """A ``p2p run --json`` process. Like ``procs.Node``, but its stderr goes to a file
-    (a long run under faults logs more warnings than a pipe holds, and a full pipe would
-    block the node), and a failed start kills the process before raising."""
+class Daemon(Child):
+    """A ``p2p run --json`` process. Like ``procs.Node``, but it may be started without
+    waiting for it to listen (a crash test starts one that may not open), and a failed
+    start kills the process before raising."""
 
     def __init__(
         self,
@@ -350,22 +349,9 @@ class Daemon:
         timeout: float = 30,
     ) -> None:
         self.home = home
-        self.events: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-        self._listening = threading.Event()
-        self.stderr_path = home.parent / f"{home.name}.stderr.{time.monotonic_ns()}"
-        self._stderr = open(self.stderr_path, "w")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(
-            [*prefix, *P2P, "--home", str(home), "run", "--json", *args],
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            stdin=subprocess.DEVNULL,
-            text=True,
+        super().__init__(
+            [*prefix, *P2P, "--home", str(home), "run", "--json", *args], logs=home.parent
         )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self.address = ""
-        self.device = ""
         if wait:
             try:
                 self.wait_listening(timeout)
@@ -373,70 +359,20 @@ class Daemon:
                 self.kill()
                 raise
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            with self._lock:
-                self.events.append(event)
-            if event.get("event") == "listening":
-                self.address = event["address"]
-                self.device = event["device"]
-                self._listening.set()
-
     def wait_listening(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while not self._listening.wait(0.05):
-            if self.proc.poll() is not None:
-                raise AssertionError(f"node exited {self.proc.returncode}: {self.stderr()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"node not listening within {timeout}s: {self.stderr()}")
+        self.wait_for("listening", timeout=timeout)
 
-    def count(self, event: str, **fields: Any) -> int:
+    def _listening(self) -> dict[str, Any]:
         with self._lock:
-            return sum(
-                1
-                for e in self.events
-                if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
-            )
-
-    def stderr(self) -> str:
-        try:
-            return self.stderr_path.read_text(errors="replace")[-2000:]
-        except OSError:
-            return ""
+            return next((e for e in self.events if e.get("event") == "listening"), {})
 
     @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
+    def address(self) -> str:
+        return str(self._listening().get("address", ""))
 
-    def stop(self, timeout: float = 20) -> int:
-        """SIGTERM (a clean shutdown); SIGKILL if it does not end within ``timeout``."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait(timeout=10)
-        self._finish()
-        return code
-
-    def kill(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        code = self.proc.wait(timeout=10)
-        self._finish()
-        return code
-
-    def _finish(self) -> None:
-        self._reader.join(timeout=5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._stderr.close()
+    @property
+    def device(self) -> str:
+        return str(self._listening().get("device", ""))
 
 
 def control(home: Path, payload: dict[str, Any]) -> dict[str, Any] | None:

@@ -15,6 +15,9 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import pytest
 import trio
 import trio.testing
+from procs import run_virtual as run
+from procs import wait_for
+from test_sync_session import WALL, Link, new_account, notes, view, write
 
 from p2p import events as ev
 from p2p import testing
@@ -38,8 +41,6 @@ from p2p.node import Node, open_node
 from p2p.testing import Cluster, provision_account
 from p2p.transport.memory import MemoryNetwork
 from p2p.wire import pack, unpack
-from tests.test_node import run, wait_for
-from tests.test_sync_session import WALL, Link, new_account, notes, view, write
 
 
 def befriend(*groups: list[DeviceState]) -> None:

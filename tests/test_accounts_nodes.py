@@ -13,26 +13,16 @@ codes with the CLI, A's phone starts a conversation, and then:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from procs import Node, p2p, wait_until
-from test_relay_nodes import Relay, free_port
+from procs import Node, Relay, p2p, wait_until
 
 from p2p import control
 from p2p.testing import provision_homes
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def relay(tmp_path: Path) -> Iterator[Relay]:
-    r = Relay(tmp_path / "relay-data", free_port())
-    r.start()
-    yield r
-    r.stop()
 
 
 def run(home: Path, relay: Relay) -> Node:

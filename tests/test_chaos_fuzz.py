@@ -44,7 +44,7 @@ from p2p.box import Box, shared_secret
 from p2p.core import NOTES, DeviceState
 from p2p.discovery.mdns import MdnsDiscovery
 from p2p.errors import P2PError
-from p2p.identity import DeviceEntry, DeviceKeys
+from p2p.identity import DeviceEntry, DeviceKeys, possession_proof
 from p2p.linking import DOMAIN_LINK, Parts, _transcript, accept, approve
 from p2p.pairing import PREFIX, PairingCode
 from p2p.relay.protocol import (
@@ -281,16 +281,14 @@ class LinkWorld:
             now_s=NOW_S,
             ttl_s=600,
         )
-        entry = DeviceEntry(
-            name="laptop", role="companion", sign_pk=self.keys.sign_pk, box_pk=self.keys.box_pk
-        )
+        entry = DeviceEntry.of(self.keys, self.phone.device_list.account_pk, "laptop", "companion")
         bundle, _ = self.phone.enroll_public(entry)  # on the list: every run is a resumed link
         self.blobs = {s: self.phone.space(s).replica.snapshot() for s, *_ in bundle.spaces}
         sizes = {
             s: [hashlib.blake2b(b, digest_size=32).digest(), len(b)] for s, b in self.blobs.items()
         }
         keys = [
-            [s, k, n, e, [[x, y] for x, y in ks.items()]] for s, k, n, e, ks, _ in bundle.spaces
+            [s, k, n, e, [[x, y] for x, y in ks.items()], []] for s, k, n, e, ks, _ in bundle.spaces
         ]
         self.enroll = encode_frame(
             "enroll",
@@ -309,18 +307,19 @@ class LinkWorld:
         self.ldone = encode_frame("ldone", n=sum(len(b) for b in self.blobs.values()))
         eph = PrivateKey.generate()
         self.lhello = self.hello(eph)
-        self.lauth = encode_frame("lauth", eph=bytes(32), sig=bytes(64))
+        self.lauth = encode_frame("lauth", eph=bytes(32), sig=bytes(64), pop=bytes(64))
         self.enrolled = 0
 
     def hello(self, eph: PrivateKey) -> bytes:
         eph_pk = bytes(eph.public_key)
+        acct = self.phone.device_list.account_pk
         mac = hashlib.blake2b(
-            self.code.sign_pk + self.phone.keys.sign_pk + eph_pk,
+            self.code.sign_pk + self.phone.keys.sign_pk + eph_pk + acct,
             key=self.code.secret,
             digest_size=32,
             person=b"p2p-link",
         ).digest()
-        return encode_frame("lhello", pk=self.phone.keys.sign_pk, eph=eph_pk, mac=mac)
+        return encode_frame("lhello", pk=self.phone.keys.sign_pk, eph=eph_pk, acct=acct, mac=mac)
 
 
 STAGES_ACCEPT = ["lhello", "enroll", "chunk"]
@@ -418,7 +417,12 @@ async def fake_device(w: LinkWorld, conn: MemoryConnection, stage: str, rng: ran
         )
         await conn.send(commit)
         hello = await conn.receive()
-        auth = encode_frame("lauth", eph=eph_pk, sig=w.keys.sign(DOMAIN_LINK, hello + eph_pk))
+        auth = encode_frame(
+            "lauth",
+            eph=eph_pk,
+            sig=w.keys.sign(DOMAIN_LINK, hello + eph_pk),
+            pop=possession_proof(w.keys, decode_frame(hello)["acct"]),
+        )
         if stage == "lauth":
             await conn.send(_bad(rng, auth, None))
             return

@@ -11,7 +11,6 @@ own tests in tests/test_relay.py.)
 from __future__ import annotations
 
 import socket
-import subprocess
 import sys
 import textwrap
 import time
@@ -19,8 +18,7 @@ from pathlib import Path
 
 import pytest
 from chaos import CHAOS, CHAOS_REASON, record
-from procs import Node, wait_until
-from test_relay_nodes import Relay, free_port
+from procs import Child, Node, Relay, wait_until
 
 from p2p import control
 from p2p.testing import provision_homes
@@ -65,26 +63,18 @@ def count(home: Path) -> int:
 
 
 def abuse(tmp_path: Path, idle: int, stalled: int, messages: int) -> None:
-    relay = Relay(tmp_path / "relay", free_port())
-    relay.start()
-    assert relay.proc is not None
+    relay = Relay(tmp_path / "relay")
+    assert relay.child is not None
     homes = [tmp_path / "phone", tmp_path / "laptop"]
     provision_homes(homes)
     nodes = [Node(h, "--listen", "127.0.0.1:0", "--no-mdns", "--relay", relay.url) for h in homes]
-    crowd: subprocess.Popen[str] | None = None
+    crowd: Child | None = None
     sockets: list[socket.socket] = []
     try:
         nodes[0].wait_for("peer_connected", timeout=30)
-        before = rss_kib(relay.proc.pid)
-        crowd = subprocess.Popen(
-            [sys.executable, "-c", IDLE, relay.url, str(idle)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert crowd.stdout is not None
-        ready = crowd.stdout.readline()
-        assert "ready" in ready, "the idle crowd did not connect"
+        before = rss_kib(relay.child.proc.pid)
+        crowd = Child([sys.executable, "-c", IDLE, relay.url, str(idle)], logs=tmp_path, stdin=True)
+        crowd.wait_line(lambda line: "ready" in line, timeout=120)
         for _ in range(stalled):  # TCP connected, websocket handshake never finished
             s = socket.create_connection(("127.0.0.1", relay.port), timeout=5)
             s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # and then nothing more
@@ -103,7 +93,7 @@ def abuse(tmp_path: Path, idle: int, stalled: int, messages: int) -> None:
                 cut += 1
             except TimeoutError:
                 pass  # still held open: counted as not cut
-        grown_mib = (rss_kib(relay.proc.pid) - before) / 1024
+        grown_mib = (rss_kib(relay.child.proc.pid) - before) / 1024
         record(
             "T9 relay abuse",
             idle=idle,
@@ -120,11 +110,6 @@ def abuse(tmp_path: Path, idle: int, stalled: int, messages: int) -> None:
             s.close()
         if crowd is not None:
             crowd.kill()
-            crowd.wait(timeout=20)
-            if crowd.stdout is not None:
-                crowd.stdout.close()
-            if crowd.stdin is not None:
-                crowd.stdin.close()
         for node in nodes:
             node.stop()
         relay.stop()

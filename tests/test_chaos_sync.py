@@ -210,13 +210,11 @@ def play(n: int, plan: list[Op], final: list[tuple[int, int]]) -> None:
     FIGURES["writes"] += sum(1 for op in plan if op.kind != "sync")
 
 
-def run(examples: int, *, derandomize: bool) -> None:
+def run(examples: int) -> None:
     FIGURES.clear()
 
     @settings(
         max_examples=examples,
-        derandomize=derandomize,
-        database=None,
         deadline=None,
         suppress_health_check=list(HealthCheck),
     )
@@ -236,10 +234,10 @@ def run(examples: int, *, derandomize: bool) -> None:
 
 
 def test_sync_terminates_within_two_round_trips_fast() -> None:
-    run(40, derandomize=True)
+    run(40)
 
 
 @pytest.mark.chaos
 @pytest.mark.skipif(not CHAOS, reason=CHAOS_REASON)
 def test_sync_terminates_within_two_round_trips_long() -> None:
-    run(1500, derandomize=False)
+    run(1500)

@@ -90,7 +90,6 @@ async def play(n: int, plan: list[Step], seed: int) -> None:
     max_examples=150,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    derandomize=True,
 )
 @given(data=st.data())
 def test_random_histories_converge(data: st.DataObject) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from p2p.core import NOTES, DeviceState
+from p2p.core import NOTES, DeviceState, claim_run
 from p2p.storage.memory import MemoryStore
 
 
@@ -12,13 +12,11 @@ def test_counters_are_never_reused_after_a_crash() -> None:
     _, batch = DeviceState.create_account("phone")
     store = MemoryStore()
     store.write(batch)
-    state = DeviceState.load(store)
-    store.write(state.reserve_counters())  # what open_node does before sealing anything
+    state = DeviceState.load(store, claim_run(store))  # what open_node does
     chat = state.chat_by_name(NOTES).id
     used = [state.seal(chat, b"\x00\x00") and state.counter for _ in range(700)]
-    # crash: the half-way reservation in state.unsaved was never written
-    restarted = DeviceState.load(store)
-    store.write(restarted.reserve_counters())
+    assert state.counters_wanted  # crash: the writer never claimed the next block
+    restarted = DeviceState.load(store, claim_run(store))
     restarted.seal(chat, b"\x00\x00")
     assert restarted.counter > max(used)
 
@@ -48,7 +46,7 @@ def test_a_companion_out_of_touch_with_the_primary_is_refused_until_renewed() ->
     companions = []
     for name in ("laptop", "tablet"):
         keys = DeviceKeys.generate()
-        entry = DeviceEntry(name=name, role="companion", sign_pk=keys.sign_pk, box_pk=keys.box_pk)
+        entry = DeviceEntry.of(keys, phone.device_list.account_pk, name, "companion")
         bundle, _ = phone.enroll_public(entry, now_ms=0)
         companions.append(DeviceState.from_enrollment(keys, name, bundle)[0])
     laptop, tablet = companions

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import trio
+from procs import Child
 
 import p2p
 
@@ -45,21 +42,12 @@ def test_sigkill_mid_stream_loses_no_acknowledged_send(tmp_path: Path, round_: i
     p2p.init_account(home, "phone")
     acknowledged: list[str] = []
     for _ in range(2):  # kill, reopen, kill again: the reopened store keeps working
-        child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(home)], stdout=subprocess.PIPE, text=True
-        )
-        assert child.stdout is not None
-        deadline = time.monotonic() + 60
-        wanted = len(acknowledged) + 150 + 50 * round_
-        while len(acknowledged) < wanted and time.monotonic() < deadline:
-            line = child.stdout.readline()
-            if not line:
-                break
-            acknowledged.append(line.strip())
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait(timeout=10)
-        child.stdout.close()
-        assert len(acknowledged) >= wanted, "the child did not get far enough to test anything"
+        child = Child([sys.executable, "-c", CHILD, str(home)], logs=tmp_path)
+        try:
+            child.wait_line(lambda _, c=child: len(c.lines) >= 150 + 50 * round_, timeout=60)
+        finally:
+            child.kill()
+        acknowledged += [line.strip() for line in child.lines]
     stored = {m.id for m in messages_in(home)}
     missing = [m for m in acknowledged if m not in stored]
     assert not missing, f"{len(missing)} acknowledged sends lost, first {missing[:3]}"

@@ -11,27 +11,22 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import queue
 import re
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from procs import Child, wait_until
 
 from p2p.testing import provision_homes
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "embedding.md"
 DEMOS = ROOT / "demos"
-BLOCK_SECONDS = 15.0
-"""Longest a doc block may take (the mDNS one needs ~2 s of probing)."""
 FENCE = re.compile(r"^```python\n(.*?)^```\s*$", re.DOTALL | re.MULTILINE)
 
 
@@ -86,25 +81,14 @@ def test_guide_example_runs(
     # padded so that tracebacks point at the line in the markdown file
     compiled = compile("\n" * (line - 1) + code, str(DOC), "exec")
     namespace: dict[str, Any] = {"__name__": f"embedding_md_line_{line}"}
-    start = time.monotonic()
     exec(compiled, namespace)
     main = namespace.get("main")
     if main is not None:
         assert inspect.iscoroutinefunction(main), "a block's main() must be async"
         trio.run(main)
-    took = time.monotonic() - start
-    assert took < BLOCK_SECONDS, f"the example at line {line} took {took:.1f} s"
 
 
 # ---- demos, as processes ---------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.1)
 
 
 def logged_texts(home: Path) -> list[str]:
@@ -118,71 +102,31 @@ def logged_texts(home: Path) -> list[str]:
     return [json.loads(line)["text"] for line in done.stdout.splitlines() if line.strip()]
 
 
-class App:
-    """``demos/minimal_app.py`` as a process: stdin to type into, its output (stdout and
-    stderr) read on a thread."""
+class App(Child):
+    """``demos/minimal_app.py`` as a process: stdin to type into, its output read on a
+    thread."""
 
     def __init__(self, home: Path, *args: str) -> None:
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self.proc = subprocess.Popen(
+        super().__init__(
             [sys.executable, str(DEMOS / "minimal_app.py"), "--home", str(home), *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            logs=home.parent,
+            stdin=True,
         )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        ready = self.wait_for("listening on")
+        ready = self.wait_output("listening on")
         self.address = ready.split("listening on ", 1)[1].split()[0]
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._queue.put(line.rstrip("\n"))
-        self._queue.put(None)
-
-    def wait_for(self, text: str, timeout: float = 20.0) -> str:
+    def wait_output(self, text: str, timeout: float = 20.0) -> str:
         """The first output line containing ``text`` (seen already or arriving)."""
-        for seen in self.lines:
-            if text in seen:
-                return seen
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self._queue.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:
-                code = self.proc.wait()
-                raise AssertionError(f"the app exited ({code}) before {text!r}: {self.lines}")
-            self.lines.append(line)
-            if text in line:
-                return line
-        raise AssertionError(f"no {text!r} from the app in {timeout} s; saw {self.lines}")
-
-    def type(self, text: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(text + "\n")
-        self.proc.stdin.flush()
+        return self.wait_line(lambda line: text in line, timeout)
 
     def quit(self) -> int:
         """Close stdin (Ctrl-D): the app leaves its node cleanly and exits."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        return self.proc.wait(timeout=20)
+        self.close_stdin()
+        return self.wait(timeout=20)
 
     def close(self) -> None:
         """Kill the app if it still runs; close its pipes."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self._reader.join(timeout=5)
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            if pipe is not None and not pipe.closed:
-                pipe.close()
+        self.kill()
 
 
 @pytest.fixture
@@ -206,7 +150,7 @@ def test_minimal_app_sends_what_is_typed(tmp_path: Path, apps: list[App]) -> Non
 
     again = App(home, "--listen", "127.0.0.1:0")  # reopens the same account
     apps.append(again)
-    again.wait_for("hello from stdin")  # recent history is shown at start
+    again.wait_output("hello from stdin")  # recent history is shown at start
     assert again.quit() == 0
 
 
@@ -218,11 +162,11 @@ def test_two_minimal_apps_chat_over_tcp(tmp_path: Path, apps: list[App]) -> None
     apps.append(phone)
     laptop = App(laptop_home, "--listen", "127.0.0.1:0", "--peer", phone.address)
     apps.append(laptop)
-    phone.wait_for("connected to")
+    phone.wait_output("connected to")
     laptop.type("from the laptop")
-    phone.wait_for("from the laptop")
+    phone.wait_output("from the laptop")
     phone.type("from the phone")
-    laptop.wait_for("from the phone")
+    laptop.wait_output("from the phone")
     assert laptop.quit() == 0
     assert phone.quit() == 0
     assert logged_texts(phone_home) == logged_texts(laptop_home)

@@ -30,8 +30,8 @@ from p2p.identity import (
 from p2p.wire import pack
 
 
-def companion(keys: DeviceKeys, name: str = "laptop") -> DeviceEntry:
-    return DeviceEntry(name=name, role="companion", sign_pk=keys.sign_pk, box_pk=keys.box_pk)
+def companion(account: AccountKey, keys: DeviceKeys, name: str = "laptop") -> DeviceEntry:
+    return DeviceEntry.of(keys, account.public_key, name, "companion")
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def full_list(account: AccountKey, v1: DeviceList) -> tuple[DeviceList, list[Dev
     keys = [DeviceKeys.generate() for _ in range(MAX_COMPANIONS)]
     dl = v1
     for i, k in enumerate(keys):
-        dl = dl.with_device(account, companion(k, f"companion-{i}"))
+        dl = dl.with_device(account, companion(account, k, f"companion-{i}"))
     return dl, keys
 
 
@@ -75,7 +75,7 @@ def test_create(account: AccountKey, primary: DeviceKeys, v1: DeviceList) -> Non
 
 def test_with_device(account: AccountKey, v1: DeviceList) -> None:
     laptop = DeviceKeys.generate()
-    v2 = v1.with_device(account, companion(laptop))
+    v2 = v1.with_device(account, companion(account, laptop))
     assert v2.version == 2
     assert v2.ids == v1.ids | {laptop.device_id}
     assert v2.entry(laptop.device_id).role == "companion"
@@ -86,14 +86,14 @@ def test_with_device(account: AccountKey, v1: DeviceList) -> None:
 
 def test_with_device_twice_refused(account: AccountKey, v1: DeviceList) -> None:
     laptop = DeviceKeys.generate()
-    v2 = v1.with_device(account, companion(laptop))
+    v2 = v1.with_device(account, companion(account, laptop))
     with pytest.raises(DeviceListError):
-        v2.with_device(account, companion(laptop, "again"))
+        v2.with_device(account, companion(account, laptop, "again"))
 
 
 def test_without_device(account: AccountKey, v1: DeviceList) -> None:
     laptop = DeviceKeys.generate()
-    v2 = v1.with_device(account, companion(laptop))
+    v2 = v1.with_device(account, companion(account, laptop))
     v3 = v2.without_device(account, laptop.device_id)
     assert v3.version == 3
     assert laptop.device_id not in v3.ids
@@ -102,7 +102,7 @@ def test_without_device(account: AccountKey, v1: DeviceList) -> None:
     assert v3.signing_key_of(laptop.device_id) == laptop.sign_pk
     v3.verify(account.public_key)
     with pytest.raises(DeviceListError):  # and it cannot come back
-        v3.with_device(account, companion(laptop))
+        v3.with_device(account, companion(account, laptop))
 
 
 def test_primary_cannot_be_removed(
@@ -112,9 +112,9 @@ def test_primary_cannot_be_removed(
         v1.without_device(account, primary.device_id)
 
 
-def test_only_the_account_key_signs(v1: DeviceList) -> None:
+def test_only_the_account_key_signs(account: AccountKey, v1: DeviceList) -> None:
     with pytest.raises(DeviceListError):
-        v1.with_device(AccountKey.generate(), companion(DeviceKeys.generate()))
+        v1.with_device(AccountKey.generate(), companion(account, DeviceKeys.generate()))
 
 
 def test_fifth_companion_refused(account: AccountKey, v1: DeviceList) -> None:
@@ -122,13 +122,13 @@ def test_fifth_companion_refused(account: AccountKey, v1: DeviceList) -> None:
     assert len(dl.devices) == 1 + MAX_COMPANIONS
     dl.verify(account.public_key)
     with pytest.raises(TooManyDevices):
-        dl.with_device(account, companion(DeviceKeys.generate(), "fifth"))
+        dl.with_device(account, companion(account, DeviceKeys.generate(), "fifth"))
 
 
 def test_removing_frees_a_companion_slot(account: AccountKey, v1: DeviceList) -> None:
     dl, keys = full_list(account, v1)
     dl = dl.without_device(account, keys[0].device_id)
-    dl = dl.with_device(account, companion(DeviceKeys.generate(), "new"))
+    dl = dl.with_device(account, companion(account, DeviceKeys.generate(), "new"))
     assert len(dl.devices) == 1 + MAX_COMPANIONS
 
 
@@ -160,7 +160,7 @@ def test_list_signed_by_another_account_key_refused(
 
 def test_verify_refuses_edited_content(account: AccountKey, v1: DeviceList) -> None:
     laptop = DeviceKeys.generate()
-    v2 = v1.with_device(account, companion(laptop))
+    v2 = v1.with_device(account, companion(account, laptop))
     for edited in (
         replace(v2, version=3),
         replace(v2, max_companions=10),
@@ -200,14 +200,14 @@ def test_verify_checks_rules_even_when_signed(account: AccountKey, primary: Devi
 
 
 def test_accept_newer(account: AccountKey, v1: DeviceList) -> None:
-    v2 = v1.with_device(account, companion(DeviceKeys.generate()))
+    v2 = v1.with_device(account, companion(account, DeviceKeys.generate()))
     assert accept_device_list(v1, v2) == v2
     assert accept_device_list(v2, v2) is v2
 
 
 def test_rollback_refused(account: AccountKey, v1: DeviceList) -> None:
     laptop = DeviceKeys.generate()
-    v2 = v1.with_device(account, companion(laptop))
+    v2 = v1.with_device(account, companion(account, laptop))
     v3 = v2.without_device(account, laptop.device_id)
     for older in (v1, v2):
         with pytest.raises(RollbackRefused) as info:
@@ -219,8 +219,8 @@ def test_rollback_refused(account: AccountKey, v1: DeviceList) -> None:
 
 def test_same_version_other_content_refused(account: AccountKey, v1: DeviceList) -> None:
     """Two lists signed with one version number: a fork, refused both ways."""
-    a = v1.with_device(account, companion(DeviceKeys.generate(), "a"))
-    b = v1.with_device(account, companion(DeviceKeys.generate(), "b"))
+    a = v1.with_device(account, companion(account, DeviceKeys.generate(), "a"))
+    b = v1.with_device(account, companion(account, DeviceKeys.generate(), "b"))
     assert a.version == b.version == 2
     with pytest.raises(DeviceListError, match="two different"):
         accept_device_list(a, b)
@@ -233,7 +233,9 @@ def test_same_version_other_content_refused(account: AccountKey, v1: DeviceList)
 
 def test_entry_removed_and_unknown(account: AccountKey, v1: DeviceList) -> None:
     laptop, stranger = DeviceKeys.generate(), DeviceKeys.generate()
-    v3 = v1.with_device(account, companion(laptop)).without_device(account, laptop.device_id)
+    v3 = v1.with_device(account, companion(account, laptop)).without_device(
+        account, laptop.device_id
+    )
     with pytest.raises(RemovedDevice) as removed:
         v3.entry(laptop.device_id)
     assert removed.value.device == laptop.device_id
@@ -302,8 +304,8 @@ def test_every_corruption_of_an_encoded_list_is_refused(
     result is refused with DeviceListError by ``parse_device_list``, or (never seen, but
     harmless) decodes to exactly the same list."""
     laptop = DeviceKeys.generate()
-    dl = v1.with_device(account, companion(laptop)).with_device(
-        account, companion(DeviceKeys.generate(), "tablet")
+    dl = v1.with_device(account, companion(account, laptop)).with_device(
+        account, companion(account, DeviceKeys.generate(), "tablet")
     )
     dl = dl.without_device(account, laptop.device_id)
     data = dl.encode()
@@ -377,8 +379,8 @@ def test_device_keys_record_refuses_junk(data: bytes) -> None:
         DeviceKeys.from_record(data)
 
 
-def test_device_id_is_short_hash_of_signing_key() -> None:
+def test_device_id_is_short_hash_of_signing_key(account: AccountKey) -> None:
     keys = DeviceKeys.generate()
     assert keys.device_id == short_id(keys.sign_pk)
     assert len(keys.device_id) == 16
-    assert companion(keys).device_id == keys.device_id
+    assert companion(account, keys).device_id == keys.device_id

@@ -160,7 +160,6 @@ OPS = st.one_of(
 @settings(
     max_examples=120,
     deadline=None,
-    derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(ops=st.lists(OPS, min_size=3, max_size=45), finish=st.booleans())

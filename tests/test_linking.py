@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import signal
+import re
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -14,69 +13,17 @@ from typing import Any
 
 import pytest
 import trio
-from procs import P2P, Node, log, wait_until
+from procs import P2P, Child, Linker, Node, log, wait_until
 from procs import p2p as run_p2p
 
 import p2p
 from p2p.core import NOTES, DeviceState
 from p2p.errors import HandshakeFailed, RemovedDevice, RollbackRefused, UnknownKey
 from p2p.identity import DeviceKeys
-from p2p.pairing import PairingCode
+from p2p.pairing import PairingCode, check_code, same_check_code
 from p2p.sync import Authenticated, Closed, Send, Session
 
 pytestmark = pytest.mark.slow
-
-
-class Linker:
-    """A ``p2p link --json`` process: its code, then its events."""
-
-    def __init__(self, home: Path, name: str, *extra: str) -> None:
-        self.proc = subprocess.Popen(
-            [
-                *P2P,
-                "--home",
-                str(home),
-                "link",
-                "--name",
-                name,
-                "--listen",
-                "127.0.0.1:0",
-                "--json",
-                *extra,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        first = json.loads(self.proc.stdout.readline())
-        self.code: str = first["code"]
-        self.device: str = first["device"]
-        self.events: list[dict[str, Any]] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.events.append(json.loads(line))
-
-    def wait(self, timeout: float = 60) -> int:
-        code = self.proc.wait(timeout=timeout)
-        self._reader.join(timeout=5)
-        self.close()
-        return code
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=10)
-        self.close()
-
-    def close(self) -> None:
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
 
 
 def fill(home: Path, n: int) -> None:
@@ -130,6 +77,16 @@ def test_four_companions_link_with_full_history_and_a_fifth_is_refused(
 
         wait_until(lambda: all(listed(h) == listed(primary) for h in homes), timeout=30)
         assert len(listed(primary)) == 5
+        # every device reports the devices linked after it ("new device linked")
+        assert all(d["linked_ms"] for d in devices(primary) if d["role"] == "companion")
+        wait_until(
+            lambda: all(
+                d["linked_ms"]
+                for d in devices(homes[0])
+                if d["role"] == "companion" and not d["this"]
+            ),
+            timeout=30,
+        )
     finally:
         for node in [*running, phone]:
             node.stop()
@@ -337,6 +294,101 @@ def test_an_unlinked_device_reads_nothing_new_and_is_refused_everywhere() -> Non
             peer.offer_device_list(old_list)
 
 
+CHECK = re.compile(r"\b(\d{3}-\d{3})\b")
+
+
+def approve_comparing(home: Path, linker: Linker, *, answer: str) -> tuple[str, str, int]:
+    """``p2p approve CODE`` at its prompt, as a person would: read the digits the primary
+    shows, those the new device shows (the latest attempt's), answer. Returns both and
+    the exit code."""
+    before = linker.count("check")
+    person = Child(
+        [*P2P, "--home", str(home), "approve", linker.code], logs=home.parent, stdin=True
+    )
+    try:
+        prompt = person.wait_text(lambda text: "[y/N]" in text, timeout=60)
+        found = CHECK.search(prompt)
+        assert found, prompt
+        linker.wait_line(lambda _: linker.count("check") > before, timeout=30)
+        on_device = [e["check"] for e in linker.events if e.get("event") == "check"][-1]
+        person.type(answer)
+        return found.group(1), on_device, person.wait(timeout=60)
+    finally:
+        person.kill()
+
+
+def test_both_screens_show_the_same_check_code_and_a_match_links(
+    tmp_path: Path, primary: Path
+) -> None:
+    linker = Linker(tmp_path / "laptop", "laptop")
+    on_primary, on_device, code = approve_comparing(primary, linker, answer="y")
+    assert CHECK.fullmatch(on_device)
+    assert on_primary == on_device
+    assert code == 0
+    assert linker.wait() == 0
+    assert len(devices(primary)) == 2
+
+
+def test_a_swapped_pairing_code_shows_different_digits_on_the_two_screens(
+    tmp_path: Path, primary: Path
+) -> None:
+    """The attack the check code exists for: someone swaps our new laptop's code for the
+    code of a device of theirs and, in turn, answers our laptop as a primary itself. Our
+    primary then talks to their device and our laptop to their primary: each pair agrees,
+    but the two screens in front of us differ."""
+    ours = Linker(tmp_path / "laptop", "laptop")
+    theirs = Linker(tmp_path / "mallory-device", "laptop")
+    mallory = tmp_path / "mallory"
+    run_p2p(mallory, "init", "--name", "mallory")
+    mallory_sees, on_our_laptop, code = approve_comparing(mallory, ours, answer="n")
+    assert (mallory_sees, code) == (on_our_laptop, 1)
+    on_our_primary, on_their_device, code = approve_comparing(primary, theirs, answer="n")
+    assert on_our_primary == on_their_device
+    assert on_our_primary != on_our_laptop  # what we compare: different, so we say no
+    assert code == 1
+    assert len(devices(primary)) == 1
+    ours.stop()
+    theirs.stop()
+
+
+def test_a_script_that_types_the_right_check_code_links(tmp_path: Path, primary: Path) -> None:
+    """What ``approve --check DIGITS`` does, with the digits the new device shows as they
+    appear (a script reading the other screen): ``same_check_code`` accepts them."""
+    linker = Linker(tmp_path / "laptop", "laptop")
+    typed: list[str] = []
+
+    async def confirm(digits: str) -> bool:
+        await trio.to_thread.run_sync(lambda: linker.wait_for("check", timeout=30))
+        shown = linker.wait_for("check")["check"]
+        typed.append(shown.replace("-", " "))  # people type it with a space, or none
+        return same_check_code(digits, typed[-1])
+
+    async def main() -> None:
+        async with p2p.open_node(primary) as node:
+            await node.approve(linker.code, confirm=confirm)
+
+    trio.run(main)
+    assert linker.wait() == 0
+    assert len(typed) == 1
+    assert len(devices(primary)) == 2
+
+
+def test_check_codes_depend_on_the_secret_and_compare_loosely() -> None:
+    transcript = b"the same transcript"
+    shown = check_code(transcript, b"s" * 32)
+    assert CHECK.fullmatch(shown)
+    assert check_code(transcript, b"s" * 32) == shown
+    assert check_code(transcript, b"t" * 32) != shown
+    assert check_code(transcript + b"!", b"s" * 32) != shown
+    assert same_check_code(shown, shown)
+    assert same_check_code(shown, shown.replace("-", ""))
+    assert same_check_code(shown, " " + shown.replace("-", " ") + " ")
+    wrong = f"{(int(shown.replace('-', '')) + 1) % 1_000_000:06d}"
+    assert not same_check_code(shown, wrong)
+    assert not same_check_code(shown, shown[:-1])
+    assert not same_check_code(shown, "")
+
+
 def test_approving_through_a_running_node_asks_the_person_to_compare(tmp_path: Path) -> None:
     phone_home = tmp_path / "phone"
     run_p2p(phone_home, "init", "--name", "phone")
@@ -344,23 +396,13 @@ def test_approving_through_a_running_node_asks_the_person_to_compare(tmp_path: P
     try:
         linker = Linker(tmp_path / "laptop", "laptop")
 
-        def approve(answer: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(
-                [*P2P, "--home", str(phone_home), "approve", linker.code],
-                input=answer,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-
-        refused = approve("n\n")
-        assert refused.returncode == 1
-        assert "check code" in refused.stdout  # the prompt showed the digits
+        on_primary, on_device, code = approve_comparing(phone_home, linker, answer="n")
+        assert code == 1
+        assert on_primary == on_device  # both screens showed the same digits
         assert len(devices(phone_home)) == 1
-        shown = [e["check"] for e in linker.events if e.get("event") == "check"]
-        assert shown, "the new device showed no check code"
-        accepted = approve("y\n")
-        assert accepted.returncode == 0, accepted.stderr
+        on_primary, on_device, code = approve_comparing(phone_home, linker, answer="y")
+        assert code == 0
+        assert on_primary == on_device
         assert linker.wait() == 0
         assert len(devices(phone_home)) == 2
     finally:

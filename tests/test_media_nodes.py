@@ -5,15 +5,14 @@ policy and quota, what the relay and the wire see."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from procs import Relay
 
 from p2p import events as ev
 from p2p.errors import MediaError, MediaMissing
@@ -101,44 +100,9 @@ def test_text_keeps_converging_while_a_large_transfer_runs(homes: list[Path]) ->
     trio.run(main)
 
 
-class RelayProcess:
-    """``p2p relay`` on loopback, optionally named after a proxy's URL (``--id``)."""
-
-    def __init__(self, data: Path, relay_id: str | None = None, port: int = 0) -> None:
-        args = ["--listen", f"127.0.0.1:{port}", "--data", str(data)]
-        if relay_id:
-            args += ["--id", relay_id]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "p2p", "relay", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        import json
-
-        assert self.proc.stdout is not None
-        event = json.loads(self.proc.stdout.readline())
-        assert event["event"] == "listening", event
-        self.url: str = event["address"]
-        self.port = int(self.url.rsplit(":", 1)[1])
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=20)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-
-@pytest.fixture
-def relay(tmp_path: Path) -> Iterator[RelayProcess]:
-    r = RelayProcess(tmp_path / "relay-data")
-    yield r
-    r.stop()
-
-
 @pytest.mark.parametrize("via", ["direct", "relay"])
 def test_tampered_chunks_are_refused_and_fetched_elsewhere(
-    homes: list[Path], relay: RelayProcess, via: str
+    homes: list[Path], relay: Relay, via: str
 ) -> None:
     """The laptop serves bytes that fail their hash (directly, or through the relay):
     the phone closes that connection, counts it, and gets every chunk from the desktop."""
@@ -195,7 +159,7 @@ def test_relay_storage_and_wire_never_carry_plaintext(tmp_path: Path, homes: lis
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         proxy_port = listeners[0].socket.getsockname()[1]
         proxy_url = f"ws://127.0.0.1:{proxy_port}"
-        relay = RelayProcess(tmp_path / "relay-data", relay_id=proxy_url)
+        relay = Relay(tmp_path / "relay-data", "--id", proxy_url)
 
         async def pipe(src: trio.SocketStream, dst: trio.SocketStream) -> None:
             try:
@@ -255,7 +219,7 @@ def test_bytes_tampered_by_the_relay_are_refused_and_the_file_still_arrives(
     async def main() -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         proxy_url = f"ws://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
-        relay = RelayProcess(tmp_path / "relay-data", relay_id=proxy_url)
+        relay = Relay(tmp_path / "relay-data", "--id", proxy_url)
 
         async def pipe(src: trio.SocketStream, dst: trio.SocketStream, tamper: bool) -> None:
             seen = 0

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import subprocess
 from pathlib import Path
 
 import pytest
-from procs import P2P, Node, log, p2p
+from procs import Linker, Node, log, p2p
 
 from p2p.media.fetch import WINDOW
 from p2p.media.service import WRITE_BATCH
@@ -129,23 +128,12 @@ def test_a_newly_linked_device_gets_attachments_after_the_history(tmp_path: Path
     (tmp_path / "scan.png").write_bytes(data)
     message = p2p(phone_home, "send", "--file", str(tmp_path / "scan.png"), "the scan").stdout
     message = message.strip()
-    linker = subprocess.Popen(
-        [*P2P, "--home", str(laptop_home), "link", "--name", "laptop", *LINK_ARGS],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    linker = Linker(laptop_home, "laptop")
     try:
-        assert linker.stdout is not None
-        code = json.loads(linker.stdout.readline())["code"]
-        p2p(phone_home, "approve", code, "--yes", timeout=60)
+        p2p(phone_home, "approve", linker.code, "--yes", timeout=60)
         assert linker.wait(timeout=60) == 0
     finally:
-        if linker.poll() is None:
-            linker.kill()
-            linker.wait(timeout=10)
-        if linker.stdout is not None:
-            linker.stdout.close()
+        linker.kill()
     [row] = log(laptop_home)  # the history came with the link: text and descriptor
     assert row["text"] == "the scan"
     assert row["file"]["held"] == 0

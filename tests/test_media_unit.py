@@ -7,13 +7,12 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import sqlite3
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from procs import Child
 
 from p2p.errors import (
     BadDescriptor,
@@ -331,15 +330,12 @@ while True:
 def test_sigkill_while_writing_leaves_no_torn_chunk(tmp_path: Path) -> None:
     """A process killed mid-write: the store opens, and every chunk in it checks."""
     path = tmp_path / "media.db"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True
-    )
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "ready"
-    assert proc.stdout.readline().strip() == "written"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
-    proc.stdout.close()
+    writer = Child([sys.executable, "-c", WRITER, str(path)], logs=tmp_path)
+    try:
+        writer.wait_line(lambda line: line == "written", timeout=60)
+        assert writer.lines[:2] == ["ready", "written"]
+    finally:
+        writer.kill()
     store = BlobStore(path)
     with sqlite3.connect(path) as db:
         hashes = [r[0] for r in db.execute("SELECT hash FROM chunks")]
@@ -363,6 +359,9 @@ def test_a_peer_asking_for_too_much_at_once_is_refused() -> None:
 
         def messages(self, chat: str | None = None) -> list[object]:
             return []
+
+        def reads(self, device: str, chat: str) -> bool:
+            return True
 
     woken: list[str] = []
     media = MediaService(

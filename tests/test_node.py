@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import pytest
 import trio
 import trio.testing
+from procs import run_virtual as run
+from procs import wait_for
 
+import p2p
 from p2p import events as ev
 from p2p import testing
-
-
-def run(fn: object) -> None:
-    trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0))  # type: ignore[arg-type]
-
-
-async def wait_for(predicate: object, seconds: float = 120) -> None:
-    with trio.fail_after(seconds):
-        while not predicate():  # type: ignore[operator]  # noqa: ASYNC110
-            await trio.sleep(0.05)
+from p2p.node import MAX_HANDSHAKES
+from p2p.sync import HANDSHAKE_TIMEOUT
+from p2p.transport.base import Connection, ConnectionClosed, TransportError
+from p2p.transport.memory import MemoryNetwork
 
 
 def test_a_live_unlink_reaches_every_running_device_and_locks_the_removed_one_out() -> None:
@@ -185,5 +183,76 @@ def test_an_envelope_travels_a_line_of_devices_by_have_and_want(
             assert asked.stats.wants_in >= 1  # type: ignore[attr-defined]
             repaired = asked.stats.catchup_bytes_out  # type: ignore[attr-defined]
             assert (repaired > 0) is not cached  # the answer to a state vector
+
+    run(scenario)
+
+
+# ---- connection mechanisms, in virtual time ------------------------------------------
+
+
+class _Unreachable:
+    """A transport whose every dial fails; it notes when each was tried."""
+
+    def __init__(self) -> None:
+        self.dials: list[float] = []
+
+    @property
+    def address(self) -> str:
+        return "unreachable-self"
+
+    async def serve(
+        self, handler: object, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        await trio.sleep_forever()  # nobody ever dials in
+
+    async def dial(self, address: str) -> Connection:
+        self.dials.append(trio.current_time())
+        raise TransportError(f"{address} does not answer")
+
+
+def test_a_peer_that_never_answers_is_redialed_with_growing_backoff() -> None:
+    transport = _Unreachable()
+
+    async def scenario() -> None:
+        [store] = testing.provision_account(1)
+        async with p2p.open_node(store=store, transport=transport) as node:
+            await node.connect("nowhere:1")
+            await trio.sleep(300)
+
+    run(scenario)
+    gaps = [b - a for a, b in itertools.pairwise(transport.dials)]
+    assert gaps[0] < 0.2 * 1.5 + 0.01  # the first retry is quick
+    assert all(later >= earlier * 0.5 for earlier, later in itertools.pairwise(gaps[:6]))
+    assert max(gaps) <= 30 * 1.5 + 0.01  # capped
+    assert min(gaps[-3:]) >= 30 * 0.5 - 0.01  # and it stays slow
+    assert 8 <= len(transport.dials) <= 40  # not 1,500 tries in 300 s
+
+
+def test_handshakes_under_way_are_capped_and_the_rest_refused_at_once() -> None:
+    async def closed_within(conn: Connection, seconds: float) -> bool:
+        with trio.move_on_after(seconds):
+            try:
+                while True:
+                    await conn.receive()
+            except ConnectionClosed:
+                return True
+        return False
+
+    async def scenario() -> None:
+        network = MemoryNetwork()
+        [store] = testing.provision_account(1)
+        async with p2p.open_node(store=store, transport=network.transport("node")):
+            stranger = network.transport("stranger")
+            silent = [await stranger.dial("node") for _ in range(MAX_HANDSHAKES)]
+            await trio.sleep(0.1)
+            extra = await stranger.dial("node")
+            assert await closed_within(extra, 1.0)  # refused: the cap is reached
+            assert not await closed_within(silent[0], 1.0)  # the others wait their turn
+            # each silent one is cut at the handshake timeout; then there is room again
+            assert all([await closed_within(c, HANDSHAKE_TIMEOUT) for c in silent])
+            late = await stranger.dial("node")
+            assert not await closed_within(late, 1.0)
+            await late.aclose()
 
     run(scenario)

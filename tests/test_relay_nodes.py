@@ -5,77 +5,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from procs import Node, log, p2p, wait_until
+from procs import Node, Relay, log, p2p, wait_until
 
 from p2p import control
 from p2p.testing import provision_homes
 
 pytestmark = pytest.mark.slow
-
-
-class Relay:
-    """``p2p relay`` on a fixed loopback port, so it can be killed and come back there."""
-
-    def __init__(self, data: Path, port: int) -> None:
-        self.data = data
-        self.port = port
-        self.url = f"ws://127.0.0.1:{port}"
-        self.proc: subprocess.Popen[str] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "p2p",
-                "relay",
-                "--listen",
-                f"127.0.0.1:{self.port}",
-                "--data",
-                str(self.data),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        assert json.loads(self.proc.stdout.readline())["event"] == "listening"
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, sig)
-            self.proc.wait(timeout=20)
-        if self.proc is not None and self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def relay(tmp_path: Path) -> Iterator[Relay]:
-    r = Relay(tmp_path / "relay-data", free_port())
-    r.start()
-    yield r
-    r.stop()
-
-
-@pytest.fixture
-def nodes() -> Iterator[list[Node]]:
-    started: list[Node] = []
-    yield started
-    for node in started:
-        node.stop()
 
 
 def relayed(home: Path, relay: Relay) -> Node:

@@ -8,6 +8,7 @@ encoders never produce. The mailbox runs against a real SQLite file in ``tmp_pat
 from __future__ import annotations
 
 import contextlib
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from p2p.relay.protocol import (
     CLIENT_SCHEMA,
     DOMAIN_AUTH,
     MAX_MESSAGE,
+    MAX_WATCH,
     RELAY_VERSION,
     SERVER_SCHEMA,
     Field,
@@ -53,8 +55,6 @@ from p2p.transport.base import TransportError
 
 FAST = settings(
     max_examples=200,
-    derandomize=True,
-    database=None,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
@@ -296,6 +296,34 @@ def test_mailbox_sender_quota(tmp_path: Path) -> None:
     assert box.post(recipients[1], recipients[2], bytes(16), b"x" * 1000, now=1) == "posted"
 
 
+def test_mailbox_counts_items_per_sender_and_in_total_and_refuses_empty_mail(
+    tmp_path: Path,
+) -> None:
+    """Tiny items cost a row each: one fresh key must not fill many mailboxes while its
+    byte quota and the relay's stay near zero (an empty item counted no bytes at all)."""
+    path = tmp_path / "relay.db"
+    limits = quota(mailbox_count=100, sender_count=5, total_count=8)
+    box = Mailbox(path, limits, now=0)
+    sender, other = DeviceKeys.generate().device_id, DeviceKeys.generate().device_id
+    victims = [DeviceKeys.generate().device_id for _ in range(6)]
+    assert box.post(victims[0], sender, bytes(16), b"", now=1) == "empty"
+    codes = [box.post(v, sender, bytes([i]) * 16, b"x", now=1) for i, v in enumerate(victims)]
+    assert codes == ["posted"] * 5 + ["sender_quota"]  # items, though only 5 bytes
+    assert [box.post(victims[0], other, bytes([50 + i]) * 16, b"y", now=1) for i in range(4)] == [
+        "posted",
+        "posted",
+        "posted",
+        "relay_full",  # 8 items on the relay
+    ]
+    assert len(box) == 8
+    box.close()
+    reopened = Mailbox(path, limits, now=2)  # the counters are rebuilt from the file
+    assert reopened.post(victims[5], sender, bytes([9]) * 16, b"z", now=3) == "sender_quota"
+    assert reopened.ack(victims[0], [bytes(16)]) == 1
+    assert reopened.post(victims[5], sender, bytes([9]) * 16, b"z", now=3) == "posted"
+    reopened.close()
+
+
 def test_mailbox_fetch_ack_and_persistence(tmp_path: Path) -> None:
     path = tmp_path / "relay.db"
     box = Mailbox(path, quota(mailbox_count=100, mailbox_bytes=10**6), now=0)
@@ -395,3 +423,32 @@ def test_byte_queue_bounds_bytes_and_closes_cleanly() -> None:
         assert not capped.put_nowait(b"3")
 
     trio.run(main)
+
+
+def test_the_documented_watch_bound_is_the_enforced_one() -> None:
+    """docs/relay.md tells operators and client authors how many ids a watch may hold;
+    it said 16 while the relay took 64."""
+    docs = (Path(__file__).parent.parent / "docs" / "relay.md").read_text()
+    stated: set[int] = set()
+    for pattern in (r"a `watch` holds at most (\d+) device ids", r"`ids`: up to (\d+) distinct"):
+        stated.update(int(n) for n in re.findall(pattern, docs))
+    assert stated == {MAX_WATCH}
+    ids = [DeviceKeys.generate().device_id for _ in range(MAX_WATCH + 1)]
+    assert decode_client(encode_client("watch", ids=ids[:MAX_WATCH]))["ids"] == ids[:MAX_WATCH]
+    with pytest.raises(MalformedFrame):
+        decode_client(raw({"v": 1, "t": "watch", "ids": ids}))
+
+
+def test_relay_urls_of_one_cluster_group_by_relay_id() -> None:
+    from p2p.errors import RelayError
+    from p2p.relay.client import group_relay_urls, split_relay_url
+
+    assert split_relay_url("ws://a:1/") == ("ws://a:1/", "ws://a:1")
+    assert split_relay_url("ws://a:1#id=wss://r.example") == ("ws://a:1", "wss://r.example")
+    for bad in ("ws://a:1#r.example", "ws://a:1#id="):
+        with pytest.raises(RelayError):
+            split_relay_url(bad)
+    groups = group_relay_urls(
+        ["ws://a:1#id=wss://r", "ws://c:3", "ws://b:2#id=wss://r", "ws://a:1#id=wss://r"]
+    )
+    assert groups == [("wss://r", ["ws://a:1", "ws://b:2"]), ("ws://c:3", ["ws://c:3"])]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from test_relay import RelayProcess
+from procs import Relay
 from test_transport import (
     Pair,
     test_a_frame_near_the_limit_passes,
@@ -73,15 +73,15 @@ async def _refuse(conn: Connection) -> None:
 
 
 @pytest.fixture(scope="module")
-def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
-    process = RelayProcess(Path(tmp_path_factory.mktemp("relay")))
+def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
+    process = Relay(Path(tmp_path_factory.mktemp("relay")) / "data")
     yield process
     assert process.alive  # nothing the suite did brought it down
     process.stop()
 
 
 @pytest.fixture
-def make_pair(relay: RelayProcess) -> Pair:
+def make_pair(relay: Relay) -> Pair:
     def pair() -> tuple[SuiteTransport, SuiteTransport]:
         return (
             SuiteTransport(RelayClient(relay.url, DeviceKeys.generate())),

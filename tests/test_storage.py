@@ -16,7 +16,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -659,3 +659,39 @@ def test_sqlite_schema_1_file_is_migrated_on_open(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
     finally:
         conn.close()
+
+
+def test_index_by_device_gives_one_devices_rows(store: Store) -> None:
+    rows = {
+        ("s", "m", "a1"): replace(row("a1", "1000.000001"), device="da"),
+        ("s", "e", "a2"): replace(
+            row("a2", "1000.000003", map_name="e", kind="edit", target="a1"), device="da"
+        ),
+        ("s", "m", "a3"): replace(row("a3", "1000.000004"), device="da", reason="bad signature"),
+        ("s", "m", "b1"): replace(row("b1", "1000.000002"), device="db"),
+    }
+    store.write(WriteBatch(index=dict(rows)))
+    assert [(r.map, r.key) for r in store.index_by_device("s", "da")] == [
+        ("e", "a2"),
+        ("m", "a1"),
+        ("m", "a3"),
+    ]
+    assert sorted(store.index_keys_by_device("s", "da")) == [("e", "a2"), ("m", "a1")]
+    assert store.index_by_device("s", "nobody") == []
+    assert store.index_keys_by_device("other", "da") == []
+
+
+def test_update_records_reads_and_writes_in_one_step(store: Store) -> None:
+    store.write(WriteBatch(records={"a": b"1"}))
+    seen: list[dict[str, bytes | None]] = []
+
+    def change(current: Mapping[str, bytes | None]) -> dict[str, bytes]:
+        seen.append(dict(current))
+        return {"a": (current["a"] or b"") + b"!", "b": b"new"}
+
+    assert store.update_records(["a", "b"], change) == {"a": b"1!", "b": b"new"}
+    assert seen == [{"a": b"1", "b": None}]
+    assert (store.get("a"), store.get("b")) == (b"1!", b"new")
+    with pytest.raises(StoreError):
+        store.update_records(["a"], lambda current: {"a": "not bytes"})  # type: ignore[dict-item]
+    assert store.get("a") == b"1!"  # a refused change writes nothing

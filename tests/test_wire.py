@@ -22,8 +22,6 @@ FRAME_TYPES = sorted(SCHEMA)
 
 FAST = settings(
     max_examples=150,
-    derandomize=True,
-    database=None,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )

@@ -14,7 +14,6 @@ import base64
 import contextlib
 import os
 import random
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,8 +29,6 @@ from p2p.yupdate import MAX_DEPTH, check_update
 
 SETTINGS = settings(
     max_examples=60,
-    derandomize=True,
-    database=None,
     deadline=None,
     suppress_health_check=list(HealthCheck),
 )
@@ -138,20 +135,16 @@ def test_the_test_encoder_speaks_pycrdt() -> None:
 
 
 @pytest.mark.parametrize("hexed", HOSTILE)
-def test_hostile_tiny_updates_are_refused_fast(hexed: str) -> None:
+def test_hostile_tiny_updates_are_refused_by_our_checker(hexed: str) -> None:
     data = bytes.fromhex(hexed)
-    start = time.perf_counter()
-    refused(data)
-    assert time.perf_counter() - start < 0.05
+    assert refused(data) == yupdate._refusal(data)  # our checker's reason, not pycrdt's
 
 
 @pytest.mark.parametrize("hexed", HOSTILE)
 def test_replica_apply_refuses_them_before_pycrdt(hexed: str) -> None:
     replica = Replica("s")
-    start = time.perf_counter()
     with pytest.raises(InvalidUpdate) as info:
         replica.apply(bytes.fromhex(hexed))
-    assert time.perf_counter() - start < 0.05
     assert info.value.space == "s"
     assert info.value.reason == yupdate._refusal(bytes.fromhex(hexed))  # not pycrdt's
 
@@ -268,7 +261,10 @@ def test_every_update_pycrdt_writes_passes(data: st.DataObject) -> None:
             updates.append(doc.get_update(other.get_state()))
     updates.append(pycrdt.merge_updates(*updates))
     for u in updates:
-        passes(u)
+        reason = verdict(u)
+        # pycrdt's text edits now and then write an empty string item, which yrs cannot
+        # take twice (see yupdate._EMPTY); the chat schema writes no text
+        assert reason in (None, yupdate._EMPTY), reason
 
 
 def test_merged_updates_with_gaps_pass() -> None:
@@ -319,8 +315,8 @@ def message(rnd: random.Random, body: str | None = None) -> dict[str, str]:
     }
 
 
-def test_ten_thousand_messages_are_checked_quickly() -> None:
-    """3.5 MB, ~40 % of pycrdt's apply_update (p2p.yupdate); here only a loose bound."""
+def test_ten_thousand_messages_pass_the_check() -> None:
+    """3.5 MB of real messages pass, twice (the second time through the compiled lane)."""
     rnd = random.Random(1)
     doc = pycrdt.Doc()
     m = doc.get("m", type=pycrdt.Map)
@@ -329,9 +325,7 @@ def test_ten_thousand_messages_are_checked_quickly() -> None:
             m[os.urandom(10).hex()] = message(rnd)
     data = doc.get_update()
     check_update(data, "s")  # compiles the lane
-    start = time.perf_counter()
-    check_update(data, "s")
-    assert time.perf_counter() - start < 2.0
+    check_update(data, "s")  # and accepts it again (its speed: bench/bench_core.py)
 
 
 # ---- hand-made hostile updates -----------------------------------------------------
@@ -421,7 +415,7 @@ def test_structure_errors_are_refused() -> None:
     refused(b"\x80" * 11 + b"\x00\x00", "10 bytes")
     refused(update([(1, 0, [b"\x28\x02" + st_("m") + st_("k") + b"\x01\x7e"])]), "parent info")
     refused(update([(2**53, 0, [entry(b"\x7e")])]), "out of range")
-    refused(update([(1, 2**32, [entry(b"\x7e")])]), "out of range")
+    refused(update([(1, 2**31, [entry(b"\x7e")])]), "out of range")
     refused(one(b"\x73"), "Any tag")
     refused(one(b"\x80"), "Any tag")
     refused(one(b"\x7b\x00\x00"), "truncated")
@@ -431,12 +425,16 @@ def test_structure_errors_are_refused() -> None:
     passes(one(b"\x7d" + b"\xff" * 8 + b"\x7f"))
 
 
-def test_clocks_stay_within_u32() -> None:
-    passes(update([(1, 2**32 - 6, [b"\x00\x05"])]))
-    refused(update([(1, 2**32 - 6, [b"\x00\x05", b"\x0a\x01"])]), "clock")
-    refused(update([(1, 2**32 - 1, [entry(b"\x7e\x7e", count=2)])]), "clock")
-    passes(update([], [(1, [(2**32 - 6, 5)])]))
-    refused(update([], [(1, [(2**32 - 6, 6)])]), "deleted range")
+def test_clocks_stay_below_2_31() -> None:
+    passes(update([(1, 2**31 - 6, [b"\x00\x05"])]))
+    refused(update([(1, 2**31 - 6, [b"\x00\x05", b"\x0a\x01"])]), "clock")
+    refused(update([(1, 2**31 - 1, [entry(b"\x7e\x7e", count=2)])]), "clock")
+    refused(update([(1, 2**31, [b"\x00\x01"])]), "out of range")
+    passes(update([], [(1, [(2**31 - 6, 5)])]))
+    refused(update([], [(1, [(2**31 - 6, 6)])]), "deleted range")
+    refused(update([], [(1, [(2**31, 1)])]), "out of range")
+    origin = b"\x88" + uv(2) + uv(2**31) + b"\x01\x7e"
+    refused(update([(1, 0, [origin])]), "out of range")
 
 
 # ---- random and mutated bytes ------------------------------------------------------
@@ -509,3 +507,133 @@ def test_the_fast_lane_reads_entries_of_the_chat_schema() -> None:
     match = yupdate._lane().match(update, start)
     assert match is not None
     assert yupdate._refusal(update) is None
+
+
+# ---- updates that make yrs panic (and leave the document poisoned) ------------------
+
+S_A = b"\x04\x01" + st_("t") + st_("a")
+AAA = update([(5, 0, [S_A, S_A, S_A])])
+POISON = base64.b64decode("AQkAAAEBAQEBAQEBAAAAAAEAAAABAQEBAQEBAQEBAQEBAQEBAQEBAQEAAAA=")
+PANICS = {
+    # name: (history, update, refusal); each panicked pycrdt before the check refused it
+    "44 bytes: empty Deleted and GC structs": (b"", POISON, "length 0"),
+    "an empty GC struct last": (b"", bytes.fromhex("0101020100000102010005"), "length 0"),
+    "an empty GC struct": (
+        b"",
+        update([(5, 0, [b"\x00\x01", b"\x00\x00"])], [(5, [(0, 1)])]),
+        "length 0",
+    ),
+    "an empty Any item again": (
+        AAA,
+        update([(5, 1, [b"\x48" + uv(0) + uv(0) + b"\x00"])]),
+        "length 0",
+    ),
+    "an empty string again": (
+        AAA,
+        update([(5, 1, [b"\x04\x01" + st_("t") + st_("")])]),
+        "length 0",
+    ),
+    "an empty Deleted item again": (
+        AAA,
+        update([(5, 1, [b"\x01\x01" + st_("t") + b"\x00"])]),
+        "length 0",
+    ),
+    "a client without structs": (AAA, update([(5, 0, [])]), "no structs"),
+    "a clock 2**31 ahead": (AAA, update([(5, 2**32 - 3, [b"\x00\x01"])]), "out of range"),
+    "a clock 2**31 ahead, then a deletion": (
+        b"",
+        update([(5, 2**31 + 5, [b"\x03\x01" + st_("m") + st_("x")])], [(5, [(1, 5)])]),
+        "out of range",
+    ),
+}
+
+
+def _panic_of(history: bytes, data: bytes) -> str | None:
+    doc: pycrdt.Doc[Any] = pycrdt.Doc()
+    if history:
+        doc.apply_update(history)
+    try:
+        doc.apply_update(data)
+        pycrdt.Doc().apply_update(doc.get_update())
+    except Exception:
+        return None
+    except BaseException as exc:  # pyo3's PanicException
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+@pytest.mark.parametrize("name", sorted(PANICS))
+def test_updates_that_panic_pycrdt_are_refused(name: str) -> None:
+    history, data, why = PANICS[name]
+    assert _panic_of(history, data) is not None, "pycrdt takes it now: a stale case"
+    refused(data, why)
+
+
+def test_the_44_byte_update_poisons_a_bare_document() -> None:
+    """What the check prevents: the panic leaves client 0 in the state vector, and the
+    document's own full state then panics every fresh document it is applied to."""
+    doc: pycrdt.Doc[Any] = pycrdt.Doc()
+    with pytest.raises(BaseException, match="divide by zero"):
+        doc.apply_update(POISON)
+    assert doc.get_state() == b"\x01\x00\x01"
+    with pytest.raises(BaseException, match="divide by zero"):
+        doc.get_update()
+
+
+def test_impossible_references_are_refused() -> None:
+    """A struct's origin or parent must be an earlier struct of its own client (or any
+    struct of another one); each client has one section."""
+    any_m = entry(b"\x7e")
+    refused(update([(5, 0, [b"\x88" + uv(5) + uv(0) + b"\x01\x7e"])]), "origin")
+    refused(update([(5, 0, [any_m, b"\x88" + uv(5) + uv(3) + b"\x01\x7e"])]), "origin")
+    passes(update([(5, 0, [any_m, b"\x88" + uv(5) + uv(0) + b"\x01\x7e"])]))
+    passes(update([(5, 0, [b"\x88" + uv(6) + uv(9) + b"\x01\x7e"])]))
+    refused(update([(5, 0, [b"\x08\x00" + uv(5) + uv(0) + b"\x01\x7e"])]), "parent")
+    passes(update([(5, 1, [b"\x08\x00" + uv(5) + uv(0) + b"\x01\x7e"])]))
+    refused(update([(5, 0, [S_A]), (5, 1, [S_A])]), "two sections")
+
+
+def test_origins_and_parents_count_among_the_clients_touched() -> None:
+    """Placing a struct after another's is how a map value is replaced: the clients an
+    update refers to are among those it touches, with or without a delete set."""
+    ours: pycrdt.Doc[Any] = pycrdt.Doc(client_id=1)
+    ours.get("m", type=pycrdt.Map)["k"] = "ours"
+    theirs: pycrdt.Doc[Any] = pycrdt.Doc(client_id=2)
+    theirs.apply_update(ours.get_update())
+    before = theirs.get_state()
+    theirs.get("m", type=pycrdt.Map)["k"] = "theirs"
+    overwrite = theirs.get_update(before)
+    assert check_update(overwrite, "s") == {1, 2}  # the delete set names client 1
+    bare = yupdate.strip_deletions(overwrite, lambda c: c == 2)
+    assert check_update(bare, "s") == {1, 2}  # and so does the origin
+    right = update([(2, 0, [b"\x48" + uv(1) + uv(0) + b"\x01\x7e"])])
+    assert check_update(right, "s") == {1, 2}
+    parent = update([(2, 0, [b"\x08\x00" + uv(3) + uv(0) + b"\x01\x7e"])])
+    assert check_update(parent, "s") == {2, 3}
+
+
+def test_the_keys_an_update_opens_are_read_alike_in_and_out_of_the_lane() -> None:
+    rnd = random.Random(5)
+    doc: pycrdt.Doc[Any] = pycrdt.Doc()
+    m = doc.get("m", type=pycrdt.Map)
+    with doc.transaction():
+        for i in range(40):
+            m[f"k{i}"] = message(rnd, body="é" if i == 3 else None)
+        m["ключ" * 40] = {"b": "x" * 300}
+        doc.get("v", type=pycrdt.Map)["device"] = "receipt"
+    before = doc.get_state()
+    m["k0"] = "again"  # an overwrite names no key: it takes its origin's
+    for data in (doc.get_update(), doc.get_update(before)):
+        fast: list[tuple[str, str]] = []
+        plain: list[tuple[str, str]] = []
+        assert yupdate._refusal(data, opened=fast) is None
+        assert yupdate._refusal(data, lane=False, opened=plain) is None
+        assert fast == plain
+    opened: list[tuple[str, str]] = []
+    check_update(doc.get_update(), "s", opened)
+    assert sorted(opened) == sorted(
+        [("m", f"k{i}") for i in range(40)] + [("m", "ключ" * 40), ("v", "device")]
+    )
+    opened = []
+    check_update(doc.get_update(before), "s", opened)
+    assert opened == []

@@ -13,7 +13,7 @@ from typing import Literal, Protocol
 
 import trio
 
-Source = Literal["static", "mdns", "relay"]
+Source = Literal["static", "mdns", "relay", "contact"]
 
 
 @dataclass(frozen=True, kw_only=True)

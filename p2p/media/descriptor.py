@@ -24,8 +24,8 @@ from nacl.bindings import (
 )
 from nacl.exceptions import CryptoError as NaclCryptoError
 
-from p2p.errors import BadDescriptor, DecryptionFailed, FileTooLarge
-from p2p.wire import MEDIA_CHUNK_MAX
+from p2p.errors import BadDescriptor, DecryptionFailed, FileTooLarge, WireError
+from p2p.wire import MEDIA_CHUNK_MAX, load_json
 
 HASH_SIZE: Final = 32
 KEY_SIZE: Final = 32
@@ -40,6 +40,10 @@ HARD_MAX_FILE: Final = MEDIA_CHUNK_MAX * MAX_CHUNKS
 MAX_NAME: Final = 255
 MAX_MIME: Final = 127
 MAX_CAPTION: Final = 16 * 1024
+MAX_BODY_TEXT: Final = 64 * 1024
+"""Longest file entry body parsed (an entry's body is at most 64 KiB, p2p.model.MAX_BODY)."""
+DESCRIPTOR_DEPTH: Final = 4
+"""Nesting a file entry's body may have (it has 2: the body, then the descriptor)."""
 """Longest caption of a file message, in bytes of UTF-8 (the rest of the entry body's
 64 KiB is the descriptor)."""
 _DOMAIN: Final = b"p2p/chunk/v1\x00"
@@ -180,9 +184,11 @@ def parse_file_body(body: str) -> tuple[str, Attachment]:
 
     Cached: every ``Node.messages()`` shows every file message, and a descriptor is up
     to ~45 KB of JSON (the result is immutable, so sharing it is safe)."""
-    try:
-        value = json.loads(body)
-    except ValueError as exc:
+    try:  # a member's bytes: nested deeply, json.loads would raise RecursionError
+        value = load_json(
+            body, what="file entry", max_size=MAX_BODY_TEXT, max_depth=DESCRIPTOR_DEPTH
+        )
+    except WireError as exc:
         raise BadDescriptor("a file entry's body is JSON") from exc
     if not isinstance(value, dict) or set(value) != {"text", "file"}:
         raise BadDescriptor("a file entry's body has exactly text and file")

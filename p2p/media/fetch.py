@@ -16,6 +16,7 @@ plain calls:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -66,8 +67,10 @@ class Fetcher:
         for h in self._out.pop(peer, set()):
             self._asked.pop(h, None)
 
-    def plan(self) -> dict[str, list[bytes]]:
-        """Requests to send now: peer -> hashes to ``want`` (each window filled)."""
+    def plan(self, eligible: Callable[[str, bytes], bool] | None = None) -> dict[str, list[bytes]]:
+        """Requests to send now: peer -> hashes to ``want`` (each window filled), each
+        asked only of a peer ``eligible`` for it (a member device of a chat holding it:
+        other accounts' devices are not asked for chunks of chats they are not in)."""
         plan: dict[str, list[bytes]] = {}
         room = {p: self.window - len(hs) for p, hs in self._out.items() if len(hs) < self.window}
         if not room:
@@ -76,7 +79,11 @@ class Fetcher:
             if h in self._asked:
                 continue
             lacking = self._lacks.get(h, set())
-            candidates = [p for p in room if room[p] > 0 and p not in lacking]
+            candidates = [
+                p
+                for p in room
+                if room[p] > 0 and p not in lacking and (eligible is None or eligible(p, h))
+            ]
             if not candidates:
                 if not any(room.values()):
                     break

@@ -36,6 +36,7 @@ from typing import Any, Final, Literal, Protocol
 import trio
 
 from p2p import events as ev
+from p2p.clock import parse_ts
 from p2p.errors import (
     BadDescriptor,
     BlobCorrupt,
@@ -47,9 +48,11 @@ from p2p.errors import (
     P2PError,
     ProtocolError,
     StoreError,
+    WireError,
 )
 from p2p.media.descriptor import (
     HASH_SIZE,
+    MAX_BODY_TEXT,
     Attachment,
     chunk_hash,
     chunk_size_for,
@@ -60,7 +63,7 @@ from p2p.media.descriptor import (
 from p2p.media.fetch import WINDOW, Fetcher
 from p2p.media.store import FILE_NAME, BlobStore
 from p2p.model import Message
-from p2p.wire import MEDIA_WANT_MAX
+from p2p.wire import MEDIA_WANT_MAX, load_json
 
 log = logging.getLogger("p2p.media")
 
@@ -145,6 +148,10 @@ class MediaHost(Protocol):
 
     def messages(self, chat: str | None = None, *, files_only: bool = False) -> list[Message]: ...
 
+    def reads(self, device: str, chat: str) -> bool:
+        """Whether ``device`` (a peer) is a current member device of ``chat``."""
+        ...
+
 
 @dataclass
 class _Progress:
@@ -210,6 +217,11 @@ class MediaService:
         """Chunk hash -> files being fetched that hold it."""
         self._known: dict[str, tuple[str, str]] = {}
         """File id -> (chat, message) of the first message seen carrying it."""
+        self._file_chats: dict[str, set[str]] = {}
+        """File id -> every chat a message carrying it was seen in."""
+        self._chunk_files: dict[bytes, set[str]] = {}
+        """Chunk hash -> files (seen in messages) that hold it: a chunk is served to, and
+        asked of, only member devices of a chat carrying one of them."""
         self._received: list[tuple[bytes, bytes]] = []
         self._kick = trio.Event()
         self._write_wakeup = trio.Event()
@@ -239,9 +251,13 @@ class MediaService:
         try:
             if kind == "ask":
                 hashes = _split(fields["h"])
-                if len(lane.serve) + len(hashes) > SERVE_MAX:
+                if len(lane.serve) + len(lane.refusals) + len(hashes) > SERVE_MAX:
                     return ProtocolError(f"more than {SERVE_MAX} chunk requests queued")
-                lane.serve.extend(hashes)
+                reads = self._reader(device)
+                for h in hashes:
+                    # a hash is no secret among a chat's members only: anyone else gets
+                    # nohave, as for a chunk we lack
+                    (lane.serve if self._allowed(reads, h) else lane.refusals).append(h)
                 self._wake(device)
             elif kind == "nohave":
                 for h in _split(fields["h"]):
@@ -252,6 +268,22 @@ class MediaService:
         except MalformedFrame as exc:
             return exc
         return None
+
+    def _reader(self, device: str) -> Callable[[str], bool]:
+        """Whether ``device`` reads a chat (asked once per chat per call site)."""
+        memo: dict[str, bool] = {}
+
+        def reads(chat: str) -> bool:
+            if chat not in memo:
+                memo[chat] = self._host.reads(device, chat)
+            return memo[chat]
+
+        return reads
+
+    def _allowed(self, reads: Callable[[str], bool], h: bytes) -> bool:
+        """Whether a chunk belongs to a file of a chat the peer reads."""
+        files = self._chunk_files.get(h, ())
+        return any(reads(chat) for f in files for chat in self._file_chats.get(f, ()))
 
     def _blob_in(self, device: str, lane: _PeerLane, h: bytes, data: bytes) -> P2PError | None:
         if not self.fetcher.expects(device, h):
@@ -349,7 +381,13 @@ class MediaService:
     def _plan(self) -> None:
         if len(self._received) >= 2 * WRITE_BATCH:
             return  # the disk is behind: ask for more once the writer catches up
-        for device, hashes in self.fetcher.plan().items():
+        readers = {device: self._reader(device) for device in self._lanes}
+
+        def eligible(device: str, h: bytes) -> bool:
+            reads = readers.get(device)
+            return reads is not None and self._allowed(reads, h)
+
+        for device, hashes in self.fetcher.plan(eligible).items():
             lane = self._lanes.get(device)
             if lane is None:
                 self.fetcher.peer_down(device)
@@ -363,7 +401,14 @@ class MediaService:
         for chat in self._host.chats():
             for message in self._host.messages(chat.id, files_only=True):
                 a = message.attachment
-                if a is None or a.id in self._known:
+                if a is None:
+                    continue
+                chats = self._file_chats.setdefault(a.id, set())
+                if not chats:
+                    for h in a.hashes:
+                        self._chunk_files.setdefault(h, set()).add(a.id)
+                chats.add(message.chat)
+                if a.id in self._known:
                     continue
                 self._known[a.id] = (message.chat, message.id)
                 state = self.blobs.file_state(a.id)
@@ -550,6 +595,9 @@ class MediaService:
         out = []
         for m in messages:
             row = m.to_json()
+            # a number for programs (ms since the epoch); the exact hybrid timestamp,
+            # which orders messages written in the same millisecond, beside it
+            row["ts"], row["hlc"] = parse_ts(m.ts)[0], m.ts
             if m.attachment is not None:
                 row["file"].update(self.describe(m.attachment))
             out.append(row)
@@ -628,11 +676,9 @@ def _json(a: Attachment) -> str:
 
 
 def _loads(descriptor: str) -> object:
-    import json
-
-    try:
-        return json.loads(descriptor)
-    except ValueError as exc:
+    try:  # a stored row: bounded like any bytes from outside
+        return load_json(descriptor, what="stored descriptor", max_size=MAX_BODY_TEXT, max_depth=4)
+    except WireError as exc:
         raise StoreError("a stored descriptor is not JSON") from exc
 
 

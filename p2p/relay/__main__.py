@@ -26,7 +26,9 @@ from typing import Any
 
 import trio
 
-from p2p.errors import P2PError
+from p2p.errors import P2PError, RelayError
+from p2p.relay.backend import parse_redis_url
+from p2p.relay.metrics import serve_metrics
 from p2p.relay.server import Limits, RelayServer, serve_relay
 from p2p.transport.tcp import parse_address
 
@@ -41,6 +43,18 @@ def build_parser(prog: str = "p2p relay") -> argparse.ArgumentParser:
     parser.add_argument("--listen", required=True, metavar="HOST:PORT", help="port 0 picks one")
     parser.add_argument(
         "--data", metavar="DIR", help="folder for the mailbox (relay.db); default: memory only"
+    )
+    parser.add_argument(
+        "--redis",
+        metavar="URL",
+        help="redis://HOST:PORT/DB: run as one process of a cluster sharing mail, presence"
+        " and pipes through that Redis (docs/relay.md, 'Running a cluster')",
+    )
+    parser.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve /healthz and Prometheus /metrics for this process there (plain HTTP;"
+        " keep it on a private address)",
     )
     parser.add_argument(
         "--id",
@@ -71,8 +85,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     try:
         host, port = parse_address(args.listen)
+        metrics = parse_address(args.metrics) if args.metrics else None
         limits = Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
         limits.check()
+        if args.redis is not None:
+            parse_redis_url(args.redis)
+            if args.data is not None:
+                raise RelayError("--data and --redis are exclusive (mail lives in one of them)")
     except P2PError as exc:
         print(f"p2p relay: {exc}", file=sys.stderr)
         return 2
@@ -81,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        trio.run(_run, host, port, args.data, args.id, limits)
+        trio.run(_run, host, port, args.data, args.id, limits, args.redis, metrics)
     except P2PError as exc:
         print(f"p2p relay: {exc}", file=sys.stderr)
         return 1
@@ -91,17 +110,38 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _run(
-    host: str, port: int, data: str | None, relay_id: str | None, limits: Limits
+    host: str,
+    port: int,
+    data: str | None,
+    relay_id: str | None,
+    limits: Limits,
+    redis: str | None = None,
+    metrics: tuple[str, int] | None = None,
 ) -> None:
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 server: RelayServer = await nursery.start(
                     partial(
-                        serve_relay, host, port, data_dir=data, relay_id=relay_id, limits=limits
+                        serve_relay,
+                        host,
+                        port,
+                        data_dir=data,
+                        relay_id=relay_id,
+                        limits=limits,
+                        redis_url=redis,
                     )
                 )
-                _say({"event": "listening", "address": server.url, "id": server.relay_id})
+                event: dict[str, Any] = {
+                    "event": "listening",
+                    "address": server.url,
+                    "id": server.relay_id,
+                }
+                if server.cluster is not None:
+                    event["process"] = server.cluster.proc_id
+                if metrics is not None:
+                    event["metrics"] = await nursery.start(serve_metrics, server, *metrics)
+                _say(event)
                 async for _ in signals:
                     break
                 nursery.cancel_scope.cancel()

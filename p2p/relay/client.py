@@ -43,7 +43,7 @@ import math
 import random
 import ssl
 import urllib.parse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -116,6 +116,32 @@ PACE_RATE: Final = 0.8
 PACE_BURST: Final = 0.5
 """Share of the relay's announced rates and bursts this client allows itself."""
 QUOTA_CODES: Final = frozenset({"quota", "sender_quota", "relay_full"})
+
+
+def split_relay_url(url: str) -> tuple[str, str]:
+    """``URL[#id=RELAY_ID]`` -> (the URL to dial, the relay id it must sign in as).
+
+    A relay cluster serves one id from many addresses; ``#id=`` names that id for an
+    address that differs from it (``ws://10.0.0.5:7700#id=wss://relay.example``). The
+    fragment never leaves this device. Without it the id is the URL, as for one relay.
+    """
+    base, _, fragment = url.partition("#")
+    if not fragment:
+        return url, url.rstrip("/")
+    if not fragment.startswith("id=") or len(fragment) <= 3:
+        raise RelayError(f"a relay URL's fragment must be #id=RELAY_ID: {url!r}")
+    return base, fragment[3:]
+
+
+def group_relay_urls(urls: Iterable[str]) -> list[tuple[str, list[str]]]:
+    """Relay URLs grouped by relay id, in the order given: one client per relay id,
+    with the id's other addresses to fail over to."""
+    groups: dict[str, list[str]] = {}
+    for url in urls:
+        base, relay_id = split_relay_url(url)
+        if base not in groups.setdefault(relay_id, []):
+            groups[relay_id].append(base)
+    return list(groups.items())
 
 
 def relay_address(device_id: str) -> str:
@@ -262,13 +288,15 @@ class _Link:
 class RelayPipe:
     """A connection to one device through the relay (a p2p Connection)."""
 
-    def __init__(self, link: _Link, cid: int, peer: str) -> None:
+    def __init__(self, link: _Link, cid: int, peer: str, first_limit: int = MAX_FRAME) -> None:
         self._link = link
+        self._first_limit = first_limit
         self._cid = cid
         self._peer = peer
         self._inbox = ByteQueue(PIPE_QUEUE_BYTES)
         self._partial: list[bytes] = []
         self._partial_size = 0
+        self._frames_in = 0
         self._send_lock = trio.Lock()
         self._closed = False
         """Closed here: nothing more is sent or received."""
@@ -300,12 +328,15 @@ class RelayPipe:
                 if not more:
                     return
 
-    async def receive(self) -> bytes:
+    async def receive(self, limit: int = MAX_FRAME) -> bytes:
         try:
-            return await self._inbox.get()
+            frame = await self._inbox.get()
         except QueueClosed:
             why = self._ended_why or "here"
             raise ConnectionClosed(f"pipe to {self._peer} closed ({why})") from None
+        if len(frame) > limit:
+            raise FrameTooLarge(len(frame), limit)
+        return frame
 
     async def aclose(self) -> None:
         if self._closed:
@@ -326,9 +357,12 @@ class RelayPipe:
             return
         self._partial.append(chunk)
         self._partial_size += len(chunk)
-        if self._partial_size > MAX_FRAME:
-            log.warning("%s sent a frame over %d bytes; closing the pipe", self._peer, MAX_FRAME)
-            self._inbox.close(FrameTooLarge(self._partial_size, MAX_FRAME))
+        # a node's pipes open with a handshake (a hello): a stranger's first frame is
+        # never held past the handshake limit (RelayClient's first_frame_limit)
+        limit = MAX_FRAME if self._frames_in else self._first_limit
+        if self._partial_size > limit:
+            log.warning("%s sent a frame over %d bytes; closing the pipe", self._peer, limit)
+            self._inbox.close(FrameTooLarge(self._partial_size, limit))
             self._ended_why = "frame too large"
             self._partial = []
             if self._link.pipes.pop(self._cid, None) is not None:
@@ -338,6 +372,7 @@ class RelayPipe:
             return
         frame = self._partial[0] if len(self._partial) == 1 else b"".join(self._partial)
         self._partial, self._partial_size = [], 0
+        self._frames_in += 1
         await self._inbox.put(frame)
 
     def _ended(self, why: str) -> None:
@@ -352,7 +387,14 @@ class RelayClient:
     ``url`` is the relay's ``ws://`` or ``wss://`` URL; ``device`` signs our auth; the
     ``watch`` callable names the devices whose presence we follow (called on every
     (re)connection and after :meth:`update_watch`; at most MAX_WATCH (64) are sent). ``relay_id``
-    is the name the relay must sign in as: the URL by default.
+    is the name the relay must sign in as: the URL by default. ``first_frame_limit``
+    bounds the first frame a pipe buffers, either way (a node passes the handshake
+    limit, p2p.wire.MAX_HANDSHAKE_FRAME: its sessions open with a small hello).
+
+    ``alternates`` are more URLs of the same relay id: other processes of a relay cluster.
+    When a connection fails or drops, the next URL is tried at once; the backoff starts
+    once every URL failed in a row. Mail and presence are the cluster's, so a device
+    that fails over finds its mail there, and its peers redial its pipes.
     """
 
     def __init__(
@@ -362,9 +404,15 @@ class RelayClient:
         *,
         watch: Callable[[], Iterable[str]] = tuple,
         relay_id: str | None = None,
+        first_frame_limit: int = MAX_FRAME,
+        alternates: Sequence[str] = (),
     ) -> None:
-        self.url = url
-        _split_url(url)  # RelayError now rather than at each reconnection
+        self.urls = [url, *alternates]
+        """Every address of this relay id, in the order they are tried."""
+        for each in self.urls:
+            _split_url(each)  # RelayError now rather than at each reconnection
+        self._index = 0
+        self._first_limit = first_frame_limit
         self.relay_id = relay_id if relay_id is not None else url.rstrip("/")
         self._device = device
         self._watch = watch
@@ -381,6 +429,18 @@ class RelayClient:
         self.dropped_mail = 0
 
     # ---- state ----------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """The URL in use now (or tried last): one of ``urls``."""
+        return self.urls[self._index % len(self.urls)]
+
+    @url.setter
+    def url(self, value: str) -> None:
+        """Point the client at another address for the one in use (as DNS would); the
+        next reconnection goes there."""
+        _split_url(value)
+        self.urls[self._index % len(self.urls)] = value
 
     @property
     def device_id(self) -> str:
@@ -463,7 +523,7 @@ class RelayClient:
         link.next_cid += 1
         if cid >= CLIENT_CID_LIMIT:
             raise TransportError("pipe numbers exhausted on this relay connection")
-        pipe = RelayPipe(link, cid, peer)
+        pipe = RelayPipe(link, cid, peer, self._first_limit)
         waiter = _Waiter()
         link.opening[cid] = (pipe, waiter)
         try:
@@ -513,6 +573,8 @@ class RelayClient:
         the same device are stored once)."""
         if not is_device_id(to):
             raise RelayError(f"not a device id: {to[:40]!r}")
+        if not data:
+            raise RelayError("mail holds at least one byte")
         try:
             link = await self._wait_link()
         except TransportError as exc:
@@ -572,11 +634,23 @@ class RelayClient:
 
     async def _keep_connected(self) -> None:
         backoff = BACKOFF_MIN
+        untried = len(self.urls) - 1
+        """Other URLs still to try before backing off (a failover goes at once)."""
         while True:
             began = trio.current_time()
             welcomed = await self._connect_once()
-            if welcomed and trio.current_time() - began >= STABLE_AFTER:
-                backoff = BACKOFF_MIN
+            if welcomed:
+                untried = len(self.urls) - 1
+                if trio.current_time() - began >= STABLE_AFTER:
+                    backoff = BACKOFF_MIN
+            if len(self.urls) > 1:
+                self._index = (self._index + 1) % len(self.urls)
+            if untried > 0:
+                untried -= 1
+                log.info("relay %s: trying %s", self.relay_id, self.url)
+                await trio.sleep(random.uniform(0.0, BACKOFF_MIN))
+                continue
+            untried = len(self.urls) - 1
             await trio.sleep(backoff * random.uniform(0.5, 1.5))
             backoff = min(backoff * 2, BACKOFF_MAX)
 
@@ -768,7 +842,7 @@ class RelayClient:
     def _incoming(self, link: _Link, peer: str, cid: int) -> None:
         if cid < CLIENT_CID_LIMIT or cid in link.pipes:
             raise RelayError(f"the relay opened pipe {cid}, which it may not")
-        pipe = RelayPipe(link, cid, peer)
+        pipe = RelayPipe(link, cid, peer, self._first_limit)
         link.pipes[cid] = pipe
         if self._nursery is None or self._handler is None:
             link.pipes.pop(cid)

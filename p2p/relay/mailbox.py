@@ -15,8 +15,10 @@ What the relay holds is opaque: ``data`` is a sealed envelope it cannot open. It
 who sent it (the authenticated device), to whom, when, and how big.
 
 Bounds, all checked before a row is written: per recipient (count and bytes), per sender
-(bytes held across all mailboxes, so one device cannot fill the disk by writing to many
-made-up recipients), for the whole relay (bytes), and per item. Mail older than the TTL
+(items and bytes held across all mailboxes, so one device cannot fill the disk, nor the
+relay's item table, by writing to many made-up recipients), for the whole relay (items
+and bytes), and per item. An empty item is refused: it would cost a row and count
+against no byte quota, so bytes alone never bound what tiny items cost. Mail older than the TTL
 is never delivered and is purged on open and by :meth:`Mailbox.purge`. The counters
 behind the quotas live in memory, rebuilt from the table on open: the relay is the only
 writer of its file.
@@ -74,8 +76,12 @@ class MailQuota:
     """Bytes waiting for one recipient."""
     sender_bytes: int = 256 * 1024 * 1024
     """Bytes one sender may hold in all mailboxes together."""
+    sender_count: int = 100_000
+    """Items one sender may hold in all mailboxes together."""
     total_bytes: int = 4 * 1024 * 1024 * 1024
     """Bytes in the whole relay."""
+    total_count: int = 4_000_000
+    """Items in the whole relay."""
     ttl: float = 30 * 24 * 3600.0
     """Seconds an item is kept (and deliverable) after it was posted."""
 
@@ -100,6 +106,7 @@ class Mailbox:
         self._box_count: Counter[str] = Counter()
         self._box_bytes: Counter[str] = Counter()
         self._sender_bytes: Counter[str] = Counter()
+        self._sender_count: Counter[str] = Counter()
         self._total = 0
         self._items = 0
         self._conn: sqlite3.Connection | None = None
@@ -195,11 +202,12 @@ class Mailbox:
                 "SELECT recipient, count(*), sum(length(data)) FROM mail GROUP BY recipient"
             ).fetchall()
             senders = conn.execute(
-                "SELECT sender, sum(length(data)) FROM mail GROUP BY sender"
+                "SELECT sender, count(*), sum(length(data)) FROM mail GROUP BY sender"
             ).fetchall()
         self._box_count = Counter({r: int(n) for r, n, _ in boxes})
         self._box_bytes = Counter({r: int(b or 0) for r, _, b in boxes})
-        self._sender_bytes = Counter({s: int(b or 0) for s, b in senders})
+        self._sender_count = Counter({s: int(n) for s, n, _ in senders})
+        self._sender_bytes = Counter({s: int(b or 0) for s, _, b in senders})
         self._total = sum(self._box_bytes.values())
         self._items = sum(self._box_count.values())
 
@@ -220,6 +228,8 @@ class Mailbox:
         size = len(data)
         if size > self.quota.max_mail:
             return "too_large"
+        if size == 0:
+            return "empty"
         if recipient == sender:
             return "self"
         q = self.quota
@@ -233,9 +243,12 @@ class Mailbox:
                 or self._box_bytes[recipient] + size > q.mailbox_bytes
             ):
                 return "quota"
-            if self._sender_bytes[sender] + size > q.sender_bytes:
+            if (
+                self._sender_count[sender] + 1 > q.sender_count
+                or self._sender_bytes[sender] + size > q.sender_bytes
+            ):
                 return "sender_quota"
-            if self._total + size > q.total_bytes:
+            if self._items + 1 > q.total_count or self._total + size > q.total_bytes:
                 return "relay_full"
             conn.execute("BEGIN IMMEDIATE")
             conn.execute(
@@ -246,6 +259,7 @@ class Mailbox:
         self._box_count[recipient] += 1
         self._box_bytes[recipient] += size
         self._sender_bytes[sender] += size
+        self._sender_count[sender] += 1
         self._total += size
         self._items += 1
         return "posted"
@@ -303,9 +317,11 @@ class Mailbox:
             self._box_count[recipient] -= 1
             self._box_bytes[recipient] -= size
             self._sender_bytes[sender] -= size
+            self._sender_count[sender] -= 1
             self._total -= size
             self._items -= 1
-        for counter in (self._box_count, self._box_bytes, self._sender_bytes):
+        counters = (self._box_count, self._box_bytes, self._sender_bytes, self._sender_count)
+        for counter in counters:
             for key in [k for k, v in counter.items() if v <= 0]:
                 del counter[key]
         return len(gone)

@@ -26,6 +26,7 @@ from typing import Any, Final, Literal
 import msgpack
 
 from p2p.errors import FrameTooLarge, MalformedFrame, UnsupportedVersion
+from p2p.wire import scan
 
 RELAY_VERSION: Final = 1
 MAX_MESSAGE: Final = 2 * 1024 * 1024
@@ -47,6 +48,13 @@ MAX_WATCH: Final = 64
 """Device ids one connection may watch: an account has at most five devices, and a few
 more leave room for the devices of contacts; a bound keeps presence fan-out small."""
 MAX_ACK: Final = 1024
+MAX_PREAUTH: Final = 4 * 1024
+"""Largest message a relay accepts before the device has authenticated (an ``auth`` is
+about 150 bytes): a stranger cannot make the relay buffer or decode more."""
+MESSAGE_ITEMS: Final = 2 * 8 + MAX_ACK + 8
+"""Values one message may hold, counted before decoding: a map of up to 8 fields, one of
+which may be a list of up to :data:`MAX_ACK` ids."""
+MESSAGE_DEPTH: Final = 3
 MAX_CODE: Final = 32
 CLIENT_CID_LIMIT: Final = 2**31
 """Clients number the pipes they open below this; the relay numbers the pipes it hands a
@@ -129,6 +137,7 @@ MAIL_ERRORS: Final = {
     "sender_quota": "the sender holds as much undelivered mail on the relay as it may",
     "relay_full": "the relay's mail storage is full",
     "too_large": "the item is larger than the relay accepts",
+    "empty": "a mail item holds at least one byte",
     "self": "a device cannot post to itself",
     "unavailable": "the relay could not store the item (try again later)",
 }
@@ -177,6 +186,9 @@ def _encode(schema: dict[str, dict[str, Field]], kind: str, fields: dict[str, An
 def _decode(schema: dict[str, dict[str, Field]], data: bytes, limit: int) -> dict[str, Any]:
     if len(data) > limit:
         raise FrameTooLarge(len(data), limit)
+    # bound what decoding can cost before decoding: unchecked msgpack turns each byte of
+    # nested empty arrays into a 56-byte list
+    scan(data, what="relay message", max_depth=MESSAGE_DEPTH, max_items=MESSAGE_ITEMS)
     try:
         message = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
     except msgpack.ExtraData as exc:

@@ -22,9 +22,9 @@ returns: that is what lets ``Node.send`` promise an acknowledged message survive
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Final, Protocol, TypeAlias
 
 INDEXED_MAPS: Final = ("m", "e", "x", "r")
 """The chat maps the index mirrors (``p2p.model``): messages, edits, deletions, reactions."""
@@ -79,6 +79,10 @@ class WriteBatch:
         return bool(self.records or self.deletes or self.appends or self.index)
 
 
+RecordChange: TypeAlias = Callable[[Mapping[str, bytes | None]], Mapping[str, bytes]]
+"""What :meth:`Store.update_records` does to the records it read (name -> new value)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class SpaceLog:
     """Everything stored for one space: load the snapshot, then apply the updates."""
@@ -106,6 +110,16 @@ class Store(Protocol):
 
     def write(self, batch: WriteBatch) -> None:
         """Apply ``batch`` atomically; durable on return."""
+        ...
+
+    def update_records(self, names: Sequence[str], change: RecordChange) -> dict[str, bytes]:
+        """Read the records ``names`` (None for a missing one), write what ``change``
+        makes of them, in one write transaction; return what was written.
+
+        A read-modify-write that no other writer of the same file can come between:
+        how run numbers and counter blocks are handed out, so that two processes
+        opened on one store never get the same one.
+        """
         ...
 
     def spaces(self) -> list[str]:
@@ -143,6 +157,16 @@ class Store(Protocol):
 
     def index_rejected(self, space: str) -> list[IndexRow]:
         """Hidden rows of ``space`` (any map), in key order."""
+        ...
+
+    def index_by_device(self, space: str, device: str) -> list[IndexRow]:
+        """Every index row of ``space`` (any map, shown or hidden) whose entry names
+        ``device``, in (map, key) order: the entries a device writes again."""
+        ...
+
+    def index_keys_by_device(self, space: str, device: str) -> list[tuple[str, str]]:
+        """(map, key) of every shown row of ``space`` whose entry names ``device``,
+        without building rows: what a device checks its own CRDT against."""
         ...
 
     def index_authors(self, space: str) -> dict[str, str]:

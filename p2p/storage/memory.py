@@ -14,12 +14,19 @@ from __future__ import annotations
 
 import operator
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Final
 
 from p2p.errors import StoreError
-from p2p.storage.base import INDEXED_MAPS, IndexKey, IndexRow, SpaceLog, WriteBatch
+from p2p.storage.base import (
+    INDEXED_MAPS,
+    IndexKey,
+    IndexRow,
+    RecordChange,
+    SpaceLog,
+    WriteBatch,
+)
 
 MAX_NAME: Final = 512
 """Longest record name or space id, in characters: names are keys, not payloads."""
@@ -45,6 +52,12 @@ def check_name(name: object, what: str = "record name", *, allow_empty: bool = F
     except UnicodeEncodeError as e:
         raise StoreError(f"{what} {name!r} is not valid Unicode: {e.reason}") from None
     return name
+
+
+def checked_change(change: RecordChange, current: Mapping[str, bytes | None]) -> dict[str, bytes]:
+    """What ``change`` makes of ``current``, checked like a batch's records (shared by
+    both adapters' ``update_records``)."""
+    return {check_name(n): check_value(v, f"record {n!r}") for n, v in change(current).items()}
 
 
 def check_value(value: object, what: str = "value") -> bytes:
@@ -267,6 +280,15 @@ class MemoryStore:
                 else:
                     rows[key] = row
 
+    def update_records(self, names: Sequence[str], change: RecordChange) -> dict[str, bytes]:
+        """Read ``names``, write what ``change`` makes of them, under the lock (atomic)."""
+        wanted = [check_name(name) for name in names]
+        state = self._open_state()
+        with state.lock:
+            new = checked_change(change, {name: state.records.get(name) for name in wanted})
+            state.records.update(new)
+        return new
+
     def spaces(self) -> list[str]:
         """Ids of every space with a snapshot or at least one update, sorted."""
         state = self._open_state()
@@ -325,6 +347,16 @@ class MemoryStore:
         return sorted(
             (r for r in self._index_rows(space) if r.reason), key=lambda r: (r.map, r.key)
         )
+
+    def index_by_device(self, space: str, device: str) -> list[IndexRow]:
+        """Rows of ``space`` naming ``device``, in (map, key) order."""
+        rows = [row for row in self._index_rows(space) if row.device == device]
+        return sorted(rows, key=lambda row: (row.map, row.key))
+
+    def index_keys_by_device(self, space: str, device: str) -> list[tuple[str, str]]:
+        """(map, key) of the shown rows of ``space`` naming ``device``."""
+        rows = self.index_by_device(space, device)
+        return [(row.map, row.key) for row in rows if not row.reason]
 
     def index_authors(self, space: str) -> dict[str, str]:
         """Per device, its newest ``ts`` in the message map."""

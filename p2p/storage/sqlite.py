@@ -47,7 +47,7 @@ from contextlib import contextmanager
 from typing import Any, Final
 
 from p2p.errors import StoreCorrupt, StoreError
-from p2p.storage.base import INDEXED_MAPS, IndexRow, SpaceLog, WriteBatch
+from p2p.storage.base import INDEXED_MAPS, IndexRow, RecordChange, SpaceLog, WriteBatch
 from p2p.storage.memory import (
     INDEX_TEXT,
     check_batch,
@@ -55,6 +55,7 @@ from p2p.storage.memory import (
     check_name,
     check_seq,
     check_value,
+    checked_change,
     index_values,
 )
 
@@ -120,6 +121,19 @@ _SPACES_SQL: Final = (
 )
 
 
+_ACCESS_CODES: Final = frozenset({3, 8, 14, 23})
+"""SQLITE_PERM, SQLITE_READONLY, SQLITE_CANTOPEN, SQLITE_AUTH: the file or its folder
+cannot be used by this user (SQLite's own text, "unable to open database file", does
+not say what to check)."""
+
+
+def _access_hint(error: sqlite3.Error) -> str:
+    code = getattr(error, "sqlite_errorcode", None)
+    if isinstance(code, int) and (code & 0xFF) in _ACCESS_CODES:
+        return " (check that it is a file this user may read and write, in a folder it may write)"
+    return ""
+
+
 def _is_corrupt(error: sqlite3.Error) -> bool:
     """Whether SQLite says the file's content is bad (as opposed to busy, full, I/O...)."""
     code = getattr(error, "sqlite_errorcode", None)
@@ -166,7 +180,7 @@ class SqliteStore:
                 check_same_thread=False,
             )
         except sqlite3.Error as e:
-            raise StoreError(f"cannot open store {self._path}: {e}") from e
+            raise StoreError(f"cannot open store {self._path}: {e}{_access_hint(e)}") from e
         try:
             with self._errors("open"):
                 self._prepare(conn, synchronous)
@@ -278,7 +292,9 @@ class SqliteStore:
         except sqlite3.Error as e:
             if _is_corrupt(e):
                 raise StoreCorrupt(f"{self._path}: not a usable p2p store: {e}") from e
-            raise StoreError(f"{operation} failed on store {self._path}: {e}") from e
+            raise StoreError(
+                f"{operation} failed on store {self._path}: {e}{_access_hint(e)}"
+            ) from e
 
     @contextmanager
     def _session(self, operation: str) -> Iterator[sqlite3.Connection]:
@@ -382,6 +398,25 @@ class SqliteStore:
                     _UPSERT_INDEX,
                     [index_values(row) for row in checked.index.values() if row is not None],
                 )
+
+    def update_records(self, names: Sequence[str], change: RecordChange) -> dict[str, bytes]:
+        """Read ``names`` and write what ``change`` makes of them in one BEGIN IMMEDIATE
+        transaction: the write lock is held from the read on, so another connection
+        (another process on the same file) reads what this one wrote, never the same
+        old values."""
+        wanted = [check_name(name) for name in names]
+        with self._transaction("update_records") as conn:
+            current: dict[str, bytes | None] = {}
+            for name in wanted:
+                row = conn.execute("SELECT value FROM records WHERE name = ?", (name,)).fetchone()
+                current[name] = None if row is None else self._blob(row[0], f"record {name!r}")
+            new = checked_change(change, current)
+            conn.executemany(
+                "INSERT INTO records (name, value) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                new.items(),
+            )
+        return new
 
     def spaces(self) -> list[str]:
         """Ids of every space with a snapshot or at least one update, sorted."""
@@ -515,6 +550,31 @@ class SqliteStore:
                 (space,),
             ).fetchall()
         return [self._index_row(row) for row in rows]
+
+    def index_by_device(self, space: str, device: str) -> list[IndexRow]:
+        """Rows of ``space`` naming ``device``, in (map, key) order (one pass over the
+        space's rows in the primary key)."""
+        check_name(space, "space id")
+        with self._session("index_by_device") as conn:
+            rows = conn.execute(
+                f"SELECT {_INDEX_COLUMNS} FROM entries WHERE space = ? AND device = ?"
+                " ORDER BY map, key",
+                (space, device),
+            ).fetchall()
+        return [self._index_row(row) for row in rows]
+
+    def index_keys_by_device(self, space: str, device: str) -> list[tuple[str, str]]:
+        """(map, key) of the shown rows of ``space`` naming ``device`` (one pass over the
+        space's rows; two columns, no row built)."""
+        check_name(space, "space id")
+        with self._session("index_keys_by_device") as conn:
+            rows = conn.execute(
+                "SELECT map, key FROM entries WHERE space = ? AND device = ? AND reason = ''",
+                (space, device),
+            ).fetchall()
+        if any(set(map(type, row)) != _ONLY_TEXT for row in rows):
+            raise StoreCorrupt(f"{self._path}: index rows of {space!r} hold non-text values")
+        return [(m, k) for m, k in rows]
 
     def index_authors(self, space: str) -> dict[str, str]:
         """Per device, its newest ``ts`` in the message map (one pass over an index)."""

@@ -14,6 +14,7 @@ from typing import Protocol
 import trio
 
 from p2p.errors import P2PError
+from p2p.wire import MAX_FRAME
 
 
 class TransportError(P2PError):
@@ -36,8 +37,12 @@ class Connection(Protocol):
         """Send one frame; blocks while the peer is slow (back-pressure)."""
         ...
 
-    async def receive(self) -> bytes:
-        """The next frame; ConnectionClosed when the connection is over."""
+    async def receive(self, limit: int = MAX_FRAME) -> bytes:
+        """The next frame; ConnectionClosed when the connection is over.
+
+        A frame larger than ``limit`` raises FrameTooLarge, where the transport can
+        before reading it: a peer that has not proven anything yet is held to a small
+        limit (:data:`p2p.wire.MAX_HANDSHAKE_FRAME`) by the caller."""
         ...
 
     async def aclose(self) -> None:

@@ -16,7 +16,9 @@ from typing import Final
 
 import trio
 
+from p2p.errors import FrameTooLarge
 from p2p.transport.base import ConnectionClosed, Handler, TransportError
+from p2p.wire import MAX_FRAME
 
 QUEUE_FRAMES: Final = 256
 """Frames buffered per direction: a full queue blocks the sender (back-pressure)."""
@@ -135,11 +137,14 @@ class MemoryConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ConnectionClosed(f"connection to {self._remote} is closed") from exc
 
-    async def receive(self) -> bytes:
+    async def receive(self, limit: int = MAX_FRAME) -> bytes:
         try:
-            return await self._in.receive()
+            frame = await self._in.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
             raise ConnectionClosed(f"connection to {self._remote} is closed") from exc
+        if len(frame) > limit:
+            raise FrameTooLarge(len(frame), limit)
+        return frame
 
     def break_link(self) -> None:
         self._out.close()

@@ -1,6 +1,7 @@
 """LAN transport: TCP with a 4-byte big-endian length prefix per frame.
 
-A length prefix above :data:`~p2p.wire.MAX_FRAME` is refused before any buffer is
+A length prefix above :data:`~p2p.wire.MAX_FRAME` (or the smaller limit the caller
+passes to ``receive``, e.g. during a handshake) is refused before any buffer is
 allocated (FrameTooLarge), so a peer cannot make us hold more than one frame. Writes go
 straight to the socket (``send_all``): a slow reader makes the sender wait, and the
 node's bounded per-peer queue turns a peer that stays slow into a closed connection.
@@ -87,11 +88,12 @@ class TcpConnection:
                 raise ConnectionClosed(f"{self._remote} closed the connection")
             self._buffer += chunk
 
-    async def receive(self) -> bytes:
+    async def receive(self, limit: int = MAX_FRAME) -> bytes:
         await self._fill(PREFIX)
         size = int.from_bytes(self._buffer[:PREFIX], "big")
-        if size > MAX_FRAME:
-            raise FrameTooLarge(size, MAX_FRAME)
+        limit = min(limit, MAX_FRAME)
+        if size > limit:  # refused on its prefix: nothing of it is read
+            raise FrameTooLarge(size, limit)
         await self._fill(PREFIX + size)
         frame = bytes(self._buffer[PREFIX : PREFIX + size])
         del self._buffer[: PREFIX + size]
