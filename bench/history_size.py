@@ -10,8 +10,9 @@ Each run is real processes on 127.0.0.1 with real SQLite stores:
   (``p2p approve --yes``), timed from the approval's start until ``p2p link`` exits.
 
 Peak memory is each process's VmHWM (peak resident set), sampled from /proc while it
-runs. Histories are built once per N straight through the store (1,000 signed messages
-per CRDT transaction, like ``cold_start.py``), with a laptop linked while empty.
+runs. Histories are built once per N and code straight through the store (1,000
+signed messages per CRDT transaction, like ``cold_start.py``), with a laptop linked
+while empty; each code builds its own (store formats differ between versions).
 
     .venv/bin/python bench/history_size.py --messages 20000 60000 \\
         --baseline /tmp/base   # a checkout of the code to compare (git archive REV p2p)
@@ -219,15 +220,24 @@ def catch_up(code: Path, phone: Path, laptop: Path, n: int, timeout: float) -> d
         lap.stop()
 
 
-def prepare(base: Path, n: int) -> tuple[Path, Path, int]:
-    """A phone with a laptop linked while empty, then ``n`` messages written."""
+def prepare(code: Path, base: Path, n: int) -> int:
+    """A phone with a laptop linked while empty, then ``n`` messages written, by
+    ``code`` (a store's format may differ between versions); the state's bytes."""
     phone, laptop = base / "phone", base / "laptop"
-    p2p(ROOT, "--home", str(phone), "init", "--name", "phone")
-    result = link(ROOT, phone, laptop, "laptop", 120)
+    p2p(code, "--home", str(phone), "init", "--name", "phone")
+    result = link(code, phone, laptop, "laptop", 120)
     if not result["ok"]:
         raise RuntimeError(f"linking the empty laptop failed: {result}")
-    size = build(phone, n)
-    return phone, laptop, size
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    built = subprocess.run(
+        [sys.executable, __file__, "--build", str(phone), str(n)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tempfile.gettempdir(),
+        check=True,
+    )
+    return int(built.stdout.strip())
 
 
 def run(ns: list[int], baseline: Path | None, timeout: float, limit: int) -> list[dict[str, Any]]:
@@ -235,13 +245,14 @@ def run(ns: list[int], baseline: Path | None, timeout: float, limit: int) -> lis
     codes = [("ours", ROOT)] + ([("baseline", baseline)] if baseline else [])
     with tempfile.TemporaryDirectory(prefix="p2p-history-") as tmp:
         for n in ns:
-            base = Path(tmp) / f"base-{n}"
-            t = time.monotonic()
-            _phone, _laptop, size = prepare(base, n)
-            print(f"# {n:,} messages: {size / 1e6:.1f} MB, built in {time.monotonic() - t:.0f} s")
             for name, code in codes:
                 if name == "baseline" and n > limit:
                     continue
+                base = Path(tmp) / f"base-{name}-{n}"
+                t = time.monotonic()
+                size = prepare(code, base, n)
+                took = time.monotonic() - t
+                print(f"# {name}: {n:,} messages, {size / 1e6:.1f} MB, built in {took:.0f} s")
                 for case in ("catch-up", "link"):
                     work = Path(tmp) / f"{name}-{case}-{n}"
                     shutil.copytree(base, work)
@@ -255,7 +266,7 @@ def run(ns: list[int], baseline: Path | None, timeout: float, limit: int) -> lis
                         r["msg_per_s"] = round(n / r["seconds"])
                     rows.append(r)
                     print(json.dumps(r), flush=True)
-            shutil.rmtree(base)
+                shutil.rmtree(base)
     return rows
 
 
@@ -280,6 +291,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--build"]:  # in a child, with the code under test on the path
+        print(build(Path(sys.argv[2]), int(sys.argv[3])))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, nargs="+", default=[20_000, 60_000])
     parser.add_argument("--baseline", type=Path, help="directory holding a baseline p2p/")

@@ -413,8 +413,7 @@ class DeviceState:
         state = cls(keys=keys, name=name, device_list=device_list)
         state.lease = bundle.lease
         batches = [state._identity_batch(), WriteBatch(records={"device/lease": bundle.lease})]
-        applied = []
-        for space_id, kind, space_name, epoch, space_keys, update in bundle.spaces:
+        for space_id, kind, space_name, epoch, space_keys, _update in bundle.spaces:
             if kind not in ("account", "chat"):
                 raise DeviceListError(f"enrollment names an unknown space kind {kind!r}")
             batches.append(
@@ -427,17 +426,30 @@ class DeviceState:
                     rotations=bundle.rotations.get(space_id),
                 )
             )
-            # a history of any size, as bounded pieces: each is an update a peer could
-            # have sent (within MAX_UPDATE), applied and stored as one
-            replica = state.spaces[space_id].replica
-            for piece in split_update(update, MAX_UPDATE):
-                applied.append((space_id, piece, replica.apply(piece)))
-        # our contacts came with the history: follow them before judging entries, so that
-        # theirs in our conversations verify
+        # A history of any size, as bounded pieces: each is an update a peer could have
+        # sent (within MAX_UPDATE), applied, indexed and stored as one. The account
+        # space goes first: our contacts came with it, and we follow them before judging
+        # entries, so that theirs in our conversations verify. A conversation's pieces
+        # are indexed as they are applied, so that what each changed is not all held.
+        histories = sorted(bundle.spaces, key=lambda s: s[1] != "account")
+        applied = []
+        for space_id, kind, *_, update in histories:
+            if kind == "account":
+                replica = state.spaces[space_id].replica
+                applied += [
+                    (space_id, p, replica.apply(p)) for p in split_update(update, MAX_UPDATE)
+                ]
         batches.append(state.learn_contacts())
         for space_id, piece, result in applied:
             index, _rejected = state._index(space_id, result.changed)
             batches.append(WriteBatch(appends=[(space_id, piece)], index=index))
+        del applied
+        for space_id, kind, *_, update in histories:
+            if kind != "account":
+                replica = state.spaces[space_id].replica
+                for piece in split_update(update, MAX_UPDATE):
+                    index, _rejected = state._index(space_id, replica.apply(piece).changed)
+                    batches.append(WriteBatch(appends=[(space_id, piece)], index=index))
         return state, merge_batches(batches)
 
     def enroll(self, new_device: DeviceKeys, name: str) -> tuple[Enrollment, WriteBatch]:
