@@ -11,6 +11,7 @@ from p2p.errors import (
     AlreadyInitialized,
     AlreadyRunning,
     BadSignature,
+    ChatCorrupt,
     ContactError,
     CryptoError,
     DecryptionFailed,
@@ -40,6 +41,7 @@ from p2p.errors import (
 from p2p.events import (
     ChatChanged,
     ChatKeysChanged,
+    ChatSetAside,
     DeviceLinked,
     DeviceListChanged,
     EntryRejected,
@@ -60,6 +62,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AlreadyInitialized",
     "AlreadyRunning",
+    "ChatCorrupt",
+    "ChatSetAside",
     "BadSignature",
     "ChatChanged",
     "ChatKeysChanged",
