@@ -5,8 +5,9 @@
 
 The second device must belong to the same account. Link it first:
 ``p2p --home /tmp/laptop link --name laptop`` shows a code, then
-``p2p --home /tmp/phone approve CODE`` (with this app stopped) links it.
-Ctrl-D quits cleanly. See docs/embedding.md.
+``p2p --home /tmp/phone approve CODE`` links it (through this app's control socket,
+which lets the ``p2p`` command work on the home while the app holds it). Ctrl-D quits
+cleanly. See docs/embedding.md.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import trio
 
 import p2p
+from p2p.control import serve_control
 from p2p.transport.tcp import TcpTransport, advertised_addresses
 
 
@@ -53,6 +55,7 @@ async def main(home: Path, name: str, listen: str, peers: list[str]) -> None:
         print(f"{node.device_id} listening on {where} (type to send, Ctrl-D quits)", flush=True)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(show_incoming, node, node.subscribe())
+            await nursery.start(serve_control, node, home)  # `p2p log`, `p2p send`, ...
             while line := await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True):
                 if line.strip():
                     await node.send(line.rstrip("\n"))

@@ -9,7 +9,9 @@ from p2p.core import Delivery, DeviceState, Enrollment
 from p2p.discovery.base import StaticPeers
 from p2p.errors import (
     AlreadyInitialized,
+    AlreadyRunning,
     BadSignature,
+    ChatCorrupt,
     ContactError,
     CryptoError,
     DecryptionFailed,
@@ -22,7 +24,6 @@ from p2p.errors import (
     NodeError,
     NotInitialized,
     P2PError,
-    PoisonedReplica,
     ProtocolError,
     RemovedDevice,
     ReplayDetected,
@@ -40,6 +41,7 @@ from p2p.errors import (
 from p2p.events import (
     ChatChanged,
     ChatKeysChanged,
+    ChatSetAside,
     DeviceLinked,
     DeviceListChanged,
     EntryRejected,
@@ -59,6 +61,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AlreadyInitialized",
+    "AlreadyRunning",
+    "ChatCorrupt",
+    "ChatSetAside",
     "BadSignature",
     "ChatChanged",
     "ChatKeysChanged",
@@ -89,7 +94,6 @@ __all__ = [
     "P2PError",
     "PeerConnected",
     "PeerDisconnected",
-    "PoisonedReplica",
     "ProtocolError",
     "RemovedDevice",
     "ReplayDetected",

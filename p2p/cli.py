@@ -432,7 +432,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for p in status["peers"]:
         name = f"{p['name']} ({p['device']})" if p.get("name") else p["device"]
         say(f"  peer {name} via {p['remote']} ({p['found_via']})")
-    for s in status["spaces"]:
+    for s in sorted(status["spaces"], key=lambda s: (s["kind"], s["name"], s["id"])):
         held = "history not loaded" if s["entries"] is None else f"{s['entries']} entries"
         say(f"  {s['kind']:<7} {s['name']:<10} {s['id']}  {held}")
     media = status.get("media")

@@ -858,9 +858,9 @@ class DeviceState:
     def seal(self, space_id: str, payload: bytes) -> bytes:
         """Seal ``payload`` for a space with the next counter.
 
-        Counters come from a reserved block (see :meth:`reserve_counters`); half-way
-        through a block the next one is reserved in :attr:`unsaved`, which the node
-        writes long before the first block runs out.
+        Counters come from a block claimed in the store (``claim_run``); half-way
+        through a block :attr:`counters_wanted` asks the node's writer to claim the
+        next one (``claim_counters``), long before this one runs out.
         """
         space = self.space(space_id)
         self.counter += 1
@@ -886,7 +886,8 @@ class DeviceState:
         self.counters_wanted = self.counter > self.counter_reserved - COUNTER_BLOCK // 2
 
     def take_unsaved(self) -> WriteBatch:
-        """Records changed outside an operation's own batch (counter reservations)."""
+        """Writes made outside an operation's own batch (the index of a store from before it
+        existed, built by :meth:`load`)."""
         batch, self.unsaved = self.unsaved, WriteBatch()
         return batch
 
@@ -933,8 +934,29 @@ class DeviceState:
             self._client_owners = owners
         return self._client_owners.get(client >> BOOT_BITS)
 
-    def _may_open(self, account_id: str, map_name: str, key: str) -> bool:
-        return may_open(map_name, key, account_id, self.belongs)
+    def _refused_key(
+        self, account_id: str, space_id: str, opened: list[tuple[str, str]]
+    ) -> str | None:
+        """The first key of ``opened`` a device of another account may not open in a
+        space (None: all are fine). Not a key that holds a value of another account
+        already: an item opening a key again, with no origin, lands after the items
+        there when its client id is greater, and replaces the value without referring
+        to it. Not a key that is another's by its name (``model.may_open``). And a
+        deletion only of a message of its own account, held or written with it."""
+        replica = self.spaces[space_id].replica
+        messages = {key for name, key in opened if name == "m"}
+        held = replica.values([*opened, *(("m", k) for n, k in opened if n == "x")])
+        for name, key in opened:
+            value = held.get((name, key))
+            if value is not None and not (isinstance(value, dict) and value.get("a") == account_id):
+                return f"{name}/{key}"
+            if not may_open(name, key, account_id, self.belongs):
+                return f"{name}/{key}"
+            if name == "x" and key not in messages:
+                message = held.get(("m", key))
+                if not (isinstance(message, dict) and message.get("a") == account_id):
+                    return f"{name}/{key}"
+        return None
 
     def _ours_client(self, client: int) -> bool:
         return self.client_account(client) == self.account_id
@@ -966,8 +988,8 @@ class DeviceState:
         # another account's device may only write and delete its own account's structs
         # (so it can neither occupy nor delete ours); our own devices relay anyone's
         allowed = None if author == self.account_id else self._author_client(author)
-        # nor write the first value under a key that is ours by its name
-        opens = None if allowed is None else partial(self._may_open, author)
+        # nor open a key that is ours (by its name, or by the value it holds)
+        opens = None if allowed is None else partial(self._refused_key, author, opened.space)
         applied = self.spaces[opened.space].replica.apply(
             opened.payload, allowed=allowed, opens=opens
         )

@@ -184,8 +184,8 @@ def may_open(map_name: str, key: str, account: str, belongs: DeviceInAccount) ->
     reactions and leave entries under its account. Keys known before their owner
     writes them would otherwise be squatted: the owner's write then replaces another
     account's item, which every other account refuses (``DeviceState.ingest``). Entry
-    ids are random; a deletion's key is its message's id, whose author the fold
-    checks (a deletion squatted first still blocks the author's: a known gap)."""
+    ids are random; a deletion's key is its message's id, whose author the receiver
+    checks against the message it holds (``DeviceState._refused_key``)."""
     if map_name in ("k", "v"):
         return belongs(key, account)
     if map_name == "r":
@@ -584,7 +584,7 @@ class Replica:
         *,
         from_store: bool = False,
         allowed: Callable[[int], bool] | None = None,
-        opens: Callable[[str, str], bool] | None = None,
+        opens: Callable[[list[tuple[str, str]]], str | None] | None = None,
     ) -> Applied:
         """Integrate an update (idempotent); InvalidUpdate if pycrdt refuses it.
 
@@ -596,8 +596,8 @@ class Replica:
         keys are indexed already). ``allowed`` (when given) must accept every client the
         update touches: another account's device may only touch its own account's
         clients, so it can neither occupy, replace nor delete another's structs.
-        ``opens`` (when given) must accept every (map, key) the update names (see
-        :func:`may_open`).
+        ``opens`` (when given) is asked about the (map, key) pairs the update names
+        and says which one its sender may not open, if any (``DeviceState.ingest``).
 
         Should pycrdt panic part-way all the same, the document is rebuilt from its
         history (``reload``) and PoisonedReplica raised: the update is not kept.
@@ -611,11 +611,11 @@ class Replica:
                 self.space, "the update touches CRDT clients of another account than its sender's"
             )
         if opens is not None:
-            for map_name, key in opened or ():
-                if not opens(map_name, key):
-                    raise InvalidUpdate(
-                        self.space, f"the update opens {map_name}/{key}, which is not its sender's"
-                    )
+            refused = opens(opened or [])
+            if refused is not None:
+                raise InvalidUpdate(
+                    self.space, f"the update opens {refused}, which is not its sender's"
+                )
         if not from_store:
             self.load()  # the history first, so that the changes seen are this update's
         changed: Changes = {}
@@ -689,6 +689,19 @@ class Replica:
         return bytes(doc.get_update(before))
 
     # ---- reading -------------------------------------------------------------------
+
+    def values(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Any]:
+        """The values under some (map, key) pairs of the chat maps, read in one
+        transaction (pycrdt opens one per read otherwise); absent ones left out."""
+        maps = self._maps
+        found = {}
+        with self._doc.transaction() as txn:
+            raw = txn._txn  # the yrs transaction: pycrdt's Map.get opens three more
+            for map_name, key in keys:
+                held = maps.get(map_name)
+                if held is not None and held.integrated.has(raw, key):
+                    found[(map_name, key)] = held.integrated.get(raw, key)
+        return found
 
     def entries(self, map_name: str) -> list[tuple[str, Entry | None]]:
         """(key, parsed entry or None when malformed) of one map."""

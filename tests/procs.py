@@ -324,35 +324,65 @@ class Node(Child):
 
 
 class Relay:
-    """``p2p relay`` on 127.0.0.1, a mailbox in ``data``; it can be stopped and started
-    again on the address it first got (``start`` after ``stop``)."""
+    """``p2p relay`` on 127.0.0.1, a mailbox in ``data`` (None: the args say where, as
+    ``--redis`` does); it can be stopped and started again on the address it first got
+    (``start`` after ``stop``)."""
 
-    def __init__(self, data: Path, *args: str, port: int = 0, start: bool = True) -> None:
+    def __init__(
+        self,
+        data: Path | None,
+        *args: str,
+        port: int = 0,
+        start: bool = True,
+        logs: Path | None = None,
+    ) -> None:
         self.data = data
         self.args = args
         self.port = port
         self.url = ""
+        self.logs = logs or (data.parent if data is not None else Path.cwd())
         self.child: Child | None = None
+        self.event: dict[str, Any] = {}
+        """The relay's ``listening`` line."""
+        self.starts = 0
+        self._children: list[Child] = []
         if start:
             self.start()
 
-    def start(self, timeout: float = 30) -> None:
-        argv = [*P2P, "relay", "--listen", f"127.0.0.1:{self.port}", "--data", str(self.data)]
-        self.child = Child([*argv, *self.args], logs=self.data.parent)
+    @property
+    def process(self) -> str:
+        """The relay process's id within its cluster (``""`` for a single relay)."""
+        return str(self.event.get("process", ""))
+
+    def start(self, timeout: float = 30) -> Relay:
+        argv = [*P2P, "relay", "--listen", f"127.0.0.1:{self.port}"]
+        if self.data is not None:
+            argv += ["--data", str(self.data)]
+        self.starts += 1
+        self.child = Child([*argv, *self.args], logs=self.logs)
+        self._children.append(self.child)
         try:
-            event = self.child.wait_for("listening", timeout=timeout)
+            self.event = self.child.wait_for("listening", timeout=timeout)
         except BaseException:
             self.child.kill()
             raise
-        self.url = event["address"]
+        self.url = self.event["address"]
         self.port = int(self.url.rsplit(":", 1)[1])
+        return self
 
     @property
     def alive(self) -> bool:
         return self.child is not None and self.child.alive
 
+    @property
+    def proc(self) -> subprocess.Popen[str]:
+        """The running process (for its pid)."""
+        assert self.child is not None, "the relay was never started"
+        return self.child.proc
+
     def log(self) -> str:
-        return self.child.stderr() if self.child is not None else ""
+        """What every start of this relay wrote to stderr, in order."""
+        return "\n".join(child.stderr() for child in self._children)
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
         return self.child.stop(sig) if self.child is not None else None

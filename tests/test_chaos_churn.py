@@ -278,6 +278,7 @@ def play(tmp_path: Path, seed: int, steps: int) -> None:
             sends=churn.sent,
             acked=len(ledger.acked),
             failed=len(ledger.failed),
+            failures=dict(Counter(reason.split(":")[0][:60] for reason in ledger.failed.values())),
             lost=len(lost),
             unexpected=len(unexpected),
             doubled=len(doubled),

@@ -204,7 +204,8 @@ def test_ctrl_c_while_link_waits_is_one_line(tmp_path: Path) -> None:
 
 
 def test_a_reader_that_stops_early_ends_the_log_quietly(home: Path) -> None:
-    p2p(home, "send", "ab\n" * 20_000)  # more than a pipe holds: the log is still writing
+    for _ in range(8):  # far more than a pipe holds: the log is still writing
+        p2p(home, "send", "ab\n" * 20_000)
     log = subprocess.Popen(
         [*P2P, "--home", str(home), "log"],
         stdout=subprocess.PIPE,

@@ -159,6 +159,35 @@ def test_a_member_cannot_squat_a_key_that_is_ours_by_name(map_name: str) -> None
     assert key not in dict(a_laptop.space(chat).replica.entries(map_name))
 
 
+def test_a_member_cannot_open_our_key_again_without_an_origin() -> None:
+    """B writes our message's key from a document that never saw it: an item with no
+    origin, referring to nothing of ours. Among items with no origin under one key, the
+    one of the greater client id lands last and is the value, so for half of all pairs
+    of devices this replaced our message. Refused, whatever the client ids."""
+    _, a_laptop, b_phone, chat, message = setup()
+    blank: pycrdt.Doc[Any] = pycrdt.Doc(client_id=crdt_client(b_phone.device_id, 2**17 - 1))
+    blank.get("m", type=pycrdt.Map)[message.id] = b_entry(b_phone, chat, message.id, "B's")
+    with pytest.raises(InvalidUpdate, match="opens"):
+        a_laptop.ingest(b_phone.seal(chat, bytes(blank.get_update())))
+    assert [m.text for m in view(a_laptop, chat)] == ["hello from A"]
+
+
+def test_a_member_deletes_only_its_own_messages() -> None:
+    """A deletion is filed under its message's id: B may open that key only for a
+    message of its own account (held already, or written in the same update)."""
+    _, a_laptop, b_phone, chat, message = setup()
+    attacker = Attacker(b_phone, chat, a_laptop)
+    with pytest.raises(InvalidUpdate, match="opens"):
+        a_laptop.ingest(attacker.place("x", message.id, {"squatted": "by B"}))
+    a_laptop.ingest(attacker.place("m", "b1", b_entry(b_phone, chat, "b1", "B's own")))
+    a_laptop.ingest(attacker.place("x", "b1", {"a": b_phone.account_id}))
+    before = attacker.doc.get_state()
+    with attacker.doc.transaction():
+        attacker.doc.get("m", type=pycrdt.Map)["b2"] = b_entry(b_phone, chat, "b2", "gone")
+        attacker.doc.get("x", type=pycrdt.Map)["b2"] = {"a": b_phone.account_id}
+    a_laptop.ingest(b_phone.seal(chat, bytes(attacker.doc.get_update(before))))
+
+
 def test_a_squat_would_block_our_catch_up_to_a_third_account() -> None:
     """Why squatting matters: with three accounts, B's squat of A's read-marker key,
     taken by A's phone and by C, makes C refuse A's marker, and A's catch-up with it."""

@@ -14,18 +14,16 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import subprocess
-import sys
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
 import trio
-from procs import P2P, Node, wait_until
+from procs import Linker, Node, Relay, wait_until
 from trio_websocket import ConnectionClosed as WsClosed
 from trio_websocket import wrap_client_stream
 
@@ -182,14 +180,6 @@ def rejected(node: Node, error: str) -> bool:
     )
 
 
-@pytest.fixture
-def nodes() -> Iterator[list[Node]]:
-    started: list[Node] = []
-    yield started
-    for node in started:
-        node.stop()
-
-
 @pytest.mark.slow
 def test_a_bomb_as_the_first_tcp_frame_leaves_the_node_as_it_was(
     tmp_path: Path, nodes: list[Node]
@@ -213,35 +203,6 @@ def test_a_bomb_as_the_first_tcp_frame_leaves_the_node_as_it_was(
     laptop = Node(homes[1], "--listen", "127.0.0.1:0", "--no-mdns", "--peer", phone.address)
     nodes.append(laptop)
     laptop.wait_for("peer_connected", device=phone.device)
-
-
-class RelayProcess:
-    """``python -m p2p.relay`` on 127.0.0.1, port 0."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "p2p.relay", "--listen", "127.0.0.1:0", "--data", str(tmp)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        event = json.loads(self.proc.stdout.readline())
-        assert event["event"] == "listening", event
-        self.url: str = event["address"]
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=20)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-
-@pytest.fixture
-def relay(tmp_path: Path) -> Iterator[RelayProcess]:
-    process = RelayProcess(tmp_path / "relay")
-    yield process
-    process.stop()
 
 
 async def close_code_after(url: str, message: bytes) -> int | None:
@@ -271,7 +232,7 @@ async def close_code_after(url: str, message: bytes) -> int | None:
 
 
 @pytest.mark.slow
-def test_a_bomb_before_login_leaves_the_relay_as_it_was(relay: RelayProcess) -> None:
+def test_a_bomb_before_login_leaves_the_relay_as_it_was(relay: Relay) -> None:
     before = peak_rss(relay.proc.pid)
     big = bomb(2 * MiB - 64)  # within the relay's message limit, far past a login's size
     assert trio.run(close_code_after, relay.url, big) == 1009  # too big, before any decoding
@@ -332,7 +293,7 @@ async def pipe_bombs(url: str, target: str, bombs: list[bytes]) -> list[bool]:
 
 @pytest.mark.slow
 def test_a_bomb_through_a_relay_pipe_leaves_the_node_as_it_was(
-    tmp_path: Path, relay: RelayProcess, nodes: list[Node]
+    tmp_path: Path, relay: Relay, nodes: list[Node]
 ) -> None:
     homes = [tmp_path / "phone"]
     provision_homes(homes)
@@ -349,34 +310,24 @@ def test_a_bomb_through_a_relay_pipe_leaves_the_node_as_it_was(
 
 @pytest.mark.slow
 def test_a_bomb_at_a_device_waiting_to_be_linked_leaves_it_waiting(tmp_path: Path) -> None:
-    proc = subprocess.Popen(
-        [*P2P, "--home", str(tmp_path / "new"), "link", "--json", "--name", "tablet",
-         "--listen", "127.0.0.1:0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )  # fmt: skip
+    linker = Linker(tmp_path / "new", "tablet")
     try:
-        assert proc.stdout is not None
-        code = PairingCode.decode(json.loads(proc.stdout.readline())["code"])
+        code = PairingCode.decode(linker.code)
         host, port = code.addresses[0].rsplit(":", 1)
         time.sleep(0.5)  # let it settle before the baseline
-        before = peak_rss(proc.pid)
-        failures = []
-        for data in (bomb(2 * MiB), bomb(60 * 1024)):
+        before = peak_rss(linker.proc.pid)
+        for data in (bomb(MiB + 4096), bomb(60 * 1024)):
             with socket.create_connection((host, int(port)), timeout=5) as sock:
                 sock.sendall(len(data).to_bytes(4, "big") + data)
                 assert closed_by_peer(sock, within=20)
-            failures.append(json.loads(proc.stdout.readline()))
+        linker.wait_line(lambda _: linker.count("failed") >= 2, timeout=20)
+        failures = [e for e in linker.events if e.get("event") == "failed"]
         assert [f.get("error") for f in failures] == ["FrameTooLarge", "TooComplex"]
-        grown = peak_rss(proc.pid) - before
+        grown = peak_rss(linker.proc.pid) - before
         assert grown < BOUND * 2 * MiB, f"the waiting device grew by {grown} bytes"
-        assert proc.poll() is None  # still waiting for its primary
+        assert linker.alive  # still waiting for its primary
     finally:
-        proc.kill()
-        proc.wait(timeout=20)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        linker.kill()
 
 
 # ---- the control socket -----------------------------------------------------------------

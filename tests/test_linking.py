@@ -307,6 +307,9 @@ def approve_comparing(home: Path, linker: Linker, *, answer: str) -> tuple[str, 
     )
     try:
         prompt = person.wait_text(lambda text: "[y/N]" in text, timeout=60)
+        warned = person.stderr()  # before the digits: who asks to join, and from where
+        assert "asks to join your account" in warned, warned
+        assert linker.device in warned
         found = CHECK.search(prompt)
         assert found, prompt
         linker.wait_line(lambda _: linker.count("check") > before, timeout=30)

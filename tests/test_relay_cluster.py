@@ -11,19 +11,17 @@ restarted (AOF keeps the mail).
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-import selectors
 import signal
 import socket
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import procs
 import pytest
 import trio
 from redis_proc import RedisProcess, free_port
@@ -32,6 +30,7 @@ from p2p.errors import MailboxFull
 from p2p.identity import DeviceKeys
 from p2p.relay.client import RelayClient, relay_address
 from p2p.transport.base import Connection, ConnectionClosed
+from p2p.wire import MAX_FRAME
 
 pytestmark = pytest.mark.slow
 
@@ -39,59 +38,13 @@ CLUSTER_ID = "ws://relay.cluster.test"
 """The id every process of the test cluster signs as (a name: nothing dials it)."""
 
 
-class Relay:
-    """``python -m p2p.relay`` on a fixed loopback port, so it can come back there."""
+class Relay(procs.Relay):
+    """``p2p relay`` on loopback with a metrics listener; it comes back on its port."""
 
-    def __init__(self, folder: Path, *args: str, port: int | None = None) -> None:
-        self.folder = folder
-        self.args = args
-        self.port = port or free_port()
+    def __init__(self, folder: Path, *args: str, port: int = 0) -> None:
         self.metrics_port = free_port()
-        self.url = f"ws://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[str] | None = None
-        self.process = ""
-        self.starts = 0
-
-    def start(self) -> Relay:
-        self.starts += 1
-        log = (self.folder / f"relay-{self.port}-{self.starts}.log").open("w")
-        command = [
-            sys.executable,
-            "-m",
-            "p2p.relay",
-            "--listen",
-            f"127.0.0.1:{self.port}",
-            "--metrics",
-            f"127.0.0.1:{self.metrics_port}",
-            *self.args,
-        ]
-        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
-        log.close()
-        assert self.proc.stdout is not None
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            ready = sel.select(20)
-        line = self.proc.stdout.readline() if ready else ""
-        if not line:
-            self.stop(signal.SIGKILL)
-            raise AssertionError(f"relay did not start: {self.log()}")
-        event = json.loads(line)
-        assert event["event"] == "listening", event
-        self.process = event.get("process", "")
-        return self
-
-    def log(self) -> str:
-        return "\n".join(
-            p.read_text() for p in sorted(self.folder.glob(f"relay-{self.port}-*.log"))
-        )
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, sig)
-            self.proc.wait(timeout=20)
-        if self.proc is not None and self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self.proc = None
+        metrics = ("--metrics", f"127.0.0.1:{self.metrics_port}")
+        super().__init__(None, *metrics, *args, port=port, start=False, logs=folder)
 
     def http(self, path: str) -> tuple[int, str]:
         """GET ``path`` from the process's metrics listener: (status, body)."""
@@ -246,7 +199,7 @@ def test_a_device_with_open_pipes_goes_offline_when_it_leaves(topology: Topology
 def test_pipes_keep_order_and_size_across_processes(topology: Topology) -> None:
     a, b = topology.client(0), topology.client(2)
     frames = [bytes([i % 251]) * (1 + (i * 7919) % 20_000) for i in range(300)]
-    frames.insert(150, os.urandom(3 * 1024 * 1024))  # chunked: 1 MiB pieces in order
+    frames.insert(150, os.urandom(MAX_FRAME))  # past one relay message: sent in pieces, in order
 
     async def main() -> None:
         async with serving(a, b):
@@ -534,3 +487,28 @@ def test_abuse_is_refused_by_a_cluster_process_as_by_a_single_relay(start_cluste
     assert one.proc is not None
     assert one.proc.poll() is None
     assert "Traceback" not in one.log()
+
+
+def test_health_and_metrics_answer_and_bad_requests_are_refused(topology: Topology) -> None:
+    relay = topology.relays[0]
+    assert relay.http("/healthz") == (200, "ok\n")
+    status, body = relay.http("/metrics")
+    assert status == 200
+    for name in ("connections", "pipes", "mail_items", "mail_bytes", "chunks_relayed_total"):
+        assert f"\np2p_relay_{name} " in "\n" + body, name
+    assert relay.http("/nope")[0] == 404
+
+    def raw(data: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", relay.metrics_port), timeout=10) as s:
+            s.sendall(data)
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+            return answer
+
+    assert raw(b"POST /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 405")
+    assert raw(b"garbage\r\n\r\n").startswith(b"HTTP/1.1 400")
+    # a head past 8 KiB: 400, or a reset when the unread rest is thrown away
+    with contextlib.suppress(ConnectionResetError):
+        assert raw(b"GET /" + b"x" * 20_000 + b" HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 400")
+    assert relay.http("/healthz") == (200, "ok\n")

@@ -41,16 +41,17 @@ def run(home: Path, topo: Topology, first: int) -> Node:
     return Node(home, *args)
 
 
-def messages(home: Path) -> list[dict[str, Any]]:
-    reply = control.request(home, {"op": "log", "chat": None})
-    return list(reply["messages"]) if reply is not None else log(home)
+def messages(home: Path, chat: str | None = None) -> list[dict[str, Any]]:
+    reply = control.request(home, {"op": "log", "chat": chat})
+    return list(reply["messages"]) if reply is not None else log(home, chat)
 
 
 class Writers:
     """Each device writes its own numbered messages; what was acknowledged is recorded."""
 
-    def __init__(self, homes: list[Path]) -> None:
+    def __init__(self, homes: list[Path], chat: str | None = None) -> None:
         self.homes = homes
+        self.chat = chat
         self.written: set[str] = set()
         self.rounds = 0
 
@@ -62,7 +63,7 @@ class Writers:
         def write(home: Path) -> None:
             for i in range(per_device):
                 text = f"{home.name}-r{self.rounds}-{i}-{os.urandom(3).hex()}"
-                reply = control.request(home, {"op": "send", "text": text, "chat": None})
+                reply = control.request(home, {"op": "send", "text": text, "chat": self.chat})
                 if reply is not None and reply.get("ok"):
                     with lock:
                         self.written.add(text)
@@ -77,17 +78,19 @@ class Writers:
         """Jepsen's set check on every device, then one order everywhere."""
 
         def complete() -> bool:
-            return all({m["text"] for m in messages(h)} >= self.written for h in self.homes)
+            return all(
+                {m["text"] for m in messages(h, self.chat)} >= self.written for h in self.homes
+            )
 
         try:
             wait_until(complete, timeout=timeout, interval=0.5)
         finally:
             for home in self.homes:
-                seen = {m["text"] for m in messages(home)}
+                seen = {m["text"] for m in messages(home, self.chat)}
                 lost, unexpected = self.written - seen, seen - self.written
                 assert not lost, f"{home.name} lost {len(lost)}: {sorted(lost)[:5]}"
                 assert not unexpected, f"{home.name} has unexpected {sorted(unexpected)[:5]}"
-        orders = {h.name: [m["id"] for m in messages(h)] for h in self.homes}
+        orders = {h.name: [m["id"] for m in messages(h, self.chat)] for h in self.homes}
         assert len({tuple(o) for o in orders.values()}) == 1, "orders differ"
 
 
@@ -153,6 +156,76 @@ def test_every_process_and_redis_die_in_turn_long(tmp_path: Path, start_cluster:
         writers.check(timeout=180)
         record(
             "relay_cluster_set_check",
+            devices=len(homes),
+            written=len(writers.written),
+            lost=0,
+            unexpected=0,
+            process_kills=len(topo.relays),
+            redis_kills=2,
+            seconds=round(time.monotonic() - began, 1),
+        )
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def ask(home: Path, op: str, **fields: Any) -> dict[str, Any]:
+    reply = control.request(home, {"op": op, **fields})
+    assert reply is not None, f"no node running for {home.name}"
+    assert reply.get("ok"), reply
+    return reply
+
+
+@pytest.mark.chaos
+@pytest.mark.skipif(not CHAOS, reason=CHAOS_REASON)
+def test_twelve_devices_of_three_accounts_over_three_processes_long(
+    tmp_path: Path, start_cluster: Any
+) -> None:
+    """Three accounts of four devices each, in one conversation, spread over three
+    relay processes; each process SIGKILLed in turn and Redis twice while all twelve
+    write; Jepsen's set check on the conversation on every device."""
+    topo: Topology = start_cluster(3)
+    assert topo.redis is not None
+    accounts = [[tmp_path / f"{a}{d}" for d in range(4)] for a in "abc"]
+    for homes in accounts:
+        provision_homes(homes)
+    homes = [h for account in accounts for h in account]
+    nodes = [run(h, topo, i % 3) for i, h in enumerate(homes)]
+    began = time.monotonic()
+    try:
+        primaries = [account[0] for account in accounts]
+        codes = [ask(p, "contact_code")["code"] for p in primaries]
+        for i, primary in enumerate(primaries):
+            for j, code in enumerate(codes):
+                if i != j:
+                    ask(primary, "contact_add", code=code, name=f"acct{j}")
+        members = [c["id"] for c in ask(primaries[0], "contacts")["contacts"]]
+        assert len(members) == 2
+        chat = ask(primaries[0], "chat_new", name="all", **{"with": members})["chat"]
+
+        def joined(home: Path) -> bool:
+            reply = control.request(home, {"op": "chats"})
+            return reply is not None and any(c["id"] == chat for c in reply.get("chats", []))
+
+        wait_until(lambda: all(joined(h) for h in homes), timeout=180, interval=0.5)
+        writers = Writers(homes, chat)
+        for relay in topo.relays:
+            writers.round(2)
+            relay.stop(signal.SIGKILL)
+            writers.round(2)
+            relay.start()
+        for _ in range(2):
+            writers.round(2)
+            topo.redis.kill()
+            writers.round(2)
+            topo.redis.start()
+        writers.round(2)
+        written_at = time.monotonic()
+        writers.check(timeout=900)  # twelve nodes on two shared cores: catch-up is slow
+        record(
+            "relay_cluster_set_check_accounts",
+            converged_after_last_write=round(time.monotonic() - written_at, 1),
+            accounts=3,
             devices=len(homes),
             written=len(writers.written),
             lost=0,

@@ -7,8 +7,8 @@ apply in a fresh document. A few thousand inputs run in ``make test`` (a second 
 inputs it tried. Each panic the search found is a regression input in
 tests/test_yupdate.py (``PANICS``), and the rule that refuses it is in p2p/yupdate.py.
 
-(A plain test module: coverage-guided atheris targets live under tests/fuzz/ where the
-project has them; this one is driven by a grammar of update v1 instead.)
+The same promise is the coverage-guided atheris target ``crdt_differential``
+(tests/fuzz/targets.py); this module drives it from a grammar of update v1 instead.
 """
 
 from __future__ import annotations

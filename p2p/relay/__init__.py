@@ -3,7 +3,11 @@
 - :mod:`p2p.relay.protocol`: the wire protocol (msgpack over binary websocket messages),
   sans-I/O, strictly checked.
 - :mod:`p2p.relay.server`: :func:`serve_relay` and :class:`RelayServer`: authenticated
-  connections, presence, pipes between devices, a bounded SQLite mailbox.
+  connections, presence, pipes between devices, a bounded mailbox.
+- :mod:`p2p.relay.backend`: the mail store interface and its SQLite adapter (one relay
+  process, the default); :mod:`p2p.relay.cluster`: mail, presence and a bus between
+  processes in Redis, for many processes serving one relay id (``--redis``);
+  :mod:`p2p.relay.metrics`: ``/healthz`` and Prometheus ``/metrics``.
 - :mod:`p2p.relay.client`: :class:`RelayClient`, which is at once a Transport
   (``relay:<device id>`` addresses), a Discovery (presence of watched devices) and a
   mailbox client.

@@ -7,6 +7,11 @@ encrypted sync session through it), and post mail for devices that are offline (
 SQLite, bounded, expiring). The relay never holds a key that opens anything it carries.
 What it can and cannot see is in docs/relay.md.
 
+With ``redis_url`` the process is one of a cluster serving one relay id: mail lives in
+Redis (backend.MailStore), presence is cluster-wide, and a pipe whose other device is on
+another process is a :class:`_RemotePipe` whose chunks cross the cluster's bus with a
+credit window (cluster.py). Pipes between devices of this process stay as they are.
+
 Structure (trio-websocket's habit): :func:`serve_relay` runs inside the caller's
 nursery (``server = await nursery.start(serve_relay, host, port, ...)``) and owns a
 :class:`RelayServer`, the shared state. Each websocket is one connection task with its own
@@ -476,7 +481,7 @@ class RelayServer:
         # Until the device has authenticated, trio-websocket refuses (1009) any message
         # past MAX_PREAUTH as it arrives: a stranger cannot make us buffer, let alone
         # decode, a full-size message. The private attribute is the one the library's
-        # own reader checks (pinned trio-websocket; tests/test_relay.py holds it to it).
+        # own reader checks (pinned trio-websocket; tests/test_hostile_bytes.py holds it to it).
         conn.ws._max_message_size = min(MAX_PREAUTH, self.limits.max_message)
         conn.tell(encode_server("challenge", nonce=nonce, relay=self.relay_id))
         with trio.move_on_at(auth_deadline) as timer:
@@ -941,14 +946,20 @@ class RelayServer:
         device = conn.device
         assert device is not None
         last = 0
+        retry = 1.0
         while True:
             event = conn.mail_event = trio.Event()
             try:
                 items = await self.mail.fetch(device, last, MAIL_PAGE, time.time())
-            except StoreError as exc:  # Redis lost, say: try again, mail stays where it is
-                log.error("reading mail for %s failed: %s", device, exc)
-                await trio.sleep(1.0)
+            except StoreError as exc:  # Redis lost, say: the mail stays where it is
+                if retry == 1.0:  # one line per outage and device, not one a second
+                    log.warning("reading mail for %s failed: %s", device, exc)
+                # again later, or at once when the store is back (on_cluster_recovered)
+                with trio.move_on_after(retry):
+                    await event.wait()
+                retry = min(retry * 2, 30.0)
                 continue
+            retry = 1.0
             for item in items:
                 message = encode_server("mail", id=item.id, data=item.data, **{"from": item.sender})
                 if not await conn.out.put(message):

@@ -102,10 +102,11 @@ _BUSY_TIMEOUT: Final = 5.0
 _CORRUPT_CODES: Final = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
 
 # The last seq of a space: its snapshot may cover more than its remaining updates (after
-# a full compaction there are none left), so take the larger of the two.
+# a full compaction there are none left), so take the larger of the two. Plain ``?``
+# placeholders: numbered ones with a tuple warn from Python 3.12 and fail from 3.14.
 _LAST_SEQ_SQL: Final = (
-    "SELECT max(coalesce((SELECT max(seq) FROM updates WHERE space = ?1), 0),"
-    " coalesce((SELECT seq FROM snapshots WHERE space = ?1), 0))"
+    "SELECT max(coalesce((SELECT max(seq) FROM updates WHERE space = ?), 0),"
+    " coalesce((SELECT seq FROM snapshots WHERE space = ?), 0))"
 )
 
 # Distinct spaces of ``updates`` by skip-scan: jump from one space to the next through the
@@ -635,7 +636,7 @@ class SqliteStore:
         Reading it inside the caller's transaction keeps numbering right even if some
         other connection (a second process opened on the same file) appended meanwhile.
         """
-        value = conn.execute(_LAST_SEQ_SQL, (space,)).fetchone()[0]
+        value = conn.execute(_LAST_SEQ_SQL, (space, space)).fetchone()[0]
         if type(value) is not int:
             raise StoreCorrupt(f"{self._path}: space {space!r} has a non-integer seq {value!r}")
         return value

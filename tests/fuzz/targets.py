@@ -15,8 +15,11 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable
+from typing import Any
 
-from p2p import control, envelope, wire
+import pycrdt
+
+from p2p import control, envelope, wire, yupdate
 from p2p.contacts import PREFIX as CONTACT_PREFIX
 from p2p.contacts import ContactCode
 from p2p.core import DeviceState
@@ -273,8 +276,83 @@ def stored_rows(data: bytes) -> object:
     return state
 
 
-# The differential pycrdt target (bytes that yupdate.check_update accepts must apply in
-# a fresh pycrdt document without a panic) registers here as "crdt_differential".
+# ---- CRDT updates, against pycrdt ------------------------------------------------------
+
+
+@functools.cache
+def _crdt_history() -> bytes:
+    """A small history of two clients (1 and 2): map values set, replaced and deleted,
+    text inserted in the middle and deleted, an array, a nested map."""
+    a: pycrdt.Doc[Any] = pycrdt.Doc(client_id=1)
+    a.get("m", type=pycrdt.Map)["k"] = "one"
+    a.get("t", type=pycrdt.Text).insert(0, "hello")
+    b: pycrdt.Doc[Any] = pycrdt.Doc(client_id=2)
+    b.apply_update(a.get_update())
+    b.get("m", type=pycrdt.Map)["k"] = "two"
+    b.get("t", type=pycrdt.Text).insert(2, "XY")
+    del b.get("t", type=pycrdt.Text)[0:1]
+    b.get("l", type=pycrdt.Array).extend([1, "a"])
+    b.get("m", type=pycrdt.Map)["n"] = pycrdt.Map({"z": "w"})
+    a.apply_update(b.get_update(a.get_state()))
+    a.get("m", type=pycrdt.Map)["k"] = "three"
+    return bytes(a.get_update())
+
+
+def _crdt_seeds() -> list[bytes]:
+    _, batch, _ = _world()
+    doc: pycrdt.Doc[Any] = pycrdt.Doc(client_id=1)
+    doc.apply_update(_crdt_history())
+    before = doc.get_state()
+    doc.get("m", type=pycrdt.Map)["k"] = "four"
+    doc.get("t", type=pycrdt.Text).insert(1, "é")
+    return [update for _, update in batch.appends] + [
+        _crdt_history(),
+        bytes(doc.get_update(before)),
+    ]
+
+
+def _panic(call: Callable[..., object], *args: object) -> str | None:
+    try:
+        call(*args)
+    except Exception:
+        return None  # pycrdt refused it: Replica.apply maps that to InvalidUpdate
+    except BaseException as exc:  # pyo3's PanicException
+        if type(exc).__name__ != "PanicException":
+            raise
+        return str(exc)[:200]
+    return None
+
+
+def _full_state(doc: pycrdt.Doc[Any], out: list[bytes]) -> None:
+    out.append(bytes(doc.get_update()))
+
+
+def _panic_on(history: bytes, data: bytes) -> str | None:
+    """The panic applying ``data`` after ``history`` causes, then applying the result's
+    full state in a fresh document; None if neither panics."""
+    doc: pycrdt.Doc[Any] = pycrdt.Doc(client_id=99)
+    if history:
+        doc.apply_update(history)
+    full: list[bytes] = []
+    return (
+        _panic(doc.apply_update, data)
+        or _panic(_full_state, doc, full)
+        or _panic(pycrdt.Doc().apply_update, full[0] if full else b"\x00\x00")
+    )
+
+
+@target("crdt_differential", _crdt_seeds)
+def crdt_differential(data: bytes) -> object:
+    """Bytes ``yupdate.check_update`` accepts (else its InvalidUpdate) must apply without
+    a pycrdt panic, in a fresh document and on a small history, and the document's full
+    state must apply in a fresh one (tests/test_yupdate_diff.py runs the same promise on
+    a grammar of updates)."""
+    yupdate.check_update(data, "s")
+    for history in (b"", _crdt_history()):
+        error = _panic_on(history, data)
+        if error is not None:
+            raise AssertionError(f"pycrdt panicked on an update check_update accepted: {error}")
+    return None
 
 
 def replay(name: str, data: bytes) -> None:
