@@ -1062,10 +1062,7 @@ class Node:
                             self._carry_out(peer, session.close(exc))
                             break
                         self._carry_out(peer, session.receive(data, trio.current_time()))
-                    # frames arriving back to back (a long catch-up) never let the wait
-                    # time out: keep-alive pings must go out all the same, or the sender,
-                    # hearing nothing for IDLE_TIMEOUT, drops us
-                    if timer.cancelled_caught or trio.current_time() >= session.next_deadline():
+                    if timer.cancelled_caught:
                         self._carry_out(peer, session.tick(trio.current_time()))
                     if (
                         session.state is State.OPEN

@@ -8,18 +8,25 @@ test_history_procs.py.
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pycrdt
 import pytest
+import trio
+import trio.testing
 
 import p2p.envelope
 import p2p.sync
+from p2p import events as ev
+from p2p import testing
 from p2p.core import DeviceState
 from p2p.errors import InvalidUpdate, MalformedFrame
 from p2p.identity import DeviceKeys
 from p2p.model import MAX_UPDATE
+from p2p.node import open_node
 from p2p.sync import State
+from p2p.transport.memory import Faults, MemoryNetwork
 from p2p.wire import MAX_FRAME
 from p2p.ysplit import split_update
 from p2p.yupdate import check_update
@@ -252,3 +259,57 @@ def test_a_piece_our_envelope_refuses_closes_the_session(monkeypatch: pytest.Mon
     assert isinstance(link.a.error, MalformedFrame)
     assert link.a.session.state is State.CLOSED
     assert not link.a.session.catching_up
+
+
+# ---- a catch-up longer than the idle timeout, between nodes ------------------------------
+
+
+def test_a_catchup_longer_than_the_idle_timeout_keeps_its_session(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every frame takes 2 s (virtual) to cross, so pieces reach the laptop back to back
+    for longer than IDLE_TIMEOUT while it has nothing to say. It must still send its
+    keep-alive pings (its wait for the next frame never times out), or the phone, hearing
+    nothing for 45 s, drops it and the catch-up starts over on every reconnect."""
+    monkeypatch.setattr(p2p.sync, "PIECE", 8 * 1024)
+
+    async def scenario() -> None:
+        stores = testing.provision_account(2)
+        phone_state = DeviceState.load(stores[0])
+        chat = notes(phone_state)
+        entries = [
+            phone_state.new_entry(chat, "msg", WALL + i, body=f"{i} " + "x" * 200)
+            for i in range(1000)
+        ]
+        stores[0].write(phone_state.write_local(chat, entries)[1])
+        network = MemoryNetwork(faults=Faults(delay=2.0))
+        async with contextlib.AsyncExitStack() as stack:
+            phone, laptop = [
+                await stack.enter_async_context(
+                    open_node(
+                        store=store,
+                        transport=network.transport(name),
+                        peers=dials,
+                        wall_ms=testing.Cluster.wall_ms,
+                        receipts=False,
+                    )
+                )
+                for store, name, dials in zip(
+                    stores, ["phone", "laptop"], [[], ["phone"]], strict=True
+                )
+            ]
+            with phone.events() as events:
+                with trio.fail_after(3600):
+                    while len(laptop.messages()) < 1000:  # noqa: ASYNC110
+                        await trio.sleep(1)
+                assert trio.current_time() > 2 * p2p.sync.IDLE_TIMEOUT  # it took that long
+                seen = []
+                while True:
+                    try:
+                        seen.append(events.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+            assert not [e for e in seen if isinstance(e, ev.PeerDisconnected)], seen
+            assert len(network._links) == 1  # one connection all along
+
+    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
