@@ -20,16 +20,21 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
 import trio.testing
+
+from p2p.relay.client import RelayClient
+from p2p.transport.base import Connection, ConnectionClosed
 
 P2P = [sys.executable, "-m", "p2p"]
 _numbers = itertools.count()
@@ -93,6 +98,47 @@ def run_virtual(fn: Callable[[], Awaitable[object]]) -> None:
     """``trio.run`` on a clock that jumps ahead whenever every task sleeps: timeouts and
     backoffs of in-memory clusters take no real time."""
     trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def closed_by_peer(sock: socket.socket, within: float) -> bool:
+    """Whether the other end closes ``sock`` within ``within`` seconds (reading and
+    dropping whatever it sends meanwhile)."""
+    sock.settimeout(within)
+    try:
+        while sock.recv(65536):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+    return True
+
+
+async def echo(conn: Connection) -> None:
+    """A relay pipe's handler that sends back every frame until the pipe closes."""
+    try:
+        while True:
+            await conn.send(await conn.receive())
+    except ConnectionClosed:
+        pass
+
+
+@asynccontextmanager
+async def serving(
+    *clients: RelayClient,
+    handler: Callable[[Connection], Awaitable[None]] = echo,
+    within: float = 15,
+) -> AsyncIterator[trio.Nursery]:
+    """Relay clients connected to their relay (serving pipes with ``handler``) for the
+    block's duration."""
+    async with trio.open_nursery() as nursery:
+        for client in clients:
+            await nursery.start(client.serve, handler)
+        with trio.fail_after(within):
+            for client in clients:
+                await client.wait_connected()
+        yield nursery
+        nursery.cancel_scope.cancel()
 
 
 class Child:

@@ -13,7 +13,6 @@ import contextlib
 import json
 import socket
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,14 +22,6 @@ from p2p import control
 from p2p.testing import provision_homes
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def nodes() -> Iterator[list[Node]]:
-    started: list[Node] = []
-    yield started
-    for node in started:
-        node.stop()
 
 
 def chat_ids(home: Path) -> dict[str, str]:

@@ -23,7 +23,7 @@ from typing import Any
 import msgpack
 import pytest
 import trio
-from procs import Linker, Node, Relay, wait_until
+from procs import Linker, Node, Relay, closed_by_peer, wait_until
 from trio_websocket import ConnectionClosed as WsClosed
 from trio_websocket import wrap_client_stream
 
@@ -160,18 +160,6 @@ def peak_rss(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmHWM")
-
-
-def closed_by_peer(sock: socket.socket, within: float) -> bool:
-    sock.settimeout(within)
-    try:
-        while sock.recv(65536):
-            pass
-    except TimeoutError:
-        return False
-    except ConnectionResetError:
-        return True
-    return True
 
 
 def rejected(node: Node, error: str) -> bool:

@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from procs import Node, log, p2p, wait_until
+from procs import Node, closed_by_peer, log, p2p, wait_until
 
 from p2p.testing import provision_homes
 
@@ -105,18 +105,6 @@ def test_a_strangers_device_is_refused_and_learns_nothing(
 def raw_connection(address: str) -> socket.socket:
     host, port = address.rsplit(":", 1)
     return socket.create_connection((host, int(port)), timeout=5)
-
-
-def closed_by_peer(sock: socket.socket, within: float) -> bool:
-    sock.settimeout(within)
-    try:
-        while sock.recv(65536):
-            pass
-    except TimeoutError:
-        return False
-    except ConnectionResetError:
-        return True
-    return True
 
 
 def test_garbage_half_frames_and_silence_are_dropped_without_disturbing_peers(

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 import trio
+from procs import echo, serving
 from trio_websocket import ConnectionClosed as WsClosed
 from trio_websocket import WebSocketConnection, wrap_client_stream
 
@@ -41,29 +42,6 @@ from p2p.transport.tcp import TcpTransport
 pytestmark = pytest.mark.slow
 
 _numbers = itertools.count()
-
-
-async def echo(conn: Connection) -> None:
-    try:
-        while True:
-            await conn.send(await conn.receive())
-    except ConnectionClosed:
-        pass
-
-
-@asynccontextmanager
-async def serving(
-    *clients: RelayClient, handler: Callable[[Connection], Awaitable[None]] = echo
-) -> AsyncIterator[trio.Nursery]:
-    """Clients connected to their relay (serve running) for the block's duration."""
-    async with trio.open_nursery() as nursery:
-        for client in clients:
-            await nursery.start(client.serve, handler)
-        with trio.fail_after(10):
-            for client in clients:
-                await client.wait_connected()
-        yield nursery
-        nursery.cancel_scope.cancel()
 
 
 async def until(predicate: Callable[[], bool]) -> None:

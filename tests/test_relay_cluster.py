@@ -15,8 +15,7 @@ import contextlib
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import procs
 import pytest
 import trio
+from procs import echo, serving
 from redis_proc import RedisProcess, free_port
 
 from p2p.errors import MailboxFull
@@ -112,28 +112,8 @@ def topology(
     yield start_cluster(3, *args)
 
 
-async def echo(conn: Connection) -> None:
-    try:
-        while True:
-            await conn.send(await conn.receive())
-    except ConnectionClosed:
-        pass
-
-
 async def hold(conn: Connection) -> None:
     await trio.sleep_forever()
-
-
-@asynccontextmanager
-async def serving(*clients: RelayClient, handler: Any = echo) -> AsyncIterator[trio.Nursery]:
-    async with trio.open_nursery() as nursery:
-        for client in clients:
-            await nursery.start(client.serve, handler)
-        with trio.fail_after(15):
-            for client in clients:
-                await client.wait_connected()
-        yield nursery
-        nursery.cancel_scope.cancel()
 
 
 async def until(predicate: Any, seconds: float = 20) -> None:
