@@ -116,8 +116,22 @@ def _follow_log(
     events = control.watch(_home(args), args.chat)
     next(events)  # the node's "ok": the chat exists and we are subscribed
     reread()  # what changed between the first read and the subscription
+    # who is here already (a session that came up before we subscribed has no event
+    # left to see); each device is said online once until it goes offline
+    online: set[str] = set()
+    for row in _call(args, {"op": "presence"})["presence"]:
+        if row["online"]:
+            online.add(row["device"])
+            _say_awareness(args, {"event": "PeerConnected", "device": row["device"]}, names)
     for event in events:
         kind = event.get("event")
+        device = str(event.get("device"))
+        if kind == "PeerConnected":
+            if device in online:
+                continue
+            online.add(device)
+        elif kind == "PeerDisconnected":
+            online.discard(device)
         if kind in ("Typing", "PeerConnected", "PeerDisconnected"):
             _say_awareness(args, event, names)
         elif kind == "ChatChanged":
