@@ -492,3 +492,32 @@ def test_health_and_metrics_answer_and_bad_requests_are_refused(topology: Topolo
     with contextlib.suppress(ConnectionResetError):
         assert raw(b"GET /" + b"x" * 20_000 + b" HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 400")
     assert relay.http("/healthz") == (200, "ok\n")
+
+
+def test_a_cancelled_redis_connection_attempt_logs_no_traceback() -> None:
+    """coredis logs a cancelled connection attempt (a device hanging up while its mail is
+    read) as an ERROR with a traceback; the relay drops those records, and only those."""
+    import logging
+
+    import trio
+
+    from p2p.relay import cluster
+
+    quiet = cluster._QuietCancellation()
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        try:
+            raise exc
+        except BaseException:
+            import sys
+
+            return logging.LogRecord("coredis", logging.ERROR, __file__, 1, "x", (), sys.exc_info())
+
+    cancelled = trio.Cancelled._create()
+    chained = RuntimeError("wrapped")
+    chained.__context__ = cancelled
+    assert not quiet.filter(record(cancelled))
+    assert not quiet.filter(record(chained))
+    assert not quiet.filter(record(BaseExceptionGroup("g", [trio.Cancelled._create()])))
+    assert quiet.filter(record(ConnectionError("refused")))
+    assert quiet.filter(record(BaseExceptionGroup("g", [trio.Cancelled._create(), OSError()])))

@@ -71,6 +71,31 @@ from p2p.relay.protocol import MAIL_ID_BYTES, MAX_PAYLOAD, is_device_id
 
 log = logging.getLogger("p2p.relay.cluster")
 
+
+def _is_cancellation(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is trio's cancellation, or a group of them, or caused by one."""
+    seen = 0
+    while exc is not None and seen < 16:  # bounded: chains may loop
+        if isinstance(exc, trio.Cancelled):
+            return True
+        if isinstance(exc, BaseExceptionGroup):
+            return all(_is_cancellation(e) for e in exc.exceptions)
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+class _QuietCancellation(logging.Filter):
+    """coredis logs an ERROR with a traceback when a connection attempt is cancelled (a
+    device that hangs up while its mail is being read cancels the read). That is the
+    relay working as meant, not a fault: such records are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and _is_cancellation(record.exc_info[1]))
+
+
+for _name in ("coredis", "coredis.connection", "coredis.client", "coredis.pool"):
+    logging.getLogger(_name).addFilter(_QuietCancellation())
+
 HEARTBEAT: Final = 1.0
 """Seconds between a process's refreshes of its ``alive`` key."""
 ALIVE_FOR: Final = 5.0
