@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import trio
+from test_accounts import befriend
+from test_sync_session import WALL, Link, new_account, view
 
 from p2p.core import NOTES, DeviceState, crdt_client
 from p2p.envelope import new_space_key
@@ -23,8 +25,6 @@ from p2p.errors import DeviceListError, GrantRefused, InvalidUpdate, P2PError
 from p2p.grants import SpaceGrant, seal_grant
 from p2p.identity import DOMAIN_DEVICE_LIST, DeviceEntry, DeviceKeys
 from p2p.model import Entry
-from tests.test_accounts import befriend
-from tests.test_sync_session import WALL, Link, new_account, view
 
 # ---- claimed keys: another account lists our device's key as its own ---------------
 
@@ -400,7 +400,9 @@ def test_a_primary_dials_only_local_addresses_a_code_names() -> None:
 
     keys = DeviceKeys.generate()
     now = 1_800_000_000
-    addresses = ["93.184.216.34:443", "attacker.example:80", "127.0.0.1:9", "192.168.1.20:9"]
+    # only loopback literals and names here: a test names no other address (a private
+    # network's literal is dialed as loopback's is, by the same ipaddress check)
+    addresses = ["attacker.example:80", "127.0.0.1:9", "[::1]:9", "localhost:9"]
     code = PairingCode.create(
         sign_pk=keys.sign_pk,
         box_pk=keys.box_pk,
@@ -412,12 +414,12 @@ def test_a_primary_dials_only_local_addresses_a_code_names() -> None:
     dialed: list[list[str]] = []
     with pytest.raises(PairingError):
         approve_with(code.encode(), dialed, now)
-    assert dialed == [["127.0.0.1:9", "192.168.1.20:9"]]
+    assert dialed == [["127.0.0.1:9", "[::1]:9"]]  # literals only: names are not resolved
     public = PairingCode.create(
         sign_pk=keys.sign_pk,
         box_pk=keys.box_pk,
         name="laptop",
-        addresses=addresses[:2],
+        addresses=[addresses[0], addresses[3]],
         now_s=now,
         ttl_s=600,
     )
@@ -430,10 +432,11 @@ def test_a_primary_dials_only_local_addresses_a_code_names() -> None:
 def test_every_device_of_the_account_reports_a_new_device() -> None:
     """A phished code links an attacker's device: the owner's other devices say so."""
     import trio
+    from procs import run_virtual as run
+    from procs import wait_for
 
     from p2p import events as ev
     from p2p import testing
-    from tests.test_node import run, wait_for
 
     async def scenario() -> None:
         async with testing.cluster(2) as c:
@@ -508,10 +511,11 @@ def test_another_accounts_device_gets_no_chunk_of_a_chat_it_is_not_in(tmp_path: 
     """A's phone sends a file in A's notes. B's phone (connected: they share a chat)
     asks A's phone for its chunks by hash: it gets nohave, A's laptop gets them."""
     import trio
+    from procs import run_virtual as run
+    from procs import wait_for
+    from test_accounts import two_account_nodes
 
     from p2p import events as ev
-    from tests.test_accounts import two_account_nodes
-    from tests.test_node import run, wait_for
 
     (tmp_path / "secret.bin").write_bytes(b"private notes " * 5000)
 
@@ -591,11 +595,13 @@ def test_running_nodes_heal_an_epoch_split() -> None:
     one primary's new epoch joins them again."""
     from contextlib import AsyncExitStack
 
+    from procs import run_virtual as run
+    from procs import wait_for
+
     from p2p import events as ev
     from p2p.node import open_node
     from p2p.testing import Cluster, provision_account
     from p2p.transport.memory import MemoryNetwork
-    from tests.test_node import run, wait_for
 
     async def scenario() -> None:
         network = MemoryNetwork(seed=4)

@@ -23,6 +23,9 @@ from typing import Any
 import pycrdt
 import pytest
 import trio
+from procs import run_virtual as run
+from test_accounts import befriend, conversation, two_accounts
+from test_sync_session import WALL, Link, new_account, view
 
 from p2p import events as ev
 from p2p import model, testing, yupdate
@@ -30,9 +33,6 @@ from p2p.core import NOTES, DeviceState, crdt_client
 from p2p.errors import InvalidUpdate, PoisonedReplica
 from p2p.gossip import Authored
 from p2p.model import Entry, Replica
-from tests.test_accounts import befriend, conversation, two_accounts
-from tests.test_node import run
-from tests.test_sync_session import WALL, Link, new_account, view
 
 
 class Attacker:

@@ -15,6 +15,7 @@ import pycrdt
 import pytest
 import trio
 import trio.testing
+from test_sync_session import WALL, Link, new_account, notes, view
 
 import p2p.envelope
 import p2p.sync
@@ -30,7 +31,6 @@ from p2p.transport.memory import Faults, MemoryNetwork
 from p2p.wire import MAX_FRAME
 from p2p.ysplit import split_update
 from p2p.yupdate import check_update
-from tests.test_sync_session import WALL, Link, new_account, notes, view
 
 MAPS = ("m", "e", "x", "r", "k", "v", "c", "l")
 

@@ -18,11 +18,11 @@ import random
 import time
 
 import pytest
+from chaos import CHAOS, CHAOS_REASON, record
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests import ydiff
-from tests.chaos import CHAOS, CHAOS_REASON, record
 
 FAST_INPUTS = 3000
 LONG_SECONDS = float(os.environ.get("P2P_YDIFF_SECONDS", "300"))

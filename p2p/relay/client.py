@@ -122,7 +122,7 @@ def split_relay_url(url: str) -> tuple[str, str]:
     """``URL[#id=RELAY_ID]`` -> (the URL to dial, the relay id it must sign in as).
 
     A relay cluster serves one id from many addresses; ``#id=`` names that id for an
-    address that differs from it (``ws://10.0.0.5:7700#id=wss://relay.example``). The
+    address that differs from it (``ws://relay-2.internal:7700#id=wss://relay.example``). The
     fragment never leaves this device. Without it the id is the URL, as for one relay.
     """
     base, _, fragment = url.partition("#")
