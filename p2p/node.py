@@ -1378,6 +1378,17 @@ class Node:
             )
         )
 
+    def _grant_refused(self, exc: P2PError, came_from: _Peer | None) -> None:
+        """Report a grant we refused, from a session or (``came_from`` None) a mailbox."""
+        self._emit(
+            ev.InputRejected(
+                remote=came_from.remote if came_from else "mailbox",
+                device=came_from.session.peer if came_from else None,
+                error=type(exc).__name__,
+                detail=str(exc),
+            )
+        )
+
     def _on_grant(self, data: bytes, *, came_from: _Peer | None) -> trio.Event | None:
         """A grant reached us (session or mailbox): take the keys, persist them, and
         start syncing a conversation we just joined with every peer that reads it."""
@@ -1386,14 +1397,7 @@ class Node:
             space_id, news, batch = self.state.accept_grant(data)
         except EpochSplit as exc:
             log.warning("refused a grant: %s", exc)
-            self._emit(
-                ev.InputRejected(
-                    remote=came_from.remote if came_from else "mailbox",
-                    device=came_from.session.peer if came_from else None,
-                    error=type(exc).__name__,
-                    detail=str(exc),
-                )
-            )
+            self._grant_refused(exc, came_from)
             # the session stays (the peer is honest as far as we can tell), and one
             # primary starts an epoch that takes everyone past the split
             if self.state.heals_split(exc.space) and exc.space not in self._rotating:
@@ -1409,14 +1413,7 @@ class Node:
             return None
         except P2PError as exc:
             log.warning("refused a grant: %s", exc)
-            self._emit(
-                ev.InputRejected(
-                    remote=came_from.remote if came_from else "mailbox",
-                    device=came_from.session.peer if came_from else None,
-                    error=type(exc).__name__,
-                    detail=str(exc),
-                )
-            )
+            self._grant_refused(exc, came_from)
             if came_from is not None:
                 self._carry_out(came_from, came_from.session.close(exc))
             return None
