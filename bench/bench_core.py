@@ -30,10 +30,10 @@ import pycrdt
 import trio
 
 import p2p
-from p2p.core import NOTES, DeviceState
-from p2p.identity import DeviceKeys
+from p2p.proto.identity import DeviceKeys
+from p2p.proto.session import Authenticated, EnvelopeIn, Send, Session, State
+from p2p.state.device import NOTES, DeviceState
 from p2p.storage.sqlite import SqliteStore
-from p2p.sync import Authenticated, EnvelopeIn, Send, Session, State
 
 
 def text(rng: random.Random) -> str:

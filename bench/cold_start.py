@@ -41,8 +41,8 @@ def build(home: Path, n: int, *, seed: int = 4) -> dict[str, Any]:
 
     Returns what was built, and the whole chat as one pycrdt update (``state_update``).
     """
-    from p2p.core import NOTES, DeviceState
-    from p2p.home import init_account, open_home_store
+    from p2p.state.device import NOTES, DeviceState
+    from p2p.runtime.home import init_account, open_home_store
 
     rng = random.Random(seed)
     init_account(home, "phone")
@@ -72,7 +72,7 @@ def build(home: Path, n: int, *, seed: int = 4) -> dict[str, Any]:
 
 def compacted_copy(home: Path, copy: Path, space: str, snapshot: bytes) -> None:
     """``copy``: the same home after the node's compaction (one snapshot, empty tail)."""
-    from p2p.home import open_home_store
+    from p2p.runtime.home import open_home_store
 
     shutil.copytree(home, copy)
     store = open_home_store(copy)

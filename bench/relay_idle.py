@@ -13,8 +13,8 @@ import sys
 
 import trio
 
-from p2p.identity import DeviceKeys
-from p2p.relay.client import RelayClient
+from p2p.proto.identity import DeviceKeys
+from p2p.transport.relay import RelayClient
 
 WAVE = 200
 

@@ -23,9 +23,9 @@ import time
 
 import trio
 
-from p2p.identity import DeviceKeys
-from p2p.relay.client import RelayClient, relay_address
+from p2p.proto.identity import DeviceKeys
 from p2p.transport.base import Connection, ConnectionClosed
+from p2p.transport.relay import RelayClient, relay_address
 
 
 def say(event: dict[str, object]) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import trio
 
 import p2p
-from p2p.control import serve_control
+from p2p.app.control import serve_control
 from p2p.transport.tcp import TcpTransport, advertised_addresses
 
 

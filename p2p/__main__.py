@@ -2,6 +2,6 @@
 
 import sys
 
-from p2p.cli import main
+from p2p.app.cli import main
 
 sys.exit(main())

@@ -11,7 +11,7 @@
         await c.settle()                            # every replica level, or TimeoutError
         assert c.digests() == {c.digest(0)}
 
-Nodes are real :class:`~p2p.node.Node` objects with in-memory stores and the in-memory
+Nodes are real :class:`~p2p.runtime.node.Node` objects with in-memory stores and the in-memory
 transport (``p2p.transport.memory``), so faults (drop, duplicate, reorder, delay) hit
 the real session code. Run under ``trio.testing.MockClock(autojump_threshold=0)`` for
 virtual time: timestamps follow trio's clock (:meth:`Cluster.wall_ms`).
@@ -29,13 +29,13 @@ from typing import Final
 
 import trio
 
-from p2p.core import DeviceState
-from p2p.home import create_store
-from p2p.identity import DeviceKeys
 from p2p.media.store import BlobStore
-from p2p.model import Message
-from p2p.node import Node, open_node
+from p2p.proto.identity import DeviceKeys
+from p2p.proto.model import Message
+from p2p.runtime.node import Node, open_node
+from p2p.state.device import DeviceState
 from p2p.storage.base import Store
+from p2p.runtime.home import create_store
 from p2p.storage.memory import MemoryStore
 from p2p.transport.memory import Faults, MemoryNetwork
 

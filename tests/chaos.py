@@ -377,7 +377,7 @@ class Daemon(Child):
 
 def control(home: Path, payload: dict[str, Any]) -> dict[str, Any] | None:
     """One request to the node running for ``home`` (what ``p2p send`` does)."""
-    from p2p import control as ctl
+    from p2p.app import control as ctl
 
     return ctl.request(home, payload)
 

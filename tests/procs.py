@@ -33,8 +33,8 @@ from typing import Any, TypeVar
 import trio
 import trio.testing
 
-from p2p.relay.client import RelayClient
 from p2p.transport.base import Connection, ConnectionClosed
+from p2p.transport.relay import RelayClient
 
 P2P = [sys.executable, "-m", "p2p"]
 _numbers = itertools.count()

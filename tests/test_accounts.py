@@ -21,8 +21,6 @@ from test_sync_session import WALL, Link, new_account, notes, view, write
 
 from p2p import events as ev
 from p2p import testing
-from p2p.contacts import ContactCode, MalformedContactCode
-from p2p.core import DeviceState
 from p2p.errors import (
     ContactError,
     GrantFromNonMember,
@@ -34,13 +32,15 @@ from p2p.errors import (
     UnknownDevice,
     UnknownKey,
 )
-from p2p.grants import is_grant, parse_grant
-from p2p.identity import DeviceKeys
-from p2p.model import Entry
-from p2p.node import Node, open_node
+from p2p.proto.contacts import ContactCode, MalformedContactCode
+from p2p.proto.grants import is_grant, parse_grant
+from p2p.proto.identity import DeviceKeys
+from p2p.proto.model import Entry
+from p2p.proto.wire import pack, unpack
+from p2p.runtime.node import Node, open_node
+from p2p.state.device import DeviceState
 from p2p.testing import Cluster, provision_account
 from p2p.transport.memory import MemoryNetwork
-from p2p.wire import pack, unpack
 
 
 def befriend(*groups: list[DeviceState]) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from procs import Node, Relay, p2p, wait_until
 
-from p2p import control
+from p2p.app import control
 from p2p.testing import provision_homes
 
 pytestmark = pytest.mark.slow

@@ -19,12 +19,12 @@ import trio
 from test_accounts import befriend
 from test_sync_session import WALL, Link, new_account, view
 
-from p2p.core import NOTES, DeviceState, crdt_client
-from p2p.envelope import new_space_key
 from p2p.errors import DeviceListError, GrantRefused, InvalidUpdate, P2PError
-from p2p.grants import SpaceGrant, seal_grant
-from p2p.identity import DOMAIN_DEVICE_LIST, DeviceEntry, DeviceKeys
-from p2p.model import Entry
+from p2p.proto.envelope import new_space_key
+from p2p.proto.grants import SpaceGrant, seal_grant
+from p2p.proto.identity import DOMAIN_DEVICE_LIST, DeviceEntry, DeviceKeys
+from p2p.proto.model import Entry
+from p2p.state.device import NOTES, DeviceState, crdt_client
 
 # ---- claimed keys: another account lists our device's key as its own ---------------
 
@@ -102,7 +102,7 @@ def test_an_account_claiming_our_device_does_not_cut_our_catch_up() -> None:
 def test_a_device_key_listed_by_one_account_is_refused_on_another() -> None:
     """Even with the device's own proof for both (a modified device that consents to two
     accounts), the second list naming it is refused: one key, one account."""
-    from p2p.identity import possession_proof
+    from p2p.proto.identity import possession_proof
 
     alice, bob, mallory, _ = three_accounts()
     own = alice.device_list.entry(alice.device_id)
@@ -340,8 +340,8 @@ def approve_with(code_text: str, dialed: list[list[str]], now_s: int) -> None:
     never dials anything but loopback): what would it have dialed?"""
     import trio
 
-    from p2p import linking
-    from p2p.pairing import PairingError
+    from p2p.proto.pairing import PairingError
+    from p2p.runtime import linking
 
     phone, _ = new_account()
 
@@ -377,7 +377,7 @@ def approve_with(code_text: str, dialed: list[list[str]], now_s: int) -> None:
 
 
 def test_a_primary_refuses_a_pairing_code_that_lives_for_a_year() -> None:
-    from p2p.pairing import PairingCode, PairingError
+    from p2p.proto.pairing import PairingCode, PairingError
 
     keys = DeviceKeys.generate()
     now = 1_800_000_000
@@ -396,7 +396,7 @@ def test_a_primary_refuses_a_pairing_code_that_lives_for_a_year() -> None:
 
 
 def test_a_primary_dials_only_local_addresses_a_code_names() -> None:
-    from p2p.pairing import PairingCode, PairingError
+    from p2p.proto.pairing import PairingCode, PairingError
 
     keys = DeviceKeys.generate()
     now = 1_800_000_000
@@ -487,7 +487,7 @@ def test_a_group_member_that_is_not_a_contact_cannot_start_chats_with_us() -> No
 
 
 def test_a_contact_making_many_chats_pushes_no_contact_out_of_our_hello() -> None:
-    from p2p.sync import MAX_TAGS
+    from p2p.proto.session import MAX_TAGS
 
     alice, _ = new_account()
     bob, _ = new_account()
@@ -560,7 +560,7 @@ def test_our_fetcher_asks_only_member_devices_of_the_chat() -> None:
 def test_a_leave_rotation_waits_for_the_leave_entry_then_applies() -> None:
     """Carol leaves; the rotating primary's grant reaches the other member before
     Carol's leave entry does: it waits (RotationUnproven), and applies once it has it."""
-    from p2p.authority import RotationUnproven
+    from p2p.proto.authority import RotationUnproven
 
     alice, _ = new_account()
     bob, _ = new_account()
@@ -599,7 +599,7 @@ def test_running_nodes_heal_an_epoch_split() -> None:
     from procs import wait_for
 
     from p2p import events as ev
-    from p2p.node import open_node
+    from p2p.runtime.node import open_node
     from p2p.testing import Cluster, provision_account
     from p2p.transport.memory import MemoryNetwork
 

@@ -7,7 +7,7 @@ import trio.testing
 
 from p2p import events as ev
 from p2p import testing
-from p2p.node import TYPING_REFRESH, TYPING_TTL
+from p2p.runtime.node import TYPING_REFRESH, TYPING_TTL
 
 
 def run(fn: object) -> None:

@@ -39,14 +39,12 @@ import pytest
 from chaos import CHAOS, CHAOS_REASON, record, scale
 from test_fuzz_inputs import mutate
 
-from p2p import envelope
-from p2p.core import NOTES, DeviceState
 from p2p.errors import P2PError, RemovedDevice, RollbackRefused
-from p2p.identity import DeviceKeys
-from p2p.pairing import PREFIX, PairingCode
-from p2p.relay.protocol import decode_client, decode_server, encode_client, encode_server
-from p2p.storage.memory import MemoryStore
-from p2p.sync import (
+from p2p.proto import envelope
+from p2p.proto.identity import DeviceKeys
+from p2p.proto.pairing import PREFIX, PairingCode
+from p2p.proto.relay_protocol import decode_client, decode_server, encode_client, encode_server
+from p2p.proto.session import (
     Authenticated,
     Closed,
     DeviceListIn,
@@ -57,7 +55,9 @@ from p2p.sync import (
     Session,
     State,
 )
-from p2p.wire import decode_frame, encode_frame, pack
+from p2p.proto.wire import decode_frame, encode_frame, pack
+from p2p.state.device import NOTES, DeviceState
+from p2p.storage.memory import MemoryStore
 
 WALL = 1_700_000_000_000
 

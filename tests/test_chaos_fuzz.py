@@ -15,7 +15,7 @@ window record, CRDT updates, ``DeviceState.ingest`` and device lists. Here:
 - **mDNS TXT data**: ``MdnsDiscovery.match`` on random property maps, and the whole check
   a resolved service goes through (``MdnsDiscovery._check``: zeroconf's TXT parsing, the
   size bound, the match, the addresses) on mutated raw TXT records;
-- **the relay protocol** (``p2p/relay/protocol.py``): ``decode_client`` and
+- **the relay protocol** (``p2p/proto/relay_protocol.py``): ``decode_client`` and
   ``decode_server`` on mutated messages of every type.
 
 Each input must succeed or raise a ``P2PError`` (``match`` must return a device or
@@ -40,14 +40,12 @@ from chaos import CHAOS, CHAOS_REASON, record, scale
 from nacl.public import PrivateKey
 from test_fuzz_inputs import mutate
 
-from p2p.box import Box, shared_secret
-from p2p.core import NOTES, DeviceState
 from p2p.discovery.mdns import MdnsDiscovery
 from p2p.errors import P2PError
-from p2p.identity import DeviceEntry, DeviceKeys, possession_proof
-from p2p.linking import DOMAIN_LINK, Parts, _transcript, accept, approve
-from p2p.pairing import PREFIX, PairingCode
-from p2p.relay.protocol import (
+from p2p.proto.box import Box, shared_secret
+from p2p.proto.identity import DeviceEntry, DeviceKeys, possession_proof
+from p2p.proto.pairing import PREFIX, PairingCode
+from p2p.proto.relay_protocol import (
     CLIENT_SCHEMA,
     SERVER_SCHEMA,
     decode_client,
@@ -55,9 +53,11 @@ from p2p.relay.protocol import (
     encode_client,
     encode_server,
 )
+from p2p.proto.wire import decode_frame, encode_frame, pack
+from p2p.runtime.linking import DOMAIN_LINK, Parts, _transcript, accept, approve
+from p2p.state.device import NOTES, DeviceState
 from p2p.storage.memory import MemoryStore
 from p2p.transport.memory import MemoryConnection, MemoryNetwork
-from p2p.wire import decode_frame, encode_frame, pack
 
 NOW_S = 1_767_225_600
 HANG_S = 1.0
@@ -451,7 +451,7 @@ async def fake_device(w: LinkWorld, conn: MemoryConnection, stage: str, rng: ran
 
 
 def link_transcript(commit: bytes, hello: bytes, auth: bytes) -> bytes:
-    """What both ends of a link derive their keys from (see p2p.linking._transcript)."""
+    """What both ends of a link derive their keys from (see p2p.runtime.linking._transcript)."""
     return _transcript(decode_frame(commit)["c"], decode_frame(hello), decode_frame(auth)["eph"])
 
 

@@ -20,14 +20,14 @@ import pytest
 from chaos import CHAOS, CHAOS_REASON, record
 from procs import Child, Node, Relay, wait_until
 
-from p2p import control
+from p2p.app import control
 from p2p.testing import provision_homes
 
 IDLE = textwrap.dedent(
     """
     import json, sys, trio
-    from p2p.identity import DeviceKeys
-    from p2p.relay.client import RelayClient
+    from p2p.proto.identity import DeviceKeys
+    from p2p.transport.relay import RelayClient
 
     async def refuse(conn):
         await conn.aclose()

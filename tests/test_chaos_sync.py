@@ -22,11 +22,10 @@ from chaos import CHAOS, CHAOS_REASON, record
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2p.core import NOTES, DeviceState
 from p2p.errors import P2PError
-from p2p.identity import DeviceKeys
-from p2p.model import Kind
-from p2p.sync import (
+from p2p.proto.identity import DeviceKeys
+from p2p.proto.model import Kind
+from p2p.proto.session import (
     Authenticated,
     Closed,
     DeviceListIn,
@@ -37,6 +36,7 @@ from p2p.sync import (
     Session,
     State,
 )
+from p2p.state.device import NOTES, DeviceState
 
 WALL = 1_700_000_000_000
 MAX_FLIGHTS = 20

@@ -17,7 +17,7 @@ import trio
 from procs import P2P, Lines, Node, p2p, wait_until
 from trio_websocket import WebSocketRequest, serve_websocket
 
-from p2p.relay.protocol import encode_server
+from p2p.proto.relay_protocol import encode_server
 from p2p.testing import provision_homes
 
 pytestmark = pytest.mark.slow

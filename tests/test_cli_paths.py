@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from procs import P2P, Node, Relay, log, p2p, wait_until
 
-from p2p import control
+from p2p.app import control
 from p2p.testing import provision_homes
 
 pytestmark = pytest.mark.slow

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from p2p.clock import HybridClock, format_ts, is_ts, parse_ts
+from p2p.proto.clock import HybridClock, format_ts, is_ts, parse_ts
 
 
 def test_timestamps_sort_as_time_and_parse_back() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from p2p.core import NOTES, DeviceState, claim_run
+from p2p.state.device import NOTES, DeviceState, claim_run
 from p2p.storage.memory import MemoryStore
 
 
@@ -38,8 +38,8 @@ def test_a_reload_restores_spaces_keys_and_history() -> None:
 
 def test_a_companion_out_of_touch_with_the_primary_is_refused_until_renewed() -> None:
     from p2p.errors import LeaseExpired
-    from p2p.identity import LEASE_MS, DeviceEntry, DeviceKeys
-    from p2p.sync import Closed, LeaseIn, Send, Session
+    from p2p.proto.identity import LEASE_MS, DeviceEntry, DeviceKeys
+    from p2p.proto.session import Closed, LeaseIn, Send, Session
 
     day = 24 * 3600 * 1000
     phone, _ = DeviceState.create_account("phone")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from procs import Node, p2p, wait_until
 
-from p2p import control
+from p2p.app import control
 from p2p.testing import provision_homes
 
 pytestmark = pytest.mark.slow

@@ -28,11 +28,12 @@ from test_accounts import befriend, conversation, two_accounts
 from test_sync_session import WALL, Link, new_account, view
 
 from p2p import events as ev
-from p2p import model, testing, yupdate
-from p2p.core import NOTES, DeviceState, crdt_client
+from p2p import testing
 from p2p.errors import InvalidUpdate, PoisonedReplica
-from p2p.gossip import Authored
-from p2p.model import Entry, Replica
+from p2p.proto import model, yupdate
+from p2p.proto.gossip import Authored
+from p2p.proto.model import Entry, Replica
+from p2p.state.device import NOTES, DeviceState, crdt_client
 
 
 class Attacker:

@@ -57,10 +57,10 @@ def test_long_logs_are_compacted_and_reopen_identically(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Past COMPACT_AFTER updates the log folds into a snapshot; reopening shows the same."""
-    import p2p.node
+    import p2p.runtime.node
     from p2p.storage.sqlite import SqliteStore
 
-    monkeypatch.setattr(p2p.node, "COMPACT_AFTER", 50)
+    monkeypatch.setattr(p2p.runtime.node, "COMPACT_AFTER", 50)
     home = tmp_path / "phone"
     p2p.init_account(home, "phone")
 
@@ -86,9 +86,9 @@ def test_long_logs_are_compacted_and_reopen_identically(
 def test_a_snapshot_larger_than_any_frame_still_opens(tmp_path: Path) -> None:
     """Compaction folds the whole chat into one snapshot: past MAX_UPDATE (1 MiB, the
     bound on what a peer may send) our own store must still open."""
-    import p2p.model
-    from p2p.core import DeviceState
-    from p2p.home import create_store
+    import p2p.proto.model
+    from p2p.state.device import DeviceState
+    from p2p.runtime.home import create_store
 
     home = tmp_path / "phone"
     state = p2p.init_account(home, "phone")
@@ -106,8 +106,8 @@ def test_a_snapshot_larger_than_any_frame_still_opens(tmp_path: Path) -> None:
     finally:
         store.close()
     limit = len(snapshot) // 2  # as if the chat had outgrown the frame limit
-    original = p2p.model.MAX_UPDATE
-    p2p.model.MAX_UPDATE = limit
+    original = p2p.proto.model.MAX_UPDATE
+    p2p.proto.model.MAX_UPDATE = limit
     try:
         store = create_store(home)
         try:
@@ -117,5 +117,5 @@ def test_a_snapshot_larger_than_any_frame_still_opens(tmp_path: Path) -> None:
         finally:
             store.close()
     finally:
-        p2p.model.MAX_UPDATE = original
+        p2p.proto.model.MAX_UPDATE = original
     assert again.space(chat).replica.count() == 2000

@@ -6,17 +6,6 @@ from collections.abc import Callable
 
 import pytest
 
-from p2p import envelope
-from p2p.envelope import (
-    ENVELOPE_VERSION,
-    REPLAY_WINDOW,
-    Opened,
-    ReplayWindow,
-    new_space_key,
-    open_envelope,
-    parse,
-    seal,
-)
 from p2p.errors import (
     BadSignature,
     DecryptionFailed,
@@ -29,8 +18,19 @@ from p2p.errors import (
     UnsupportedVersion,
     WireError,
 )
-from p2p.identity import AccountKey, DeviceEntry, DeviceKeys, DeviceList
-from p2p.wire import pack, unpack
+from p2p.proto import envelope
+from p2p.proto.envelope import (
+    ENVELOPE_VERSION,
+    REPLAY_WINDOW,
+    Opened,
+    ReplayWindow,
+    new_space_key,
+    open_envelope,
+    parse,
+    seal,
+)
+from p2p.proto.identity import AccountKey, DeviceEntry, DeviceKeys, DeviceList
+from p2p.proto.wire import pack, unpack
 
 SPACE = "space-1"
 

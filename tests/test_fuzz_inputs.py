@@ -32,13 +32,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2p import envelope
-from p2p.core import NOTES, DeviceState
 from p2p.errors import P2PError
-from p2p.identity import DeviceKeys, DeviceList, parse_device_list
-from p2p.model import Kind, Replica, decode_state_vector
-from p2p.sync import Closed, Output, Send, Session, State, Stats
-from p2p.wire import PROTOCOL_VERSION, SCHEMA, decode_frame, encode_frame
+from p2p.proto import envelope
+from p2p.proto.identity import DeviceKeys, DeviceList, parse_device_list
+from p2p.proto.model import Kind, Replica, decode_state_vector
+from p2p.proto.session import Closed, Output, Send, Session, State, Stats
+from p2p.proto.wire import PROTOCOL_VERSION, SCHEMA, decode_frame, encode_frame
+from p2p.state.device import NOTES, DeviceState
 
 T = TypeVar("T")
 WALL = 1_700_000_000_000
@@ -586,7 +586,7 @@ def test_tiny_update_is_refused_cheaply() -> None:
     peer: it must bound that work. Measured in a child process (peak RSS, Linux)."""
     script = textwrap.dedent(
         """
-        from p2p.model import Kind, Replica
+        from p2p.proto.model import Kind, Replica
         from p2p.errors import InvalidUpdate
 
         def peak_kib():  # this process's own peak RSS (ru_maxrss inherits the parent's)

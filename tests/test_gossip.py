@@ -1,4 +1,4 @@
-"""The gossip protocol (p2p.gossip) alone, without trio: its rules one by one, then a
+"""The gossip protocol (p2p.proto.gossip) alone, without trio: its rules one by one, then a
 seeded simulation of 5 to 50 devices on a virtual clock, over a network that delays,
 reorders, duplicates and loses frames, partitions and churns.
 
@@ -24,7 +24,7 @@ from chaos import CHAOS, CHAOS_REASON
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2p.gossip import (
+from p2p.proto.gossip import (
     WANT_DELAY,
     WANT_TASKS,
     WANT_TIMEOUT,
@@ -46,8 +46,8 @@ from p2p.gossip import (
     TimerFired,
     Want,
 )
-from p2p.peering import Link, keep_new
-from p2p.sync import digest
+from p2p.proto.peering import Link, keep_new
+from p2p.proto.session import digest
 
 SPACE = "chat"
 SPACES = frozenset({SPACE})

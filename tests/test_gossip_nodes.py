@@ -1,4 +1,4 @@
-"""Gossip (p2p.gossip) as the node runs it: its timers on trio's clock, its sends on
+"""Gossip (p2p.proto.gossip) as the node runs it: its timers on trio's clock, its sends on
 real sessions (in-memory transport, virtual time)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import trio
 import trio.testing
 
 from p2p import testing
-from p2p.node import WANT_TASKS, open_node
+from p2p.runtime.node import WANT_TASKS, open_node
 from p2p.transport.memory import MemoryNetwork
 
 

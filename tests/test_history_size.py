@@ -1,5 +1,5 @@
 """Histories of any size, sans-I/O: cutting updates into bounded pieces
-(``p2p.ysplit``), and the sync rules that move a large catch-up as many envelopes, one
+(``p2p.proto.ysplit``), and the sync rules that move a large catch-up as many envelopes, one
 frame at a time, resumable from the receiver's state vector.
 
 The real processes (``p2p link``/``p2p run`` past 16 MiB, SIGKILL in the middle) are in
@@ -17,20 +17,20 @@ import trio
 import trio.testing
 from test_sync_session import WALL, Link, new_account, notes, view
 
-import p2p.envelope
-import p2p.sync
+import p2p.proto.envelope
+import p2p.proto.session
 from p2p import events as ev
 from p2p import testing
-from p2p.core import DeviceState
 from p2p.errors import InvalidUpdate, MalformedFrame
-from p2p.identity import DeviceKeys
-from p2p.model import MAX_UPDATE
-from p2p.node import open_node
-from p2p.sync import State
+from p2p.proto.identity import DeviceKeys
+from p2p.proto.model import MAX_UPDATE
+from p2p.proto.session import State
+from p2p.proto.wire import MAX_FRAME
+from p2p.proto.ysplit import split_update
+from p2p.proto.yupdate import check_update
+from p2p.runtime.node import open_node
+from p2p.state.device import DeviceState
 from p2p.transport.memory import Faults, MemoryNetwork
-from p2p.wire import MAX_FRAME
-from p2p.ysplit import split_update
-from p2p.yupdate import check_update
 
 MAPS = ("m", "e", "x", "r", "k", "v", "c", "l")
 
@@ -180,7 +180,7 @@ def test_a_catchup_larger_than_an_envelope_arrives_in_bounded_frames() -> None:
 
 
 def test_an_interrupted_catchup_resumes_where_it_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(p2p.sync, "PIECE", 32 * 1024)
+    monkeypatch.setattr(p2p.proto.session, "PIECE", 32 * 1024)
     phone, [laptop] = new_account("laptop")
     chat = notes(phone)
     history(phone, chat, 3000)
@@ -204,7 +204,7 @@ def test_an_interrupted_catchup_resumes_where_it_stopped(monkeypatch: pytest.Mon
 def test_a_newer_state_vector_replaces_a_catchup_under_way(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(p2p.sync, "PIECE", 32 * 1024)
+    monkeypatch.setattr(p2p.proto.session, "PIECE", 32 * 1024)
     phone, [laptop] = new_account("laptop")
     chat = notes(phone)
     history(phone, chat, 2000)
@@ -220,7 +220,7 @@ def test_a_newer_state_vector_replaces_a_catchup_under_way(
 
 
 def test_a_closed_session_sends_no_more_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(p2p.sync, "PIECE", 32 * 1024)
+    monkeypatch.setattr(p2p.proto.session, "PIECE", 32 * 1024)
     phone, [laptop] = new_account("laptop")
     history(phone, notes(phone), 1000)
     link = Link(phone, laptop).connect()
@@ -248,13 +248,13 @@ def test_a_companion_enrolls_with_a_history_past_the_update_bound() -> None:
 
 
 def test_a_piece_our_envelope_refuses_closes_the_session(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(p2p.sync, "PIECE", 32 * 1024)
+    monkeypatch.setattr(p2p.proto.session, "PIECE", 32 * 1024)
     phone, [laptop] = new_account("laptop")
     history(phone, notes(phone), 1000)
     link = Link(phone, laptop).connect()
     link.run()
     assert link.a.session.catching_up
-    monkeypatch.setattr(p2p.envelope, "MAX_PAYLOAD", 1024)
+    monkeypatch.setattr(p2p.proto.envelope, "MAX_PAYLOAD", 1024)
     link.handle(link.a, link.a.session.next_catchup(0.0))
     assert isinstance(link.a.error, MalformedFrame)
     assert link.a.session.state is State.CLOSED
@@ -271,7 +271,7 @@ def test_a_catchup_longer_than_the_idle_timeout_keeps_its_session(
     for longer than IDLE_TIMEOUT while it has nothing to say. It must still send its
     keep-alive pings (its wait for the next frame never times out), or the phone, hearing
     nothing for 45 s, drops it and the catch-up starts over on every reconnect."""
-    monkeypatch.setattr(p2p.sync, "PIECE", 8 * 1024)
+    monkeypatch.setattr(p2p.proto.session, "PIECE", 8 * 1024)
 
     async def scenario() -> None:
         stores = testing.provision_account(2)
@@ -302,7 +302,7 @@ def test_a_catchup_longer_than_the_idle_timeout_keeps_its_session(
                 with trio.fail_after(3600):
                     while len(laptop.messages()) < 1000:  # noqa: ASYNC110
                         await trio.sleep(1)
-                assert trio.current_time() > 2 * p2p.sync.IDLE_TIMEOUT  # it took that long
+                assert trio.current_time() > 2 * p2p.proto.session.IDLE_TIMEOUT  # it took that long
                 seen = []
                 while True:
                     try:

@@ -27,16 +27,16 @@ from procs import Linker, Node, Relay, closed_by_peer, wait_until
 from trio_websocket import ConnectionClosed as WsClosed
 from trio_websocket import wrap_client_stream
 
-from p2p import wire
-from p2p.core import DeviceState
 from p2p.errors import BadDescriptor, FrameTooLarge, MalformedFrame, TooComplex, WireError
-from p2p.identity import DeviceKeys
 from p2p.media.descriptor import parse_file_body
-from p2p.pairing import PairingCode
-from p2p.relay import protocol
-from p2p.relay.client import RelayClient, RelayPipe, relay_address
+from p2p.proto import relay_protocol as protocol
+from p2p.proto import wire
+from p2p.proto.identity import DeviceKeys
+from p2p.proto.pairing import PairingCode
+from p2p.state.device import DeviceState
 from p2p.testing import provision_homes
 from p2p.transport.base import Connection, ConnectionClosed, TransportError
+from p2p.transport.relay import RelayClient, RelayPipe, relay_address
 
 MiB = 1024 * 1024
 BOUND = 10

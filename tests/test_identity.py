@@ -16,7 +16,7 @@ from p2p.errors import (
     UnknownDevice,
     WireError,
 )
-from p2p.identity import (
+from p2p.proto.identity import (
     DOMAIN_DEVICE_LIST,
     MAX_COMPANIONS,
     AccountKey,
@@ -27,7 +27,7 @@ from p2p.identity import (
     parse_device_list,
     short_id,
 )
-from p2p.wire import pack
+from p2p.proto.wire import pack
 
 
 def companion(account: AccountKey, keys: DeviceKeys, name: str = "laptop") -> DeviceEntry:

@@ -1,7 +1,7 @@
 """The message index shows exactly what the CRDT view shows.
 
 Readers are served from the store's message index (``Store.index_*`` and
-``p2p.core.index_view``) instead of the pycrdt document. These tests drive several
+``p2p.state.device.index_view``) instead of the pycrdt document. These tests drive several
 devices of one account through random histories (messages, edits, deletions, reactions,
 concurrent writes, out-of-order delivery, forged entries) with the sans-I/O
 ``DeviceState``, write every batch to a real SQLite store and to a memory store, and
@@ -26,10 +26,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import p2p
-from p2p.core import NOTES, DeviceState, index_view
 from p2p.errors import ReplayDetected, StoreCorrupt
-from p2p.identity import DeviceKeys
-from p2p.model import Entry, Message, Rejected, Replica, SigningKeyLookup, judge
+from p2p.proto.identity import DeviceKeys
+from p2p.proto.model import Entry, Message, Rejected, Replica, SigningKeyLookup, judge
+from p2p.state.device import NOTES, DeviceState, index_view
 from p2p.storage import MemoryStore, SqliteStore, Store, WriteBatch
 from p2p.storage.base import IndexRow
 
@@ -57,7 +57,7 @@ def account(n: int, folder: Path) -> list[Device]:
     for i in range(1, n):
         keys = DeviceKeys.generate()
         bundle, primary_batch = phone.enroll(keys, f"companion {i}")
-        batches[0] = p2p.core.merge_batches([batches[0], primary_batch])
+        batches[0] = p2p.state.device.merge_batches([batches[0], primary_batch])
         state, batch = DeviceState.from_enrollment(keys, f"companion {i}", bundle)
         states.append(state)
         batches.append(batch)
@@ -65,7 +65,7 @@ def account(n: int, folder: Path) -> list[Device]:
     for i, (state, batch) in enumerate(zip(states, batches, strict=True)):
         newer = state.offer_device_list(phone.device_list.encode())
         device = Device(state, [SqliteStore(folder / f"{i}.db"), MemoryStore()])
-        device.commit(p2p.core.merge_batches([batch, newer or WriteBatch()]))
+        device.commit(p2p.state.device.merge_batches([batch, newer or WriteBatch()]))
         devices.append(device)
     return devices
 
@@ -269,13 +269,13 @@ def test_the_envelope_signature_vouches_for_its_signers_entries_only(
     and hidden by those that get it relayed."""
     phone, laptop, tablet = account(3, tmp_path)
     checked: list[str] = []
-    verify_entry = p2p.model._verify_entry
+    verify_entry = p2p.proto.model._verify_entry
 
     def counting(canonical: bytes, entry: Entry, signing_key_of: SigningKeyLookup) -> bool:
         checked.append(entry.id)
         return verify_entry(canonical, entry, signing_key_of)
 
-    monkeypatch.setattr(p2p.model, "_verify_entry", counting)
+    monkeypatch.setattr(p2p.proto.model, "_verify_entry", counting)
     for i in range(5):
         write(laptop, "msg", "", f"from the laptop {i}", WALL + i)
     forge(laptop, "tampered", "", WALL + 9, as_device=laptop.state.device_id)
@@ -488,7 +488,7 @@ def test_hidden_rows_are_reported_once_by_the_node(tmp_path: Path) -> None:
     home = tmp_path / "phone"
     state = p2p.init_account(home, "phone")
     space = state.chat_by_name(NOTES).id
-    from p2p.home import create_store
+    from p2p.runtime.home import create_store
 
     store = create_store(home)
     try:

@@ -3,35 +3,49 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 import p2p
 
-PURE = [
-    "p2p.sync",
-    "p2p.core",
-    "p2p.model",
-    "p2p.envelope",
-    "p2p.identity",
-    "p2p.wire",
-    "p2p.clock",
-    "p2p.box",
-    "p2p.pairing",
-    "p2p.contacts",
-    "p2p.grants",
-    "p2p.authority",
-    "p2p.yupdate",
-    "p2p.ysplit",
-    "p2p.relay.protocol",
-    "p2p.media.descriptor",
-    "p2p.media.fetch",
-    "p2p.gossip",
-    "p2p.peering",
-]
 FORBIDDEN = {"trio", "socket", "zeroconf", "trio_websocket", "sqlite3", "threading", "asyncio"}
 ROOT = Path(p2p.__file__).parent
+
+# Each layer (a folder of p2p/) and the layers it may import. Imports only point down:
+# the pure protocol knows nothing of state, state nothing of the runtime, and no layer
+# below the applications knows the applications.
+MAY_IMPORT: dict[str, set[str]] = {
+    "proto": {"errors", "events", "proto", "media"},
+    "state": {"errors", "events", "proto", "state", "storage", "media"},
+    "storage": {"errors", "storage"},
+    "discovery": {"errors", "discovery"},
+    "transport": {"errors", "proto", "transport", "discovery"},
+    "media": {"errors", "events", "proto", "media"},
+    "runtime": {"errors", "events", "proto", "state", "storage", "transport", "discovery"}
+    | {"media", "runtime"},
+    "relay": {"errors", "proto", "transport", "relay"},
+    "app": {"errors", "events", "proto", "state", "storage", "transport", "discovery"}
+    | {"media", "runtime", "relay", "app", "testing"},
+}
+
+
+def modules_of(layer: str) -> list[str]:
+    """Every module in one layer folder, by dotted name."""
+    return sorted(
+        f"p2p.{layer}.{path.stem}" if path.stem != "__init__" else f"p2p.{layer}"
+        for path in (ROOT / layer).glob("*.py")
+    )
+
+
+PURE = modules_of("proto") + modules_of("state") + ["p2p.media.descriptor", "p2p.media.fetch"]
+
+
+def is_module(name: str) -> bool:
+    """Whether ``p2p.<name>`` is a module or package (not a re-exported value)."""
+    return (ROOT / name).is_dir() or (ROOT / f"{name}.py").exists()
 
 
 def imports_of(module: str) -> set[str]:
@@ -46,7 +60,7 @@ def imports_of(module: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
             if node.module == "p2p":  # from p2p import envelope
-                found |= {f"p2p.{alias.name}" for alias in node.names}
+                found |= {f"p2p.{alias.name}" for alias in node.names if is_module(alias.name)}
     return found
 
 
@@ -70,13 +84,53 @@ def test_sans_io_layers_import_no_trio_and_no_sockets(module: str) -> None:
     bad = sorted(
         m
         for m in reached
-        if m.split(".")[0] in FORBIDDEN or m.startswith(("p2p.node", "p2p.transport"))
+        if m.split(".")[0] in FORBIDDEN or m.startswith(("p2p.runtime", "p2p.transport"))
     )
     assert not bad, f"{module} pulls in {bad}"
 
 
 def test_the_layer_check_can_fail() -> None:
-    assert "trio" in closure("p2p.node")
+    assert "trio" in closure("p2p.runtime.node")
+
+
+def layer_of(module: str) -> str:
+    """The layer folder of a p2p module ("errors" and "events" are layers of their own)."""
+    return module.split(".")[1]
+
+
+@pytest.mark.parametrize("layer", sorted(MAY_IMPORT))
+def test_imports_only_point_down(layer: str) -> None:
+    wrong = sorted(
+        f"{module} imports {target}"
+        for module in modules_of(layer)
+        for target in imports_of(module)
+        if target.startswith("p2p.") and layer_of(target) not in MAY_IMPORT[layer]
+    )
+    assert not wrong, wrong
+
+
+def test_the_direction_check_can_fail() -> None:
+    assert "p2p.state.device" in imports_of("p2p.runtime.node")
+    assert "state" not in MAY_IMPORT["proto"]
+
+
+def test_every_module_lives_in_a_layer() -> None:
+    """A new module goes in the folder of its layer, not at the top of the package."""
+    top = sorted(path.stem for path in ROOT.glob("*.py"))
+    assert top == ["__init__", "__main__", "errors", "events", "testing"]
+
+
+def test_importing_the_wire_format_loads_no_runtime() -> None:
+    """A tool that only decodes frames must not pay for trio, SQLite and pycrdt."""
+    probe = (
+        "import sys, p2p.proto.wire; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in {'trio', 'sqlite3', 'pycrdt'}"
+        " or m.startswith('p2p.')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    assert out.strip() == "['p2p.errors', 'p2p.events', 'p2p.proto', 'p2p.proto.wire']"
 
 
 def test_public_surface_is_pinned() -> None:

@@ -17,11 +17,11 @@ from procs import P2P, Child, Linker, Node, log, wait_until
 from procs import p2p as run_p2p
 
 import p2p
-from p2p.core import NOTES, DeviceState
 from p2p.errors import HandshakeFailed, RemovedDevice, RollbackRefused, UnknownKey
-from p2p.identity import DeviceKeys
-from p2p.pairing import PairingCode, check_code, same_check_code
-from p2p.sync import Authenticated, Closed, Send, Session
+from p2p.proto.identity import DeviceKeys
+from p2p.proto.pairing import PairingCode, check_code, same_check_code
+from p2p.proto.session import Authenticated, Closed, Send, Session
+from p2p.state.device import NOTES, DeviceState
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from procs import Relay
 
 from p2p import events as ev
 from p2p.errors import MediaError, MediaMissing
-from p2p.node import Node, open_node
+from p2p.runtime.node import Node, open_node
 from p2p.testing import provision_homes
 from p2p.transport.tcp import TcpTransport
 

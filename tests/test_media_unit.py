@@ -40,10 +40,10 @@ from p2p.media.descriptor import (
 from p2p.media.fetch import Fetcher
 from p2p.media.service import MediaPolicy
 from p2p.media.store import BlobStore
-from p2p.model import Replica
-from p2p.sync import MediaIn, Send
+from p2p.proto.model import Replica
+from p2p.proto.session import MediaIn, Send
+from p2p.proto.wire import MEDIA_CHUNK_MAX, MEDIA_WANT_MAX, decode_frame, encode_frame
 from p2p.testing import provision_account
-from p2p.wire import MEDIA_CHUNK_MAX, MEDIA_WANT_MAX, decode_frame, encode_frame
 
 
 def make_file(data: bytes, chunk: int = CHUNK_MIN) -> tuple[Attachment, list[bytes]]:
@@ -206,8 +206,8 @@ def test_media_frames_are_bounded_by_the_schema() -> None:
 
 
 def open_pair() -> tuple[object, object]:
-    from p2p.core import DeviceState
-    from p2p.sync import Session
+    from p2p.proto.session import Session
+    from p2p.state.device import DeviceState
 
     stores = provision_account(2)
     a = Session(DeviceState.load(stores[0]), initiator=True, now=0.0)
@@ -240,7 +240,7 @@ def test_session_carries_media_frames_boxed_and_counts_them() -> None:
 
 
 def test_file_entries_show_as_messages_and_bad_descriptors_are_hidden() -> None:
-    from p2p.core import DeviceState
+    from p2p.state.device import DeviceState
 
     state = DeviceState.load(provision_account(1)[0])
     space = state.chat_by_name("notes")

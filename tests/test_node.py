@@ -14,8 +14,8 @@ from procs import wait_for
 import p2p
 from p2p import events as ev
 from p2p import testing
-from p2p.node import MAX_HANDSHAKES
-from p2p.sync import HANDSHAKE_TIMEOUT
+from p2p.proto.session import HANDSHAKE_TIMEOUT
+from p2p.runtime.node import MAX_HANDSHAKES
 from p2p.transport.base import Connection, ConnectionClosed, TransportError
 from p2p.transport.memory import MemoryNetwork
 
@@ -145,12 +145,12 @@ def test_an_envelope_travels_a_line_of_devices_by_have_and_want(
     writes reaches the desktop because the laptop announces it and the desktop asks.
     If the laptop no longer holds the envelope, the unanswered want falls back to a
     state vector, and the laptop sends the difference."""
-    import p2p.node
-    from p2p.node import open_node
+    import p2p.runtime.node
+    from p2p.runtime.node import open_node
     from p2p.transport.memory import MemoryNetwork
 
     if not cached:
-        monkeypatch.setattr(p2p.node, "RECENT_ENVELOPES", 0)
+        monkeypatch.setattr(p2p.runtime.node, "RECENT_ENVELOPES", 0)
 
     async def scenario() -> None:
         stores = testing.provision_account(3)

@@ -30,13 +30,13 @@ from trio_websocket import WebSocketConnection, wrap_client_stream
 
 from p2p.discovery.base import Found
 from p2p.errors import MailboxFull, MailTooLarge
-from p2p.identity import DeviceKeys
-from p2p.node import open_node
-from p2p.relay.client import Presence, RelayClient, relay_address
-from p2p.relay.protocol import DOMAIN_AUTH, auth_message, decode_server, encode_client
-from p2p.relay.routing import RoutedTransport
+from p2p.proto.identity import DeviceKeys
+from p2p.proto.relay_protocol import DOMAIN_AUTH, auth_message, decode_server, encode_client
+from p2p.runtime.node import open_node
 from p2p.testing import provision_account
 from p2p.transport.base import Connection, ConnectionClosed, TransportError
+from p2p.transport.relay import Presence, RelayClient, relay_address
+from p2p.transport.routed import RoutedTransport
 from p2p.transport.tcp import TcpTransport
 
 pytestmark = pytest.mark.slow

@@ -27,10 +27,10 @@ from procs import echo, serving
 from redis_proc import RedisProcess, free_port
 
 from p2p.errors import MailboxFull
-from p2p.identity import DeviceKeys
-from p2p.relay.client import RelayClient, relay_address
+from p2p.proto.identity import DeviceKeys
+from p2p.proto.wire import MAX_FRAME
 from p2p.transport.base import Connection, ConnectionClosed
-from p2p.wire import MAX_FRAME
+from p2p.transport.relay import RelayClient, relay_address
 
 pytestmark = pytest.mark.slow
 

@@ -25,7 +25,7 @@ from chaos import CHAOS, CHAOS_REASON, record
 from procs import Node, log, wait_until
 from test_relay_cluster import CLUSTER_ID, Topology, start_cluster
 
-from p2p import control
+from p2p.app import control
 from p2p.testing import provision_homes
 
 pytestmark = pytest.mark.slow

@@ -17,7 +17,7 @@ import pytest
 import trio
 from redis_proc import RedisProcess
 
-from p2p.identity import DeviceKeys
+from p2p.proto.identity import DeviceKeys
 from p2p.relay.backend import MailStore, SqliteMailStore
 from p2p.relay.cluster import RedisMailStore, connect
 from p2p.relay.mailbox import MailQuota

@@ -27,15 +27,8 @@ from p2p.errors import (
     UnsupportedVersion,
     WireError,
 )
-from p2p.identity import DeviceKeys, verify
-from p2p.relay._queue import ByteQueue, QueueClosed
-from p2p.relay.client import (
-    mail_id_for,
-    parse_relay_address,
-    relay_address,
-)
-from p2p.relay.mailbox import Mailbox, MailQuota
-from p2p.relay.protocol import (
+from p2p.proto.identity import DeviceKeys, verify
+from p2p.proto.relay_protocol import (
     CLIENT_SCHEMA,
     DOMAIN_AUTH,
     MAX_MESSAGE,
@@ -50,8 +43,15 @@ from p2p.relay.protocol import (
     encode_client,
     encode_server,
 )
+from p2p.relay.mailbox import Mailbox, MailQuota
 from p2p.relay.server import Limits
 from p2p.transport.base import TransportError
+from p2p.transport.byte_queue import ByteQueue, QueueClosed
+from p2p.transport.relay import (
+    mail_id_for,
+    parse_relay_address,
+    relay_address,
+)
 
 FAST = settings(
     max_examples=200,
@@ -441,7 +441,7 @@ def test_the_documented_watch_bound_is_the_enforced_one() -> None:
 
 def test_relay_urls_of_one_cluster_group_by_relay_id() -> None:
     from p2p.errors import RelayError
-    from p2p.relay.client import group_relay_urls, split_relay_url
+    from p2p.transport.relay import group_relay_urls, split_relay_url
 
     assert split_relay_url("ws://a:1/") == ("ws://a:1/", "ws://a:1")
     assert split_relay_url("ws://a:1#id=wss://r.example") == ("ws://a:1", "wss://r.example")

@@ -24,9 +24,9 @@ from test_transport import (
     test_frames_arrive_whole_and_in_order_both_ways,
 )
 
-from p2p.identity import DeviceKeys
-from p2p.relay.client import RelayClient, RelayPipe
+from p2p.proto.identity import DeviceKeys
 from p2p.transport.base import Connection, Handler
+from p2p.transport.relay import RelayClient, RelayPipe
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import msgpack
 import pytest
 
-from p2p.core import NOTES, DeviceState, Ingested
 from p2p.errors import (
     DecryptionFailed,
     DeviceListError,
@@ -29,9 +28,9 @@ from p2p.errors import (
     RollbackRefused,
     UnknownDevice,
 )
-from p2p.identity import DeviceKeys
-from p2p.model import Message
-from p2p.sync import (
+from p2p.proto.identity import DeviceKeys
+from p2p.proto.model import Message
+from p2p.proto.session import (
     HANDSHAKE_TIMEOUT,
     IDLE_TIMEOUT,
     PING_INTERVAL,
@@ -49,7 +48,8 @@ from p2p.sync import (
     WantIn,
     digest,
 )
-from p2p.wire import decode_frame, encode_frame
+from p2p.proto.wire import decode_frame, encode_frame
+from p2p.state.device import NOTES, DeviceState, Ingested
 
 WALL = 1_700_000_000_000
 
@@ -796,7 +796,7 @@ def test_malformed_have_or_want_closes_the_session(frame: dict[str, object]) -> 
 
 def test_have_or_want_before_authentication_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """A peer whose first boxed frame is a want instead of its ident: refused."""
-    import p2p.sync
+    import p2p.proto.session
 
     phone, (laptop,) = new_account("laptop")
     link = Link(phone, laptop)
@@ -804,14 +804,14 @@ def test_have_or_want_before_authentication_is_refused(monkeypatch: pytest.Monke
     hellos, link.in_flight = link.in_flight, []
     to_a = next(data for dst, data in hellos if dst is link.a)
     to_b = next(data for dst, data in hellos if dst is link.b)
-    real = p2p.sync.encode_frame
+    real = p2p.proto.session.encode_frame
 
     def want_instead_of_ident(kind: str, **fields: object) -> bytes:
         return real("want", h=b"x" * 16) if kind == "ident" else real(kind, **fields)
 
-    monkeypatch.setattr(p2p.sync, "encode_frame", want_instead_of_ident)
+    monkeypatch.setattr(p2p.proto.session, "encode_frame", want_instead_of_ident)
     link.deliver(link.a, to_a)  # a keys its box and sends a want where its ident goes
-    monkeypatch.setattr(p2p.sync, "encode_frame", real)
+    monkeypatch.setattr(p2p.proto.session, "encode_frame", real)
     link.deliver(link.b, to_b)
     link.run()
     assert isinstance(link.b.error, HandshakeFailed)

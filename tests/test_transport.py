@@ -9,10 +9,10 @@ import pytest
 import trio
 
 from p2p.errors import FrameTooLarge
+from p2p.proto.wire import MAX_FRAME
 from p2p.transport.base import Connection, ConnectionClosed, Transport, TransportError
 from p2p.transport.memory import MemoryNetwork
 from p2p.transport.tcp import TcpTransport, parse_address
-from p2p.wire import MAX_FRAME
 
 Pair = Callable[[], tuple[Transport, Transport]]
 

@@ -1,6 +1,6 @@
 """The wire layer: every frame type round-trips; every kind of bad input has its own error.
 
-Frames are built both through :func:`p2p.wire.encode_frame` (what we send) and by packing
+Frames are built both through :func:`p2p.proto.wire.encode_frame` (what we send) and by packing
 raw msgpack by hand (what a hostile or buggy peer could send), so the decoder is checked
 on inputs our own encoder would never produce.
 """
@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2p import wire
 from p2p.errors import FrameTooLarge, MalformedFrame, P2PError, UnsupportedVersion, WireError
-from p2p.wire import MAX_FRAME, PROTOCOL_VERSION, SCHEMA, decode_frame, encode_frame
+from p2p.proto import wire
+from p2p.proto.wire import MAX_FRAME, PROTOCOL_VERSION, SCHEMA, decode_frame, encode_frame
 
 FRAME_TYPES = sorted(SCHEMA)
 

@@ -22,10 +22,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2p import yupdate
 from p2p.errors import InvalidUpdate
-from p2p.model import Replica
-from p2p.yupdate import MAX_DEPTH, check_update
+from p2p.proto import yupdate
+from p2p.proto.model import Replica
+from p2p.proto.yupdate import MAX_DEPTH, check_update
 
 SETTINGS = settings(
     max_examples=60,
@@ -495,7 +495,7 @@ def test_mutated_updates_raise_nothing_but_invalid_update(data: st.DataObject) -
 def test_the_fast_lane_reads_entries_of_the_chat_schema() -> None:
     """The lane reads objects of exactly ``_LANE_ENTRIES`` entries: the chat schema's
     (should an entry gain a field, the lane would silently stand aside)."""
-    from p2p.model import Entry
+    from p2p.proto.model import Entry
 
     value = Entry(id="0" * 20, kind="msg", account="a", device="d", ts="1.0").to_value()
     assert len(value) == yupdate._LANE_ENTRIES

@@ -5,7 +5,7 @@ a small history, alone or after other accepted updates, and the result's full st
 apply in a fresh document. A few thousand inputs run in ``make test`` (a second or two);
 ``make chaos`` runs the search for P2P_YDIFF_SECONDS (default 300) and records how many
 inputs it tried. Each panic the search found is a regression input in
-tests/test_yupdate.py (``PANICS``), and the rule that refuses it is in p2p/yupdate.py.
+tests/test_yupdate.py (``PANICS``), and the rule that refuses it is in p2p/proto/yupdate.py.
 
 The same promise is the coverage-guided atheris target ``crdt_differential``
 (tests/fuzz/targets.py); this module drives it from a grammar of update v1 instead.

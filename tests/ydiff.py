@@ -1,4 +1,4 @@
-"""The differential oracle for ``p2p.yupdate.check_update``, and inputs to feed it.
+"""The differential oracle for ``p2p.proto.yupdate.check_update``, and inputs to feed it.
 
 The promise checked: bytes that ``check_update`` accepts apply in a pycrdt document
 without a panic (a fresh one, and one already holding a small history the bytes may refer
@@ -21,8 +21,8 @@ from typing import Any
 
 import pycrdt
 
-from p2p import yupdate
 from p2p.errors import InvalidUpdate
+from p2p.proto import yupdate
 
 BASE_CLIENTS = (1, 2)
 """The clients of :func:`base_history`."""

@@ -5,7 +5,7 @@ stranger could link to an account or a device, within a run or across runs. The 
 and host names are random per run (never the device id or the machine's hostname), and the
 TXT record holds only ``v`` (format version), ``n`` (a fresh random nonce) and ``t`` =
 BLAKE2b(nonce || device id, key=discovery secret, 16 bytes). The discovery secret
-(:meth:`p2p.core.DeviceState.discovery_key`) is known only to the account's current
+(:meth:`p2p.state.device.DeviceState.discovery_key`) is known only to the account's current
 devices, so only they can tell which of their own devices a service is, by recomputing
 ``t`` for each linked device id. Everyone else sees random bytes that change every run.
 A service is only a hint where to dial: the transport's handshake still authenticates.
@@ -148,7 +148,7 @@ def _format_address(host: str, port: int) -> str | None:
 class MdnsDiscovery:
     """Advertise this device on the LAN and report the account's other devices found there.
 
-    ``secret`` is :meth:`p2p.core.DeviceState.discovery_key`; ``linked`` returns the
+    ``secret`` is :meth:`p2p.state.device.DeviceState.discovery_key`; ``linked`` returns the
     current device ids of the account (called on every match, as the list changes);
     ``interfaces`` is None for all interfaces, else a list of addresses to bind to
     (``["127.0.0.1"]`` in tests).

@@ -25,7 +25,7 @@ from nacl.bindings import (
 from nacl.exceptions import CryptoError as NaclCryptoError
 
 from p2p.errors import BadDescriptor, DecryptionFailed, FileTooLarge, WireError
-from p2p.wire import MEDIA_CHUNK_MAX, load_json
+from p2p.proto.wire import MEDIA_CHUNK_MAX, load_json
 
 HASH_SIZE: Final = 32
 KEY_SIZE: Final = 32
@@ -41,7 +41,7 @@ MAX_NAME: Final = 255
 MAX_MIME: Final = 127
 MAX_CAPTION: Final = 16 * 1024
 MAX_BODY_TEXT: Final = 64 * 1024
-"""Longest file entry body parsed (an entry's body is at most 64 KiB, p2p.model.MAX_BODY)."""
+"""Longest file entry body parsed (an entry's body is at most 64 KiB, p2p.proto.model.MAX_BODY)."""
 DESCRIPTOR_DEPTH: Final = 4
 """Nesting a file entry's body may have (it has 2: the body, then the descriptor)."""
 """Longest caption of a file message, in bytes of UTF-8 (the rest of the entry body's

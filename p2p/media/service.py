@@ -36,7 +36,6 @@ from typing import Any, Final, Literal, Protocol
 import trio
 
 from p2p import events as ev
-from p2p.clock import parse_ts
 from p2p.errors import (
     BadDescriptor,
     BlobCorrupt,
@@ -62,8 +61,9 @@ from p2p.media.descriptor import (
 )
 from p2p.media.fetch import WINDOW, Fetcher
 from p2p.media.store import FILE_NAME, BlobStore
-from p2p.model import Message
-from p2p.wire import MEDIA_WANT_MAX, load_json
+from p2p.proto.clock import parse_ts
+from p2p.proto.model import Message
+from p2p.proto.wire import MEDIA_WANT_MAX, load_json
 
 log = logging.getLogger("p2p.media")
 
@@ -142,7 +142,7 @@ class MediaPolicy:
 
 
 class MediaHost(Protocol):
-    """What the service needs from its node (``p2p.node.Node`` fits)."""
+    """What the service needs from its node (``p2p.runtime.node.Node`` fits)."""
 
     def chats(self) -> Any: ...
 

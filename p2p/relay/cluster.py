@@ -65,9 +65,9 @@ from coredis.exceptions import RedisError
 from coredis.retry import NoRetryPolicy
 
 from p2p.errors import RelayError, StoreError
+from p2p.proto.relay_protocol import MAIL_ID_BYTES, MAX_PAYLOAD, is_device_id
 from p2p.relay.backend import WINDOW_BYTES, WINDOW_ITEMS, parse_redis_url
 from p2p.relay.mailbox import MailQuota, StoredMail
-from p2p.relay.protocol import MAIL_ID_BYTES, MAX_PAYLOAD, is_device_id
 
 log = logging.getLogger("p2p.relay.cluster")
 

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from p2p.errors import StoreCorrupt, StoreError
-from p2p.relay.protocol import MAIL_ID_BYTES, MAX_PAYLOAD, is_device_id
+from p2p.proto.relay_protocol import MAIL_ID_BYTES, MAX_PAYLOAD, is_device_id
 
 log = logging.getLogger(__name__)
 

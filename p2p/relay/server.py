@@ -21,7 +21,7 @@ streams the device's mailbox. Leaving the connection's nursery (client gone, vio
 eviction, relay shutdown) unregisters it: its pipes are closed towards the other ends,
 its watchers learn it went offline.
 
-Bad input never reaches past :mod:`p2p.relay.protocol` unchecked, and never ends the
+Bad input never reaches past :mod:`p2p.proto.relay_protocol` unchecked, and never ends the
 relay: a client that sends something it should not is disconnected with a websocket
 close code and one log line (1008 policy violation: bad auth, auth timeout, malformed or
 unexpected message, rate limit, too slow; 1009 message too big; 1003 text message).
@@ -50,11 +50,8 @@ from trio_websocket import ConnectionClosed as WsClosed
 from trio_websocket import WebSocketConnection, WebSocketRequest, wrap_server_stream
 
 from p2p.errors import BadSignature, FrameTooLarge, RelayError, StoreError, WireError
-from p2p.identity import short_id, verify
-from p2p.relay._queue import ByteQueue, QueueClosed
-from p2p.relay.backend import WINDOW_BYTES, WINDOW_ITEMS, MailStore, SqliteMailStore
-from p2p.relay.mailbox import FILE_NAME, MailQuota
-from p2p.relay.protocol import (
+from p2p.proto.identity import short_id, verify
+from p2p.proto.relay_protocol import (
     CLIENT_CID_LIMIT,
     CLOSE_CODES,
     DOMAIN_AUTH,
@@ -69,6 +66,9 @@ from p2p.relay.protocol import (
     encode_server,
     is_device_id,
 )
+from p2p.relay.backend import WINDOW_BYTES, WINDOW_ITEMS, MailStore, SqliteMailStore
+from p2p.relay.mailbox import FILE_NAME, MailQuota
+from p2p.transport.byte_queue import ByteQueue, QueueClosed
 
 if TYPE_CHECKING:  # coredis takes a second to import: only a cluster process loads it
     from p2p.relay.cluster import RedisCluster

@@ -14,7 +14,7 @@ What is stored:
   (messages, edits, deletions, reactions), holding that key's current entry as checked
   when it arrived (signature, account). It is written in the same batch as the update
   that changed it, so a reader can show the newest messages without loading the CRDT
-  (``p2p.core.index_view``); the CRDT stays the truth it is derived from.
+  (``p2p.state.device.index_view``); the CRDT stays the truth it is derived from.
 
 A :class:`WriteBatch` is applied atomically and is durable when :meth:`Store.write`
 returns: that is what lets ``Node.send`` promise an acknowledged message survives a crash.
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol, TypeAlias
 
 INDEXED_MAPS: Final = ("m", "e", "x", "r")
-"""The chat maps the index mirrors (``p2p.model``): messages, edits, deletions, reactions."""
+"""The chat maps the index mirrors (``p2p.proto.model``): messages, edits, deletions, reactions."""
 
 
 @dataclass(frozen=True, kw_only=True)

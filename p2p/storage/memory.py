@@ -141,7 +141,7 @@ def check_batch(batch: object) -> CheckedBatch:
     """Validate every name and value of ``batch`` and copy them, or raise StoreError.
 
     A name may be both set and deleted: adapters apply ``deletes`` after ``records``, so
-    it ends up deleted. That is what ``p2p.core.merge_batches`` produces for "set X, then
+    it ends up deleted. That is what ``p2p.state.device.merge_batches`` produces for "set X, then
     delete X" (and it drops X from ``deletes`` for "delete X, then set X").
     """
     if not isinstance(batch, WriteBatch):

@@ -21,7 +21,7 @@ edits, deletions and reactions of the messages on a page (partial: messages, mos
 the rows, have no target); the partial index
 ``entries_hidden`` lists hidden entries without reading the shown ones. Schema version 1
 (no index) is migrated on open: the table is created empty, and
-``p2p.core.DeviceState.load`` fills it for every space without an ``indexed/<space>``
+``p2p.state.device.DeviceState.load`` fills it for every space without an ``indexed/<space>``
 record.
 
 Durability: WAL journal, ``synchronous=FULL`` by default, and every ``write`` and

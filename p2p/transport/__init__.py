@@ -1,1 +1,2 @@
-"""Transport adapters: in-memory (tests), TCP (LAN), relay websocket (later)."""
+"""Transport adapters: in-memory (tests), TCP (LAN), the relay client and the routed
+transport that picks between them."""

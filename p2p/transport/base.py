@@ -14,7 +14,7 @@ from typing import Protocol
 import trio
 
 from p2p.errors import P2PError
-from p2p.wire import MAX_FRAME
+from p2p.proto.wire import MAX_FRAME
 
 
 class TransportError(P2PError):
@@ -42,7 +42,7 @@ class Connection(Protocol):
 
         A frame larger than ``limit`` raises FrameTooLarge, where the transport can
         before reading it: a peer that has not proven anything yet is held to a small
-        limit (:data:`p2p.wire.MAX_HANDSHAKE_FRAME`) by the caller."""
+        limit (:data:`p2p.proto.wire.MAX_HANDSHAKE_FRAME`) by the caller."""
         ...
 
     async def aclose(self) -> None:

@@ -17,8 +17,8 @@ from typing import Final
 import trio
 
 from p2p.errors import FrameTooLarge
+from p2p.proto.wire import MAX_FRAME
 from p2p.transport.base import ConnectionClosed, Handler, TransportError
-from p2p.wire import MAX_FRAME
 
 QUEUE_FRAMES: Final = 256
 """Frames buffered per direction: a full queue blocks the sender (back-pressure)."""

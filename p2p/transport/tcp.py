@@ -1,6 +1,6 @@
 """LAN transport: TCP with a 4-byte big-endian length prefix per frame.
 
-A length prefix above :data:`~p2p.wire.MAX_FRAME` (or the smaller limit the caller
+A length prefix above :data:`~p2p.proto.wire.MAX_FRAME` (or the smaller limit the caller
 passes to ``receive``, e.g. during a handshake) is refused before any buffer is
 allocated (FrameTooLarge), so a peer cannot make us hold more than one frame. Writes go
 straight to the socket (``send_all``): a slow reader makes the sender wait, and the
@@ -15,8 +15,8 @@ from typing import Final
 import trio
 
 from p2p.errors import FrameTooLarge
+from p2p.proto.wire import MAX_FRAME
 from p2p.transport.base import ConnectionClosed, Handler, TransportError
-from p2p.wire import MAX_FRAME
 
 PREFIX: Final = 4
 CONNECT_TIMEOUT: Final = 5.0

@@ -19,18 +19,19 @@ from typing import Any
 
 import pycrdt
 
-from p2p import control, envelope, wire, yupdate
-from p2p.contacts import PREFIX as CONTACT_PREFIX
-from p2p.contacts import ContactCode
-from p2p.core import DeviceState
+from p2p.app import control
 from p2p.errors import P2PError
-from p2p.grants import SpaceGrant, parse_grant, seal_grant
-from p2p.identity import DeviceKeys, DeviceList, check_lease, issue_lease
-from p2p.linking import _parse_have
 from p2p.media.descriptor import Attachment, file_body, new_key, parse_file_body
-from p2p.pairing import PREFIX as PAIRING_PREFIX
-from p2p.pairing import MalformedCode, PairingCode, from_text, to_text
-from p2p.relay import protocol
+from p2p.proto import envelope, wire, yupdate
+from p2p.proto import relay_protocol as protocol
+from p2p.proto.contacts import PREFIX as CONTACT_PREFIX
+from p2p.proto.contacts import ContactCode
+from p2p.proto.grants import SpaceGrant, parse_grant, seal_grant
+from p2p.proto.identity import DeviceKeys, DeviceList, check_lease, issue_lease
+from p2p.proto.pairing import PREFIX as PAIRING_PREFIX
+from p2p.proto.pairing import MalformedCode, PairingCode, from_text, to_text
+from p2p.runtime.linking import _parse_have
+from p2p.state.device import DeviceState
 from p2p.storage.base import WriteBatch
 from p2p.storage.memory import MemoryStore
 

@@ -4,7 +4,7 @@ After a Diffie-Hellman of ephemeral keys, each direction gets its own key and fr
 sealed with XChaCha20-Poly1305 under an *implicit* nonce: the frame's sequence number in
 that direction. Nothing travels but ciphertext and tag (16 bytes of overhead), and a
 frame that is lost, replayed, reordered or altered fails to open, which ends the session.
-Used by the sync session (``p2p.sync``) and by device linking (``p2p.linking``).
+Used by the sync session (``p2p.proto.session``) and by device linking (``p2p.runtime.linking``).
 """
 
 from __future__ import annotations

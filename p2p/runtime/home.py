@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
-from p2p.core import DeviceState
 from p2p.errors import AlreadyInitialized, AlreadyRunning, NotInitialized
+from p2p.state.device import DeviceState
 from p2p.storage.sqlite import SqliteStore
 
 STORE_FILE: Final = "p2p.db"

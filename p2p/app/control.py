@@ -46,11 +46,11 @@ from typing import Any, Final
 import trio
 
 from p2p.errors import NodeError, P2PError
-from p2p.node import Node
-from p2p.pairing import CheckCodeMismatch, same_check_code
-from p2p.wire import load_json
+from p2p.proto.pairing import CheckCodeMismatch, same_check_code
+from p2p.proto.wire import load_json
+from p2p.runtime.node import Node
 
-log = logging.getLogger("p2p.control")
+log = logging.getLogger("p2p.app.control")
 
 SOCKET_FILE: Final = "control.sock"
 MAX_LINE: Final = 256 * 1024

@@ -26,7 +26,7 @@ from typing import Any, Final, Literal
 import msgpack
 
 from p2p.errors import FrameTooLarge, MalformedFrame, UnsupportedVersion
-from p2p.wire import scan
+from p2p.proto.wire import scan
 
 RELAY_VERSION: Final = 1
 MAX_MESSAGE: Final = 2 * 1024 * 1024
@@ -62,7 +62,7 @@ client from here up, so both kinds share one namespace per connection without cl
 MAX_CID: Final = 2**32 - 1
 
 DEVICE_ID = re.compile(r"[a-z2-7]{16}")
-"""What :func:`p2p.identity.short_id` produces: 80 bits as 16 lower-case base32 letters."""
+"""What :func:`p2p.proto.identity.short_id` produces: 80 bits as 16 lower-case base32 letters."""
 
 Kind = Literal["bytes", "str", "int", "bool", "dev", "devs", "ids"]
 

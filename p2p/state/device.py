@@ -2,7 +2,7 @@
 
 :class:`DeviceState` holds the keys, the signed device list, one :class:`Replica` per
 space with its epoch keys, the envelope counter and the replay windows. Each operation
-returns the :class:`WriteBatch` that makes it durable; the node (``p2p.node``) writes
+returns the :class:`WriteBatch` that makes it durable; the node (``p2p.runtime.node``) writes
 batches to its store and talks to the network. Tests drive this class directly to check
 the protocol without sockets, threads or clocks.
 """
@@ -20,21 +20,6 @@ from typing import Final, Literal
 from nacl.exceptions import CryptoError as NaclCryptoError
 from nacl.public import PrivateKey, PublicKey, SealedBox
 
-from p2p import envelope
-from p2p.authority import (
-    MAX_MEMBERS,
-    EpochSplit,
-    GrantFromStranger,
-    Rotation,
-    RotationRefused,
-    check_key,
-    check_removal,
-    check_rotation,
-    check_unclaimed,
-    leave_rotator,
-    split_healer,
-)
-from p2p.clock import HybridClock
 from p2p.errors import (
     ChatCorrupt,
     ContactError,
@@ -51,7 +36,22 @@ from p2p.errors import (
     UnknownKey,
     WireError,
 )
-from p2p.grants import (
+from p2p.proto import envelope
+from p2p.proto.authority import (
+    MAX_MEMBERS,
+    EpochSplit,
+    GrantFromStranger,
+    Rotation,
+    RotationRefused,
+    check_key,
+    check_removal,
+    check_rotation,
+    check_unclaimed,
+    leave_rotator,
+    split_healer,
+)
+from p2p.proto.clock import HybridClock
+from p2p.proto.grants import (
     SpaceGrant,
     decode_members,
     open_grant,
@@ -59,7 +59,7 @@ from p2p.grants import (
     seal_grant,
     verify_grant,
 )
-from p2p.identity import (
+from p2p.proto.identity import (
     LEASE_MS,
     AccountKey,
     DeviceEntry,
@@ -71,7 +71,7 @@ from p2p.identity import (
     parse_device_list,
     short_id,
 )
-from p2p.model import (
+from p2p.proto.model import (
     INDEXED,
     MAX_BODY,
     MAX_UPDATE,
@@ -90,9 +90,9 @@ from p2p.model import (
     may_open,
     new_id,
 )
+from p2p.proto.wire import load_json, pack, unpack
+from p2p.proto.ysplit import split_update
 from p2p.storage.base import INDEXED_MAPS, IndexKey, IndexRow, Store, WriteBatch
-from p2p.wire import load_json, pack, unpack
-from p2p.ysplit import split_update
 
 assert INDEXED == INDEXED_MAPS, "the index mirrors exactly the maps whose changes apply reports"
 
@@ -1506,7 +1506,7 @@ def row_entry(row: IndexRow) -> Entry | None:
 
 
 def index_view(space_id: str, messages: list[IndexRow], related: list[IndexRow]) -> list[Message]:
-    """Messages in display order from index rows: the same :func:`~p2p.model.fold` the
+    """Messages in display order from index rows: the same :func:`~p2p.proto.model.fold` the
     CRDT view uses, over the shown rows of a page and the rows about them."""
     by_map: dict[str, list[Entry]] = {name: [] for name in INDEXED_MAPS}
     for row in (*messages, *related):

@@ -1,6 +1,6 @@
 """Linking a new device to an account: the exchange behind ``p2p link`` / ``p2p approve``.
 
-The new device shows a pairing code (``p2p.pairing``) and listens; the primary reads the
+The new device shows a pairing code (``p2p.proto.pairing``) and listens; the primary reads the
 code and dials it. Then, over one connection::
 
     new -> primary   lcommit a hash of the new device's ephemeral key
@@ -18,7 +18,7 @@ The MAC proves to the new device that the dialer read its code; the signature pr
 the primary that the device holds the key the code names. The commitment comes first so
 that neither end can pick its key after seeing the other's: whoever sits in the middle
 cannot search for keys that make the two check codes agree (1 in 10**6 by chance).
-Boxed frames use the same channel as sync sessions (``p2p.box``), keyed by both
+Boxed frames use the same channel as sync sessions (``p2p.proto.box``), keyed by both
 ephemeral keys *and* the secret.
 
 History is a snapshot per space, computed once per code and kept by the primary until
@@ -38,8 +38,6 @@ from typing import Any, Final, Protocol
 import trio
 from nacl.public import PrivateKey
 
-from p2p.box import Box, shared_secret
-from p2p.core import DeviceState, Enrollment, merge_batches
 from p2p.errors import (
     AlreadyInitialized,
     BadSignature,
@@ -49,8 +47,9 @@ from p2p.errors import (
     TooManyDevices,
     WireError,
 )
-from p2p.identity import DeviceEntry, DeviceKeys, DeviceList, possession_proof, verify
-from p2p.pairing import (
+from p2p.proto.box import Box, shared_secret
+from p2p.proto.identity import DeviceEntry, DeviceKeys, DeviceList, possession_proof, verify
+from p2p.proto.pairing import (
     MAX_TTL_S,
     CheckCodeMismatch,
     CodeAlreadyUsed,
@@ -60,9 +59,10 @@ from p2p.pairing import (
     UnsafeAddress,
     check_code,
 )
+from p2p.proto.wire import MAX_HANDSHAKE_FRAME, MAX_ID, decode_frame, encode_frame, pack, unpack
+from p2p.state.device import DeviceState, Enrollment, merge_batches
 from p2p.storage.base import Store, WriteBatch
 from p2p.transport.base import Connection
-from p2p.wire import MAX_HANDSHAKE_FRAME, MAX_ID, decode_frame, encode_frame, pack, unpack
 
 DOMAIN_LINK: Final = b"p2p/link/v1\x00"
 CHUNK: Final = 256 * 1024
@@ -553,7 +553,7 @@ async def wait_for_primary(
     and the device keeps waiting with the same code until it expires, so an interrupted
     history transfer resumes when the primary tries again.
     """
-    from p2p.home import create_store
+    from p2p.runtime.home import create_store
     from p2p.transport.tcp import TcpTransport, advertised_addresses
 
     ttl_s = min(ttl_s, MAX_TTL_S)  # primaries refuse a code that says it lives longer

@@ -3,7 +3,7 @@
 One :class:`Gossip` per device. It never touches a socket, a clock or a task: the caller
 feeds it what happened (:meth:`Gossip.handle` with an event and the current time) and
 carries out what it returns (send this envelope, ``have``, ``want`` or state vector to
-that peer; wake me at this deadline). Same pattern as :class:`p2p.sync.Session`, which
+that peer; wake me at this deadline). Same pattern as :class:`p2p.proto.session.Session`, which
 it sits above, and as iroh-gossip's ``proto/plumtree.rs``: the caller owns the clock,
 and a timer is an output, never a sleep. So the whole protocol can run in a simulation
 on a virtual clock (``tests/test_gossip.py``).
@@ -48,7 +48,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Final
 
-from p2p.sync import digest
+from p2p.proto.session import digest
 
 RECENT_ENVELOPES: Final = 1024
 RECENT_BYTES: Final = 32 * 1024 * 1024

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from p2p.errors import P2PError
-from p2p.identity import MAX_NAME, short_id
-from p2p.wire import pack, unpack
+from p2p.proto.identity import MAX_NAME, short_id
+from p2p.proto.wire import pack, unpack
 
 PREFIX: Final = "P2P1:"
 CODE_VERSION: Final = 1

@@ -8,7 +8,7 @@ everything over it:
   one; a pipe another device opens to us is handed to the ``serve`` handler. A pipe is a
   :class:`~p2p.transport.base.Connection` like a TCP one: the sync session runs over it
   end to end, and the relay only sees its ciphertext. Frames up to
-  :data:`~p2p.wire.MAX_FRAME` are cut into chunks of at most 1 MiB for the relay.
+  :data:`~p2p.proto.wire.MAX_FRAME` are cut into chunks of at most 1 MiB for the relay.
 - **Discovery** (:class:`~p2p.discovery.base.Discovery`): the client watches the devices
   ``watch()`` names (the account's other devices) and :meth:`RelayClient.run` reports
   ``Found(address="relay:<id>", source="relay")`` each time one comes online.
@@ -63,9 +63,8 @@ from p2p.errors import (
     RelayUnavailable,
     WireError,
 )
-from p2p.identity import DeviceKeys
-from p2p.relay._queue import ByteQueue, QueueClosed
-from p2p.relay.protocol import (
+from p2p.proto.identity import DeviceKeys
+from p2p.proto.relay_protocol import (
     CHUNK,
     CLIENT_CID_LIMIT,
     CLOSE_CODES,
@@ -80,10 +79,11 @@ from p2p.relay.protocol import (
     encode_client,
     is_device_id,
 )
+from p2p.proto.wire import MAX_FRAME
 from p2p.transport.base import ConnectionClosed, Handler, TransportError
-from p2p.wire import MAX_FRAME
+from p2p.transport.byte_queue import ByteQueue, QueueClosed
 
-log = logging.getLogger("p2p.relay.client")
+log = logging.getLogger("p2p.transport.relay")
 
 ADDRESS_PREFIX: Final = "relay:"
 CONNECT_TIMEOUT: Final = 5.0
@@ -389,7 +389,7 @@ class RelayClient:
     (re)connection and after :meth:`update_watch`; at most MAX_WATCH (64) are sent). ``relay_id``
     is the name the relay must sign in as: the URL by default. ``first_frame_limit``
     bounds the first frame a pipe buffers, either way (a node passes the handshake
-    limit, p2p.wire.MAX_HANDSHAKE_FRAME: its sessions open with a small hello).
+    limit, p2p.proto.wire.MAX_HANDSHAKE_FRAME: its sessions open with a small hello).
 
     ``alternates`` are more URLs of the same relay id: other processes of a relay cluster.
     When a connection fails or drops, the next URL is tried at once; the backoff starts

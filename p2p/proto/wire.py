@@ -26,7 +26,7 @@ PROTOCOL_VERSION: Final = 1
 MAX_FRAME: Final = 1024 * 1024
 """Hard limit on one encoded frame, in bytes (length prefixes above it are refused).
 Every producer keeps under it: a history of any size moves as many bounded envelopes
-(``p2p.ysplit``), so no peer ever needs a larger buffer and every envelope fits relay
+(``p2p.proto.ysplit``), so no peer ever needs a larger buffer and every envelope fits relay
 mail."""
 MAX_ID: Final = 64
 """Longest id (device, space, message) accepted in a frame."""
@@ -47,7 +47,7 @@ formats (a device list, a space record, linking's space keys) nest 4 deep."""
 
 KiB: Final = 1024
 DIGEST_SIZE: Final = 16
-"""Bytes of an envelope digest in ``have``/``want`` frames (``p2p.sync.digest``)."""
+"""Bytes of an envelope digest in ``have``/``want`` frames (``p2p.proto.session.digest``)."""
 MAX_DIGESTS: Final = 256
 """Digests one ``have`` or ``want`` frame may carry."""
 MEDIA_WANT_MAX: Final = 64
@@ -88,7 +88,7 @@ SCHEMA: Final[dict[str, dict[str, Field]]] = {
     "reject": {
         "code": Field(_S, 64),  # machine-readable reason (error class name)
     },
-    # device linking (p2p.linking): in the clear, then boxed
+    # device linking (p2p.runtime.linking): in the clear, then boxed
     "lcommit": {"c": Field(_B, 32)},  # hash of the new device's ephemeral key, sent first
     "lhello": {
         "pk": Field(_B, 32),  # the primary's device signing key
@@ -123,7 +123,7 @@ SCHEMA: Final[dict[str, dict[str, Field]]] = {
     "env": {
         "e": Field(_B, MAX_FRAME - KiB),  # one sealed envelope (crypto.Envelope)
     },
-    # lazy gossip (p2p.sync): a receiver announces what it got instead of forwarding it
+    # lazy gossip (p2p.proto.session): a receiver announces what it got instead of forwarding it
     "have": {
         "s": Field(_S, MAX_ID),  # space id
         "h": Field(_B, MAX_DIGESTS * DIGEST_SIZE),  # digests of envelopes the sender holds
@@ -135,7 +135,9 @@ SCHEMA: Final[dict[str, dict[str, Field]]] = {
         "l": Field(_B, 64 * KiB),  # a newer signed device list, gossiped
     },
     "lease": {"l": Field(_B, 256)},  # primary -> companion: a renewed lease
-    "grant": {"g": Field(_B, MAX_FRAME - KiB)},  # a space's keys sealed to the peer (p2p.grants)
+    "grant": {
+        "g": Field(_B, MAX_FRAME - KiB)
+    },  # a space's keys sealed to the peer (p2p.proto.grants)
     "leave": {"n": Field(_I, 2**31)},  # companion -> primary: unlink me (p2p unlink --self)
     "typing": {"s": Field(_S, MAX_ID), "on": Field(_I, 255)},  # 0: stopped; never stored
     "ping": {"n": Field(_I, 2**63 - 1)},

@@ -3,7 +3,7 @@ document: how a history of any size crosses the wire in envelopes of at most 1 M
 
 Why here and not in pycrdt: yrs encodes "everything past a state vector" only as one
 update, with no upper bound, so a catch-up after 60,000 messages was one 20 MB update
-(past every frame and envelope limit). The update format (``p2p.yupdate``) lists, per
+(past every frame and envelope limit). The update format (``p2p.proto.yupdate``) lists, per
 client, a run of structs from a start clock, then a delete set; each struct names its
 parent or its origins explicitly, so any contiguous run of one client's structs, with
 its start clock, is an update of its own. A piece here is a few such runs (at most
@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from typing import Final
 
 from p2p.errors import InvalidUpdate
-from p2p.yupdate import (
+from p2p.proto.yupdate import (
     _ANY,
     _CLIENT,
     _GC,

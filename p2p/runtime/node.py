@@ -7,7 +7,7 @@ transport, dials its peers, and runs three kinds of tasks, all inside the node's
   batch: a message that ``send`` returned is durable);
 - a *gossiper* that coalesces local updates per space into one sealed envelope and
   pushes it to every open session that may read the space;
-- one task per connection, driving a sans-I/O :class:`~p2p.sync.Session`: it feeds the
+- one task per connection, driving a sans-I/O :class:`~p2p.proto.session.Session`: it feeds the
   session frames and time, and carries out what the session returns.
 
 Leaving the ``async with`` flushes pending writes, then cancels and joins everything.
@@ -34,18 +34,6 @@ import pycrdt
 import trio
 
 from p2p import events as ev
-from p2p.authority import EpochSplit, RotationUnproven
-from p2p.contacts import ContactCode
-from p2p.core import (
-    Delivery,
-    DeviceState,
-    Ingested,
-    Space,
-    claim_counters,
-    claim_run,
-    index_view,
-    merge_batches,
-)
 from p2p.discovery.base import Discovery, Found, Source, StaticPeers
 from p2p.errors import (
     ChatCorrupt,
@@ -63,7 +51,12 @@ from p2p.errors import (
     Unlinked,
     WireError,
 )
-from p2p.gossip import (
+from p2p.media.descriptor import Attachment, file_body
+from p2p.media.service import MediaService, open_blobs
+from p2p.media.store import BlobStore
+from p2p.proto.authority import EpochSplit, RotationUnproven
+from p2p.proto.contacts import ContactCode
+from p2p.proto.gossip import (
     KNOWN_DIGESTS,
     RECENT_BYTES,
     RECENT_ENVELOPES,
@@ -86,21 +79,12 @@ from p2p.gossip import (
     TimerFired,
     Want,
 )
-from p2p.gossip import Event as GossipEvent
-from p2p.grants import is_grant
-from p2p.home import home_lock, open_home_store
-from p2p.identity import DeviceList
-from p2p.linking import Linked, approve_code
-from p2p.media.descriptor import Attachment, file_body
-from p2p.media.service import MediaService, open_blobs
-from p2p.media.store import BlobStore
-from p2p.model import MAX_BODY, Entry, Message, Rejected
-from p2p.peering import Link, keep_new
-from p2p.relay.client import RelayClient, group_relay_urls, is_relay_address
-from p2p.relay.routing import RoutedTransport
-from p2p.storage.base import Store, WriteBatch
-from p2p.storage.memory import MemoryStore
-from p2p.sync import (
+from p2p.proto.gossip import Event as GossipEvent
+from p2p.proto.grants import is_grant
+from p2p.proto.identity import DeviceList
+from p2p.proto.model import MAX_BODY, Entry, Message, Rejected
+from p2p.proto.peering import Link, keep_new
+from p2p.proto.session import (
     Authenticated,
     Closed,
     DeviceListIn,
@@ -117,12 +101,28 @@ from p2p.sync import (
     TypingIn,
     WantIn,
 )
+from p2p.proto.wire import MAX_HANDSHAKE_FRAME
+from p2p.proto.ysplit import split_update
+from p2p.runtime.linking import Linked, approve_code
+from p2p.state.device import (
+    Delivery,
+    DeviceState,
+    Ingested,
+    Space,
+    claim_counters,
+    claim_run,
+    index_view,
+    merge_batches,
+)
+from p2p.storage.base import Store, WriteBatch
+from p2p.runtime.home import home_lock, open_home_store
+from p2p.storage.memory import MemoryStore
 from p2p.transport.base import Connection, ConnectionClosed, TransportError
 from p2p.transport.base import Transport as TransportT
-from p2p.wire import MAX_HANDSHAKE_FRAME
-from p2p.ysplit import split_update
+from p2p.transport.relay import RelayClient, group_relay_urls, is_relay_address
+from p2p.transport.routed import RoutedTransport
 
-log = logging.getLogger("p2p.node")
+log = logging.getLogger("p2p.runtime.node")
 T = TypeVar("T")
 
 SEND_QUEUE: Final = 1024
@@ -222,7 +222,7 @@ class Node:
                 RECENT_ENVELOPES, RECENT_BYTES, KNOWN_DIGESTS, WANT_DELAY, WANT_TIMEOUT, WANT_TASKS
             )
         )
-        """The lazy-push protocol (p2p.gossip); fed by :meth:`_gossip_handle`."""
+        """The lazy-push protocol (p2p.proto.gossip); fed by :meth:`_gossip_handle`."""
         self._gossip_links: dict[str, tuple[_Peer, int]] = {}
         """The sessions the protocol was told about, and the link number given to each."""
         self._gossip_link_ids = itertools.count(1)
@@ -1223,7 +1223,7 @@ class Node:
 
     def _keep_new(self, new: _Peer, existing: _Peer) -> bool:
         """Deterministic choice between two connections to the same device (see
-        :func:`p2p.peering.keep_new`)."""
+        :func:`p2p.proto.peering.keep_new`)."""
         assert new.session.peer is not None
         return keep_new(
             self.device_id,
@@ -1616,7 +1616,7 @@ class Node:
         connect: str | None = None,
         progress: Callable[[int, int], None] = lambda done, total: None,
     ) -> Linked:
-        """Primary only: link the device showing pairing ``code`` (see ``p2p.linking``)."""
+        """Primary only: link the device showing pairing ``code`` (see ``p2p.runtime.linking``)."""
 
         async def read(name: str) -> bytes | None:
             return await trio.to_thread.run_sync(self.store.get, name)
@@ -1711,7 +1711,7 @@ async def open_node(
     Attachments are kept in ``blobs`` (the caller's, left open), else in
     ``<home>/media.db``, else (a node opened on a ``store``) in memory.
 
-    A node opened on a ``home`` holds its lock (``p2p.home.home_lock``) until the block
+    A node opened on a ``home`` holds its lock (``p2p.runtime.home.home_lock``) until the block
     exits: AlreadyRunning, before anything is read, when another process or node has
     it. A node opened on a ``store`` is the caller's to keep alone on it (this run's
     CRDT client id and counters are still claimed atomically, see ``claim_run``).

@@ -107,7 +107,7 @@ _LANE_MIN: Final = 16
 Where it keeps missing structs of its shape (strings of 128 bytes or more, floats), it
 is skipped for 8, 16, ... up to 1024 structs, so such updates pay little for it."""
 _LANE_ENTRIES: Final = 8
-"""Entries of the objects the fast lane reads whole: ``p2p.model.Entry.to_value``."""
+"""Entries of the objects the fast lane reads whole: ``p2p.proto.model.Entry.to_value``."""
 _CHUNK: Final = 1 << 16
 
 Blanks = list[tuple[int, int]]
@@ -132,7 +132,7 @@ def check_update(data: bytes, space: str, opened: Opened | None = None) -> froze
     sender, see ``DeviceState.ingest``). With ``opened``, the keys of root maps that
     the update's structs name are appended to it: a struct placed after or before
     another (with an origin) takes that one's key, so these are the keys the update may
-    open (which of them an account may open is ``p2p.model.may_open``)."""
+    open (which of them an account may open is ``p2p.proto.model.may_open``)."""
     clients: set[int] = set()
     reason = _refusal(bytes(data), clients=clients, opened=opened)
     if reason is not None:

@@ -30,7 +30,7 @@ States and the rules they keep::
             ``list`` -> :class:`DeviceListIn` (a newer device list, gossiped);
             ``lease`` -> :class:`LeaseIn` (the primary renews a companion's lease, which
             the primary sends right after authenticating a companion);
-            ``grant`` -> :class:`GrantIn` (keys of a space, see ``p2p.grants``);
+            ``grant`` -> :class:`GrantIn` (keys of a space, see ``p2p.proto.grants``);
             ``ping`` -> ``pong``; ``bye`` -> closed;
             ``ask``/``blob``/``nohave`` -> :class:`MediaIn` (attachment chunks, p2p.media;
             the caller sends ours with :meth:`Session.send_media`, on a lower-priority lane).
@@ -63,8 +63,6 @@ from typing import Any, Final, Protocol
 
 from nacl.public import PrivateKey
 
-from p2p.box import Box, shared_secret
-from p2p.envelope import MAX_PAYLOAD
 from p2p.errors import (
     DecryptionFailed,
     DeviceListError,
@@ -75,9 +73,11 @@ from p2p.errors import (
     ProtocolError,
     WireError,
 )
-from p2p.identity import DeviceKeys, DeviceList, account_tag, check_lease, verify
-from p2p.model import covers
-from p2p.wire import (
+from p2p.proto.box import Box, shared_secret
+from p2p.proto.envelope import MAX_PAYLOAD
+from p2p.proto.identity import DeviceKeys, DeviceList, account_tag, check_lease, verify
+from p2p.proto.model import covers
+from p2p.proto.wire import (
     DIGEST_SIZE,
     MAX_DIGESTS,
     MAX_FRAME,
@@ -85,7 +85,7 @@ from p2p.wire import (
     decode_frame,
     encode_frame,
 )
-from p2p.ysplit import split_update
+from p2p.proto.ysplit import split_update
 
 DOMAIN_HANDSHAKE: Final = b"p2p/handshake/v1\x00"
 HANDSHAKE_TIMEOUT: Final = 10.0
@@ -312,9 +312,9 @@ class Session:
 
     @property
     def frame_limit(self) -> int:
-        """Largest frame the next one may be: :data:`~p2p.wire.MAX_HANDSHAKE_FRAME` until
+        """Largest frame the next one may be: :data:`~p2p.proto.wire.MAX_HANDSHAKE_FRAME` until
         the peer is authenticated (a stranger's bytes are bounded before they are read;
-        the caller passes this to ``Connection.receive``), :data:`~p2p.wire.MAX_FRAME`
+        the caller passes this to ``Connection.receive``), :data:`~p2p.proto.wire.MAX_FRAME`
         after."""
         return MAX_FRAME if self.state is State.OPEN else MAX_HANDSHAKE_FRAME
 

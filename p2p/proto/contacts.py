@@ -4,7 +4,7 @@ A contact code carries the account's signed device list (its public key, and eve
 device with the keys to seal a conversation key to it), its contact key (with which a
 contact's devices prove, in the hello, that they hold the code), a suggested name and
 where its devices can be met (relay URLs, LAN addresses). Text form: ``P2PC1:`` + base32 of
-``msgpack payload || checksum``, like pairing codes (``p2p.pairing``); a mistyped or
+``msgpack payload || checksum``, like pairing codes (``p2p.proto.pairing``); a mistyped or
 altered code fails the checksum, and a list not signed by the key it names fails its
 signature.
 
@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from p2p.errors import ContactError, DeviceListError, P2PError
-from p2p.identity import MAX_NAME, DeviceList
-from p2p.pairing import from_text, to_text
-from p2p.wire import pack, unpack
+from p2p.proto.identity import MAX_NAME, DeviceList
+from p2p.proto.pairing import from_text, to_text
+from p2p.proto.wire import pack, unpack
 
 PREFIX: Final = "P2PC1:"
 CODE_VERSION: Final = 1

@@ -33,7 +33,7 @@ from p2p.errors import (
     UnknownDevice,
     WireError,
 )
-from p2p.wire import pack, unpack
+from p2p.proto.wire import pack, unpack
 
 DOMAIN_DEVICE_LIST: Final = b"p2p/device-list/v2\x00"
 DOMAIN_POSSESSION: Final = b"p2p/device-possession/v1\x00"

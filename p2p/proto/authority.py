@@ -48,8 +48,8 @@ from dataclasses import dataclass, replace
 from typing import Final
 
 from p2p.errors import BadSignature, DeviceListError, GrantFromNonMember, GrantRefused, WireError
-from p2p.identity import DeviceKeys, DeviceList, short_id, verify
-from p2p.wire import MAX_ID, pack, unpack
+from p2p.proto.identity import DeviceKeys, DeviceList, short_id, verify
+from p2p.proto.wire import MAX_ID, pack, unpack
 
 DOMAIN_ROTATION: Final = b"p2p/rotation/v1\x00"
 MAX_ROTATION: Final = 2048

@@ -31,11 +31,11 @@ from typing import Final
 from nacl.exceptions import CryptoError as NaclCryptoError
 from nacl.public import PrivateKey, PublicKey, SealedBox
 
-from p2p.authority import MAX_MEMBERS, MAX_ROTATION
-from p2p.envelope import KEY_SIZE
 from p2p.errors import BadSignature, GrantRefused, MalformedFrame, WireError
-from p2p.identity import MAX_NAME, DeviceKeys, DeviceList, verify
-from p2p.wire import MAX_ID, pack, unpack
+from p2p.proto.authority import MAX_MEMBERS, MAX_ROTATION
+from p2p.proto.envelope import KEY_SIZE
+from p2p.proto.identity import MAX_NAME, DeviceKeys, DeviceList, verify
+from p2p.proto.wire import MAX_ID, pack, unpack
 
 DOMAIN_GRANT: Final = b"p2p/grant/v1\x00"
 TAG: Final = "grant"

@@ -1,6 +1,6 @@
 """``p2p run``: one device as a long-running process on a LAN.
 
-Holds ``<home>/node.lock`` (one process writes a home: ``p2p.home.home_lock``), serves
+Holds ``<home>/node.lock`` (one process writes a home: ``p2p.runtime.home.home_lock``), serves
 TCP, dials static peers and what mDNS finds, answers the control socket, prints what
 happens (one line per event; JSON with ``--json``), and shuts down cleanly on SIGINT or
 SIGTERM.
@@ -20,17 +20,17 @@ from typing import Any
 
 import trio
 
-from p2p import control
 from p2p import events as ev
-from p2p.control import serve_control
+from p2p.app import control
+from p2p.app.control import serve_control
+from p2p.app.terminal import log_to_stderr, say
 from p2p.discovery.base import StaticPeers
 from p2p.errors import AlreadyRunning, P2PError
-from p2p.home import LOCK_WAIT, home_lock
-from p2p.node import Node, open_node
-from p2p.terminal import log_to_stderr, say
+from p2p.runtime.node import Node, open_node
+from p2p.runtime.home import LOCK_WAIT, home_lock
 from p2p.transport.tcp import TcpTransport
 
-log = logging.getLogger("p2p.daemon")
+log = logging.getLogger("p2p.app.daemon")
 __all__ = ["AlreadyRunning", "home_lock", "run_daemon"]
 
 
@@ -150,7 +150,7 @@ async def run_daemon(
 ) -> int:
     """Run until SIGINT/SIGTERM; the exit code.
 
-    ``open_node`` holds the home's lock (``p2p.home.home_lock``) from before it reads
+    ``open_node`` holds the home's lock (``p2p.runtime.home.home_lock``) from before it reads
     the store until the node is closed; until the control socket answers, a ``p2p
     send`` waits for this node rather than write the store beside it. A home locked by
     a node that answers is refused at once (AlreadyRunning); one locked by a process

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import trio
 
-from p2p.relay.client import RelayClient, is_relay_address
 from p2p.transport.base import Connection, Handler, Transport, TransportError
+from p2p.transport.relay import RelayClient, is_relay_address
 
 
 class RoutedTransport:

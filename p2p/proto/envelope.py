@@ -27,8 +27,8 @@ import nacl.bindings as sodium
 from nacl.exceptions import CryptoError as NaclCryptoError
 
 from p2p.errors import DecryptionFailed, MalformedFrame, ReplayDetected, UnsupportedVersion
-from p2p.identity import DeviceKeys, verify
-from p2p.wire import MAX_FRAME, MAX_ID, pack, unpack
+from p2p.proto.identity import DeviceKeys, verify
+from p2p.proto.wire import MAX_FRAME, MAX_ID, pack, unpack
 
 ENVELOPE_VERSION: Final = 1
 DOMAIN_ENVELOPE: Final = b"p2p/envelope/v1\x00"

@@ -19,11 +19,12 @@ from typing import Any
 
 import trio
 
-from p2p import __version__, control
+from p2p import __version__
+from p2p.app import control
+from p2p.app.terminal import multiline, safe, say
 from p2p.errors import AlreadyRunning, NodeError, P2PError
-from p2p.home import LOCK_WAIT, default_home, init_account, open_home_store
-from p2p.node import open_node
-from p2p.terminal import multiline, safe, say
+from p2p.runtime.node import open_node
+from p2p.runtime.home import LOCK_WAIT, default_home, init_account, open_home_store
 
 
 def _home(args: argparse.Namespace) -> Path:
@@ -459,7 +460,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from p2p.daemon import run_daemon
+    from p2p.app.daemon import run_daemon
 
     return trio.run(
         partial(
@@ -490,7 +491,7 @@ class _LinkScreen:
         if self.as_json:
             self._emit(code=text, device=device)
             return
-        from p2p.pairing import qr_text
+        from p2p.proto.pairing import qr_text
 
         say(*qr_text(text).splitlines())
         say("pairing code (on the primary: p2p approve CODE):", text, "")
@@ -530,7 +531,7 @@ class _LinkScreen:
 
 
 def cmd_link(args: argparse.Namespace) -> int:
-    from p2p.linking import wait_for_primary
+    from p2p.runtime.linking import wait_for_primary
 
     screen = _LinkScreen(args.json)
     state = trio.run(
@@ -561,7 +562,7 @@ def cmd_link(args: argparse.Namespace) -> int:
 def _warn_new_device(code_text: str, connect: str | None) -> None:
     """Before a person approves: who asks to join, from where, and what it will get
     (linked-device phishing hands out codes of an attacker's device)."""
-    from p2p.pairing import PairingCode, PairingError
+    from p2p.proto.pairing import PairingCode, PairingError
 
     try:
         code = PairingCode.decode(code_text)
@@ -577,7 +578,7 @@ def _warn_new_device(code_text: str, connect: str | None) -> None:
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
-    from p2p.pairing import CheckCodeMismatch, same_check_code
+    from p2p.proto.pairing import CheckCodeMismatch, same_check_code
 
     def ask(digits: str) -> bool:
         answer = input(f"check code {digits}: does the new device show the same? [y/N] ")
@@ -671,7 +672,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from p2p.core import DeviceState
+    from p2p.state.device import DeviceState
 
     home = _home(args)
     store = open_home_store(home)
@@ -733,7 +734,7 @@ def cmd_contact_code(args: argparse.Namespace) -> int:
         return 0
     from segno import DataOverflowError
 
-    from p2p.pairing import qr_text
+    from p2p.proto.pairing import qr_text
 
     try:
         say(*qr_text(code).splitlines())
@@ -807,7 +808,7 @@ def cmd_chats(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from p2p.demo import run_demo
+    from p2p.app.demo import run_demo
 
     return run_demo(messages=args.messages, seed=args.seed)
 

@@ -38,12 +38,12 @@ from typing import Any, Final, Literal
 
 import pycrdt
 
-from p2p.clock import is_ts
 from p2p.errors import BadSignature, InvalidUpdate, P2PError, PoisonedReplica
-from p2p.identity import DeviceKeys, verify
 from p2p.media.descriptor import Attachment, parse_file_body
-from p2p.wire import MAX_FRAME, pack
-from p2p.yupdate import check_update, encode_uvar, strip_deletions
+from p2p.proto.clock import is_ts
+from p2p.proto.identity import DeviceKeys, verify
+from p2p.proto.wire import MAX_FRAME, pack
+from p2p.proto.yupdate import check_update, encode_uvar, strip_deletions
 
 DOMAIN_ENTRY: Final = b"p2p/entry/v1\x00"
 MAX_BODY: Final = 64 * 1024
@@ -435,7 +435,7 @@ class Replica:
 
     With a ``source``, the document is loaded from it on first use (or by :meth:`load`):
     opening a store does not pay for a long history until sync or a write needs it,
-    since readers are served by the message index (``p2p.core.index_view``).
+    since readers are served by the message index (``p2p.state.device.index_view``).
     """
 
     def __init__(
