@@ -31,9 +31,10 @@ import trio
 
 import p2p
 from p2p.proto.identity import DeviceKeys
-from p2p.proto.session import Authenticated, EnvelopeIn, Send, Session, State
+from p2p.proto.session import State
 from p2p.state.device import NOTES, DeviceState
 from p2p.storage.sqlite import SqliteStore
+from p2p.testing.sessions import Pair
 
 
 def text(rng: random.Random) -> str:
@@ -102,35 +103,22 @@ def bench_catchup(n: int, rng: random.Random) -> dict[str, float]:
     chat = a.chat_by_name(NOTES).id
     raw = len(a.diff(chat, b.state_vector(chat))) + len(b.diff(chat, a.state_vector(chat)))
 
-    sa = Session(local=a, initiator=True, now=0.0)
-    sb = Session(local=b, initiator=False, now=0.0)
-    inflight = [(sb, o.data) for o in sa.start() if isinstance(o, Send)]
-    inflight += [(sa, o.data) for o in sb.start() if isinstance(o, Send)]
+    link = Pair(a, b).start()
     open_at_round = None
     rounds = 0
     wire_after = 0
     start = time.perf_counter()
-    while inflight:
+    while link.in_flight:
         rounds += 1
-        batch, inflight = inflight, []
-        for to, data in batch:
-            if open_at_round is not None:
-                wire_after += len(data)
-            other = sb if to is sa else sa
-            for out in to.receive(data, 0.0):
-                if isinstance(out, Send):
-                    inflight.append((other, out.data))
-                elif isinstance(out, EnvelopeIn):
-                    (a if to is sa else b).ingest(out.data)
-                elif (
-                    isinstance(out, Authenticated)
-                    and open_at_round is None
-                    and other.state is State.OPEN
-                ):
-                    open_at_round = rounds
+        if open_at_round is not None:
+            wire_after += sum(len(data) for _, data in link.in_flight)
+        link.flight()
+        if open_at_round is None and all(e.session.state is State.OPEN for e in link.ends):
+            open_at_round = rounds
     took = time.perf_counter() - start
     assert open_at_round is not None
     level = a.space(chat).replica.count() == b.space(chat).replica.count() == n + n // 5
+    assert level, "the replicas did not level: the figures below would describe a cut catch-up"
     # each "round" is one one-way hop; a round trip is two hops
     trips = (rounds - open_at_round) / 2
     print(

@@ -41,8 +41,8 @@ def build(home: Path, n: int, *, seed: int = 4) -> dict[str, Any]:
 
     Returns what was built, and the whole chat as one pycrdt update (``state_update``).
     """
-    from p2p.state.device import NOTES, DeviceState
     from p2p.runtime.home import init_account, open_home_store
+    from p2p.state.device import NOTES, DeviceState
 
     rng = random.Random(seed)
     init_account(home, "phone")

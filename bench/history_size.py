@@ -42,8 +42,8 @@ LOOPBACK = ("--listen", "127.0.0.1:0", "--no-mdns")
 
 def build(home: Path, n: int) -> int:
     """Append ``n`` signed messages to the notes chat at ``home``; the state's bytes."""
-    from p2p.state.device import NOTES, DeviceState
     from p2p.runtime.home import open_home_store
+    from p2p.state.device import NOTES, DeviceState
 
     store = open_home_store(home)
     try:

@@ -86,8 +86,8 @@ async def run(args: argparse.Namespace) -> None:
     bodies = [body(rng) for _ in range(args.count)]
     transport: Any = TcpTransport("127.0.0.1:0")
     if args.relay:  # S7: every connection goes through the relay (pipes over a websocket)
-        from p2p.state.device import DeviceState
         from p2p.runtime.home import open_home_store
+        from p2p.state.device import DeviceState
         from p2p.transport.relay import RelayClient
 
         store = open_home_store(args.home)

@@ -63,9 +63,9 @@ if TYPE_CHECKING:
     from p2p.discovery.base import StaticPeers
     from p2p.proto.contacts import ContactCode, MalformedContactCode
     from p2p.proto.model import Message
+    from p2p.runtime.home import default_home, init_account
     from p2p.runtime.node import Node, open_node
     from p2p.state.device import Delivery, DeviceState, Enrollment
-    from p2p.runtime.home import default_home, init_account
     from p2p.transport.tcp import TcpTransport
 
 _LAZY: dict[str, str] = {

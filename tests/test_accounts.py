@@ -17,7 +17,7 @@ import trio
 import trio.testing
 from procs import run_virtual as run
 from procs import wait_for
-from test_sync_session import WALL, Link, new_account, notes, view, write
+from test_sync_session import WALL, new_account, notes, view, write
 
 from p2p import events as ev
 from p2p import testing
@@ -40,6 +40,7 @@ from p2p.proto.wire import pack, unpack
 from p2p.runtime.node import Node, open_node
 from p2p.state.device import DeviceState
 from p2p.testing import Cluster, provision_account
+from p2p.testing.sessions import Pair
 from p2p.transport.memory import MemoryNetwork
 
 
@@ -74,7 +75,7 @@ def test_grant_at_meeting_brings_a_conversation_and_its_history() -> None:
     [a_phone, _], [b_phone, _] = two_accounts()
     chat = conversation(a_phone, b_phone)
     write(a_phone, chat, 3, "from A")
-    link = Link(a_phone, b_phone).connect()
+    link = Pair(a_phone, b_phone).connect()
     link.run()
     assert len(link.b.grants_in) == 1
     assert link.b.grant_errors == []
@@ -86,7 +87,7 @@ def test_grant_at_meeting_brings_a_conversation_and_its_history() -> None:
     # B writes back over the same session: A verifies B's device by B's list
     write(b_phone, chat, 1, "from B", start=10)
     update = b_phone.space(chat).replica.diff(a_phone.space(chat).replica.state_vector())
-    link.handle(link.b, link.b.session.send_envelope(b_phone.seal(chat, update)))
+    link.b.carry_out(link.b.session.send_envelope(b_phone.seal(chat, update)))
     link.run()
     assert [m.text for m in view(a_phone, chat)][-1] == "from B 10"
     # only the conversation is shared: B never learns A's own spaces
@@ -109,7 +110,7 @@ def test_other_accounts_read_only_the_conversations_they_are_members_of() -> Non
 def test_stranger_account_is_refused_at_the_handshake() -> None:
     [a_phone, _], _ = two_accounts()
     c_phone, _ = DeviceState.create_account("phone")  # C has no code of A, nor A of C
-    link = Link(a_phone, c_phone)
+    link = Pair(a_phone, c_phone)
     link.start()
     link.run()
     assert isinstance(link.a.error, NotOurAccount)
@@ -119,7 +120,7 @@ def test_stranger_account_is_refused_at_the_handshake() -> None:
 def test_member_cannot_forge_a_message_as_another_member_or_device() -> None:
     [a_phone, a_laptop], [b_phone, _] = two_accounts()
     chat = conversation(a_phone, b_phone)
-    Link(a_phone, b_phone).connect().run()
+    Pair(a_phone, b_phone).connect().run()
     # B's phone writes entries claiming to be A (its own device, or A's laptop)
     as_a = Entry(
         id="f1",
@@ -177,12 +178,12 @@ def test_unlinked_device_of_a_member_reads_nothing_new() -> None:
     [a_phone, a_laptop], [b_phone, b_tablet] = two_accounts()
     chat = conversation(a_phone, b_phone)
     for a, b in [(a_phone, b_phone), (a_phone, b_tablet), (a_phone, a_laptop)]:
-        Link(a, b).connect().run()
+        Pair(a, b).connect().run()
     assert b_tablet.space(chat).epoch == 0
     b_phone.unlink(b_tablet.device_id)  # B's primary rotates the keys of its spaces
     assert b_phone.space(chat).epoch == 1
     # A's laptop meets B's phone: it takes B's new list and the new epoch's key
-    link = Link(a_laptop, b_phone).connect()
+    link = Pair(a_laptop, b_phone).connect()
     link.run()
     assert a_laptop.accounts[b_phone.account_id].version == b_phone.device_list.version
     assert a_laptop.space(chat).epoch == 1
@@ -192,12 +193,12 @@ def test_unlinked_device_of_a_member_reads_nothing_new() -> None:
     with pytest.raises(UnknownKey):
         b_tablet.ingest(a_laptop.seal(chat, update))
     # and the tablet is refused by anyone who knows the new list
-    refused = Link(b_tablet, a_laptop)
+    refused = Pair(b_tablet, a_laptop)
     refused.start()
     refused.run()
     assert isinstance(refused.b.error, RemovedDevice)
     # A's phone, which never met B since, learns it all from its own laptop
-    Link(a_phone, a_laptop).connect().run()
+    Pair(a_phone, a_laptop).connect().run()
     assert a_phone.space(chat).epoch == 1
     assert [m.text for m in view(a_phone, chat)] == ["after unlink 0"]
     with pytest.raises(RemovedDevice):
@@ -380,8 +381,8 @@ def test_another_account_cannot_shadow_or_delete_our_structs() -> None:
     own account's CRDT clients. A's real message, arriving afterwards, shows."""
     [a_phone, a_laptop], [b_phone, _] = two_accounts()
     chat = conversation(a_phone, b_phone)
-    Link(a_phone, b_phone).connect().run()
-    Link(a_phone, a_laptop).connect().run()
+    Pair(a_phone, b_phone).connect().run()
+    Pair(a_phone, a_laptop).connect().run()
     entry = a_phone.new_entry(chat, "msg", WALL, body="the-real-message-0001")
     update, _ = a_phone.write_local(chat, [entry])
     forged = update.replace(b"the-real-message-0001", b"the-fake-message-0001")
@@ -408,21 +409,21 @@ def test_catch_up_for_another_account_carries_only_our_accounts_structs() -> Non
     (and their deletions) out, and B's tablet accepts it whole."""
     [a_phone, a_laptop], [b_phone, b_tablet] = two_accounts()
     chat = conversation(a_phone, b_phone)
-    Link(a_phone, a_laptop).connect().run()
-    Link(a_phone, b_phone).connect().run()
+    Pair(a_phone, a_laptop).connect().run()
+    Pair(a_phone, b_phone).connect().run()
     write(b_phone, chat, 2, "from B")
     b_phone.write_local(chat, [b_phone.new_entry(chat, "read", WALL, body="x")])
     b_phone.write_local(chat, [b_phone.new_entry(chat, "read", WALL + 1, body="y")])
     write(a_laptop, chat, 2, "from A")
-    Link(b_phone, a_laptop).connect().run()  # the laptop now holds B's structs
-    link = Link(a_laptop, b_tablet).connect()
+    Pair(b_phone, a_laptop).connect().run()  # the laptop now holds B's structs
+    link = Pair(a_laptop, b_tablet).connect()
     link.run()
     assert link.b.ingest_errors == []
     assert link.a.closed == []
     assert link.b.closed == []
     # the tablet got A's messages from A's laptop, and B's from nobody yet
     assert [m.text for m in view(b_tablet, chat)] == ["from A 0", "from A 1"]
-    Link(b_phone, b_tablet).connect().run()
+    Pair(b_phone, b_tablet).connect().run()
     assert len(view(b_tablet, chat)) == 4
 
 
@@ -434,19 +435,19 @@ def test_a_device_linked_later_by_a_member_joins_its_conversations() -> None:
     [a_phone, _], [b_phone, _] = two_accounts()
     chat = conversation(a_phone, b_phone)
     write(a_phone, chat, 2, "from A")
-    Link(a_phone, b_phone).connect().run()
+    Pair(a_phone, b_phone).connect().run()
     keys = DeviceKeys.generate()
     bundle, _ = b_phone.enroll(keys, "desktop")
     b_desktop, _ = DeviceState.from_enrollment(keys, "desktop", bundle)
     assert not b_desktop.space(chat).shared  # the enrollment knows nothing of A
-    Link(a_phone, b_phone).connect().run()  # A follows B's list with the desktop on it
+    Pair(a_phone, b_phone).connect().run()  # A follows B's list with the desktop on it
     assert b_desktop.device_id in a_phone.accounts[b_phone.account_id].ids
-    early = Link(a_phone, b_desktop).connect()
+    early = Pair(a_phone, b_desktop).connect()
     early.run()
     assert [type(e) for e in early.b.grant_errors] == [GrantFromNonMember]
     assert not b_desktop.space(chat).shared
-    Link(b_phone, b_desktop).connect().run()
-    link = Link(a_phone, b_desktop).connect()
+    Pair(b_phone, b_desktop).connect().run()
+    link = Pair(a_phone, b_desktop).connect()
     link.run()
     assert link.b.grant_errors == []
     assert set(b_desktop.space(chat).members) == {a_phone.account_id, b_phone.account_id}
@@ -463,21 +464,21 @@ def test_a_member_added_later_reads_the_history_and_everyone_learns_it() -> None
     befriend([a_phone], [c_phone])
     chat = conversation(a_phone, b_phone)
     write(a_phone, chat, 1, "from A")
-    Link(a_phone, b_phone).connect().run()
+    Pair(a_phone, b_phone).connect().run()
     a_phone.add_members(chat, [c_phone.account_id])
-    Link(a_phone, c_phone).connect().run()
+    Pair(a_phone, c_phone).connect().run()
     assert set(c_phone.space(chat).members) == {
         a_phone.account_id,
         b_phone.account_id,
         c_phone.account_id,
     }
     assert [m.text for m in view(c_phone, chat)] == ["from A 0"]
-    Link(a_phone, b_phone).connect().run()  # the grant tells B the members, C's list too
+    Pair(a_phone, b_phone).connect().run()  # the grant tells B the members, C's list too
     assert c_phone.account_id in b_phone.space(chat).members
     assert b_phone.space(chat).epoch == a_phone.space(chat).epoch == 0
     write(c_phone, chat, 1, "from C", start=5)
     write(b_phone, chat, 1, "from B", start=7)
-    Link(b_phone, c_phone).connect().run()
+    Pair(b_phone, c_phone).connect().run()
     assert [m.text for m in view(b_phone, chat)] == ["from A 0", "from C 5", "from B 7"]
     assert [m.text for m in view(c_phone, chat)] == ["from A 0", "from C 5", "from B 7"]
     with pytest.raises(ContactError):

@@ -3,7 +3,7 @@
 Each test plays a modified device of another account (or of ours, about to be removed)
 through the Python API: it signs what its own keys let it sign and sends it where the
 protocol would carry it. The honest devices are plain ``DeviceState``s wired by the
-sans-I/O ``Link``; every test fails on the code before the defence it checks.
+sans-I/O ``Pair`` (p2p.testing.sessions); every test fails on the code before the defence it checks.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 from test_accounts import befriend
-from test_sync_session import WALL, Link, new_account, view
+from test_sync_session import WALL, new_account, view
 
 from p2p.errors import DeviceListError, GrantRefused, InvalidUpdate, P2PError
 from p2p.proto.envelope import new_space_key
@@ -25,6 +25,7 @@ from p2p.proto.grants import SpaceGrant, seal_grant
 from p2p.proto.identity import DOMAIN_DEVICE_LIST, DeviceEntry, DeviceKeys
 from p2p.proto.model import Entry
 from p2p.state.device import NOTES, DeviceState, crdt_client
+from p2p.testing.sessions import Pair
 
 # ---- claimed keys: another account lists our device's key as its own ---------------
 
@@ -54,9 +55,9 @@ def three_accounts() -> tuple[DeviceState, DeviceState, DeviceState, str]:
     chat, _ = alice.new_conversation("team", [bob.account_id, mallory.account_id])
     entry = alice.new_entry(chat, "msg", WALL, body="alice was here")
     alice.write_local(chat, [entry])
-    Link(alice, bob).connect().run()
-    Link(alice, mallory).connect().run()
-    Link(bob, mallory).connect().run()
+    Pair(alice, bob).connect().run()
+    Pair(alice, mallory).connect().run()
+    Pair(bob, mallory).connect().run()
     for state in (alice, bob, mallory):
         assert [m.text for m in view(state, chat)] == ["alice was here"]
     return alice, bob, mallory, chat
@@ -95,7 +96,7 @@ def test_an_account_claiming_our_device_does_not_cut_our_catch_up() -> None:
     assert alice.client_account(alice_client) == alice.account_id
     # what Alice writes next reaches Bob through her catch-up
     alice.write_local(chat, [alice.new_entry(chat, "msg", WALL + 20, body="still me")])
-    Link(alice, bob).connect().run()
+    Pair(alice, bob).connect().run()
     assert [m.text for m in view(bob, chat)] == ["alice was here", "still me"]
 
 
@@ -172,7 +173,7 @@ def test_a_member_device_cannot_rotate_a_conversation_and_drop_a_member() -> Non
     befriend([alice], [bob, bob_tablet], [carol])
     chat, _ = alice.new_conversation("team", [bob.account_id, carol.account_id])
     for other in (bob, bob_tablet, carol):
-        Link(alice, other).connect().run()
+        Pair(alice, other).connect().run()
     key0 = alice.space(chat).keys[0]
     for granter in (bob_tablet, bob):
         grant = forged_grant(granter, alice, chat, 1, new_space_key(), [alice, bob])
@@ -193,7 +194,7 @@ def test_a_primary_cannot_drop_a_member_that_did_not_leave() -> None:
     befriend([alice], [bob], [carol])
     chat, _ = alice.new_conversation("team", [bob.account_id, carol.account_id])
     for other in (bob, carol):
-        Link(alice, other).connect().run()
+        Pair(alice, other).connect().run()
     space = bob.space(chat)
     space.members.pop(carol.account_id)
     rotate(bob, chat)
@@ -214,7 +215,7 @@ def test_two_keys_for_one_epoch_are_refused_visibly() -> None:
     befriend([alice], [bob], [carol])
     chat, _ = alice.new_conversation("team", [bob.account_id, carol.account_id])
     for a, b in ((alice, bob), (alice, carol), (bob, carol)):
-        Link(a, b).connect().run()
+        Pair(a, b).connect().run()
     rotate(bob, chat)
     to_alice = bob.grant_to(alice.device_id, chat)
     bob.space(chat).keys.pop(1)
@@ -268,13 +269,13 @@ def test_a_conversation_key_from_a_non_rotating_member_is_not_taken() -> None:
     befriend([alice], [bob, bob_tablet])
     chat, _ = alice.new_conversation("team", [bob.account_id])
     for other in (bob, bob_tablet):
-        Link(alice, other).connect().run()
-    Link(bob, bob_tablet).connect().run()
+        Pair(alice, other).connect().run()
+    Pair(bob, bob_tablet).connect().run()
     planted = new_space_key()
     with contextlib.suppress(GrantRefused):
         alice.accept_grant(forged_grant(bob_tablet, alice, chat, 1, planted, [alice, bob]))
     bob.unlink(bob_tablet.device_id)
-    Link(alice, bob).connect().run()
+    Pair(alice, bob).connect().run()
     assert alice.space(chat).epoch == 1
     assert alice.space(chat).keys[1] == bob.space(chat).keys[1] != planted
 
@@ -288,20 +289,20 @@ def test_a_rotation_still_spreads_through_devices_that_did_not_make_it() -> None
     befriend([alice, alice_laptop], [bob, bob_laptop, bob_tablet])
     chat, _ = alice.new_conversation("team", [bob.account_id])
     for a, b in ((alice, bob), (alice, bob_laptop), (alice_laptop, alice), (bob, bob_laptop)):
-        Link(a, b).connect().run()
+        Pair(a, b).connect().run()
     bob.unlink(bob_tablet.device_id)
     bob_laptop.offer_device_list(bob.device_list.encode())
-    Link(bob_laptop, alice).connect().run()
+    Pair(bob_laptop, alice).connect().run()
     assert alice.space(chat).epoch == 1
     assert alice.space(chat).keys[1] == bob.space(chat).keys[1]
     desktop_keys = DeviceKeys.generate()
     bundle, _ = bob.enroll(desktop_keys, "desktop")
     desktop, _ = DeviceState.from_enrollment(desktop_keys, "desktop", bundle)
     bob_laptop.offer_device_list(bob.device_list.encode())
-    Link(bob_laptop, desktop).connect().run()  # the desktop learns the chat's members
+    Pair(bob_laptop, desktop).connect().run()  # the desktop learns the chat's members
     alice_laptop.follow(bob.device_list.encode(), trusted=False)
     assert alice_laptop.space(chat).epoch == 0
-    Link(desktop, alice_laptop).connect().run()
+    Pair(desktop, alice_laptop).connect().run()
     assert alice_laptop.space(chat).epoch == 1
     assert alice_laptop.space(chat).keys[1] == bob.space(chat).keys[1]
 
@@ -315,7 +316,7 @@ def test_the_next_rotation_takes_every_member_past_a_split_epoch() -> None:
     befriend([alice], [bob], [carol])
     chat, _ = alice.new_conversation("team", [bob.account_id, carol.account_id])
     for a, b in ((alice, bob), (alice, carol), (bob, carol)):
-        Link(a, b).connect().run()
+        Pair(a, b).connect().run()
     rotate(bob, chat)
     alice.accept_grant(bob.grant_to(alice.device_id, chat) or b"")
     rotate(carol, chat)  # Carol's primary rotates epoch 1 too, at the same time
@@ -475,8 +476,8 @@ def test_a_group_member_that_is_not_a_contact_cannot_start_chats_with_us() -> No
     befriend([alice], [bob])
     befriend([bob], [carol])
     group, _ = bob.new_conversation("group", [alice.account_id, carol.account_id])
-    Link(bob, alice).connect().run()
-    Link(bob, carol).connect().run()
+    Pair(bob, alice).connect().run()
+    Pair(bob, carol).connect().run()
     assert group in alice.spaces
     assert carol.account_id in alice.accounts  # followed: her entries must verify
     carol.follow(alice.device_list.encode(), trusted=True)  # Carol has Alice's list
@@ -568,7 +569,7 @@ def test_a_leave_rotation_waits_for_the_leave_entry_then_applies() -> None:
     befriend([alice], [bob], [carol])
     chat, _ = alice.new_conversation("team", [bob.account_id, carol.account_id])
     for a, b in ((alice, bob), (alice, carol), (bob, carol)):
-        Link(a, b).connect().run()
+        Pair(a, b).connect().run()
     leave = carol.new_entry(chat, "leave", WALL + 1)
     update, _ = carol.write_local(chat, [leave])
     envelope = carol.seal(chat, update)

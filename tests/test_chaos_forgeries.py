@@ -25,7 +25,6 @@ applied, and that a genuine input of each door is still accepted (the control).
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import random
 from collections import Counter
@@ -45,19 +44,12 @@ from p2p.proto.identity import DeviceKeys
 from p2p.proto.pairing import PREFIX, PairingCode
 from p2p.proto.relay_protocol import decode_client, decode_server, encode_client, encode_server
 from p2p.proto.session import (
-    Authenticated,
-    Closed,
-    DeviceListIn,
-    EnvelopeIn,
-    LeaseIn,
-    Output,
-    Send,
-    Session,
     State,
 )
 from p2p.proto.wire import decode_frame, encode_frame, pack
 from p2p.state.device import NOTES, DeviceState
 from p2p.storage.memory import MemoryStore
+from p2p.testing.sessions import End, Pair
 
 WALL = 1_700_000_000_000
 
@@ -179,63 +171,16 @@ def _relabel(data: bytes, **changes: Any) -> bytes:
 # ---- sessions ---------------------------------------------------------------------------
 
 
-@dataclass
-class End:
-    state: DeviceState
-    session: Session
-    authenticated: list[str] = field(default_factory=list)
-    closed: list[Closed] = field(default_factory=list)
-    ingested: int = 0
-
-
 Rewrite = Callable[[int, int, bytes], list[bytes]]
 """(destination end, index of the frame to it, bytes) -> what is delivered instead."""
 
 
 def converse(a: DeviceState, b: DeviceState, rewrite: Rewrite | None = None) -> list[End]:
-    ends = [End(a, Session(local=a, initiator=True, now=0.0)),
-            End(b, Session(local=b, initiator=False, now=0.0))]  # fmt: skip
-    flight: list[tuple[int, bytes]] = []
-    count = [0, 0]
-
-    def handle(i: int, outputs: list[Output]) -> None:
-        end = ends[i]
-        for out in outputs:
-            if isinstance(out, Send):
-                flight.append((1 - i, out.data))
-            elif isinstance(out, Authenticated):
-                end.authenticated.append(out.device)
-            elif isinstance(out, DeviceListIn):
-                with contextlib.suppress(P2PError):
-                    end.state.offer_device_list(out.data)
-            elif isinstance(out, LeaseIn):
-                end.state.accept_lease(out.data, 0)
-            elif isinstance(out, EnvelopeIn):
-                try:
-                    end.state.ingest(out.data)
-                    end.ingested += 1
-                except P2PError as exc:
-                    handle(i, end.session.close(exc))
-            elif isinstance(out, Closed):
-                end.closed.append(out)
-
-    handle(0, ends[0].session.start())
-    handle(1, ends[1].session.start())
-    for _ in range(30):
-        if not flight:
-            break
-        batch, flight = flight, []
-        deliveries: list[tuple[int, bytes]] = []
-        for dst, data in batch:
-            index = count[dst]
-            count[dst] += 1
-            for out in rewrite(dst, index, data) if rewrite else [data]:
-                deliveries.append((dst, out))
-        for dst, data in deliveries:
-            handle(dst, ends[dst].session.receive(data, 0.0))
-    else:
-        raise AssertionError("the sessions never went quiet")
-    return ends
+    pair = Pair(a, b)
+    if rewrite is not None:
+        pair.rewrite = lambda dst, i, data: rewrite(0 if dst is pair.a else 1, i, data)
+    pair.start().run(limit=30)
+    return [pair.a, pair.b]
 
 
 def _closed_with(end: End) -> str:
@@ -338,7 +283,7 @@ def forge_sessions(w: World, ledger: Ledger, rng: random.Random) -> None:
     phone, laptop = w.phone, w.laptop
 
     def applied(before: Any, end: End) -> bool:
-        return end.ingested > 0 or w.fingerprint() != before
+        return bool(end.ingested) or w.fingerprint() != before
 
     # tampered boxed frames, frames delivered twice, frames swapped. The two are level
     # first, so that the laptop receives hello, auth, lease, sv, sv and nothing a genuine
@@ -442,7 +387,7 @@ def forge_removed(w: World, ledger: Ledger, envelopes: int) -> None:
         end = ends[1] if b is laptop else ends[0]
         ledger.outcome(
             "removed device", rejected=not end.authenticated,
-            applied=end.ingested > 0 or w.fingerprint() != before, error=_closed_with(end),
+            applied=bool(end.ingested) or w.fingerprint() != before, error=_closed_with(end),
         )  # fmt: skip
     # the removed device's envelopes handed on by the phone (same bytes, another path)
     data = w.phone_envelope(2000, author=tablet)

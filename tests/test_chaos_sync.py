@@ -15,28 +15,20 @@ After a last pass over every pair, every replica shows the same history.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 from chaos import CHAOS, CHAOS_REASON, record
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2p.errors import P2PError
 from p2p.proto.identity import DeviceKeys
 from p2p.proto.model import Kind
 from p2p.proto.session import (
-    Authenticated,
-    Closed,
-    DeviceListIn,
-    EnvelopeIn,
-    LeaseIn,
-    Output,
-    Send,
-    Session,
     State,
 )
 from p2p.state.device import NOTES, DeviceState
+from p2p.testing.sessions import Pair
 
 WALL = 1_700_000_000_000
 MAX_FLIGHTS = 20
@@ -56,60 +48,22 @@ def account(n: int) -> list[DeviceState]:
     return states
 
 
-@dataclass
-class Side:
-    state: DeviceState
-    session: Session
-    authenticated: list[str] = field(default_factory=list)
-    closed: list[Closed] = field(default_factory=list)
-    refused: list[P2PError] = field(default_factory=list)
-
-
 def sync(a: DeviceState, b: DeviceState) -> tuple[int, int]:
     """Run a session between ``a`` and ``b`` until quiet; (handshake flights, flights after)."""
-    sides = [
-        Side(a, Session(local=a, initiator=True, now=0.0)),
-        Side(b, Session(local=b, initiator=False, now=0.0)),
-    ]
-    in_flight: list[tuple[int, bytes]] = []
-
-    def handle(i: int, outputs: list[Output]) -> None:
-        side = sides[i]
-        for out in outputs:
-            if isinstance(out, Send):
-                in_flight.append((1 - i, out.data))
-            elif isinstance(out, Authenticated):
-                side.authenticated.append(out.device)
-            elif isinstance(out, DeviceListIn):
-                side.state.offer_device_list(out.data)
-            elif isinstance(out, LeaseIn):
-                side.state.accept_lease(out.data, 0)
-            elif isinstance(out, EnvelopeIn):
-                try:
-                    side.state.ingest(out.data)
-                except P2PError as exc:
-                    side.refused.append(exc)
-            elif isinstance(out, Closed):
-                side.closed.append(out)
-
-    handle(0, sides[0].session.start())
-    handle(1, sides[1].session.start())
-    flights = 0
-    handshake = 0
-    while in_flight:
-        batch, in_flight = in_flight, []
-        for dst, data in batch:
-            handle(dst, sides[dst].session.receive(data, 0.0))
+    pair = Pair(a, b).start()
+    flights = handshake = 0
+    while pair.in_flight:
+        pair.flight()
         flights += 1
-        if not handshake and all(s.session.state is State.OPEN for s in sides):
+        if not handshake and all(end.session.state is State.OPEN for end in pair.ends):
             handshake = flights
         assert flights < MAX_FLIGHTS, "the sessions never went quiet"
-    for s in sides:
-        assert s.closed == [], s.closed
-        assert s.refused == [], s.refused
-        assert s.session.state is State.OPEN
-    assert sides[0].authenticated == [b.device_id]
-    assert sides[1].authenticated == [a.device_id]
+    for end in pair.ends:
+        assert end.closed == [], end.closed
+        assert end.ingest_errors == end.list_errors == end.lease_errors == []
+        assert end.session.state is State.OPEN
+    assert pair.a.authenticated == [b.device_id]
+    assert pair.b.authenticated == [a.device_id]
     return handshake, flights - handshake
 
 

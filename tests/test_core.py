@@ -39,7 +39,8 @@ def test_a_reload_restores_spaces_keys_and_history() -> None:
 def test_a_companion_out_of_touch_with_the_primary_is_refused_until_renewed() -> None:
     from p2p.errors import LeaseExpired
     from p2p.proto.identity import LEASE_MS, DeviceEntry, DeviceKeys
-    from p2p.proto.session import Closed, LeaseIn, Send, Session
+    from p2p.proto.session import LeaseIn
+    from p2p.testing.sessions import Pair
 
     day = 24 * 3600 * 1000
     phone, _ = DeviceState.create_account("phone")
@@ -54,22 +55,11 @@ def test_a_companion_out_of_touch_with_the_primary_is_refused_until_renewed() ->
 
     def meet(a: DeviceState, b: DeviceState, wall_ms: int) -> list[object]:
         """Run a handshake; return what each side ended with (errors and leases)."""
-        sa = Session(local=a, initiator=True, now=0.0, wall_ms=wall_ms)
-        sb = Session(local=b, initiator=False, now=0.0, wall_ms=wall_ms)
-        # (session that produced it, output)
-        flights = [(sa, o) for o in sa.start()] + [(sb, o) for o in sb.start()]
-        seen: list[object] = []
-        while flights:
-            source, out = flights.pop(0)
-            if isinstance(out, Send):
-                peer = sb if source is sa else sa
-                flights += [(peer, o) for o in peer.receive(out.data, 0.0)]
-            elif isinstance(out, LeaseIn):
-                (a if source is sa else b).accept_lease(out.data, wall_ms)
-                seen.append(out)
-            elif isinstance(out, Closed) and out.error is not None:
-                seen.append(out.error)
-        return seen
+        pair = Pair(a, b, wall_ms=wall_ms).start()
+        pair.run()
+        return [LeaseIn(d) for end in pair.ends for d in end.leases_in] + [
+            e for end in pair.ends for e in end.errors
+        ]
 
     assert meet(laptop, tablet, 13 * day) == []  # both leases still run
     late = LEASE_MS + day

@@ -25,7 +25,7 @@ import pytest
 import trio
 from procs import run_virtual as run
 from test_accounts import befriend, conversation, two_accounts
-from test_sync_session import WALL, Link, new_account, view
+from test_sync_session import WALL, new_account, view
 
 from p2p import events as ev
 from p2p import testing
@@ -34,6 +34,7 @@ from p2p.proto import model, yupdate
 from p2p.proto.gossip import Authored
 from p2p.proto.model import Entry, Replica
 from p2p.state.device import NOTES, DeviceState, crdt_client
+from p2p.testing.sessions import Pair
 
 
 class Attacker:
@@ -61,8 +62,8 @@ def setup() -> tuple[DeviceState, DeviceState, DeviceState, str, Entry]:
     every device holds."""
     [a_phone, a_laptop], [b_phone, _] = two_accounts()
     chat = conversation(a_phone, b_phone)
-    Link(a_phone, b_phone).connect().run()
-    Link(a_phone, a_laptop).connect().run()
+    Pair(a_phone, b_phone).connect().run()
+    Pair(a_phone, a_laptop).connect().run()
     message = a_phone.new_entry(chat, "msg", WALL, body="hello from A")
     a_phone.write_local(chat, [message])
     sync(a_phone, a_laptop, b_phone)
@@ -71,7 +72,7 @@ def setup() -> tuple[DeviceState, DeviceState, DeviceState, str, Entry]:
 
 def sync(a_phone: DeviceState, *others: DeviceState) -> None:
     for other in others:
-        link = Link(a_phone, other).connect()
+        link = Pair(a_phone, other).connect()
         link.run()
         assert link.b.ingest_errors == []
         assert link.a.ingest_errors == []
@@ -196,8 +197,8 @@ def test_a_squat_would_block_our_catch_up_to_a_third_account() -> None:
     c_phone, _ = new_account()
     befriend([a_phone, a_laptop], [b_phone], [c_phone])
     trio_chat = conversation(a_phone, b_phone, c_phone)
-    Link(a_phone, b_phone).connect().run()
-    Link(a_phone, c_phone).connect().run()
+    Pair(a_phone, b_phone).connect().run()
+    Pair(a_phone, c_phone).connect().run()
     squat = Attacker(b_phone, trio_chat, a_phone).place("k", a_phone.device_id, "squat")
     for device in (a_phone, c_phone):
         with pytest.raises(InvalidUpdate, match="opens"):
@@ -205,7 +206,7 @@ def test_a_squat_would_block_our_catch_up_to_a_third_account() -> None:
     marker = a_phone.new_entry(trio_chat, "read", WALL + 1, body="x")
     update, _ = a_phone.write_local(trio_chat, [marker])
     c_phone.ingest(a_phone.seal(trio_chat, update))
-    link = Link(a_phone, c_phone).connect()
+    link = Pair(a_phone, c_phone).connect()
     link.run()
     assert link.b.ingest_errors == []
     assert dict(c_phone.space(trio_chat).replica.entries("k"))[a_phone.device_id] == marker

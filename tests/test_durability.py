@@ -87,8 +87,8 @@ def test_a_snapshot_larger_than_any_frame_still_opens(tmp_path: Path) -> None:
     """Compaction folds the whole chat into one snapshot: past MAX_UPDATE (1 MiB, the
     bound on what a peer may send) our own store must still open."""
     import p2p.proto.model
-    from p2p.state.device import DeviceState
     from p2p.runtime.home import create_store
+    from p2p.state.device import DeviceState
 
     home = tmp_path / "phone"
     state = p2p.init_account(home, "phone")

@@ -28,8 +28,8 @@ from procs import p2p as run_p2p
 from test_linking import Linker
 
 from p2p.proto.pairing import PairingCode
-from p2p.state.device import NOTES, DeviceState
 from p2p.runtime.home import open_home_store
+from p2p.state.device import NOTES, DeviceState
 
 pytestmark = pytest.mark.slow
 long_run = pytest.mark.skipif(not CHAOS, reason="a run of minutes: make chaos (P2P_CHAOS=1)")

@@ -15,7 +15,7 @@ import pycrdt
 import pytest
 import trio
 import trio.testing
-from test_sync_session import WALL, Link, new_account, notes, view
+from test_sync_session import WALL, new_account, notes, view
 
 import p2p.proto.envelope
 import p2p.proto.session
@@ -30,6 +30,7 @@ from p2p.proto.ysplit import split_update
 from p2p.proto.yupdate import check_update
 from p2p.runtime.node import open_node
 from p2p.state.device import DeviceState
+from p2p.testing.sessions import Pair
 from p2p.transport.memory import Faults, MemoryNetwork
 
 MAPS = ("m", "e", "x", "r", "k", "v", "c", "l")
@@ -140,7 +141,7 @@ def test_a_malformed_update_cannot_be_cut() -> None:
 # ---- large catch-ups -------------------------------------------------------------------
 
 
-def drain(link: Link, *, pieces: int | None = None) -> int:
+def drain(link: Pair, *, pieces: int | None = None) -> int:
     """Run the link as the node does: deliver what is in flight, and when a side's sync
     lane is idle, pull the next catch-up piece. Stop after ``pieces`` pulled (a cut
     connection), or when quiet. Return how many pieces were pulled."""
@@ -151,7 +152,7 @@ def drain(link: Link, *, pieces: int | None = None) -> int:
         if not busy or (pieces is not None and pulled >= pieces):
             return pulled
         for peer in busy:
-            link.handle(peer, peer.session.next_catchup(0.0))
+            peer.carry_out(peer.session.next_catchup(0.0))
             pulled += 1
     raise AssertionError("the catch-up never ended")
 
@@ -166,7 +167,7 @@ def test_a_catchup_larger_than_an_envelope_arrives_in_bounded_frames() -> None:
         if (d := phone.diff(sid, laptop.state_vector(sid))) != b"\x00\x00"
     )
     assert raw > 2 * MAX_UPDATE
-    link = Link(phone, laptop).connect()
+    link = Pair(phone, laptop, streams_catchups=False).connect()
     link.run()
     # the first piece went out in answer to the state vector; the rest wait to be pulled
     assert link.a.session.catching_up
@@ -179,19 +180,33 @@ def test_a_catchup_larger_than_an_envelope_arrives_in_bounded_frames() -> None:
     assert raw < sent <= 1.05 * raw, (sent, raw)
 
 
+def test_a_large_catchup_streams_and_levels_in_one_round_trip_after_the_handshake() -> None:
+    """The shared driver streams the pieces as the node's idle lane does: nothing waits
+    for the peer between pieces, so a large gap is still one round trip (S3 measures it
+    this way; a driver that forgot the pieces reported a cut catch-up as done)."""
+    phone, [laptop] = new_account("laptop")
+    chat = notes(phone)
+    history(phone, chat, 3500, size=1200)
+    link = Pair(phone, laptop).connect()
+    assert link.run() == 2  # state vectors out, the catch-up back
+    assert link.b.ingest_errors == []
+    assert view(laptop, chat) == view(phone, chat)
+    assert len(link.b.envelopes_in) >= 3
+
+
 def test_an_interrupted_catchup_resumes_where_it_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(p2p.proto.session, "PIECE", 32 * 1024)
     phone, [laptop] = new_account("laptop")
     chat = notes(phone)
     history(phone, chat, 3000)
     raw = len(phone.diff(chat, laptop.state_vector(chat)))
-    first = Link(phone, laptop).connect()
+    first = Pair(phone, laptop, streams_catchups=False).connect()
     first.run()
     drain(first, pieces=10)  # the connection drops here
     got = len(view(laptop, chat))
     assert 0 < got < 3000
     assert first.a.session.catching_up
-    second = Link(phone, laptop).connect()
+    second = Pair(phone, laptop, streams_catchups=False).connect()
     second.run()
     drain(second)
     assert view(laptop, chat) == view(phone, chat)
@@ -208,11 +223,11 @@ def test_a_newer_state_vector_replaces_a_catchup_under_way(
     phone, [laptop] = new_account("laptop")
     chat = notes(phone)
     history(phone, chat, 2000)
-    link = Link(phone, laptop).connect()
+    link = Pair(phone, laptop, streams_catchups=False).connect()
     link.run()
     drain(link, pieces=3)
     # the laptop asks again (a repair): the answer starts from what it holds now
-    link.handle(link.b, link.b.session.send_state_vector(chat))
+    link.b.carry_out(link.b.session.send_state_vector(chat))
     link.run()
     assert len([s for s, _ in link.a.session._catchup if s == chat]) == 1
     drain(link)
@@ -223,10 +238,10 @@ def test_a_closed_session_sends_no_more_pieces(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(p2p.proto.session, "PIECE", 32 * 1024)
     phone, [laptop] = new_account("laptop")
     history(phone, notes(phone), 1000)
-    link = Link(phone, laptop).connect()
+    link = Pair(phone, laptop, streams_catchups=False).connect()
     link.run()
     assert link.a.session.catching_up
-    link.handle(link.a, link.a.session.close())
+    link.a.carry_out(link.a.session.close())
     assert link.a.session.next_catchup(0.0) == []
     assert not link.a.session.catching_up
 
@@ -251,11 +266,11 @@ def test_a_piece_our_envelope_refuses_closes_the_session(monkeypatch: pytest.Mon
     monkeypatch.setattr(p2p.proto.session, "PIECE", 32 * 1024)
     phone, [laptop] = new_account("laptop")
     history(phone, notes(phone), 1000)
-    link = Link(phone, laptop).connect()
+    link = Pair(phone, laptop, streams_catchups=False).connect()
     link.run()
     assert link.a.session.catching_up
     monkeypatch.setattr(p2p.proto.envelope, "MAX_PAYLOAD", 1024)
-    link.handle(link.a, link.a.session.next_catchup(0.0))
+    link.a.carry_out(link.a.session.next_catchup(0.0))
     assert isinstance(link.a.error, MalformedFrame)
     assert link.a.session.state is State.CLOSED
     assert not link.a.session.catching_up

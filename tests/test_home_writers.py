@@ -24,10 +24,10 @@ import trio
 
 from p2p.app.control import serve_control
 from p2p.errors import AlreadyRunning
+from p2p.runtime.home import store_path
 from p2p.runtime.node import Node, open_node
 from p2p.state.device import NOTES, DeviceState, claim_run
 from p2p.storage.base import WriteBatch
-from p2p.runtime.home import store_path
 from p2p.storage.sqlite import SqliteStore
 from p2p.testing import EPOCH_MS, provision_homes
 from p2p.transport.tcp import TcpTransport

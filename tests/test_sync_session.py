@@ -9,9 +9,6 @@ they cause is the next flight. A round trip is two flights. ``EnvelopeIn`` goes 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-
 import msgpack
 import pytest
 
@@ -37,11 +34,7 @@ from p2p.proto.session import (
     Authenticated,
     Closed,
     DeviceListIn,
-    EnvelopeIn,
-    GrantIn,
     HaveIn,
-    LeaseIn,
-    Output,
     Send,
     Session,
     State,
@@ -49,7 +42,8 @@ from p2p.proto.session import (
     digest,
 )
 from p2p.proto.wire import decode_frame, encode_frame
-from p2p.state.device import NOTES, DeviceState, Ingested
+from p2p.state.device import NOTES, DeviceState
+from p2p.testing.sessions import End, Pair
 
 WALL = 1_700_000_000_000
 
@@ -121,130 +115,8 @@ def state_vectors(state: DeviceState) -> dict[str, dict[int, int]]:
 # ---- the link ---------------------------------------------------------------------
 
 
-@dataclass
-class Peer:
-    name: str
-    state: DeviceState
-    session: Session
-    received: list[bytes] = field(default_factory=list)
-    authenticated: list[str] = field(default_factory=list)
-    lists_in: list[bytes] = field(default_factory=list)
-    grants_in: list[bytes] = field(default_factory=list)
-    grant_errors: list[P2PError] = field(default_factory=list)
-    leases_in: list[bytes] = field(default_factory=list)
-    envelopes_in: list[bytes] = field(default_factory=list)
-    ingested: list[Ingested] = field(default_factory=list)
-    ingest_errors: list[P2PError] = field(default_factory=list)
-    closed: list[Closed] = field(default_factory=list)
-    sent: list[bytes] = field(default_factory=list)
-    haves_in: list[HaveIn] = field(default_factory=list)
-    wants_in: list[WantIn] = field(default_factory=list)
-
-    @property
-    def error(self) -> P2PError | None:
-        assert len(self.closed) == 1, f"{self.name} closed {len(self.closed)} times"
-        return self.closed[0].error
-
-
-Rewrite = Callable[["Peer", int, bytes], bytes]
-"""(destination, index of the frame among those it received, bytes) -> bytes delivered."""
-
-
-class Link:
-    """Two sessions wired back to back; see the module docstring."""
-
-    def __init__(self, a: DeviceState, b: DeviceState, *, now: float = 0.0) -> None:
-        self.a = Peer("a", a, Session(local=a, initiator=True, now=now))
-        self.b = Peer("b", b, Session(local=b, initiator=False, now=now))
-        self.in_flight: list[tuple[Peer, bytes]] = []
-        self.rewrite: Rewrite | None = None
-        self.drop_to: set[str] = set()
-
-    def other(self, peer: Peer) -> Peer:
-        return self.b if peer is self.a else self.a
-
-    def start(self) -> None:
-        self.handle(self.a, self.a.session.start())
-        self.handle(self.b, self.b.session.start())
-
-    def handle(self, src: Peer, outputs: list[Output]) -> None:
-        dst = self.other(src)
-        for out in outputs:
-            if isinstance(out, Send):
-                src.sent.append(out.data)
-                if dst.name not in self.drop_to:
-                    self.in_flight.append((dst, out.data))
-            elif isinstance(out, Authenticated):
-                src.authenticated.append(out.device)
-            elif isinstance(out, DeviceListIn):
-                src.lists_in.append(out.data)
-                src.state.follow(out.data, trusted=False)
-            elif isinstance(out, GrantIn):  # as the node does: take it, then ask for the space
-                src.grants_in.append(out.data)
-                try:
-                    space_id, news, _ = src.state.accept_grant(out.data)
-                except P2PError as exc:
-                    src.grant_errors.append(exc)
-                else:
-                    if news:
-                        self.handle(src, src.session.send_state_vector(space_id))
-            elif isinstance(out, EnvelopeIn):
-                src.envelopes_in.append(out.data)
-                try:
-                    src.ingested.append(src.state.ingest(out.data))
-                except P2PError as exc:
-                    src.ingest_errors.append(exc)
-            elif isinstance(out, LeaseIn):
-                src.state.accept_lease(out.data, 0)
-                src.leases_in.append(out.data)
-            elif isinstance(out, Closed):
-                src.closed.append(out)
-            elif isinstance(out, HaveIn):
-                src.haves_in.append(out)
-            elif isinstance(out, WantIn):
-                src.wants_in.append(out)
-            else:  # pragma: no cover
-                raise AssertionError(f"unexpected output {out!r}")
-
-    def deliver(self, dst: Peer, data: bytes, now: float = 0.0) -> None:
-        if self.rewrite is not None:
-            data = self.rewrite(dst, len(dst.received), data)
-        dst.received.append(data)
-        self.handle(dst, dst.session.receive(data, now))
-
-    def flight(self, now: float = 0.0) -> int:
-        """Deliver every frame now in flight, both ways at once; return how many."""
-        batch, self.in_flight = self.in_flight, []
-        for dst, data in batch:
-            self.deliver(dst, data, now)
-        return len(batch)
-
-    def run(self, now: float = 0.0, limit: int = 50) -> int:
-        """Flights until nothing is in flight; return how many it took."""
-        flights = 0
-        while self.in_flight:
-            self.flight(now)
-            flights += 1
-            assert flights < limit, "the sessions never went quiet"
-        return flights
-
-    def tick(self, now: float) -> None:
-        for peer in (self.a, self.b):
-            self.handle(peer, peer.session.tick(now))
-
-    def connect(self) -> Link:
-        """Start, run the handshake to completion (two flights), check both are open."""
-        self.start()
-        assert self.flight() == 2  # hellos
-        assert self.flight() == 2  # auths
-        assert self.a.authenticated == [self.b.state.device_id]
-        assert self.b.authenticated == [self.a.state.device_id]
-        assert self.a.session.state is self.b.session.state is State.OPEN
-        return self
-
-
 def assert_refused(
-    link: Link, unchanged: dict[str, dict[str, bytes]], *, may_authenticate: str = ""
+    link: Pair, unchanged: dict[str, dict[str, bytes]], *, may_authenticate: str = ""
 ) -> None:
     """Neither side applied anything; both closed; neither authenticated the other
     (except ``may_authenticate``: the side whose peer's auth arrived intact, before
@@ -259,7 +131,7 @@ def assert_refused(
         assert snapshots(peer.state) == unchanged[peer.name]
 
 
-def before(link: Link) -> dict[str, dict[str, bytes]]:
+def before(link: Pair) -> dict[str, dict[str, bytes]]:
     return {"a": snapshots(link.a.state), "b": snapshots(link.b.state)}
 
 
@@ -274,7 +146,7 @@ def test_divergent_replicas_level_in_one_round_trip() -> None:
     write(phone, acct, 5, "phone-settings")
     assert view(phone, chat) != view(laptop, chat)
 
-    link = Link(phone, laptop).connect()
+    link = Pair(phone, laptop).connect()
     sync_flights = []
     while link.in_flight:
         sync_flights.append(link.flight())
@@ -299,7 +171,7 @@ def test_divergent_replicas_level_in_one_round_trip() -> None:
 
 def test_level_replicas_exchange_only_state_vectors() -> None:
     phone, [laptop] = new_account("laptop")
-    link = Link(phone, laptop).connect()
+    link = Pair(phone, laptop).connect()
     assert link.run() == 1  # state vectors, no reply
     assert link.a.envelopes_in == link.b.envelopes_in == []
     assert link.a.session.stats.catchup_bytes_out == 0
@@ -317,7 +189,7 @@ def test_level_replicas_with_overwritten_keys_send_no_envelope() -> None:
     laptop, _ = DeviceState.from_enrollment(keys, "laptop", bundle)
     assert state_vectors(phone) == state_vectors(laptop)
 
-    link = Link(phone, laptop).connect()
+    link = Pair(phone, laptop).connect()
     link.run()
     assert (len(link.a.envelopes_in), len(link.b.envelopes_in)) == (0, 0), (
         "level replicas exchanged envelopes: every reconnection seals, sends, ingests and "
@@ -328,11 +200,11 @@ def test_level_replicas_with_overwritten_keys_send_no_envelope() -> None:
 def test_gossip_after_open() -> None:
     """A live update sent with send_envelope reaches the peer and applies."""
     phone, [laptop] = new_account("laptop")
-    link = Link(phone, laptop).connect()
+    link = Pair(phone, laptop).connect()
     link.run()
     chat = notes(phone)
     update, _ = phone.write_local(chat, [phone.new_entry(chat, "msg", WALL, body="live")])
-    link.handle(link.a, link.a.session.send_envelope(phone.seal(chat, update)))
+    link.a.carry_out(link.a.session.send_envelope(phone.seal(chat, update)))
     assert link.run() == 1
     assert [m.text for m in view(laptop, chat)] == ["live"]
     # not open: nothing to send
@@ -349,7 +221,7 @@ def test_catchup_bytes_close_to_raw_diff() -> None:
         for sid in phone.spaces
         if (d := phone.diff(sid, laptop.state_vector(sid))) != b"\x00\x00"
     )
-    link = Link(phone, laptop).connect()
+    link = Pair(phone, laptop).connect()
     link.run()
     sent = link.a.session.stats.catchup_bytes_out
     assert raw > 100_000
@@ -364,9 +236,9 @@ def test_three_devices_converge_through_the_phone() -> None:
     chat = notes(phone)
     write(laptop, chat, 7, "laptop")
     write(tablet, chat, 9, "tablet", start=100)
-    Link(phone, laptop).connect().run()
-    Link(phone, tablet).connect().run()
-    Link(phone, laptop).connect().run()
+    Pair(phone, laptop).connect().run()
+    Pair(phone, tablet).connect().run()
+    Pair(phone, laptop).connect().run()
     assert view(phone, chat) == view(laptop, chat) == view(tablet, chat)
     assert len(view(laptop, chat)) == 16
 
@@ -379,7 +251,7 @@ def test_device_of_another_account_refused() -> None:
     other_phone, _ = new_account()
     write(other_phone, notes(other_phone), 3, "intruder")
     for ours in (phone, laptop):
-        link = Link(other_phone, ours)
+        link = Pair(other_phone, ours)
         unchanged = before(link)
         link.start()
         link.run()
@@ -395,7 +267,7 @@ def test_never_enrolled_device_presenting_our_list_refused() -> None:
     write(phone, notes(phone), 3, "phone")
     rogue = DeviceState(keys=DeviceKeys.generate(), name="rogue", device_list=phone.device_list)
     rogue.spaces = phone.spaces  # as if the account's keys had leaked to it
-    link = Link(rogue, phone)
+    link = Pair(rogue, phone)
     unchanged = before(link)
     link.start()
     link.run()
@@ -411,7 +283,7 @@ def test_device_claiming_a_members_id_without_its_key_refused() -> None:
     object.__setattr__(keys, "device_id", laptop.device_id)  # claims the laptop's id
     rogue = DeviceState(keys=keys, name="rogue", device_list=phone.device_list)
     rogue.spaces = phone.spaces  # even with the account's keys
-    link = Link(rogue, phone)
+    link = Pair(rogue, phone)
     unchanged = before(link)
     link.start()
     link.run()
@@ -425,7 +297,7 @@ def test_removed_device_refused() -> None:
     assert phone.account_key is not None
     phone.device_list = phone.device_list.without_device(phone.account_key, laptop.device_id)
     old_version = laptop.device_list.version
-    link = Link(laptop, phone)
+    link = Pair(laptop, phone)
     unchanged = before(link)
     link.start()
     link.run()
@@ -443,7 +315,7 @@ def test_removed_device_refused_by_another_companion() -> None:
     assert phone.account_key is not None
     phone.device_list = phone.device_list.without_device(phone.account_key, laptop.device_id)
     assert tablet.offer_device_list(phone.device_list.encode()) is not None
-    link = Link(laptop, tablet)
+    link = Pair(laptop, tablet)
     unchanged = before(link)
     link.start()
     link.run()
@@ -478,14 +350,14 @@ def test_tampered_handshake_frame_refused(index: int, to: str) -> None:
     phone, [laptop] = new_account("laptop")
     write(phone, notes(phone), 2, "phone")
     write(laptop, notes(laptop), 2, "laptop", start=10)
-    probe = Link(phone, laptop).connect()
+    probe = Pair(phone, laptop).connect()
     length = len(getattr(probe, to).received[index])
     errors: set[str] = set()
     for pos in range(length):
-        link = Link(phone, laptop)
+        link = Pair(phone, laptop)
         target = getattr(link, to)
 
-        def tamper(dst: Peer, i: int, data: bytes, pos: int = pos, target: Peer = target) -> bytes:
+        def tamper(dst: End, i: int, data: bytes, pos: int = pos, target: End = target) -> bytes:
             return _flip(data, pos) if dst is target and i == index else data
 
         link.rewrite = tamper
@@ -506,9 +378,9 @@ def test_short_ephemeral_key_refused() -> None:
     be refused before it reaches X25519 (pynacl's crypto_scalarmult does not check the
     length, so libsodium would read past the end of the buffer)."""
     phone, [laptop] = new_account("laptop")
-    link = Link(laptop, phone)
+    link = Pair(laptop, phone)
 
-    def shorten(dst: Peer, index: int, data: bytes) -> bytes:
+    def shorten(dst: End, index: int, data: bytes) -> bytes:
         if dst is link.b and index == 0:
             frame = decode_frame(data)
             del frame["v"], frame["t"]
@@ -532,16 +404,16 @@ def test_tampered_boxed_frame_is_decryption_failed(which: str) -> None:
 
     # frames the laptop receives: hello, auth, lease, sv (account), sv (notes), env (notes)
     index = 3 if which == "sv" else 5
-    probe = Link(*accounts()).connect()
+    probe = Pair(*accounts()).connect()
     probe.run()
     assert len(probe.b.received) == 6
     assert len(probe.b.envelopes_in) == 1
     length = len(probe.b.received[index])
     for pos in range(0, length, max(1, length // 40)):
         phone, laptop = accounts()
-        link = Link(phone, laptop)
+        link = Pair(phone, laptop)
 
-        def tamper(dst: Peer, i: int, data: bytes, pos: int = pos, to: Peer = link.b) -> bytes:
+        def tamper(dst: End, i: int, data: bytes, pos: int = pos, to: End = link.b) -> bytes:
             # frame sizes vary a little with the (random) space ids: wrap around
             return _flip(data, pos % len(data)) if dst is to and i == index else data
 
@@ -557,7 +429,7 @@ def test_tampered_boxed_frame_is_decryption_failed(which: str) -> None:
 def test_replayed_boxed_frame_is_decryption_failed() -> None:
     phone, [laptop] = new_account("laptop")
     write(phone, notes(phone), 5, "phone")
-    link = Link(phone, laptop).connect()
+    link = Pair(phone, laptop).connect()
     link.run()
     assert len(link.b.envelopes_in) == 1
     env_frame = link.b.received[-1]
@@ -570,7 +442,7 @@ def test_replayed_boxed_frame_is_decryption_failed() -> None:
 
 def test_reordered_boxed_frames_are_decryption_failed() -> None:
     phone, [laptop] = new_account("laptop")
-    link = Link(phone, laptop).connect()
+    link = Pair(phone, laptop).connect()
     # swap two boxed frames in flight to the laptop (the lease and the first state vector)
     to_b = [(d, x) for d, x in link.in_flight if d is link.b]
     assert len(to_b) == 3
@@ -582,7 +454,7 @@ def test_reordered_boxed_frames_are_decryption_failed() -> None:
 def test_replayed_envelope_is_refused_and_applies_nothing() -> None:
     phone, [laptop] = new_account("laptop")
     write(phone, notes(phone), 5, "phone")
-    link = Link(phone, laptop).connect()
+    link = Pair(phone, laptop).connect()
     link.run()
     [envelope_data] = link.b.envelopes_in
     [ingested] = link.b.ingested
@@ -630,7 +502,7 @@ def test_handshake_timeout() -> None:
 
 def test_handshake_timeout_while_waiting_for_auth() -> None:
     phone, [laptop] = new_account("laptop")
-    link = Link(phone, laptop)
+    link = Pair(phone, laptop)
     link.drop_to = {"a"}  # the phone never hears back
     link.start()
     link.run()
@@ -642,7 +514,7 @@ def test_handshake_timeout_while_waiting_for_auth() -> None:
 
 def test_idle_timeout() -> None:
     phone, [laptop] = new_account("laptop")
-    link = Link(phone, laptop).connect()
+    link = Pair(phone, laptop).connect()
     link.run()
     link.drop_to = {"a"}  # the laptop's pongs and pings are lost
     for t in range(5, 200, 5):
@@ -657,7 +529,7 @@ def test_idle_timeout() -> None:
 
 def test_ping_pong_keeps_the_session_alive() -> None:
     phone, [laptop] = new_account("laptop")
-    link = Link(phone, laptop).connect()
+    link = Pair(phone, laptop).connect()
     link.run()
     frames_before = link.a.session.stats.frames_in
     for t in range(1, 400):
@@ -680,7 +552,7 @@ def test_newer_device_list_from_peer_is_device_list_in() -> None:
     assert laptop.device_list.version == 2
     assert tablet.device_list.version == 3
     write(tablet, notes(tablet), 3, "tablet")
-    link = Link(laptop, tablet).connect()
+    link = Pair(laptop, tablet).connect()
     link.run()
     assert link.a.lists_in == [tablet.device_list.encode()]
     assert link.b.lists_in == []
@@ -725,20 +597,20 @@ def test_have_and_want_carry_digests_and_the_envelope_follows() -> None:
     """The sans-I/O half of lazy gossip: a have names envelopes, a want asks for them,
     and the envelope sent in answer applies as any other."""
     phone, (laptop,) = new_account("laptop")
-    link = Link(phone, laptop).connect()
+    link = Pair(phone, laptop).connect()
     link.run()
     chat = notes(phone)
     entry = phone.new_entry(chat, "msg", WALL, body="lazily gossiped")
     update, _ = phone.write_local(chat, [entry])
     envelope = phone.seal(chat, update)
     names = [digest(envelope), digest(b"another")]
-    link.handle(link.a, link.a.session.send_have(chat, names))
+    link.a.carry_out(link.a.session.send_have(chat, names))
     link.run()
     assert link.b.haves_in == [HaveIn(chat, names)]
-    link.handle(link.b, link.b.session.send_want(names[:1]))
+    link.b.carry_out(link.b.session.send_want(names[:1]))
     link.run()
     assert link.a.wants_in == [WantIn(names[:1])]
-    link.handle(link.a, link.a.session.send_envelope(envelope))
+    link.a.carry_out(link.a.session.send_envelope(envelope))
     link.run()
     assert [m.text for m in view(laptop, chat)] == ["lazily gossiped"]
     assert link.a.session.state is link.b.session.state is State.OPEN
@@ -746,10 +618,10 @@ def test_have_and_want_carry_digests_and_the_envelope_follows() -> None:
 
 def test_many_digests_travel_in_several_frames() -> None:
     phone, (laptop,) = new_account("laptop")
-    link = Link(phone, laptop).connect()
+    link = Pair(phone, laptop).connect()
     link.run()
     names = [digest(i.to_bytes(4, "big")) for i in range(600)]
-    link.handle(link.a, link.a.session.send_want(names))
+    link.a.carry_out(link.a.session.send_want(names))
     link.run()
     assert [len(w.digests) for w in link.b.wants_in] == [256, 256, 88]
     assert [d for w in link.b.wants_in for d in w.digests] == names
@@ -757,17 +629,17 @@ def test_many_digests_travel_in_several_frames() -> None:
 
 def test_have_about_a_space_the_peer_may_not_read_is_ignored() -> None:
     phone, (laptop,) = new_account("laptop")
-    link = Link(phone, laptop).connect()
+    link = Pair(phone, laptop).connect()
     link.run()
-    link.handle(link.a, link.a.session.send_have("nosuchspace", [digest(b"x")]))
+    link.a.carry_out(link.a.session.send_have("nosuchspace", [digest(b"x")]))
     link.run()
     assert link.b.haves_in == []
     assert link.b.session.state is State.OPEN
 
 
-def _inject(link: Link, frame: dict[str, object]) -> None:
+def _inject(link: Pair, frame: dict[str, object]) -> None:
     """Send a boxed frame from a to b that our own encoder would refuse to build."""
-    link.handle(link.a, [link.a.session._send_boxed(msgpack.packb(frame, use_bin_type=True))])
+    link.a.carry_out([link.a.session._send_boxed(msgpack.packb(frame, use_bin_type=True))])
     link.run()
 
 
@@ -786,7 +658,7 @@ def _inject(link: Link, frame: dict[str, object]) -> None:
 )
 def test_malformed_have_or_want_closes_the_session(frame: dict[str, object]) -> None:
     phone, (laptop,) = new_account("laptop")
-    link = Link(phone, laptop).connect()
+    link = Pair(phone, laptop).connect()
     link.run()
     _inject(link, {"v": 1, **frame})
     assert isinstance(link.b.error, ProtocolError | MalformedFrame)
@@ -799,7 +671,7 @@ def test_have_or_want_before_authentication_is_refused(monkeypatch: pytest.Monke
     import p2p.proto.session
 
     phone, (laptop,) = new_account("laptop")
-    link = Link(phone, laptop)
+    link = Pair(phone, laptop)
     link.start()
     hellos, link.in_flight = link.in_flight, []
     to_a = next(data for dst, data in hellos if dst is link.a)

@@ -23,8 +23,8 @@ from p2p import __version__
 from p2p.app import control
 from p2p.app.terminal import multiline, safe, say
 from p2p.errors import AlreadyRunning, NodeError, P2PError
-from p2p.runtime.node import open_node
 from p2p.runtime.home import LOCK_WAIT, default_home, init_account, open_home_store
+from p2p.runtime.node import open_node
 
 
 def _home(args: argparse.Namespace) -> Path:

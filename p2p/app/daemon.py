@@ -26,8 +26,8 @@ from p2p.app.control import serve_control
 from p2p.app.terminal import log_to_stderr, say
 from p2p.discovery.base import StaticPeers
 from p2p.errors import AlreadyRunning, P2PError
-from p2p.runtime.node import Node, open_node
 from p2p.runtime.home import LOCK_WAIT, home_lock
+from p2p.runtime.node import Node, open_node
 from p2p.transport.tcp import TcpTransport
 
 log = logging.getLogger("p2p.app.daemon")

@@ -25,9 +25,9 @@ from rich.table import Table
 
 from p2p.errors import P2PError
 from p2p.relay.server import serve_relay
+from p2p.runtime.home import init_account
 from p2p.runtime.linking import wait_for_primary
 from p2p.runtime.node import Node, open_node
-from p2p.runtime.home import init_account
 from p2p.testing import digest
 from p2p.transport.tcp import TcpTransport
 

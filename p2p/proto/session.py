@@ -246,6 +246,72 @@ Output = (
 )
 
 
+class SessionHost(Protocol):
+    """Whoever carries out one session's outputs: one method per output kind.
+
+    The node implements it for each live connection (p2p.runtime), the tests' driver of
+    back-to-back sessions (tests/sessions.py) for in-memory ones; both are fed by
+    :func:`carry_out` through :data:`HANDLERS`, so a new kind of output is a new method
+    here, which mypy then asks of both.
+    """
+
+    def on_send(self, out: Send) -> None: ...
+
+    def on_authenticated(self, out: Authenticated) -> None: ...
+
+    def on_device_list(self, out: DeviceListIn) -> None: ...
+
+    def on_envelope(self, out: EnvelopeIn) -> None: ...
+
+    def on_grant(self, out: GrantIn) -> None: ...
+
+    def on_have(self, out: HaveIn) -> None: ...
+
+    def on_want(self, out: WantIn) -> None: ...
+
+    def on_lease(self, out: LeaseIn) -> None: ...
+
+    def on_leave_requested(self, out: LeaveRequested) -> None: ...
+
+    def on_typing(self, out: TypingIn) -> None: ...
+
+    def on_media(self, out: MediaIn) -> None: ...
+
+    def on_closed(self, out: Closed) -> None: ...
+
+
+HANDLERS: Final[dict[type[Output], str]] = {
+    Send: "on_send",
+    Authenticated: "on_authenticated",
+    DeviceListIn: "on_device_list",
+    EnvelopeIn: "on_envelope",
+    GrantIn: "on_grant",
+    HaveIn: "on_have",
+    WantIn: "on_want",
+    LeaseIn: "on_lease",
+    LeaveRequested: "on_leave_requested",
+    TypingIn: "on_typing",
+    MediaIn: "on_media",
+    Closed: "on_closed",
+}
+"""The dispatch table: which :class:`SessionHost` method each output goes to."""
+
+
+def carry_out(host: SessionHost, outputs: list[Output]) -> None:
+    """Hand each output to its handler, frames first.
+
+    Frames go out in the order the session sealed them: handling the other outputs may
+    make the session seal more (a grant answered with a state vector, a refusal with a
+    bye), and its box numbers frames, so those must queue behind the ones already sealed.
+    """
+    for frame in outputs:
+        if isinstance(frame, Send):
+            host.on_send(frame)
+    for out in outputs:
+        if not isinstance(out, Send):
+            getattr(host, HANDLERS[type(out)])(out)
+
+
 class State(Enum):
     HELLO = "hello"
     AUTH = "auth"

@@ -103,6 +103,7 @@ from p2p.proto.session import (
 )
 from p2p.proto.wire import MAX_HANDSHAKE_FRAME
 from p2p.proto.ysplit import split_update
+from p2p.runtime.home import home_lock, open_home_store
 from p2p.runtime.linking import Linked, approve_code
 from p2p.state.device import (
     Delivery,
@@ -115,7 +116,6 @@ from p2p.state.device import (
     merge_batches,
 )
 from p2p.storage.base import Store, WriteBatch
-from p2p.runtime.home import home_lock, open_home_store
 from p2p.storage.memory import MemoryStore
 from p2p.transport.base import Connection, ConnectionClosed, TransportError
 from p2p.transport.base import Transport as TransportT

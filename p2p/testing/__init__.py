@@ -32,10 +32,10 @@ import trio
 from p2p.media.store import BlobStore
 from p2p.proto.identity import DeviceKeys
 from p2p.proto.model import Message
+from p2p.runtime.home import create_store
 from p2p.runtime.node import Node, open_node
 from p2p.state.device import DeviceState
 from p2p.storage.base import Store
-from p2p.runtime.home import create_store
 from p2p.storage.memory import MemoryStore
 from p2p.transport.memory import Faults, MemoryNetwork
 
