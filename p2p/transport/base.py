@@ -2,7 +2,8 @@
 
 A transport carries whole frames (the sync protocol's unit); it knows nothing about
 what is inside. Adapters: in-memory (``p2p.transport.memory``, for tests and
-``p2p.testing``), LAN TCP and relay websocket (later). Each passes the shared suite in
+``p2p.testing``), LAN TCP (``tcp``) and the relay's websocket pipes (``relay``), which
+``routed`` puts behind one address space. Each passes the shared suite in
 ``tests/test_transport.py``.
 """
 
