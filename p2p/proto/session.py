@@ -56,7 +56,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Final, Protocol
@@ -596,54 +596,75 @@ class Session:
     # ---- open session --------------------------------------------------------------
 
     def _on_open(self, frame: dict[str, Any]) -> list[Output]:
-        kind = frame["t"]
-        if kind == "env":
-            self.stats.envelopes_in += 1
-            return [EnvelopeIn(frame["e"])]
-        if kind == "sv":
-            self.stats.sv_in += 1
-            return self._on_state_vector(frame["s"], frame["sv"])
-        if kind == "have":
-            self.stats.haves_in += 1
-            digests = _split_digests(kind, frame["h"])
-            assert self.peer is not None
-            if frame["s"] not in self.local.spaces_for(self.peer):
-                return []  # a space we don't share with this device: say nothing
-            return [HaveIn(frame["s"], digests)]
-        if kind == "want":
-            self.stats.wants_in += 1
-            return [WantIn(_split_digests(kind, frame["h"]))]
-        if kind == "list":
-            return [DeviceListIn(frame["l"])]
-        if kind == "lease":
-            return [LeaseIn(frame["l"])]
-        if kind == "grant":
-            return [GrantIn(frame["g"])]
-        if kind == "leave":
-            assert self.peer is not None
-            return [LeaveRequested(self.peer)]
-        if kind == "typing":
-            assert self.peer is not None
-            if frame["s"] not in self.local.spaces_for(self.peer):
-                return []  # a space we don't share with this device: say nothing
-            return [TypingIn(frame["s"], bool(frame["on"]))]
-        if kind in MEDIA_FRAMES:
-            self.stats.media_bytes_in += self._in_size
-            return [MediaIn(kind, frame)]
-        if kind == "ping":
-            return [self._send_boxed(encode_frame("pong", n=frame["n"]))]
-        if kind == "pong":
-            return []
-        if kind == "bye":
-            self.state = State.CLOSED
-            return [Closed(None)]
-        if kind == "reject":  # we had accepted the peer's ident; it refused ours
-            raise HandshakeFailed(f"peer refused us: {frame['code']}")
-        raise ProtocolError(f"unexpected {kind} frame in an open session")
+        handler = _OPEN_FRAMES.get(frame["t"])
+        if handler is None:
+            raise ProtocolError(f"unexpected {frame['t']} frame in an open session")
+        return handler(self, frame)
+
+    # ---- frames of an open session (dispatched by _OPEN_FRAMES) ---------------------
+
+    def _open_env(self, frame: dict[str, Any]) -> list[Output]:
+        self.stats.envelopes_in += 1
+        return [EnvelopeIn(frame["e"])]
+
+    def _open_sv(self, frame: dict[str, Any]) -> list[Output]:
+        self.stats.sv_in += 1
+        return self._on_state_vector(frame["s"], frame["sv"])
+
+    def _open_have(self, frame: dict[str, Any]) -> list[Output]:
+        self.stats.haves_in += 1
+        digests = _split_digests("have", frame["h"])
+        if not self._shares(frame["s"]):
+            return []  # a space we don't share with this device: say nothing
+        return [HaveIn(frame["s"], digests)]
+
+    def _open_want(self, frame: dict[str, Any]) -> list[Output]:
+        self.stats.wants_in += 1
+        return [WantIn(_split_digests("want", frame["h"]))]
+
+    def _open_list(self, frame: dict[str, Any]) -> list[Output]:
+        return [DeviceListIn(frame["l"])]
+
+    def _open_lease(self, frame: dict[str, Any]) -> list[Output]:
+        return [LeaseIn(frame["l"])]
+
+    def _open_grant(self, frame: dict[str, Any]) -> list[Output]:
+        return [GrantIn(frame["g"])]
+
+    def _open_leave(self, frame: dict[str, Any]) -> list[Output]:
+        assert self.peer is not None
+        return [LeaveRequested(self.peer)]
+
+    def _open_typing(self, frame: dict[str, Any]) -> list[Output]:
+        if not self._shares(frame["s"]):
+            return []  # a space we don't share with this device: say nothing
+        return [TypingIn(frame["s"], bool(frame["on"]))]
+
+    def _open_media(self, frame: dict[str, Any]) -> list[Output]:
+        self.stats.media_bytes_in += self._in_size
+        return [MediaIn(frame["t"], frame)]
+
+    def _open_ping(self, frame: dict[str, Any]) -> list[Output]:
+        return [self._send_boxed(encode_frame("pong", n=frame["n"]))]
+
+    def _open_pong(self, frame: dict[str, Any]) -> list[Output]:
+        return []
+
+    def _open_bye(self, frame: dict[str, Any]) -> list[Output]:
+        self.state = State.CLOSED
+        return [Closed(None)]
+
+    def _open_reject(self, frame: dict[str, Any]) -> list[Output]:
+        # we had accepted the peer's ident; it refused ours
+        raise HandshakeFailed(f"peer refused us: {frame['code']}")
+
+    def _shares(self, space_id: str) -> bool:
+        """Whether the peer reads ``space_id`` (frames about other spaces get no answer)."""
+        assert self.peer is not None
+        return space_id in self.local.spaces_for(self.peer)
 
     def _on_state_vector(self, space_id: str, sv: bytes) -> list[Output]:
-        assert self.peer is not None
-        if space_id not in self.local.spaces_for(self.peer):
+        if not self._shares(space_id):
             return []  # a space we don't share with this device: say nothing about it
         # a newer vector for a space being caught up supersedes the older answer
         self._catchup = [(s, p) for s, p in self._catchup if s != space_id]
@@ -734,3 +755,22 @@ class Session:
         self.state = State.CLOSED
         out.append(Closed(error))
         return out
+
+
+_OPEN_FRAMES: Final[dict[str, Callable[[Session, dict[str, Any]], list[Output]]]] = {
+    "env": Session._open_env,
+    "sv": Session._open_sv,
+    "have": Session._open_have,
+    "want": Session._open_want,
+    "list": Session._open_list,
+    "lease": Session._open_lease,
+    "grant": Session._open_grant,
+    "leave": Session._open_leave,
+    "typing": Session._open_typing,
+    "ping": Session._open_ping,
+    "pong": Session._open_pong,
+    "bye": Session._open_bye,
+    "reject": Session._open_reject,
+    **{kind: Session._open_media for kind in MEDIA_FRAMES},
+}
+"""What an open session does with each kind of frame (anything else is a ProtocolError)."""
