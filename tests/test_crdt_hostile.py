@@ -18,6 +18,7 @@ the update is neither kept nor passed on.
 from __future__ import annotations
 
 import base64
+from dataclasses import replace
 from typing import Any
 
 import pycrdt
@@ -25,7 +26,7 @@ import pytest
 import trio
 from procs import run_virtual as run
 from test_accounts import befriend, conversation, two_accounts
-from test_sync_session import WALL, new_account, view
+from test_sync_session import WALL, new_account, notes, view
 
 from p2p import events as ev
 from p2p import testing
@@ -230,7 +231,7 @@ checks that ``check_update`` refuses them; here the check is switched off, as if
 next update of the kind got through)."""
 
 
-def lenient(data: bytes, space: str, opened: object = None) -> frozenset[int]:
+def lenient(data: bytes, space: str, opened: object = None, deps: object = None) -> frozenset[int]:
     """``check_update`` with the new refusals missing: what a gap in it would let by."""
     return frozenset({0})
 
@@ -298,3 +299,32 @@ def test_a_panic_from_a_peer_closes_its_connection_and_keeps_nothing(
             assert [m.text for m in laptop.messages(chat)] == ["before", "after"]
 
     run(scenario)
+
+
+def test_a_device_cannot_pass_off_a_forged_edit_as_another_devices_by_sending_it_first() -> None:
+    """An entry is taken without checking its own signature when the envelope that
+    brought it was signed by its author ("vouched"). A device of our account that saw a
+    laptop's message overwrites it with a forged copy (the laptop's id and signature,
+    its own text) and gets that to the phone before the laptop's message: the phone
+    holds the overwrite until the message arrives, and yrs integrates both in the
+    laptop's transaction. The forged copy must not be vouched for by the laptop's
+    envelope: it is refused (hidden), never shown as the laptop's."""
+    phone, [laptop, tablet] = new_account("laptop", "tablet")
+    for state in (phone, laptop, tablet):
+        state.offer_device_list(phone.device_list.encode())
+    chat = notes(phone)
+    genuine = laptop.new_entry(chat, "msg", WALL, body="meet at noon")
+    update, _ = laptop.write_local(chat, [genuine])
+    from_laptop = laptop.seal(chat, update)
+    tablet.ingest(from_laptop)
+    forged = replace(genuine, body="meet at midnight")  # the laptop's id and signature
+    update, _ = tablet.write_local(chat, [forged])  # placed after the laptop's item
+    from_tablet = tablet.seal(chat, update)
+
+    phone.ingest(from_tablet)  # waits in yrs for the laptop's item it replaces
+    ingested = phone.ingest(from_laptop)
+    shown, rejected = phone.space(chat).replica.view(phone.any_signing_key, phone.belongs)
+    assert "meet at midnight" not in [m.text for m in shown]
+    assert [r.reason for r in rejected] == ["bad signature"]
+    rows = [row for row in ingested.batch.index.values() if row is not None]
+    assert all(row.body != "meet at midnight" or row.reason for row in rows), rows

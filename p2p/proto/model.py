@@ -43,7 +43,7 @@ from p2p.media.descriptor import Attachment, parse_file_body
 from p2p.proto.clock import is_ts
 from p2p.proto.identity import DeviceKeys, verify
 from p2p.proto.wire import MAX_FRAME, pack
-from p2p.proto.yupdate import check_update, encode_uvar, strip_deletions
+from p2p.proto.yupdate import Deps, check_update, encode_uvar, strip_deletions
 
 DOMAIN_ENTRY: Final = b"p2p/entry/v1\x00"
 MAX_BODY: Final = 64 * 1024
@@ -385,6 +385,10 @@ class Applied:
 
     changed: Changes
     clients: frozenset[int]
+    took_held: bool = False
+    """Whether structs held back from earlier updates may have come in with this one
+    (see :class:`~p2p.proto.yupdate.Deps`): then not every changed value is this
+    update's, and none may be taken on the word of its envelope's signer."""
 
 
 UpdateSource = Callable[[], Iterable[bytes]]
@@ -473,6 +477,13 @@ class Replica:
     def _new_doc(self) -> None:
         """An empty document with the chat maps, observed."""
         self._doc: pycrdt.Doc[Any] = pycrdt.Doc(client_id=self._client_id)
+        self._sv: dict[int, int] | None = {}
+        """The document's state vector as we last knew it (None: ask yrs)."""
+        self._held: dict[int, int] = {}
+        """Per client, the clock the document must reach before nothing is held back."""
+        self._unsettled: dict[int, int] = {}
+        """What the updates from the store need and bring, not yet compared with the
+        document (loading compares once, at the end, instead of once per update)."""
         self._map_of = {name: self._doc.get(name, type=pycrdt.Map) for name in MAPS}
         # pycrdt's own ``Map.observe`` converts every event into Python objects again,
         # recursively (~8 us per changed key); the integrated map's observer hands over
@@ -492,6 +503,7 @@ class Replica:
         if self._reload is not None:
             for update in self._reload():
                 self.apply(update, from_store=True)
+            self._settle()
 
     @property
     def loaded(self) -> bool:
@@ -512,6 +524,7 @@ class Replica:
             try:
                 for update in source():
                     self.apply(update, from_store=True)  # from_store: never calls load
+                self._settle()
                 if self._authors_source is not None:
                     self._authors = dict(self._authors_source())
                     self._latest_ts = max(self._authors.values(), default="")
@@ -605,7 +618,8 @@ class Replica:
         if not from_store and len(update) > MAX_UPDATE:
             raise InvalidUpdate(self.space, f"{len(update)} bytes exceed {MAX_UPDATE}")
         opened: list[tuple[str, str]] | None = None if opens is None else []
-        clients = check_update(update, self.space, opened)  # before pycrdt trusts its counts
+        deps = Deps()
+        clients = check_update(update, self.space, opened, deps)  # before pycrdt trusts it
         if allowed is not None and not all(allowed(c) for c in clients):
             raise InvalidUpdate(
                 self.space, "the update touches CRDT clients of another account than its sender's"
@@ -620,6 +634,7 @@ class Replica:
             self.load()  # the history first, so that the changes seen are this update's
         changed: Changes = {}
         self._watch.changes = None if from_store else changed
+        took_held = bool(self._held or self._unsettled)
         try:
             self._doc.apply_update(update)
         except (KeyboardInterrupt, SystemExit, GeneratorExit):
@@ -635,6 +650,7 @@ class Replica:
             raise PoisonedReplica(self.space, reason) from None
         finally:
             self._watch.changes = None
+        self._track(deps, settle=not from_store)
         if _EVERY in changed:
             names = {name for name, _ in changed if name != "*"}
             changed = {(name, key): UNREAD for name in sorted(names) for key in self._map_of[name]}
@@ -647,7 +663,42 @@ class Replica:
                     self._latest_ts = ts
                 if name == "m":
                     self._note_author(value)
-        return Applied(changed=changed, clients=clients)
+        return Applied(changed=changed, clients=clients, took_held=took_held)
+
+    def _track(self, deps: Deps, *, settle: bool) -> None:
+        """Note what yrs may now hold back. Cheap while every update finds what it needs
+        (the common case: the state vector is kept here, not asked of yrs); otherwise,
+        and for what came from the store (``settle`` False: compared once, at the end of
+        loading), yrs's state vector says what is still missing."""
+        sv = self._sv
+        if (
+            settle
+            and sv is not None
+            and not self._held
+            and not self._unsettled
+            and all(sv.get(c, 0) >= clock for c, clock in deps.needs.items())
+        ):
+            for client, end in deps.ends.items():
+                if end > sv.get(client, 0):
+                    sv[client] = end
+            return
+        wanted = self._unsettled
+        for client, clock in (*deps.needs.items(), *deps.ends.items()):
+            if clock > wanted.get(client, 0):
+                wanted[client] = clock
+        self._sv = None
+        if settle:
+            self._settle()
+
+    def _settle(self) -> None:
+        """Compare what was applied with the document: what is missing is held back."""
+        sv = decode_state_vector(bytes(self._doc.get_state()))
+        for client, clock in self._unsettled.items():
+            if clock > self._held.get(client, 0):
+                self._held[client] = clock
+        self._unsettled = {}
+        self._held = {c: clock for c, clock in self._held.items() if sv.get(c, 0) < clock}
+        self._sv = sv
 
     def state_vector(self) -> bytes:
         return bytes(self.doc.get_state())
@@ -686,6 +737,7 @@ class Replica:
                 self._verified[fingerprint(entry.canonical(self.space), entry.sig)] = True
                 if entry.kind == "msg":
                     self._note_author(entry.to_value())
+        self._sv = None  # our own client moved on: ask yrs next time
         return bytes(doc.get_update(before))
 
     # ---- reading -------------------------------------------------------------------

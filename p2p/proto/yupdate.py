@@ -57,6 +57,7 @@ import functools
 import json
 import re
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Final
 
 from p2p.errors import InvalidUpdate
@@ -125,16 +126,51 @@ Opened = list[tuple[str, str]]
 """(root map, key) of each struct that names its key: the first of a key's items."""
 
 
-def check_update(data: bytes, space: str, opened: Opened | None = None) -> frozenset[int]:
+@dataclass
+class Deps:
+    """What an update needs of the document it is applied to, and what it brings.
+
+    yrs integrates a struct only once the structs before it (in its client) and the
+    ones it refers to (origin, right origin, parent) are there, and a deletion only once
+    its structs are; until then it holds them back, and integrates them later inside
+    another update's transaction. ``needs``: per client, the clock the document must
+    have reached for nothing of this update to be held back. ``ends``: per client, the
+    clock its structs end at (what the document reaches once they are in)."""
+
+    needs: dict[int, int] = field(default_factory=dict)
+    ends: dict[int, int] = field(default_factory=dict)
+    _refs: dict[int, int] = field(default_factory=dict)
+    _starts: dict[int, int] = field(default_factory=dict)
+
+    def _resolve(self) -> None:
+        """From the raw reads: what outside this update each client must already hold."""
+        for client, wanted in self._refs.items():
+            start = self._starts.get(client)
+            if start is None:
+                self.needs[client] = wanted
+            elif wanted > self.ends[client]:
+                self.needs[client] = max(start, wanted)
+        for client, start in self._starts.items():
+            self.needs[client] = max(self.needs.get(client, 0), start)
+
+    def _want(self, client: int, clock: int) -> None:
+        if clock > self._refs.get(client, 0):
+            self._refs[client] = clock
+
+
+def check_update(
+    data: bytes, space: str, opened: Opened | None = None, deps: Deps | None = None
+) -> frozenset[int]:
     """Raise InvalidUpdate unless ``data`` is a well-formed, bounded Yjs update v1;
     return the CRDT client ids it touches: writes structs for, deletes structs of, or
     refers to as an origin, right origin or parent (what the caller checks against the
     sender, see ``DeviceState.ingest``). With ``opened``, the keys of root maps that
     the update's structs name are appended to it: a struct placed after or before
     another (with an origin) takes that one's key, so these are the keys the update may
-    open (which of them an account may open is ``p2p.proto.model.may_open``)."""
+    open (which of them an account may open is ``p2p.proto.model.may_open``). With
+    ``deps``, what the update needs and brings is filled in (see :class:`Deps`)."""
     clients: set[int] = set()
-    reason = _refusal(bytes(data), clients=clients, opened=opened)
+    reason = _refusal(bytes(data), clients=clients, opened=opened, deps=deps)
     if reason is not None:
         raise InvalidUpdate(space, reason)
     return frozenset(clients)
@@ -171,7 +207,11 @@ def encode_uvar(value: int) -> bytes:
 
 
 def _refusal(
-    data: bytes, lane: bool = True, clients: set[int] | None = None, opened: Opened | None = None
+    data: bytes,
+    lane: bool = True,
+    clients: set[int] | None = None,
+    opened: Opened | None = None,
+    deps: Deps | None = None,
 ) -> str | None:
     """Why ``data`` is refused, or None. ``lane=False`` skips the regex (for tests);
     ``clients`` collects the client ids the update touches, ``opened`` the keys it
@@ -179,12 +219,15 @@ def _refusal(
     blanks: Blanks = []
     seen = clients if clients is not None else set()
     try:
-        end = _delete_set(data, _structs(data, blanks, lane, seen, opened), blanks, seen)
+        structs_end = _structs(data, blanks, lane, seen, opened, deps)
+        end = _delete_set(data, structs_end, blanks, seen, deps)
         if end > len(data):
             raise IndexError
         if end < len(data):
             raise _Bad(f"{len(data) - end} trailing bytes after the delete set")
         _check_utf8(data, blanks)
+        if deps is not None:
+            deps._resolve()
     except _Bad as exc:
         return str(exc)
     except IndexError:
@@ -333,6 +376,7 @@ def _structs(
     lane: bool,
     seen: set[int] | None = None,
     opened: Opened | None = None,
+    deps: Deps | None = None,
 ) -> int:
     size = len(data)
     clients, pos = _uvar(data, 0, _U32, blanks)
@@ -348,6 +392,8 @@ def _structs(
             raise _Bad(f"client {client} has two sections")
         sections.add(client)
         clock, pos = _uvar(data, pos, _CLOCKS, blanks)
+        if deps is not None:
+            deps._starts[client] = clock
         _count(count, data, pos, 2, "structs")
         fast = _lane().match if lane and count >= _LANE_MIN else None
         misses = pause = 0  # after 4 misses in a row, structs skip the lane a while
@@ -387,11 +433,11 @@ def _structs(
             if info & (_HAS_ORIGIN | _HAS_RIGHT_ORIGIN):
                 blanks.append((pos - 1, pos))
                 if info & _HAS_ORIGIN:
-                    pos = _ref(data, pos, blanks, client, clock, refs, "origin")
+                    pos = _ref(data, pos, blanks, client, clock, refs, "origin", deps)
                 if info & _HAS_RIGHT_ORIGIN:
                     # (not checked against its own clock: yrs writes a slice of an
                     # item with the whole item's right origin, which can be the slice)
-                    pos = _ref(data, pos, blanks, client, _CLOCKS, refs, "right origin")
+                    pos = _ref(data, pos, blanks, client, _CLOCKS, refs, "right origin", deps)
                 # 0x20 may be set here too (Yjs sets it), but no parent-sub follows
             else:
                 parent = data[pos]
@@ -403,7 +449,7 @@ def _structs(
                     n = data[pos + 1]
                     pos = pos + 2 + n if n < 0x80 else _string(data, pos + 1, blanks)
                 elif parent == 0:
-                    pos = _ref(data, pos + 1, blanks, client, clock, refs, "parent")
+                    pos = _ref(data, pos + 1, blanks, client, clock, refs, "parent", deps)
                 else:
                     raise _Bad(f"parent info {parent}")
                 if info & _HAS_PARENT_SUB and not (parent == 1 and opened is not None):
@@ -430,6 +476,8 @@ def _structs(
                 clock += length
         if clock > MAX_CLOCK:
             raise _Bad(f"a client's structs end past clock {MAX_CLOCK}")
+        if deps is not None:
+            deps.ends[client] = clock
     if seen is not None:
         seen |= sections
         seen |= refs
@@ -437,7 +485,14 @@ def _structs(
 
 
 def _ref(
-    data: bytes, pos: int, blanks: Blanks, client: int, clock: int, refs: set[int], what: str
+    data: bytes,
+    pos: int,
+    blanks: Blanks,
+    client: int,
+    clock: int,
+    refs: set[int],
+    what: str,
+    deps: Deps | None = None,
 ) -> int:
     """An id a struct refers to (origin, right origin, parent): its client counts among
     those the update touches (placing a struct next to another's is how a map value is
@@ -447,6 +502,8 @@ def _ref(
     if ref_client == client and ref_clock >= clock:
         raise _Bad(f"a struct's {what} is its own clock or a later one of its client")
     refs.add(ref_client)
+    if deps is not None:
+        deps._want(ref_client, ref_clock + 1)
     return pos
 
 
@@ -537,7 +594,9 @@ def _any(data: bytes, pos: int, depth: int, blanks: Blanks) -> int:
     return end
 
 
-def _delete_set(data: bytes, pos: int, blanks: Blanks, seen: set[int] | None = None) -> int:
+def _delete_set(
+    data: bytes, pos: int, blanks: Blanks, seen: set[int] | None = None, deps: Deps | None = None
+) -> int:
     clients, pos = _uvar(data, pos, _U32, blanks)
     _count(clients, data, pos, 2, "delete-set clients")
     for _ in range(clients):
@@ -551,6 +610,8 @@ def _delete_set(data: bytes, pos: int, blanks: Blanks, seen: set[int] | None = N
             length, pos = _uvar(data, pos, _U32, blanks)
             if clock + length > MAX_CLOCK:
                 raise _Bad(f"a deleted range ends past clock {MAX_CLOCK}")
+            if deps is not None:
+                deps._want(client, clock + length)
     return pos
 
 

@@ -999,7 +999,10 @@ class DeviceState:
         )
         window.accept(opened.counter)
         self.replay[opened.sender] = window
-        index, rejected = self._index(opened.space, changed, vouched_by=opened.sender)
+        # an entry its author's envelope brought is authenticated by that envelope; but
+        # structs yrs held back from other envelopes may have come in with this one
+        vouched_by = "" if applied.took_held else opened.sender
+        index, rejected = self._index(opened.space, changed, vouched_by=vouched_by)
         batch = WriteBatch(
             records={f"replay/{opened.sender}": window.to_record()},
             appends=[(opened.space, opened.payload)],
