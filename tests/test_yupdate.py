@@ -639,3 +639,47 @@ def test_the_keys_an_update_opens_are_read_alike_in_and_out_of_the_lane() -> Non
     opened = []
     check_update(doc.get_update(before), "s", opened)
     assert opened == []
+
+
+def test_deps_say_what_an_update_needs_and_brings() -> None:
+    """What yrs would hold back: structs after a gap in their client, structs placed
+    next to (or deleting) structs the document lacks."""
+    alice = pycrdt.Doc(client_id=1)
+    bob = pycrdt.Doc(client_id=2)
+    alice_map = alice.get("m", type=pycrdt.Map)
+    alice_map["k"] = "first"
+    first = alice.get_update()
+    before = alice.get_state()
+    alice_map["j"] = "second"
+    second = alice.get_update(before)  # alice's clock 1 onwards: needs the first
+    bob.apply_update(first)
+    bob_map = bob.get("m", type=pycrdt.Map)
+    bob_state = bob.get_state()
+    bob_map["k"] = "bob's"  # placed after alice's item and deleting it
+    overwrite = bob.get_update(bob_state)
+
+    deps = yupdate.Deps()
+    check_update(first, "s", deps=deps)
+    assert (deps.needs, deps.ends) == ({1: 0}, {1: 1})
+    deps = yupdate.Deps()
+    check_update(second, "s", deps=deps)
+    assert (deps.needs, deps.ends) == ({1: 1}, {1: 2})
+    deps = yupdate.Deps()
+    check_update(overwrite, "s", deps=deps)
+    assert deps.ends == {2: 1}
+    assert deps.needs == {1: 1, 2: 0}  # alice's item: its origin, and what it deletes
+
+
+def test_a_replica_knows_when_yrs_may_hold_structs_back() -> None:
+    source = pycrdt.Doc(client_id=1)
+    source_map = source.get("m", type=pycrdt.Map)
+    updates = []
+    for n in range(3):
+        before = source.get_state()
+        source_map[f"k{n}"] = {"n": str(n)}
+        updates.append(source.get_update(before))
+    replica = Replica("s")
+    assert not replica.apply(updates[0]).took_held
+    assert not replica.apply(updates[2]).took_held  # held back: the second is missing
+    assert replica.apply(updates[1]).took_held  # brings the second, and the third with it
+    assert not replica.apply(updates[1]).took_held  # nothing held any more
