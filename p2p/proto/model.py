@@ -481,6 +481,8 @@ class Replica:
         """The document's state vector as we last knew it (None: ask yrs)."""
         self._held: dict[int, int] = {}
         """Per client, the clock the document must reach before nothing is held back."""
+        self._suspects: set[tuple[str, str]] = set()
+        """(map, key) named by updates applied while yrs held structs back."""
         self._unsettled: dict[int, int] = {}
         """What the updates from the store need and bring, not yet compared with the
         document (loading compares once, at the end, instead of once per update)."""
@@ -651,6 +653,20 @@ class Replica:
         finally:
             self._watch.changes = None
         self._track(deps, settle=not from_store)
+        if not from_store and (took_held or self._held):
+            # yrs's map events are not to be trusted where held structs came in (a key
+            # reported with a value it does not hold, or a change not reported): the
+            # keys reported, the keys of this update and of every update held back
+            # since are read from the maps as they now stand
+            if opened is None:  # read again, on this rare path only
+                opened = []
+                check_update(update, self.space, opened)
+            self._suspects.update(k for k in opened if k[0] in INDEXED)
+            for map_key in (*changed, *self._suspects):
+                if map_key != _EVERY:
+                    changed[map_key] = UNREAD
+            if not self._held:
+                self._suspects = set()
         if _EVERY in changed:
             names = {name for name, _ in changed if name != "*"}
             changed = {(name, key): UNREAD for name in sorted(names) for key in self._map_of[name]}
