@@ -72,9 +72,17 @@ from p2p.proto.identity import (
     short_id,
 )
 from p2p.proto.model import (
+    CONTACTS,
+    DELETIONS,
+    EDITS,
     INDEXED,
+    LEAVES,
     MAX_BODY,
     MAX_UPDATE,
+    MESSAGES,
+    REACTIONS,
+    READ_MARKERS,
+    RECEIPTS,
     UNREAD,
     AuthorSource,
     Changes,
@@ -944,16 +952,16 @@ class DeviceState:
         to it. Not a key that is another's by its name (``model.may_open``). And a
         deletion only of a message of its own account, held or written with it."""
         replica = self.spaces[space_id].replica
-        messages = {key for name, key in opened if name == "m"}
-        held = replica.values([*opened, *(("m", k) for n, k in opened if n == "x")])
+        messages = {key for name, key in opened if name == MESSAGES}
+        held = replica.values([*opened, *((MESSAGES, k) for n, k in opened if n == DELETIONS)])
         for name, key in opened:
             value = held.get((name, key))
             if value is not None and not (isinstance(value, dict) and value.get("a") == account_id):
                 return f"{name}/{key}"
             if not may_open(name, key, account_id, self.belongs):
                 return f"{name}/{key}"
-            if name == "x" and key not in messages:
-                message = held.get(("m", key))
+            if name == DELETIONS and key not in messages:
+                message = held.get((MESSAGES, key))
                 if not (isinstance(message, dict) and message.get("a") == account_id):
                     return f"{name}/{key}"
         return None
@@ -1282,7 +1290,7 @@ class DeviceState:
         if account is None:
             return {}
         book: dict[str, tuple[str, bytes, bytes]] = {}
-        for e in account.replica.valid_entries("c", self.any_signing_key, self.belongs):
+        for e in account.replica.valid_entries(CONTACTS, self.any_signing_key, self.belongs):
             if e.kind != "contact" or e.account != self.account_id:
                 continue
             try:
@@ -1325,7 +1333,7 @@ class DeviceState:
         space = self.space(space_id)
         left = {
             e.account
-            for e in space.replica.valid_entries("l", self.any_signing_key, self.belongs)
+            for e in space.replica.valid_entries(LEAVES, self.any_signing_key, self.belongs)
             if e.kind == "leave"
         }
         return left & set(space.members) - {self.account_id} if space.shared else set()
@@ -1365,7 +1373,7 @@ class DeviceState:
         space = self.space(space_id)
         replica = space.replica
         receipts: dict[str, dict[str, str]] = {}
-        for e in replica.valid_entries("v", self.any_signing_key, self.belongs):
+        for e in replica.valid_entries(RECEIPTS, self.any_signing_key, self.belongs):
             try:  # a member's receipt: its nesting is bounded before parsing
                 stated = (
                     load_json(e.body, what="receipt", max_size=MAX_BODY, max_depth=2)
@@ -1378,7 +1386,7 @@ class DeviceState:
                 receipts[e.device] = {str(k): str(v) for k, v in stated.items()}
         reads = {
             e.device: (e.account, e.body)
-            for e in replica.valid_entries("k", self.any_signing_key, self.belongs)
+            for e in replica.valid_entries(READ_MARKERS, self.any_signing_key, self.belongs)
         }
         devices = self.member_devices(space_id)
         out = {}
@@ -1514,7 +1522,7 @@ def index_view(space_id: str, messages: list[IndexRow], related: list[IndexRow])
         if entry is None or row.reason:
             raise StoreCorrupt(f"index row {row.map}/{row.key} of {space_id} is not a shown entry")
         by_map[row.map].append(entry)
-    return fold(space_id, by_map["m"], by_map["e"], by_map["x"], by_map["r"])
+    return fold(space_id, by_map[MESSAGES], by_map[EDITS], by_map[DELETIONS], by_map[REACTIONS])
 
 
 def _required(store: Store, name: str) -> bytes:
