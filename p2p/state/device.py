@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Final, Literal
@@ -100,12 +100,15 @@ from p2p.proto.model import (
 )
 from p2p.proto.wire import load_json, pack, unpack
 from p2p.proto.ysplit import split_update
+from p2p.state.records import COUNTER_BLOCK, required, stored_history
+from p2p.state.records import Run as Run
+from p2p.state.records import claim_counters as claim_counters
+from p2p.state.records import claim_run as claim_run
+from p2p.state.records import merge_batches as merge_batches
 from p2p.storage.base import INDEXED_MAPS, IndexKey, IndexRow, Store, WriteBatch
 
 assert INDEXED == INDEXED_MAPS, "the index mirrors exactly the maps whose changes apply reports"
 
-COUNTER_BLOCK: Final = 1024
-"""Envelope counters reserved per store write: a crash skips at most this many."""
 NOTES: Final = "notes"
 """Name of the conversation every account starts with (a note-to-self chat)."""
 
@@ -626,23 +629,23 @@ class DeviceState:
             raise NotInitialized("this device is not linked to an account yet (p2p link)")
         try:
             keys = DeviceKeys.from_record(raw_keys)
-            account_pk = _required(store, "account/pk")
-            device_list = parse_device_list(_required(store, "account/list"), account_pk)
+            account_pk = required(store, "account/pk")
+            device_list = parse_device_list(required(store, "account/list"), account_pk)
             seed = store.get("account/key")
             state = cls(
                 keys=keys,
-                name=_required(store, "device/name").decode(),
+                name=required(store, "device/name").decode(),
                 device_list=device_list,
                 account_key=AccountKey(seed) if seed else None,
             )
-            state.history = partial(_history, store)
+            state.history = partial(stored_history, store)
             # accounts we follow first: indexing a chat checks entries by their lists
             for name in store.names("peer/"):
-                followed = DeviceList.decode(_required(store, name))
+                followed = DeviceList.decode(required(store, name))
                 followed.verify(followed.account_pk)
                 state.accounts[followed.account_id] = followed
             for name in store.names("peerkey/"):
-                state.contact_keys[name.removeprefix("peerkey/")] = _required(store, name)
+                state.contact_keys[name.removeprefix("peerkey/")] = required(store, name)
             if run is None:
                 boot = store.get("boot")
                 state.boot = unpack(boot, what="boot") + 1 if boot else 1
@@ -651,13 +654,13 @@ class DeviceState:
             for name in store.names("space/"):
                 space_id = name.removeprefix("space/")
                 try:
-                    state._load_space(store, space_id, _required(store, name))
+                    state._load_space(store, space_id, required(store, name))
                 except (P2PError, ValueError, TypeError, KeyError) as exc:
                     # one unreadable chat must not take the others, or the node, down
                     state.put_aside(space_id, exc if isinstance(exc, P2PError) else ValueError(exc))
             for name in store.names("replay/"):
                 state.replay[name.removeprefix("replay/")] = envelope.ReplayWindow.from_record(
-                    _required(store, name)
+                    required(store, name)
                 )
             if run is None:
                 reserved = store.get("counter")
@@ -680,13 +683,13 @@ class DeviceState:
         """One space from its records (its document stays lazy unless never indexed)."""
         kind, space_name, epoch, member_pks = unpack(record, what="space record")
         space_keys = {
-            int(k.rsplit("/", 1)[1]): _required(store, k)
+            int(k.rsplit("/", 1)[1]): required(store, k)
             for k in store.names(f"spacekey/{space_id}/")
         }
         indexed = store.get(f"indexed/{space_id}") is not None
         replica = self._replica(
             space_id,
-            source=partial(_history, store, space_id),
+            source=partial(stored_history, store, space_id),
             authors=partial(store.index_authors, space_id) if indexed else None,
         )
         space = Space(
@@ -698,7 +701,7 @@ class DeviceState:
             replica,
             members={short_id(pk): pk for pk in member_pks},
             rotations={
-                int(k.rsplit("/", 1)[1]): _required(store, k)
+                int(k.rsplit("/", 1)[1]): required(store, k)
                 for k in store.names(f"spacerot/{space_id}/")
             },
         )
@@ -1411,67 +1414,6 @@ class DeviceState:
         return out
 
 
-@dataclass(frozen=True)
-class Run:
-    """What one run of a device writes with, handed out by the store (:func:`claim_run`)."""
-
-    boot: int
-    """The run number: the low bits of this run's CRDT client id (``crdt_client``)."""
-    counter: int
-    """The last envelope counter before this run's block."""
-    reserved: int
-    """The last envelope counter of this run's block."""
-
-
-def _stored_int(value: bytes | None, name: str) -> int:
-    try:
-        number = unpack(value, what=name) if value else 0
-    except WireError as exc:
-        raise StoreCorrupt(f"record {name!r} is unreadable: {exc}") from exc
-    if type(number) is not int or number < 0:
-        raise StoreCorrupt(f"record {name!r} holds {number!r}, not a count")
-    return number
-
-
-def _claim(store: Store, amounts: dict[str, int]) -> dict[str, int]:
-    """Add ``amounts`` to the counts stored under their names, in one write transaction
-    of the store; the new counts."""
-
-    def add(current: Mapping[str, bytes | None]) -> dict[str, bytes]:
-        return {n: pack(_stored_int(current[n], n) + k) for n, k in amounts.items()}
-
-    new = store.update_records(list(amounts), add)
-    return {name: _stored_int(new[name], name) for name in amounts}
-
-
-def claim_run(store: Store) -> Run:
-    """A new run number and a fresh block of envelope counters, both taken from the
-    store in one write transaction before anything is loaded.
-
-    Reading them at load and writing them back later (as this once did) let two
-    processes opening one home at once take the same run number: the same CRDT client
-    id, so each wrote structs the other's peers took for ones they already held (a
-    message acknowledged and never sent), and the same counters (dropped as replays).
-    """
-    claimed = _claim(store, {"boot": 1, "counter": COUNTER_BLOCK})
-    reserved = claimed["counter"]
-    return Run(boot=claimed["boot"], counter=reserved - COUNTER_BLOCK, reserved=reserved)
-
-
-def claim_counters(store: Store) -> int:
-    """The end of a fresh block of envelope counters, taken from the store atomically
-    (run by the node's writer, off the trio thread; see ``DeviceState.grant_counters``)."""
-    return _claim(store, {"counter": COUNTER_BLOCK})["counter"]
-
-
-def _history(store: Store, space_id: str) -> Iterator[bytes]:
-    """A space's stored updates, snapshot first (what a lazy ``Replica`` loads)."""
-    log = store.load_space(space_id)
-    if log.snapshot is not None:
-        yield log.snapshot  # as large as the chat
-    yield from log.updates
-
-
 def index_row(
     space_id: str, map_name: str, key: str, entry: Entry | None, judged: Judged
 ) -> IndexRow:
@@ -1523,22 +1465,3 @@ def index_view(space_id: str, messages: list[IndexRow], related: list[IndexRow])
             raise StoreCorrupt(f"index row {row.map}/{row.key} of {space_id} is not a shown entry")
         by_map[row.map].append(entry)
     return fold(space_id, by_map[MESSAGES], by_map[EDITS], by_map[DELETIONS], by_map[REACTIONS])
-
-
-def _required(store: Store, name: str) -> bytes:
-    value = store.get(name)
-    if value is None:
-        raise KeyError(f"record {name} is missing")
-    return value
-
-
-def merge_batches(batches: list[WriteBatch]) -> WriteBatch:
-    """One batch doing what all of ``batches`` do, in order (for group commit)."""
-    out = WriteBatch()
-    for b in batches:
-        out.records.update(b.records)
-        out.deletes -= set(b.records)
-        out.deletes |= b.deletes
-        out.appends.extend(b.appends)
-        out.index.update(b.index)  # a later change of the same key wins
-    return out
