@@ -43,7 +43,7 @@ from p2p.media.descriptor import Attachment, parse_file_body
 from p2p.proto.clock import is_ts
 from p2p.proto.identity import DeviceKeys, verify
 from p2p.proto.wire import MAX_FRAME, pack
-from p2p.proto.yupdate import check_update, encode_uvar, strip_deletions
+from p2p.proto.yupdate import check_update, encode_uvar, read_varint, strip_deletions
 
 DOMAIN_ENTRY: Final = b"p2p/entry/v1\x00"
 MAX_BODY: Final = 64 * 1024
@@ -825,27 +825,15 @@ def _verify_entry(canonical: bytes, entry: Entry, signing_key_of: SigningKeyLook
 def decode_state_vector(sv: bytes) -> dict[int, int]:
     """client id -> clock of a Yjs v1 state vector; InvalidUpdate if malformed."""
     out: dict[int, int] = {}
-    pos = 0
-
-    def varuint() -> int:
-        nonlocal pos
-        value = shift = 0
-        while True:
-            if pos >= len(sv) or shift > 63:
-                raise InvalidUpdate("?", "malformed state vector")
-            byte = sv[pos]
-            pos += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                return value
-
-    count = varuint()
-    if count > len(sv):
-        raise InvalidUpdate("?", "malformed state vector")
-    for _ in range(count):
-        client = varuint()
-        out[client] = varuint()
+    try:
+        count, pos = read_varint(sv, 0)
+        if count > len(sv):
+            raise ValueError("more clients than bytes")
+        for _ in range(count):
+            client, pos = read_varint(sv, pos)
+            out[client], pos = read_varint(sv, pos)
+    except (IndexError, ValueError):
+        raise InvalidUpdate("?", "malformed state vector") from None
     if pos != len(sv):
         raise InvalidUpdate("?", "trailing bytes after the state vector")
     return out
