@@ -58,6 +58,7 @@ from p2p.storage.memory import (
     checked_change,
     index_values,
 )
+from p2p.storage.transaction import write_transaction
 
 SCHEMA_VERSION: Final = 2
 """Bump on any change to the tables below (and teach :class:`SqliteStore` to migrate)."""
@@ -218,18 +219,13 @@ class SqliteStore:
             raise StoreError(f"cannot use WAL journal mode for {self._path} (got {mode!r})")
 
     def _create(self, conn: sqlite3.Connection) -> None:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(conn):
             # Another process may have created the schema since we looked: look again
             # now that we hold the write lock.
             if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
                 for statement in _SCHEMA:
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-        except BaseException:
-            self._rollback(conn)
-            raise
         self._check_schema(conn, conn.execute("PRAGMA user_version").fetchone()[0])
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
@@ -237,16 +233,11 @@ class SqliteStore:
 
         ``DeviceState.load`` then builds each space's rows from its CRDT, once.
         """
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(conn):
             if conn.execute("PRAGMA user_version").fetchone()[0] == 1:  # not raced
                 for statement in _INDEX_SCHEMA:
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-        except BaseException:
-            self._rollback(conn)
-            raise
         self._check_schema(conn, conn.execute("PRAGMA user_version").fetchone()[0])
 
     def _check_schema(self, conn: sqlite3.Connection, version: object) -> None:
@@ -308,27 +299,10 @@ class SqliteStore:
 
     @contextmanager
     def _transaction(self, operation: str) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception.
-
-        IMMEDIATE takes the write lock up front, so the seq numbers we read inside the
-        transaction cannot be taken by another connection before we COMMIT.
-        """
-        with self._session(operation) as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                self._rollback(conn)
-                raise
-
-    @staticmethod
-    def _rollback(conn: sqlite3.Connection) -> None:
-        try:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass  # SQLite already rolled back (e.g. after an I/O error); nothing to undo
+        """The open connection in a write transaction (:func:`write_transaction`): the
+        seq numbers we read inside it cannot be taken by another connection first."""
+        with self._session(operation) as conn, write_transaction(conn):
+            yield conn
 
     # --- the Store interface ------------------------------------------------------------
 
