@@ -47,7 +47,15 @@ from contextlib import contextmanager
 from typing import Any, Final
 
 from p2p.errors import StoreCorrupt, StoreError
-from p2p.storage.base import INDEXED_MAPS, IndexRow, RecordChange, SpaceLog, WriteBatch
+from p2p.storage.base import (
+    INDEXED_MAPS,
+    Cursor,
+    IndexRow,
+    MessagePages,
+    RecordChange,
+    SpaceLog,
+    WriteBatch,
+)
 from p2p.storage.memory import (
     INDEX_TEXT,
     check_batch,
@@ -142,7 +150,7 @@ def _is_corrupt(error: sqlite3.Error) -> bool:
     return isinstance(code, int) and (code & 0xFF) in _CORRUPT_CODES
 
 
-class SqliteStore:
+class SqliteStore(MessagePages):
     """A :class:`~p2p.storage.base.Store` in one SQLite file (plus its ``-wal``/``-shm``).
 
     One connection, shared by the threads the node runs its storage calls in
@@ -454,13 +462,8 @@ class SqliteStore:
             raise StoreCorrupt(f"{self._path}: space {space!r} has snapshot seq {snapshot_seq!r}")
         return snapshot_seq, last_seq
 
-    def index_messages(
-        self,
-        space: str,
-        *,
-        last: int | None = None,
-        before: tuple[str, str, str] | None = None,
-        files_only: bool = False,
+    def _message_page(
+        self, space: str, last: int | None, before: Cursor | None, files_only: bool
     ) -> list[IndexRow]:
         """Shown message rows in display order (the last ``last`` before ``before``).
 
@@ -468,18 +471,10 @@ class SqliteStore:
         given: the cost is the page, not the chat.
         """
         check_name(space, "space id")
-        if last is not None and (type(last) is not int or last < 0):
-            raise StoreError(f"last must be a non-negative int or None, not {last!r}")
         kinds = "('file')" if files_only else "('msg', 'file')"
         where = f"space = ? AND map = 'm' AND reason = '' AND kind IN {kinds}"
         params: list[Any] = [space]
         if before is not None:
-            if not (
-                isinstance(before, tuple)
-                and len(before) == 3
-                and all(type(b) is str for b in before)
-            ):
-                raise StoreError(f"before must be a (ts, device, id) tuple, not {before!r}")
             where += " AND (ts, device, id) < (?, ?, ?)"
             params.extend(before)
         sql = f"SELECT {_INDEX_COLUMNS} FROM entries WHERE {where}"
