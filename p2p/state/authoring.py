@@ -19,21 +19,19 @@ from __future__ import annotations
 from p2p.proto.clock import HybridClock
 from p2p.proto.identity import DeviceKeys
 from p2p.proto.model import Entry, Kind, new_id
-from p2p.state.directory import Directory
+from p2p.state.directory import Directory, Part
 from p2p.state.index import MessageIndex, row_entry
 from p2p.state.spaces import Spaces
 from p2p.storage.base import Store, WriteBatch
 
 
-class Author:
+class Author(Part):
     """Signs, stamps and writes this device's own entries."""
 
     def __init__(
         self, keys: DeviceKeys, spaces: Spaces, directory: Directory, index: MessageIndex
     ) -> None:
-        self._keys = keys
-        self._spaces = spaces
-        self._directory = directory
+        super().__init__(keys, spaces, directory)
         self._index = index
         self.clock = HybridClock()
 

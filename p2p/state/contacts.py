@@ -16,11 +16,11 @@ import base64
 from typing import NamedTuple
 
 from p2p.errors import ContactError, DeviceListError, WireError
-from p2p.proto.identity import DeviceList
+from p2p.proto.identity import DeviceKeys, DeviceList
 from p2p.proto.model import CONTACTS, Entry
 from p2p.proto.wire import pack, unpack
 from p2p.state.authoring import Author
-from p2p.state.directory import Directory, Follow
+from p2p.state.directory import Directory, Follow, Part
 from p2p.state.records import merge_batches
 from p2p.state.spaces import Spaces
 from p2p.storage.base import WriteBatch
@@ -37,14 +37,13 @@ class Contact(NamedTuple):
     """Its contact key: its devices meet ours with it."""
 
 
-class Contacts:
+class Contacts(Part):
     """Reads and writes our contact book."""
 
     def __init__(
-        self, spaces: Spaces, directory: Directory, author: Author, follow: Follow
+        self, keys: DeviceKeys, spaces: Spaces, directory: Directory, author: Author, follow: Follow
     ) -> None:
-        self._spaces = spaces
-        self._directory = directory
+        super().__init__(keys, spaces, directory)
         self._author = author
         self._follow = follow
 

@@ -52,27 +52,26 @@ from p2p.proto.grants import (
 )
 from p2p.proto.identity import DeviceKeys, DeviceList, short_id
 from p2p.proto.model import LEAVES, new_id
-from p2p.state.directory import Directory, Follow
+from p2p.state.directory import Directory, Follow, Part
 from p2p.state.records import merge_batches
 from p2p.state.spaces import NOTES, Spaces
 from p2p.storage.base import WriteBatch
 
 
-class Conversations:
+class Conversations(Part):
     """Starts conversations, grants them, takes grants, and rotates after a leave."""
 
     def __init__(
         self,
         keys: DeviceKeys,
-        primary: bool,
         spaces: Spaces,
         directory: Directory,
+        *,
+        primary: bool,
         follow: Follow,
     ) -> None:
-        self._keys = keys
+        super().__init__(keys, spaces, directory)
         self._primary = primary
-        self._spaces = spaces
-        self._directory = directory
         self._follow = follow
 
     def _with_ours(self, members: dict[str, bytes]) -> dict[str, bytes]:

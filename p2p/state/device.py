@@ -105,15 +105,16 @@ class DeviceState:
         self.account_key = account_key
         self._spaces = Spaces(keys.device_id)
         self.directory = Directory(keys.device_id, device_list, self._spaces)
-        self.index = MessageIndex(self._spaces, self.directory)
-        self.author = Author(keys, self._spaces, self.directory, self.index)
-        self.sealing = Sealing(keys, self._spaces, self.directory, self.index)
-        self.companions = Companions(keys, account_key, self._spaces, self.directory)
+        parts = (keys, self._spaces, self.directory)
+        self.index = MessageIndex(*parts)
+        self.author = Author(*parts, self.index)
+        self.sealing = Sealing(*parts, self.index)
+        self.companions = Companions(*parts, account_key)
         self.conversations = Conversations(
-            keys, account_key is not None, self._spaces, self.directory, self.follow
+            *parts, primary=account_key is not None, follow=self.follow
         )
-        self.contacts = Contacts(self._spaces, self.directory, self.author, self.follow)
-        self.receipts = Receipts(keys.device_id, self._spaces, self.directory)
+        self.contacts = Contacts(*parts, self.author, self.follow)
+        self.receipts = Receipts(*parts)
 
     # ---- identity ------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from typing import Protocol
 
 from p2p.errors import ContactError, DeviceListError, RemovedDevice, UnknownDevice, WireError
 from p2p.proto.authority import check_unclaimed
-from p2p.proto.identity import DeviceList, accept_device_list
+from p2p.proto.identity import DeviceKeys, DeviceList, accept_device_list
 from p2p.state.records import required
 from p2p.state.spaces import BOOT_BITS, Spaces, device_prefix
 from p2p.storage.base import Store, WriteBatch
@@ -250,3 +250,13 @@ class Directory:
         return [
             hashlib.blake2b(key, digest_size=32, person=b"p2p-discovery").digest() for key in keys
         ]
+
+
+class Part:
+    """A part of a device's state: it works on the spaces held and reads the directory
+    (both shared by every part; the facade ``DeviceState`` owns them)."""
+
+    def __init__(self, keys: DeviceKeys, spaces: Spaces, directory: Directory) -> None:
+        self._keys = keys
+        self._spaces = spaces
+        self._directory = directory

@@ -42,7 +42,7 @@ from p2p.proto.identity import (
 from p2p.proto.model import MAX_UPDATE
 from p2p.proto.wire import pack, unpack
 from p2p.proto.ysplit import split_update
-from p2p.state.directory import Directory
+from p2p.state.directory import Directory, Part
 from p2p.state.index import MessageIndex
 from p2p.state.spaces import Spaces
 from p2p.storage.base import Store, WriteBatch
@@ -93,20 +93,18 @@ class Enrollment:
         return [s if isinstance(s, EnrolledSpace) else EnrolledSpace(*s) for s in self.spaces]
 
 
-class Companions:
+class Companions(Part):
     """The primary's side of its account's devices, and a companion's lease."""
 
     def __init__(
         self,
         keys: DeviceKeys,
-        account_key: AccountKey | None,
         spaces: Spaces,
         directory: Directory,
+        account_key: AccountKey | None,
     ) -> None:
-        self._keys = keys
+        super().__init__(keys, spaces, directory)
         self._account_key = account_key
-        self._spaces = spaces
-        self._directory = directory
         self.lease = b""
         """A companion's latest lease from its primary, shown to peers at handshakes."""
 

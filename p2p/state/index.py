@@ -18,6 +18,7 @@ Rules:
 from __future__ import annotations
 
 from p2p.errors import StoreCorrupt
+from p2p.proto.identity import DeviceKeys
 from p2p.proto.model import (
     DELETIONS,
     EDITS,
@@ -33,7 +34,7 @@ from p2p.proto.model import (
     fold,
     judge,
 )
-from p2p.state.directory import Directory
+from p2p.state.directory import Directory, Part
 from p2p.state.records import merge_batches
 from p2p.state.spaces import Spaces
 from p2p.storage.base import INDEXED_MAPS, IndexKey, IndexRow, WriteBatch
@@ -44,12 +45,11 @@ IndexRows = dict[IndexKey, IndexRow | None]
 """Index rows to write, by key; None deletes the row (the key was removed)."""
 
 
-class MessageIndex:
+class MessageIndex(Part):
     """Makes the index rows of what changes in a space's document."""
 
-    def __init__(self, spaces: Spaces, directory: Directory) -> None:
-        self._spaces = spaces
-        self._directory = directory
+    def __init__(self, keys: DeviceKeys, spaces: Spaces, directory: Directory) -> None:
+        super().__init__(keys, spaces, directory)
         self.unsaved = WriteBatch()
         """Rows built outside an operation's own batch (the index of a space stored
         before the index existed, built at load), waiting for the node's writer."""

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from p2p.errors import WireError
 from p2p.proto.model import MAX_BODY, READ_MARKERS, RECEIPTS, Message
 from p2p.proto.wire import load_json
-from p2p.state.directory import Directory
-from p2p.state.spaces import Spaces
+from p2p.state.directory import Part
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,19 +40,14 @@ class Delivery:
     current device of every member), or ``sent``."""
 
 
-class Receipts:
+class Receipts(Part):
     """States this device's receipts and reads everyone's."""
-
-    def __init__(self, device_id: str, spaces: Spaces, directory: Directory) -> None:
-        self._device_id = device_id
-        self._spaces = spaces
-        self._directory = directory
 
     def body(self, space_id: str) -> str:
         """What our delivery receipt for a space states now: per other author device,
         the newest ``ts`` of its messages we hold (``""`` when there is none)."""
         newest = self._spaces.space(space_id).replica.newest_by_device()
-        newest.pop(self._device_id, None)
+        newest.pop(self._keys.device_id, None)
         return json.dumps(newest, sort_keys=True, separators=(",", ":")) if newest else ""
 
     def delivery(self, space_id: str, messages: list[Message]) -> dict[str, Delivery]:

@@ -26,7 +26,7 @@ from p2p.proto import envelope
 from p2p.proto.identity import DeviceKeys
 from p2p.proto.model import DELETIONS, MESSAGES, Rejected, may_open
 from p2p.proto.wire import unpack
-from p2p.state.directory import Directory
+from p2p.state.directory import Directory, Part
 from p2p.state.index import MessageIndex
 from p2p.state.records import COUNTER_BLOCK, Run, required
 from p2p.state.spaces import Spaces
@@ -49,15 +49,13 @@ class Ingested:
     devices of other accounts accept it too (our own devices take anything from us)."""
 
 
-class Sealing:
+class Sealing(Part):
     """Our envelope counter and every sender's replay window; seals, opens, diffs."""
 
     def __init__(
         self, keys: DeviceKeys, spaces: Spaces, directory: Directory, index: MessageIndex
     ) -> None:
-        self._keys = keys
-        self._spaces = spaces
-        self._directory = directory
+        super().__init__(keys, spaces, directory)
         self._index = index
         self.counter = 0
         """The last counter we sealed with."""
