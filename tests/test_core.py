@@ -101,3 +101,15 @@ def test_a_device_linked_while_running_writes_as_our_account_at_once() -> None:
     update, _ = laptop.write_local(chat, [entry])
     assert phone.client_account(crdt_client(keys.device_id, 1)) == phone.account_id
     assert phone.ingest(laptop.seal(chat, update)).relayable
+
+
+def test_enrollment_spaces_keep_their_keys_out_of_reprs() -> None:
+    from p2p.proto.identity import DeviceKeys
+
+    phone, _ = DeviceState.create_account("phone")
+    bundle, _ = phone.enroll(DeviceKeys.generate(), "laptop")
+    for space in bundle.enrolled:
+        assert space.name in repr(space)
+        for key in space.keys.values():
+            assert repr(key) not in repr(space)
+            assert repr(key) not in repr(bundle)

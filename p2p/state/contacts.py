@@ -36,6 +36,9 @@ class Contact(NamedTuple):
     key: bytes
     """Its contact key: its devices meet ours with it."""
 
+    def __repr__(self) -> str:  # the key stays out of logs and tracebacks
+        return f"Contact({self.name!r})"
+
 
 class Contacts(Part):
     """Reads and writes our contact book."""

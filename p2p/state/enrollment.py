@@ -61,6 +61,9 @@ class EnrolledSpace(NamedTuple):
     history: bytes
     """The space's full state, as one update."""
 
+    def __repr__(self) -> str:  # keys and history stay out of logs and tracebacks
+        return f"EnrolledSpace({self.id!r}, {self.kind!r}, {self.name!r}, epoch={self.epoch})"
+
 
 SpaceRecord = tuple[str, str, str, int, dict[int, bytes], bytes]
 """An :class:`EnrolledSpace` as a plain tuple, in the same order."""
