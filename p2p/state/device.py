@@ -62,8 +62,7 @@ from p2p.state.records import (
     stored_history,
 )
 from p2p.state.sealing import Ingested, Sealing
-from p2p.state.spaces import NOTES, Space, SpaceKind, crdt_client, device_prefix
-from p2p.state.spaces import Spaces as Spaces
+from p2p.state.spaces import NOTES, Space, SpaceKind, Spaces, crdt_client, device_prefix
 from p2p.storage.base import IndexRow, Store, WriteBatch
 
 __all__ = [
