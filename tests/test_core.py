@@ -71,3 +71,35 @@ def test_a_companion_out_of_touch_with_the_primary_is_refused_until_renewed() ->
     assert LeaseExpired in {type(e) for e in still}  # the laptop refuses the tablet
     meet(tablet, phone, late)
     assert meet(laptop, tablet, late) == []
+
+
+def test_a_device_linked_while_running_writes_as_our_account_at_once() -> None:
+    """A primary takes a companion it has just linked as a writer of its account: what
+    the companion writes is relayable to other accounts' devices (and goes into their
+    catch-ups). The table of whose CRDT clients are whose was built once and kept the
+    new companion unknown until another device list arrived."""
+    from p2p.proto.identity import DeviceKeys
+    from p2p.state.device import crdt_client
+
+    phone, _ = DeviceState.create_account("phone")
+    chat = phone.chat_by_name(NOTES).id
+    assert phone.client_account(crdt_client(phone.device_id, 1)) == phone.account_id
+    keys = DeviceKeys.generate()
+    bundle, _ = phone.enroll(keys, "laptop")
+    laptop, _ = DeviceState.from_enrollment(keys, "laptop", bundle)
+    entry = laptop.new_entry(chat, "msg", 1_767_225_600_000, body="from the laptop")
+    update, _ = laptop.write_local(chat, [entry])
+    assert phone.client_account(crdt_client(keys.device_id, 1)) == phone.account_id
+    assert phone.ingest(laptop.seal(chat, update)).relayable
+
+
+def test_enrollment_spaces_keep_their_keys_out_of_reprs() -> None:
+    from p2p.proto.identity import DeviceKeys
+
+    phone, _ = DeviceState.create_account("phone")
+    bundle, _ = phone.enroll(DeviceKeys.generate(), "laptop")
+    for space in bundle.enrolled:
+        assert space.name in repr(space)
+        for key in space.keys.values():
+            assert repr(key) not in repr(space)
+            assert repr(key) not in repr(bundle)

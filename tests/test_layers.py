@@ -23,10 +23,10 @@ MAY_IMPORT: dict[str, set[str]] = {
     "storage": {"errors", "storage"},
     "discovery": {"errors", "discovery"},
     "transport": {"errors", "proto", "transport", "discovery"},
-    "media": {"errors", "events", "proto", "media"},
+    "media": {"errors", "events", "proto", "media", "storage"},
     "runtime": {"errors", "events", "proto", "state", "storage", "transport", "discovery"}
     | {"media", "runtime"},
-    "relay": {"errors", "proto", "transport", "relay"},
+    "relay": {"errors", "proto", "transport", "relay", "storage"},
     "app": {"errors", "events", "proto", "state", "storage", "transport", "discovery"}
     | {"media", "runtime", "relay", "app", "testing"},
     "testing": {"errors", "events", "proto", "state", "storage", "transport", "discovery"}

@@ -142,6 +142,8 @@ def test_bad_paging_arguments_are_refused(store: Store) -> None:
         store.index_messages("s", last=-1)
     with pytest.raises(StoreError):
         store.index_messages("s", last=True)
+    with pytest.raises(StoreError):
+        store.index_messages("s", before=("ts", "device"))  # type: ignore[arg-type]
 
 
 # --- records ------------------------------------------------------------------------

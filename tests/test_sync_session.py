@@ -266,7 +266,7 @@ def test_never_enrolled_device_presenting_our_list_refused() -> None:
     phone, _ = new_account()
     write(phone, notes(phone), 3, "phone")
     rogue = DeviceState(keys=DeviceKeys.generate(), name="rogue", device_list=phone.device_list)
-    rogue.spaces = phone.spaces  # as if the account's keys had leaked to it
+    rogue.spaces.update(phone.spaces)  # as if the account's keys had leaked to it
     link = Pair(rogue, phone)
     unchanged = before(link)
     link.start()
@@ -282,7 +282,7 @@ def test_device_claiming_a_members_id_without_its_key_refused() -> None:
     keys = DeviceKeys.generate()
     object.__setattr__(keys, "device_id", laptop.device_id)  # claims the laptop's id
     rogue = DeviceState(keys=keys, name="rogue", device_list=phone.device_list)
-    rogue.spaces = phone.spaces  # even with the account's keys
+    rogue.spaces.update(phone.spaces)  # even with the account's keys
     link = Pair(rogue, phone)
     unchanged = before(link)
     link.start()

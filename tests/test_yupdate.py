@@ -683,3 +683,19 @@ def test_a_replica_knows_when_yrs_may_hold_structs_back() -> None:
     assert not replica.apply(updates[2]).took_held  # held back: the second is missing
     assert replica.apply(updates[1]).took_held  # brings the second, and the third with it
     assert not replica.apply(updates[1]).took_held  # nothing held any more
+
+
+@given(st.integers(min_value=0, max_value=2**64 - 1), st.binary(max_size=4))
+def test_read_varint_reads_what_encode_uvar_writes(value: int, tail: bytes) -> None:
+    data = b"\x07" + yupdate.encode_uvar(value) + tail
+    assert yupdate.read_varint(data, 1) == (value, len(data) - len(tail))
+
+
+def test_read_varint_bounds_its_length_and_signs() -> None:
+    assert yupdate.read_varint(b"\x41", 0, signed=True) == (-1, 1)
+    assert yupdate.read_varint(b"\x81\x01", 0, signed=True) == (65, 2)
+    assert yupdate.read_varint(b"\xff" * 9 + b"\x01", 0) == (2**64 - 1, 10)
+    with pytest.raises(ValueError, match="longer than 10 bytes"):
+        yupdate.read_varint(b"\x80" * 10 + b"\x00", 0)
+    with pytest.raises(IndexError):
+        yupdate.read_varint(b"\x80\x80", 0)

@@ -38,6 +38,7 @@ from typing import Final, Literal
 
 from p2p.errors import BlobCorrupt, ChunkTampered, StoreCorrupt, StoreError
 from p2p.media.descriptor import HASH_SIZE, chunk_hash
+from p2p.storage.transaction import write_transaction
 
 SCHEMA_VERSION: Final = 1
 FILE_NAME: Final = "media.db"
@@ -107,11 +108,10 @@ class BlobStore:
             if version == 0 and not names:
                 # big pages: a 256 KiB chunk is 4 overflow pages, not 64 (4x faster)
                 conn.execute("PRAGMA page_size = 65536")
-                conn.execute("BEGIN IMMEDIATE")
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                conn.execute("COMMIT")
+                with write_transaction(conn):
+                    for statement in _SCHEMA:
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION or names != _TABLES or others:
                 raise StoreCorrupt(f"{self.path} is not a blob store of version {SCHEMA_VERSION}")
             elif conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
@@ -166,18 +166,13 @@ class BlobStore:
         with self._wlock, self._errors("put chunks"):
             if self.path is not None:
                 self._w.execute(f"PRAGMA synchronous = {'FULL' if own else 'NORMAL'}")
-            self._w.execute("BEGIN IMMEDIATE")
-            try:
+            with write_transaction(self._w):
                 self._w.executemany(
                     "INSERT INTO chunks (hash, data, own, used) VALUES (?, ?, ?, ?)"
                     " ON CONFLICT (hash) DO UPDATE SET own = max(own, excluded.own),"
                     " used = excluded.used",
                     [(h, data, int(own), now_ms) for h, data in chunks],
                 )
-                self._w.execute("COMMIT")
-            except BaseException:
-                self._w.execute("ROLLBACK")
-                raise
 
     def chunk(self, h: bytes) -> bytes | None:
         """A stored chunk's ciphertext, checked against its hash; None if not held.
@@ -246,9 +241,8 @@ class BlobStore:
                     continue
                 gone.append(h)
                 fetched -= size
-            self._w.execute("BEGIN IMMEDIATE")
-            self._w.executemany("DELETE FROM chunks WHERE hash = ?", [(h,) for h in gone])
-            self._w.execute("COMMIT")
+            with write_transaction(self._w):
+                self._w.executemany("DELETE FROM chunks WHERE hash = ?", [(h,) for h in gone])
         return gone
 
     # ---- files ---------------------------------------------------------------------

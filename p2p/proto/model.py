@@ -43,28 +43,46 @@ from p2p.media.descriptor import Attachment, parse_file_body
 from p2p.proto.clock import is_ts
 from p2p.proto.identity import DeviceKeys, verify
 from p2p.proto.wire import MAX_FRAME, pack
-from p2p.proto.yupdate import Deps, check_update, encode_uvar, strip_deletions
+from p2p.proto.yupdate import Deps, check_update, encode_uvar, read_varint, strip_deletions
 
 DOMAIN_ENTRY: Final = b"p2p/entry/v1\x00"
 MAX_BODY: Final = 64 * 1024
 """Longest message body in bytes of UTF-8."""
 MAX_UPDATE: Final = MAX_FRAME
-MAPS: Final = ("m", "e", "x", "r", "k", "v", "c", "l")
-INDEXED: Final = ("m", "e", "x", "r")
+# The root maps of a space's document, one per kind of entry. Their names are one
+# letter because every entry's key is stored with its map's name, in every update.
+MESSAGES: Final = "m"
+"""Messages (``msg`` and ``file`` entries), under their ids."""
+EDITS: Final = "e"
+"""Edits of messages, under their ids."""
+DELETIONS: Final = "x"
+"""Deletions, under the id of the message they delete."""
+REACTIONS: Final = "r"
+"""Reactions, under ``<message id>/<account>``."""
+READ_MARKERS: Final = "k"
+"""Read markers, under the device that showed the chat."""
+RECEIPTS: Final = "v"
+"""Delivery receipts, under the device that holds the messages."""
+CONTACTS: Final = "c"
+"""The contact book (the account space only), under the contact's account."""
+LEAVES: Final = "l"
+"""Leave entries of a conversation, under the account that left."""
+MAPS: Final = (MESSAGES, EDITS, DELETIONS, REACTIONS, READ_MARKERS, RECEIPTS, CONTACTS, LEAVES)
+INDEXED: Final = (MESSAGES, EDITS, DELETIONS, REACTIONS)
 """The maps whose changes :meth:`Replica.apply` reports (the message index mirrors them:
 ``p2p.storage.base.INDEXED_MAPS``)."""
 
 Kind = Literal["msg", "edit", "del", "react", "read", "rcpt", "contact", "leave", "file"]
 _MAP_OF_KIND: Final[dict[str, str]] = {
-    "msg": "m",
-    "file": "m",  # a message with an attachment (p2p.media): body = caption + descriptor
-    "edit": "e",
-    "del": "x",
-    "react": "r",
-    "read": "k",
-    "rcpt": "v",
-    "contact": "c",
-    "leave": "l",
+    "msg": MESSAGES,
+    "file": MESSAGES,  # a message with an attachment (p2p.media): body = caption + descriptor
+    "edit": EDITS,
+    "del": DELETIONS,
+    "react": REACTIONS,
+    "read": READ_MARKERS,
+    "rcpt": RECEIPTS,
+    "contact": CONTACTS,
+    "leave": LEAVES,
 }
 _FIELDS: Final = ("id", "k", "a", "d", "ts", "t", "b", "sig")
 _FIELD_SET: Final = frozenset(_FIELDS)
@@ -186,11 +204,11 @@ def may_open(map_name: str, key: str, account: str, belongs: DeviceInAccount) ->
     account's item, which every other account refuses (``DeviceState.ingest``). Entry
     ids are random; a deletion's key is its message's id, whose author the receiver
     checks against the message it holds (``DeviceState._refused_key``)."""
-    if map_name in ("k", "v"):
+    if map_name in (READ_MARKERS, RECEIPTS):
         return belongs(key, account)
-    if map_name == "r":
+    if map_name == REACTIONS:
         return key.rpartition("/")[2] == account
-    if map_name == "l":
+    if map_name == LEAVES:
         return key == account
     return True
 
@@ -566,7 +584,7 @@ class Replica:
         own writes carry our own clock's timestamps: nothing to learn from them)."""
         if not self._scanned:
             self._scanned = True
-            stamps = (v.get("ts") for _, v in self._maps["m"].items() if isinstance(v, dict))
+            stamps = (v.get("ts") for _, v in self._maps[MESSAGES].items() if isinstance(v, dict))
             self._latest_ts = max(
                 [self._latest_ts, *(t for t in stamps if isinstance(t, str) and is_ts(t))]
             )
@@ -578,7 +596,7 @@ class Replica:
         later updates are watched."""
         if self._authors is None:
             self._authors = {}
-            for _, value in self._maps["m"].items():
+            for _, value in self._maps[MESSAGES].items():
                 self._note_author(value)
         return dict(self._authors)
 
@@ -677,7 +695,7 @@ class Replica:
                 ts = value.get("ts") if isinstance(value, dict) else None
                 if self._scanned and isinstance(ts, str) and ts > self._latest_ts and is_ts(ts):
                     self._latest_ts = ts
-                if name == "m":
+                if name == MESSAGES:
                     self._note_author(value)
         return Applied(changed=changed, clients=clients, took_held=took_held)
 
@@ -850,13 +868,14 @@ class Replica:
         """
         rejected: list[Rejected] = []
         kept = {
-            name: self.valid_entries(name, signing_key_of, belongs, rejected)
-            for name in ("m", "e", "x", "r")
+            name: self.valid_entries(name, signing_key_of, belongs, rejected) for name in INDEXED
         }
-        return fold(self.space, kept["m"], kept["e"], kept["x"], kept["r"]), rejected
+        return fold(
+            self.space, kept[MESSAGES], kept[EDITS], kept[DELETIONS], kept[REACTIONS]
+        ), rejected
 
     def count(self) -> int:
-        return len(self._maps["m"])
+        return len(self._maps[MESSAGES])
 
 
 def _verify_entry(canonical: bytes, entry: Entry, signing_key_of: SigningKeyLookup) -> bool:
@@ -874,27 +893,15 @@ def _verify_entry(canonical: bytes, entry: Entry, signing_key_of: SigningKeyLook
 def decode_state_vector(sv: bytes) -> dict[int, int]:
     """client id -> clock of a Yjs v1 state vector; InvalidUpdate if malformed."""
     out: dict[int, int] = {}
-    pos = 0
-
-    def varuint() -> int:
-        nonlocal pos
-        value = shift = 0
-        while True:
-            if pos >= len(sv) or shift > 63:
-                raise InvalidUpdate("?", "malformed state vector")
-            byte = sv[pos]
-            pos += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                return value
-
-    count = varuint()
-    if count > len(sv):
-        raise InvalidUpdate("?", "malformed state vector")
-    for _ in range(count):
-        client = varuint()
-        out[client] = varuint()
+    try:
+        count, pos = read_varint(sv, 0)
+        if count > len(sv):
+            raise ValueError("more clients than bytes")
+        for _ in range(count):
+            client, pos = read_varint(sv, pos)
+            out[client], pos = read_varint(sv, pos)
+    except (IndexError, ValueError):
+        raise InvalidUpdate("?", "malformed state vector") from None
     if pos != len(sv):
         raise InvalidUpdate("?", "trailing bytes after the state vector")
     return out

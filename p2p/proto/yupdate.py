@@ -118,7 +118,7 @@ string bytes, and every string is bounded on both sides by one or the other, so 
 strings are valid UTF-8 exactly when the gaps between these spans are."""
 
 
-class _Bad(Exception):
+class _Bad(ValueError):
     """Internal: why an update is refused."""
 
 
@@ -240,52 +240,50 @@ def _refusal(
 # raises IndexError (reported as truncation), or the final position is wrong.
 
 
-def _uvar(data: bytes, pos: int, limit: int, blanks: Blanks) -> tuple[int, int]:
-    """lib0 varuint (LEB128, at most 10 bytes) below ``limit``: (value, next position)."""
-    start = pos
+def read_varint(data: bytes, pos: int, *, signed: bool = False) -> tuple[int, int]:
+    """The one reader of lib0 variable-length integers: (value, next position).
+
+    Unsigned (varuint, LEB128): 7 value bits a byte, low bits first, the high bit set
+    on every byte but the last. Signed (varint): the first byte holds a sign bit
+    (0x40) and 6 value bits. At most 10 bytes: ValueError past that; IndexError if
+    ``data`` ends first."""
     b = data[pos]
     pos += 1
-    if b < 0x80:
-        return b, pos
-    value = b & 0x7F
-    shift = 7
-    while True:
+    first = 6 if signed else 7
+    value = b & ((1 << first) - 1)
+    negative = signed and b & 0x40
+    shift = first
+    while b >= 0x80:
+        if shift >= first + 63:
+            raise _Bad(f"{'varint' if signed else 'varuint'} longer than 10 bytes")
         b = data[pos]
         pos += 1
         value |= (b & 0x7F) << shift
-        if b < 0x80:
-            break
         shift += 7
-        if shift >= 70:
-            raise _Bad("varuint longer than 10 bytes")
+    return (-value if negative else value), pos
+
+
+def _uvar(data: bytes, pos: int, limit: int, blanks: Blanks) -> tuple[int, int]:
+    """A varuint below ``limit`` (:func:`read_varint`), blanked for the UTF-8 check."""
+    b = data[pos]
+    if b < 0x80:
+        return b, pos + 1
+    value, end = read_varint(data, pos)
     if value >= limit:
         raise _Bad(f"varuint {value} out of range")
-    blanks.append((start, pos))
-    return value, pos
+    blanks.append((pos, end))
+    return value, end
 
 
 def _ivar(data: bytes, pos: int, blanks: Blanks) -> int:
-    """Skip a lib0 signed varint (6 value bits and a sign bit first, then 7 bits a byte)."""
-    start = pos
-    b = data[pos]
-    pos += 1
-    if b < 0x80:
-        return pos
-    value = b & 0x3F
-    shift = 6
-    while True:
-        b = data[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            break
-        shift += 7
-        if shift >= 69:
-            raise _Bad("varint longer than 10 bytes")
-    if value >= _I64:
+    """Skip a signed varint of the i64 range (:func:`read_varint`)."""
+    if data[pos] < 0x80:
+        return pos + 1
+    value, end = read_varint(data, pos, signed=True)
+    if abs(value) >= _I64:
         raise _Bad("varint out of the i64 range")
-    blanks.append((start, pos))
-    return pos
+    blanks.append((pos, end))
+    return end
 
 
 def _string(data: bytes, pos: int, blanks: Blanks) -> int:
@@ -301,8 +299,8 @@ def _string(data: bytes, pos: int, blanks: Blanks) -> int:
     return pos + n
 
 
-def _buffer(data: bytes, pos: int, blanks: Blanks) -> int:
-    """Skip a length-prefixed byte string (any bytes: blanked for the UTF-8 check)."""
+def _span(data: bytes, pos: int, blanks: Blanks) -> tuple[int, int]:
+    """A length-prefixed run of bytes: (start, end), checked to fit in ``data``."""
     n = data[pos]
     if n < 0x80:
         pos += 1
@@ -311,22 +309,21 @@ def _buffer(data: bytes, pos: int, blanks: Blanks) -> int:
     end = pos + n
     if end > len(data):
         raise _Bad(f"declares {n} bytes, {len(data) - pos} left")
-    blanks.append((pos, end))
+    return pos, end
+
+
+def _buffer(data: bytes, pos: int, blanks: Blanks) -> int:
+    """Skip a length-prefixed byte string (any bytes: blanked for the UTF-8 check)."""
+    start, end = _span(data, pos, blanks)
+    blanks.append((start, end))
     return end
 
 
 def _text(data: bytes, pos: int, blanks: Blanks) -> tuple[str, int]:
     """A length-prefixed string, decoded: (text, next position)."""
-    n = data[pos]
-    if n < 0x80:
-        pos += 1
-    else:
-        n, pos = _uvar(data, pos, _U32, blanks)
-    end = pos + n
-    if end > len(data):
-        raise _Bad(f"declares {n} bytes, {len(data) - pos} left")
+    start, end = _span(data, pos, blanks)
     try:
-        return data[pos:end].decode("utf-8"), end
+        return data[start:end].decode("utf-8"), end
     except UnicodeDecodeError:
         raise _Bad("a string is not valid UTF-8") from None
 

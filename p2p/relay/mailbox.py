@@ -47,6 +47,7 @@ from typing import Final
 
 from p2p.errors import StoreCorrupt, StoreError
 from p2p.proto.relay_protocol import MAIL_ID_BYTES, MAX_PAYLOAD, is_device_id
+from p2p.storage.transaction import rollback, write_transaction
 
 log = logging.getLogger(__name__)
 
@@ -144,12 +145,11 @@ class Mailbox:
             objects = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
             if version == 0 and objects == 0:
                 conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("BEGIN IMMEDIATE")
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                conn.execute("COMMIT")
+                with write_transaction(conn):
+                    for statement in _SCHEMA:
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             else:
                 self._check(conn, version)
                 conn.execute("PRAGMA journal_mode = WAL")
@@ -191,8 +191,7 @@ class Mailbox:
             try:
                 yield self._conn
             except sqlite3.Error as exc:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
+                rollback(self._conn)
                 raise StoreError(f"relay mailbox {self._path}: {exc}") from exc
 
     def _recount(self) -> None:
@@ -250,12 +249,12 @@ class Mailbox:
                 return "sender_quota"
             if self._items + 1 > q.total_count or self._total + size > q.total_bytes:
                 return "relay_full"
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute(
-                "INSERT INTO mail (recipient, id, sender, data, created) VALUES (?, ?, ?, ?, ?)",
-                (recipient, mail_id, sender, data, now),
-            )
-            conn.execute("COMMIT")
+            with write_transaction(conn):
+                conn.execute(
+                    "INSERT INTO mail (recipient, id, sender, data, created)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (recipient, mail_id, sender, data, now),
+                )
         self._box_count[recipient] += 1
         self._box_bytes[recipient] += size
         self._sender_bytes[sender] += size
@@ -304,14 +303,12 @@ class Mailbox:
         return self._delete("created <= ?", [now - self.quota.ttl])
 
     def _delete(self, where: str, args: Sequence[object]) -> int:
-        with self._db() as conn:
-            conn.execute("BEGIN IMMEDIATE")
+        with self._db() as conn, write_transaction(conn):
             gone = conn.execute(
                 f"SELECT recipient, sender, length(data) FROM mail WHERE {where}", args
             ).fetchall()
             if gone:
                 conn.execute(f"DELETE FROM mail WHERE {where}", args)
-            conn.execute("COMMIT")
         for recipient, sender, size in gone:
             size = int(size or 0)
             self._box_count[recipient] -= 1

@@ -26,6 +26,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol, TypeAlias
 
+from p2p.errors import StoreError
+
 INDEXED_MAPS: Final = ("m", "e", "x", "r")
 """The chat maps the index mirrors (``p2p.proto.model``): messages, edits, deletions, reactions."""
 
@@ -97,7 +99,45 @@ class SpaceLog:
     """Sequence number of the last update appended (0 for an empty log)."""
 
 
-class Store(Protocol):
+Cursor: TypeAlias = tuple[str, str, str]
+"""A message's place in display order, ``(ts, device, id)`` (:meth:`IndexRow.order`)."""
+
+
+class MessagePages(Protocol):
+    """Paging through a space's shown messages. Adapters subclass it: the arguments are
+    checked here, once for all, and each adapter supplies :meth:`_message_page`."""
+
+    def index_messages(
+        self,
+        space: str,
+        *,
+        last: int | None = None,
+        before: Cursor | None = None,
+        files_only: bool = False,
+    ) -> list[IndexRow]:
+        """Shown message rows (map ``m``, kind ``msg`` or ``file``, no ``reason``) in display order.
+
+        All of them, or only those ordered before ``before`` (a ``(ts, device, id)``),
+        and of those the ``last`` ones; ``files_only``: messages with an attachment only.
+        StoreError for arguments of the wrong shape, StoreCorrupt for a row that is not
+        shaped right.
+        """
+        if last is not None and (type(last) is not int or last < 0):
+            raise StoreError(f"last must be a non-negative int or None, not {last!r}")
+        if before is not None and not (
+            isinstance(before, tuple) and len(before) == 3 and all(type(b) is str for b in before)
+        ):
+            raise StoreError(f"before must be a (ts, device, id) tuple, not {before!r}")
+        return self._message_page(space, last, before, files_only)
+
+    def _message_page(
+        self, space: str, last: int | None, before: Cursor | None, files_only: bool
+    ) -> list[IndexRow]:
+        """:meth:`index_messages`, its arguments checked."""
+        ...
+
+
+class Store(MessagePages, Protocol):
     """Durable state of one device. Implementations: ``SqliteStore``, ``MemoryStore``."""
 
     def get(self, name: str) -> bytes | None:
@@ -133,22 +173,6 @@ class Store(Protocol):
     def log_seqs(self, space: str) -> tuple[int, int]:
         """(snapshot seq, last seq) of ``space`` without reading any update (0, 0 if
         unknown): what opening needs before it decides to load the CRDT at all."""
-        ...
-
-    def index_messages(
-        self,
-        space: str,
-        *,
-        last: int | None = None,
-        before: tuple[str, str, str] | None = None,
-        files_only: bool = False,
-    ) -> list[IndexRow]:
-        """Shown message rows (map ``m``, kind ``msg`` or ``file``, no ``reason``) in display order.
-
-        All of them, or only those ordered before ``before`` (a ``(ts, device, id)``),
-        and of those the ``last`` ones; ``files_only``: messages with an attachment only.
-        StoreCorrupt for a row that is not shaped right.
-        """
         ...
 
     def index_related(self, space: str, targets: Sequence[str] | None) -> list[IndexRow]:

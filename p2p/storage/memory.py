@@ -21,8 +21,10 @@ from typing import Final
 from p2p.errors import StoreError
 from p2p.storage.base import (
     INDEXED_MAPS,
+    Cursor,
     IndexKey,
     IndexRow,
+    MessagePages,
     RecordChange,
     SpaceLog,
     WriteBatch,
@@ -162,13 +164,12 @@ def check_batch(batch: object) -> CheckedBatch:
 def shown_messages(
     rows: Sequence[IndexRow],
     last: int | None,
-    before: tuple[str, str, str] | None,
+    before: Cursor | None,
     *,
     files_only: bool = False,
 ) -> list[IndexRow]:
-    """Of ``rows`` (one space's, any order), what ``Store.index_messages`` returns."""
-    if last is not None and (type(last) is not int or last < 0):
-        raise StoreError(f"last must be a non-negative int or None, not {last!r}")
+    """Of ``rows`` (one space's, any order), what ``Store.index_messages`` returns
+    (its arguments checked)."""
     picked = sorted(
         (
             r
@@ -226,7 +227,7 @@ class _State:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class MemoryStore:
+class MemoryStore(MessagePages):
     """A :class:`~p2p.storage.base.Store` held in memory; lost when the process exits.
 
     Thread-safe (one lock, like SqliteStore) because the node calls its store from trio
@@ -322,13 +323,8 @@ class MemoryStore:
         with state.lock:
             return list(state.index.get(space, {}).values())
 
-    def index_messages(
-        self,
-        space: str,
-        *,
-        last: int | None = None,
-        before: tuple[str, str, str] | None = None,
-        files_only: bool = False,
+    def _message_page(
+        self, space: str, last: int | None, before: Cursor | None, files_only: bool
     ) -> list[IndexRow]:
         """Shown message rows in display order (the last ``last`` before ``before``)."""
         return shown_messages(self._index_rows(space), last, before, files_only=files_only)

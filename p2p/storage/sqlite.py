@@ -47,7 +47,15 @@ from contextlib import contextmanager
 from typing import Any, Final
 
 from p2p.errors import StoreCorrupt, StoreError
-from p2p.storage.base import INDEXED_MAPS, IndexRow, RecordChange, SpaceLog, WriteBatch
+from p2p.storage.base import (
+    INDEXED_MAPS,
+    Cursor,
+    IndexRow,
+    MessagePages,
+    RecordChange,
+    SpaceLog,
+    WriteBatch,
+)
 from p2p.storage.memory import (
     INDEX_TEXT,
     check_batch,
@@ -58,6 +66,7 @@ from p2p.storage.memory import (
     checked_change,
     index_values,
 )
+from p2p.storage.transaction import write_transaction
 
 SCHEMA_VERSION: Final = 2
 """Bump on any change to the tables below (and teach :class:`SqliteStore` to migrate)."""
@@ -141,7 +150,7 @@ def _is_corrupt(error: sqlite3.Error) -> bool:
     return isinstance(code, int) and (code & 0xFF) in _CORRUPT_CODES
 
 
-class SqliteStore:
+class SqliteStore(MessagePages):
     """A :class:`~p2p.storage.base.Store` in one SQLite file (plus its ``-wal``/``-shm``).
 
     One connection, shared by the threads the node runs its storage calls in
@@ -218,18 +227,13 @@ class SqliteStore:
             raise StoreError(f"cannot use WAL journal mode for {self._path} (got {mode!r})")
 
     def _create(self, conn: sqlite3.Connection) -> None:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(conn):
             # Another process may have created the schema since we looked: look again
             # now that we hold the write lock.
             if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
                 for statement in _SCHEMA:
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-        except BaseException:
-            self._rollback(conn)
-            raise
         self._check_schema(conn, conn.execute("PRAGMA user_version").fetchone()[0])
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
@@ -237,16 +241,11 @@ class SqliteStore:
 
         ``DeviceState.load`` then builds each space's rows from its CRDT, once.
         """
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(conn):
             if conn.execute("PRAGMA user_version").fetchone()[0] == 1:  # not raced
                 for statement in _INDEX_SCHEMA:
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-        except BaseException:
-            self._rollback(conn)
-            raise
         self._check_schema(conn, conn.execute("PRAGMA user_version").fetchone()[0])
 
     def _check_schema(self, conn: sqlite3.Connection, version: object) -> None:
@@ -308,27 +307,10 @@ class SqliteStore:
 
     @contextmanager
     def _transaction(self, operation: str) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception.
-
-        IMMEDIATE takes the write lock up front, so the seq numbers we read inside the
-        transaction cannot be taken by another connection before we COMMIT.
-        """
-        with self._session(operation) as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                self._rollback(conn)
-                raise
-
-    @staticmethod
-    def _rollback(conn: sqlite3.Connection) -> None:
-        try:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass  # SQLite already rolled back (e.g. after an I/O error); nothing to undo
+        """The open connection in a write transaction (:func:`write_transaction`): the
+        seq numbers we read inside it cannot be taken by another connection first."""
+        with self._session(operation) as conn, write_transaction(conn):
+            yield conn
 
     # --- the Store interface ------------------------------------------------------------
 
@@ -480,13 +462,8 @@ class SqliteStore:
             raise StoreCorrupt(f"{self._path}: space {space!r} has snapshot seq {snapshot_seq!r}")
         return snapshot_seq, last_seq
 
-    def index_messages(
-        self,
-        space: str,
-        *,
-        last: int | None = None,
-        before: tuple[str, str, str] | None = None,
-        files_only: bool = False,
+    def _message_page(
+        self, space: str, last: int | None, before: Cursor | None, files_only: bool
     ) -> list[IndexRow]:
         """Shown message rows in display order (the last ``last`` before ``before``).
 
@@ -494,18 +471,10 @@ class SqliteStore:
         given: the cost is the page, not the chat.
         """
         check_name(space, "space id")
-        if last is not None and (type(last) is not int or last < 0):
-            raise StoreError(f"last must be a non-negative int or None, not {last!r}")
         kinds = "('file')" if files_only else "('msg', 'file')"
         where = f"space = ? AND map = 'm' AND reason = '' AND kind IN {kinds}"
         params: list[Any] = [space]
         if before is not None:
-            if not (
-                isinstance(before, tuple)
-                and len(before) == 3
-                and all(type(b) is str for b in before)
-            ):
-                raise StoreError(f"before must be a (ts, device, id) tuple, not {before!r}")
             where += " AND (ts, device, id) < (?, ?, ?)"
             params.extend(before)
         sql = f"SELECT {_INDEX_COLUMNS} FROM entries WHERE {where}"

@@ -1,0 +1,255 @@
+"""Spaces: the replicated documents a device holds, their keys, and how they load.
+
+Rules:
+
+- A space is a document (:class:`~p2p.proto.model.Replica`) with the keys of every epoch
+  we hold and its member accounts; the account space holds our own account's book, a
+  chat space a conversation. :class:`Spaces` maps space ids to them.
+- A space whose stored record or history does not load is *set aside*
+  (:meth:`Spaces.put_aside`): out of the map, so nothing syncs, shows or writes it, with
+  its rows left on disk as they are; asking for it raises its :class:`ChatCorrupt`.
+- Records load now; a space's document loads on first use, from its stored history
+  (snapshot, then tail), unless it was never indexed (then the index is built from it).
+- Every replica writes as this run's CRDT client (:func:`crdt_client`): bound to the
+  device, new at every run.
+- ``log_seq`` and ``snapshot_seq`` follow the store's update log of a space: the
+  writer says when it appended (:meth:`Space.appended`) and compacted
+  (:meth:`Space.compacted`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Final, Literal
+
+from p2p.errors import ChatCorrupt, P2PError, UnknownChat
+from p2p.proto import envelope
+from p2p.proto.authority import Rotation
+from p2p.proto.identity import DeviceKeys, short_id
+from p2p.proto.model import AuthorSource, Replica, UpdateSource
+from p2p.proto.wire import pack, unpack
+from p2p.state.records import required, stored_history
+from p2p.storage.base import Store, WriteBatch
+
+NOTES: Final = "notes"
+"""Name of the conversation every account starts with (a note-to-self chat)."""
+
+SpaceKind = Literal["account", "chat"]
+BOOT_BITS: Final = 17
+"""Low bits of a CRDT client id: the device's run counter (``crdt_client``)."""
+
+
+def device_prefix(device_id: str) -> int:
+    """The high 36 bits of every CRDT client id a device writes with."""
+    digest = hashlib.blake2b(device_id.encode(), digest_size=8, person=b"p2p-crdt-client")
+    return int.from_bytes(digest.digest(), "big") >> 28
+
+
+def crdt_client(device_id: str, boot: int) -> int:
+    """The CRDT client id of one run of a device: its prefix, then the run counter.
+
+    Bound to the device so that a receiver can tell whose structs an update holds
+    (another account may only send its own); new at every run, because a run that died
+    may have shown peers structs it never made durable, whose clocks must not be reused.
+    Both fit the 53 bits Yjs allows."""
+    return (device_prefix(device_id) << BOOT_BITS) | (boot % (1 << BOOT_BITS))
+
+
+@dataclass
+class Space:
+    """A replicated document and the keys that open it."""
+
+    id: str
+    kind: SpaceKind
+    name: str
+    epoch: int
+    keys: dict[int, bytes] = field(repr=False)
+    replica: Replica
+    log_seq: int = 0
+    """Sequence number of the last update of this space in the store."""
+    snapshot_seq: int = 0
+    """Sequence number the store's snapshot of this space covers."""
+    members: dict[str, bytes] = field(default_factory=dict)
+    """Member accounts: account id -> account public key (ours always among them). Every
+    current device of a member account reads and writes the space."""
+    rotations: dict[int, bytes] = field(default_factory=dict, repr=False)
+    """The signed ``authority.Rotation`` that made each epoch after 0 (encoded), shown
+    with the key in every grant."""
+
+    def rotate(self, signer: DeviceKeys) -> dict[str, bytes]:
+        """Start the next epoch: a fresh key and the rotation ``signer`` states for it
+        (with the current member set); the records that keep them."""
+        self.epoch += 1
+        key = self.keys[self.epoch] = envelope.new_space_key()
+        rotation = Rotation.make(signer, self.id, self.epoch, key, list(self.members.values()))
+        self.rotations[self.epoch] = rotation.encode()
+        return {
+            f"space/{self.id}": self.meta_record(),
+            f"spacekey/{self.id}/{self.epoch}": key,
+            f"spacerot/{self.id}/{self.epoch}": self.rotations[self.epoch],
+        }
+
+    def meta_record(self) -> bytes:
+        return pack([self.kind, self.name, self.epoch, sorted(self.members.values())])
+
+    @property
+    def shared(self) -> bool:
+        """Whether other accounts are members (a conversation between accounts)."""
+        return len(self.members) > 1
+
+    def appended(self, updates: int = 1) -> None:
+        """The store's log of this space grew by ``updates`` (the writer wrote them)."""
+        self.log_seq += updates
+
+    def compaction_due(self, after: int) -> bool:
+        """Whether ``after`` updates or more follow the store's snapshot."""
+        return self.log_seq - self.snapshot_seq >= after
+
+    def compacted(self, upto: int) -> None:
+        """The store's snapshot now covers the log up to ``upto``."""
+        self.snapshot_seq = upto
+
+
+class Spaces(dict[str, Space]):
+    """Every space this device holds, by id, and those set aside; makes their replicas."""
+
+    def __init__(self, device_id: str) -> None:
+        super().__init__()
+        self.device_id = device_id
+        self.set_aside: dict[str, ChatCorrupt] = {}
+        """Spaces whose stored history or record did not load, by id: out of the map
+        (nothing syncs, shows or writes them), their rows left on disk."""
+        self.boot = 0
+        """This run's number (persisted as ``boot``; part of our CRDT client id)."""
+        self.history: Callable[[str], Iterable[bytes]] | None = None
+        """A space's whole history as it stands: durable, then on its way to the store
+        (set by :meth:`load_space`'s loader to the store's; the node adds its write
+        queue). A replica that an update made pycrdt panic is rebuilt from it."""
+
+    def space(self, space_id: str) -> Space:
+        """A space by id: its ChatCorrupt if set aside, else UnknownChat if not held."""
+        try:
+            return self[space_id]
+        except KeyError:
+            if space_id in self.set_aside:
+                raise self.set_aside[space_id] from None
+            raise UnknownChat(space_id) from None
+
+    @property
+    def account(self) -> Space | None:
+        """Our account's own space (None before enrollment)."""
+        return next((s for s in self.values() if s.kind == "account"), None)
+
+    def chat_by_name(self, name: str) -> Space:
+        """A chat by id, or by its name when no id matches."""
+        if name in self:
+            return self[name]
+        for s in self.values():
+            if s.kind == "chat" and s.name == name:
+                return s
+        for corrupt in self.set_aside.values():
+            if name in (corrupt.chat, corrupt.name):
+                raise corrupt
+        raise UnknownChat(name, [s.name for s in self.values() if s.kind == "chat"])
+
+    def put_aside(self, space_id: str, error: P2PError | ValueError) -> ChatCorrupt:
+        """Set a space aside whose stored history or record does not load: the node and
+        every other space go on without it; its rows stay on disk as they are."""
+        space = self.pop(space_id, None)
+        corrupt = ChatCorrupt(
+            space_id, f"{type(error).__name__}: {error}", space.name if space else ""
+        )
+        self.set_aside[space_id] = corrupt
+        return corrupt
+
+    def forget_failures(self) -> None:
+        """Let every replica judge again what failed to verify (a device list grew)."""
+        for space in self.values():
+            space.replica.forget_failures()
+
+    def add(
+        self,
+        space_id: str,
+        kind: SpaceKind,
+        name: str,
+        *,
+        members: dict[str, bytes],
+        epoch: int = 0,
+        keys: dict[int, bytes] | None = None,
+        rotations: dict[int, bytes] | None = None,
+    ) -> WriteBatch:
+        """A new space (``members``: ours included), empty; the records that keep it."""
+        keys = keys if keys is not None else {epoch: envelope.new_space_key()}
+        self[space_id] = Space(
+            space_id,
+            kind,
+            name,
+            epoch,
+            dict(keys),
+            self.replica(space_id),
+            members=members,
+            rotations=dict(rotations or {}),
+        )
+        records = {
+            f"space/{space_id}": self[space_id].meta_record(),
+            f"indexed/{space_id}": b"",  # an empty chat's index is complete
+        }
+        for e, k in keys.items():
+            records[f"spacekey/{space_id}/{e}"] = k
+        for e, r in (rotations or {}).items():
+            records[f"spacerot/{space_id}/{e}"] = r
+        return WriteBatch(records=records)
+
+    def load_space(self, store: Store, space_id: str, record: bytes) -> bool:
+        """One space from its records (its document stays lazy); whether it is indexed
+        (if not, the caller builds its index, which loads the document)."""
+        kind, space_name, epoch, member_pks = unpack(record, what="space record")
+        space_keys = {
+            int(k.rsplit("/", 1)[1]): required(store, k)
+            for k in store.names(f"spacekey/{space_id}/")
+        }
+        indexed = store.get(f"indexed/{space_id}") is not None
+        replica = self.replica(
+            space_id,
+            source=partial(stored_history, store, space_id),
+            authors=partial(store.index_authors, space_id) if indexed else None,
+        )
+        space = Space(
+            space_id,
+            kind,
+            space_name,
+            epoch,
+            space_keys,
+            replica,
+            members={short_id(pk): pk for pk in member_pks},
+            rotations={
+                int(k.rsplit("/", 1)[1]): required(store, k)
+                for k in store.names(f"spacerot/{space_id}/")
+            },
+        )
+        self[space_id] = space
+        space.snapshot_seq, space.log_seq = store.log_seqs(space_id)
+        return indexed
+
+    def replica(
+        self,
+        space_id: str,
+        source: UpdateSource | None = None,
+        authors: AuthorSource | None = None,
+    ) -> Replica:
+        """An empty (or, with ``source``, lazily loaded) replica writing as this run."""
+        return Replica(
+            space_id,
+            source=source,
+            authors=authors,
+            client_id=crdt_client(self.device_id, self.boot),
+            reload=partial(self.history_of, space_id),
+        )
+
+    def history_of(self, space_id: str) -> Iterable[bytes]:
+        """A space's whole history as it stands (see :attr:`history`); none without a
+        store (a state held in memory only: its replica then starts over empty)."""
+        return () if self.history is None else self.history(space_id)
