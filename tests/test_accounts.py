@@ -318,9 +318,8 @@ def test_a_forged_message_is_hidden_on_every_device_of_both_accounts() -> None:
                 for i, device in enumerate((a_phone.device_id, b_phone.device_id))
             ]
             update, batch = state.write_local(chat, forged)
-            await b_phone._commit(batch)
-            b_phone._outbox.setdefault(chat, []).append(update)
-            b_phone._outbox_wakeup.set()
+            await b_phone.writer.commit(batch)
+            b_phone.gossiper.push(chat, update)
             await b_phone.send("a genuine one", chat=chat)
             # every other device, of both accounts (the forger's own replica trusts
             # what it wrote itself: it is the one lying)

@@ -99,7 +99,7 @@ def test_a_companion_off_during_an_unlink_catches_up_with_the_new_keys() -> None
 
 
 def sessions_with(node: object, device: str) -> object:
-    return node._peers[device].session  # type: ignore[attr-defined]
+    return node.peers.connected()[device].session  # type: ignore[attr-defined]
 
 
 def test_in_a_full_mesh_only_the_author_sends_whole_envelopes() -> None:
@@ -145,12 +145,12 @@ def test_an_envelope_travels_a_line_of_devices_by_have_and_want(
     writes reaches the desktop because the laptop announces it and the desktop asks.
     If the laptop no longer holds the envelope, the unanswered want falls back to a
     state vector, and the laptop sends the difference."""
-    import p2p.runtime.node
+    import p2p.runtime.gossiper
     from p2p.runtime.node import open_node
     from p2p.transport.memory import MemoryNetwork
 
     if not cached:
-        monkeypatch.setattr(p2p.runtime.node, "RECENT_ENVELOPES", 0)
+        monkeypatch.setattr(p2p.runtime.gossiper, "RECENT_ENVELOPES", 0)
 
     async def scenario() -> None:
         stores = testing.provision_account(3)
