@@ -272,7 +272,7 @@ def test_nodes_of_two_accounts_share_a_conversation_with_delivery_state() -> Non
         async with two_account_nodes() as ([a_phone, a_laptop], [b_phone, b_tablet]):
             everyone = [a_phone, a_laptop, b_phone, b_tablet]
             # A's laptop learns the contact from A's account space
-            await wait_for(lambda: [c["name"] for c in a_laptop.contacts()] == ["Bea"])
+            await wait_for(lambda: [c.name for c in a_laptop.contacts()] == ["Bea"])
             chat = await a_laptop.create_chat("team", with_=["Bea"])
             await wait_for(lambda: all(chat in n.state.spaces for n in everyone))
             sent = await a_laptop.send("hello B", chat=chat)

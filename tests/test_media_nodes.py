@@ -191,7 +191,7 @@ def test_relay_storage_and_wire_never_carry_plaintext(tmp_path: Path, homes: lis
                             await phone.open_attachment(msg, out)
                             assert out.read_bytes() == data
                             assert phone.connected_peers == [laptop.device_id]
-                            assert phone.status()["peers"][0]["remote"].startswith("relay:")
+                            assert phone.status().peers[0].remote.startswith("relay:")
                     nursery.cancel_scope.cancel()
         finally:
             relay.stop()

@@ -77,6 +77,18 @@ from p2p.runtime.peers import MAX_HANDSHAKES, SEND_QUEUE, Peer, Peers
 from p2p.runtime.presence import TYPING_REFRESH, TYPING_TTL, Awareness
 from p2p.runtime.reading import Reader
 from p2p.runtime.receipts import RECEIPT_DELAY, Receipts
+from p2p.runtime.views import (
+    ChatSummary,
+    Contact,
+    DevicePresence,
+    Logged,
+    Member,
+    NodeStatus,
+    PeerStatus,
+    RelayStatus,
+    SetAsideStatus,
+    SpaceStatus,
+)
 from p2p.runtime.writer import COMPACT_AFTER, Writer
 from p2p.state.device import Delivery, DeviceState, Ingested, Space, claim_run
 from p2p.storage.base import Store
@@ -187,7 +199,13 @@ class Node:
             address=lambda: self.address,
         )
         self.awareness = Awareness(
-            state, store, self.peers, nursery, emit=emit, relayed=self.mail.online
+            state,
+            store,
+            self.peers,
+            nursery,
+            emit=emit,
+            relayed=self.mail.online,
+            names=self.conversations.display_names,
         )
         self.receipts = Receipts(
             state,
@@ -324,53 +342,44 @@ class Node:
         the identity everywhere else (``--json``, the API)."""
         return self.conversations.display_names()
 
-    def status(self) -> dict[str, Any]:
-        """What ``p2p status`` shows: this device, its peers, its spaces, pending work."""
+    def status(self) -> NodeStatus:
+        """This device, its peers, its spaces, pending work (what ``p2p status`` shows)."""
         now = trio.current_time()
         names = self.display_names()
-        return {
-            "device": self.device_id,
-            "name": self.state.name,
-            "account": self.account_id,
-            "role": "primary" if self.state.is_primary else "companion",
-            "removed": self.removed,
-            "leaving": self.leaving,
-            "address": self.address,
-            "device_list_version": self.state.device_list.version,
-            "primary": self.state.device_list.primary.device_id,
-            "peers": [
-                {
-                    "device": p.device,
-                    "name": names.get(p.device, ""),
-                    "remote": p.remote,
-                    "found_via": p.found_via,
-                    "connected_for": round(now - p.since, 3),
-                }
+        return NodeStatus(
+            device=self.device_id,
+            name=self.state.name,
+            account=self.account_id,
+            role="primary" if self.state.is_primary else "companion",
+            removed=self.removed,
+            leaving=self.leaving,
+            address=self.address,
+            device_list_version=self.state.device_list.version,
+            primary=self.state.device_list.primary.device_id,
+            peers=tuple(
+                PeerStatus(p.device, names.get(p.device, ""), p.remote, p.found_via, now - p.since)
                 for p in self.peers.describe()
-            ],
-            "spaces": [
-                {
-                    "id": s.id,
-                    "kind": s.kind,
-                    "name": self.chat_name(s) if s.kind == "chat" else s.name,
-                    "epoch": s.epoch,
-                    "entries": s.replica.count() if s.replica.loaded else None,
-                    "loaded": s.replica.loaded,
-                }
+            ),
+            spaces=tuple(
+                SpaceStatus(
+                    id=s.id,
+                    kind=s.kind,
+                    name=self.chat_name(s) if s.kind == "chat" else s.name,
+                    epoch=s.epoch,
+                    entries=s.replica.count() if s.replica.loaded else None,
+                    loaded=s.replica.loaded,
+                )
                 for s in self.state.spaces.values()
-            ],
-            "set_aside": [
-                {"id": c.chat, "name": c.name, "reason": c.reason}
-                for c in self.state.set_aside.values()
-            ],
-            "pending_writes": self.writer.pending,
-            "pending_gossip": self.gossiper.pending,
-            "traffic": self.traffic(),
-            "relays": [
-                {"url": r.url, "connected": r.connected, "address": r.address} for r in self.relays
-            ],
-            "media": self.media.status(),
-        }
+            ),
+            set_aside=tuple(
+                SetAsideStatus(c.chat, c.name, c.reason) for c in self.state.set_aside.values()
+            ),
+            pending_writes=self.writer.pending,
+            pending_gossip=self.gossiper.pending,
+            traffic=self.traffic(),
+            relays=tuple(RelayStatus(r.url, r.connected, r.address) for r in self.relays),
+            media=self.media.status(),
+        )
 
     def traffic(self) -> dict[str, int]:
         """Bytes and frames this node sent and received over all its sessions so far."""
@@ -430,22 +439,11 @@ class Node:
         """Devices typing in a chat right now (ours and other members')."""
         return self.awareness.typing(self._chat(chat).id)
 
-    def presence(self) -> list[dict[str, Any]]:
+    def presence(self) -> list[DevicePresence]:
         """Online and last seen, per device of ours and of the accounts we follow:
         ``online`` when a session with it is up (or a relay says it is connected),
         ``last_seen_ms`` when our last session with it ended (None: never met)."""
-        names = self.display_names()
-        return [
-            {
-                "device": p.device,
-                "account": p.account,
-                "name": names.get(p.device, ""),
-                "device_name": p.device_name,
-                "online": p.online,
-                "last_seen_ms": p.last_seen_ms,
-            }
-            for p in self.awareness.presence()
-        ]
+        return self.awareness.presence()
 
     async def mark_read(self, *, chat: str | None = None) -> str:
         """Record that this device has shown the chat up to its newest message."""
@@ -469,24 +467,16 @@ class Node:
         self.hub.emit(ev.ChatChanged(chat=space.id, origin=self.device_id))
         return entry.id
 
-    async def log(self, chat: str | None = None) -> list[dict[str, Any]]:
-        """Messages as ``p2p log --json`` prints them: each with its delivery state
-        (``status``: sent, delivered or read; ``delivered_to``; ``read_by``).
+    async def log(self, chat: str | None = None) -> list[Logged]:
+        """Messages of a chat, each with its delivery state (``status``: sent,
+        delivered or read; ``delivered_to``; ``read_by``): what ``p2p log`` shows.
 
         Delivery states come from the receipts and read markers in the chat's CRDT,
         which this loads (in a worker thread) if it is not loaded yet."""
         space = self._chat(chat)
         shown = self.messages(space.id)
         states = await self.delivery(space.id, shown)
-        return [
-            {
-                **row,
-                "status": states[m.id].status,
-                "delivered_to": list(states[m.id].delivered_to),
-                "read_by": list(states[m.id].read_by),
-            }
-            for m, row in zip(shown, self.media.log_json(shown), strict=True)
-        ]
+        return [Logged(m, states[m.id]) for m in shown]
 
     async def delivery(
         self, chat: str | None = None, messages: list[Message] | None = None
@@ -632,19 +622,13 @@ class Node:
                 await self.connect(address, source="contact")
         return account
 
-    def contacts(self) -> list[dict[str, Any]]:
+    def contacts(self) -> list[Contact]:
         """Our contact book: id, name, and the contact's current devices."""
         out = []
         for account_id, name in sorted(self.conversations.contact_names().items()):
             dl = self.state.accounts.get(account_id)
-            out.append(
-                {
-                    "id": account_id,
-                    "name": name,
-                    "devices": sorted(dl.ids) if dl is not None else [],
-                    "list_version": dl.version if dl is not None else 0,
-                }
-            )
+            devices = tuple(sorted(dl.ids)) if dl is not None else ()
+            out.append(Contact(account_id, name, devices, dl.version if dl is not None else 0))
         return out
 
     async def create_chat(self, name: str, *, with_: Sequence[str] = ()) -> str:
@@ -652,17 +636,17 @@ class Node:
         returns its id. Every device of every member gets its key as a grant."""
         return await self.conversations.create_chat(name, with_)
 
-    def chat_summaries(self) -> list[dict[str, Any]]:
+    def chat_summaries(self) -> list[ChatSummary]:
         """Every chat: id, name, member accounts (with contact names), key epoch."""
         names = self.conversations.contact_names()
         names[self.account_id] = "me"
         return [
-            {
-                "id": s.id,
-                "name": self.chat_name(s),
-                "epoch": s.epoch,
-                "members": [{"id": a, "name": names.get(a, "")} for a in sorted(s.members)],
-            }
+            ChatSummary(
+                id=s.id,
+                name=self.chat_name(s),
+                epoch=s.epoch,
+                members=tuple(Member(a, names.get(a, "")) for a in sorted(s.members)),
+            )
             for s in self.chats()
         ]
 

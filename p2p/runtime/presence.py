@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Final
 
 import trio
@@ -28,6 +27,7 @@ import trio
 from p2p import events as ev
 from p2p.proto.session import TypingIn
 from p2p.runtime.peers import Peer, Peers
+from p2p.runtime.views import DevicePresence
 from p2p.state.device import DeviceState
 from p2p.storage.base import Store
 
@@ -42,20 +42,6 @@ TYPING_IN_MIN: Final = 1.0
 that sends more is not shown more often."""
 
 
-@dataclass(frozen=True)
-class DevicePresence:
-    """Whether a device of ours or of an account we follow is online, and since when not."""
-
-    device: str
-    account: str
-    device_name: str
-    """The name the device carries on its account's signed list."""
-    online: bool
-    """A session with it is up, or a relay says it is connected."""
-    last_seen_ms: int | None
-    """When our last session with it ended (wall ms; None: never met)."""
-
-
 class Awareness:
     """Typing in and out, and presence; see the module docstring."""
 
@@ -68,6 +54,7 @@ class Awareness:
         *,
         emit: Callable[[ev.Event], None],
         relayed: Callable[[], set[str]],
+        names: Callable[[], dict[str, str]],
     ) -> None:
         self._state = state
         self._store = store
@@ -75,6 +62,7 @@ class Awareness:
         self._nursery = nursery
         self._emit = emit
         self._relayed = relayed
+        self._names = names
         self._sent: dict[str, float] = {}
         """Space -> when we last told peers we type in it (TYPING_REFRESH)."""
         self._typing: dict[tuple[str, str], float] = {}
@@ -135,6 +123,7 @@ class Awareness:
     def presence(self) -> list[DevicePresence]:
         """Online and last seen, per device of ours and of the accounts we follow."""
         relayed = self._relayed()
+        names = self._names()
         rows = []
         state = self._state
         lists = [(state.account_id, state.device_list), *sorted(state.accounts.items())]
@@ -147,6 +136,7 @@ class Awareness:
                     DevicePresence(
                         device=d.device_id,
                         account=account,
+                        name=names.get(d.device_id, ""),
                         device_name=d.name,
                         online=d.device_id in self._peers or d.device_id in relayed,
                         last_seen_ms=int(seen) if seen else None,
