@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import typing
 
 import pytest
 import trio
@@ -14,10 +15,21 @@ from procs import wait_for
 import p2p
 from p2p import events as ev
 from p2p import testing
-from p2p.proto.session import HANDSHAKE_TIMEOUT
+from p2p.proto.session import HANDSHAKE_TIMEOUT, Output
 from p2p.runtime.node import MAX_HANDSHAKES
 from p2p.transport.base import Connection, ConnectionClosed, TransportError
 from p2p.transport.memory import MemoryNetwork
+
+
+def test_every_session_output_has_a_handler_in_the_dispatch_table() -> None:
+    """A new output of the sans-I/O session that nobody registered would be dropped
+    silently by the node: the table must cover the whole ``Output`` union."""
+
+    async def scenario() -> None:
+        async with testing.cluster(1) as c:
+            assert c.nodes[0].peers.handles() == set(typing.get_args(Output))
+
+    run(scenario)
 
 
 def test_a_live_unlink_reaches_every_running_device_and_locks_the_removed_one_out() -> None:

@@ -156,6 +156,10 @@ class Peers:
         ``current_only``, only those of the session registered for its device."""
         self._handlers[output] = (handler, current_only)
 
+    def handles(self) -> frozenset[type]:
+        """The output types this table carries out (``Send`` is its own)."""
+        return frozenset({Send, *self._handlers})
+
     def on_up(self, hook: Callable[[Peer], None]) -> None:
         """Call ``hook`` when a session is registered for its device."""
         self._up.append(hook)
