@@ -42,7 +42,7 @@ from p2p.runtime.peers import Peer, Peers
 from p2p.runtime.writer import Writer
 from p2p.state.device import DeviceState, Space
 
-log = logging.getLogger("p2p.runtime.node")
+log = logging.getLogger("p2p.runtime.node")  # one logger for all of the node's lines
 
 UNPROVEN_MAX: Final = 256
 """Chats whose newest grant may wait for a leave entry at once."""

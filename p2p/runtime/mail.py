@@ -31,7 +31,7 @@ from p2p.proto.grants import is_grant
 from p2p.state.device import DeviceState, Ingested
 from p2p.transport.relay import RelayClient
 
-log = logging.getLogger("p2p.runtime.node")
+log = logging.getLogger("p2p.runtime.node")  # one logger for all of the node's lines
 
 MAIL_POSTS: Final = 256
 """Mailbox posts in flight at once; past that, offline peers catch up by state vector."""

@@ -39,7 +39,7 @@ from p2p.runtime.writer import Writer
 from p2p.state.device import DeviceState
 from p2p.storage.base import Store, WriteBatch
 
-log = logging.getLogger("p2p.runtime.node")
+log = logging.getLogger("p2p.runtime.node")  # one logger for all of the node's lines
 
 Lists = tuple[DeviceList, dict[str, DeviceList]]
 """Our list and those we follow, as they were at some moment (see :meth:`Membership.lists`)."""

@@ -47,7 +47,7 @@ from p2p.transport.base import Connection, ConnectionClosed, TransportError
 from p2p.transport.base import Transport as TransportT
 from p2p.transport.relay import is_relay_address
 
-log = logging.getLogger("p2p.runtime.node")
+log = logging.getLogger("p2p.runtime.node")  # one logger for all of the node's lines
 
 SEND_QUEUE: Final = 1024
 """Frames queued per peer; a peer that falls this far behind is disconnected (and

@@ -20,7 +20,7 @@ from p2p.proto.model import Message, Rejected
 from p2p.state.device import Space, index_view
 from p2p.storage.base import Store
 
-log = logging.getLogger("p2p.runtime.node")
+log = logging.getLogger("p2p.runtime.node")  # one logger for all of the node's lines
 
 
 class Reader:

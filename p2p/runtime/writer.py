@@ -41,7 +41,7 @@ from p2p.state.device import DeviceState, Space, claim_counters, merge_batches
 from p2p.storage.base import Store, WriteBatch
 from p2p.storage.memory import MemoryStore
 
-log = logging.getLogger("p2p.runtime.node")
+log = logging.getLogger("p2p.runtime.node")  # one logger for all of the node's lines
 T = TypeVar("T")
 
 WRITE_QUEUE: Final = 4096
