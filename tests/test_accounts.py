@@ -273,7 +273,7 @@ def test_nodes_of_two_accounts_share_a_conversation_with_delivery_state() -> Non
         async with two_account_nodes() as ([a_phone, a_laptop], [b_phone, b_tablet]):
             everyone = [a_phone, a_laptop, b_phone, b_tablet]
             # A's laptop learns the contact from A's account space
-            await wait_for(lambda: [c["name"] for c in a_laptop.contacts()] == ["Bea"])
+            await wait_for(lambda: [c.name for c in a_laptop.contacts()] == ["Bea"])
             chat = await a_laptop.create_chat("team", with_=["Bea"])
             await wait_for(lambda: all(chat in n.state.spaces for n in everyone))
             sent = await a_laptop.send("hello B", chat=chat)
@@ -319,9 +319,8 @@ def test_a_forged_message_is_hidden_on_every_device_of_both_accounts() -> None:
                 for i, device in enumerate((a_phone.device_id, b_phone.device_id))
             ]
             update, batch = state.write_local(chat, forged)
-            await b_phone._commit(batch)
-            b_phone._outbox.setdefault(chat, []).append(update)
-            b_phone._outbox_wakeup.set()
+            await b_phone.writer.commit(batch)
+            b_phone.gossiper.push(chat, update)
             await b_phone.send("a genuine one", chat=chat)
             # every other device, of both accounts (the forger's own replica trusts
             # what it wrote itself: it is the one lying)

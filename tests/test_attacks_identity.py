@@ -446,8 +446,8 @@ def test_every_device_of_the_account_reports_a_new_device() -> None:
             seen = {node: node.subscribe() for node in (phone, laptop)}
             keys = DeviceKeys.generate()
             _, batch = phone.state.enroll(keys, "Evil laptop")
-            await phone._commit(batch)
-            phone._device_list_changed()  # as Node.approve does once a link is made
+            await phone.writer.commit(batch)
+            phone.membership.device_list_changed()  # as Node.approve does once a link is made
             await wait_for(lambda: keys.device_id in laptop.state.device_list.ids)
             await wait_for(lambda: laptop.store.get(f"linked/{keys.device_id}") is not None)
             for events in seen.values():

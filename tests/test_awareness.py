@@ -52,8 +52,8 @@ def test_typing_on_every_keystroke_sends_little_and_expires_without_a_refresh() 
             ]
             assert phone.typing(chat) == []
             # presence: online while the session is up, last seen after
-            row = next(p for p in phone.presence() if p["device"] == laptop.device_id)
-            assert row["online"] is True
+            row = next(p for p in phone.presence() if p.device == laptop.device_id)
+            assert row.online is True
             # nothing of it was stored
             assert not [n for n in phone.store.names("") if "typing" in n]
 

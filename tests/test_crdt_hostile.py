@@ -281,8 +281,8 @@ def test_a_panic_from_a_peer_closes_its_connection_and_keeps_nothing(
             before = replica.state_vector()
             monkeypatch.setattr(model, "check_update", lenient)
             with laptop.events() as events:
-                phone._gossip_handle(
-                    Authored(chat, phone.state.seal(chat, POISON)), refresh=phone._peers
+                phone.gossiper.handle(
+                    Authored(chat, phone.state.seal(chat, POISON)), refresh=phone.peers.devices()
                 )
                 with trio.fail_after(60):
                     async for event in events:

@@ -57,10 +57,10 @@ def test_long_logs_are_compacted_and_reopen_identically(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Past COMPACT_AFTER updates the log folds into a snapshot; reopening shows the same."""
-    import p2p.runtime.node
+    import p2p.runtime.writer
     from p2p.storage.sqlite import SqliteStore
 
-    monkeypatch.setattr(p2p.runtime.node, "COMPACT_AFTER", 50)
+    monkeypatch.setattr(p2p.runtime.writer, "COMPACT_AFTER", 50)
     home = tmp_path / "phone"
     p2p.init_account(home, "phone")
 

@@ -54,10 +54,10 @@ def test_a_burst_reaches_a_device_two_hops_away_without_a_reconnect() -> None:
                 60,
             )
             await trio.sleep(5)  # the first state-vector exchanges are over
-            sessions = [id(p.session) for p in desktop._peers.values()]
+            sessions = [id(p.session) for p in desktop.peers.connected().values()]
             for i in range(burst):  # no virtual time passes: one burst
                 await phone.send(f"burst {i}")
             await wait_for(lambda: len(desktop.messages()) == burst, 60)
-            assert [id(p.session) for p in desktop._peers.values()] == sessions
+            assert [id(p.session) for p in desktop.peers.connected().values()] == sessions
 
     run(scenario)

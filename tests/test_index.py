@@ -401,8 +401,8 @@ def test_open_node_reads_the_last_messages_without_loading_the_crdt(tmp_path: Pa
             assert last[-2].deleted
             assert last[-1].reactions == {node.account_id: "👍"}
             assert node.messages() == written
-            shown = {row["id"]: row for row in node.status()["spaces"]}  # sorted by id
-            assert shown[space.id]["loaded"] is False
+            shown = {row.id: row for row in node.status().spaces}  # sorted by id
+            assert shown[space.id].loaded is False
             await node.send("one more")  # a write needs the document: it loads now
             assert space.replica.loaded
             assert [m.text for m in node.messages(last=2)] == ["message 29", "one more"]

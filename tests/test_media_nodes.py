@@ -191,7 +191,7 @@ def test_relay_storage_and_wire_never_carry_plaintext(tmp_path: Path, homes: lis
                             await phone.open_attachment(msg, out)
                             assert out.read_bytes() == data
                             assert phone.connected_peers == [laptop.device_id]
-                            assert phone.status()["peers"][0]["remote"].startswith("relay:")
+                            assert phone.status().peers[0].remote.startswith("relay:")
                     nursery.cancel_scope.cancel()
         finally:
             relay.stop()
@@ -334,15 +334,17 @@ def test_malformed_want_closes_the_connection_and_unasked_chunks_are_dropped(
         with trio.fail_after(30):
             async with node(homes[1]) as laptop, node(homes[0], peers=[laptop.address]) as phone:
                 await polled(lambda: phone.device_id in laptop.connected_peers)
-                peer = laptop._peers[phone.device_id]
+                peer = laptop.peers.get(phone.device_id)
+                assert peer is not None
                 data = b"not asked for"
-                laptop._carry_out(peer, peer.session.send_media("blob", h=b"\x03" * 32, d=data))
-                laptop._carry_out(peer, peer.session.send_media("ask", h=b"\x04" * 32))
+                blob = peer.session.send_media("blob", h=b"\x03" * 32, d=data)
+                laptop.peers.carry_out(peer, blob)
+                laptop.peers.carry_out(peer, peer.session.send_media("ask", h=b"\x04" * 32))
                 await polled(lambda: peer.session.stats.media_bytes_in > 0)  # the nohave
                 assert phone.media.stats.unasked == 1
                 assert laptop.device_id in phone.connected_peers
                 with phone.events() as events:
-                    laptop._carry_out(peer, peer.session.send_media("ask", h=b"\x01" * 33))
+                    laptop.peers.carry_out(peer, peer.session.send_media("ask", h=b"\x01" * 33))
                     rejected = await until(events, lambda e: isinstance(e, ev.InputRejected))
                     assert (rejected.error, rejected.device) == ("MalformedFrame", laptop.device_id)
 

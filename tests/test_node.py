@@ -20,6 +20,17 @@ from p2p.transport.base import Connection, ConnectionClosed, TransportError
 from p2p.transport.memory import MemoryNetwork
 
 
+def test_every_session_output_has_a_handler_in_the_dispatch_table() -> None:
+    """A new output of the sans-I/O session that nobody registered would be dropped
+    silently by the node: the table must cover the whole ``Output`` union."""
+
+    async def scenario() -> None:
+        async with testing.cluster(1) as c:
+            assert c.nodes[0].peers.outputs.missing() == set()
+
+    run(scenario)
+
+
 def test_a_live_unlink_reaches_every_running_device_and_locks_the_removed_one_out() -> None:
     async def scenario() -> None:
         async with testing.cluster(4) as c:
@@ -99,7 +110,7 @@ def test_a_companion_off_during_an_unlink_catches_up_with_the_new_keys() -> None
 
 
 def sessions_with(node: object, device: str) -> object:
-    return node._peers[device].session  # type: ignore[attr-defined]
+    return node.peers.connected()[device].session  # type: ignore[attr-defined]
 
 
 def test_in_a_full_mesh_only_the_author_sends_whole_envelopes() -> None:
@@ -145,12 +156,12 @@ def test_an_envelope_travels_a_line_of_devices_by_have_and_want(
     writes reaches the desktop because the laptop announces it and the desktop asks.
     If the laptop no longer holds the envelope, the unanswered want falls back to a
     state vector, and the laptop sends the difference."""
-    import p2p.runtime.node
+    import p2p.runtime.gossiper
     from p2p.runtime.node import open_node
     from p2p.transport.memory import MemoryNetwork
 
     if not cached:
-        monkeypatch.setattr(p2p.runtime.node, "RECENT_ENVELOPES", 0)
+        monkeypatch.setattr(p2p.runtime.gossiper, "RECENT_ENVELOPES", 0)
 
     async def scenario() -> None:
         stores = testing.provision_account(3)

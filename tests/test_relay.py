@@ -495,7 +495,7 @@ def test_two_nodes_sync_through_the_relay(relays: Any) -> None:
                 await until(lambda: len(phone.messages()) == len(laptop.messages()) == 2)
                 assert [m.text for m in phone.messages()] == [m.text for m in laptop.messages()]
                 assert phone.connected_peers == [laptop.device_id]
-                assert phone.status()["peers"][0]["remote"] == relay_address(laptop.device_id)
+                assert phone.status().peers[0].remote == relay_address(laptop.device_id)
 
     trio.run(main)
 

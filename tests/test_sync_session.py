@@ -689,3 +689,11 @@ def test_have_or_want_before_authentication_is_refused(monkeypatch: pytest.Monke
     assert isinstance(link.b.error, HandshakeFailed)
     assert link.b.wants_in == []
     assert link.b.authenticated == []
+
+
+def test_the_drivers_dispatch_table_covers_every_session_output() -> None:
+    """The driver carries outputs out as the node does, through the same kind of table;
+    a new kind of output the driver ignored would make tests pass that the node fails."""
+    from p2p.testing.sessions import END_OUTPUTS
+
+    assert END_OUTPUTS.missing() == set()

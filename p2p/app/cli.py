@@ -20,7 +20,7 @@ from typing import Any
 import trio
 
 from p2p import __version__
-from p2p.app import control
+from p2p.app import control, shapes
 from p2p.app.terminal import multiline, safe, say
 from p2p.errors import AlreadyRunning, NodeError, P2PError
 from p2p.runtime.home import LOCK_WAIT, default_home, init_account, open_home_store
@@ -427,7 +427,7 @@ def cmd_media(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     async def offline(node: Any) -> dict[str, Any]:
-        return {"status": node.status(), "running": False}
+        return {"status": shapes.status_json(node.status()), "running": False}
 
     reply = _node_or_offline(args, {"op": "status"}, offline)
     status = {**reply["status"], "running": reply.get("running", True)}

@@ -45,6 +45,7 @@ from typing import Any, Final
 
 import trio
 
+from p2p.app import shapes
 from p2p.errors import NodeError, P2PError
 from p2p.proto.pairing import CheckCodeMismatch, same_check_code
 from p2p.proto.wire import load_json
@@ -122,11 +123,12 @@ async def _handle(node: Node, request: object, ask: Ask) -> dict[str, Any]:
         node.set_typing(chat, typing=not request.get("stop"))
         return {}
     if op == "presence":
-        return {"presence": node.presence()}
+        return {"presence": shapes.presence_json(node.presence())}
     if op == "log":
         if request.get("mark_read"):
             await node.mark_read(chat=chat)
-        return {"messages": await node.log(chat), "names": node.display_names()}
+        logged = shapes.log_json(node.media, await node.log(chat))
+        return {"messages": logged, "names": node.display_names()}
     if op in ("fetch", "open", "describe"):  # attachments (p2p.media)
         message, out = request.get("message"), request.get("out")
         if not isinstance(message, str) or not (out is None or isinstance(out, str)):
@@ -147,7 +149,7 @@ async def _handle(node: Node, request: object, ask: Ask) -> dict[str, Any]:
         node.media.set_policy(**changes)
         return {"media": node.media.status()}
     if op == "status":
-        return {"status": node.status()}
+        return {"status": shapes.status_json(node.status())}
     if op == "approve":
         code, check, connect = request.get("code"), request.get("check"), request.get("connect")
         if not isinstance(code, str) or not all(
@@ -180,7 +182,7 @@ async def _handle(node: Node, request: object, ask: Ask) -> dict[str, Any]:
         account = await node.add_contact(code, name=name)
         return {"id": account, "name": node.display_names().get(account, "")}
     if op == "contacts":
-        return {"contacts": node.contacts()}
+        return {"contacts": shapes.contacts_json(node.contacts())}
     if op == "chat_new":
         members, name = request.get("with"), request.get("name")
         if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
@@ -204,7 +206,7 @@ async def _handle(node: Node, request: object, ask: Ask) -> dict[str, Any]:
         await node.leave_chat(chat)
         return {}
     if op == "chats":
-        return {"chats": node.chat_summaries()}
+        return {"chats": shapes.chats_json(node.chat_summaries())}
     raise ControlError(f"unknown op {op[:32]!r}")
 
 

@@ -59,7 +59,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Final, Protocol
+from typing import Any, Final, Generic, Protocol, TypeVar, get_args
 
 from nacl.public import PrivateKey
 
@@ -246,70 +246,61 @@ Output = (
 )
 
 
-class SessionHost(Protocol):
-    """Whoever carries out one session's outputs: one method per output kind.
+HolderT = TypeVar("HolderT")
+OutputT = TypeVar("OutputT")
 
-    The node implements it for each live connection (p2p.runtime), the tests' driver of
-    back-to-back sessions (tests/sessions.py) for in-memory ones; both are fed by
-    :func:`carry_out` through :data:`HANDLERS`, so a new kind of output is a new method
-    here, which mypy then asks of both.
+
+class OutputTable(Generic[HolderT]):
+    """What a session's holder does with each kind of output: the one dispatch table.
+
+    The node fills one for its live connections (``p2p.runtime.peers``, the holder a
+    connection), the tests' driver of back-to-back sessions one for in-memory ones
+    (``p2p.testing.sessions``, the holder one end); both carry outputs out through
+    :meth:`carry_out`, so both keep the same order, and :meth:`missing` says which kinds
+    of output a table would drop (a new output is a new row in both, or a test fails).
     """
 
-    def on_send(self, out: Send) -> None: ...
+    def __init__(self, send: Callable[[HolderT, bytes], bool]) -> None:
+        """``send``: write one frame for the holder; False when its connection is gone."""
+        self._send = send
+        self._rows: dict[type, tuple[Callable[[HolderT, Any], None], Callable[[HolderT], bool]]]
+        self._rows = {}
 
-    def on_authenticated(self, out: Authenticated) -> None: ...
+    def on(
+        self,
+        kind: type[OutputT],
+        handler: Callable[[HolderT, OutputT], None],
+        *,
+        when: Callable[[HolderT], bool] = lambda holder: True,
+    ) -> None:
+        """Carry out outputs of type ``kind`` with ``handler``, for holders ``when``
+        accepts (the node: only the session registered for its device)."""
+        self._rows[kind] = (handler, when)
 
-    def on_device_list(self, out: DeviceListIn) -> None: ...
+    def missing(self) -> frozenset[type]:
+        """The kinds of output this table would drop."""
+        return frozenset(get_args(Output)) - {Send, *self._rows}
 
-    def on_envelope(self, out: EnvelopeIn) -> None: ...
+    def carry_out(self, holder: HolderT, outputs: list[Output]) -> bool:
+        """Do what the session asked; False once it closed or its connection is gone.
 
-    def on_grant(self, out: GrantIn) -> None: ...
-
-    def on_have(self, out: HaveIn) -> None: ...
-
-    def on_want(self, out: WantIn) -> None: ...
-
-    def on_lease(self, out: LeaseIn) -> None: ...
-
-    def on_leave_requested(self, out: LeaveRequested) -> None: ...
-
-    def on_typing(self, out: TypingIn) -> None: ...
-
-    def on_media(self, out: MediaIn) -> None: ...
-
-    def on_closed(self, out: Closed) -> None: ...
-
-
-HANDLERS: Final[dict[type[Output], str]] = {
-    Send: "on_send",
-    Authenticated: "on_authenticated",
-    DeviceListIn: "on_device_list",
-    EnvelopeIn: "on_envelope",
-    GrantIn: "on_grant",
-    HaveIn: "on_have",
-    WantIn: "on_want",
-    LeaseIn: "on_lease",
-    LeaveRequested: "on_leave_requested",
-    TypingIn: "on_typing",
-    MediaIn: "on_media",
-    Closed: "on_closed",
-}
-"""The dispatch table: which :class:`SessionHost` method each output goes to."""
-
-
-def carry_out(host: SessionHost, outputs: list[Output]) -> None:
-    """Hand each output to its handler, frames first.
-
-    Frames go out in the order the session sealed them: handling the other outputs may
-    make the session seal more (a grant answered with a state vector, a refusal with a
-    bye), and its box numbers frames, so those must queue behind the ones already sealed.
-    """
-    for frame in outputs:
-        if isinstance(frame, Send):
-            host.on_send(frame)
-    for out in outputs:
-        if not isinstance(out, Send):
-            getattr(host, HANDLERS[type(out)])(out)
+        Frames go out first, in the order the session sealed them: handling the other
+        outputs may make the session seal more (a grant answered with a state vector, a
+        refusal with a bye), and its box numbers frames, so those must queue behind the
+        ones already sealed."""
+        alive = True
+        for frame in outputs:
+            if isinstance(frame, Send):
+                alive = self._send(holder, frame.data) and alive
+        for out in outputs:
+            if isinstance(out, Send):
+                continue
+            if isinstance(out, Closed):
+                alive = False
+            row = self._rows.get(type(out))
+            if row is not None and row[1](holder):
+                row[0](holder, out)
+        return alive
 
 
 class State(Enum):

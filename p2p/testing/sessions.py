@@ -1,8 +1,9 @@
 """Two sans-I/O sessions wired back to back, their outputs carried out as the node does.
 
 The one driver of in-memory sessions for tests and benchmarks (no trio, no sockets).
-Each :class:`End` is a :class:`~p2p.proto.session.SessionHost`, fed by the same dispatch
-table as the node's connections (:func:`~p2p.proto.session.carry_out`), and does to its
+Each :class:`End` carries out its session's outputs through an
+:class:`~p2p.proto.session.OutputTable`, the dispatch table the node's connections use
+(:data:`END_OUTPUTS`, one row per output, as ``p2p.runtime.peers`` has), and does to its
 ``DeviceState`` what the node does with each output: follow a device list, ingest an
 envelope, take a grant and ask for the space, keep a lease; and, like the node, it
 closes the session when the peer sent something it refuses (a forged envelope, a bad
@@ -32,12 +33,11 @@ from p2p.proto.session import (
     LeaveRequested,
     MediaIn,
     Output,
-    Send,
+    OutputTable,
     Session,
     State,
     TypingIn,
     WantIn,
-    carry_out,
 )
 from p2p.state.device import DeviceState, Ingested
 
@@ -89,17 +89,18 @@ class End:
         return [c.error for c in self.closed if c.error is not None]
 
     def carry_out(self, outputs: list[Output]) -> None:
-        carry_out(self, outputs)
+        END_OUTPUTS.carry_out(self, outputs)
 
     def refuse(self, exc: P2PError) -> None:
         """As the node does with input it refuses from a peer: close the session."""
         self.carry_out(self.session.close(exc))
 
-    # ---- SessionHost ---------------------------------------------------------------
+    # ---- the rows of END_OUTPUTS ----------------------------------------------------
 
-    def on_send(self, out: Send) -> None:
-        self.sent.append(out.data)
-        self.pair.post(self, out.data)
+    def send(self, data: bytes) -> bool:
+        self.sent.append(data)
+        self.pair.post(self, data)
+        return True
 
     def on_authenticated(self, out: Authenticated) -> None:
         self.authenticated.append(out.device)
@@ -160,6 +161,21 @@ class End:
 
     def on_closed(self, out: Closed) -> None:
         self.closed.append(out)
+
+
+END_OUTPUTS = OutputTable[End](End.send)
+"""What an end does with each output of its session (the node's table: Peers.outputs)."""
+END_OUTPUTS.on(Authenticated, End.on_authenticated)
+END_OUTPUTS.on(DeviceListIn, End.on_device_list)
+END_OUTPUTS.on(EnvelopeIn, End.on_envelope)
+END_OUTPUTS.on(GrantIn, End.on_grant)
+END_OUTPUTS.on(HaveIn, End.on_have)
+END_OUTPUTS.on(WantIn, End.on_want)
+END_OUTPUTS.on(LeaseIn, End.on_lease)
+END_OUTPUTS.on(LeaveRequested, End.on_leave_requested)
+END_OUTPUTS.on(TypingIn, End.on_typing)
+END_OUTPUTS.on(MediaIn, End.on_media)
+END_OUTPUTS.on(Closed, End.on_closed)
 
 
 Rewrite = Callable[[End, int, bytes], "bytes | list[bytes]"]

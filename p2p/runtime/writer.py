@@ -1,0 +1,257 @@
+"""The writer: the one path from the node to its store, and loading replicas from it.
+
+It owns the write queue (batches and our own signed entries waiting for the store), the
+batch being stored now, and the lock that loads one replica at a time. Rules it keeps:
+
+- **Group commit.** One task (:meth:`Writer.run`) takes every queued batch and entry at
+  once, with the state's unsaved records (counter reservations), puts each space's queued
+  entries into its replica in one CRDT transaction (``DeviceState.write_local``: one
+  update, one log row, one envelope for all the sends of a round) and writes everything
+  in one store transaction. Only then does it fire the waiters' events, emit what was
+  to be announced, and hand our new updates on (``outbox``): nothing goes to a peer
+  before it is durable.
+- **Order.** Batches are written in the order they were queued.
+- **Bounded memory.** A receiver waits (:meth:`Writer.backpressure`) while
+  ``WRITE_QUEUE`` batches wait for the store.
+- **Compaction.** A space with ``COMPACT_AFTER`` updates past its snapshot is folded
+  into a new snapshot after the write that got it there.
+- **Off the trio thread.** SQLite calls run in a worker thread (:meth:`Writer.run_store`);
+  a ``MemoryStore`` is called inline.
+- **Loading.** A space's CRDT loads once, in a worker thread, one at a time
+  (:meth:`Writer.load`). A chat whose stored history does not load is set aside and
+  reported; entries of ours its document lacks are written again (``REWRITE_CHUNK`` per
+  update) and sent on like new writes.
+- After :meth:`Writer.close` nothing more is accepted, and what was queued is flushed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
+from typing import Any, Final, TypeVar
+
+import trio
+
+from p2p import events as ev
+from p2p.errors import ChatCorrupt, InvalidUpdate, P2PError, StoreCorrupt, WireError
+from p2p.proto.model import Entry
+from p2p.state.device import DeviceState, Space, claim_counters, merge_batches
+from p2p.storage.base import Store, WriteBatch
+from p2p.storage.memory import MemoryStore
+
+log = logging.getLogger("p2p.runtime.node")  # one logger for all of the node's lines
+T = TypeVar("T")
+
+WRITE_QUEUE: Final = 4096
+"""Batches waiting for the store before receivers are made to wait too."""
+COMPACT_AFTER: Final = 5000
+"""Updates appended to a space's log before it is folded into a snapshot."""
+REWRITE_CHUNK: Final = 64
+"""Entries per update when the node writes its own entries again (``_write_again``):
+far below what a peer accepts in one update."""
+
+
+class Writer:
+    """Group-commits batches and entries to the store; loads replicas from it."""
+
+    def __init__(
+        self,
+        state: DeviceState,
+        store: Store,
+        *,
+        emit: Callable[[ev.Event], None],
+        outbox: Callable[[str, bytes], None],
+    ) -> None:
+        self._state = state
+        self._store = store
+        self._emit = emit
+        self._outbox = outbox
+        """Where our durable updates go to be sent (the gossiper)."""
+        self._writes: list[tuple[WriteBatch, trio.Event, ev.Event | None]] = []
+        self._inflight: list[tuple[str, bytes]] = []
+        """The updates of the batch the writer is storing now (no longer in _writes)."""
+        self._local: dict[str, list[Entry]] = {}
+        """Our own entries waiting for the writer, per space (see ``queue_entry``)."""
+        self._wakeup = trio.Event()
+        self._room = trio.Event()
+        self._load_lock = trio.Lock()
+        """One replica loads at a time, in a worker thread (see :meth:`load`)."""
+        self._closed = False
+        stored = state.history
+        if stored is not None:
+            state.history = partial(self._history_of, stored)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def pending(self) -> int:
+        """Batches waiting for the store."""
+        return len(self._writes)
+
+    # ---- queueing ------------------------------------------------------------------
+
+    def queue_entry(
+        self, space_id: str, entry: Entry, batch: WriteBatch | None = None
+    ) -> trio.Event:
+        """Queue one of our signed entries (and a batch that must commit with it); the
+        event fires once it is durable and on its way to peers.
+
+        Every entry queued since the last round goes into its space's replica in one CRDT
+        transaction (``DeviceState.write_local``): concurrent sends make one update, one
+        stored row and one envelope, not one each."""
+        done = trio.Event()
+        self._local.setdefault(space_id, []).append(entry)
+        self._writes.append((batch or WriteBatch(), done, None))
+        self._wakeup.set()
+        return done
+
+    def queue(self, batch: WriteBatch, *, announce: ev.Event | None = None) -> trio.Event:
+        """Queue a batch, in order; the event fires once it is durable, and ``announce``
+        is emitted then."""
+        done = trio.Event()
+        self._writes.append((batch, done, announce))
+        self._wakeup.set()
+        return done
+
+    async def commit(self, batch: WriteBatch) -> None:
+        """Write a batch and wait until it is durable."""
+        await self.queue(batch).wait()
+
+    def save_unsaved(self) -> None:
+        """Have the state's unsaved records (counter reservations) written soon."""
+        if self._state.unsaved or self._state.counters_wanted:
+            self.queue(WriteBatch())
+
+    async def backpressure(self) -> None:
+        """Make a receiver wait while the store is far behind (bounded memory)."""
+        while len(self._writes) >= WRITE_QUEUE:
+            self._room = trio.Event()
+            await self._room.wait()
+
+    # ---- the writer task -----------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            await self._flush()
+
+    async def close(self) -> None:
+        """Refuse new entries (see :attr:`closed`), then write everything queued."""
+        self._closed = True
+        await self._flush()
+
+    async def _flush(self) -> None:
+        state = self._state
+        while self._writes or state.unsaved or state.counters_wanted:
+            taken, self._writes = self._writes, []
+            local, self._local = self._local, {}
+            self._room.set()
+            written = [(s, *state.write_local(s, entries)) for s, entries in local.items()]
+            batch = merge_batches(
+                [b for b, _, _ in taken] + [b for _, _, b in written] + [state.take_unsaved()]
+            )
+            if batch:
+                self._inflight = batch.appends
+                try:
+                    await self.run_store(self._store.write, batch)
+                finally:
+                    self._inflight = []
+                for space_id, _update in batch.appends:
+                    if space_id in state.spaces:  # not set aside meanwhile
+                        state.spaces[space_id].appended()
+                await self._compact(batch.appends)
+            if state.counters_wanted:  # long before the current block runs out
+                state.grant_counters(await self.run_store(claim_counters, self._store))
+            for space_id, update, _ in written:
+                self._outbox(space_id, update)
+            for _, done, announce in taken:
+                done.set()
+                if announce is not None:
+                    self._emit(announce)
+
+    def _history_of(
+        self, stored: Callable[[str], Iterable[bytes]], space_id: str
+    ) -> Iterator[bytes]:
+        """A space's whole history as its replica holds it: what the store holds, then
+        what is on its way there (what a replica an update poisoned is rebuilt from;
+        see ``Replica.apply``). The queue is read first: what leaves it meanwhile is in
+        the store by the time the store is read (applied twice: harmless)."""
+        pending = [u for s, u in self._inflight if s == space_id]
+        pending += [u for b, _, _ in self._writes for s, u in b.appends if s == space_id]
+        yield from stored(space_id)
+        yield from pending
+
+    async def _compact(self, appends: list[tuple[str, bytes]]) -> None:
+        """Fold a space's update log into a snapshot once its tail grows long, so that
+        opening the store stays fast (one snapshot plus a short tail)."""
+        for space_id in {s for s, _ in appends}:
+            space = self._state.spaces.get(space_id)
+            if space is None or not space.compaction_due(COMPACT_AFTER):
+                continue
+            # every update up to log_seq is in the replica, so this snapshot covers them
+            snapshot, upto = space.replica.snapshot(), space.log_seq
+            await self.run_store(self._store.compact, space_id, snapshot, upto)
+            space.compacted(upto)
+
+    async def run_store(self, fn: Callable[..., T], *args: Any) -> T:
+        """Call the store (or what reads it) off the trio thread when it does disk I/O."""
+        if isinstance(self._store, MemoryStore):
+            return fn(*args)
+        return await trio.to_thread.run_sync(fn, *args)
+
+    # ---- loading -------------------------------------------------------------------
+
+    async def load(self, space: Space) -> None:
+        """Load a space's CRDT (snapshot, then tail) in a worker thread, once.
+
+        Opening a node leaves documents unloaded (readers use the message index); every
+        path that touches a replica (a write, a sync session, mail, linking) awaits this
+        first, so the trio thread never waits for a long history.
+        """
+        if space.replica.loaded:
+            return
+        async with self._load_lock:
+            if space.id in self._state.set_aside:
+                raise self._state.set_aside[space.id]
+            if not space.replica.loaded:
+                try:
+                    lost = await self.run_store(self._state.load_checked, space.id, self._store)
+                except (StoreCorrupt, InvalidUpdate, WireError) as exc:
+                    raise self._put_aside(space, exc) from exc
+                if lost:
+                    self._write_again(space.id, lost)
+
+    async def load_all(self) -> None:
+        """Load every space (a session offers them all); one that does not load is set
+        aside, not a reason to refuse the peer."""
+        for space in list(self._state.spaces.values()):
+            with contextlib.suppress(ChatCorrupt):
+                await self.load(space)
+
+    def _put_aside(self, space: Space, error: P2PError) -> ChatCorrupt:
+        """A chat whose stored history does not load is set aside and reported; the node
+        and every other chat go on (its rows stay on disk as they are)."""
+        corrupt = self._state.put_aside(space.id, error)
+        log.error("%s", corrupt)
+        self._emit(ev.ChatSetAside(chat=space.id, error=type(error).__name__, detail=str(error)))
+        return corrupt
+
+    def _write_again(self, space_id: str, entries: list[Entry]) -> None:
+        """Put entries of ours that the loaded CRDT lacked back into it (see
+        ``DeviceState.load_checked``), in updates small enough for any peer, and on
+        their way to peers."""
+        log.warning(
+            "chat %s: its document lacked entries of ours that this device shows;"
+            " writing its %d entries again",
+            space_id,
+            len(entries),
+        )
+        for at in range(0, len(entries), REWRITE_CHUNK):
+            update, batch = self._state.write_local(space_id, entries[at : at + REWRITE_CHUNK])
+            self.queue(batch)
+            self._outbox(space_id, update)
