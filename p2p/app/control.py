@@ -47,6 +47,7 @@ import trio
 
 from p2p.app import shapes
 from p2p.errors import NodeError, P2PError
+from p2p.media.descriptor import Attachment
 from p2p.proto.pairing import CheckCodeMismatch, same_check_code
 from p2p.proto.wire import load_json
 from p2p.runtime.node import Node
@@ -94,120 +95,229 @@ def socket_path(home: str | os.PathLike[str]) -> Path:
 Ask = Callable[[str], Awaitable[bool]]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    """One checked request: its fields, and who to ask at the prompt (``approve``)."""
+
+    fields: dict[str, Any]
+    chat: str | None
+    ask: Ask
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.fields.get(name, default)
+
+
+Op = Callable[[Node, _Request], Awaitable[dict[str, Any]]]
+
+
+async def _send(node: Node, r: _Request) -> dict[str, Any]:
+    text, file = r.get("text"), r.get("file")
+    if not isinstance(text, str) or not (file is None or isinstance(file, str)):
+        raise ControlError("'text' must be a string, 'file' a path or null")
+    if file is not None:
+        return {"id": await node.send_file(file, text, chat=r.chat)}
+    return {"id": await node.send(text, chat=r.chat)}
+
+
+def _message_and_text(r: _Request) -> tuple[str, str]:
+    message, text = r.get("message"), r.get("text", "")
+    if not isinstance(message, str) or not isinstance(text, str):
+        raise ControlError("'message' and 'text' must be strings")
+    return message, text
+
+
+async def _edit(node: Node, r: _Request) -> dict[str, Any]:
+    message, text = _message_and_text(r)
+    return {"id": await node.edit(message, text, chat=r.chat)}
+
+
+async def _delete(node: Node, r: _Request) -> dict[str, Any]:
+    message, _ = _message_and_text(r)
+    return {"id": await node.delete(message, chat=r.chat)}
+
+
+async def _react(node: Node, r: _Request) -> dict[str, Any]:
+    message, text = _message_and_text(r)
+    return {"id": await node.react(message, text, chat=r.chat)}
+
+
+async def _no_watch(node: Node, r: _Request) -> dict[str, Any]:
+    raise ControlError("watching needs a running node (p2p run)")
+
+
+async def _typing(node: Node, r: _Request) -> dict[str, Any]:
+    node.set_typing(r.chat, typing=not r.get("stop"))
+    return {}
+
+
+async def _presence(node: Node, r: _Request) -> dict[str, Any]:
+    return {"presence": shapes.presence_json(node.presence())}
+
+
+async def _log(node: Node, r: _Request) -> dict[str, Any]:
+    if r.get("mark_read"):
+        await node.mark_read(chat=r.chat)
+    logged = shapes.log_json(node.media, await node.log(r.chat))
+    return {"messages": logged, "names": node.display_names()}
+
+
+def _message_and_out(r: _Request) -> tuple[str, str | None]:
+    message, out = r.get("message"), r.get("out")
+    if not isinstance(message, str) or not (out is None or isinstance(out, str)):
+        raise ControlError("'message' must be a string, 'out' a path or null")
+    return message, out
+
+
+def _attachment_json(node: Node, attachment: Attachment) -> dict[str, Any]:
+    return {"file": {**attachment.summary(), **node.media.describe(attachment)}}
+
+
+async def _fetch(node: Node, r: _Request) -> dict[str, Any]:
+    message, _ = _message_and_out(r)
+    return _attachment_json(node, await node.fetch(message, chat=r.chat))
+
+
+async def _open(node: Node, r: _Request) -> dict[str, Any]:
+    message, out = _message_and_out(r)
+    if out is None:
+        raise ControlError("'out' is needed to open an attachment")
+    return _attachment_json(node, await node.open_attachment(message, out, chat=r.chat))
+
+
+async def _describe(node: Node, r: _Request) -> dict[str, Any]:
+    message, _ = _message_and_out(r)
+    _, attachment = node.media.find(message, r.chat)
+    return _attachment_json(node, attachment)
+
+
+async def _media(node: Node, r: _Request) -> dict[str, Any]:
+    changes = r.get("set") or {}
+    if not isinstance(changes, dict):
+        raise ControlError("'set' must be an object")
+    node.media.set_policy(**changes)
+    return {"media": node.media.status()}
+
+
+async def _status(node: Node, r: _Request) -> dict[str, Any]:
+    return {"status": shapes.status_json(node.status())}
+
+
+async def _approve(node: Node, r: _Request) -> dict[str, Any]:
+    code, check, connect = r.get("code"), r.get("check"), r.get("connect")
+    if not isinstance(code, str) or not all(
+        v is None or isinstance(v, str) for v in (check, connect)
+    ):
+        raise ControlError("'code' must be a string, 'check' and 'connect' strings or null")
+
+    async def confirm(digits: str) -> bool:
+        if r.get("interactive"):
+            return await r.ask(digits)  # the person at the `p2p approve` prompt
+        return check is None or same_check_code(digits, check)
+
+    linked = await node.approve(code, confirm=confirm, connect=connect)
+    return {"device": linked.device, "name": linked.name}
+
+
+async def _leave(node: Node, r: _Request) -> dict[str, Any]:
+    await node.leave()
+    return {}
+
+
+async def _unlink(node: Node, r: _Request) -> dict[str, Any]:
+    device = r.get("device")
+    if not isinstance(device, str):
+        raise ControlError("'device' must be a string")
+    await node.unlink(device)
+    return {"version": node.state.device_list.version}
+
+
+async def _contact_code(node: Node, r: _Request) -> dict[str, Any]:
+    return {"code": node.contact_code().encode()}
+
+
+async def _contact_add(node: Node, r: _Request) -> dict[str, Any]:
+    code, name = r.get("code"), r.get("name")
+    if not isinstance(code, str) or not (name is None or isinstance(name, str)):
+        raise ControlError("'code' must be a string, 'name' a string or null")
+    account = await node.add_contact(code, name=name)
+    return {"id": account, "name": node.display_names().get(account, "")}
+
+
+async def _contacts(node: Node, r: _Request) -> dict[str, Any]:
+    return {"contacts": shapes.contacts_json(node.contacts())}
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, str) for m in value)
+
+
+async def _chat_new(node: Node, r: _Request) -> dict[str, Any]:
+    members, name = r.get("with"), r.get("name")
+    if not _strings(members):
+        raise ControlError("'with' must be a list of strings")
+    if not isinstance(name, str):
+        raise ControlError("'name' must be a string")
+    return {"chat": await node.create_chat(name, with_=members)}
+
+
+async def _chat_add(node: Node, r: _Request) -> dict[str, Any]:
+    members = r.get("with")
+    if r.chat is None or not _strings(members):
+        raise ControlError("'chat' must be a string, 'with' a list of strings")
+    await node.add_to_chat(r.chat, with_=members)
+    return {}
+
+
+async def _chat_leave(node: Node, r: _Request) -> dict[str, Any]:
+    if r.chat is None:
+        raise ControlError("'chat' must be a string")
+    await node.leave_chat(r.chat)
+    return {}
+
+
+async def _chats(node: Node, r: _Request) -> dict[str, Any]:
+    return {"chats": shapes.chats_json(node.chat_summaries())}
+
+
+OPS: Final[dict[str, Op]] = {
+    "send": _send,
+    "edit": _edit,
+    "delete": _delete,
+    "react": _react,
+    "watch": _no_watch,
+    "typing": _typing,
+    "presence": _presence,
+    "log": _log,
+    "fetch": _fetch,
+    "open": _open,
+    "describe": _describe,
+    "media": _media,
+    "status": _status,
+    "approve": _approve,
+    "leave": _leave,
+    "unlink": _unlink,
+    "contact_code": _contact_code,
+    "contact_add": _contact_add,
+    "contacts": _contacts,
+    "chat_new": _chat_new,
+    "chat_add": _chat_add,
+    "chat_leave": _chat_leave,
+    "chats": _chats,
+}
+"""The control socket's dispatch table: each request's ``op`` and what carries it out
+(``watch`` is served by the connection loop of a running node, before this table)."""
+
+
 async def _handle(node: Node, request: object, ask: Ask) -> dict[str, Any]:
     if not isinstance(request, dict) or not isinstance(request.get("op"), str):
         raise ControlError("a request is an object with an 'op'")
-    op = request["op"]
-    chat = request.get("chat")
+    op, chat = request["op"], request.get("chat")
     if chat is not None and not isinstance(chat, str):
         raise ControlError("'chat' must be a string")
-    if op == "send":
-        text, file = request.get("text"), request.get("file")
-        if not isinstance(text, str) or not (file is None or isinstance(file, str)):
-            raise ControlError("'text' must be a string, 'file' a path or null")
-        if file is not None:
-            return {"id": await node.send_file(file, text, chat=chat)}
-        return {"id": await node.send(text, chat=chat)}
-    if op in ("edit", "delete", "react"):
-        message, text = request.get("message"), request.get("text", "")
-        if not isinstance(message, str) or not isinstance(text, str):
-            raise ControlError("'message' and 'text' must be strings")
-        if op == "edit":
-            return {"id": await node.edit(message, text, chat=chat)}
-        if op == "delete":
-            return {"id": await node.delete(message, chat=chat)}
-        return {"id": await node.react(message, text, chat=chat)}
-    if op == "watch":
-        raise ControlError("watching needs a running node (p2p run)")
-    if op == "typing":
-        node.set_typing(chat, typing=not request.get("stop"))
-        return {}
-    if op == "presence":
-        return {"presence": shapes.presence_json(node.presence())}
-    if op == "log":
-        if request.get("mark_read"):
-            await node.mark_read(chat=chat)
-        logged = shapes.log_json(node.media, await node.log(chat))
-        return {"messages": logged, "names": node.display_names()}
-    if op in ("fetch", "open", "describe"):  # attachments (p2p.media)
-        message, out = request.get("message"), request.get("out")
-        if not isinstance(message, str) or not (out is None or isinstance(out, str)):
-            raise ControlError("'message' must be a string, 'out' a path or null")
-        if op == "fetch":
-            attachment = await node.fetch(message, chat=chat)
-        elif op == "open":
-            if out is None:
-                raise ControlError("'out' is needed to open an attachment")
-            attachment = await node.open_attachment(message, out, chat=chat)
-        else:
-            _, attachment = node.media.find(message, chat)
-        return {"file": {**attachment.summary(), **node.media.describe(attachment)}}
-    if op == "media":
-        changes = request.get("set") or {}
-        if not isinstance(changes, dict):
-            raise ControlError("'set' must be an object")
-        node.media.set_policy(**changes)
-        return {"media": node.media.status()}
-    if op == "status":
-        return {"status": shapes.status_json(node.status())}
-    if op == "approve":
-        code, check, connect = request.get("code"), request.get("check"), request.get("connect")
-        if not isinstance(code, str) or not all(
-            v is None or isinstance(v, str) for v in (check, connect)
-        ):
-            raise ControlError("'code' must be a string, 'check' and 'connect' strings or null")
-
-        async def confirm(digits: str) -> bool:
-            if request.get("interactive"):
-                return await ask(digits)  # the person at the `p2p approve` prompt
-            return check is None or same_check_code(digits, check)
-
-        linked = await node.approve(code, confirm=confirm, connect=connect)
-        return {"device": linked.device, "name": linked.name}
-    if op == "leave":
-        await node.leave()
-        return {}
-    if op == "unlink":
-        device = request.get("device")
-        if not isinstance(device, str):
-            raise ControlError("'device' must be a string")
-        await node.unlink(device)
-        return {"version": node.state.device_list.version}
-    if op == "contact_code":
-        return {"code": node.contact_code().encode()}
-    if op == "contact_add":
-        code, name = request.get("code"), request.get("name")
-        if not isinstance(code, str) or not (name is None or isinstance(name, str)):
-            raise ControlError("'code' must be a string, 'name' a string or null")
-        account = await node.add_contact(code, name=name)
-        return {"id": account, "name": node.display_names().get(account, "")}
-    if op == "contacts":
-        return {"contacts": shapes.contacts_json(node.contacts())}
-    if op == "chat_new":
-        members, name = request.get("with"), request.get("name")
-        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
-            raise ControlError("'with' must be a list of strings")
-        if not isinstance(name, str):
-            raise ControlError("'name' must be a string")
-        return {"chat": await node.create_chat(name, with_=members)}
-    if op == "chat_add":
-        members = request.get("with")
-        if (
-            chat is None
-            or not isinstance(members, list)
-            or not all(isinstance(m, str) for m in members)
-        ):
-            raise ControlError("'chat' must be a string, 'with' a list of strings")
-        await node.add_to_chat(chat, with_=members)
-        return {}
-    if op == "chat_leave":
-        if chat is None:
-            raise ControlError("'chat' must be a string")
-        await node.leave_chat(chat)
-        return {}
-    if op == "chats":
-        return {"chats": shapes.chats_json(node.chat_summaries())}
-    raise ControlError(f"unknown op {op[:32]!r}")
+    carry_out = OPS.get(op)
+    if carry_out is None:
+        raise ControlError(f"unknown op {op[:32]!r}")
+    return await carry_out(node, _Request(request, chat, ask))
 
 
 async def handle(node: Node, request: dict[str, Any]) -> dict[str, Any]:
