@@ -60,7 +60,12 @@ def imports_of(module: str) -> set[str]:
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
+            package = ROOT.joinpath(*node.module.split(".")[1:])
+            subs = [a.name for a in node.names if (package / f"{a.name}.py").exists()]
+            if node.module.startswith("p2p.") and subs:  # from p2p.app import shapes
+                found |= {f"{node.module}.{name}" for name in subs}
+            else:
+                found.add(node.module)
             if node.module == "p2p":  # from p2p import envelope
                 found |= {f"p2p.{alias.name}" for alias in node.names if is_module(alias.name)}
     return found
@@ -164,3 +169,37 @@ def test_every_error_is_a_p2p_error() -> None:
     classes = [v for v in vars(errors).values() if isinstance(v, type) and issubclass(v, Exception)]
     assert len(classes) > 15
     assert all(issubclass(c, p2p.P2PError) for c in classes)
+
+
+def import_table() -> str:
+    """The "What imports what" table of docs/architecture.md, computed from the code:
+    each module's top-level imports of p2p (by layer) and of other packages."""
+    stdlib = set(sys.stdlib_module_names)
+    rows = ["| module | imports from p2p | imports from elsewhere |", "|---|---|---|"]
+    layers = [*sorted(MAY_IMPORT), "errors", "events"]
+    for layer in layers:
+        modules = modules_of(layer) if (ROOT / layer).is_dir() else [f"p2p.{layer}"]
+        for module in modules:
+            found = imports_of(module)
+            if module.endswith("__main__") or not found:
+                continue
+            ours = sorted(m.removeprefix("p2p.") for m in found if m.startswith("p2p."))
+            theirs = sorted(
+                {m.split(".")[0] for m in found if not m.startswith("p2p")}
+                - stdlib
+                - {"__future__"}
+            )
+            name = module.removeprefix("p2p.")
+            rows.append(f"| `{name}` | {', '.join(ours) or '-'} | {', '.join(theirs) or '-'} |")
+    return "\n".join(rows) + "\n"
+
+
+def test_the_import_table_in_architecture_md_is_the_code() -> None:
+    """The docs say what is true now: the table is regenerated from the imports, and a
+    change of imports changes it (paste the expected table from this failure)."""
+    doc = (ROOT.parent / "docs" / "architecture.md").read_text()
+    begin, end = "<!-- imports: begin -->\n", "<!-- imports: end -->"
+    assert begin in doc
+    assert end in doc
+    current = doc.split(begin, 1)[1].split(end, 1)[0]
+    assert current == import_table(), "\n" + import_table()
