@@ -31,7 +31,7 @@ import trio
 
 import p2p
 from p2p.proto.identity import DeviceKeys
-from p2p.proto.session import State
+from p2p.proto.session import SessionState
 from p2p.state.device import NOTES, DeviceState
 from p2p.storage.sqlite import SqliteStore
 from p2p.testing.sessions import Pair
@@ -113,7 +113,7 @@ def bench_catchup(n: int, rng: random.Random) -> dict[str, float]:
         if open_at_round is not None:
             wire_after += sum(len(data) for _, data in link.in_flight)
         link.flight()
-        if open_at_round is None and all(e.session.state is State.OPEN for e in link.ends):
+        if open_at_round is None and all(e.session.state is SessionState.OPEN for e in link.ends):
             open_at_round = rounds
     took = time.perf_counter() - start
     assert open_at_round is not None

@@ -44,7 +44,7 @@ from p2p.proto.identity import DeviceKeys
 from p2p.proto.pairing import PREFIX, PairingCode
 from p2p.proto.relay_protocol import decode_client, decode_server, encode_client, encode_server
 from p2p.proto.session import (
-    State,
+    SessionState,
 )
 from p2p.proto.wire import decode_frame, encode_frame, pack
 from p2p.state.device import NOTES, DeviceState
@@ -452,7 +452,7 @@ def play(seed: int, mutations: int) -> None:
     ends = converse(w.phone, w.laptop)
     assert ends[1].authenticated == [w.phone.device_id]
     assert all(c.error is None for e in ends for c in e.closed)
-    assert ends[1].session.state is State.OPEN
+    assert ends[1].session.state is SessionState.OPEN
 
 
 def test_forgeries_are_refused_fast() -> None:

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from p2p.proto.identity import DeviceKeys
 from p2p.proto.model import Kind
 from p2p.proto.session import (
-    State,
+    SessionState,
 )
 from p2p.state.device import NOTES, DeviceState
 from p2p.testing.sessions import Pair
@@ -55,13 +55,13 @@ def sync(a: DeviceState, b: DeviceState) -> tuple[int, int]:
     while pair.in_flight:
         pair.flight()
         flights += 1
-        if not handshake and all(end.session.state is State.OPEN for end in pair.ends):
+        if not handshake and all(end.session.state is SessionState.OPEN for end in pair.ends):
             handshake = flights
         assert flights < MAX_FLIGHTS, "the sessions never went quiet"
     for end in pair.ends:
         assert end.closed == [], end.closed
         assert end.ingest_errors == end.list_errors == end.lease_errors == []
-        assert end.session.state is State.OPEN
+        assert end.session.state is SessionState.OPEN
     assert pair.a.authenticated == [b.device_id]
     assert pair.b.authenticated == [a.device_id]
     return handshake, flights - handshake

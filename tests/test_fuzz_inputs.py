@@ -36,7 +36,7 @@ from p2p.errors import P2PError
 from p2p.proto import envelope
 from p2p.proto.identity import DeviceKeys, DeviceList, parse_device_list
 from p2p.proto.model import Kind, Replica, decode_state_vector
-from p2p.proto.session import Closed, Output, Send, Session, State, Stats
+from p2p.proto.session import Closed, Output, Send, Session, SessionState, Stats
 from p2p.proto.wire import PROTOCOL_VERSION, SCHEMA, decode_frame, encode_frame
 from p2p.state.device import NOTES, DeviceState
 
@@ -223,13 +223,13 @@ class World:
         self.auth_session = copy.copy(self.hello_session)
         [auth] = self.auth_session.receive(laptop_hello.data, 0.0)
         assert isinstance(auth, Send)
-        assert self.auth_session.state is State.AUTH
+        assert self.auth_session.state is SessionState.AUTH
         [laptop_auth] = laptop_session.receive(phone_hello.data, 0.0)
         assert isinstance(laptop_auth, Send)
         self.auths = [laptop_auth.data, auth.data]
         self.open_session = copy.copy(self.auth_session)
         out = self.open_session.receive(laptop_auth.data, 0.0)
-        assert self.open_session.state is State.OPEN, out
+        assert self.open_session.state is SessionState.OPEN, out
         # inner frames the laptop could send in the open session
         self.inner = [
             encode_frame("sv", s=self.notes, sv=self.laptop.state_vector(self.notes)),
@@ -240,11 +240,11 @@ class World:
             encode_frame("bye", code="bye"),
         ]
 
-    def session(self, state: State) -> Session:
+    def session(self, state: SessionState) -> Session:
         template = {
-            State.HELLO: self.hello_session,
-            State.AUTH: self.auth_session,
-            State.OPEN: self.open_session,
+            SessionState.HELLO: self.hello_session,
+            SessionState.AUTH: self.auth_session,
+            SessionState.OPEN: self.open_session,
         }[state]
         session = copy.copy(template)
         session.stats = Stats()
@@ -296,9 +296,9 @@ def check_session(session: Session, data: bytes, outputs: list[Output] | P2PErro
     for out in outputs:
         if isinstance(out, Closed):
             assert out.error is None or isinstance(out.error, P2PError)
-            assert session.state is State.CLOSED
+            assert session.state is SessionState.CLOSED
     # a closed session ignores everything after
-    if session.state is State.CLOSED:
+    if session.state is SessionState.CLOSED:
         assert session.receive(data, 1.0) == []
 
 
@@ -438,7 +438,7 @@ def test_device_list_mutations() -> None:
 # ---- sessions ---------------------------------------------------------------------
 
 
-def _receive(state: State, data: bytes) -> None:
+def _receive(state: SessionState, data: bytes) -> None:
     w = world()
     session = w.session(state)
     outputs = outcome(lambda: session.receive(data, 1.0), f"Session.receive in {state}", data)
@@ -467,7 +467,7 @@ def hello_like(draw: st.DrawFn) -> bytes:
 @SHAPED
 @given(st.one_of(st.binary(max_size=300), frame_like(), hello_like()))
 def test_session_hello_random(data: bytes) -> None:
-    _receive(State.HELLO, data)
+    _receive(SessionState.HELLO, data)
 
 
 @MANY
@@ -479,22 +479,22 @@ def test_session_hello_random(data: bytes) -> None:
     )
 )
 def test_session_auth_random(data: bytes) -> None:
-    _receive(State.AUTH, data)
+    _receive(SessionState.AUTH, data)
 
 
 def test_session_handshake_mutations() -> None:
     w = world()
     corpus = w.frames + w.hellos + w.auths
     for data in mutations(4, corpus, 2000):
-        _receive(State.HELLO, data)
-        _receive(State.AUTH, data)
+        _receive(SessionState.HELLO, data)
+        _receive(SessionState.AUTH, data)
 
 
 @MANY
 @given(st.binary(max_size=300))
 def test_session_open_raw_random(data: bytes) -> None:
     """Unboxed junk in an open session: refused by the box."""
-    _receive(State.OPEN, data)
+    _receive(SessionState.OPEN, data)
 
 
 @st.composite
@@ -521,7 +521,7 @@ def inner_like(draw: st.DrawFn) -> bytes:
 
 def _receive_boxed(inner: bytes) -> None:
     w = world()
-    session = w.session(State.OPEN)
+    session = w.session(SessionState.OPEN)
     data = w.boxed(session, inner)
     outputs = outcome(lambda: session.receive(data, 1.0), "Session.receive in OPEN", inner)
     check_session(session, data, outputs)

@@ -24,7 +24,7 @@ from p2p import testing
 from p2p.errors import InvalidUpdate, MalformedFrame
 from p2p.proto.identity import DeviceKeys
 from p2p.proto.model import MAX_UPDATE
-from p2p.proto.session import State
+from p2p.proto.session import SessionState
 from p2p.proto.wire import MAX_FRAME
 from p2p.proto.ysplit import split_update
 from p2p.proto.yupdate import check_update
@@ -272,7 +272,7 @@ def test_a_piece_our_envelope_refuses_closes_the_session(monkeypatch: pytest.Mon
     monkeypatch.setattr(p2p.proto.envelope, "MAX_PAYLOAD", 1024)
     link.a.carry_out(link.a.session.next_catchup(0.0))
     assert isinstance(link.a.error, MalformedFrame)
-    assert link.a.session.state is State.CLOSED
+    assert link.a.session.state is SessionState.CLOSED
     assert not link.a.session.catching_up
 
 

@@ -37,7 +37,7 @@ from p2p.proto.session import (
     HaveIn,
     Send,
     Session,
-    State,
+    SessionState,
     WantIn,
     digest,
 )
@@ -127,7 +127,7 @@ def assert_refused(
         assert peer.envelopes_in == []
         assert peer.ingested == []
         assert peer.closed, f"{peer.name} did not close"
-        assert peer.session.state is State.CLOSED
+        assert peer.session.state is SessionState.CLOSED
         assert snapshots(peer.state) == unchanged[peer.name]
 
 
@@ -391,7 +391,7 @@ def test_short_ephemeral_key_refused() -> None:
     link.rewrite = shorten
     link.start()
     link.flight()
-    assert link.b.session.state is State.CLOSED, "a 31-byte ephemeral key was used"
+    assert link.b.session.state is SessionState.CLOSED, "a 31-byte ephemeral key was used"
     assert isinstance(link.b.error, HandshakeFailed | ProtocolError | DeviceListError)
 
 
@@ -506,7 +506,7 @@ def test_handshake_timeout_while_waiting_for_auth() -> None:
     link.drop_to = {"a"}  # the phone never hears back
     link.start()
     link.run()
-    assert link.b.session.state is State.AUTH
+    assert link.b.session.state is SessionState.AUTH
     link.tick(HANDSHAKE_TIMEOUT + 1)
     assert isinstance(link.b.error, HandshakeFailed)
     assert isinstance(link.a.error, HandshakeFailed)
@@ -537,7 +537,7 @@ def test_ping_pong_keeps_the_session_alive() -> None:
         link.run(now=float(t))
     assert not link.a.closed
     assert not link.b.closed
-    assert link.a.session.state is link.b.session.state is State.OPEN
+    assert link.a.session.state is link.b.session.state is SessionState.OPEN
     # a ping from each side every PING_INTERVAL, each answered with a pong
     assert link.a.session.stats.frames_in - frames_before >= 2 * (400 // PING_INTERVAL - 1)
     deadline = link.a.session.next_deadline()
@@ -587,7 +587,7 @@ def test_tick_at_the_deadline_always_makes_progress() -> None:
         session.start()
         deadline = session.next_deadline()
         session.tick(deadline)
-        assert session.state is State.CLOSED
+        assert session.state is SessionState.CLOSED
 
 
 # ---- lazy gossip: have / want -------------------------------------------------------
@@ -613,7 +613,7 @@ def test_have_and_want_carry_digests_and_the_envelope_follows() -> None:
     link.a.carry_out(link.a.session.send_envelope(envelope))
     link.run()
     assert [m.text for m in view(laptop, chat)] == ["lazily gossiped"]
-    assert link.a.session.state is link.b.session.state is State.OPEN
+    assert link.a.session.state is link.b.session.state is SessionState.OPEN
 
 
 def test_many_digests_travel_in_several_frames() -> None:
@@ -634,7 +634,7 @@ def test_have_about_a_space_the_peer_may_not_read_is_ignored() -> None:
     link.a.carry_out(link.a.session.send_have("nosuchspace", [digest(b"x")]))
     link.run()
     assert link.b.haves_in == []
-    assert link.b.session.state is State.OPEN
+    assert link.b.session.state is SessionState.OPEN
 
 
 def _inject(link: Pair, frame: dict[str, object]) -> None:
@@ -663,7 +663,7 @@ def test_malformed_have_or_want_closes_the_session(frame: dict[str, object]) -> 
     _inject(link, {"v": 1, **frame})
     assert isinstance(link.b.error, ProtocolError | MalformedFrame)
     assert link.b.haves_in == link.b.wants_in == []
-    assert link.b.session.state is State.CLOSED
+    assert link.b.session.state is SessionState.CLOSED
 
 
 def test_have_or_want_before_authentication_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

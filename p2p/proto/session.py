@@ -112,7 +112,7 @@ def _split_digests(kind: str, data: bytes) -> list[bytes]:
     return [data[i : i + DIGEST_SIZE] for i in range(0, len(data), DIGEST_SIZE)]
 
 
-class Replicas(Protocol):
+class LocalDevice(Protocol):
     """What a session needs from the device it speaks for (``core.DeviceState``)."""
 
     keys: DeviceKeys
@@ -303,7 +303,7 @@ class OutputTable(Generic[HolderT]):
         return alive
 
 
-class State(Enum):
+class SessionState(Enum):
     HELLO = "hello"
     AUTH = "auth"
     OPEN = "open"
@@ -334,12 +334,12 @@ class Stats:
 class Session:
     """One peer's protocol state; see the module docstring."""
 
-    local: Replicas
+    local: LocalDevice
     initiator: bool
     now: float
     wall_ms: int = 0
     """Wall-clock time at the handshake, to judge leases (0: leases never run out)."""
-    state: State = State.HELLO
+    state: SessionState = SessionState.HELLO
     peer: str | None = None
     stats: Stats = field(default_factory=Stats)
     _eph: PrivateKey = field(default_factory=PrivateKey.generate)
@@ -373,11 +373,11 @@ class Session:
         the peer is authenticated (a stranger's bytes are bounded before they are read;
         the caller passes this to ``Connection.receive``), :data:`~p2p.proto.wire.MAX_FRAME`
         after."""
-        return MAX_FRAME if self.state is State.OPEN else MAX_HANDSHAKE_FRAME
+        return MAX_FRAME if self.state is SessionState.OPEN else MAX_HANDSHAKE_FRAME
 
     def receive(self, data: bytes, now: float) -> list[Output]:
         """Handle one frame from the peer."""
-        if self.state is State.CLOSED:
+        if self.state is SessionState.CLOSED:
             return []
         self.now = self._last_in = now
         self.stats.frames_in += 1
@@ -386,9 +386,9 @@ class Session:
         try:
             if len(data) > self.frame_limit:
                 raise FrameTooLarge(len(data), self.frame_limit)
-            if self.state is State.HELLO:
+            if self.state is SessionState.HELLO:
                 return self._on_hello(data)
-            if self.state is State.AUTH:
+            if self.state is SessionState.AUTH:
                 return self._on_ident(self._unbox_or_reject(data))
             return self._on_open(self._unbox(data))
         except P2PError as exc:
@@ -396,7 +396,7 @@ class Session:
 
     def send_envelope(self, data: bytes) -> list[Output]:
         """Forward a sealed envelope (ours or gossiped) to the peer, if open."""
-        if self.state is not State.OPEN:
+        if self.state is not SessionState.OPEN:
             return []
         return [self._send_boxed(encode_frame("env", e=data))]
 
@@ -409,7 +409,7 @@ class Session:
         return self._send_digests("want", digests)
 
     def _send_digests(self, kind: str, digests: list[bytes], **fields: Any) -> list[Output]:
-        if self.state is not State.OPEN:
+        if self.state is not SessionState.OPEN:
             return []
         return [
             self._send_boxed(encode_frame(kind, h=b"".join(digests[i : i + MAX_DIGESTS]), **fields))
@@ -418,13 +418,13 @@ class Session:
 
     def send_device_list(self, data: bytes) -> list[Output]:
         """Gossip a newer signed device list to the peer, if open."""
-        if self.state is not State.OPEN:
+        if self.state is not SessionState.OPEN:
             return []
         return [self._send_boxed(encode_frame("list", l=data))]
 
     def send_grant(self, data: bytes) -> list[Output]:
         """Give the peer a space's keys (a grant sealed to it), if open."""
-        if self.state is not State.OPEN:
+        if self.state is not SessionState.OPEN:
             return []
         return [self._send_boxed(encode_frame("grant", g=data))]
 
@@ -432,7 +432,7 @@ class Session:
         """Ask the peer for whatever of a space we lack (it answers with an ``env``), if
         open and the peer reads the space: the repair when a ``want`` went unanswered,
         and the first sync of a space we just joined."""
-        if self.state is not State.OPEN or self.peer is None:
+        if self.state is not SessionState.OPEN or self.peer is None:
             return []
         if space_id not in self.local.spaces_for(self.peer):
             return []
@@ -441,13 +441,13 @@ class Session:
 
     def send_leave(self) -> list[Output]:
         """Ask the peer (our primary) to unlink this device, if open."""
-        if self.state is not State.OPEN:
+        if self.state is not SessionState.OPEN:
             return []
         return [self._send_boxed(encode_frame("leave", n=0))]
 
     def send_typing(self, space_id: str, typing: bool) -> list[Output]:
         """Tell the peer we are (or stopped) typing in a space, if open and it reads it."""
-        if self.state is not State.OPEN or self.peer is None:
+        if self.state is not SessionState.OPEN or self.peer is None:
             return []
         if space_id not in self.local.spaces_for(self.peer):
             return []
@@ -457,7 +457,7 @@ class Session:
         """Send a media frame (``ask``, ``blob``, ``nohave``) to the peer, if open."""
         if kind not in MEDIA_FRAMES:
             raise ProtocolError(f"{kind} is not a media frame")
-        if self.state is not State.OPEN:
+        if self.state is not SessionState.OPEN:
             return []
         frame = self._send_boxed(encode_frame(kind, **fields))
         self.stats.media_bytes_out += len(frame.data)
@@ -465,10 +465,10 @@ class Session:
 
     def tick(self, now: float) -> list[Output]:
         """Let time pass: handshake timeout, keep-alive pings, idle timeout."""
-        if self.state is State.CLOSED:
+        if self.state is SessionState.CLOSED:
             return []
         self.now = now
-        if self.state is not State.OPEN:
+        if self.state is not SessionState.OPEN:
             if now >= self._started + HANDSHAKE_TIMEOUT:
                 return self._fail(HandshakeFailed("handshake timed out"))
             return []
@@ -480,19 +480,19 @@ class Session:
 
     def next_deadline(self) -> float:
         """When :meth:`tick` next has something to do."""
-        if self.state is not State.OPEN:
+        if self.state is not SessionState.OPEN:
             return self._started + HANDSHAKE_TIMEOUT
         return min(self._last_out + PING_INTERVAL, self._last_in + IDLE_TIMEOUT)
 
     def close(self, error: P2PError | None = None) -> list[Output]:
         """End the session from our side (a bye when open, then Closed)."""
-        if self.state is State.CLOSED:
+        if self.state is SessionState.CLOSED:
             return []
         out: list[Output] = []
-        if self.state is State.OPEN:
+        if self.state is SessionState.OPEN:
             code = type(error).__name__ if error else "bye"
             out.append(self._send_boxed(encode_frame("bye", code=code)))
-        self.state = State.CLOSED
+        self.state = SessionState.CLOSED
         out.append(Closed(error))
         return out
 
@@ -522,7 +522,7 @@ class Session:
             lease=self.local.lease,
             sig=self.local.keys.sign(DOMAIN_HANDSHAKE, role + self._transcript()),
         )
-        self.state = State.AUTH
+        self.state = SessionState.AUTH
         return [self._send_boxed(ident)]
 
     def _transcript(self) -> bytes:
@@ -570,7 +570,7 @@ class Session:
         except P2PError as exc:
             raise HandshakeFailed(f"device {peer} failed to prove its key") from exc
         self.peer = peer
-        self.state = State.OPEN
+        self.state = SessionState.OPEN
         out.append(Authenticated(peer))
         if self.local.is_primary and own_account and entry.role == "companion":
             lease = self.local.issue_lease(peer, self.wall_ms or None)
@@ -642,7 +642,7 @@ class Session:
         return []
 
     def _open_bye(self, frame: dict[str, Any]) -> list[Output]:
-        self.state = State.CLOSED
+        self.state = SessionState.CLOSED
         return [Closed(None)]
 
     def _open_reject(self, frame: dict[str, Any]) -> list[Output]:
@@ -684,7 +684,7 @@ class Session:
         and each piece takes the box's number after every frame already queued. Each
         piece is an update of its own: the peer applies and stores them as they come,
         so a cut catch-up resumes from the peer's state vector next time."""
-        if self.state is not State.OPEN:
+        if self.state is not SessionState.OPEN:
             self._catchup = []
             return []
         self.now = now
@@ -737,13 +737,13 @@ class Session:
 
     def _fail(self, error: P2PError) -> list[Output]:
         out: list[Output] = []
-        if self.state is State.HELLO:
+        if self.state is SessionState.HELLO:
             out.append(self._send_raw(encode_frame("reject", code=type(error).__name__)))
-        elif self.state is State.AUTH:  # the peer has our hello: it reads boxed frames now
+        elif self.state is SessionState.AUTH:  # the peer has our hello: it reads boxed frames now
             out.append(self._send_boxed(encode_frame("reject", code=type(error).__name__)))
-        elif self.state is State.OPEN:
+        elif self.state is SessionState.OPEN:
             out.append(self._send_boxed(encode_frame("bye", code=type(error).__name__)))
-        self.state = State.CLOSED
+        self.state = SessionState.CLOSED
         out.append(Closed(error))
         return out
 

@@ -98,7 +98,7 @@ def _transcript(commitment: bytes, hello: dict[str, Any], new_eph: bytes) -> byt
     return pack([commitment, hello["pk"], hello["eph"], hello["acct"], hello["mac"], new_eph])
 
 
-def _commit(ephemeral: bytes) -> bytes:
+def _commitment(ephemeral: bytes) -> bytes:
     return hashlib.blake2b(ephemeral, digest_size=32, person=b"p2p-link-commit").digest()
 
 
@@ -159,7 +159,7 @@ async def approve(
         verify(code.sign_pk, DOMAIN_LINK, hello + auth["eph"], auth["sig"])
     except BadSignature as exc:
         raise PairingError("the device does not hold the key its code names") from exc
-    if _commit(auth["eph"]) != commitment:
+    if _commitment(auth["eph"]) != commitment:
         raise PairingError("the device's key does not match what it committed to")
     transcript = _transcript(commitment, decode_frame(hello), auth["eph"])
     box = Box(
@@ -312,7 +312,7 @@ async def accept(
     # then search for keys that make both screens show the same six digits
     eph = PrivateKey.generate()
     eph_pk = bytes(eph.public_key)
-    commit = encode_frame("lcommit", c=_commit(eph_pk))
+    commit = encode_frame("lcommit", c=_commitment(eph_pk))
     await conn.send(commit)
     hello_bytes = await _raw(conn)
     hello = _expect(decode_frame(hello_bytes), "lhello")
@@ -328,7 +328,7 @@ async def accept(
         pop=possession_proof(keys, hello["acct"]),
     )
     await conn.send(auth)
-    transcript = _transcript(_commit(eph_pk), hello, eph_pk)
+    transcript = _transcript(_commitment(eph_pk), hello, eph_pk)
     show_check(check_code(transcript, code.secret))
     box = Box(
         shared_secret(bytes(eph), hello["eph"]),

@@ -40,7 +40,15 @@ from p2p import events as ev
 from p2p.discovery.base import Discovery, Found, Source
 from p2p.errors import NodeError, P2PError
 from p2p.proto.peering import Link, keep_new
-from p2p.proto.session import Authenticated, Closed, Output, OutputTable, Send, Session, State
+from p2p.proto.session import (
+    Authenticated,
+    Closed,
+    Output,
+    OutputTable,
+    Send,
+    Session,
+    SessionState,
+)
 from p2p.state.device import DeviceState
 from p2p.storage.base import WriteBatch
 from p2p.transport.base import Connection, ConnectionClosed, TransportError
@@ -201,7 +209,7 @@ class Peers:
     def carry_out(self, peer: Peer, outputs: list[Output]) -> bool:
         """Do what the session asked (through :attr:`outputs`); False once it closed."""
         alive = self.outputs.carry_out(peer, outputs)
-        return alive and peer.session.state is not State.CLOSED
+        return alive and peer.session.state is not SessionState.CLOSED
 
     def _queue_frame(self, peer: Peer, data: bytes) -> bool:
         try:
@@ -314,8 +322,8 @@ class Peers:
                 nursery.start_soon(self._pump_out, conn, recv_q, nursery.cancel_scope, peer)
                 if not self.carry_out(peer, session.start()):
                     return Ended(authenticated=False, duplicate_of=None)
-                while session.state is not State.CLOSED:
-                    if handshaking and session.state is State.OPEN:
+                while session.state is not SessionState.CLOSED:
+                    if handshaking and session.state is SessionState.OPEN:
                         self._handshaking -= 1
                         handshaking = False
                     with trio.move_on_at(session.next_deadline()) as timer:
@@ -327,7 +335,7 @@ class Peers:
                         self.carry_out(peer, session.receive(data, trio.current_time()))
                     if timer.cancelled_caught:
                         self.carry_out(peer, session.tick(trio.current_time()))
-                    if session.state is State.OPEN and not self.is_current(peer):
+                    if session.state is SessionState.OPEN and not self.is_current(peer):
                         duplicate = session.peer  # the other connection to this device won
                         self.close(peer)
                     await self._backpressure()
@@ -400,7 +408,7 @@ class Peers:
     def _on_authenticated(self, peer: Peer, out: Authenticated) -> None:
         device = out.device
         existing = self._peers.get(device)
-        if existing is not None and existing.session.state is State.OPEN:
+        if existing is not None and existing.session.state is SessionState.OPEN:
             # one connection per device pair, the same one chosen at both ends
             if not self._keep_new(peer, existing):
                 return  # the connection loop notices it is not registered and closes it

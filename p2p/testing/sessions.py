@@ -35,7 +35,7 @@ from p2p.proto.session import (
     Output,
     OutputTable,
     Session,
-    State,
+    SessionState,
     TypingIn,
     WantIn,
 )
@@ -267,5 +267,5 @@ class Pair:
         assert self.flight() == 2  # auths
         assert self.a.authenticated == [self.b.state.device_id]
         assert self.b.authenticated == [self.a.state.device_id]
-        assert self.a.session.state is self.b.session.state is State.OPEN
+        assert self.a.session.state is self.b.session.state is SessionState.OPEN
         return self
