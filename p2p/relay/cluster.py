@@ -212,13 +212,7 @@ end
 return n
 """
 
-_DOWN: Final = """
-local p, dev, proc = ARGV[1], ARGV[2], ARGV[3]
-local key = p..'presence:'..dev
-if redis.call('HEXISTS', key, proc) == 0 then return 0 end
-if redis.call('HINCRBY', key, proc, -1) <= 0 then
-  redis.call('HDEL', key, proc)
-  redis.call('SREM', p..'procdevs:'..proc, dev)
+_PROCESS_GONE: Final = """
   local left = redis.call('HKEYS', key)
   if #left == 0 then
     redis.call('DEL', p..'newest:'..dev)
@@ -226,9 +220,25 @@ if redis.call('HINCRBY', key, proc, -1) <= 0 then
   elseif redis.call('GET', p..'newest:'..dev) == proc then
     redis.call('SET', p..'newest:'..dev, left[1])
   end
-end
+"""
+"""Lua, with ``key`` a device's presence hash that ``proc`` just left: when no process
+holds the device any more, it is offline (told on the bus); else, if ``proc`` was its
+newest, another process becomes it."""
+
+_DOWN: Final = (
+    """
+local p, dev, proc = ARGV[1], ARGV[2], ARGV[3]
+local key = p..'presence:'..dev
+if redis.call('HEXISTS', key, proc) == 0 then return 0 end
+if redis.call('HINCRBY', key, proc, -1) <= 0 then
+  redis.call('HDEL', key, proc)
+  redis.call('SREM', p..'procdevs:'..proc, dev)
+"""
+    + _PROCESS_GONE
+    + """end
 return 1
 """
+)
 
 _RESYNC: Final = """
 local p, proc = ARGV[1], ARGV[2]
@@ -259,25 +269,22 @@ end
 return 1
 """
 
-_REAP: Final = """
+_REAP: Final = (
+    """
 local p, proc = ARGV[1], ARGV[2]
 if redis.call('EXISTS', p..'alive:'..proc) == 1 then return -1 end
 local devs = redis.call('SMEMBERS', p..'procdevs:'..proc)
 for _, dev in ipairs(devs) do
   local key = p..'presence:'..dev
   redis.call('HDEL', key, proc)
-  local left = redis.call('HKEYS', key)
-  if #left == 0 then
-    redis.call('DEL', p..'newest:'..dev)
-    redis.call('PUBLISH', p..'presence', cmsgpack.pack({dev, false}))
-  elseif redis.call('GET', p..'newest:'..dev) == proc then
-    redis.call('SET', p..'newest:'..dev, left[1])
-  end
-end
+"""
+    + _PROCESS_GONE
+    + """end
 redis.call('DEL', p..'procdevs:'..proc)
 redis.call('SREM', p..'procs', proc)
 return #devs
 """
+)
 
 _LOCATE: Final = """
 local p, dev = ARGV[1], ARGV[2]
