@@ -351,6 +351,7 @@ def ours_rest(
             "phone": status_mb(ph.proc.pid, "VmRSS"),
             "laptop": status_mb(lap.proc.pid, "VmRSS"),
         }
+        level_count = history_size.messages_in(laptop)
         for i in range(live):
             history_size.p2p(
                 ROOT,
@@ -362,7 +363,7 @@ def ours_rest(
                 f"live {i}",
             )
         deadline = time.monotonic() + timeout
-        while history_size.messages_in(laptop) < total + live and time.monotonic() < deadline:
+        while history_size.messages_in(laptop) < level_count + live and time.monotonic() < deadline:
             time.sleep(0.2)
         held = history_size.messages_in(laptop)
         settle([ph.proc.pid, lap.proc.pid], timeout=timeout)
@@ -370,7 +371,7 @@ def ours_rest(
         mb = peak.stop()
         errors = [e for e in ph.lines + lap.lines if e.get("event") == "input_rejected"]
         return {
-            "ok": held >= total + live and not errors,
+            "ok": level_count >= total and held >= level_count + live and not errors,
             "why": "" if not errors else str(errors[-1])[:200],
             "connected_s": round(connected, 2),
             "level_idle_s": round(level, 1),

@@ -644,20 +644,38 @@ class Scale:
     ``big`` messages plus ``small_chats`` chats of ``small``, and a laptop holding the
     same (1,000,000 in all; 10,000 with ``--quick``)."""
 
-    def __init__(self, quick: bool) -> None:
+    def __init__(self, quick: bool, keep: Path | None) -> None:
         self.sizes = [3_000] + [140] * 50 if quick else [300_000] + [14_000] * 50
+        self.keep = keep
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._account: dict[str, Any] | None = None
 
     def account(self) -> dict[str, Any]:
-        if self._account is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="p2p-scale-")
+        """Built on first use; with ``--keep-history DIR``, kept there and used again by
+        later runs (building 1,000,000 messages takes ~5 minutes on 2 busy cores)."""
+        if self._account is not None:
+            return self._account
+        saved = self.keep / f"account-{sum(self.sizes)}.json" if self.keep else None
+        if saved is not None and saved.exists():
+            account = json.loads(saved.read_text())
+            for k in ("phone", "laptop"):
+                account[k] = Path(account[k])
+            account["snapshots"] = [Path(p) for p in account["snapshots"]]
+            say(f"using the {sum(self.sizes):,} messages kept in {saved.parent}")
+        else:
+            if saved is not None:
+                where = saved.with_suffix("")
+                shutil.rmtree(where, ignore_errors=True)
+            else:
+                self._tmp = tempfile.TemporaryDirectory(prefix="p2p-scale-")
+                where = Path(self._tmp.name)
             say(f"building {sum(self.sizes):,} messages in {len(self.sizes)} chats")
-            self._account = history_scale.build_account(
-                Path(self._tmp.name), self.sizes, laptop=True
-            )
-            say(f"  built in {self._account['build_s']} s")
-        return self._account
+            account = history_scale.build_account(where, self.sizes, laptop=True)
+            say(f"  built in {account['build_s']} s")
+            if saved is not None:
+                saved.write_text(json.dumps(account, default=str))
+        self._account = account
+        return account
 
     def close(self) -> None:
         if self._tmp is not None:
@@ -710,8 +728,13 @@ def s8_million(r: Report, scale: Scale) -> None:
     """Ours alone: link a new device to the account of S9."""
     account = scale.account()
     n = sum(account["sizes"])
-    say(f"S8 --million: linking a new device to {n:,} messages in {len(account['sizes'])} chats")
-    ours = history_scale.ours_join(account["phone"], account["phone"].parent, timeout=3600)
+    with tempfile.TemporaryDirectory(prefix="p2p-million-") as tmp:
+        phone = Path(tmp) / "phone"  # a copy: the kept account gets no third device
+        shutil.copytree(account["phone"], phone)
+        say(
+            f"S8 --million: linking a new device to {n:,} messages in {len(account['sizes'])} chats"
+        )
+        ours = history_scale.ours_join(phone, Path(tmp), timeout=3600)
     r.results["s8_million"] = {"messages": n, "ours": ours}
     r.table(
         f"S8 join with history, ours alone: {n:,} messages in {len(account['sizes'])} chats",
@@ -742,6 +765,40 @@ def _built(account: dict[str, Any]) -> dict[str, Any]:
     return {k: account[k] for k in keep}
 
 
+def _yws_rest(snapshots: list[Path], sizes: list[int], live: int) -> dict[str, Any]:
+    try:
+        return history_scale.yws_rest(snapshots, sizes, live, 1800)
+    except (RuntimeError, TimeoutError) as exc:  # the baseline may not hold it all
+        text = str(exc).strip()
+        why = text.splitlines()[0][:120]
+        if "heap out of memory" in text:
+            why += ": JavaScript heap out of memory"
+        return {"ok": False, "why": why}
+
+
+def _rest_rows(ours: dict[str, Any], yws: dict[str, Any], n: int) -> list[list[Any]]:
+    return [
+        [
+            f"{n:,}",
+            "ours: p2p run, laptop connected and level",
+            "ok" if ours.get("ok") else f"FAILED {ours.get('why', '')[:60]}",
+            ours.get("phone_rest_mb", "-"),
+            ours.get("phone_live_mb", "-"),
+            ours.get("phone_peak_mb", "-"),
+            f"{ours.get('laptop_rest_mb', '-')} (peak {ours.get('laptop_peak_mb', '-')})",
+        ],
+        [
+            f"{n:,}",
+            "y-websocket server, one client in every room",
+            "ok" if yws.get("ok") else f"FAILED {yws.get('why', '')[:80]}",
+            yws.get("server_rest_mb", "-"),
+            yws.get("server_live_mb", "-"),
+            yws.get("server_peak_mb", "-"),
+            f"{yws.get('client_rest_mb', '-')} (peak {yws.get('client_peak_mb', '-')})",
+        ],
+    ]
+
+
 def s9(r: Report, scale: Scale) -> None:
     """Memory at rest with one peer, against y-websocket; cold start at that scale."""
     account = scale.account()
@@ -755,10 +812,7 @@ def s9(r: Report, scale: Scale) -> None:
     say(f"S9 memory at rest: {n:,} messages, ours and y-websocket")
     live = 10
     ours = history_scale.ours_rest(account, live, 1800, ["notes", "chat 00", "chat 01"])
-    try:
-        yws = history_scale.yws_rest(account["snapshots"], sizes, live, 1800)
-    except (RuntimeError, TimeoutError) as exc:  # the baseline may not hold it all
-        yws = {"ok": False, "why": str(exc).strip().splitlines()[-1][:200]}
+    yws = _yws_rest(account["snapshots"], sizes, live)
     r.results["s9"] = {
         "built": _built(account),
         "cold_big": big,
@@ -767,6 +821,17 @@ def s9(r: Report, scale: Scale) -> None:
         "ours": ours,
         "y-websocket": yws,
     }
+    tenth: dict[str, Any] = {}
+    if not yws["ok"] and not r.quick:  # the baseline cannot hold it: both at a tenth
+        tenth["sizes"] = [k // 10 for k in sizes]
+        say(f"S9 again at {sum(tenth['sizes']):,} messages (y-websocket: {yws['why']})")
+        with tempfile.TemporaryDirectory(prefix="p2p-scale-") as tmp:
+            small_account = history_scale.build_account(Path(tmp), tenth["sizes"], laptop=True)
+            tenth["ours"] = history_scale.ours_rest(
+                small_account, live, 900, ["notes", "chat 00", "chat 01"]
+            )
+            tenth["y-websocket"] = _yws_rest(small_account["snapshots"], tenth["sizes"], live)
+        r.results["s9"]["tenth"] = tenth
     cap, t = TARGETS["history_mb"], TARGETS["history_s"]
     rows = []
     for label, c in (
@@ -810,28 +875,27 @@ def s9(r: Report, scale: Scale) -> None:
         rows,
     )
     ok = ours.get("ok") and yws.get("ok")
+    rows = _rest_rows(ours, yws, n)
+    if tenth:
+        rows += _rest_rows(tenth["ours"], tenth["y-websocket"], sum(tenth["sizes"]))
     r.table(
         f"S9 memory of a node holding {n:,} messages in {len(sizes)} chats, one peer connected",
-        ["system", "result", "at rest MB", f"after {live} live msgs MB", "peak MB", "peer MB"],
         [
-            [
-                "ours: p2p run, laptop connected and level",
-                "ok" if ours.get("ok") else f"FAILED {ours.get('why', '')[:60]}",
-                ours.get("phone_rest_mb", "-"),
-                ours.get("phone_live_mb", "-"),
-                ours.get("phone_peak_mb", "-"),
-                f"{ours.get('laptop_rest_mb', '-')} (peak {ours.get('laptop_peak_mb', '-')})",
-            ],
-            [
-                "y-websocket server, one client in every room",
-                "ok" if yws.get("ok") else f"FAILED {yws.get('why', '')[:80]}",
-                yws.get("server_rest_mb", "-"),
-                yws.get("server_live_mb", "-"),
-                yws.get("server_peak_mb", "-"),
-                f"{yws.get('client_rest_mb', '-')} (peak {yws.get('client_peak_mb', '-')})",
-            ],
+            "messages",
+            "system",
+            "result",
+            "at rest MB",
+            f"after {live} live msgs MB",
+            "peak MB",
+            "peer MB",
         ],
+        rows,
     )
+    if tenth and tenth["ours"].get("ok") and tenth["y-websocket"].get("ok"):
+        r.note(
+            f"S9 at {sum(tenth['sizes']):,}: ours / y-websocket server at rest: "
+            f"{ratio(tenth['ours']['phone_rest_mb'], tenth['y-websocket']['server_rest_mb']):.2f}x"
+        )
     if ours.get("ok"):
         r.note(
             f"S9 ours: level and idle {ours['level_idle_s']} s after the phone's start; "
@@ -854,11 +918,16 @@ def main() -> None:
     parser.add_argument(
         "--million", action="store_true", help="S8 also links 1,000,000 messages (minutes)"
     )
+    parser.add_argument(
+        "--keep-history",
+        type=Path,
+        help="keep the 1,000,000-message account of S9 here and use it again next time",
+    )
     args = parser.parse_args()
     only = {s.strip().upper() for s in args.only.split(",") if s.strip()}
 
     def want(name: str) -> bool:
-        return not only or name in only
+        return not only or name in only or name == "S8M"  # S8M: asked for by --million
 
     OUT.mkdir(exist_ok=True)
     n = 2_000 if args.quick else 10_000
@@ -876,8 +945,8 @@ def main() -> None:
         ("S9", lambda: s9(r, scale)),
     ]
     if args.million:  # after S9, on the account it built
-        steps.append(("S8", lambda: s8_million(r, scale)))
-    scale = Scale(args.quick)
+        steps.append(("S8M", lambda: s8_million(r, scale)))
+    scale = Scale(args.quick, args.keep_history)
     try:
         for name, step in steps:
             if want(name):
