@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -253,17 +254,20 @@ def yws_join(snapshots: list[Path], counts: list[int], timeout: float) -> dict[s
         spid = server.proc.pid
         held_mb = status_mb(spid, "VmRSS")
         reset_peak(spid)
+        server_cpu = cpu_s(spid)
         start = time.monotonic()
         client = _node("yws_join.mjs", ready["url"], *(r.split("=")[0] for r in rooms), name="yj")
         peak = Peak({"server": spid, "client": client.proc.pid})
         synced = client.expect("synced", timeout=timeout)
         seconds = time.monotonic() - start
+        cpu = cpu_s(spid) - server_cpu + cpu_s(client.proc.pid)
         mb = peak.stop()
         got = [synced["sizes"][f"r{i:02d}"] for i in range(len(rooms))]
         return {
             "ok": got == counts,
             "why": "" if got == counts else f"client holds {sum(got)} of {sum(counts)}",
             "seconds": round(seconds, 2),
+            "cpu_s": round(cpu, 2),
             "server_load_s": ready["load_s"],
             "server_held_mb": round(held_mb, 1),
             "server_mb": mb["server"],
@@ -321,7 +325,10 @@ def ours_join(phone: Path, work: Path, timeout: float) -> dict[str, Any]:
     """S8 ours: link a new device to ``phone`` (``p2p link`` + ``p2p approve --yes``)."""
     new = work / "desktop"
     shutil.rmtree(new, ignore_errors=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = history_size.link(ROOT, phone, new, "desktop", timeout)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # both processes, reaped
+    result["cpu_s"] = round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 2)
     result["held"] = history_size.messages_in(new) if result.get("ok") else 0
     return result
 

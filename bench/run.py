@@ -685,22 +685,29 @@ class Scale:
 def s8(r: Report, n: int) -> None:
     """A new device joins a history of ``n`` messages: ours links, y-websocket syncs."""
     say(f"S8 join with history: {n:,} messages")
+    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "y-websocket": []}
     with tempfile.TemporaryDirectory(prefix="p2p-join-") as tmp:
         account = history_scale.build_account(Path(tmp), [n], laptop=False)
-        yws = history_scale.yws_join(account["snapshots"], [n], timeout=900)
-        ours = history_scale.ours_join(account["phone"], Path(tmp), timeout=900)
-    r.results["s8"] = {"messages": n, "built": _built(account), "ours": ours, "y-websocket": yws}
+        for _ in range(2):  # interleaved, the best of each: the machine is shared
+            runs["y-websocket"].append(
+                history_scale.yws_join(account["snapshots"], [n], timeout=900)
+            )
+            runs["ours"].append(history_scale.ours_join(account["phone"], Path(tmp), timeout=900))
+    best = {k: min(v, key=lambda x: x.get("seconds") or 1e9) for k, v in runs.items()}
+    ours, yws = best["ours"], best["y-websocket"]
+    r.results["s8"] = {"messages": n, "built": _built(account), "runs": runs}
     cap = TARGETS["history_mb"]
     r.table(
-        f"S8 join with history: a new device gets {n:,} messages "
+        f"S8 join with history: a new device gets {n:,} messages, best of 2 "
         f"({account['crdt_bytes'] / 1e6:.1f} MB of CRDT)",
-        ["system", "result", "s", "msg/s", "holder peak MB", "new device peak MB"],
+        ["system", "result", "s", "msg/s", "CPU s", "holder peak MB", "new device peak MB"],
         [
             [
                 "ours: p2p approve -> p2p link (SQLite both sides)",
                 "ok" if ours.get("ok") else f"FAILED {ours.get('why', '')[:60]}",
                 ours.get("seconds", "-"),
                 round(n / ours["seconds"]) if ours.get("ok") else "-",
+                ours["cpu_s"],
                 ours["phone_mb"],
                 ours["new_mb"],
             ],
@@ -709,6 +716,7 @@ def s8(r: Report, n: int) -> None:
                 "ok" if yws["ok"] else f"FAILED {yws['why']}",
                 yws["seconds"],
                 round(n / yws["seconds"]) if yws["ok"] else "-",
+                yws["cpu_s"],
                 f"{yws['server_mb']} (holding it: {yws['server_held_mb']})",
                 yws["client_mb"],
             ],
@@ -717,7 +725,9 @@ def s8(r: Report, n: int) -> None:
     if ours.get("ok") and yws["ok"]:
         worst = max(ours["phone_mb"], ours["new_mb"])
         r.note(
-            f"S8 ours / y-websocket: {ratio(ours['seconds'], yws['seconds']):.1f}x the time, "
+            f"S8 ours / y-websocket (best of 2 each): "
+            f"{ratio(ours['seconds'], yws['seconds']):.1f}x the time, "
+            f"{ratio(ours['cpu_s'], yws['cpu_s']):.1f}x the CPU, "
             f"{ratio(ours['phone_mb'], yws['server_mb']):.1f}x holder memory, "
             f"{ratio(ours['new_mb'], yws['client_mb']):.1f}x new-device memory "
             f"(target <= {cap} MB per process: {verdict(worst <= cap)}, {worst:.0f} MB)"
@@ -738,12 +748,21 @@ def s8_million(r: Report, scale: Scale) -> None:
     r.results["s8_million"] = {"messages": n, "ours": ours}
     r.table(
         f"S8 join with history, ours alone: {n:,} messages in {len(account['sizes'])} chats",
-        ["result", "s", "msg/s", "phone peak MB", "new device peak MB", "new device holds"],
+        [
+            "result",
+            "s",
+            "msg/s",
+            "CPU s",
+            "phone peak MB",
+            "new device peak MB",
+            "new device holds",
+        ],
         [
             [
                 "ok" if ours.get("ok") else f"FAILED {ours.get('why', '')[:60]}",
                 ours.get("seconds", "-"),
                 round(n / ours["seconds"]) if ours.get("ok") else "-",
+                ours["cpu_s"],
                 ours["phone_mb"],
                 ours["new_mb"],
                 ours["held"],
