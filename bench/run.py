@@ -21,6 +21,12 @@ Workload everywhere: chat messages of 120 random characters, each from a random 
 - S7 relay: 5 devices through one ``python -m p2p.relay``, and with 1,000 idle devices;
   then a relay cluster (``--redis``): 5 pairs through 1, 2 and 3 processes against the
   single relay, and 10,000 idle devices on one process with a live pair through it.
+- S8 join with history: a new device gets 100,000 messages (``p2p link``) against a
+  y-websocket client joining a room holding the same chat; with ``--million``, ours
+  alone linking an account of 1,000,000 messages (51 chats; minutes).
+- S9 a node holding 1,000,000 messages in 51 chats with its laptop connected, against
+  a y-websocket server holding the same documents; and cold start at that scale (the
+  newest 50 messages of a chat, the first send into it).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import cold_start
+import history_scale
 import matplotlib.pyplot as plt
 import profiling
 import systems
@@ -54,6 +61,9 @@ TARGETS = {
     "s3_ratio": 1.05,
     "s4_seconds": 0.25,
     "s4_mb": 200,
+    "history_s": 0.1,  # S9 cold start: first send, newest 50 of a chat
+    "history_mb": 150,  # S8 link and S9 at rest, peak per process
+    "link_million_s": 120,
 }
 COLORS = {
     "ours": "#1f77b4",
@@ -626,16 +636,320 @@ def s7_cluster(r: Report, frames: int) -> None:
     )
 
 
+# ---- S8 + S9 --------------------------------------------------------------------------
+
+
+class Scale:
+    """The account of S9 (and of S8 ``--million``), built once per run: one chat of
+    300,000 messages plus 50 chats of 14,000, and a laptop holding the same (1,000,000
+    in all; a hundredth with ``--quick``)."""
+
+    def __init__(self, quick: bool, keep: Path | None) -> None:
+        self.sizes = [3_000] + [140] * 50 if quick else [300_000] + [14_000] * 50
+        self.keep = keep
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._account: dict[str, Any] | None = None
+
+    def account(self) -> dict[str, Any]:
+        """Built on first use; with ``--keep-history DIR``, kept there and used again by
+        later runs (building 1,000,000 messages takes ~5 minutes on 2 busy cores)."""
+        if self._account is not None:
+            return self._account
+        saved = self.keep / f"account-{sum(self.sizes)}.json" if self.keep else None
+        if saved is not None and saved.exists():
+            account = json.loads(saved.read_text())
+            for k in ("phone", "laptop"):
+                account[k] = Path(account[k])
+            account["snapshots"] = [Path(p) for p in account["snapshots"]]
+            say(f"using the {sum(self.sizes):,} messages kept in {saved.parent}")
+        else:
+            if saved is not None:
+                where = saved.with_suffix("")
+                shutil.rmtree(where, ignore_errors=True)
+            else:
+                self._tmp = tempfile.TemporaryDirectory(prefix="p2p-scale-")
+                where = Path(self._tmp.name)
+            say(f"building {sum(self.sizes):,} messages in {len(self.sizes)} chats")
+            account = history_scale.build_account(where, self.sizes, laptop=True)
+            say(f"  built in {account['build_s']} s")
+            if saved is not None:
+                saved.write_text(json.dumps(account, default=str))
+        self._account = account
+        return account
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def s8(r: Report, n: int) -> None:
+    """A new device joins a history of ``n`` messages: ours links, y-websocket syncs."""
+    say(f"S8 join with history: {n:,} messages")
+    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "y-websocket": []}
+    with tempfile.TemporaryDirectory(prefix="p2p-join-") as tmp:
+        account = history_scale.build_account(Path(tmp), [n], laptop=False)
+        for i in range(2):  # interleaved, the best of each: the machine is shared
+            runs["y-websocket"].append(
+                history_scale.yws_join(account["snapshots"], [n], timeout=900)
+            )
+            phone = Path(tmp) / f"phone-{i}"  # each link from the same state
+            shutil.copytree(account["phone"], phone)
+            runs["ours"].append(history_scale.ours_join(phone, Path(tmp), timeout=900))
+            shutil.rmtree(phone)
+    best = {k: min(v, key=lambda x: x.get("seconds") or 1e9) for k, v in runs.items()}
+    ours, yws = best["ours"], best["y-websocket"]
+    r.results["s8"] = {"messages": n, "built": _built(account), "runs": runs}
+    cap = TARGETS["history_mb"]
+    r.table(
+        f"S8 join with history: a new device gets {n:,} messages, best of 2 "
+        f"({account['crdt_bytes'] / 1e6:.1f} MB of CRDT)",
+        ["system", "result", "s", "msg/s", "CPU s", "holder peak MB", "new device peak MB"],
+        [
+            [
+                "ours: p2p approve -> p2p link (SQLite both sides)",
+                "ok" if ours.get("ok") else f"FAILED {ours.get('why', '')[:60]}",
+                ours.get("seconds", "-"),
+                round(n / ours["seconds"]) if ours.get("ok") else "-",
+                ours["cpu_s"],
+                ours["phone_mb"],
+                ours["new_mb"],
+            ],
+            [
+                "y-websocket: server holding the room -> new client",
+                "ok" if yws["ok"] else f"FAILED {yws['why']}",
+                yws["seconds"],
+                round(n / yws["seconds"]) if yws["ok"] else "-",
+                yws["cpu_s"],
+                f"{yws['server_mb']} (holding it: {yws['server_held_mb']})",
+                yws["client_mb"],
+            ],
+        ],
+    )
+    if ours.get("ok") and yws["ok"]:
+        worst = max(ours["phone_mb"], ours["new_mb"])
+        r.note(
+            f"S8 ours / y-websocket (best of 2 each): "
+            f"{ratio(ours['seconds'], yws['seconds']):.1f}x the time, "
+            f"{ratio(ours['cpu_s'], yws['cpu_s']):.1f}x the CPU, "
+            f"{ratio(ours['phone_mb'], yws['server_mb']):.1f}x holder memory, "
+            f"{ratio(ours['new_mb'], yws['client_mb']):.1f}x new-device memory "
+            f"(target <= {cap} MB per process: {verdict(worst <= cap)}, {worst:.0f} MB)"
+        )
+
+
+def s8_million(r: Report, scale: Scale) -> None:
+    """Ours alone: link a new device to the account of S9."""
+    account = scale.account()
+    n = sum(account["sizes"])
+    with tempfile.TemporaryDirectory(prefix="p2p-million-") as tmp:
+        phone = Path(tmp) / "phone"  # a copy: the kept account gets no third device
+        shutil.copytree(account["phone"], phone)
+        say(
+            f"S8 --million: linking a new device to {n:,} messages in {len(account['sizes'])} chats"
+        )
+        ours = history_scale.ours_join(phone, Path(tmp), timeout=3600)
+    r.results["s8_million"] = {"messages": n, "ours": ours}
+    r.table(
+        f"S8 join with history, ours alone: {n:,} messages in {len(account['sizes'])} chats",
+        [
+            "result",
+            "s",
+            "msg/s",
+            "CPU s",
+            "phone peak MB",
+            "new device peak MB",
+            "new device holds",
+        ],
+        [
+            [
+                "ok" if ours.get("ok") else f"FAILED {ours.get('why', '')[:60]}",
+                ours.get("seconds", "-"),
+                round(n / ours["seconds"]) if ours.get("ok") else "-",
+                ours["cpu_s"],
+                ours["phone_mb"],
+                ours["new_mb"],
+                ours["held"],
+            ]
+        ],
+    )
+    if ours.get("ok"):
+        t, cap = TARGETS["link_million_s"], TARGETS["history_mb"]
+        worst = max(ours["phone_mb"], ours["new_mb"])
+        r.note(
+            f"S8 {n:,} targets: <= {t} s ({verdict(ours['seconds'] <= t)}, "
+            f"{ours['seconds']:.0f} s), <= {cap} MB per process ({verdict(worst <= cap)}, "
+            f"{worst:.0f} MB)"
+        )
+
+
+def _built(account: dict[str, Any]) -> dict[str, Any]:
+    keep = ("sizes", "crdt_bytes", "build_s", "builder_peak_mb", "db_mb")
+    return {k: account[k] for k in keep}
+
+
+def _yws_rest(snapshots: list[Path], sizes: list[int], live: int) -> dict[str, Any]:
+    try:
+        return history_scale.yws_rest(snapshots, sizes, live, 1800)
+    except (RuntimeError, TimeoutError) as exc:  # the baseline may not hold it all
+        text = str(exc).strip()
+        why = text.splitlines()[0][:120]
+        if "heap out of memory" in text:
+            why += ": JavaScript heap out of memory"
+        return {"ok": False, "why": why}
+
+
+def _rest_rows(ours: dict[str, Any], yws: dict[str, Any], n: int) -> list[list[Any]]:
+    return [
+        [
+            f"{n:,}",
+            "ours: p2p run, laptop connected and level",
+            "ok" if ours.get("ok") else f"FAILED {ours.get('why', '')[:60]}",
+            ours.get("phone_rest_mb", "-"),
+            ours.get("phone_live_mb", "-"),
+            ours.get("phone_peak_mb", "-"),
+            f"{ours.get('laptop_rest_mb', '-')} (peak {ours.get('laptop_peak_mb', '-')})",
+        ],
+        [
+            f"{n:,}",
+            "y-websocket server, one client in every room",
+            "ok" if yws.get("ok") else f"FAILED {yws.get('why', '')[:80]}",
+            yws.get("server_rest_mb", "-"),
+            yws.get("server_live_mb", "-"),
+            yws.get("server_peak_mb", "-"),
+            f"{yws.get('client_rest_mb', '-')} (peak {yws.get('client_peak_mb', '-')})",
+        ],
+    ]
+
+
+def s9(r: Report, scale: Scale) -> None:
+    """Memory at rest with one peer, against y-websocket; cold start at that scale."""
+    account = scale.account()
+    sizes = account["sizes"]
+    n = sum(sizes)
+    say(f"S9 cold start: {n:,} messages, {len(sizes)} chats")
+    big = history_scale.cold_start(account["phone"], account["spaces"][0])
+    small = history_scale.cold_start(account["phone"], account["spaces"][1])
+    base = [cold_start.in_child("baseline", account["snapshots"][0]) for _ in range(3)]
+    pycrdt = min(base, key=lambda x: x["total_s"])
+    say(f"S9 memory at rest: {n:,} messages, ours and y-websocket")
+    live = 10
+    ours = history_scale.ours_rest(account, live, 1800, ["notes", "chat 00", "chat 01"])
+    yws = _yws_rest(account["snapshots"], sizes, live)
+    r.results["s9"] = {
+        "built": _built(account),
+        "cold_big": big,
+        "cold_small": small,
+        "pycrdt_big": pycrdt,
+        "ours": ours,
+        "y-websocket": yws,
+    }
+    tenth: dict[str, Any] = {}
+    if not yws["ok"] and not r.quick:  # the baseline cannot hold it: both at a tenth
+        tenth["sizes"] = [k // 10 for k in sizes]
+        say(f"S9 again at {sum(tenth['sizes']):,} messages (y-websocket: {yws['why']})")
+        with tempfile.TemporaryDirectory(prefix="p2p-scale-") as tmp:
+            small_account = history_scale.build_account(Path(tmp), tenth["sizes"], laptop=True)
+            tenth["ours"] = history_scale.ours_rest(
+                small_account, live, 900, ["notes", "chat 00", "chat 01"]
+            )
+            tenth["y-websocket"] = _yws_rest(small_account["snapshots"], tenth["sizes"], live)
+        r.results["s9"]["tenth"] = tenth
+    cap, t = TARGETS["history_mb"], TARGETS["history_s"]
+    rows = []
+    for label, c in (
+        (f"chat of {sizes[0]:,}", big["best"]),
+        (f"chat of {sizes[1]:,}", small["best"]),
+    ):
+        rows.append(
+            [
+                label,
+                f"{c['open_s'] * 1000:,.0f}",
+                f"{c['read_s'] * 1000:,.1f}",
+                f"{c['read_mb']:.0f}",
+                f"{c['send_s'] * 1000:,.0f}",
+                f"{c['send_mb']:.0f}",
+                f"{verdict(c['read_s'] <= t)} / {verdict(c['send_s'] <= t)} / "
+                f"{verdict(c['send_mb'] <= cap)}",
+            ]
+        )
+    rows.append(
+        [
+            f"pycrdt alone: apply the chat of {sizes[0]:,}, last 50",
+            f"{pycrdt['open_s'] * 1000:,.0f}",
+            f"{pycrdt['messages_s'] * 1000:,.0f}",
+            f"{pycrdt['peak_rss_mb']:.0f}",
+            "-",
+            "-",
+            "",
+        ]
+    )
+    r.table(
+        f"S9 cold start with {n:,} messages in {len(sizes)} chats (best of 3 fresh processes)",
+        [
+            "chat",
+            "ms open_node",
+            "ms newest 50",
+            "peak MB after",
+            "ms first send",
+            "peak MB after",
+            f"<= {t * 1000:.0f} ms read / send, <= {cap} MB",
+        ],
+        rows,
+    )
+    ok = ours.get("ok") and yws.get("ok")
+    rows = _rest_rows(ours, yws, n)
+    if tenth:
+        rows += _rest_rows(tenth["ours"], tenth["y-websocket"], sum(tenth["sizes"]))
+    r.table(
+        f"S9 memory of a node holding {n:,} messages in {len(sizes)} chats, one peer connected",
+        [
+            "messages",
+            "system",
+            "result",
+            "at rest MB",
+            f"after {live} live msgs MB",
+            "peak MB",
+            "peer MB",
+        ],
+        rows,
+    )
+    if tenth and tenth["ours"].get("ok") and tenth["y-websocket"].get("ok"):
+        r.note(
+            f"S9 at {sum(tenth['sizes']):,}: ours / y-websocket server at rest: "
+            f"{ratio(tenth['ours']['phone_rest_mb'], tenth['y-websocket']['server_rest_mb']):.2f}x"
+        )
+    if ours.get("ok"):
+        r.note(
+            f"S9 ours: level and idle {ours['level_idle_s']} s after the phone's start; "
+            f"target <= {cap} MB: {verdict(ours['phone_peak_mb'] <= cap)} "
+            f"({ours['phone_peak_mb']:.0f} MB)"
+            + (
+                f"; ours / y-websocket server at rest: "
+                f"{ratio(ours['phone_rest_mb'], yws['server_rest_mb']):.2f}x"
+                if ok
+                else ""
+            )
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="p2p benchmarks against its peers")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2,000 messages")
     parser.add_argument("--only", default="", help="e.g. S1,S4 (S5 comes with S1, S2 with S6)")
     parser.add_argument("--publish", action="store_true", help="copy the plots to docs/img/")
+    parser.add_argument(
+        "--million", action="store_true", help="S8 also links 1,000,000 messages (minutes)"
+    )
+    parser.add_argument(
+        "--keep-history",
+        type=Path,
+        help="keep the 1,000,000-message account of S9 here and use it again next time",
+    )
     args = parser.parse_args()
     only = {s.strip().upper() for s in args.only.split(",") if s.strip()}
 
     def want(name: str) -> bool:
-        return not only or name in only
+        return not only or name in only or name == "S8M"  # S8M: asked for by --million
 
     OUT.mkdir(exist_ok=True)
     n = 2_000 if args.quick else 10_000
@@ -649,13 +963,22 @@ def main() -> None:
         ("S3", lambda: s3(r, n)),
         ("S4", lambda: s4(r, 10_000 if args.quick else 100_000)),
         ("S7", lambda: s7(r, n // 2 if not args.quick else n)),
+        ("S8", lambda: s8(r, 10_000 if args.quick else 100_000)),
+        ("S9", lambda: s9(r, scale)),
     ]
-    for name, step in steps:
-        if want(name):
-            t0 = time.monotonic()
-            step()
-            r.results.setdefault("durations", {})[name] = time.monotonic() - t0
-            r.save()
+    if args.million:  # after S9, on the account it built
+        steps.append(("S8M", lambda: s8_million(r, scale)))
+    scale = Scale(args.quick, args.keep_history)
+    try:
+        for name, step in steps:
+            if want(name):
+                t0 = time.monotonic()
+                step()
+                durations = r.results.setdefault("durations", {})
+                durations[name] = durations.get(name, 0) + time.monotonic() - t0
+                r.save()
+    finally:
+        scale.close()
     r.note(f"\nTotal {time.monotonic() - started:.0f} s.")
     r.save()
     if args.publish:
