@@ -130,8 +130,8 @@ def settle(pids: list[int], *, quiet_s: float = 3.0, timeout: float = 600) -> fl
 def _setup_child(phone: str, chats: int) -> dict[str, Any]:
     """A new account at ``phone`` with ``chats`` chats besides notes (only our account
     in each); their ids."""
-    from p2p.core import NOTES, DeviceState, claim_run
-    from p2p.home import init_account, open_home_store
+    from p2p.runtime.home import init_account, open_home_store
+    from p2p.state.device import NOTES, DeviceState, claim_run
 
     init_account(phone, "phone")
     store = open_home_store(phone)
@@ -150,8 +150,8 @@ def _setup_child(phone: str, chats: int) -> dict[str, Any]:
 def _chat_child(phone: str, laptop: str, space_id: str, n: int, seed: int, snap: str) -> Any:
     """Append ``n`` signed messages to one chat of ``phone`` (the same updates and index
     rows to ``laptop``'s store, when given); the chat's whole update to ``snap``."""
-    from p2p.core import DeviceState, claim_run
-    from p2p.home import open_home_store
+    from p2p.runtime.home import open_home_store
+    from p2p.state.device import DeviceState, claim_run
     from p2p.storage.base import WriteBatch
 
     rng = random.Random(seed)
