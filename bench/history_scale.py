@@ -150,6 +150,7 @@ def _setup_child(phone: str, chats: int) -> dict[str, Any]:
 def _chat_child(phone: str, laptop: str, space_id: str, n: int, seed: int, snap: str) -> Any:
     """Append ``n`` signed messages to one chat of ``phone`` (the same updates and index
     rows to ``laptop``'s store, when given); the chat's whole update to ``snap``."""
+    from p2p.proto.wire import pack
     from p2p.runtime.home import open_home_store
     from p2p.state.device import DeviceState, claim_run
     from p2p.storage.base import WriteBatch
@@ -168,6 +169,12 @@ def _chat_child(phone: str, laptop: str, space_id: str, n: int, seed: int, snap:
             store.write(batch)
             if other is not None:  # a companion that caught all of it up
                 other.write(WriteBatch(appends=batch.appends, index=batch.index))
+        # the state vector record a node writes with every append (p2p.state.spaces)
+        vector = state.space(space_id).replica.state_vector()
+        for written in (store, other):
+            if written is not None:
+                stamp = written.log_seqs(space_id)[1]
+                written.write(WriteBatch(records={f"sv/{space_id}": pack([stamp, vector])}))
         snapshot = state.space(space_id).replica.snapshot()
         if snap:
             Path(snap).write_bytes(snapshot)

@@ -26,7 +26,13 @@ from typing import Final
 import nacl.bindings as sodium
 from nacl.exceptions import CryptoError as NaclCryptoError
 
-from p2p.errors import DecryptionFailed, MalformedFrame, ReplayDetected, UnsupportedVersion
+from p2p.errors import (
+    DecryptionFailed,
+    MalformedFrame,
+    P2PError,
+    ReplayDetected,
+    UnsupportedVersion,
+)
 from p2p.proto.identity import DeviceKeys, verify
 from p2p.proto.wire import MAX_FRAME, MAX_ID, pack, unpack
 
@@ -120,6 +126,14 @@ def parse(data: bytes) -> Parsed:
         ciphertext=ciphertext,
         signature=signature,
     )
+
+
+def envelope_space(data: bytes) -> str | None:
+    """The space an envelope names (None if it is malformed: opening it says why)."""
+    try:
+        return parse(data).space
+    except P2PError:
+        return None
 
 
 def open_envelope(

@@ -468,6 +468,7 @@ class Replica:
         authors: AuthorSource | None = None,
         client_id: int | None = None,
         reload: UpdateSource | None = None,
+        state_vector: bytes | None = None,
     ) -> None:
         """``client_id``: the CRDT client this device writes as in this run (bound to
         the device, see ``core.crdt_client``); None for a random one. ``authors``: what
@@ -476,9 +477,15 @@ class Replica:
         :attr:`latest_ts` scans the whole document on the trio thread later.
         ``reload``: the whole history as it stands when called (durable, and what is
         on its way to the store), to rebuild the document from after an update made
-        pycrdt panic (see :meth:`apply`); without it, ``source``."""
+        pycrdt panic (see :meth:`apply`); without it, ``source``. ``state_vector``: the
+        stored history's state vector, known without loading it (see
+        :meth:`state_vector`)."""
         self.space = space
         self._source = source
+        self._origin = source
+        """Where the history loads from again after :meth:`unload`."""
+        self._known_sv = state_vector if source is not None else None
+        """The state vector of the history not loaded (None: unknown, load to learn it)."""
         self._reload = reload if reload is not None else source
         self._authors_source = authors
         self._client_id = client_id
@@ -551,9 +558,33 @@ class Replica:
                     self._scanned = True
                 if check is not None:
                     check()
-                self._source = None
+                self._source, self._known_sv = None, None
             finally:
                 self._loading = False
+
+    @property
+    def vector_known(self) -> bool:
+        """Whether :meth:`state_vector` answers without loading the history."""
+        return self._source is None or self._known_sv is not None
+
+    def unload(self) -> bool:
+        """Drop the document, keeping its state vector: the history stays in the store,
+        and loads again on first use. Whether it was dropped: not while it loads, holds
+        structs back (what it lacks would be forgotten), or has no store to load from.
+
+        The caller keeps the rule that makes this safe: everything the document holds
+        is durable (nothing of this space waits for the store), so loading it again
+        gives the same document, and our CRDT client's clock goes on where it was."""
+        if self._source is not None or self._origin is None or self._loading:
+            return False
+        if self._held or self._unsettled:
+            return False
+        self._known_sv = bytes(self._doc.get_state())
+        self._source = self._origin
+        self._new_doc()
+        self._verified = {}
+        self._latest_ts, self._scanned, self._authors = "", False, None
+        return True
 
     def lacks(self, keys: Iterable[tuple[str, str]]) -> bool:
         """Whether any of these (map, key) pairs has no value here. Reads the maps' keys
@@ -735,6 +766,11 @@ class Replica:
         self._sv = sv
 
     def state_vector(self) -> bytes:
+        """What this replica holds, per CRDT client. While the history is not loaded
+        (or loads, in a worker thread), the vector known for it is returned instead, if
+        one is: a session with a level peer then never loads the document."""
+        if self._source is not None and self._known_sv is not None:
+            return self._known_sv
         return bytes(self.doc.get_state())
 
     def diff(self, state_vector: bytes, keep: Callable[[int], bool] | None = None) -> bytes:

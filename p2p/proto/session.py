@@ -134,6 +134,8 @@ class LocalDevice(Protocol):
 
     def state_vector(self, space_id: str) -> bytes: ...
 
+    def has_document(self, space_id: str) -> bool: ...
+
     def diff(self, space_id: str, state_vector: bytes, peer: str | None = None) -> bytes: ...
 
     def seal(self, space_id: str, payload: bytes) -> bytes: ...
@@ -224,6 +226,16 @@ class MediaIn:
 
 
 @dataclass(frozen=True)
+class DocumentWanted:
+    """The peer lacks some of ``space``, whose document is not loaded: load it (off the
+    caller's thread), then :meth:`Session.answer_state_vector` with ``state_vector``.
+    A session never loads a long history itself; a level peer never needs one loaded."""
+
+    space: str
+    state_vector: bytes
+
+
+@dataclass(frozen=True)
 class Closed:
     """The session is over; close the connection. ``error`` is None for a clean bye."""
 
@@ -242,6 +254,7 @@ Output = (
     | LeaveRequested
     | TypingIn
     | MediaIn
+    | DocumentWanted
     | Closed
 )
 
@@ -661,6 +674,8 @@ class Session:
         self._catchup = [(s, p) for s, p in self._catchup if s != space_id]
         if covers(sv, self.local.state_vector(space_id)):
             return []  # the peer already holds everything we have
+        if not self.local.has_document(space_id):
+            return [DocumentWanted(space_id, sv)]
         missing = self.local.diff(space_id, sv, self.peer)
         if missing == EMPTY_UPDATE:
             return []
@@ -669,6 +684,16 @@ class Session:
         out: list[Output] = [self._send_piece(space_id, next(pieces))]
         self._catchup.append((space_id, pieces))
         return out
+
+    def answer_state_vector(self, space_id: str, sv: bytes) -> list[Output]:
+        """Answer a state vector put off by :class:`DocumentWanted`, once the document
+        is loaded (nothing if the session ended meanwhile)."""
+        if self.state is not SessionState.OPEN:
+            return []
+        try:
+            return self._on_state_vector(space_id, sv)
+        except P2PError as exc:
+            return self._fail(exc)
 
     @property
     def catching_up(self) -> bool:

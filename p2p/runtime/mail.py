@@ -27,6 +27,7 @@ import trio
 
 from p2p import events as ev
 from p2p.errors import P2PError, ReplayDetected, UnknownKey
+from p2p.proto.envelope import envelope_space
 from p2p.proto.grants import is_grant
 from p2p.state.device import DeviceState, Ingested
 from p2p.transport.relay import RelayClient
@@ -47,7 +48,7 @@ class Mail:
         nursery: trio.Nursery,
         *,
         emit: Callable[[ev.Event], None],
-        load_all: Callable[[], Awaitable[None]],
+        loaded: Callable[[str], Awaitable[bool]],
         grant_in: Callable[[bytes], trio.Event | None],
         accepted: Callable[[Ingested, bytes, str], trio.Event],
     ) -> None:
@@ -55,7 +56,8 @@ class Mail:
         self.relays = list(relays)
         self._nursery = nursery
         self._emit = emit
-        self._load_all = load_all
+        self._loaded = loaded
+        """Loads a space's document by id (``Writer.load_by_id``)."""
         self._grant_in = grant_in
         self._accepted = accepted
         self._posting = 0
@@ -100,7 +102,6 @@ class Mail:
     async def drain(self, relay: RelayClient) -> None:
         """Apply what offline peers left for us, acknowledging each once it is durable."""
         async for mail in relay.mail():
-            await self._load_all()
             if is_grant(mail.data):
                 durable = self._grant_in(mail.data)
                 if durable is not None:
@@ -108,6 +109,9 @@ class Mail:
                 with contextlib.suppress(P2PError):
                     await mail.ack()
                 continue
+            space_id = envelope_space(mail.data)
+            if space_id is not None:
+                await self._loaded(space_id)  # applying needs the document
             try:
                 ingested = self._state.ingest(mail.data)
             except (ReplayDetected, UnknownKey):

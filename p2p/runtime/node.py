@@ -41,6 +41,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import ExitStack, asynccontextmanager
+from functools import partial
 from typing import Any
 
 import trio
@@ -52,6 +53,7 @@ from p2p.media.descriptor import Attachment, file_body
 from p2p.media.service import MediaService, open_blobs
 from p2p.media.store import BlobStore
 from p2p.proto.contacts import ContactCode
+from p2p.proto.envelope import envelope_space
 from p2p.proto.gossip import RECENT_ENVELOPES, WANT_TASKS, Accepted, Duplicate
 from p2p.proto.model import MAX_BODY, Message
 from p2p.proto.session import (
@@ -137,6 +139,7 @@ class Node:
     ) -> None:
         self.state = state
         self.store = store
+        self._nursery = nursery
         self.transport = transport
         self._wall_ms = wall_ms
         self.hub = EventHub()
@@ -153,7 +156,8 @@ class Node:
             transport=transport,
             wall_ms=wall_ms,
             removed=lambda: self.removed,
-            load_all=self.writer.load_all,
+            load=self.writer.load_by_id,
+            learn_vectors=self.writer.learn_vectors,
             backpressure=self.writer.backpressure,
             queue_write=self.writer.queue,
             emit=emit,
@@ -164,7 +168,7 @@ class Node:
             relays,
             nursery,
             emit=emit,
-            load_all=self.writer.load_all,
+            loaded=self.writer.load_by_id,
             grant_in=lambda data: self.conversations.from_mail(data),
             accepted=lambda i, data, came_from: self._accepted(i, data, came_from=came_from),
         )
@@ -535,7 +539,16 @@ class Node:
     # ---- what arrives --------------------------------------------------------------
 
     def _on_envelope(self, peer: Peer, out: EnvelopeIn) -> None:
-        """An envelope from a session: apply it, or drop it quietly if already here."""
+        """An envelope from a session: apply it (once its space's document is loaded),
+        or drop it quietly if already here."""
+        space_id = envelope_space(out.data)
+        act = partial(self._ingest, peer, out)
+        if space_id is None or not self.writer.after_load(
+            space_id, act, len(out.data), self._nursery
+        ):
+            act()
+
+    def _ingest(self, peer: Peer, out: EnvelopeIn) -> None:
         try:
             ingested = self.state.ingest(out.data)
         except (ReplayDetected, UnknownKey) as exc:
@@ -751,6 +764,7 @@ async def open_node(
                 )
                 await nursery.start(node.media.run)
                 nursery.start_soon(node.writer.run)
+                nursery.start_soon(node.writer.unload_when_idle)
                 nursery.start_soon(node.gossiper.run)
                 if receipts:
                     nursery.start_soon(node.receipts.run)

@@ -20,6 +20,10 @@ Rules it keeps:
 - **Backoff.** A failed dial, or a session that never authenticated, doubles the wait
   before the next dial (``BACKOFF_MIN`` to ``BACKOFF_MAX``, jittered); a session that
   authenticated is redialed quickly. A removed device dials nobody.
+- **No history loads for a session.** State vectors are answered from what the
+  replica knows without its document; only a peer that lacks something makes the
+  space's document load (:class:`~p2p.proto.session.DocumentWanted`, in a worker
+  thread), and the answer goes out once it has.
 - **Dispatch is a table** (:meth:`Peers.on`): session output type -> handler. The
   subsystems that act on sessions' outputs register there (the node wires them); a
   handler registered ``current_only`` only hears from the session registered for its
@@ -43,6 +47,7 @@ from p2p.proto.peering import Link, keep_new
 from p2p.proto.session import (
     Authenticated,
     Closed,
+    DocumentWanted,
     Output,
     OutputTable,
     Send,
@@ -117,7 +122,8 @@ class Peers:
         transport: TransportT | None,
         wall_ms: Callable[[], int],
         removed: Callable[[], bool],
-        load_all: Callable[[], Awaitable[None]],
+        load: Callable[[str], Awaitable[bool]],
+        learn_vectors: Callable[[], Awaitable[None]],
         backpressure: Callable[[], Awaitable[None]],
         queue_write: Callable[[WriteBatch], object],
         emit: Callable[[ev.Event], None],
@@ -128,7 +134,10 @@ class Peers:
         self._transport = transport
         self._wall_ms = wall_ms
         self._removed = removed
-        self._load_all = load_all
+        self._load = load
+        """Loads a space's document by id, off the trio thread (``Writer.load_by_id``)."""
+        self._learn_vectors = learn_vectors
+        """Makes every state vector known without documents (``Writer.learn_vectors``)."""
         self._backpressure = backpressure
         self._queue_write = queue_write
         self._emit = emit
@@ -145,6 +154,7 @@ class Peers:
         """The dispatch table of session outputs (``p2p.proto.session.OutputTable``)."""
         self.outputs.on(Authenticated, self._on_authenticated)
         self.outputs.on(Closed, self._on_closed)
+        self.outputs.on(DocumentWanted, self._on_document_wanted)
         self._up: list[Callable[[Peer], None]] = []
         self._down: list[Callable[[str], None]] = []
 
@@ -222,6 +232,16 @@ class Peers:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             return False
         return True
+
+    def _on_document_wanted(self, peer: Peer, out: DocumentWanted) -> None:
+        """The peer lacks some of a space whose document is not loaded: load it in a
+        worker thread, then answer (the session goes on meanwhile)."""
+
+        async def load_then_answer() -> None:
+            if await self._load(out.space):
+                self.carry_out(peer, peer.session.answer_state_vector(out.space, out.state_vector))
+
+        self._nursery.start_soon(load_then_answer)
 
     def close(self, peer: Peer, error: P2PError | None = None) -> None:
         """End a session (a ``bye``, with ``error`` when it misbehaved)."""
@@ -308,7 +328,7 @@ class Peers:
 
     async def _run_connection(self, conn: Connection, *, initiator: bool) -> Ended:
         """Drive one session over ``conn`` until it ends; say how it went."""
-        await self._load_all()  # a session reads state vectors and diffs
+        await self._learn_vectors()  # a session states them all: never a load for that
         session = Session(
             self._state, initiator=initiator, now=trio.current_time(), wall_ms=self._wall_ms()
         )

@@ -17,19 +17,28 @@ batch being stored now, and the lock that loads one replica at a time. Rules it 
   into a new snapshot after the write that got it there.
 - **Off the trio thread.** SQLite calls run in a worker thread (:meth:`Writer.run_store`);
   a ``MemoryStore`` is called inline.
-- **Loading.** A space's CRDT loads once, in a worker thread, one at a time
-  (:meth:`Writer.load`). A chat whose stored history does not load is set aside and
-  reported; entries of ours its document lacks are written again (``REWRITE_CHUNK`` per
-  update) and sent on like new writes.
+- **Loading.** A space's CRDT loads in a worker thread, one at a time, when something
+  needs it (:meth:`Writer.load`); what arrives for it meanwhile waits, in order
+  (:meth:`Writer.after_load`). A chat whose stored history does not load is set aside
+  and reported; entries of ours its document lacks are written again
+  (``REWRITE_CHUNK`` per update) and sent on like new writes.
+- **State vectors without documents.** Every batch that appends to a space also writes
+  its state vector (``sv/<space>``, stamped with the seq its log reaches), so a reopened
+  node states what it holds without loading anything (:meth:`Writer.learn_vectors`
+  fills in what a store lacks, once).
+- **Unloading.** A document unused for ``IDLE_UNLOAD`` seconds is dropped
+  (:meth:`Writer.unload_when_idle`), never one with anything on its way to the store.
 - After :meth:`Writer.close` nothing more is accepted, and what was queued is flushed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from functools import partial
 from typing import Any, Final, TypeVar
 
 import trio
@@ -48,6 +57,10 @@ WRITE_QUEUE: Final = 4096
 """Batches waiting for the store before receivers are made to wait too."""
 COMPACT_AFTER: Final = 5000
 """Updates appended to a space's log before it is folded into a snapshot."""
+WAITING_MAX: Final = 16 * 1024 * 1024
+"""Bytes of envelopes waiting for documents to load before receivers are made to wait."""
+IDLE_UNLOAD: Final = 120.0
+"""Seconds a space's document stays loaded after its last load or write."""
 REWRITE_CHUNK: Final = 64
 """Entries per update when the node writes its own entries again (``_write_again``):
 far below what a peer accepts in one update."""
@@ -79,9 +92,16 @@ class Writer:
         self._load_lock = trio.Lock()
         """One replica loads at a time, in a worker thread (see :meth:`load`)."""
         self._closed = False
+        self._waiting: dict[str, list[Callable[[], None]]] = {}
+        """Per space whose document loads: what waits for it, in arrival order."""
+        self._waiting_size: dict[str, int] = {}
+        self._waiting_bytes = 0
+        self._unblocked = trio.Event()
+        self._used: dict[str, float] = {}
+        """When each loaded space was last loaded or written (see :meth:`unload_idle`)."""
         stored = state.history
         if stored is not None:
-            state.history = partial(self._history_of, stored)
+            state.history = functools.partial(self._history_of, stored)
 
     @property
     def closed(self) -> bool:
@@ -127,10 +147,14 @@ class Writer:
             self.queue(WriteBatch())
 
     async def backpressure(self) -> None:
-        """Make a receiver wait while the store is far behind (bounded memory)."""
+        """Make a receiver wait while the store is far behind, or while envelopes wait
+        for documents to load (bounded memory)."""
         while len(self._writes) >= WRITE_QUEUE:
             self._room = trio.Event()
             await self._room.wait()
+        while self._waiting_bytes > WAITING_MAX:
+            self._unblocked = trio.Event()
+            await self._unblocked.wait()
 
     # ---- the writer task -----------------------------------------------------------
 
@@ -155,6 +179,11 @@ class Writer:
             batch = merge_batches(
                 [b for b, _, _ in taken] + [b for _, _, b in written] + [state.take_unsaved()]
             )
+            if batch.appends:
+                batch.records.update(state.spaces.vector_records(batch.appends))
+                now = trio.current_time()
+                for space_id, _update in batch.appends:
+                    self._used[space_id] = now
             if batch:
                 self._inflight = batch.appends
                 try:
@@ -213,6 +242,7 @@ class Writer:
         path that touches a replica (a write, a sync session, mail, linking) awaits this
         first, so the trio thread never waits for a long history.
         """
+        self._used[space.id] = trio.current_time()
         if space.replica.loaded:
             return
         async with self._load_lock:
@@ -225,6 +255,95 @@ class Writer:
                     raise self._put_aside(space, exc) from exc
                 if lost:
                     self._write_again(space.id, lost)
+
+    def after_load(
+        self, space_id: str, act: Callable[[], None], size: int, nursery: trio.Nursery
+    ) -> bool:
+        """Have ``act`` (applying something of ``size`` bytes to the space) wait until the
+        space's document is loaded, behind whatever already waits for it: whether it
+        waits (False: the document is loaded and nothing waits, act now). A load takes
+        seconds for a long history; the receiver's loop goes on meanwhile, and
+        :meth:`backpressure` bounds what waits."""
+        waiting = self._waiting.get(space_id)
+        if waiting is None:
+            if self._state.has_document(space_id):
+                return False
+            waiting = self._waiting[space_id] = []
+            nursery.start_soon(self._load_then_act, space_id)
+        waiting.append(act)
+        self._waiting_size[space_id] = self._waiting_size.get(space_id, 0) + size
+        self._waiting_bytes += size
+        return True
+
+    async def _load_then_act(self, space_id: str) -> None:
+        try:
+            await self.load_by_id(space_id)  # if not: each act finds the space gone
+        finally:
+            acts = self._waiting.pop(space_id)
+            self._waiting_bytes -= self._waiting_size.pop(space_id)
+            self._unblocked.set()
+            for act in acts:
+                act()
+
+    async def learn_vectors(self) -> None:
+        """Make every space's state vector known without its document: one without a
+        current ``sv/`` record (a store written before them, or by linking) is loaded,
+        one at a time in a worker thread, its vector recorded, and dropped again. Sessions
+        wait for this once, so none of them loads a document on the trio thread; later
+        ones find nothing to do."""
+        for space in list(self._state.spaces.values()):
+            if space.replica.vector_known:
+                continue
+            with contextlib.suppress(ChatCorrupt):
+                await self.load(space)
+                self.queue(WriteBatch(records=self._state.spaces.vector_record(space.id)))
+                if space.id not in self._pending():
+                    space.replica.unload()
+                    self._used.pop(space.id, None)
+
+    def _pending(self) -> set[str]:
+        """Spaces with updates on their way to the store."""
+        pending = {s for s, _ in self._inflight}
+        pending |= {s for b, _, _ in self._writes for s, _ in b.appends}
+        return pending | set(self._local)
+
+    async def load_by_id(self, space_id: str) -> bool:
+        """Load a space's document by id: whether it is loaded now (False for a space
+        not held, or set aside)."""
+        space = self._state.spaces.get(space_id)
+        if space is None:
+            return False
+        try:
+            await self.load(space)
+        except ChatCorrupt:
+            return False
+        return True
+
+    async def unload_when_idle(self, idle: float = IDLE_UNLOAD) -> None:
+        """Forever: drop documents idle for ``idle`` seconds (see :meth:`unload_idle`)."""
+        while True:
+            await trio.sleep(idle / 4)
+            if self.unload_idle(idle):
+                release_freed_memory()
+
+    def unload_idle(self, idle: float) -> list[str]:
+        """Drop the documents of spaces neither loaded nor written for ``idle`` seconds
+        (their history stays in the store, their state vector in memory): a node's
+        memory follows the chats in use, not the whole history. Never one with anything
+        on its way to the store (it would load again without it), nor one something
+        waits to load (:meth:`after_load`). The spaces dropped."""
+        pending = self._pending()
+        now = trio.current_time()
+        dropped = []
+        for space in list(self._state.spaces.values()):
+            if not space.replica.loaded or space.id in pending or space.id in self._waiting:
+                continue
+            if now - self._used.setdefault(space.id, now) < idle:
+                continue  # (a space loaded by a reader is first seen here: in use now)
+            if space.replica.unload():
+                self._used.pop(space.id, None)
+                dropped.append(space.id)
+        return dropped
 
     async def load_all(self) -> None:
         """Load every space (a session offers them all); one that does not load is set
@@ -255,3 +374,20 @@ class Writer:
             update, batch = self._state.write_local(space_id, entries[at : at + REWRITE_CHUNK])
             self.queue(batch)
             self._outbox(space_id, update)
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by dropped documents back to the system where the C library
+    can (glibc keeps freed heap otherwise, and the process would not shrink)."""
+    libc = _libc()
+    if libc is not None:
+        with contextlib.suppress(AttributeError):  # not glibc
+            libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None

@@ -448,6 +448,11 @@ class DeviceState:
     def state_vector(self, space_id: str) -> bytes:
         return self.spaces.space(space_id).replica.state_vector()
 
+    def has_document(self, space_id: str) -> bool:
+        """Whether a space's document is loaded (one we do not hold: nothing to load)."""
+        space = self.spaces.get(space_id)
+        return space is None or space.replica.loaded
+
     def diff(self, space_id: str, state_vector: bytes, peer: str | None = None) -> bytes:
         return self.sealing.diff(space_id, state_vector, peer)
 

@@ -10,6 +10,8 @@ Rules:
   its rows left on disk as they are; asking for it raises its :class:`ChatCorrupt`.
 - Records load now; a space's document loads on first use, from its stored history
   (snapshot, then tail), unless it was never indexed (then the index is built from it).
+  Its state vector is known without it when the ``sv/<space>`` record is current
+  (:func:`stored_vector`): written with every append (:meth:`Spaces.vector_records`).
 - Every replica writes as this run's CRDT client (:func:`crdt_client`): bound to the
   device, new at every run.
 - ``log_seq`` and ``snapshot_seq`` follow the store's update log of a space: the
@@ -29,7 +31,7 @@ from p2p.errors import ChatCorrupt, P2PError, UnknownChat
 from p2p.proto import envelope
 from p2p.proto.authority import Rotation
 from p2p.proto.identity import DeviceKeys, short_id
-from p2p.proto.model import AuthorSource, Replica, UpdateSource
+from p2p.proto.model import AuthorSource, Replica, UpdateSource, decode_state_vector
 from p2p.proto.wire import pack, unpack
 from p2p.state.records import required, stored_history
 from p2p.storage.base import Store, WriteBatch
@@ -212,10 +214,12 @@ class Spaces(dict[str, Space]):
             for k in store.names(f"spacekey/{space_id}/")
         }
         indexed = store.get(f"indexed/{space_id}") is not None
+        snapshot_seq, log_seq = store.log_seqs(space_id)
         replica = self.replica(
             space_id,
             source=partial(stored_history, store, space_id),
             authors=partial(store.index_authors, space_id) if indexed else None,
+            state_vector=stored_vector(store.get(f"sv/{space_id}"), log_seq),
         )
         space = Space(
             space_id,
@@ -231,20 +235,45 @@ class Spaces(dict[str, Space]):
             },
         )
         self[space_id] = space
-        space.snapshot_seq, space.log_seq = store.log_seqs(space_id)
+        space.snapshot_seq, space.log_seq = snapshot_seq, log_seq
         return indexed
+
+    def vector_records(self, appends: list[tuple[str, bytes]]) -> dict[str, bytes]:
+        """The ``sv/<space>`` records to write with ``appends``: each loaded space's state
+        vector, stamped with the seq its log reaches with them (see :func:`stored_vector`).
+
+        Called as the batch is made, before anything else can reach the replica: what
+        the document holds then is what the store holds once the batch is written."""
+        counts: dict[str, int] = {}
+        for space_id, _ in appends:
+            counts[space_id] = counts.get(space_id, 0) + 1
+        records: dict[str, bytes] = {}
+        for space_id, count in counts.items():
+            records.update(self.vector_record(space_id, count))
+        return records
+
+    def vector_record(self, space_id: str, appending: int = 0) -> dict[str, bytes]:
+        """The ``sv/<space>`` record of a loaded space whose log reaches its current seq
+        plus ``appending`` (none for a space not held or not loaded)."""
+        space = self.get(space_id)
+        if space is None or not space.replica.loaded:
+            return {}
+        stamp = space.log_seq + appending
+        return {f"sv/{space_id}": pack([stamp, space.replica.state_vector()])}
 
     def replica(
         self,
         space_id: str,
         source: UpdateSource | None = None,
         authors: AuthorSource | None = None,
+        state_vector: bytes | None = None,
     ) -> Replica:
         """An empty (or, with ``source``, lazily loaded) replica writing as this run."""
         return Replica(
             space_id,
             source=source,
             authors=authors,
+            state_vector=state_vector,
             client_id=crdt_client(self.device_id, self.boot),
             reload=partial(self.history_of, space_id),
         )
@@ -253,3 +282,25 @@ class Spaces(dict[str, Space]):
         """A space's whole history as it stands (see :attr:`history`); none without a
         store (a state held in memory only: its replica then starts over empty)."""
         return () if self.history is None else self.history(space_id)
+
+
+def stored_vector(record: bytes | None, log_seq: int) -> bytes | None:
+    """The state vector a space's ``sv/`` record states for its stored history, if the
+    record is current: stamped with the seq of the last update it covers, which must be
+    the store's last. Anything else (no record, an older one, a malformed one) is None,
+    and the document is loaded to learn it. A vector claiming less than the store holds
+    would be as wrong as one claiming more: a peer that holds what we claim would be
+    told it lacks nothing."""
+    if record is None:
+        return None
+    try:
+        stamp, vector = unpack(record, what="state vector record")
+    except (P2PError, ValueError, TypeError):
+        return None
+    if type(stamp) is not int or stamp != log_seq or not isinstance(vector, bytes):
+        return None
+    try:
+        decode_state_vector(vector)
+    except P2PError:
+        return None
+    return vector

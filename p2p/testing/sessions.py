@@ -26,6 +26,7 @@ from p2p.proto.session import (
     Authenticated,
     Closed,
     DeviceListIn,
+    DocumentWanted,
     EnvelopeIn,
     GrantIn,
     HaveIn,
@@ -75,6 +76,7 @@ class End:
     leaves: list[str] = field(default_factory=list)
     typing_in: list[TypingIn] = field(default_factory=list)
     media_in: list[MediaIn] = field(default_factory=list)
+    documents_loaded: list[str] = field(default_factory=list)
     closed: list[Closed] = field(default_factory=list)
 
     @property
@@ -159,6 +161,12 @@ class End:
     def on_media(self, out: MediaIn) -> None:
         self.media_in.append(out)
 
+    def on_document_wanted(self, out: DocumentWanted) -> None:
+        """As the node does (there in a worker thread): load the document, then answer."""
+        self.documents_loaded.append(out.space)
+        self.state.spaces.space(out.space).replica.load()
+        self.carry_out(self.session.answer_state_vector(out.space, out.state_vector))
+
     def on_closed(self, out: Closed) -> None:
         self.closed.append(out)
 
@@ -175,6 +183,7 @@ END_OUTPUTS.on(LeaseIn, End.on_lease)
 END_OUTPUTS.on(LeaveRequested, End.on_leave_requested)
 END_OUTPUTS.on(TypingIn, End.on_typing)
 END_OUTPUTS.on(MediaIn, End.on_media)
+END_OUTPUTS.on(DocumentWanted, End.on_document_wanted)
 END_OUTPUTS.on(Closed, End.on_closed)
 
 

@@ -1,0 +1,251 @@
+"""A chat's document is in memory only while it is in use.
+
+A session with a level peer loads nothing (state vectors come from the store's record),
+a peer that lacks something makes only that chat's document load, envelopes for an
+unloaded chat wait for its load, and an idle document is dropped and loads again on the
+next use. Real homes (SQLite) and real TCP on loopback; the sans-I/O rule through the
+back-to-back session driver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from p2p.proto.model import MESSAGES
+from p2p.proto.wire import pack
+from p2p.runtime.node import Node, open_node
+from p2p.state.device import DeviceState, claim_run, merge_batches
+from p2p.state.spaces import stored_vector
+from p2p.storage.base import WriteBatch
+from p2p.storage.memory import MemoryStore
+from p2p.storage.sqlite import SqliteStore
+from p2p.testing import provision_account, provision_homes
+from p2p.testing.sessions import Pair
+from p2p.transport.tcp import TcpTransport
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def homes(tmp_path: Path) -> list[Path]:
+    paths = [tmp_path / name for name in ("phone", "laptop")]
+    provision_homes(paths)
+    return paths
+
+
+@asynccontextmanager
+async def node(home: Path, **kwargs: Any) -> AsyncIterator[Node]:
+    async with open_node(home, transport=TcpTransport("127.0.0.1:0"), **kwargs) as n:
+        yield n
+
+
+async def polled(predicate: Callable[[], bool]) -> None:
+    """Poll a condition of two nodes together; the caller bounds the wait."""
+    while not predicate():  # noqa: ASYNC110
+        await trio.sleep(0.02)
+
+
+def notes_of(n: Node) -> Any:
+    [chat] = [s for s in n.state.spaces.values() if s.kind == "chat"]
+    return chat
+
+
+async def vectors_exchanged(a: Node, b: Node) -> None:
+    """Both sessions are open and have read the other's state vector of every space
+    they share (each side sends them all right after authenticating)."""
+    shared = len(a.state.spaces)
+
+    def done() -> bool:
+        pa, pb = a.peers.get(b.device_id), b.peers.get(a.device_id)
+        return (
+            pa is not None
+            and pb is not None
+            and pa.session.stats.sv_in >= shared
+            and pb.session.stats.sv_in >= shared
+        )
+
+    await polled(done)
+
+
+def test_a_session_with_a_level_peer_loads_no_chat(homes: list[Path]) -> None:
+    """Two devices level on a chat of 60 messages restart and reconnect: neither loads
+    the chat's document (every node used to load every document before its first
+    session), and a message written then still arrives."""
+
+    async def main() -> None:
+        with trio.fail_after(60):
+            async with node(homes[0]) as phone, node(homes[1], peers=[phone.address]) as laptop:
+                for i in range(60):
+                    await phone.send(f"m{i}")
+                await polled(lambda: len(laptop.messages()) == 60)
+            async with node(homes[0]) as phone, node(homes[1], peers=[phone.address]) as laptop:
+                await vectors_exchanged(phone, laptop)
+                await trio.sleep(0.5)  # time for a load, had one started
+                assert not notes_of(phone).replica.loaded
+                assert not notes_of(laptop).replica.loaded
+                await laptop.send("after")
+                await polled(lambda: len(phone.messages()) == 61)
+                assert [m.text for m in phone.messages()] == [m.text for m in laptop.messages()]
+
+    trio.run(main)
+
+
+def test_a_store_without_state_vector_records_learns_them_once(homes: list[Path]) -> None:
+    """A home written before the records (or by linking) has none: the first session
+    loads each document once, off the trio thread, records its vector and drops it."""
+
+    async def write() -> None:
+        async with node(homes[0]) as phone, node(homes[1], peers=[phone.address]) as laptop:
+            for i in range(20):
+                await phone.send(f"m{i}")
+            await polled(lambda: len(laptop.messages()) == 20)
+
+    trio.run(write)
+    for home in homes:
+        with contextlib.closing(sqlite3.connect(home / "p2p.db")) as db, db:
+            assert db.execute("DELETE FROM records WHERE name LIKE 'sv/%'").rowcount >= 1
+
+    async def reconnect() -> None:
+        with trio.fail_after(60):
+            async with node(homes[0]) as phone, node(homes[1], peers=[phone.address]) as laptop:
+                await vectors_exchanged(phone, laptop)
+                assert not notes_of(phone).replica.loaded
+                assert not notes_of(laptop).replica.loaded
+                assert notes_of(phone).replica.vector_known
+
+    trio.run(reconnect)
+    for home in homes:
+        with contextlib.closing(sqlite3.connect(home / "p2p.db")) as db:
+            rows = db.execute("SELECT count(*) FROM records WHERE name LIKE 'sv/%'").fetchone()
+        assert rows[0] >= 2  # the account space and the notes chat
+
+
+def test_a_peer_that_lacks_messages_loads_the_chat_on_both_sides(homes: list[Path]) -> None:
+    """The laptop missed 30 messages: the phone loads the chat to answer the laptop's
+    state vector, the laptop's envelopes wait for its own load, and both end level."""
+
+    async def main() -> None:
+        with trio.fail_after(60):
+            async with node(homes[0]) as phone, node(homes[1], peers=[phone.address]) as laptop:
+                await phone.send("first")
+                await polled(lambda: len(laptop.messages()) == 1)
+            async with node(homes[0]) as phone:
+                for i in range(30):
+                    await phone.send(f"while away {i}")
+            async with node(homes[0]) as phone, node(homes[1], peers=[phone.address]) as laptop:
+                await polled(lambda: len(laptop.messages()) == 31)
+                assert notes_of(phone).replica.loaded
+                assert notes_of(laptop).replica.loaded
+                assert [m.id for m in laptop.messages()] == [m.id for m in phone.messages()]
+
+    trio.run(main)
+
+
+def test_an_idle_chat_is_dropped_from_memory_and_loads_again_on_use(homes: list[Path]) -> None:
+    """Dropping a document keeps its state vector and loses nothing: the next write
+    loads it again, goes on with the same CRDT client, and reaches the peer."""
+
+    async def main() -> None:
+        with trio.fail_after(60):
+            async with node(homes[0]) as phone, node(homes[1], peers=[phone.address]) as laptop:
+                for i in range(10):
+                    await phone.send(f"m{i}")
+                await polled(lambda: len(laptop.messages()) == 10)
+                chat = notes_of(phone)
+                vector = chat.replica.state_vector()
+                assert chat.id in phone.writer.unload_idle(0.0)
+                assert not chat.replica.loaded
+                assert chat.replica.state_vector() == vector
+                await phone.send("after the drop")
+                assert chat.replica.loaded
+                await polled(lambda: len(laptop.messages()) == 11)
+                assert [m.id for m in laptop.messages()] == [m.id for m in phone.messages()]
+
+    trio.run(main)
+
+
+def test_the_stored_state_vector_is_the_loaded_documents(homes: list[Path]) -> None:
+    """What a reopened device states without loading is what its loaded document says;
+    a record left behind by appends made without it is not believed."""
+
+    async def write() -> None:
+        async with node(homes[0]) as phone:
+            for i in range(5):
+                await phone.send(f"m{i}")
+
+    trio.run(write)
+    store = SqliteStore(homes[0] / "p2p.db")
+    try:
+        state = DeviceState.load(store)
+        [chat] = [s for s in state.spaces.values() if s.kind == "chat"]
+        told = chat.replica.state_vector()
+        assert not chat.replica.loaded
+        chat.replica.load()
+        assert told == chat.replica.state_vector()
+        _, last = store.log_seqs(chat.id)
+        record = store.get(f"sv/{chat.id}")
+        assert stored_vector(record, last) == told
+        assert stored_vector(record, last + 1) is None  # an append the record misses
+        assert stored_vector(pack(["x", told]), last) is None
+        assert stored_vector(pack([last, b"\xff"]), last) is None
+    finally:
+        store.close()
+
+
+def bodies(state: DeviceState, chat: str) -> list[str]:
+    return sorted(e.body for _, e in state.spaces[chat].replica.entries(MESSAGES) if e)
+
+
+def test_a_session_asks_for_the_document_only_when_the_peer_lacks_something() -> None:
+    """Sans-I/O: an unloaded replica answers a level peer with nothing and loads
+    nothing; a peer behind gets ``DocumentWanted`` first, then, once the document is
+    loaded, its catch-up."""
+    stores = provision_account(2)
+    a = DeviceState.load(stores[0])
+    chat = next(s.id for s in a.spaces.values() if s.kind == "chat")
+
+    def persist(state: DeviceState, store: MemoryStore, batch: WriteBatch) -> None:
+        """As the writer does: the batch, with the state vectors it leaves."""
+        vectors = WriteBatch(records=state.spaces.vector_records(batch.appends))
+        store.write(merge_batches([batch, vectors, state.take_unsaved()]))
+        for space_id, _ in batch.appends:
+            state.spaces[space_id].appended()
+
+    def write(state: DeviceState, store: MemoryStore, text: str, at: int) -> None:
+        _, batch = state.write_local(chat, [state.new_entry(chat, "msg", at, body=text)])
+        persist(state, store, batch)
+
+    for i in range(3):
+        write(a, stores[0], f"m{i}", 1000 + i)
+    b = DeviceState.load(stores[1])
+    first = Pair(a, b).connect()
+    first.run()
+    persist(b, stores[1], merge_batches([i.batch for i in first.b.ingested]))
+    assert bodies(b, chat) == ["m0", "m1", "m2"]
+
+    def reopened(store: MemoryStore) -> DeviceState:
+        state = DeviceState.load(store, claim_run(store))  # as a node opens a home
+        assert not state.spaces[chat].replica.loaded
+        return state
+
+    level = Pair(reopened(stores[0]), reopened(stores[1])).connect()
+    level.run()
+    assert level.a.documents_loaded == level.b.documents_loaded == []
+    assert not level.a.state.spaces[chat].replica.loaded
+    assert not level.b.state.spaces[chat].replica.loaded
+
+    ahead = reopened(stores[0])
+    write(ahead, stores[0], "later", 2000)
+    behind = Pair(reopened(stores[0]), reopened(stores[1])).connect()
+    behind.run()
+    assert behind.a.documents_loaded == [chat]  # a loads to answer b's vector
+    assert behind.b.documents_loaded == []
+    assert bodies(behind.b.state, chat) == ["later", "m0", "m1", "m2"]
