@@ -379,9 +379,11 @@ def test_open_node_reads_the_last_messages_without_loading_the_crdt(tmp_path: Pa
     home = tmp_path / "phone"
     p2p.init_account(home, "phone")
 
+    ids: list[str] = []
+
     async def fill() -> list[Message]:
         async with p2p.open_node(home) as node:
-            ids = [await node.send(f"message {i}") for i in range(30)]
+            ids.extend([await node.send(f"message {i}") for i in range(30)])
             await node.edit(ids[27], "edited")
             await node.delete(ids[28])
             await node.react(ids[29], "👍")
@@ -403,7 +405,9 @@ def test_open_node_reads_the_last_messages_without_loading_the_crdt(tmp_path: Pa
             assert node.messages() == written
             shown = {row.id: row for row in node.status().spaces}  # sorted by id
             assert shown[space.id].loaded is False
-            await node.send("one more")  # a write needs the document: it loads now
+            await node.send("one more")  # a new key: written without the document
+            assert not space.replica.loaded
+            await node.react(ids[0], "🎉")  # may replace a reaction: it loads now
             assert space.replica.loaded
             assert [m.text for m in node.messages(last=2)] == ["message 29", "one more"]
 

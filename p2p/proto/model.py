@@ -84,6 +84,9 @@ _MAP_OF_KIND: Final[dict[str, str]] = {
     "contact": CONTACTS,
     "leave": LEAVES,
 }
+FRESH_KINDS: Final = frozenset({"msg", "file", "edit"})
+"""Kinds whose entry goes under a key of its own, new by construction (its own id): one
+that overwrites nothing, so it can be written without the history (``Replica.write``)."""
 _FIELDS: Final = ("id", "k", "a", "d", "ts", "t", "b", "sig")
 _FIELD_SET: Final = frozenset(_FIELDS)
 _field_values: Final = operator.itemgetter(*_FIELDS)
@@ -486,6 +489,11 @@ class Replica:
         """Where the history loads from again after :meth:`unload`."""
         self._known_sv = state_vector if source is not None else None
         """The state vector of the history not loaded (None: unknown, load to learn it)."""
+        self._aside: pycrdt.Doc[Any] | None = None
+        """Our own entries written while the history is not loaded (see :meth:`write`)."""
+        self._aside_updates: list[bytes] = []
+        self._built = False
+        """The history is applied (in a worker thread) and waits for :meth:`finish_load`."""
         self._reload = reload if reload is not None else source
         self._authors_source = authors
         self._client_id = client_id
@@ -537,7 +545,7 @@ class Replica:
         """Whether the document holds the stored history (always, without a source)."""
         return self._source is None
 
-    def load(self, check: Callable[[], None] | None = None) -> None:
+    def load(self, check: Callable[[], None] | None = None, *, finish: bool = True) -> None:
         """Apply the stored history now (idempotent); InvalidUpdate if it is refused.
 
         :attr:`loaded` turns true only once the whole history is in: the node loads in a
@@ -546,7 +554,7 @@ class Replica:
         runs once the history is in and before :attr:`loaded` turns true, in the same
         thread (it may read the document: see ``DeviceState.load_checked``)."""
         source = self._source
-        if source is not None and not self._loading:
+        if source is not None and not self._loading and not self._built:
             self._loading = True
             try:
                 for update in source():
@@ -558,9 +566,24 @@ class Replica:
                     self._scanned = True
                 if check is not None:
                     check()
-                self._source, self._known_sv = None, None
+                self._built = True
             finally:
                 self._loading = False
+        if finish:
+            self.finish_load()
+
+    def finish_load(self) -> None:
+        """Take in what was written aside meanwhile, and count as loaded. In the thread
+        that writes (the trio thread, after a worker built the document): writes aside
+        and this never run at once, and no write goes to a document still being built."""
+        if self._source is None or not self._built:
+            return
+        for update in self._aside_updates:  # durable or on their way: both fine
+            self.apply(update, from_store=True)
+        if self._aside_updates:
+            self._settle()
+        self._source, self._known_sv, self._built = None, None, False
+        self._aside, self._aside_updates = None, []
 
     @property
     def vector_known(self) -> bool:
@@ -580,7 +603,7 @@ class Replica:
         if self._held or self._unsettled:
             return False
         self._known_sv = bytes(self._doc.get_state())
-        self._source = self._origin
+        self._source, self._built = self._origin, False
         self._new_doc()
         self._verified = {}
         self._latest_ts, self._scanned, self._authors = "", False, None
@@ -768,10 +791,24 @@ class Replica:
     def state_vector(self) -> bytes:
         """What this replica holds, per CRDT client. While the history is not loaded
         (or loads, in a worker thread), the vector known for it is returned instead, if
-        one is: a session with a level peer then never loads the document."""
+        one is (with what we wrote aside): a session with a level peer then never loads
+        the document."""
         if self._source is not None and self._known_sv is not None:
-            return self._known_sv
+            if self._aside is None:
+                return self._known_sv
+            clocks = decode_state_vector(self._known_sv)
+            clocks.update(decode_state_vector(bytes(self._aside.get_state())))
+            return encode_state_vector(clocks)
         return bytes(self.doc.get_state())
+
+    def writes_aside(self, kinds: Iterable[str]) -> bool:
+        """Whether entries of these kinds would be written without loading the history
+        (see :meth:`write`)."""
+        return (
+            self._source is not None
+            and self._known_sv is not None
+            and FRESH_KINDS.issuperset(kinds)
+        )
 
     def diff(self, state_vector: bytes, keep: Callable[[int], bool] | None = None) -> bytes:
         """What a replica at ``state_vector`` lacks; InvalidUpdate for a bad vector.
@@ -797,7 +834,17 @@ class Replica:
         return bytes(self.doc.get_update())
 
     def write(self, entries: Iterable[Entry]) -> bytes:
-        """Add signed local entries in one transaction; return the update it made."""
+        """Add signed local entries in one transaction; return the update it made.
+
+        Entries under keys new by construction (:data:`FRESH_KINDS`) are written aside
+        while the history is not loaded: into a document holding only our client's
+        structs, whose clock it starts where the known state vector says ours is. The
+        update is the one the whole document would have made (a new map key has no
+        predecessor to name), so a send into a long chat needs no load; loading takes
+        these updates in. Anything else loads the history first."""
+        entries = list(entries)
+        if self.writes_aside(e.kind for e in entries):
+            return self._write_aside(entries)
         doc = self.doc
         before = doc.get_state()
         with doc.transaction():
@@ -809,6 +856,27 @@ class Replica:
                     self._note_author(entry.to_value())
         self._sv = None  # our own client moved on: ask yrs next time
         return bytes(doc.get_update(before))
+
+    def _write_aside(self, entries: list[Entry]) -> bytes:
+        if self._aside is None:
+            self._aside = pycrdt.Doc(client_id=self._doc.client_id)
+            assert self._known_sv is not None
+            ours = decode_state_vector(self._known_sv).get(self._doc.client_id, 0)
+            if ours:  # written and dropped in this run already: go on from there
+                self._aside.apply_update(_gc_update(self._doc.client_id, ours))
+        doc = self._aside
+        maps = {
+            name: doc.get(name, type=pycrdt.Map) for name in {_MAP_OF_KIND[e.kind] for e in entries}
+        }
+        before = doc.get_state()
+        with doc.transaction():
+            for entry in entries:
+                maps[_MAP_OF_KIND[entry.kind]][entry.key()] = entry.to_value()
+                self._verified[fingerprint(entry.canonical(self.space), entry.sig)] = True
+        # the aside document counts the seeded range as deleted: no deletion goes out
+        update = strip_deletions(bytes(doc.get_update(before)), lambda _client: False)
+        self._aside_updates.append(update)
+        return update
 
     # ---- reading -------------------------------------------------------------------
 
@@ -941,6 +1009,13 @@ def decode_state_vector(sv: bytes) -> dict[int, int]:
     if pos != len(sv):
         raise InvalidUpdate("?", "trailing bytes after the state vector")
     return out
+
+
+def _gc_update(client: int, length: int) -> bytes:
+    """A Yjs v1 update holding one garbage-collected range: ``client``'s clocks 0 to
+    ``length`` (what a document needs to go on writing as that client from there)."""
+    structs = b"\x01\x01" + encode_uvar(client) + b"\x00" + b"\x00" + encode_uvar(length)
+    return structs + b"\x00"  # and an empty delete set
 
 
 def encode_state_vector(clocks: dict[int, int]) -> bytes:

@@ -461,11 +461,16 @@ class Node:
         if self.removed:  # nobody would accept it, and it would sit in the store forever
             raise Unlinked(self.device_id, self.account_id)
         space = self._chat(chat)
-        await self.writer.load(space)
-        if self.writer.closed:
-            raise NodeError("the node is closed")
-        if space.replica.latest_ts:  # sort after everything this chat has seen so far
-            self.state.observe(space.replica.latest_ts, self._wall_ms())
+        if space.replica.writes_aside([kind]):  # a new key: no need for the history
+            newest = self.messages(space.id, last=1)
+            seen = newest[-1].ts if newest else ""
+        else:
+            await self.writer.load(space)
+            if self.writer.closed:
+                raise NodeError("the node is closed")
+            seen = space.replica.latest_ts
+        if seen:  # sort after everything this chat has seen so far
+            self.state.observe(seen, self._wall_ms())
         entry = self.state.new_entry(space.id, kind, self._wall_ms(), body=body, target=target)
         await self.writer.queue_entry(space.id, entry).wait()
         self.hub.emit(ev.ChatChanged(chat=space.id, origin=self.device_id))

@@ -249,11 +249,13 @@ class Writer:
             if space.id in self._state.set_aside:
                 raise self._state.set_aside[space.id]
             if not space.replica.loaded:
+                build = functools.partial(self._state.load_checked, finish=False)
                 try:
-                    lost = await self.run_store(self._state.load_checked, space.id, self._store)
+                    lost = await self.run_store(build, space.id, self._store)
                 except (StoreCorrupt, InvalidUpdate, WireError) as exc:
                     raise self._put_aside(space, exc) from exc
-                if lost:
+                space.replica.finish_load()  # here: what was written aside goes in
+                if lost and self._state.lacks_own(space.id, self._store):
                     self._write_again(space.id, lost)
 
     def after_load(

@@ -71,7 +71,7 @@ class Author(Part):
         )
         return update, batch
 
-    def load_checked(self, space_id: str, store: Store) -> list[Entry]:
+    def load_checked(self, space_id: str, store: Store, *, finish: bool = True) -> list[Entry]:
         """Load a space's CRDT from ``store`` and check that it holds every entry of
         ours that the message index shows; [] when it does, else every entry of ours
         in the space, to be written again (run in a worker thread: the check reads the
@@ -86,20 +86,30 @@ class Author(Part):
         run's client id: the same values under the same keys (signed again: a shown
         row keeps no signature, and ours are deterministic), so no view changes, and
         every replica ends up holding all of them.
+
+        With ``finish`` False (in a worker thread), the document waits for
+        ``Replica.finish_load`` in the writing thread; entries of ours written aside
+        meanwhile are not in it yet, so a loss found then is confirmed there
+        (:meth:`lacks_own`) before anything is written again.
         """
         replica = self._spaces.space(space_id).replica
-        device_id, account_id = self._keys.device_id, self._directory.account_id
+        account_id = self._directory.account_id
         lost: list[Entry] = []
 
         def check() -> None:
-            if not replica.lacks(store.index_keys_by_device(space_id, device_id)):
+            if not self.lacks_own(space_id, store):
                 return
-            for row in store.index_by_device(space_id, device_id):
+            for row in store.index_by_device(space_id, self._keys.device_id):
                 if row.reason:
                     continue
                 entry = row_entry(row)
                 if entry is not None and entry.account == account_id:
                     lost.append(entry.signed(space_id, self._keys))
 
-        replica.load(check)
+        replica.load(check, finish=finish)
         return lost
+
+    def lacks_own(self, space_id: str, store: Store) -> bool:
+        """Whether the document lacks a key of an entry of ours the index shows."""
+        keys = store.index_keys_by_device(space_id, self._keys.device_id)
+        return self._spaces.space(space_id).replica.lacks(keys)

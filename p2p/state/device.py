@@ -430,8 +430,11 @@ class DeviceState:
     def write_local(self, space_id: str, entries: list[Entry]) -> tuple[bytes, WriteBatch]:
         return self.author.write_local(space_id, entries)
 
-    def load_checked(self, space_id: str, store: Store) -> list[Entry]:
-        return self.author.load_checked(space_id, store)
+    def load_checked(self, space_id: str, store: Store, *, finish: bool = True) -> list[Entry]:
+        return self.author.load_checked(space_id, store, finish=finish)
+
+    def lacks_own(self, space_id: str, store: Store) -> bool:
+        return self.author.lacks_own(space_id, store)
 
     def recheck(self, space_id: str, hidden: list[IndexRow]) -> WriteBatch:
         return self.index.recheck(space_id, hidden)

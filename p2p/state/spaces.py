@@ -253,10 +253,10 @@ class Spaces(dict[str, Space]):
         return records
 
     def vector_record(self, space_id: str, appending: int = 0) -> dict[str, bytes]:
-        """The ``sv/<space>`` record of a loaded space whose log reaches its current seq
-        plus ``appending`` (none for a space not held or not loaded)."""
+        """The ``sv/<space>`` record of a space whose log reaches its current seq plus
+        ``appending`` (none for a space not held, or whose vector is not known)."""
         space = self.get(space_id)
-        if space is None or not space.replica.loaded:
+        if space is None or not space.replica.vector_known:
             return {}
         stamp = space.log_seq + appending
         return {f"sv/{space_id}": pack([stamp, space.replica.state_vector()])}
