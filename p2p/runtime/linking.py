@@ -155,7 +155,8 @@ async def approve(
     progress: Progress = lambda done, total: None,
 ) -> Linked:
     """Primary side. ``confirm(check)`` decides (a person comparing screens, or a script);
-    ``persist`` makes the new device list durable before the device learns of it;
+    ``persist`` makes durable, before the device learns of it, the version of the list
+    that adds it, and once the device confirms it holds its history, that list;
     ``history(space)`` returns the space's history snapshot for this code."""
     commit_bytes = await _raw(conn)
     commitment = _expect(decode_frame(commit_bytes), "lcommit")["c"]
@@ -202,7 +203,8 @@ async def approve(
         proof=auth["pop"],
     )
     entry.check_proof(account_pk)  # DeviceListError: the device did not consent
-    bundle, batch = state.enroll_public(entry, now_ms=now_ms)
+    base = state.device_list
+    bundle, proposed, batch = state.propose_enrollment(entry, now_ms=now_ms)
     await persist(batch)
     blobs = {space_id: await history(space_id) for space_id, *_ in bundle.spaces}
     sizes = {s: [_digest(b), len(b)] for s, b in blobs.items()}
@@ -243,6 +245,9 @@ async def approve(
             sent += len(piece)
             progress(done + sent, total)
     _expect(await _receive(conn, box, code.device_id), "ldone")
+    # only now, with the history on the device, is it listed: a link cut before this
+    # (the device killed, the connection dropped, nobody answering) leaves no device
+    await persist(state.adopt_enrollment(base, proposed, entry))
     return Linked(device=code.device_id, name=entry.name, sent=sent)
 
 

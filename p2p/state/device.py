@@ -340,6 +340,10 @@ class DeviceState:
         self.companions.lease = lease
 
     @property
+    def list_floor(self) -> int:
+        return self.companions.list_floor
+
+    @property
     def counter(self) -> int:
         return self.sealing.counter
 
@@ -417,6 +421,16 @@ class DeviceState:
         self, entry: DeviceEntry, *, now_ms: int | None = None
     ) -> tuple[Enrollment, WriteBatch]:
         return self.companions.enroll_public(entry, now_ms=now_ms)
+
+    def propose_enrollment(
+        self, entry: DeviceEntry, *, now_ms: int | None = None
+    ) -> tuple[Enrollment, DeviceList, WriteBatch]:
+        return self.companions.propose_enrollment(entry, now_ms=now_ms)
+
+    def adopt_enrollment(
+        self, base: DeviceList, proposed: DeviceList, entry: DeviceEntry
+    ) -> WriteBatch:
+        return self.companions.adopt_enrollment(base, proposed, entry)
 
     def issue_lease(self, device_id: str, now_ms: int | None) -> bytes:
         return self.companions.issue_lease(device_id, now_ms)
