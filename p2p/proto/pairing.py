@@ -222,7 +222,8 @@ def pack_hosts(addresses: tuple[str, ...] | list[str]) -> bytes:
 
 def unpack_hosts(data: bytes) -> list[str]:
     """The addresses :func:`pack_hosts` wrote, as ``HOST:PORT`` text; ValueError for
-    anything else (a count that does not match the bytes, port 0, trailing bytes)."""
+    anything else (a count that does not match the bytes, port 0, 0.0.0.0 or ::,
+    trailing bytes): what decodes encodes back to the same bytes."""
     if not data:
         raise ValueError("no address count")
     n4, n6 = data[0] & 0x0F, data[0] >> 4
@@ -235,13 +236,14 @@ def unpack_hosts(data: bytes) -> list[str]:
     port = int.from_bytes(data[1:3], "big")
     if port == 0:
         raise ValueError("port 0")
-    out = []
-    for i in range(n4):
-        out.append(f"{ipaddress.IPv4Address(data[3 + 4 * i : 7 + 4 * i])}:{port}")
     base = 3 + 4 * n4
-    for i in range(n6):
-        out.append(f"[{ipaddress.IPv6Address(data[base + 16 * i : base + 16 * i + 16])}]:{port}")
-    return out
+    hosts: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [
+        *(ipaddress.IPv4Address(data[3 + 4 * i : 7 + 4 * i]) for i in range(n4)),
+        *(ipaddress.IPv6Address(data[base + 16 * i : base + 16 * i + 16]) for i in range(n6)),
+    ]
+    if any(ip.is_unspecified for ip in hosts):
+        raise ValueError("an unspecified address (nobody can dial it)")
+    return [f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}" for ip in hosts]
 
 
 def to_text(prefix: str, payload: bytes) -> str:
