@@ -277,6 +277,7 @@ def test_contacts_known_by_code_alone_exchange_device_lists_at_the_first_connect
     b_phone, _ = new_account()
     take_codes(a_phone, b_phone)
     assert b_phone.account_id not in a_phone.accounts  # no list yet
+    assert a_phone.followed_devices() == [b_phone.device_id]  # its primary, on a relay
     # a conversation with a contact not met yet: its key is known, its devices not
     chat, _ = a_phone.new_conversation("team", [b_phone.account_id])
     write(a_phone, chat, 3, "before meeting")

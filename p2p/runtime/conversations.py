@@ -177,12 +177,14 @@ class Conversations:
         return entry.target
 
     def learn_contacts(self) -> None:
-        """Follow the accounts our other devices added to the contact book."""
+        """Take the contacts our other devices added to the contact book (a relay then
+        reports their primaries, whose lists the first meeting brings)."""
         before = self._membership.lists()
         batch = self._state.learn_contacts()
         if batch:
             self._writer.queue(batch)
             self._membership.announce(before)
+            self._mail.update_watch()
 
     # ---- conversations -------------------------------------------------------------
 
