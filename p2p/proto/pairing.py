@@ -115,7 +115,9 @@ class PairingCode:
     def with_addresses(self, addresses: list[str], max_text: int) -> PairingCode:
         """This code naming the first of ``addresses`` and as many more as keep its
         text within ``max_text`` characters (those the layout holds: see pack_hosts)."""
-        chosen = [a for a in addresses if _host_port(a) is not None][:MAX_ADDRESSES]
+        parsed = [(a, hp) for a in addresses if (hp := _host_port(a)) is not None]
+        port = parsed[0][1][1] if parsed else 0
+        chosen = [a for a, (_, p) in parsed if p == port][:MAX_ADDRESSES]
         while True:
             code = replace(self, addresses=tuple(chosen))
             if len(chosen) <= 1 or len(code.encode()) <= max_text:
