@@ -278,6 +278,12 @@ def test_contacts_known_by_code_alone_exchange_device_lists_at_the_first_connect
     take_codes(a_phone, b_phone)
     assert b_phone.account_id not in a_phone.accounts  # no list yet
     assert a_phone.followed_devices() == [b_phone.device_id]  # its primary, on a relay
+    # added without a name: called by its id until met, then by its primary's name
+    space, entry = a_phone.contact_entry(
+        "", b_phone.device_list.account_pk, b_phone.contact_key(), b_phone.device_id, WALL
+    )
+    a_phone.write_local(space, [entry])
+    assert a_phone.contact_entries()[b_phone.account_id][0] == b_phone.account_id
     # a conversation with a contact not met yet: its key is known, its devices not
     chat, _ = a_phone.new_conversation("team", [b_phone.account_id])
     write(a_phone, chat, 3, "before meeting")
@@ -285,6 +291,8 @@ def test_contacts_known_by_code_alone_exchange_device_lists_at_the_first_connect
     link.run()
     assert a_phone.accounts[b_phone.account_id].encode() == b_phone.device_list.encode()
     assert b_phone.accounts[a_phone.account_id].encode() == a_phone.device_list.encode()
+    assert a_phone.contact_entries()[b_phone.account_id][0] == "phone"
+    assert a_phone.followed_devices() == [b_phone.device_id]  # now from its list
     assert link.b.grant_errors == []
     assert chat in b_phone.spaces
     assert [m.text for m in view(b_phone, chat)] == [f"before meeting {i}" for i in range(3)]
