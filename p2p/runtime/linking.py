@@ -71,7 +71,7 @@ from p2p.proto.pairing import (
     check_code,
 )
 from p2p.proto.wire import MAX_HANDSHAKE_FRAME, MAX_ID, decode_frame, encode_frame, pack, unpack
-from p2p.state.device import DeviceState, Enrollment, merge_batches
+from p2p.state.device import DeviceState, EnrolledSpace, Enrollment, merge_batches
 from p2p.storage.base import Store, WriteBatch
 from p2p.transport.base import Connection
 
@@ -206,18 +206,18 @@ async def approve(
     base = state.device_list
     bundle, proposed, batch = state.propose_enrollment(entry, now_ms=now_ms)
     await persist(batch)
-    blobs = {space_id: await history(space_id) for space_id, *_ in bundle.spaces}
+    blobs = {s.id: await history(s.id) for s in bundle.enrolled}
     sizes = {s: [_digest(b), len(b)] for s, b in blobs.items()}
     keys = [
         [
-            s_id,
-            kind,
-            name,
-            epoch,
-            [[e, k] for e, k in space_keys.items()],
-            [[e, r] for e, r in bundle.rotations.get(s_id, {}).items()],
+            s.id,
+            s.kind,
+            s.name,
+            s.epoch,
+            [[e, k] for e, k in s.keys.items()],
+            [[e, r] for e, r in bundle.rotations.get(s.id, {}).items()],
         ]
-        for s_id, kind, name, epoch, space_keys, _ in bundle.spaces
+        for s in bundle.enrolled
     ]
     await conn.send(
         box.seal(
@@ -404,10 +404,7 @@ async def accept(
         lease=enroll["lease"],
         account_pk=device_list.account_pk,
         device_list=device_list.encode(),
-        spaces=[
-            (s, kind, sname, epoch, space_keys, histories[s])
-            for s, kind, sname, epoch, space_keys in spaces
-        ],
+        spaces=[s._replace(history=histories[s.id]) for s in spaces],
         rotations=rotations,
     )
     state, batch = DeviceState.from_enrollment(keys, name, bundle)
@@ -419,10 +416,12 @@ def _parse_enroll(
     frame: dict[str, Any], keys: DeviceKeys, primary_pk: bytes, account_pk: bytes
 ) -> tuple[
     DeviceList,
-    list[tuple[str, str, str, int, dict[int, bytes]]],
+    list[EnrolledSpace],
     dict[str, tuple[bytes, int]],
     dict[str, dict[int, bytes]],
 ]:
+    """The list, spaces, history sizes and rotations of an ``enroll`` frame, checked.
+    Each space's history is empty here: it follows in chunks."""
     try:
         device_list = DeviceList.decode(frame["list"])
     except WireError as exc:
@@ -433,7 +432,7 @@ def _parse_enroll(
     if device_list.primary.sign_pk != primary_pk:
         raise DeviceListError("the device that dialed us is not the account's primary")
     try:
-        spaces = []
+        spaces: list[EnrolledSpace] = []
         rotations: dict[str, dict[int, bytes]] = {}
         for s, kind, sname, epoch, space_keys, rots in unpack(frame["keys"], what="space keys"):
             key_map: dict[int, bytes] = {}
@@ -455,7 +454,7 @@ def _parse_enroll(
                 and epoch in key_map
             ):
                 raise ValueError("space entry")
-            spaces.append((s, str(kind), sname, int(epoch), key_map))
+            spaces.append(EnrolledSpace(s, str(kind), sname, int(epoch), key_map, b""))
         raw_sizes = unpack(frame["sizes"], what="sizes")
         if not isinstance(raw_sizes, dict):
             raise ValueError("sizes")
@@ -469,7 +468,7 @@ def _parse_enroll(
             sizes[s] = (digest, n)
     except (P2PError, ValueError, TypeError) as exc:
         raise WireError(f"the enrollment is malformed: {exc}") from exc
-    if set(sizes) != {s for s, *_ in spaces}:
+    if set(sizes) != {s.id for s in spaces}:
         raise WireError("the enrollment's history sizes do not match its spaces")
     return device_list, spaces, sizes, rotations
 
