@@ -9,6 +9,7 @@ device is unlinked. The node, the CLI and real processes are tested in
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -23,6 +24,7 @@ from p2p import events as ev
 from p2p import testing
 from p2p.errors import (
     ContactError,
+    DeviceListError,
     GrantFromNonMember,
     GrantRefused,
     InvalidUpdate,
@@ -34,7 +36,7 @@ from p2p.errors import (
 )
 from p2p.proto.contacts import ContactCode, MalformedContactCode
 from p2p.proto.grants import is_grant, parse_grant
-from p2p.proto.identity import DeviceKeys
+from p2p.proto.identity import DeviceKeys, DeviceList
 from p2p.proto.model import Entry
 from p2p.proto.wire import pack, unpack
 from p2p.runtime.node import Node, open_node
@@ -53,10 +55,14 @@ def befriend(*groups: list[DeviceState]) -> None:
         for other in groups:
             if other is not group:
                 key, listed = other[0].contact_key(), other[0].device_list.encode()
-                space, entry = primary.contact_entry("friend", listed, key, WALL)
+                account_pk = other[0].device_list.account_pk
+                space, entry = primary.contact_entry(
+                    "friend", account_pk, key, other[0].device_id, WALL
+                )
                 primary.write_local(space, [entry])
-                for state in group:
-                    state.follow(listed, trusted=True, contact_key=key)
+                for state in group:  # as if they had met: the lists are known
+                    state.take_contact(account_pk, key, other[0].device_id)
+                    state.follow(listed, trusted=True)
 
 
 def two_accounts() -> tuple[list[DeviceState], list[DeviceState]]:
@@ -208,21 +214,36 @@ def test_unlinked_device_of_a_member_reads_nothing_new() -> None:
 def test_contact_code_round_trip_and_refusals() -> None:
     [a_phone, _], _ = two_accounts()
     code = ContactCode(
-        device_list=a_phone.device_list.encode(),
+        account_pk=a_phone.device_list.account_pk,
         key=a_phone.contact_key(),
-        name="Ana",
-        relays=("ws://127.0.0.1:1",),
+        primary=a_phone.device_id,
+        addresses=("127.0.0.1:4000",),
     )
     text = code.encode()
-    assert text.startswith("P2PC1:")
+    assert text.startswith("P2PC2:")
+    assert len(text) <= 114  # a version-4 QR code at level L
     assert ContactCode.decode(text.lower()) == code
     assert ContactCode.decode(text).account_id == a_phone.account_id
     typo = text[:20] + ("A" if text[20] != "A" else "B") + text[21:]
-    for bad in (typo, "P2P1:" + text[6:], "hello", text[:-3]):
+    for bad in (typo, "P2P2:" + text[6:], "hello", text[:-3], text + "A" * 600):
         with pytest.raises(MalformedContactCode):
             ContactCode.decode(bad)
     with pytest.raises(ContactError, match="own account"):
-        a_phone.contact_entry("me", a_phone.device_list.encode(), bytes(32), WALL)
+        a_phone.contact_entry("me", a_phone.device_list.account_pk, bytes(12), "x", WALL)
+    with pytest.raises(ContactError, match="own account"):
+        a_phone.take_contact(a_phone.device_list.account_pk, bytes(12), a_phone.device_id)
+
+
+def test_a_contact_code_of_the_earlier_format_is_refused_by_name() -> None:
+    """The old code held a whole signed device list (about 850 characters): refused with
+    a typed error that says to ask for a new one, whatever its checksum."""
+    from p2p.proto.contacts import OutdatedContactCode
+    from p2p.proto.pairing import to_text
+
+    [a_phone, _], _ = two_accounts()
+    old = to_text("P2PC1:", pack([1, a_phone.device_list.encode(), bytes(32), "Ana", [], []]))
+    with pytest.raises(OutdatedContactCode, match="new one"):
+        ContactCode.decode(old)
 
 
 def test_followed_list_must_be_signed_by_the_contacts_key() -> None:
@@ -233,6 +254,98 @@ def test_followed_list_must_be_signed_by_the_contacts_key() -> None:
     assert impostor.account_id not in a_phone.accounts
     with pytest.raises(UnknownDevice):
         a_phone.current_signing_key(impostor.device_id)
+
+
+def take_codes(*states: DeviceState) -> None:
+    """Each account takes every other's contact code and nothing else: no device list
+    (those come at the first connection)."""
+    for state in states:
+        for other in states:
+            if other is not state:
+                code = ContactCode.decode(
+                    ContactCode(
+                        account_pk=other.device_list.account_pk,
+                        key=other.contact_key(),
+                        primary=other.device_id,
+                    ).encode()
+                )
+                state.take_contact(code.account_pk, code.key, code.primary)
+
+
+def test_contacts_known_by_code_alone_exchange_device_lists_at_the_first_connection() -> None:
+    a_phone, _ = new_account()
+    b_phone, _ = new_account()
+    take_codes(a_phone, b_phone)
+    assert b_phone.account_id not in a_phone.accounts  # no list yet
+    assert a_phone.followed_devices() == [b_phone.device_id]  # its primary, on a relay
+    # added without a name: called by its id until met, then by its primary's name
+    space, entry = a_phone.contact_entry(
+        "", b_phone.device_list.account_pk, b_phone.contact_key(), b_phone.device_id, WALL
+    )
+    a_phone.write_local(space, [entry])
+    assert a_phone.contact_entries()[b_phone.account_id][0] == b_phone.account_id
+    # a conversation with a contact not met yet: its key is known, its devices not
+    chat, _ = a_phone.new_conversation("team", [b_phone.account_id])
+    write(a_phone, chat, 3, "before meeting")
+    link = Pair(a_phone, b_phone).connect()
+    link.run()
+    assert a_phone.accounts[b_phone.account_id].encode() == b_phone.device_list.encode()
+    assert b_phone.accounts[a_phone.account_id].encode() == a_phone.device_list.encode()
+    assert a_phone.contact_entries()[b_phone.account_id][0] == "phone"
+    assert a_phone.followed_devices() == [b_phone.device_id]  # now from its list
+    assert link.b.grant_errors == []
+    assert chat in b_phone.spaces
+    assert [m.text for m in view(b_phone, chat)] == [f"before meeting {i}" for i in range(3)]
+
+
+def forged_list(impostor: DeviceState, claimed: bytes) -> DeviceList:
+    """The impostor's list made to name ``claimed`` as its account key: it is signed by
+    the impostor's account key, not by that one."""
+    return dataclasses.replace(impostor.device_list, account_pk=claimed)
+
+
+def test_a_forged_device_list_at_the_first_connection_is_refused() -> None:
+    """Someone who got A the code of B (public) and then answers as B with a list it
+    signed itself: the list is checked against the key in B's code and refused."""
+    a_phone, _ = new_account()
+    b_phone, _ = new_account()
+    impostor, _ = new_account()
+    take_codes(a_phone, b_phone)
+    impostor.take_contact(a_phone.device_list.account_pk, a_phone.contact_key(), a_phone.device_id)
+    impostor.device_list = forged_list(impostor, b_phone.device_list.account_pk)
+    assert impostor.device_list.account_id == b_phone.account_id
+    link = Pair(a_phone, impostor)
+    link.start()
+    link.run()
+    [closed] = link.a.closed
+    assert isinstance(closed.error, DeviceListError)
+    assert "signature" in str(closed.error)
+    assert link.a.authenticated == []
+    assert b_phone.account_id not in a_phone.accounts
+    assert impostor.device_id not in a_phone.followed_devices()
+    # followed, the forged list is refused the same way (not taken on anyone's word)
+    with pytest.raises(DeviceListError):
+        a_phone.follow(impostor.device_list.encode(), trusted=True)
+    assert b_phone.account_id not in a_phone.accounts
+    # and the real B, met afterwards, is taken
+    Pair(a_phone, b_phone).connect().run()
+    assert a_phone.accounts[b_phone.account_id].encode() == b_phone.device_list.encode()
+
+
+def test_a_device_list_of_another_account_at_the_first_connection_is_refused() -> None:
+    """A stranger holding A's contact key (the code is public) shows its own genuine
+    list: not the account of any code A took, so A refuses it."""
+    a_phone, _ = new_account()
+    b_phone, _ = new_account()
+    stranger, _ = new_account()
+    take_codes(a_phone, b_phone)
+    stranger.take_contact(a_phone.device_list.account_pk, a_phone.contact_key(), a_phone.device_id)
+    link = Pair(stranger, a_phone)
+    link.start()
+    link.run()
+    [closed] = link.b.closed
+    assert isinstance(closed.error, NotOurAccount)
+    assert stranger.account_id not in a_phone.accounts
 
 
 # ---- nodes on an in-memory network --------------------------------------------------

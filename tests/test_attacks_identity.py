@@ -384,8 +384,6 @@ def test_a_primary_refuses_a_pairing_code_that_lives_for_a_year() -> None:
     now = 1_800_000_000
     code = PairingCode.create(
         sign_pk=keys.sign_pk,
-        box_pk=keys.box_pk,
-        name="Support desk",
         addresses=["127.0.0.1:9"],
         now_s=now,
         ttl_s=365 * 24 * 3600,
@@ -404,30 +402,102 @@ def test_a_primary_dials_only_local_addresses_a_code_names() -> None:
     # only loopback literals and names here: a test names no other address (a private
     # network's literal is dialed as loopback's is, by the same ipaddress check)
     addresses = ["attacker.example:80", "127.0.0.1:9", "[::1]:9", "localhost:9"]
-    code = PairingCode.create(
-        sign_pk=keys.sign_pk,
-        box_pk=keys.box_pk,
-        name="laptop",
-        addresses=addresses,
-        now_s=now,
-        ttl_s=600,
-    )
+    code = PairingCode.create(sign_pk=keys.sign_pk, addresses=[], now_s=now, ttl_s=600)
+    # a code holds IP literals only (as bytes): names are left out when it is made
+    both = replace(code, addresses=tuple(addresses))
+    assert PairingCode.decode(both.encode()).addresses == ("127.0.0.1:9", "[::1]:9")
+    assert both.local_addresses() == ["127.0.0.1:9", "[::1]:9"]
     dialed: list[list[str]] = []
     with pytest.raises(PairingError):
-        approve_with(code.encode(), dialed, now)
+        approve_with(both.encode(), dialed, now)
     assert dialed == [["127.0.0.1:9", "[::1]:9"]]  # literals only: names are not resolved
-    public = PairingCode.create(
-        sign_pk=keys.sign_pk,
-        box_pk=keys.box_pk,
-        name="laptop",
-        addresses=[addresses[0], addresses[3]],
-        now_s=now,
-        ttl_s=600,
-    )
+    public = replace(code, addresses=(addresses[0], addresses[3]))
     dialed.clear()
     with pytest.raises(PairingError, match="--connect"):
         approve_with(public.encode(), dialed, now)
     assert dialed == []
+
+
+def test_a_pairing_code_fits_one_line_and_an_old_one_is_refused_by_name() -> None:
+    from p2p.proto.pairing import OutdatedCode, PairingCode, to_text
+    from p2p.proto.wire import pack
+
+    keys = DeviceKeys.generate()
+    one = PairingCode.create(
+        sign_pk=keys.sign_pk, addresses=["127.0.0.1:41000"], now_s=1_800_000_000, ttl_s=600
+    )
+    assert len(one.encode()) == 71
+    assert PairingCode.decode(one.encode()) == one
+    assert one.device_id == keys.device_id
+    # a wildcard listener's many addresses: as many as keep the text on one 80-column line
+    many = [f"127.0.0.{i}:41000" for i in range(1, 9)]
+    cut = PairingCode.create(sign_pk=keys.sign_pk, addresses=many, now_s=0, ttl_s=600)
+    assert len(cut.encode()) <= 80
+    assert cut.addresses == tuple(many[:2])
+    old = to_text("P2P1:", pack([1, keys.sign_pk, keys.box_pk, bytes(16), 0, "laptop", []]))
+    with pytest.raises(OutdatedCode, match="new one"):
+        PairingCode.decode(old)
+
+
+def test_a_device_whose_key_is_not_the_one_its_code_names_is_not_linked() -> None:
+    """The code names the device by its id only: a device answering with another key
+    (someone who read the code, and so knows its secret) is refused before anything is
+    asked or changed, even though it passes the secret's MAC."""
+    from test_chaos_fuzz import pipe
+
+    from p2p.proto.pairing import PairingCode, PairingError
+    from p2p.runtime.linking import Parts, accept, approve
+    from p2p.storage.memory import MemoryStore
+
+    phone, _ = DeviceState.create_account("phone")
+    shown = DeviceKeys.generate()
+    code = PairingCode.create(sign_pk=shown.sign_pk, addresses=[], now_s=0, ttl_s=600)
+    version = phone.device_list.version
+    asked: list[str] = []
+
+    async def confirm(digits: str) -> bool:
+        asked.append(digits)
+        return True
+
+    async def persist(batch: object) -> None:
+        raise AssertionError("nothing is written")
+
+    async def history(space: str) -> bytes:
+        raise AssertionError("no history is sent")
+
+    async def write(batch: object) -> None:
+        return None
+
+    async def main() -> None:
+        ours, theirs = pipe()
+        errors: list[P2PError] = []
+
+        async def impostor() -> None:
+            with contextlib.suppress(P2PError, trio.EndOfChannel, trio.BrokenResourceError):
+                await accept(
+                    DeviceKeys.generate(), "laptop", code, theirs, Parts(MemoryStore()),
+                    write=write, show_check=lambda digits: None,
+                )  # fmt: skip
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(impostor)
+                try:
+                    await approve(
+                        phone, code, ours,
+                        confirm=confirm, persist=persist, history=history, now_ms=0,
+                    )  # fmt: skip
+                except PairingError as exc:
+                    errors.append(exc)
+                finally:
+                    await ours.aclose()
+                    await theirs.aclose()
+        assert len(errors) == 1
+        assert "not the one its code names" in str(errors[0])
+
+    trio.run(main)
+    assert asked == []
+    assert phone.device_list.version == version
 
 
 def test_every_device_of_the_account_reports_a_new_device() -> None:

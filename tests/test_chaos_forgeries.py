@@ -25,7 +25,6 @@ applied, and that a genuine input of each door is still accepted (the control).
 from __future__ import annotations
 
 import base64
-import hashlib
 import random
 from collections import Counter
 from collections.abc import Callable
@@ -41,7 +40,7 @@ from test_fuzz_inputs import mutate
 from p2p.errors import P2PError, RemovedDevice, RollbackRefused
 from p2p.proto import envelope
 from p2p.proto.identity import DeviceKeys
-from p2p.proto.pairing import PREFIX, PairingCode
+from p2p.proto.pairing import OLD_PREFIXES, PREFIX, PairingCode
 from p2p.proto.relay_protocol import decode_client, decode_server, encode_client, encode_server
 from p2p.proto.session import (
     SessionState,
@@ -414,16 +413,13 @@ def forge_versions(w: World, ledger: Ledger) -> None:
         w.laptop.offer_device_list(w.older_list)
     ledger.outcome("downgraded", rejected=True, applied=w.fingerprint() != before,
                    error="RollbackRefused")  # fmt: skip
-    # pairing codes of another version, with a valid checksum
+    # pairing codes of the earlier format (its prefix), with a valid checksum
     keys = DeviceKeys.generate()
-    code = PairingCode.create(sign_pk=keys.sign_pk, box_pk=keys.box_pk, name="x",
-                              addresses=[], now_s=0, ttl_s=600)  # fmt: skip
+    code = PairingCode.create(sign_pk=keys.sign_pk, addresses=[], now_s=0, ttl_s=600)
     body = code.encode()[len(PREFIX) :]
-    payload = msgpack.unpackb(base64.b32decode(body + "=" * (-len(body) % 8))[:-4])
-    for v in (0, 2):
-        raw = msgpack.packb([v, *payload[1:]], use_bin_type=True)
-        check = hashlib.blake2b(raw, digest_size=4, person=b"p2p-code").digest()
-        text = PREFIX + base64.b32encode(raw + check).decode().rstrip("=")
+    raw = base64.b32decode(body + "=" * (-len(body) % 8))
+    for prefix in OLD_PREFIXES:
+        text = prefix + base64.b32encode(raw).decode().rstrip("=")
         ledger.attempt("downgraded", lambda t=text: PairingCode.decode(t), nothing)
     # relay messages of another version
     for encode, decode, kind, fields in (

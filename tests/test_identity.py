@@ -384,3 +384,43 @@ def test_device_id_is_short_hash_of_signing_key(account: AccountKey) -> None:
     assert keys.device_id == short_id(keys.sign_pk)
     assert len(keys.device_id) == 16
     assert companion(account, keys).device_id == keys.device_id
+
+
+def test_a_link_in_progress_lists_nobody_and_no_later_list_reuses_its_version() -> None:
+    """The primary signs the list adding a new device before sending it, but adopts it
+    only when the device confirms its history. Whatever it signs meanwhile skips that
+    version: a device that kept the unadopted list holds an older list, never a fork."""
+    from test_sync_session import new_account
+
+    from p2p.state.device import DeviceState
+    from p2p.storage.memory import MemoryStore
+
+    phone, [laptop] = new_account("laptop")
+    entry = DeviceEntry.of(
+        DeviceKeys.generate(), phone.device_list.account_pk, "tablet", "companion"
+    )
+    base = phone.device_list
+    bundle, proposed, batch = phone.propose_enrollment(entry)
+    assert phone.device_list is base  # nobody listed yet
+    assert entry.device_id in proposed.ids
+    assert bundle.device_list == proposed.encode()
+    assert proposed.version == base.version + 1
+    assert set(batch.records) == {"account/floor"}
+    # the link is abandoned; the primary unlinks the laptop: a version past the proposal's
+    phone.unlink(laptop.device_id)
+    assert phone.device_list.version == proposed.version + 1
+    assert accept_device_list(proposed, phone.device_list) is phone.device_list
+    # a link that completes after such a change adds the device to the current list
+    phone.adopt_enrollment(base, proposed, entry)
+    assert entry.device_id in phone.device_list.ids
+    assert laptop.device_id in phone.device_list.removed_ids
+    assert phone.device_list.version == proposed.version + 2
+    # the floor survives a restart
+    store = MemoryStore()
+    fresh, created = DeviceState.create_account("phone")
+    store.write(created)
+    for name in ("web", "desk"):  # two links, neither completed
+        new = DeviceEntry.of(DeviceKeys.generate(), fresh.device_list.account_pk, name, "companion")
+        _, _, floor = fresh.propose_enrollment(new)
+    store.write(floor)
+    assert DeviceState.load(store).list_floor == fresh.device_list.version + 2

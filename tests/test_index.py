@@ -50,6 +50,18 @@ class Device:
             store.write(batch)
 
 
+OPENED: list[Store] = []
+"""Every SQLite store :func:`account` opened, closed after each test (Python 3.13 warns
+about a connection left to the garbage collector, and warnings fail the suite)."""
+
+
+@pytest.fixture(autouse=True)
+def _close_stores() -> Iterator[None]:
+    yield
+    while OPENED:
+        OPENED.pop().close()
+
+
 def account(n: int, folder: Path) -> list[Device]:
     """A primary and ``n - 1`` companions that all hold the final device list."""
     phone, batch = DeviceState.create_account("phone")
@@ -64,7 +76,9 @@ def account(n: int, folder: Path) -> list[Device]:
     devices = []
     for i, (state, batch) in enumerate(zip(states, batches, strict=True)):
         newer = state.offer_device_list(phone.device_list.encode())
-        device = Device(state, [SqliteStore(folder / f"{i}.db"), MemoryStore()])
+        store = SqliteStore(folder / f"{i}.db")
+        OPENED.append(store)
+        device = Device(state, [store, MemoryStore()])
         device.commit(p2p.state.device.merge_batches([batch, newer or WriteBatch()]))
         devices.append(device)
     return devices
@@ -227,7 +241,9 @@ def test_entries_of_a_device_learned_later_are_shown_after_the_list_grows(
     keys = DeviceKeys.generate()
     bundle, _ = phone.enroll(keys, "laptop")
     laptop_state, laptop_batch = DeviceState.from_enrollment(keys, "laptop", bundle)
-    laptop = Device(laptop_state, [SqliteStore(tmp_path / "l.db"), MemoryStore()])
+    laptop_store = SqliteStore(tmp_path / "l.db")
+    OPENED.append(laptop_store)
+    laptop = Device(laptop_state, [laptop_store, MemoryStore()])
     laptop.commit(laptop_batch)
     tablet_keys = DeviceKeys.generate()
     tablet_bundle, _ = phone.enroll(tablet_keys, "tablet")  # the laptop's list lacks it

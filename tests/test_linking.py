@@ -134,11 +134,14 @@ def test_bad_codes_are_refused_and_nothing_is_linked(tmp_path: Path, primary: Pa
 
 
 class CuttingProxy:
-    """Forwards one connection to ``target``, cutting it after ``limit`` bytes downstream."""
+    """Forwards one connection to ``target``, cutting it after ``limit`` bytes downstream
+    (``stall``: holding the rest back instead, the connection left open until the target
+    end closes)."""
 
-    def __init__(self, target: str, limit: int) -> None:
+    def __init__(self, target: str, limit: int, *, stall: bool = False) -> None:
         self.target = target
         self.limit = limit
+        self.stall = stall
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.forwarded = 0
@@ -161,6 +164,8 @@ class CuttingProxy:
                     if data:
                         dst.sendall(data)
                     if counted and self.forwarded >= self.limit:
+                        if self.stall:
+                            return  # the other direction closes both when the target ends
                         break
             except OSError:
                 pass
@@ -199,6 +204,42 @@ def test_history_transfer_cut_at_half_resumes_without_resending(
     got = log(tmp_path / "laptop")
     assert len(got) == 3000
     assert len({m["id"] for m in got}) == 3000
+    assert got == log(primary)
+
+
+def test_a_link_killed_midway_leaves_no_device_listed_and_a_retry_links(
+    tmp_path: Path, primary: Path
+) -> None:
+    """The new device is SIGKILLed with half its history received: the primary's list
+    does not hold it (it is listed only once it confirms the whole history), nothing
+    counts against the companion limit, and the device, started again, links."""
+    laptop = tmp_path / "laptop"
+    linker = Linker(laptop, "laptop")
+    target = PairingCode.decode(linker.code).addresses[0]
+    proxy = CuttingProxy(target, limit=600_000, stall=True)  # about half, then held
+    approving = Child(
+        [*P2P, "--home", str(primary), "approve", linker.code, "--yes", "--connect", proxy.address],
+        logs=tmp_path,
+    )
+    try:
+        wait_until(
+            lambda: any(e.get("event") == "progress" and e["done"] > 0 for e in linker.events),
+            timeout=30,
+        )
+        linker.kill()  # SIGKILL, in the middle of the history
+        assert approving.wait(timeout=90) == 1
+    finally:
+        approving.kill()
+    assert [d["role"] for d in devices(primary)] == ["primary"]  # no phantom laptop
+    retry = Linker(laptop, "laptop")  # the same device: its keys were kept
+    assert retry.device == linker.device
+    linked = run_p2p(primary, "approve", retry.code, "--yes", "--json")
+    assert json.loads(linked.stdout.splitlines()[-1])["event"] == "linked"
+    assert retry.wait() == 0
+    assert retry.device in {d["id"] for d in devices(primary)}
+    assert len(devices(primary)) == 2
+    got = log(laptop)
+    assert len(got) == 3000
     assert got == log(primary)
 
 

@@ -3,6 +3,7 @@ sent while the phone is off, a transfer cut by SIGKILL and resumed, fetch on dem
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -54,7 +55,7 @@ def test_file_sent_while_phone_is_off_arrives_and_a_cut_transfer_resumes(
                 break
             phone.events.clear()
         phone.kill()
-        with sqlite3.connect(phone_home / "media.db") as db:
+        with contextlib.closing(sqlite3.connect(phone_home / "media.db")) as db, db:
             held = db.execute("SELECT count(*) FROM chunks").fetchone()[0]
         assert total // 2 <= held < total  # a real cut: part stored, part missing
         rows = log(phone_home)  # the text came first, and says what is missing

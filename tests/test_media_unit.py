@@ -5,6 +5,7 @@ file (damaged rows, foreign files, eviction, SIGKILL while writing)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import sqlite3
@@ -269,7 +270,8 @@ def test_blob_store_keeps_checks_and_drops_damaged_chunks(tmp_path: Path) -> Non
     store.put_chunks([(hashes[0], chunks[0])], own=False, now_ms=2)  # stored once
     assert store.chunk(hashes[1]) == chunks[1]
     store.close()
-    with sqlite3.connect(tmp_path / "media.db") as db:  # the disk damages one chunk
+    # the disk damages one chunk
+    with contextlib.closing(sqlite3.connect(tmp_path / "media.db")) as db, db:
         db.execute("UPDATE chunks SET data = ? WHERE hash = ?", (b"rot" + chunks[0][3:], hashes[0]))
         assert db.execute("SELECT count(*) FROM chunks").fetchone()[0] == 2
     store = BlobStore(tmp_path / "media.db")
@@ -285,7 +287,7 @@ def test_blob_store_refuses_a_foreign_file(tmp_path: Path) -> None:
     (tmp_path / "junk.db").write_bytes(b"not sqlite at all" * 100)
     with pytest.raises(StoreCorrupt):
         BlobStore(tmp_path / "junk.db")
-    with sqlite3.connect(tmp_path / "other.db") as db:
+    with contextlib.closing(sqlite3.connect(tmp_path / "other.db")) as db, db:
         db.execute("CREATE TABLE t (x)")
     with pytest.raises(StoreCorrupt):
         BlobStore(tmp_path / "other.db")
@@ -337,7 +339,7 @@ def test_sigkill_while_writing_leaves_no_torn_chunk(tmp_path: Path) -> None:
     finally:
         writer.kill()
     store = BlobStore(path)
-    with sqlite3.connect(path) as db:
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
         hashes = [r[0] for r in db.execute("SELECT hash FROM chunks")]
     assert len(hashes) >= 20
     for digest in hashes:
@@ -364,9 +366,8 @@ def test_a_peer_asking_for_too_much_at_once_is_refused() -> None:
             return True
 
     woken: list[str] = []
-    media = MediaService(
-        BlobStore(None), Host(), wall_ms=lambda: 0, emit=lambda e: None, wake=woken.append
-    )  # type: ignore[arg-type]
+    blobs = BlobStore(None)
+    media = MediaService(blobs, Host(), wall_ms=lambda: 0, emit=lambda e: None, wake=woken.append)  # type: ignore[arg-type]
     assert media.frame_in("peer", "ask", {"h": h(1)}) is None  # not a registered peer
     media.observe(ev.PeerConnected(device="peer", remote="x"))
     frame = {"h": b"".join(h(i) for i in range(MEDIA_WANT_MAX))}
@@ -383,6 +384,7 @@ def test_a_peer_asking_for_too_much_at_once_is_refused() -> None:
     kind, fields = media.next_out("peer")  # type: ignore[misc]
     assert kind == "nohave"
     assert len(fields["h"]) == 32 * MEDIA_WANT_MAX
+    blobs.close()
 
 
 @pytest.mark.slow

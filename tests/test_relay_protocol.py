@@ -294,6 +294,7 @@ def test_mailbox_sender_quota(tmp_path: Path) -> None:
     assert box.post(recipients[0], a, bytes(16), b"x" * 1000, now=1) == "posted"
     assert box.post(recipients[1], a, bytes(16), b"x" * 1000, now=1) == "sender_quota"
     assert box.post(recipients[1], recipients[2], bytes(16), b"x" * 1000, now=1) == "posted"
+    box.close()
 
 
 def test_mailbox_counts_items_per_sender_and_in_total_and_refuses_empty_mail(

@@ -5,8 +5,11 @@ own home folder, on loopback as the guide's "one machine" notes say), and the li
 after a command are what it must print. Ids, digits, ``<placeholders>`` and ``...`` in
 the shown output stand for whatever the real run prints there; everything else must be
 the same. A block with no command shows more of what the long-running commands
-(``p2p run``, ``p2p link``) print. ``P2P1:...`` and ``P2PC1:...`` in a command are the
+(``p2p run``, ``p2p link``) print. ``P2P2:...`` and ``P2PC2:...`` in a command are the
 pairing code and contact code printed last. So the guides cannot drift from the command.
+
+The codes' QR codes are checked against an 80x24 terminal here too, and read back by a
+QR decoder from an image of the characters printed.
 """
 
 from __future__ import annotations
@@ -19,14 +22,18 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import P2P, Lines
+import zxingcpp
+from procs import P2P, Lines, Node, p2p
+
+from p2p.proto.contacts import ContactCode
+from p2p.proto.pairing import PairingCode
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = re.compile(r"^(\w+)\$\s+(.*)$")
 TOKEN = re.compile(
-    r"(\.\.\.|<[^>]+>|\[✓✓\]|P2PC?1:[A-Z2-7=]+|\b[a-z2-7]{16}\b|\b[0-9a-f]{20}\b|\d+)"
+    r"(\.\.\.|<[^>]+>|\[✓✓\]|P2PC?2:[A-Z2-7=]+|\b[a-z2-7]{16}\b|\b[0-9a-f]{20}\b|\d+)"
 )
 READING = {"log", "status", "devices", "chats", "contacts"}
 """Commands that only read: retried until they show what the guide shows (sync takes a
@@ -46,7 +53,7 @@ def pattern(shown: str) -> re.Pattern[str]:
         elif token == "[✓✓]":
             out.append(r"\[(✓|✓✓|read)\]")
         elif token.startswith("P2P"):
-            out.append(r"P2PC?1:[A-Z2-7=]+")
+            out.append(r"P2PC?2:[A-Z2-7=]+")
         elif re.fullmatch(r"[a-z2-7]{16}|[0-9a-f]{20}", token) and not token.isdigit():
             out.append(r"[0-9a-z]{16,20}")  # a device, account, chat or message id
         elif token.isdigit():
@@ -106,7 +113,7 @@ class Walk:
         assert args[0] == "p2p", f"not a p2p command: {command}"
         args = args[1:]
         for i, arg in enumerate(args):
-            if arg.startswith(("P2P1:", "P2PC1:")) and arg.endswith("..."):
+            if arg.startswith(("P2P2:", "P2PC2:")) and arg.endswith("..."):
                 args[i] = self.code(terminal, arg.split(":")[0] + ":")
         # the guides' "one machine" notes: stay on loopback
         if args[0] in ("run", "link") and "--listen" not in args:
@@ -208,3 +215,82 @@ def test_lan_two_terminals_runs_as_written(tmp_path: Path) -> None:
 
 def test_readme_walkthroughs_run_as_written(tmp_path: Path) -> None:
     walk(tmp_path, ROOT / "README.md", commands_only=True)
+
+
+# ---- the codes on an 80x24 terminal --------------------------------------------------
+
+QR_CHARS = set("█▀▄")
+
+
+def qr_rows(lines: list[str]) -> list[str]:
+    """The printed QR code: the run of lines drawn with block characters."""
+    rows = [line for line in lines if set(line) & QR_CHARS]
+    first = lines.index(rows[0])
+    assert lines[first : first + len(rows)] == rows, "the QR code is cut by other lines"
+    return rows
+
+
+def scan(rows: list[str]) -> str:
+    """Read a QR code back from the characters a terminal shows: each character is two
+    modules (top, bottom), drawn light where the glyph is (a light-on-dark terminal),
+    8 pixels a module, on a dark margin; then a QR decoder reads the image (no
+    inversion tried: the light quiet zone must be where the code put it)."""
+    top = {" ": 0, "▀": 255, "▄": 0, "█": 255}
+    bottom = {" ": 0, "▀": 0, "▄": 255, "█": 255}
+    width = max(len(r) for r in rows)
+    modules = []
+    for row in rows:
+        row = row.ljust(width)
+        modules.append([top[c] for c in row])
+        modules.append([bottom[c] for c in row])
+    scale, margin = 8, 16
+    cols = width * scale + 2 * margin
+    pixels = bytearray(cols * margin)
+    for line in modules:
+        row_px = bytes(margin) + b"".join(bytes([v]) * scale for v in line) + bytes(margin)
+        pixels += row_px * scale
+    pixels += bytes(cols * margin)
+    height = len(pixels) // cols
+    image = memoryview(bytes(pixels)).cast("B", (height, cols))
+    [found] = zxingcpp.read_barcodes(image, try_invert=False)
+    return str(found.text)
+
+
+def check_screen(lines: list[str], code: str) -> None:
+    rows = qr_rows(lines)
+    assert len(rows) <= 22, f"the QR code is {len(rows)} rows"
+    assert max(len(r) for r in rows) <= 80, "the QR code is wider than 80 columns"
+    assert code in lines  # the text on a line of its own
+    assert scan(rows) == code
+
+
+def test_the_codes_fit_an_80x24_terminal_and_scan(tmp_path: Path) -> None:
+    ana, laptop = tmp_path / "ana", tmp_path / "laptop"
+    p2p(ana, "init", "--name", "ana-phone")
+    node = Node(ana, "--listen", "127.0.0.1:0", "--no-mdns")
+    link = Lines(laptop, "link", "--name", "laptop", "--listen", "127.0.0.1:0")
+    try:
+        # the contact code of a running node: the account key and where it listens
+        shown = p2p(ana, "contact", "code").stdout.splitlines()
+        code = shown[-1]
+        assert code.startswith("P2PC2:")
+        assert len(code) <= 114
+        assert ContactCode.decode(code).addresses == (node.address,)
+        check_screen(shown, code)
+        assert len(shown) <= 23
+        # the pairing code: what `p2p link` shows before it waits, on one screen
+        link.wait_for("waiting for the primary", timeout=30)
+        screen = link.seen
+        code = next(line for line in screen if line.startswith("P2P2:"))
+        assert len(code) <= 80
+        [address] = PairingCode.decode(code).addresses
+        assert address.startswith("127.0.0.1:")
+        check_screen(screen, code)
+        assert len(screen) <= 24
+        # and it links
+        done = p2p(ana, "approve", code, "--yes")
+        assert "linked laptop" in done.stdout
+        link.wait_for("linked: this device", timeout=30)
+    finally:
+        link.close()
+        node.kill()

@@ -570,7 +570,7 @@ def _warn_new_device(code_text: str, connect: str | None) -> None:
         return  # approving reports it
     where = connect or ", ".join(code.local_addresses()) or "no local address"
     say(
-        f"a device named {code.name!r} ({code.device_id}) at {where} asks to join your account.",
+        f"device {code.device_id} at {where} asks to join your account.",
         "It will read every chat and send as you. Approve only a device you are holding now,",
         "that showed this code itself; if someone sent you this code, say no.",
         file=sys.stderr,

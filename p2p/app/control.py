@@ -8,7 +8,7 @@ request per connection, one JSON reply, both a single line of at most
     {"op": "log", "chat": null, "mark_read": false} -> {"ok": true, "messages": [...],
                                                         "names": {id: name}}
     {"op": "status"}                                -> {"ok": true, "status": {...}}
-    {"op": "contact_code"}                          -> {"ok": true, "code": "P2PC1:..."}
+    {"op": "contact_code"}                          -> {"ok": true, "code": "P2PC2:..."}
     {"op": "contact_add", "code": "...", "name": null} -> {"ok": true, "id": "...",
                                                            "name": "..."}
     {"op": "contacts"}                              -> {"ok": true, "contacts": [...]}

@@ -78,7 +78,11 @@ class BlobStore:
         except BaseException:
             self._w.close()
             raise
-        self._secret = self._load_secret()
+        try:
+            self._secret = self._load_secret()
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def in_memory(self) -> bool:

@@ -1,12 +1,20 @@
 """Contact codes: what one account gives another so they can share conversations.
 
-A contact code carries the account's signed device list (its public key, and every
-device with the keys to seal a conversation key to it), its contact key (with which a
-contact's devices prove, in the hello, that they hold the code), a suggested name and
-where its devices can be met (relay URLs, LAN addresses). Text form: ``P2PC1:`` + base32 of
-``msgpack payload || checksum``, like pairing codes (``p2p.proto.pairing``); a mistyped or
-altered code fails the checksum, and a list not signed by the key it names fails its
-signature.
+A contact code carries the account's public key (the trust anchor: every device list
+of the account must be signed by it), its contact key (with which a contact's devices
+prove, in the hello, that they hold the code), the id of its primary device (so that a
+relay can say when it is online) and, when it is small, where that device listens (one
+IP literal). Its device list is not in it: the first connection brings it
+(``p2p.proto.session``: the peer's ``ident`` carries it), and it is taken only if that key signed
+it (``DeviceState.follow``); a forged list or one of another account is refused
+(DeviceListError / NotOurAccount). That keeps the code short: its text is about 110
+characters, its QR code 41 by 41 modules (21 rows of a terminal).
+
+Layout (``encode``): ``account key (32) || contact key (12) || primary id (10) ||
+hosts`` (``p2p.proto.pairing.pack_hosts``). Text form: ``P2PC2:`` + base32 of ``payload ||
+checksum``, like pairing codes; a mistyped or altered code fails the checksum, and a
+code of the earlier format (``P2PC1:``, a whole signed device list inside) is refused
+as :class:`OutdatedContactCode`.
 
 A code is public: it proves nothing about who hands it over. Trust comes from how it
 reached you (in person, as a QR code, over a channel you trust), as with any contact
@@ -19,82 +27,87 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
-from p2p.errors import ContactError, DeviceListError, P2PError
-from p2p.proto.identity import MAX_NAME, DeviceList
-from p2p.proto.pairing import from_text, to_text
-from p2p.proto.wire import pack, unpack
+from p2p.errors import ContactError
+from p2p.proto.identity import short_id
+from p2p.proto.pairing import (
+    ID_SIZE,
+    device_id_bytes,
+    device_id_text,
+    from_text,
+    pack_hosts,
+    to_text,
+    unpack_hosts,
+)
 
-PREFIX: Final = "P2PC1:"
-CODE_VERSION: Final = 1
-MAX_CODE: Final = 96 * 1024
-MAX_PLACES: Final = 8
+PREFIX: Final = "P2PC2:"
+OLD_PREFIXES: Final = ("P2PC1:",)
+KEY_SIZE: Final = 12
+"""Bytes of a contact key: 96 bits, which no one guesses online (each guess is a
+connection) nor offline from a captured hello (its tags are keyed over fresh nonces)."""
+MAX_CODE: Final = 512
+MAX_TEXT: Final = 114
+"""The longest text a new code is given: what a version-4 QR code (33 modules, 41 with
+its quiet zone: 21 terminal rows) holds at error level L. An address that would take
+it past this is left out (the relay and mDNS still find the devices)."""
+_FIXED: Final = 32 + KEY_SIZE + ID_SIZE
 
 
 class MalformedContactCode(ContactError):
-    """Not a contact code: prefix, encoding, checksum, fields or signature are wrong."""
+    """Not a contact code: prefix, encoding, checksum or fields are wrong."""
+
+
+class OutdatedContactCode(MalformedContactCode):
+    """A contact code of an earlier format: ask the contact for a new one."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class ContactCode:
-    device_list: bytes
-    """The account's signed device list, encoded."""
+    account_pk: bytes
+    """The account's public key: the device lists its devices show must be signed by it."""
     key: bytes = field(repr=False)
     """The account's contact key (``DeviceState.contact_key``): what lets a contact's
     devices meet ours before any conversation is shared."""
-    name: str
-    relays: tuple[str, ...] = ()
+    primary: str
+    """The id of the account's primary device: a relay reports when it is online."""
     addresses: tuple[str, ...] = ()
 
     @property
     def account_id(self) -> str:
-        return DeviceList.decode(self.device_list).account_id
+        return short_id(self.account_pk)
 
     def encode(self) -> str:
-        payload = pack(
-            [
-                CODE_VERSION,
-                self.device_list,
-                self.key,
-                self.name,
-                list(self.relays[:MAX_PLACES]),
-                list(self.addresses[:MAX_PLACES]),
-            ]
+        payload = (
+            self.account_pk + self.key + device_id_bytes(self.primary) + pack_hosts(self.addresses)
         )
-        return to_text(PREFIX, payload)
+        text = to_text(PREFIX, payload)
+        if len(text) > MAX_TEXT and self.addresses:  # the address is only a hint
+            text = to_text(PREFIX, payload[:_FIXED] + pack_hosts(()))
+        return text
 
     @classmethod
     def decode(cls, text: str) -> ContactCode:
-        """Parse and check a code; MalformedContactCode for anything else."""
-        payload = from_text(PREFIX, text, MAX_CODE, MalformedContactCode, "contact code")
-        try:
-            value = unpack(payload, what="contact code")
-            version, device_list, key, name, relays, addresses = value
-        except (P2PError, ValueError, TypeError) as exc:
-            raise MalformedContactCode("the contact code's fields are malformed") from exc
-        ok = (
-            version == CODE_VERSION
-            and isinstance(device_list, bytes)
-            and isinstance(key, bytes)
-            and len(key) == 32
-            and isinstance(name, str)
-            and 0 < len(name) <= MAX_NAME
-            and isinstance(relays, list)
-            and isinstance(addresses, list)
-            and len(relays) <= MAX_PLACES
-            and len(addresses) <= MAX_PLACES
-            and all(isinstance(p, str) and 0 < len(p) <= 256 for p in relays + addresses)
+        """Parse a code; MalformedContactCode for anything else (OutdatedContactCode
+        for one of the earlier format)."""
+        payload = from_text(
+            PREFIX,
+            text,
+            MAX_CODE,
+            MalformedContactCode,
+            "contact code",
+            OLD_PREFIXES,
+            OutdatedContactCode,
         )
-        if not ok:
+        if len(payload) < _FIXED + 1:
             raise MalformedContactCode("the contact code's fields are malformed")
         try:
-            dl = DeviceList.decode(device_list)
-            dl.verify(dl.account_pk)
-        except (P2PError, DeviceListError) as exc:
-            raise MalformedContactCode(f"the contact code's device list is invalid: {exc}") from exc
+            addresses = unpack_hosts(payload[_FIXED:])
+        except ValueError as exc:
+            raise MalformedContactCode(
+                f"the contact code's addresses are malformed: {exc}"
+            ) from exc
         return cls(
-            device_list=device_list,
-            key=key,
-            name=name,
-            relays=tuple(relays),
+            account_pk=payload[:32],
+            key=payload[32 : 32 + KEY_SIZE],
+            primary=device_id_text(payload[32 + KEY_SIZE : _FIXED]),
             addresses=tuple(addresses),
         )

@@ -272,16 +272,27 @@ class DeviceList:
         return replace(unsigned, signature=account.sign(DOMAIN_DEVICE_LIST, unsigned._body()))
 
     def with_device(
-        self, account: AccountKey, entry: DeviceEntry, grant: Granter | None = None
+        self,
+        account: AccountKey,
+        entry: DeviceEntry,
+        grant: Granter | None = None,
+        *,
+        version: int | None = None,
     ) -> DeviceList:
-        """A new version with ``entry`` added (refused past the companion limit)."""
+        """A new version with ``entry`` added (refused past the companion limit);
+        ``version`` (default: the next) may skip versions signed and never adopted."""
         if entry.device_id in self.ids or entry.device_id in self.removed_ids:
             raise DeviceListError(f"device {entry.device_id} is already known to this account")
-        grown = replace(self, version=self.version + 1, devices=(*self.devices, entry))
+        grown = replace(self, version=self._next(version), devices=(*self.devices, entry))
         return grown._with_grants(grant).signed(account)
 
     def without_device(
-        self, account: AccountKey, device_id: str, grant: Granter | None = None
+        self,
+        account: AccountKey,
+        device_id: str,
+        grant: Granter | None = None,
+        *,
+        version: int | None = None,
     ) -> DeviceList:
         """A new version with ``device_id`` moved to ``removed`` (no grant for it)."""
         entry = self.entry(device_id)
@@ -289,9 +300,16 @@ class DeviceList:
             raise DeviceListError("the primary cannot be removed")
         kept = tuple(d for d in self.devices if d.device_id != device_id)
         shrunk = replace(
-            self, version=self.version + 1, devices=kept, removed=(*self.removed, entry)
+            self, version=self._next(version), devices=kept, removed=(*self.removed, entry)
         )
         return shrunk._with_grants(grant).signed(account)
+
+    def _next(self, version: int | None) -> int:
+        if version is None:
+            return self.version + 1
+        if version <= self.version:
+            raise DeviceListError(f"version {version} is not newer than {self.version}")
+        return version
 
     def _with_grants(self, grant: Granter | None) -> DeviceList:
         if grant is None:

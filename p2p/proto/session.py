@@ -123,6 +123,8 @@ class LocalDevice(Protocol):
 
     def list_of(self, account_id: str) -> DeviceList | None: ...
 
+    def account_key_of(self, account_id: str) -> bytes | None: ...
+
     def grants_for(self, device_id: str, device_list: DeviceList | None = None) -> list[bytes]: ...
 
     @property
@@ -558,15 +560,22 @@ class Session:
             theirs = DeviceList.decode(frame["list"])
         except WireError as exc:
             raise DeviceListError(f"peer's device list is malformed: {exc}") from exc
-        # our own account, or one we follow (a contact, a conversation's member)
+        # our own account, or one we follow (a contact, a conversation's member), or a
+        # contact whose code we took and whose list this first meeting brings
         ours = self.local.list_of(theirs.account_id)
-        if ours is None:
+        account_pk = self.local.account_key_of(theirs.account_id)
+        if account_pk is None:
             raise NotOurAccount("the peer's account is neither ours nor one we follow")
         own_account = ours is self.local.device_list
-        theirs.verify(ours.account_pk)  # DeviceListError: forged
-        if theirs.version == ours.version and theirs.signature != ours.signature:
-            raise DeviceListError(f"two different device lists claim version {ours.version}")
-        newest = theirs if theirs.version > ours.version else ours
+        theirs.verify(account_pk)  # DeviceListError: forged, or not the code's account
+        forked = (
+            ours is not None
+            and theirs.version == ours.version
+            and theirs.signature != ours.signature
+        )
+        if forked:
+            raise DeviceListError(f"two different device lists claim version {theirs.version}")
+        newest = theirs if ours is None or theirs.version > ours.version else ours
         if newest is theirs:
             out.append(DeviceListIn(frame["list"]))
         peer = frame["dev"]
@@ -576,7 +585,7 @@ class Session:
         if entry.role == "companion" and not (self.local.is_primary and own_account):
             # companions are accepted only while their primary vouches for them; our
             # primary itself always answers ours, to renew
-            check_lease(frame["lease"], ours.account_pk, peer, self.wall_ms)
+            check_lease(frame["lease"], account_pk, peer, self.wall_ms)
         role = b"R" if self.initiator else b"I"
         try:
             verify(entry.sign_pk, DOMAIN_HANDSHAKE, role + self._transcript(), frame["sig"])

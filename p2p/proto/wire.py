@@ -97,8 +97,11 @@ SCHEMA: Final[dict[str, dict[str, Field]]] = {
         "acct": Field(_B, 32),  # the account key the new device is asked to join
     },
     "lauth": {
+        "pk": Field(_B, 32),  # the new device's signing key: its id is the one in the code
+        "bpk": Field(_B, 32),  # its box key (grants are sealed to it)
+        "name": Field(_S, 64),  # its name (identity.MAX_NAME)
         "eph": Field(_B, 32),  # the new device's ephemeral X25519 key
-        "sig": Field(_B, 64),  # by the key in the code, over the transcript so far
+        "sig": Field(_B, 64),  # by "pk", over the transcript so far, "bpk" and "name"
         "pop": Field(_B, 64),  # its consent to be listed by "acct" (identity.possession_proof)
     },
     "lhave": {"have": Field(_B, 64 * KiB)},  # history parts kept from an earlier try

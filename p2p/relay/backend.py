@@ -109,8 +109,10 @@ class SqliteMailStore:
         return len(self.mailbox), self.mailbox.total_bytes
 
     async def aclose(self) -> None:
-        await trio.lowlevel.checkpoint()
+        # closed before the checkpoint: a relay stopping by cancellation calls this in
+        # a cancelled ``finally``, where the checkpoint raises at once
         self.mailbox.close()
+        await trio.lowlevel.checkpoint()
 
 
 def parse_redis_url(url: str) -> tuple[str, int, int]:

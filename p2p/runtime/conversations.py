@@ -19,8 +19,10 @@ Rules it keeps:
   session it came on.
 - **Rotation.** After a member leaves, the one device the state designates starts a new
   epoch without it (one rotation per chat at a time) and grants it to every reader.
-- **Contacts** live in our account space, so every device of ours learns them; their
-  device lists are followed, and the relays watch their devices.
+- **Contacts** live in our account space, so every device of ours learns them; the
+  relays watch their devices (the primary the code names, until the first connection
+  brings the list), and that first list of a contact brings its devices our grants of
+  every conversation with it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from p2p.runtime.membership import Membership
 from p2p.runtime.peers import Peer, Peers
 from p2p.runtime.writer import Writer
 from p2p.state.device import DeviceState, Space
+from p2p.transport.base import TransportError
 
 log = logging.getLogger("p2p.runtime.node")  # one logger for all of the node's lines
 
@@ -123,6 +126,8 @@ class Conversations:
             names[account] = known_as
             for d in (*dl.devices, *dl.removed):
                 names[d.device_id] = known_as
+        for account, name in contacts.items():  # contacts not met yet: no list, no devices
+            names.setdefault(account, name)
         own = self._state.device_list
         for d in (*own.devices, *own.removed):
             names[d.device_id] = d.name
@@ -130,7 +135,7 @@ class Conversations:
         return names
 
     def contact_id(self, contact: str) -> str:
-        if contact in self._state.accounts:
+        if contact in self._state.accounts or contact in self._state.contact_anchors:
             return contact
         matches = [a for a, n in self.contact_names().items() if n == contact]
         if len(matches) != 1:
@@ -139,34 +144,47 @@ class Conversations:
 
     # ---- contacts ------------------------------------------------------------------
 
-    def contact_code(self, name: str | None) -> ContactCode:
+    def contact_code(self) -> ContactCode:
+        """Our account's contact code: account key, contact key, primary, and where this
+        device listens (the first connection brings the signed device list)."""
         address = self._address()
+        addresses: tuple[str, ...] = ()
+        if address:
+            from p2p.transport.tcp import advertised_addresses
+
+            try:  # a wildcard bind: the machine's first interface address
+                addresses = tuple(advertised_addresses(address)[:1])
+            except TransportError:  # not HOST:PORT (an in-memory transport): no hint
+                addresses = ()
         return ContactCode(
-            device_list=self._state.device_list.encode(),
+            account_pk=self._state.device_list.account_pk,
             key=self._state.contact_key(),
-            name=name or self._state.device_list.primary.name,
-            relays=self._mail.urls(),
-            addresses=(address,) if address else (),
+            primary=self._state.device_list.primary.device_id,
+            addresses=addresses,
         )
 
     async def add_contact(self, parsed: ContactCode, name: str | None) -> str:
-        """Follow the account of a contact code (in our account space); its account id."""
-        chosen = name or parsed.name
+        """Take the account of a contact code as a contact (in our account space); its
+        account id. Its device list comes with the first connection to one of its
+        devices (checked against the code's account key); a contact without ``name``
+        goes by its primary device's name from then on."""
         space_id, entry = self._state.contact_entry(
-            chosen, parsed.device_list, parsed.key, self._wall_ms()
+            name or "", parsed.account_pk, parsed.key, parsed.primary, self._wall_ms()
         )
-        batch = self._state.follow(parsed.device_list, trusted=True, contact_key=parsed.key)
+        batch = self._state.take_contact(parsed.account_pk, parsed.key, parsed.primary)
         await self._writer.queue_entry(space_id, entry, batch).wait()
         self._mail.update_watch()
         return entry.target
 
     def learn_contacts(self) -> None:
-        """Follow the accounts our other devices added to the contact book."""
+        """Take the contacts our other devices added to the contact book (a relay then
+        reports their primaries, whose lists the first meeting brings)."""
         before = self._membership.lists()
         batch = self._state.learn_contacts()
         if batch:
             self._writer.queue(batch)
             self._membership.announce(before)
+            self._mail.update_watch()
 
     # ---- conversations -------------------------------------------------------------
 
@@ -234,6 +252,13 @@ class Conversations:
             sent = self._peers.tell(device, lambda s: s.send_grant(grant))  # noqa: B023
             if not sent and self._mail:
                 self._mail.post(device, grant)
+
+    def met_contact(self, account: str) -> None:
+        """We hold a contact's device list for the first time: its devices get the keys
+        of every conversation with its account."""
+        for space in list(self._state.spaces.values()):
+            if account in space.members:
+                self.deliver_grants(space.id)
 
     def regrant_all(self) -> None:
         """Give every shared conversation's keys to its readers (after an unlink)."""

@@ -6,7 +6,8 @@ code and dials it. Then, over one connection::
     new -> primary   lcommit a hash of the new device's ephemeral key
     primary -> new   lhello  primary's signing key, ephemeral key, account key, MAC keyed
                              by the secret
-    new -> primary   lauth   ephemeral key, signature by the key in the code, and its
+    new -> primary   lauth   its signing and box keys and name, ephemeral key, signature
+                             by that signing key (whose id the code names), and its
                              possession proof for the account key (its place on the list)
                      (both now show the same six-digit check code)
     new -> primary   lhave   history parts kept from an interrupted earlier try     [boxed]
@@ -15,9 +16,11 @@ code and dials it. Then, over one connection::
     new -> primary   ldone                                                          [boxed]
 
 The MAC proves to the new device that the dialer read its code; the signature proves to
-the primary that the device holds the key the code names. The commitment comes first so
-that neither end can pick its key after seeing the other's: whoever sits in the middle
-cannot search for keys that make the two check codes agree (1 in 10**6 by chance).
+the primary that the device holds a key whose id is the one the code names (the code
+carries only that id, so that it fits a terminal's QR code), and vouches for its box key
+and name. The commitment comes first so that neither end can pick its key after seeing
+the other's: whoever sits in the middle cannot search for keys that make the two check
+codes agree (1 in 10**6 by chance).
 Boxed frames use the same channel as sync sessions (``p2p.proto.box``), keyed by both
 ephemeral keys *and* the secret.
 
@@ -48,7 +51,15 @@ from p2p.errors import (
     WireError,
 )
 from p2p.proto.box import Box, shared_secret
-from p2p.proto.identity import DeviceEntry, DeviceKeys, DeviceList, possession_proof, verify
+from p2p.proto.identity import (
+    MAX_NAME,
+    DeviceEntry,
+    DeviceKeys,
+    DeviceList,
+    possession_proof,
+    short_id,
+    verify,
+)
 from p2p.proto.pairing import (
     MAX_TTL_S,
     CheckCodeMismatch,
@@ -60,7 +71,7 @@ from p2p.proto.pairing import (
     check_code,
 )
 from p2p.proto.wire import MAX_HANDSHAKE_FRAME, MAX_ID, decode_frame, encode_frame, pack, unpack
-from p2p.state.device import DeviceState, Enrollment, merge_batches
+from p2p.state.device import DeviceState, EnrolledSpace, Enrollment, merge_batches
 from p2p.storage.base import Store, WriteBatch
 from p2p.transport.base import Connection
 
@@ -96,6 +107,12 @@ def _transcript(commitment: bytes, hello: dict[str, Any], new_eph: bytes) -> byt
     party in the middle could otherwise try one after another). Every value here is
     fixed before the other side's key is seen."""
     return pack([commitment, hello["pk"], hello["eph"], hello["acct"], hello["mac"], new_eph])
+
+
+def _auth_body(hello: bytes, auth: dict[str, Any]) -> bytes:
+    """What the new device signs in ``lauth``: the primary's hello as sent, its own
+    ephemeral key, box key and name (each length-prefixed by ``pack``)."""
+    return hello + pack([auth["eph"], auth["bpk"], auth["name"]])
 
 
 def _commitment(ephemeral: bytes) -> bytes:
@@ -138,7 +155,8 @@ async def approve(
     progress: Progress = lambda done, total: None,
 ) -> Linked:
     """Primary side. ``confirm(check)`` decides (a person comparing screens, or a script);
-    ``persist`` makes the new device list durable before the device learns of it;
+    ``persist`` makes durable, before the device learns of it, the version of the list
+    that adds it, and once the device confirms it holds its history, that list;
     ``history(space)`` returns the space's history snapshot for this code."""
     commit_bytes = await _raw(conn)
     commitment = _expect(decode_frame(commit_bytes), "lcommit")["c"]
@@ -150,13 +168,17 @@ async def approve(
         pk=state.keys.sign_pk,
         eph=eph_pk,
         acct=account_pk,
-        mac=_mac(code.secret, code.sign_pk, state.keys.sign_pk, eph_pk, account_pk),
+        mac=_mac(code.secret, code.device_id.encode(), state.keys.sign_pk, eph_pk, account_pk),
     )
     await conn.send(hello)
     auth_bytes = await _raw(conn)
     auth = _expect(decode_frame(auth_bytes), "lauth")
+    if len(auth["pk"]) != 32 or len(auth["bpk"]) != 32 or not 0 < len(auth["name"]) <= MAX_NAME:
+        raise PairingError("the device's keys or name are malformed")
+    if short_id(auth["pk"]) != code.device_id:
+        raise PairingError("the device's key is not the one its code names")
     try:
-        verify(code.sign_pk, DOMAIN_LINK, hello + auth["eph"], auth["sig"])
+        verify(auth["pk"], DOMAIN_LINK, _auth_body(hello, auth), auth["sig"])
     except BadSignature as exc:
         raise PairingError("the device does not hold the key its code names") from exc
     if _commitment(auth["eph"]) != commitment:
@@ -174,27 +196,28 @@ async def approve(
     have = _parse_have(_expect(await _receive(conn, box, code.device_id), "lhave")["have"])
 
     entry = DeviceEntry(
-        name=code.name,
+        name=auth["name"],
         role="companion",
-        sign_pk=code.sign_pk,
-        box_pk=code.box_pk,
+        sign_pk=auth["pk"],
+        box_pk=auth["bpk"],
         proof=auth["pop"],
     )
     entry.check_proof(account_pk)  # DeviceListError: the device did not consent
-    bundle, batch = state.enroll_public(entry, now_ms=now_ms)
+    base = state.device_list
+    bundle, proposed, batch = state.propose_enrollment(entry, now_ms=now_ms)
     await persist(batch)
-    blobs = {space_id: await history(space_id) for space_id, *_ in bundle.spaces}
+    blobs = {s.id: await history(s.id) for s in bundle.enrolled}
     sizes = {s: [_digest(b), len(b)] for s, b in blobs.items()}
     keys = [
         [
-            s_id,
-            kind,
-            name,
-            epoch,
-            [[e, k] for e, k in space_keys.items()],
-            [[e, r] for e, r in bundle.rotations.get(s_id, {}).items()],
+            s.id,
+            s.kind,
+            s.name,
+            s.epoch,
+            [[e, k] for e, k in s.keys.items()],
+            [[e, r] for e, r in bundle.rotations.get(s.id, {}).items()],
         ]
-        for s_id, kind, name, epoch, space_keys, _ in bundle.spaces
+        for s in bundle.enrolled
     ]
     await conn.send(
         box.seal(
@@ -222,7 +245,10 @@ async def approve(
             sent += len(piece)
             progress(done + sent, total)
     _expect(await _receive(conn, box, code.device_id), "ldone")
-    return Linked(device=code.device_id, name=code.name, sent=sent)
+    # only now, with the history on the device, is it listed: a link cut before this
+    # (the device killed, the connection dropped, nobody answering) leaves no device
+    await persist(state.adopt_enrollment(base, proposed, entry))
+    return Linked(device=code.device_id, name=entry.name, sent=sent)
 
 
 async def _raw(conn: Connection) -> bytes:
@@ -317,14 +343,19 @@ async def accept(
     hello_bytes = await _raw(conn)
     hello = _expect(decode_frame(hello_bytes), "lhello")
     if not hmac.compare_digest(
-        hello["mac"], _mac(code.secret, code.sign_pk, hello["pk"], hello["eph"], hello["acct"])
+        hello["mac"],
+        _mac(code.secret, code.device_id.encode(), hello["pk"], hello["eph"], hello["acct"]),
     ):
         await conn.send(encode_frame("abort", code="WrongSecret"))
         raise PairingError("the dialer did not read our pairing code")
+    signed = {"eph": eph_pk, "bpk": keys.box_pk, "name": name}
     auth = encode_frame(
         "lauth",
+        pk=keys.sign_pk,
+        bpk=keys.box_pk,
+        name=name,
         eph=eph_pk,
-        sig=keys.sign(DOMAIN_LINK, hello_bytes + eph_pk),
+        sig=keys.sign(DOMAIN_LINK, _auth_body(hello_bytes, signed)),
         pop=possession_proof(keys, hello["acct"]),
     )
     await conn.send(auth)
@@ -373,10 +404,7 @@ async def accept(
         lease=enroll["lease"],
         account_pk=device_list.account_pk,
         device_list=device_list.encode(),
-        spaces=[
-            (s, kind, sname, epoch, space_keys, histories[s])
-            for s, kind, sname, epoch, space_keys in spaces
-        ],
+        spaces=[s._replace(history=histories[s.id]) for s in spaces],
         rotations=rotations,
     )
     state, batch = DeviceState.from_enrollment(keys, name, bundle)
@@ -388,10 +416,12 @@ def _parse_enroll(
     frame: dict[str, Any], keys: DeviceKeys, primary_pk: bytes, account_pk: bytes
 ) -> tuple[
     DeviceList,
-    list[tuple[str, str, str, int, dict[int, bytes]]],
+    list[EnrolledSpace],
     dict[str, tuple[bytes, int]],
     dict[str, dict[int, bytes]],
 ]:
+    """The list, spaces, history sizes and rotations of an ``enroll`` frame, checked.
+    Each space's history is empty here: it follows in chunks."""
     try:
         device_list = DeviceList.decode(frame["list"])
     except WireError as exc:
@@ -402,7 +432,7 @@ def _parse_enroll(
     if device_list.primary.sign_pk != primary_pk:
         raise DeviceListError("the device that dialed us is not the account's primary")
     try:
-        spaces = []
+        spaces: list[EnrolledSpace] = []
         rotations: dict[str, dict[int, bytes]] = {}
         for s, kind, sname, epoch, space_keys, rots in unpack(frame["keys"], what="space keys"):
             key_map: dict[int, bytes] = {}
@@ -424,7 +454,7 @@ def _parse_enroll(
                 and epoch in key_map
             ):
                 raise ValueError("space entry")
-            spaces.append((s, str(kind), sname, int(epoch), key_map))
+            spaces.append(EnrolledSpace(s, str(kind), sname, int(epoch), key_map, b""))
         raw_sizes = unpack(frame["sizes"], what="sizes")
         if not isinstance(raw_sizes, dict):
             raise ValueError("sizes")
@@ -438,7 +468,7 @@ def _parse_enroll(
             sizes[s] = (digest, n)
     except (P2PError, ValueError, TypeError) as exc:
         raise WireError(f"the enrollment is malformed: {exc}") from exc
-    if set(sizes) != {s for s, *_ in spaces}:
+    if set(sizes) != {s.id for s in spaces}:
         raise WireError("the enrollment's history sizes do not match its spaces")
     return device_list, spaces, sizes, rotations
 
@@ -597,8 +627,6 @@ async def wait_for_primary(
             await nursery.start(transport.serve, handle)
             code = PairingCode.create(
                 sign_pk=keys.sign_pk,
-                box_pk=keys.box_pk,
-                name=name,
                 addresses=advertised_addresses(transport.address),
                 now_s=now_s,
                 ttl_s=ttl_s,

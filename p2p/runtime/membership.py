@@ -60,6 +60,7 @@ class Membership:
         emit: Callable[[ev.Event], None],
         wall_ms: Callable[[], int],
         regrant: Callable[[], None],
+        met_contact: Callable[[str], None],
         leaving: bool,
     ) -> None:
         self._state = state
@@ -72,6 +73,9 @@ class Membership:
         self._wall_ms = wall_ms
         self._regrant = regrant
         """Hands every reader of each shared conversation its keys (after an unlink)."""
+        self._met_contact = met_contact
+        """Hands a contact's devices the keys of our conversations with it, once its
+        first list is held."""
         self._leaving = leaving
         """Set once ``leave`` was asked for (kept in the store until the primary acts)."""
         self._known_devices = set(state.device_list.ids)
@@ -108,6 +112,7 @@ class Membership:
     def on_device_list(self, peer: Peer, out: DeviceListIn) -> None:
         """A peer showed a newer device list: ours, or another account's we follow."""
         ours = self._state.device_list
+        unmet = set(self._state.contact_anchors) - set(self._state.accounts)
         try:
             batch = self._state.follow(out.data, trusted=False)
         except RollbackRefused:
@@ -122,6 +127,9 @@ class Membership:
             self.device_list_changed()
         else:
             self._account_list_changed(out.data)
+            account = DeviceList.decode(out.data).account_id
+            if account in unmet:  # the first list of a contact: its devices get our grants
+                self._met_contact(account)
 
     def on_lease(self, peer: Peer, out: LeaseIn) -> None:
         try:

@@ -189,6 +189,7 @@ class Node:
             emit=emit,
             wall_ms=wall_ms,
             regrant=lambda: self.conversations.regrant_all(),
+            met_contact=lambda account: self.conversations.met_contact(account),
             leaving=leaving,
         )
         self.conversations = Conversations(
@@ -623,14 +624,18 @@ class Node:
 
     # ---- contacts and conversations ------------------------------------------------
 
-    def contact_code(self, *, name: str | None = None) -> ContactCode:
-        """Our account's contact code: signed device list, name, where to meet us."""
-        return self.conversations.contact_code(name)
+    def contact_code(self) -> ContactCode:
+        """Our account's contact code: account key, contact key, primary, and where this
+        device listens (the first connection brings the signed device list)."""
+        return self.conversations.contact_code()
 
     async def add_contact(self, code: str | ContactCode, *, name: str | None = None) -> str:
-        """Follow the account of a contact code; returns its account id.
+        """Take the account of a contact code as a contact; returns its account id.
 
-        The contact goes into our account space, so every device of ours learns it."""
+        The contact goes into our account space, so every device of ours learns it. Its
+        device list comes with the first connection to one of its devices (checked
+        against the code's account key); a contact without ``name`` goes by its primary
+        device's name from then on."""
         parsed = code if isinstance(code, ContactCode) else ContactCode.decode(code)
         account = await self.conversations.add_contact(parsed, name)
         if self.transport is not None:

@@ -80,13 +80,14 @@ class Conversations(Part):
         return {own.account_id: own.account_pk, **members}
 
     def new_conversation(self, name: str, members: list[str]) -> tuple[str, WriteBatch]:
-        """A new conversation space with the accounts ``members`` (all followed)."""
+        """A new conversation space with the accounts ``members`` (each followed, or a
+        contact whose code we took and have not met yet)."""
         others: dict[str, bytes] = {}
         for account_id in members:
-            dl = self._directory.accounts.get(account_id)
-            if dl is None:
+            account_pk = self._directory.account_key_of(account_id)
+            if account_pk is None or account_id == self._directory.account_id:
                 raise ContactError(f"account {account_id} is not a contact")
-            others[account_id] = dl.account_pk
+            others[account_id] = account_pk
         if len(others) + 1 > MAX_MEMBERS:
             raise ContactError(f"a conversation holds at most {MAX_MEMBERS} accounts")
         space_id = new_id()
@@ -99,20 +100,24 @@ class Conversations(Part):
         if space.kind != "chat" or not space.shared:
             raise ContactError("members are added to a conversation with other accounts")
         for account_id in accounts:
-            dl = self._directory.accounts.get(account_id)
-            if dl is None:
+            account_pk = self._directory.account_key_of(account_id)
+            if account_pk is None or account_id == self._directory.account_id:
                 raise ContactError(f"account {account_id} is not a contact")
-            space.members[account_id] = dl.account_pk
+            space.members[account_id] = account_pk
         if len(space.members) > MAX_MEMBERS:
             raise ContactError(f"a conversation holds at most {MAX_MEMBERS} accounts")
         return WriteBatch(records={f"space/{space.id}": space.meta_record()})
 
     # ---- grants ----------------------------------------------------------------------
 
-    def space_grant(self, space_id: str) -> SpaceGrant:
-        """What we grant of a space: its current keys, name and member lists."""
+    def space_grant(self, space_id: str, shown: DeviceList | None = None) -> SpaceGrant:
+        """What we grant of a space: its current keys, name and member lists (``shown``:
+        a list a peer just showed us, newer than ours or the first of a contact)."""
         space = self._spaces.space(space_id)
-        lists = [self._directory.list_of(a) for a in sorted(space.members)]
+        lists = [
+            shown if shown is not None and shown.account_id == a else self._directory.list_of(a)
+            for a in sorted(space.members)
+        ]
         return SpaceGrant(
             space=space.id,
             name=space.name,
@@ -131,7 +136,7 @@ class Conversations(Part):
             entry = (dl or self._directory.current_account_of(device_id)).entry(device_id)
         except UnknownDevice:
             return None
-        grant = self.space_grant(space_id)
+        grant = self.space_grant(space_id, dl)
         return seal_grant(self._keys, self._directory.account_id, device_id, entry.box_pk, grant)
 
     def grants_for(self, device_id: str, device_list: DeviceList | None = None) -> list[bytes]:
@@ -169,7 +174,10 @@ class Conversations(Part):
         lists = {dl.account_id: dl for dl in decode_members(granted)}
         if self._directory.account_id not in lists or sealed.account not in lists:
             raise GrantRefused(f"grant of {granted.space}: we or the granter are not members")
-        if self._directory.list_of(sealed.account) is None:
+        if (
+            self._directory.list_of(sealed.account) is None
+            and sealed.account not in self._directory.contact_anchors
+        ):
             raise GrantRefused(f"grant from account {sealed.account}, which we do not follow")
         if (
             granted.space not in self._spaces

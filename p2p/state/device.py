@@ -112,7 +112,7 @@ class DeviceState:
         self.conversations = Conversations(
             *parts, primary=account_key is not None, follow=self.follow
         )
-        self.contacts = Contacts(*parts, self.author, self.follow)
+        self.contacts = Contacts(*parts, self.author)
         self.receipts = Receipts(*parts)
 
     # ---- identity ------------------------------------------------------------------
@@ -273,10 +273,11 @@ class DeviceState:
         """Adopt a newer signed device list of another account (ours: see
         :meth:`offer_device_list`); None if we hold it already.
 
-        An account we do not follow yet is taken only when ``trusted`` (its list came
-        from a contact code the owner gave us, from our own account's contact book or
-        inside a grant from a device we trust); otherwise ContactError. RollbackRefused
-        for an older version, DeviceListError for a forged one.
+        An account we do not follow yet is taken when ``trusted`` (its list came inside
+        a grant from a device we trust), or when we took its contact code and the list is
+        signed by the account key the code named (the first connection brings it);
+        otherwise ContactError. RollbackRefused for an older version, DeviceListError for
+        a forged one or one not signed by the code's key.
         """
         try:
             offered = DeviceList.decode(data)
@@ -311,6 +312,10 @@ class DeviceState:
         return self.directory.accounts
 
     @property
+    def contact_anchors(self) -> dict[str, tuple[bytes, str]]:
+        return self.directory.contact_anchors
+
+    @property
     def set_aside(self) -> dict[str, ChatCorrupt]:
         return self.spaces.set_aside
 
@@ -333,6 +338,10 @@ class DeviceState:
     @lease.setter
     def lease(self, lease: bytes) -> None:
         self.companions.lease = lease
+
+    @property
+    def list_floor(self) -> int:
+        return self.companions.list_floor
 
     @property
     def counter(self) -> int:
@@ -370,6 +379,9 @@ class DeviceState:
 
     def list_of(self, account_id: str) -> DeviceList | None:
         return self.directory.list_of(account_id)
+
+    def account_key_of(self, account_id: str) -> bytes | None:
+        return self.directory.account_key_of(account_id)
 
     def current_signing_key(self, device_id: str) -> bytes:
         return self.directory.current_signing_key(device_id)
@@ -409,6 +421,16 @@ class DeviceState:
         self, entry: DeviceEntry, *, now_ms: int | None = None
     ) -> tuple[Enrollment, WriteBatch]:
         return self.companions.enroll_public(entry, now_ms=now_ms)
+
+    def propose_enrollment(
+        self, entry: DeviceEntry, *, now_ms: int | None = None
+    ) -> tuple[Enrollment, DeviceList, WriteBatch]:
+        return self.companions.propose_enrollment(entry, now_ms=now_ms)
+
+    def adopt_enrollment(
+        self, base: DeviceList, proposed: DeviceList, entry: DeviceEntry
+    ) -> WriteBatch:
+        return self.companions.adopt_enrollment(base, proposed, entry)
 
     def issue_lease(self, device_id: str, now_ms: int | None) -> bytes:
         return self.companions.issue_lease(device_id, now_ms)
@@ -471,8 +493,8 @@ class DeviceState:
     def add_members(self, space_id: str, accounts: list[str]) -> WriteBatch:
         return self.conversations.add_members(space_id, accounts)
 
-    def space_grant(self, space_id: str) -> SpaceGrant:
-        return self.conversations.space_grant(space_id)
+    def space_grant(self, space_id: str, shown: DeviceList | None = None) -> SpaceGrant:
+        return self.conversations.space_grant(space_id, shown)
 
     def grant_to(
         self, device_id: str, space_id: str, device_list: DeviceList | None = None
@@ -503,10 +525,13 @@ class DeviceState:
     def learn_contacts(self) -> WriteBatch:
         return self.contacts.learn()
 
+    def take_contact(self, account_pk: bytes, key: bytes, primary: str) -> WriteBatch:
+        return self.contacts.take(account_pk, key, primary)
+
     def contact_entry(
-        self, name: str, device_list: bytes, key: bytes, wall_ms: int
+        self, name: str, account_pk: bytes, key: bytes, primary: str, wall_ms: int
     ) -> tuple[str, Entry]:
-        return self.contacts.entry(name, device_list, key, wall_ms)
+        return self.contacts.entry(name, account_pk, key, primary, wall_ms)
 
     def receipt_body(self, space_id: str) -> str:
         return self.receipts.body(space_id)

@@ -27,7 +27,9 @@ from typing import Protocol
 
 from p2p.errors import ContactError, DeviceListError, RemovedDevice, UnknownDevice, WireError
 from p2p.proto.authority import check_unclaimed
+from p2p.proto.contacts import KEY_SIZE as CONTACT_KEY_SIZE
 from p2p.proto.identity import DeviceKeys, DeviceList, accept_device_list
+from p2p.proto.wire import unpack
 from p2p.state.records import required
 from p2p.state.spaces import BOOT_BITS, Spaces, device_prefix
 from p2p.storage.base import Store, WriteBatch
@@ -54,6 +56,10 @@ class Directory:
         self.contact_keys: dict[str, bytes] = {}
         """The contact key of each contact (from its contact code): our devices meet
         theirs with it before any conversation is shared."""
+        self.contact_anchors: dict[str, tuple[bytes, str]] = {}
+        """Each contact's account key and primary device id, from its contact code: the
+        key its device lists must be signed by (the first one comes at the first
+        connection), the device a relay reports to us before we hold that list."""
         self._client_owners: dict[int, str] | None = None
 
     @property
@@ -71,13 +77,17 @@ class Directory:
         return self._own.account_id
 
     def load(self, store: Store) -> None:
-        """The accounts we follow and their contact keys, from their records."""
+        """The accounts we follow, their contact keys and the anchors their contact
+        codes gave, from their records."""
         for name in store.names("peer/"):
             followed = DeviceList.decode(required(store, name))
             followed.verify(followed.account_pk)
             self.accounts[followed.account_id] = followed
         for name in store.names("peerkey/"):
             self.contact_keys[name.removeprefix("peerkey/")] = required(store, name)
+        for name in store.names("peerpk/"):
+            account_pk, primary = unpack(required(store, name), what="contact anchor")
+            self.contact_anchors[name.removeprefix("peerpk/")] = (account_pk, primary)
 
     # ---- lists and keys --------------------------------------------------------------
 
@@ -86,6 +96,15 @@ class Directory:
         if account_id == self.account_id:
             return self._own
         return self.accounts.get(account_id)
+
+    def account_key_of(self, account_id: str) -> bytes | None:
+        """An account's public key: from its device list, or from its contact code
+        before we hold a list (a contact we have not met yet)."""
+        dl = self.list_of(account_id)
+        if dl is not None:
+            return dl.account_pk
+        anchor = self.contact_anchors.get(account_id)
+        return anchor[0] if anchor else None
 
     def current_account_of(self, device_id: str) -> DeviceList:
         """The list on which ``device_id`` is a current device (ours first);
@@ -160,10 +179,14 @@ class Directory:
             self.contact_keys[offered.account_id] = contact_key
             keyed.records[f"peerkey/{offered.account_id}"] = contact_key
         known = self.accounts.get(offered.account_id)
+        anchor = self.contact_anchors.get(offered.account_id)
         if known is None:
-            if not trusted:
+            if anchor is not None:  # the key its contact code named, whoever shows the list
+                offered.verify(anchor[0])
+            elif not trusted:
                 raise ContactError(f"account {offered.account_id} is not one we follow")
-            offered.verify(offered.account_pk)
+            else:
+                offered.verify(offered.account_pk)
             kept = offered
         else:
             kept = accept_device_list(known, offered)
@@ -212,7 +235,9 @@ class Directory:
         theirs = sorted(
             d for a in members if (dl := self.accounts.get(a)) is not None for d in dl.ids
         )
-        return ours + theirs
+        # contacts not met yet: their primary, whose list the first meeting brings
+        unmet = sorted(p for a, (_, p) in self.contact_anchors.items() if a not in self.accounts)
+        return ours + theirs + unmet
 
     # ---- recognising each other --------------------------------------------------------
 
@@ -222,9 +247,11 @@ class Directory:
         Derived from the account space's first key, so every device of ours has it."""
         account = self._spaces.account
         if account is None:
-            return bytes(32)
+            return bytes(CONTACT_KEY_SIZE)
         first = account.keys[min(account.keys)]
-        return hashlib.blake2b(first, digest_size=32, person=b"p2p-contact-key").digest()
+        return hashlib.blake2b(
+            first, digest_size=CONTACT_KEY_SIZE, person=b"p2p-contact-key"
+        ).digest()
 
     def discovery_keys(self) -> list[bytes]:
         """The discovery key of every epoch we hold, newest first: a device that missed

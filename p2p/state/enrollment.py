@@ -5,6 +5,12 @@ Rules:
 - Only the primary (the device holding the account key) changes its account's device
   list: it adds a companion (:meth:`Companions.enroll_public`) and removes one
   (:meth:`Companions.unlink`), signing each new list with the account key.
+- Linking lists a device only once it holds its history: the primary signs the list
+  that adds it (:meth:`Companions.propose_enrollment`) but adopts it only when the
+  device confirms (:meth:`Companions.adopt_enrollment`), so a link cut or abandoned
+  leaves no device on the list. No two lists of ours share a version: the newest
+  version signed, adopted or not, is kept (``account/floor``) and every later list
+  skips past it.
 - Every new list carries each current device's key grant: the current key of every
   space, sealed to that device's box key. Removing a device rotates the key of every
   space first, so the new keys travel only to the devices that remain, and the removed
@@ -110,9 +116,14 @@ class Companions(Part):
         self._account_key = account_key
         self.lease = b""
         """A companion's latest lease from its primary, shown to peers at handshakes."""
+        self.list_floor = 0
+        """Primary: the newest version of our list it has signed, adopted or not (a link
+        in progress holds a list it has not adopted): no later list reuses a version."""
 
     def load(self, store: Store) -> None:
         self.lease = store.get("device/lease") or b""
+        floor = store.get("account/floor")
+        self.list_floor = unpack(floor, what="list floor") if floor else 0
 
     def issue_lease(self, device_id: str, now_ms: int | None) -> bytes:
         """Primary only: a lease for a companion, running LEASE_MS from ``now_ms``
@@ -140,7 +151,7 @@ class Companions(Part):
         directory = self._directory
         if entry.device_id not in directory.device_list.ids:
             directory.device_list = directory.device_list.with_device(
-                self._account_key, entry, self._grant
+                self._account_key, entry, self._grant, version=self._next_version()
             )
         own = directory.device_list
         bundle = Enrollment(
@@ -154,6 +165,65 @@ class Companions(Part):
             rotations={s.id: dict(s.rotations) for s in self._spaces.values() if s.rotations},
         )
         return bundle, WriteBatch(records={"account/list": own.encode()})
+
+    def propose_enrollment(
+        self, entry: DeviceEntry, *, now_ms: int | None = None
+    ) -> tuple[Enrollment, DeviceList, WriteBatch]:
+        """Primary, linking: the signed list that adds ``entry`` and the bundle carrying
+        it, *not adopted*: the device is listed (:meth:`adopt_enrollment`) only once it
+        confirms it holds its history, so a link cut or abandoned leaves no device on
+        the list. The batch records the version as signed (``account/floor``): it must
+        be durable before the device sees the list, so that no later list of ours
+        claims the same version (two lists of one version are a fork peers refuse).
+        A device already on the list (a link resumed after its list was adopted) gets
+        the current list."""
+        if self._account_key is None:
+            raise DeviceListError("only the primary can link a device")
+        directory = self._directory
+        if entry.device_id in directory.device_list.ids:
+            bundle, batch = self.enroll_public(entry, now_ms=now_ms)
+            return bundle, directory.device_list, batch
+        version = self._next_version()
+        proposed = directory.device_list.with_device(
+            self._account_key, entry, self._grant, version=version
+        )
+        self.list_floor = version
+        bundle = Enrollment(
+            lease=self.issue_lease(entry.device_id, now_ms),
+            account_pk=proposed.account_pk,
+            device_list=proposed.encode(),
+            spaces=[
+                EnrolledSpace(s.id, s.kind, s.name, s.epoch, dict(s.keys), s.replica.snapshot())
+                for s in self._spaces.values()
+            ],
+            rotations={s.id: dict(s.rotations) for s in self._spaces.values() if s.rotations},
+        )
+        return bundle, proposed, WriteBatch(records={"account/floor": pack(version)})
+
+    def adopt_enrollment(
+        self, base: DeviceList, proposed: DeviceList, entry: DeviceEntry
+    ) -> WriteBatch:
+        """Primary: the new device holds its history; list it. ``proposed`` (what the
+        device got) when our list is still ``base``; else our list changed meanwhile (an
+        unlink, a newer list adopted) and the device is added to it anew, at a newer
+        version, which reaches the device by gossip like any list."""
+        if self._account_key is None:
+            raise DeviceListError("only the primary can link a device")
+        directory = self._directory
+        if entry.device_id in directory.device_list.ids:
+            return WriteBatch()
+        if directory.device_list is base:
+            directory.device_list = proposed
+        else:
+            directory.device_list = directory.device_list.with_device(
+                self._account_key, entry, self._grant, version=self._next_version()
+            )
+        self.list_floor = max(self.list_floor, directory.device_list.version)
+        return WriteBatch(records={"account/list": directory.device_list.encode()})
+
+    def _next_version(self) -> int:
+        """The version of the next list we sign: past every one we signed."""
+        return max(self._directory.device_list.version, self.list_floor) + 1
 
     def unlink(self, device_id: str) -> WriteBatch:
         """Primary only: remove a device and rotate the key of every space it could read.
@@ -169,7 +239,7 @@ class Companions(Part):
         for space in self._spaces.values():
             batch.records.update(space.rotate(self._keys))
         directory.device_list = directory.device_list.without_device(
-            self._account_key, device_id, self._grant
+            self._account_key, device_id, self._grant, version=self._next_version()
         )
         batch.records["account/list"] = directory.device_list.encode()
         return batch

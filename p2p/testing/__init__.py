@@ -220,3 +220,5 @@ async def cluster(n: int = 3, *, seed: int = 0, receipts: bool = True) -> AsyncI
         finally:
             for i in c.running():
                 await c.stop(i)
+            for blobs in c.blobs:  # ours, kept across stops: no node closes them
+                blobs.close()

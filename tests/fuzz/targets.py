@@ -172,8 +172,6 @@ def _pairing_seeds() -> list[bytes]:
     keys = DeviceKeys.generate()
     code = PairingCode.create(
         sign_pk=keys.sign_pk,
-        box_pk=keys.box_pk,
-        name="tablet",
         addresses=["127.0.0.1:7000"],
         ttl_s=600,
         now_s=0,
@@ -195,9 +193,9 @@ def pairing_code(data: bytes) -> object:
 def _contact_seeds() -> list[bytes]:
     state = _world()[0]
     code = ContactCode(
-        device_list=state.device_list.encode(),
+        account_pk=state.device_list.account_pk,
         key=state.contact_key(),
-        name="phone",
+        primary=state.device_id,
         addresses=("127.0.0.1:7000",),
     )
     text = code.encode()
