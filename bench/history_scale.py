@@ -343,11 +343,13 @@ def ours_join(phone: Path, work: Path, timeout: float) -> dict[str, Any]:
 def ours_rest(
     account: dict[str, Any], live: int, timeout: float, chat_names: list[str]
 ) -> dict[str, Any]:
-    """S9 ours: ``p2p run`` on the laptop, then on the phone dialing it; memory once
-    both are level and idle, then after ``live`` sends through the phone's control
-    socket (``p2p send``, into the chats of ``chat_names`` in turn)."""
+    """S9 ours: ``p2p run`` on the laptop, then on the phone dialing it (both level
+    already, see :func:`_level`); memory once connected and idle, then after ``live``
+    sends through the phone's control socket (``p2p send``, into the chats of
+    ``chat_names`` in turn)."""
     phone, laptop = account["phone"], account["laptop"]
     total = sum(account["sizes"])
+    leveling = _level(phone, laptop, timeout)
     lap = history_size.Proc(ROOT, "--home", str(laptop), "run", "--json", *LOOPBACK)
     ph: history_size.Proc | None = None
     try:
@@ -395,11 +397,33 @@ def ours_rest(
             "laptop_rest_mb": round(rest["laptop"], 1),
             "laptop_peak_mb": mb["laptop"],
             "laptop_holds": held,
+            "leveling_s": leveling,
         }
     finally:
         if ph is not None:
             ph.stop()
         lap.stop()
+
+
+def _level(phone: Path, laptop: Path, timeout: float) -> float:
+    """Run both nodes until they are level and idle, then stop them: what was sent to
+    one alone before (the cold-start sends, an earlier run's) is caught up here, so the
+    run measured after it starts level (at rest: nothing to load). Seconds it took."""
+    start = time.monotonic()
+    lap = history_size.Proc(ROOT, "--home", str(laptop), "run", "--json", *LOOPBACK)
+    ph: history_size.Proc | None = None
+    try:
+        address = lap.wait_line("listening", 120)["address"]
+        ph = history_size.Proc(
+            ROOT, "--home", str(phone), "run", "--json", *LOOPBACK, "--peer", address
+        )
+        ph.wait_line("peer_connected", timeout)
+        settle([ph.proc.pid, lap.proc.pid], timeout=timeout)
+    finally:
+        if ph is not None:
+            ph.stop()
+        lap.stop()
+    return round(time.monotonic() - start, 1)
 
 
 def _cold_child(home: str, chat: str) -> dict[str, Any]:

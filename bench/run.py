@@ -920,9 +920,11 @@ def s9(r: Report, scale: Scale) -> None:
         )
     if ours.get("ok"):
         r.note(
-            f"S9 ours: level and idle {ours['level_idle_s']} s after the phone's start; "
-            f"target <= {cap} MB: {verdict(ours['phone_peak_mb'] <= cap)} "
-            f"({ours['phone_peak_mb']:.0f} MB)"
+            f"S9 ours: connected and idle {ours['level_idle_s']} s after the phone's start"
+            f" (leveled first in {ours['leveling_s']} s); target <= {cap} MB at rest: "
+            f"{verdict(ours['phone_rest_mb'] <= cap)} ({ours['phone_rest_mb']:.0f} MB), "
+            f"with live traffic: {verdict(ours['phone_peak_mb'] <= cap)} "
+            f"(peak {ours['phone_peak_mb']:.0f} MB)"
             + (
                 f"; ours / y-websocket server at rest: "
                 f"{ratio(ours['phone_rest_mb'], yws['server_rest_mb']):.2f}x"
