@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import trio
 
+from p2p.proto.identity import DeviceKeys
 from p2p.proto.model import EDITS, MESSAGES, Replica
 from p2p.proto.wire import pack
 from p2p.runtime.node import Node, open_node
@@ -330,3 +331,27 @@ def test_sends_into_an_unloaded_chat_load_nothing_and_reach_the_peer(homes: list
                 assert notes_of(phone).replica.count() == 34
 
     trio.run(main)
+
+
+def test_a_linked_device_states_its_vectors_without_loading() -> None:
+    """The history a new device gets at linking is stored with its state vectors: its
+    first session loads nothing to state them."""
+    stores = provision_account(2)
+    a = DeviceState.load(stores[0])
+    chat = next(s.id for s in a.spaces.values() if s.kind == "chat")
+    _, batch = a.write_local(chat, [a.new_entry(chat, "msg", 1000, body="before the link")])
+    stores[0].write(batch)
+    keys = DeviceKeys.generate()
+    bundle, primary_batch = a.enroll(keys, "tablet")
+    stores[0].write(primary_batch)
+    _, companion_batch = DeviceState.from_enrollment(keys, "tablet", bundle)
+    store = MemoryStore()
+    store.write(companion_batch)
+    tablet = DeviceState.load(store)
+    for space in tablet.spaces.values():
+        assert space.replica.vector_known
+        assert not space.replica.loaded
+    told = tablet.spaces[chat].replica.state_vector()
+    tablet.spaces[chat].replica.load()
+    assert told == tablet.spaces[chat].replica.state_vector()
+    assert bodies(tablet, chat) == ["before the link"]

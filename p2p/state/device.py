@@ -171,7 +171,9 @@ class DeviceState:
                 )
             )
         batches += enrolled_history(bundle, state.spaces, state.index, state.learn_contacts)
-        return state, merge_batches(batches)
+        batch = merge_batches(batches)
+        batch.records.update(state.spaces.vector_records(batch.appends))  # see Spaces
+        return state, batch
 
     def _identity_batch(self) -> WriteBatch:
         records = {
