@@ -278,14 +278,17 @@ class Writer:
         return True
 
     async def _load_then_act(self, space_id: str) -> None:
+        loaded = False
         try:
-            await self.load_by_id(space_id)  # if not: each act finds the space gone
+            loaded = await self.load_by_id(space_id)
         finally:
             acts = self._waiting.pop(space_id)
             self._waiting_bytes -= self._waiting_size.pop(space_id)
             self._unblocked.set()
-            for act in acts:
-                act()
+        # not loaded: set aside (what waited is refused with it), or the node closes
+        # (state vectors bring it again next time); acting would load on this thread
+        for act in acts if loaded else ():
+            act()
 
     async def learn_vectors(self) -> None:
         """Make every space's state vector known without its document: one without a
