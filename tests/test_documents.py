@@ -54,6 +54,14 @@ async def polled(predicate: Callable[[], bool]) -> None:
         await trio.sleep(0.02)
 
 
+async def level_pair(homes: list[Path], messages: int) -> None:
+    """The phone writes ``messages`` into its notes; both end level and close."""
+    async with node(homes[0]) as phone, node(homes[1], peers=[phone.address]) as laptop:
+        for i in range(messages):
+            await phone.send(f"m{i}")
+        await polled(lambda: len(laptop.messages()) == messages)
+
+
 def notes_of(n: Node) -> Any:
     [chat] = [s for s in n.state.spaces.values() if s.kind == "chat"]
     return chat
@@ -83,10 +91,7 @@ def test_a_session_with_a_level_peer_loads_no_chat(homes: list[Path]) -> None:
 
     async def main() -> None:
         with trio.fail_after(60):
-            async with node(homes[0]) as phone, node(homes[1], peers=[phone.address]) as laptop:
-                for i in range(60):
-                    await phone.send(f"m{i}")
-                await polled(lambda: len(laptop.messages()) == 60)
+            await level_pair(homes, 60)
             async with node(homes[0]) as phone, node(homes[1], peers=[phone.address]) as laptop:
                 await vectors_exchanged(phone, laptop)
                 await trio.sleep(0.5)  # time for a load, had one started
@@ -103,13 +108,7 @@ def test_a_store_without_state_vector_records_learns_them_once(homes: list[Path]
     """A home written before the records (or by linking) has none: the first session
     loads each document once, off the trio thread, records its vector and drops it."""
 
-    async def write() -> None:
-        async with node(homes[0]) as phone, node(homes[1], peers=[phone.address]) as laptop:
-            for i in range(20):
-                await phone.send(f"m{i}")
-            await polled(lambda: len(laptop.messages()) == 20)
-
-    trio.run(write)
+    trio.run(level_pair, homes, 20)
     for home in homes:
         with contextlib.closing(sqlite3.connect(home / "p2p.db")) as db, db:
             assert db.execute("DELETE FROM records WHERE name LIKE 'sv/%'").rowcount >= 1
@@ -302,10 +301,7 @@ def test_sends_into_an_unloaded_chat_load_nothing_and_reach_the_peer(homes: list
 
     async def main() -> None:
         with trio.fail_after(60):
-            async with node(homes[0]) as phone, node(homes[1], peers=[phone.address]) as laptop:
-                for i in range(30):
-                    await phone.send(f"m{i}")
-                await polled(lambda: len(laptop.messages()) == 30)
+            await level_pair(homes, 30)
             async with node(homes[0]) as phone, node(homes[1], peers=[phone.address]) as laptop:
                 await vectors_exchanged(phone, laptop)
                 chat = notes_of(phone)

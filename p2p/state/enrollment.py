@@ -154,17 +154,21 @@ class Companions(Part):
                 self._account_key, entry, self._grant, version=self._next_version()
             )
         own = directory.device_list
-        bundle = Enrollment(
-            lease=self.issue_lease(entry.device_id, now_ms),
-            account_pk=own.account_pk,
-            device_list=own.encode(),
+        bundle = self._bundle(own, self.issue_lease(entry.device_id, now_ms))
+        return bundle, WriteBatch(records={"account/list": own.encode()})
+
+    def _bundle(self, device_list: DeviceList, lease: bytes) -> Enrollment:
+        """What a new device gets: its list and lease, every space with its history."""
+        return Enrollment(
+            lease=lease,
+            account_pk=device_list.account_pk,
+            device_list=device_list.encode(),
             spaces=[
                 EnrolledSpace(s.id, s.kind, s.name, s.epoch, dict(s.keys), s.replica.snapshot())
                 for s in self._spaces.values()
             ],
             rotations={s.id: dict(s.rotations) for s in self._spaces.values() if s.rotations},
         )
-        return bundle, WriteBatch(records={"account/list": own.encode()})
 
     def propose_enrollment(
         self, entry: DeviceEntry, *, now_ms: int | None = None
@@ -188,16 +192,7 @@ class Companions(Part):
             self._account_key, entry, self._grant, version=version
         )
         self.list_floor = version
-        bundle = Enrollment(
-            lease=self.issue_lease(entry.device_id, now_ms),
-            account_pk=proposed.account_pk,
-            device_list=proposed.encode(),
-            spaces=[
-                EnrolledSpace(s.id, s.kind, s.name, s.epoch, dict(s.keys), s.replica.snapshot())
-                for s in self._spaces.values()
-            ],
-            rotations={s.id: dict(s.rotations) for s in self._spaces.values() if s.rotations},
-        )
+        bundle = self._bundle(proposed, self.issue_lease(entry.device_id, now_ms))
         return bundle, proposed, WriteBatch(records={"account/floor": pack(version)})
 
     def adopt_enrollment(
