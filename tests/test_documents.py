@@ -351,3 +351,22 @@ def test_a_linked_device_states_its_vectors_without_loading() -> None:
     tablet.spaces[chat].replica.load()
     assert told == tablet.spaces[chat].replica.state_vector()
     assert bodies(tablet, chat) == ["before the link"]
+
+
+def test_a_node_drops_a_chat_by_itself_once_idle(homes: list[Path]) -> None:
+    """``idle_unload``: a chat loaded for a read marker is dropped by the node's own task
+    once unused that long, and loads again for the next use."""
+
+    async def main() -> None:
+        with trio.fail_after(30):
+            async with node(homes[0], idle_unload=0.4) as phone:
+                await phone.send("hello")
+                chat = notes_of(phone)
+                await phone.mark_read()  # overwrites a key: loads the chat
+                assert chat.replica.loaded
+                await polled(lambda: not chat.replica.loaded)
+                await phone.mark_read()
+                assert chat.replica.loaded
+                assert [m.text for m in phone.messages()] == ["hello"]
+
+    trio.run(main)

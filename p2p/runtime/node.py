@@ -91,7 +91,7 @@ from p2p.runtime.views import (
     SetAsideStatus,
     SpaceStatus,
 )
-from p2p.runtime.writer import COMPACT_AFTER, Writer
+from p2p.runtime.writer import COMPACT_AFTER, IDLE_UNLOAD, Writer
 from p2p.state.device import Delivery, DeviceState, Ingested, Space, claim_run
 from p2p.storage.base import Store
 from p2p.transport.base import Transport as TransportT
@@ -104,6 +104,7 @@ __all__ = [
     "COALESCE_MAX",
     "COMPACT_AFTER",
     "EVENT_QUEUE",
+    "IDLE_UNLOAD",
     "MAIL_POSTS",
     "MAX_HANDSHAKES",
     "RECEIPT_DELAY",
@@ -704,6 +705,7 @@ async def open_node(
     wall_ms: Callable[[], int] = wall_clock_ms,
     receipts: bool = True,
     blobs: BlobStore | None = None,
+    idle_unload: float = IDLE_UNLOAD,
 ) -> AsyncIterator[Node]:
     """Run the device stored in ``home`` (or in ``store``) until the block exits.
 
@@ -718,6 +720,8 @@ async def open_node(
     never see their messages delivered to it: a privacy choice, as in any messenger).
     Attachments are kept in ``blobs`` (the caller's, left open), else in
     ``<home>/media.db``, else (a node opened on a ``store``) in memory.
+    A chat's history is held in memory only while it is in use: ``idle_unload`` is how
+    many seconds after its last use it is dropped (it loads again when needed).
 
     A node opened on a ``home`` holds its lock (``p2p.runtime.home.home_lock``) until the block
     exits: AlreadyRunning, before anything is read, when another process or node has
@@ -774,7 +778,7 @@ async def open_node(
                 )
                 await nursery.start(node.media.run)
                 nursery.start_soon(node.writer.run)
-                nursery.start_soon(node.writer.unload_when_idle)
+                nursery.start_soon(node.writer.unload_when_idle, idle_unload)
                 nursery.start_soon(node.gossiper.run)
                 if receipts:
                     nursery.start_soon(node.receipts.run)
