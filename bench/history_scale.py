@@ -199,11 +199,17 @@ def _child(*args: str, timeout: float = 1800) -> Any:
 
 
 def build_account(
-    base: Path, sizes: list[int], *, laptop: bool, snapshots: bool = True
+    base: Path,
+    sizes: list[int],
+    *,
+    laptop: bool,
+    snapshots: bool = True,
+    laptop_holds: bool = True,
 ) -> dict[str, Any]:
     """A phone at ``base/phone`` with one chat per entry of ``sizes`` (the first is
     notes), each holding that many messages; with ``laptop``, a companion at
-    ``base/laptop`` linked while empty that then holds the same history. Each chat's
+    ``base/laptop`` linked while empty that then holds the same history (or, without
+    ``laptop_holds``, stays empty: away while it was written). Each chat's
     whole update goes to ``base/snap/N.bin`` for the baseline."""
     phone, lap, snap = base / "phone", base / "laptop", base / "snap"
     snap.mkdir(parents=True, exist_ok=True)
@@ -220,7 +226,7 @@ def build_account(
         got = _child(
             "chat",
             str(phone),
-            str(lap) if laptop else "",
+            str(lap) if laptop and laptop_holds else "",
             space_id,
             str(n),
             str(1000 + i),
@@ -403,6 +409,46 @@ def ours_rest(
         if ph is not None:
             ph.stop()
         lap.stop()
+
+
+def ours_catchup(base: Path, n: int, timeout: float) -> dict[str, Any]:
+    """S8 catch-up: a laptop linked while empty was away while the phone wrote ``n``
+    messages into one chat; both then run (``p2p run``, the laptop dialing the phone):
+    seconds from the connection until the laptop's index holds them all, and the peak
+    memory of each process."""
+    account = build_account(base, [n], laptop=True, snapshots=False, laptop_holds=False)
+    phone, laptop = account["phone"], account["laptop"]
+    ph = history_size.Proc(ROOT, "--home", str(phone), "run", "--json", *LOOPBACK)
+    lap: history_size.Proc | None = None
+    try:
+        address = ph.wait_line("listening", 120)["address"]
+        lap = history_size.Proc(
+            ROOT, "--home", str(laptop), "run", "--json", *LOOPBACK, "--peer", address
+        )
+        peak = Peak({"phone": ph.proc.pid, "laptop": lap.proc.pid})
+        lap.wait_line("peer_connected", timeout)
+        start = time.monotonic()
+        deadline = start + timeout
+        while history_size.messages_in(laptop) < n and time.monotonic() < deadline:
+            time.sleep(0.25)
+        seconds = time.monotonic() - start
+        held = history_size.messages_in(laptop)
+        mb = peak.stop()
+        return {
+            "ok": held >= n,
+            "why": "" if held >= n else f"{held:,} of {n:,} after {timeout:.0f} s",
+            "messages": n,
+            "crdt_bytes": account["crdt_bytes"],
+            "seconds": round(seconds, 2),
+            "msg_per_s": round(held / seconds) if seconds else 0,
+            "phone_mb": mb["phone"],
+            "laptop_mb": mb["laptop"],
+            "held": held,
+        }
+    finally:
+        if lap is not None:
+            lap.stop()
+        ph.stop()
 
 
 def _level(phone: Path, laptop: Path, timeout: float) -> float:

@@ -23,7 +23,9 @@ Workload everywhere: chat messages of 120 random characters, each from a random 
   single relay, and 10,000 idle devices on one process with a live pair through it.
 - S8 join with history: a new device gets 100,000 messages (``p2p link``) against a
   y-websocket client joining a room holding the same chat; with ``--million``, ours
-  alone linking an account of 1,000,000 messages (51 chats; minutes).
+  alone linking an account of 1,000,000 messages (51 chats; minutes). Then (S8C, also
+  alone with ``--only S8C``) a companion away while 300,000 messages were written to one
+  chat comes level: messages per second, peak memory of both devices.
 - S9 a node holding 1,000,000 messages in 51 chats with its laptop connected, against
   a y-websocket server holding the same documents; and cold start at that scale (the
   newest 50 messages of a chat, the first send into it).
@@ -64,6 +66,7 @@ TARGETS = {
     "history_s": 0.1,  # S9 cold start: first send, newest 50 of a chat
     "history_mb": 150,  # S8 link and S9 at rest, peak per process
     "link_million_s": 120,
+    "catchup_msg_s": 10_000,  # S8 catch-up of 300,000 messages
 }
 COLORS = {
     "ours": "#1f77b4",
@@ -782,6 +785,37 @@ def s8_million(r: Report, scale: Scale) -> None:
         )
 
 
+def s8_catchup(r: Report, n: int) -> None:
+    """Ours alone: a companion away while ``n`` messages were written comes level."""
+    say(f"S8 catch-up: a companion away while {n:,} messages were written to one chat")
+    with tempfile.TemporaryDirectory(prefix="p2p-catchup-") as tmp:
+        ours = history_scale.ours_catchup(Path(tmp), n, timeout=1800)
+    r.results["s8_catchup"] = ours
+    r.table(
+        f"S8 catch-up, ours alone: {n:,} messages in one chat "
+        f"({ours['crdt_bytes'] / 1e6:.1f} MB of CRDT), p2p run on both devices",
+        ["result", "s", "msg/s", "phone peak MB", "laptop peak MB", "laptop holds"],
+        [
+            [
+                "ok" if ours["ok"] else f"FAILED {ours['why'][:60]}",
+                ours["seconds"],
+                ours["msg_per_s"],
+                ours["phone_mb"],
+                ours["laptop_mb"],
+                ours["held"],
+            ]
+        ],
+    )
+    if ours["ok"]:
+        rate, cap = TARGETS["catchup_msg_s"], TARGETS["history_mb"]
+        worst = max(ours["phone_mb"], ours["laptop_mb"])
+        r.note(
+            f"S8 catch-up targets: >= {rate:,} msg/s ({verdict(ours['msg_per_s'] >= rate)}, "
+            f"{ours['msg_per_s']:,}), <= {cap} MB per process ({verdict(worst <= cap)}, "
+            f"{worst:.0f} MB)"
+        )
+
+
 def _built(account: dict[str, Any]) -> dict[str, Any]:
     keep = ("sizes", "crdt_bytes", "build_s", "builder_peak_mb", "db_mb")
     return {k: account[k] for k in keep}
@@ -951,7 +985,8 @@ def main() -> None:
     only = {s.strip().upper() for s in args.only.split(",") if s.strip()}
 
     def want(name: str) -> bool:
-        return not only or name in only or name == "S8M"  # S8M: asked for by --million
+        # S8M: asked for by --million; S8C (the catch-up) comes with S8, or alone
+        return not only or name in only or name == "S8M" or (name == "S8C" and "S8" in only)
 
     OUT.mkdir(exist_ok=True)
     n = 2_000 if args.quick else 10_000
@@ -966,6 +1001,7 @@ def main() -> None:
         ("S4", lambda: s4(r, 10_000 if args.quick else 100_000)),
         ("S7", lambda: s7(r, n // 2 if not args.quick else n)),
         ("S8", lambda: s8(r, 10_000 if args.quick else 100_000)),
+        ("S8C", lambda: s8_catchup(r, 3_000 if args.quick else 300_000)),
         ("S9", lambda: s9(r, scale)),
     ]
     if args.million:  # after S9, on the account it built
