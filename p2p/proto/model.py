@@ -839,8 +839,8 @@ class Replica:
         Entries under keys new by construction (:data:`FRESH_KINDS`) are written aside
         while the history is not loaded: into a document holding only our client's
         structs, whose clock it starts where the known state vector says ours is. The
-        update is the one the whole document would have made (a new map key has no
-        predecessor to name), so a send into a long chat needs no load; loading takes
+        update holds the structs the whole document would have made (a new map key has
+        no predecessor to name), so a send into a long chat needs no load; loading takes
         these updates in. Anything else loads the history first."""
         entries = list(entries)
         if self.writes_aside(e.kind for e in entries):
