@@ -1,4 +1,4 @@
-"""S8 and S9: large histories through real ``p2p`` processes, against y-websocket.
+"""S8, S8C and S9: large histories through real ``p2p`` processes, against y-websocket.
 
 - **S8 join with history**: a new device gets a history of N messages. Ours: ``p2p
   link`` on a fresh home, approved by ``p2p approve --yes`` on the phone holding the
@@ -12,9 +12,11 @@
   holding the same 51 documents with one client connected to all 51 rooms (the client
   already holding them too).
 - **Cold start at that scale**: in a fresh process, ``open_node`` on that phone, the
-  newest 50 messages of a chat, then the first send into it (which loads the chat's
-  whole CRDT today), for the 300,000-message chat and for one of 14,000; against
-  pycrdt applying the big chat's update alone.
+  newest 50 messages of a chat, then the first send into it (written without loading
+  the chat), for the 300,000-message chat and for one of 14,000; against pycrdt
+  applying the big chat's update alone.
+- **S8C catch-up**: a laptop linked while empty, away while the phone wrote 300,000
+  messages into one chat; both run until the laptop holds them all.
 
 Histories are written straight through the store (1,000 signed messages per CRDT
 transaction, as ``cold_start.py`` does), never a send per message. The laptop of S9 is
@@ -39,6 +41,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -418,13 +421,7 @@ def ours_catchup(base: Path, n: int, timeout: float) -> dict[str, Any]:
     memory of each process."""
     account = build_account(base, [n], laptop=True, snapshots=False, laptop_holds=False)
     phone, laptop = account["phone"], account["laptop"]
-    ph = history_size.Proc(ROOT, "--home", str(phone), "run", "--json", *LOOPBACK)
-    lap: history_size.Proc | None = None
-    try:
-        address = ph.wait_line("listening", 120)["address"]
-        lap = history_size.Proc(
-            ROOT, "--home", str(laptop), "run", "--json", *LOOPBACK, "--peer", address
-        )
+    with _running_pair(phone, laptop) as (ph, lap):
         peak = Peak({"phone": ph.proc.pid, "laptop": lap.proc.pid})
         lap.wait_line("peer_connected", timeout)
         start = time.monotonic()
@@ -434,21 +431,34 @@ def ours_catchup(base: Path, n: int, timeout: float) -> dict[str, Any]:
         seconds = time.monotonic() - start
         held = history_size.messages_in(laptop)
         mb = peak.stop()
-        return {
-            "ok": held >= n,
-            "why": "" if held >= n else f"{held:,} of {n:,} after {timeout:.0f} s",
-            "messages": n,
-            "crdt_bytes": account["crdt_bytes"],
-            "seconds": round(seconds, 2),
-            "msg_per_s": round(held / seconds) if seconds else 0,
-            "phone_mb": mb["phone"],
-            "laptop_mb": mb["laptop"],
-            "held": held,
-        }
+    return {
+        "ok": held >= n,
+        "why": "" if held >= n else f"{held:,} of {n:,} after {timeout:.0f} s",
+        "messages": n,
+        "crdt_bytes": account["crdt_bytes"],
+        "seconds": round(seconds, 2),
+        "msg_per_s": round(held / seconds) if seconds else 0,
+        "phone_mb": mb["phone"],
+        "laptop_mb": mb["laptop"],
+        "held": held,
+    }
+
+
+@contextlib.contextmanager
+def _running_pair(listener: Path, dialer: Path) -> Iterator[tuple[Any, Any]]:
+    """``p2p run`` on ``listener``, then on ``dialer`` dialing it; both stopped after."""
+    first = history_size.Proc(ROOT, "--home", str(listener), "run", "--json", *LOOPBACK)
+    second: history_size.Proc | None = None
+    try:
+        address = first.wait_line("listening", 120)["address"]
+        second = history_size.Proc(
+            ROOT, "--home", str(dialer), "run", "--json", *LOOPBACK, "--peer", address
+        )
+        yield first, second
     finally:
-        if lap is not None:
-            lap.stop()
-        ph.stop()
+        if second is not None:
+            second.stop()
+        first.stop()
 
 
 def _level(phone: Path, laptop: Path, timeout: float) -> float:
@@ -456,19 +466,9 @@ def _level(phone: Path, laptop: Path, timeout: float) -> float:
     one alone before (the cold-start sends, an earlier run's) is caught up here, so the
     run measured after it starts level (at rest: nothing to load). Seconds it took."""
     start = time.monotonic()
-    lap = history_size.Proc(ROOT, "--home", str(laptop), "run", "--json", *LOOPBACK)
-    ph: history_size.Proc | None = None
-    try:
-        address = lap.wait_line("listening", 120)["address"]
-        ph = history_size.Proc(
-            ROOT, "--home", str(phone), "run", "--json", *LOOPBACK, "--peer", address
-        )
+    with _running_pair(laptop, phone) as (lap, ph):
         ph.wait_line("peer_connected", timeout)
         settle([ph.proc.pid, lap.proc.pid], timeout=timeout)
-    finally:
-        if ph is not None:
-            ph.stop()
-        lap.stop()
     return round(time.monotonic() - start, 1)
 
 
