@@ -479,6 +479,7 @@ def _cold_child(home: str, chat: str) -> dict[str, Any]:
 
     import p2p
 
+    p2p.open_node  # noqa: B018  # p2p imports lazily: its runtime loads here, not in "open"
     marks: dict[str, float] = {}
 
     async def run() -> int:

@@ -484,7 +484,7 @@ def s4(r: Report, n: int) -> None:
             "MB after open",
             "peak MB to last 50",
             "vs pycrdt",
-            "ms first send (loads the CRDT)",
+            "ms first send",
             "peak MB after it",
         ],
         rows,
