@@ -7,6 +7,7 @@
   the three processes the suite starts, built on ``Child``.
 - ``p2p`` / ``log``: one ``p2p`` command to completion, with a timeout.
 - ``wait_until`` (threads) and ``wait_for`` (trio): polling with a deadline.
+- ``tcp_node``: an engine (``open_node``) in the test's own process, on TCP loopback.
 
 Ports: a process binds port 0 and reports the port it got; a test that must restart a
 process on the same address reuses the port that process reported (never one picked by
@@ -33,8 +34,11 @@ from typing import Any, TypeVar
 import trio
 import trio.testing
 
+from p2p.runtime.node import Node as Engine
+from p2p.runtime.node import open_node
 from p2p.transport.base import Connection, ConnectionClosed
 from p2p.transport.relay import RelayClient
+from p2p.transport.tcp import TcpTransport
 
 P2P = [sys.executable, "-m", "p2p"]
 _numbers = itertools.count()
@@ -92,6 +96,13 @@ async def wait_for(predicate: Callable[[], object], seconds: float = 120) -> Non
     with trio.fail_after(seconds):
         while not predicate():  # noqa: ASYNC110 (the predicate reads state, not an event)
             await trio.sleep(0.05)
+
+
+@asynccontextmanager
+async def tcp_node(home: Path, **kwargs: Any) -> AsyncIterator[Engine]:
+    """``open_node(home, **kwargs)`` listening on a free loopback port."""
+    async with open_node(home, transport=TcpTransport("127.0.0.1:0"), **kwargs) as node:
+        yield node
 
 
 def run_virtual(fn: Callable[[], Awaitable[object]]) -> None:

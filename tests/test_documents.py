@@ -12,19 +12,18 @@ from __future__ import annotations
 import contextlib
 import random
 import sqlite3
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from procs import tcp_node, wait_for
 
 from p2p.proto.identity import DeviceKeys
 from p2p.proto.model import EDITS, MESSAGES, Replica
 from p2p.proto.model import decode_state_vector as clocks
 from p2p.proto.wire import pack
-from p2p.runtime.node import Node, open_node
+from p2p.runtime.node import Node
 from p2p.state.device import DeviceState, claim_run, merge_batches
 from p2p.state.spaces import stored_vector
 from p2p.storage.base import WriteBatch
@@ -32,7 +31,6 @@ from p2p.storage.memory import MemoryStore
 from p2p.storage.sqlite import SqliteStore
 from p2p.testing import provision_account, provision_homes
 from p2p.testing.sessions import Pair
-from p2p.transport.tcp import TcpTransport
 
 pytestmark = pytest.mark.slow
 
@@ -44,24 +42,12 @@ def homes(tmp_path: Path) -> list[Path]:
     return paths
 
 
-@asynccontextmanager
-async def node(home: Path, **kwargs: Any) -> AsyncIterator[Node]:
-    async with open_node(home, transport=TcpTransport("127.0.0.1:0"), **kwargs) as n:
-        yield n
-
-
-async def polled(predicate: Callable[[], bool]) -> None:
-    """Poll a condition of two nodes together; the caller bounds the wait."""
-    while not predicate():  # noqa: ASYNC110
-        await trio.sleep(0.02)
-
-
 async def level_pair(homes: list[Path], messages: int) -> None:
     """The phone writes ``messages`` into its notes; both end level and close."""
-    async with node(homes[0]) as phone, node(homes[1], peers=[phone.address]) as laptop:
+    async with tcp_node(homes[0]) as phone, tcp_node(homes[1], peers=[phone.address]) as laptop:
         for i in range(messages):
             await phone.send(f"m{i}")
-        await polled(lambda: len(laptop.messages()) == messages)
+        await wait_for(lambda: len(laptop.messages()) == messages)
 
 
 def notes_of(n: Node) -> Any:
@@ -83,7 +69,7 @@ async def vectors_exchanged(a: Node, b: Node) -> None:
             and pb.session.stats.sv_in >= shared
         )
 
-    await polled(done)
+    await wait_for(done)
 
 
 def test_a_session_with_a_level_peer_loads_no_chat(homes: list[Path]) -> None:
@@ -94,13 +80,16 @@ def test_a_session_with_a_level_peer_loads_no_chat(homes: list[Path]) -> None:
     async def main() -> None:
         with trio.fail_after(60):
             await level_pair(homes, 60)
-            async with node(homes[0]) as phone, node(homes[1], peers=[phone.address]) as laptop:
+            async with (
+                tcp_node(homes[0]) as phone,
+                tcp_node(homes[1], peers=[phone.address]) as laptop,
+            ):
                 await vectors_exchanged(phone, laptop)
                 await trio.sleep(0.5)  # time for a load, had one started
                 assert not notes_of(phone).replica.loaded
                 assert not notes_of(laptop).replica.loaded
                 await laptop.send("after")
-                await polled(lambda: len(phone.messages()) == 61)
+                await wait_for(lambda: len(phone.messages()) == 61)
                 assert [m.text for m in phone.messages()] == [m.text for m in laptop.messages()]
 
     trio.run(main)
@@ -117,7 +106,10 @@ def test_a_store_without_state_vector_records_learns_them_once(homes: list[Path]
 
     async def reconnect() -> None:
         with trio.fail_after(60):
-            async with node(homes[0]) as phone, node(homes[1], peers=[phone.address]) as laptop:
+            async with (
+                tcp_node(homes[0]) as phone,
+                tcp_node(homes[1], peers=[phone.address]) as laptop,
+            ):
                 await vectors_exchanged(phone, laptop)
                 assert not notes_of(phone).replica.loaded
                 assert not notes_of(laptop).replica.loaded
@@ -136,14 +128,20 @@ def test_a_peer_that_lacks_messages_loads_the_chat_on_both_sides(homes: list[Pat
 
     async def main() -> None:
         with trio.fail_after(60):
-            async with node(homes[0]) as phone, node(homes[1], peers=[phone.address]) as laptop:
+            async with (
+                tcp_node(homes[0]) as phone,
+                tcp_node(homes[1], peers=[phone.address]) as laptop,
+            ):
                 await phone.send("first")
-                await polled(lambda: len(laptop.messages()) == 1)
-            async with node(homes[0]) as phone:
+                await wait_for(lambda: len(laptop.messages()) == 1)
+            async with tcp_node(homes[0]) as phone:
                 for i in range(30):
                     await phone.send(f"while away {i}")
-            async with node(homes[0]) as phone, node(homes[1], peers=[phone.address]) as laptop:
-                await polled(lambda: len(laptop.messages()) == 31)
+            async with (
+                tcp_node(homes[0]) as phone,
+                tcp_node(homes[1], peers=[phone.address]) as laptop,
+            ):
+                await wait_for(lambda: len(laptop.messages()) == 31)
                 assert notes_of(phone).replica.loaded
                 assert notes_of(laptop).replica.loaded
                 assert [m.id for m in laptop.messages()] == [m.id for m in phone.messages()]
@@ -157,17 +155,20 @@ def test_an_idle_chat_is_dropped_from_memory_and_loads_again_on_use(homes: list[
 
     async def main() -> None:
         with trio.fail_after(60):
-            async with node(homes[0]) as phone, node(homes[1], peers=[phone.address]) as laptop:
+            async with (
+                tcp_node(homes[0]) as phone,
+                tcp_node(homes[1], peers=[phone.address]) as laptop,
+            ):
                 for i in range(10):
                     await phone.send(f"m{i}")
-                await polled(lambda: len(laptop.messages()) == 10)
+                await wait_for(lambda: len(laptop.messages()) == 10)
                 chat = notes_of(phone)
                 vector = chat.replica.state_vector()
                 assert chat.id in phone.writer.unload_idle(0.0)
                 assert not chat.replica.loaded
                 assert clocks(chat.replica.state_vector()) == clocks(vector)
                 await phone.send("after the drop")
-                await polled(lambda: len(laptop.messages()) == 11)
+                await wait_for(lambda: len(laptop.messages()) == 11)
                 assert [m.id for m in laptop.messages()] == [m.id for m in phone.messages()]
 
     trio.run(main)
@@ -178,7 +179,7 @@ def test_the_stored_state_vector_is_the_loaded_documents(homes: list[Path]) -> N
     a record left behind by appends made without it is not believed."""
 
     async def write() -> None:
-        async with node(homes[0]) as phone:
+        async with tcp_node(homes[0]) as phone:
             for i in range(5):
                 await phone.send(f"m{i}")
 
@@ -304,12 +305,15 @@ def test_sends_into_an_unloaded_chat_load_nothing_and_reach_the_peer(homes: list
     async def main() -> None:
         with trio.fail_after(60):
             await level_pair(homes, 30)
-            async with node(homes[0]) as phone, node(homes[1], peers=[phone.address]) as laptop:
+            async with (
+                tcp_node(homes[0]) as phone,
+                tcp_node(homes[1], peers=[phone.address]) as laptop,
+            ):
                 await vectors_exchanged(phone, laptop)
                 chat = notes_of(phone)
                 await phone.send("cold")
                 assert not chat.replica.loaded
-                await polled(lambda: len(laptop.messages()) == 31)
+                await wait_for(lambda: len(laptop.messages()) == 31)
                 await phone.delivery()  # reads receipts: loads the chat, with "cold"
                 assert chat.replica.loaded
                 await phone.send("loaded")
@@ -319,11 +323,11 @@ def test_sends_into_an_unloaded_chat_load_nothing_and_reach_the_peer(homes: list
                 await phone.mark_read()  # overwrites a key: loads first
                 assert chat.replica.loaded
                 await phone.send("last")
-                await polled(lambda: len(laptop.messages()) == 34)
+                await wait_for(lambda: len(laptop.messages()) == 34)
                 shown = [m.id for m in phone.messages()]
                 assert [m.id for m in laptop.messages()] == shown
                 assert chat.replica.count() == 34
-            async with node(homes[0]) as phone:
+            async with tcp_node(homes[0]) as phone:
                 assert [m.id for m in phone.messages()] == shown
                 await phone.writer.load(notes_of(phone))
                 assert notes_of(phone).replica.count() == 34
@@ -361,12 +365,12 @@ def test_a_node_drops_a_chat_by_itself_once_idle(homes: list[Path]) -> None:
 
     async def main() -> None:
         with trio.fail_after(30):
-            async with node(homes[0], idle_unload=0.4) as phone:
+            async with tcp_node(homes[0], idle_unload=0.4) as phone:
                 await phone.send("hello")
                 chat = notes_of(phone)
                 await phone.mark_read()  # overwrites a key: loads the chat
                 assert chat.replica.loaded
-                await polled(lambda: not chat.replica.loaded)
+                await wait_for(lambda: not chat.replica.loaded)
                 await phone.mark_read()
                 assert chat.replica.loaded
                 assert [m.text for m in phone.messages()] == ["hello"]

@@ -5,20 +5,18 @@ policy and quota, what the relay and the wire see."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from procs import Relay
+from procs import Relay, tcp_node, wait_for
 
 from p2p import events as ev
 from p2p.errors import MediaError, MediaMissing
-from p2p.runtime.node import Node, open_node
+from p2p.runtime.node import open_node
 from p2p.testing import provision_homes
-from p2p.transport.tcp import TcpTransport
 
 pytestmark = pytest.mark.slow
 
@@ -36,19 +34,6 @@ def random_file(path: Path, size: int) -> bytes:
     data = os.urandom(size)
     path.write_bytes(data)
     return data
-
-
-@asynccontextmanager
-async def node(home: Path, **kwargs: Any) -> AsyncIterator[Node]:
-    async with open_node(home, transport=TcpTransport("127.0.0.1:0"), **kwargs) as n:
-        yield n
-
-
-async def polled(predicate: Callable[[], bool]) -> None:
-    """Poll a condition that has no event to wait on (the state of two nodes together);
-    the caller bounds the wait."""
-    while not predicate():  # noqa: ASYNC110
-        await trio.sleep(0.02)
 
 
 async def until(events: trio.MemoryReceiveChannel[ev.Event], pred: Callable[[Any], bool]) -> Any:
@@ -70,17 +55,17 @@ def test_text_keeps_converging_while_a_large_transfer_runs(homes: list[Path]) ->
 
     async def main() -> None:
         with trio.fail_after(120):
-            async with node(homes[1]) as laptop:
+            async with tcp_node(homes[1]) as laptop:
                 laptop.media.set_policy(rate=4 * MiB)  # >= 5 s for the file
                 file_msg = await laptop.send_file(homes[1] / "big.bin", "the big one")
-                async with node(homes[0], peers=[laptop.address]) as phone:
+                async with tcp_node(homes[0], peers=[laptop.address]) as phone:
                     with phone.events() as events:
                         await until(events, lambda e: isinstance(e, ev.MediaProgress) and e.done)
                         for i in range(20):
                             await laptop.send(f"from laptop {i}")
                             await phone.send(f"from phone {i}")
                         want = {f"from {d} {i}" for d in ("laptop", "phone") for i in range(20)}
-                        await polled(
+                        await wait_for(
                             lambda: (
                                 want <= {m.text for m in phone.messages()}
                                 and want <= {m.text for m in laptop.messages()}
@@ -110,11 +95,11 @@ def test_tampered_chunks_are_refused_and_fetched_elsewhere(
 
     async def main() -> None:
         with trio.fail_after(90):
-            async with node(homes[2]) as desktop:
+            async with tcp_node(homes[2]) as desktop:
                 msg = await desktop.send_file(homes[2] / "photo.jpg")
                 # through the relay, the phone meets the laptop only there (relay presence)
                 relays = [relay.url] if via == "relay" else []
-                async with node(homes[1], peers=[desktop.address], relays=relays) as laptop:
+                async with tcp_node(homes[1], peers=[desktop.address], relays=relays) as laptop:
                     with laptop.events() as events:
                         await until(events, complete)  # the laptop holds the file too
 
@@ -126,7 +111,7 @@ def test_tampered_chunks_are_refused_and_fetched_elsewhere(
 
                     laptop.media.blobs.chunk = tampering  # type: ignore[method-assign]
                     peers = [] if via == "relay" else [laptop.address]
-                    async with node(homes[0], peers=peers, relays=relays) as phone:
+                    async with tcp_node(homes[0], peers=peers, relays=relays) as phone:
                         with phone.events() as events:
                             rejected = await until(
                                 events,
@@ -278,7 +263,7 @@ def test_on_demand_policy_quota_and_eviction(homes: list[Path]) -> None:
 
     async def main() -> None:
         with trio.fail_after(60):
-            async with node(homes[1]) as laptop:
+            async with tcp_node(homes[1]) as laptop:
                 one = await laptop.send_file(homes[1] / "one.bin")
                 two = await laptop.send_file(homes[1] / "two.bin")
                 same = await laptop.send_file(homes[1] / "one.bin", "again")
@@ -288,14 +273,14 @@ def test_on_demand_policy_quota_and_eviction(homes: list[Path]) -> None:
                 with pytest.raises(MediaError, match="at most"):
                     await laptop.send_file(homes[1] / "one.bin")
                 laptop.media.set_policy(max_file=100 * MiB)
-                async with node(homes[0]) as phone:
+                async with tcp_node(homes[0]) as phone:
                     phone.media.set_policy(fetch="demand", quota=MiB + 65536)
                     await phone.connect(laptop.address)
-                    await polled(lambda: len(phone.messages()) == 3)
+                    await wait_for(lambda: len(phone.messages()) == 3)
                     files = {m.attachment.id for m in phone.messages() if m.attachment}
                     assert len(files) == 2  # the same file twice is one file
                     # each file is decided once it is seen: on demand, left idle
-                    await polled(
+                    await wait_for(
                         lambda: all(phone.media.blobs.file_state(f) is not None for f in files)
                     )
                     assert {phone.media.blobs.file_state(f) for f in files} == {"idle"}
@@ -332,15 +317,18 @@ def test_malformed_want_closes_the_connection_and_unasked_chunks_are_dropped(
 
     async def main() -> None:
         with trio.fail_after(30):
-            async with node(homes[1]) as laptop, node(homes[0], peers=[laptop.address]) as phone:
-                await polled(lambda: phone.device_id in laptop.connected_peers)
+            async with (
+                tcp_node(homes[1]) as laptop,
+                tcp_node(homes[0], peers=[laptop.address]) as phone,
+            ):
+                await wait_for(lambda: phone.device_id in laptop.connected_peers)
                 peer = laptop.peers.get(phone.device_id)
                 assert peer is not None
                 data = b"not asked for"
                 blob = peer.session.send_media("blob", h=b"\x03" * 32, d=data)
                 laptop.peers.carry_out(peer, blob)
                 laptop.peers.carry_out(peer, peer.session.send_media("ask", h=b"\x04" * 32))
-                await polled(lambda: peer.session.stats.media_bytes_in > 0)  # the nohave
+                await wait_for(lambda: peer.session.stats.media_bytes_in > 0)  # the nohave
                 assert phone.media.stats.unasked == 1
                 assert laptop.device_id in phone.connected_peers
                 with phone.events() as events:
