@@ -153,9 +153,9 @@ def _setup_child(phone: str, chats: int) -> dict[str, Any]:
 def _chat_child(phone: str, laptop: str, space_id: str, n: int, seed: int, snap: str) -> Any:
     """Append ``n`` signed messages to one chat of ``phone`` (the same updates and index
     rows to ``laptop``'s store, when given); the chat's whole update to ``snap``."""
-    from p2p.proto.wire import pack
     from p2p.runtime.home import open_home_store
     from p2p.state.device import DeviceState, claim_run
+    from p2p.state.spaces import vector_record
     from p2p.storage.base import WriteBatch
 
     rng = random.Random(seed)
@@ -177,7 +177,7 @@ def _chat_child(phone: str, laptop: str, space_id: str, n: int, seed: int, snap:
         for written in (store, other):
             if written is not None:
                 stamp = written.log_seqs(space_id)[1]
-                written.write(WriteBatch(records={f"sv/{space_id}": pack([stamp, vector])}))
+                written.write(WriteBatch(records=vector_record(space_id, stamp, vector)))
         snapshot = state.space(space_id).replica.snapshot()
         if snap:
             Path(snap).write_bytes(snapshot)

@@ -258,8 +258,7 @@ class Spaces(dict[str, Space]):
         space = self.get(space_id)
         if space is None or not space.replica.vector_known:
             return {}
-        stamp = space.log_seq + appending
-        return {f"sv/{space_id}": pack([stamp, space.replica.state_vector()])}
+        return vector_record(space_id, space.log_seq + appending, space.replica.state_vector())
 
     def replica(
         self,
@@ -282,6 +281,12 @@ class Spaces(dict[str, Space]):
         """A space's whole history as it stands (see :attr:`history`); none without a
         store (a state held in memory only: its replica then starts over empty)."""
         return () if self.history is None else self.history(space_id)
+
+
+def vector_record(space_id: str, stamp: int, vector: bytes) -> dict[str, bytes]:
+    """The ``sv/<space>`` record stating ``vector`` for a log that reaches seq ``stamp``
+    (read back by :func:`stored_vector`)."""
+    return {f"sv/{space_id}": pack([stamp, vector])}
 
 
 def stored_vector(record: bytes | None, log_seq: int) -> bytes | None:
