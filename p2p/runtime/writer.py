@@ -302,9 +302,7 @@ class Writer:
             with contextlib.suppress(ChatCorrupt):
                 await self.load(space)
                 self.queue(WriteBatch(records=self._state.spaces.vector_record(space.id)))
-                if space.id not in self._pending():
-                    space.replica.unload()
-                    self._used.pop(space.id, None)
+                self._drop(space, self._pending())
 
     def _pending(self) -> set[str]:
         """Spaces with updates on their way to the store."""
@@ -341,18 +339,25 @@ class Writer:
         now = trio.current_time()
         dropped = []
         for space in list(self._state.spaces.values()):
-            if not space.replica.loaded or space.id in pending or space.id in self._waiting:
+            if not space.replica.loaded:
                 continue
             if now - self._used.setdefault(space.id, now) < idle:
                 continue  # (a space loaded by a reader is first seen here: in use now)
-            if space.replica.unload():
-                self._used.pop(space.id, None)
+            if self._drop(space, pending):
                 dropped.append(space.id)
         return dropped
 
+    def _drop(self, space: Space, pending: set[str]) -> bool:
+        """Unload a space's document unless something of it is on its way to the store
+        (``pending``) or waits for it; whether it was dropped."""
+        if space.id in pending or space.id in self._waiting or not space.replica.unload():
+            return False
+        self._used.pop(space.id, None)
+        return True
+
     async def load_all(self) -> None:
-        """Load every space (a session offers them all); one that does not load is set
-        aside, not a reason to refuse the peer."""
+        """Load every space (linking sends a new device every space's history); one that
+        does not load is set aside, not a reason to fail."""
         for space in list(self._state.spaces.values()):
             with contextlib.suppress(ChatCorrupt):
                 await self.load(space)
