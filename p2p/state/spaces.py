@@ -239,8 +239,9 @@ class Spaces(dict[str, Space]):
         return indexed
 
     def vector_records(self, appends: list[tuple[str, bytes]]) -> dict[str, bytes]:
-        """The ``sv/<space>`` records to write with ``appends``: each loaded space's state
-        vector, stamped with the seq its log reaches with them (see :func:`stored_vector`).
+        """The ``sv/<space>`` records to write with ``appends``: the state vector of each
+        space whose vector is known, stamped with the seq its log reaches with them (see
+        :func:`stored_vector`).
 
         Called as the batch is made, before anything else can reach the replica: what
         the document holds then is what the store holds once the batch is written."""
