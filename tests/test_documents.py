@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import random
 import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +44,16 @@ def homes(tmp_path: Path) -> list[Path]:
     return paths
 
 
+@asynccontextmanager
+async def phone_and_laptop(homes: list[Path]) -> AsyncIterator[tuple[Node, Node]]:
+    """Both nodes of ``homes`` running, the laptop dialing the phone."""
+    async with tcp_node(homes[0]) as phone, tcp_node(homes[1], peers=[phone.address]) as laptop:
+        yield phone, laptop
+
+
 async def level_pair(homes: list[Path], messages: int) -> None:
     """The phone writes ``messages`` into its notes; both end level and close."""
-    async with tcp_node(homes[0]) as phone, tcp_node(homes[1], peers=[phone.address]) as laptop:
+    async with phone_and_laptop(homes) as (phone, laptop):
         for i in range(messages):
             await phone.send(f"m{i}")
         await wait_for(lambda: len(laptop.messages()) == messages)
@@ -80,10 +89,7 @@ def test_a_session_with_a_level_peer_loads_no_chat(homes: list[Path]) -> None:
     async def main() -> None:
         with trio.fail_after(60):
             await level_pair(homes, 60)
-            async with (
-                tcp_node(homes[0]) as phone,
-                tcp_node(homes[1], peers=[phone.address]) as laptop,
-            ):
+            async with phone_and_laptop(homes) as (phone, laptop):
                 await vectors_exchanged(phone, laptop)
                 await trio.sleep(0.5)  # time for a load, had one started
                 assert not notes_of(phone).replica.loaded
@@ -106,10 +112,7 @@ def test_a_store_without_state_vector_records_learns_them_once(homes: list[Path]
 
     async def reconnect() -> None:
         with trio.fail_after(60):
-            async with (
-                tcp_node(homes[0]) as phone,
-                tcp_node(homes[1], peers=[phone.address]) as laptop,
-            ):
+            async with phone_and_laptop(homes) as (phone, laptop):
                 await vectors_exchanged(phone, laptop)
                 assert not notes_of(phone).replica.loaded
                 assert not notes_of(laptop).replica.loaded
@@ -128,19 +131,13 @@ def test_a_peer_that_lacks_messages_loads_the_chat_on_both_sides(homes: list[Pat
 
     async def main() -> None:
         with trio.fail_after(60):
-            async with (
-                tcp_node(homes[0]) as phone,
-                tcp_node(homes[1], peers=[phone.address]) as laptop,
-            ):
+            async with phone_and_laptop(homes) as (phone, laptop):
                 await phone.send("first")
                 await wait_for(lambda: len(laptop.messages()) == 1)
             async with tcp_node(homes[0]) as phone:
                 for i in range(30):
                     await phone.send(f"while away {i}")
-            async with (
-                tcp_node(homes[0]) as phone,
-                tcp_node(homes[1], peers=[phone.address]) as laptop,
-            ):
+            async with phone_and_laptop(homes) as (phone, laptop):
                 await wait_for(lambda: len(laptop.messages()) == 31)
                 assert notes_of(phone).replica.loaded
                 assert notes_of(laptop).replica.loaded
@@ -155,10 +152,7 @@ def test_an_idle_chat_is_dropped_from_memory_and_loads_again_on_use(homes: list[
 
     async def main() -> None:
         with trio.fail_after(60):
-            async with (
-                tcp_node(homes[0]) as phone,
-                tcp_node(homes[1], peers=[phone.address]) as laptop,
-            ):
+            async with phone_and_laptop(homes) as (phone, laptop):
                 for i in range(10):
                     await phone.send(f"m{i}")
                 await wait_for(lambda: len(laptop.messages()) == 10)
@@ -305,10 +299,7 @@ def test_sends_into_an_unloaded_chat_load_nothing_and_reach_the_peer(homes: list
     async def main() -> None:
         with trio.fail_after(60):
             await level_pair(homes, 30)
-            async with (
-                tcp_node(homes[0]) as phone,
-                tcp_node(homes[1], peers=[phone.address]) as laptop,
-            ):
+            async with phone_and_laptop(homes) as (phone, laptop):
                 await vectors_exchanged(phone, laptop)
                 chat = notes_of(phone)
                 await phone.send("cold")
