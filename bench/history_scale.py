@@ -173,11 +173,13 @@ def _chat_child(phone: str, laptop: str, space_id: str, n: int, seed: int, snap:
             if other is not None:  # a companion that caught all of it up
                 other.write(WriteBatch(appends=batch.appends, index=batch.index))
         # the state vector record a node writes with every append (p2p.state.spaces)
-        vector = state.space(space_id).replica.state_vector()
+        replica = state.space(space_id).replica
+        vector, heads = replica.state_vector(), replica.known_heads()
         for written in (store, other):
             if written is not None:
                 stamp = written.log_seqs(space_id)[1]
-                written.write(WriteBatch(records=vector_record(space_id, stamp, vector)))
+                record = vector_record(space_id, stamp, vector, heads)
+                written.write(WriteBatch(records=record))
         snapshot = state.space(space_id).replica.snapshot()
         if snap:
             Path(snap).write_bytes(snapshot)

@@ -167,6 +167,16 @@ class PoisonedReplica(InvalidUpdate):
     update was neither kept nor passed on. The peer that sent it is disconnected."""
 
 
+class DocumentNeeded(P2PError):
+    """Not a fault: an update could not be applied without its chat's document (it
+    replaces or deletes what only the document holds, or follows structs it lacks).
+    Nothing changed; the caller loads the document and applies the update again."""
+
+    def __init__(self, space: str) -> None:
+        super().__init__(f"{space}: the update needs the chat's document")
+        self.space = space
+
+
 # --- storage ------------------------------------------------------------------------
 
 

@@ -21,8 +21,21 @@ import pytest
 import trio
 from procs import tcp_node, wait_for
 
+from p2p.errors import DocumentNeeded
+from p2p.proto.clock import format_ts
 from p2p.proto.identity import DeviceKeys
-from p2p.proto.model import EDITS, MESSAGES, Replica
+from p2p.proto.model import (
+    EDITS,
+    INDEXED,
+    MESSAGES,
+    READ_MARKERS,
+    RECEIPTS,
+    SIDE,
+    Applied,
+    Entry,
+    Replica,
+    side_heads,
+)
 from p2p.proto.model import decode_state_vector as clocks
 from p2p.proto.wire import pack
 from p2p.runtime.node import Node
@@ -125,9 +138,10 @@ def test_a_store_without_state_vector_records_learns_them_once(homes: list[Path]
         assert rows[0] >= 2  # the account space and the notes chat
 
 
-def test_a_peer_that_lacks_messages_loads_the_chat_on_both_sides(homes: list[Path]) -> None:
+def test_a_peer_that_lacks_messages_loads_the_chat_only_to_answer(homes: list[Path]) -> None:
     """The laptop missed 30 messages: the phone loads the chat to answer the laptop's
-    state vector, the laptop's envelopes wait for its own load, and both end level."""
+    state vector; the laptop takes them without loading its own (new keys, continuing
+    its state vector), and both end level."""
 
     async def main() -> None:
         with trio.fail_after(60):
@@ -140,8 +154,10 @@ def test_a_peer_that_lacks_messages_loads_the_chat_on_both_sides(homes: list[Pat
             async with phone_and_laptop(homes) as (phone, laptop):
                 await wait_for(lambda: len(laptop.messages()) == 31)
                 assert notes_of(phone).replica.loaded
-                assert notes_of(laptop).replica.loaded
+                assert not notes_of(laptop).replica.loaded
                 assert [m.id for m in laptop.messages()] == [m.id for m in phone.messages()]
+                told = notes_of(laptop).replica.state_vector()
+                assert told == notes_of(phone).replica.state_vector()
 
     trio.run(main)
 
@@ -291,6 +307,10 @@ def test_an_entry_written_aside_is_the_update_the_whole_document_makes() -> None
     )
 
 
+def shown_first(node: Node) -> str:
+    return node.messages()[0].id
+
+
 def test_sends_into_an_unloaded_chat_load_nothing_and_reach_the_peer(homes: list[Path]) -> None:
     """The first send after a start, and one after the chat was dropped from memory, go
     out without loading the chat; loading it later takes them in, and writes that follow
@@ -311,7 +331,9 @@ def test_sends_into_an_unloaded_chat_load_nothing_and_reach_the_peer(homes: list
                 assert chat.id in phone.writer.unload_idle(0.0)
                 await phone.send("dropped")  # aside again, after this run's own structs
                 assert not chat.replica.loaded
-                await phone.mark_read()  # overwrites a key: loads first
+                await phone.mark_read()  # replaces our read marker, whose item is known
+                assert not chat.replica.loaded
+                await phone.react(shown_first(phone), "+1")  # a reaction: loads first
                 assert chat.replica.loaded
                 await phone.send("last")
                 await wait_for(lambda: len(laptop.messages()) == 34)
@@ -351,7 +373,7 @@ def test_a_linked_device_states_its_vectors_without_loading() -> None:
 
 
 def test_a_node_drops_a_chat_by_itself_once_idle(homes: list[Path]) -> None:
-    """``idle_unload``: a chat loaded for a read marker is dropped by the node's own task
+    """``idle_unload``: a chat loaded for a reaction is dropped by the node's own task
     once unused that long, and loads again for the next use."""
 
     async def main() -> None:
@@ -359,10 +381,10 @@ def test_a_node_drops_a_chat_by_itself_once_idle(homes: list[Path]) -> None:
             async with tcp_node(homes[0], idle_unload=0.4) as phone:
                 await phone.send("hello")
                 chat = notes_of(phone)
-                await phone.mark_read()  # overwrites a key: loads the chat
+                await phone.react(shown_first(phone), "+1")  # may replace one: loads
                 assert chat.replica.loaded
                 await wait_for(lambda: not chat.replica.loaded)
-                await phone.mark_read()
+                await phone.react(shown_first(phone), "-1")
                 assert chat.replica.loaded
                 assert [m.text for m in phone.messages()] == ["hello"]
 
@@ -424,3 +446,234 @@ def test_random_writes_drops_loads_and_restarts_keep_vectors_true(seed: int) -> 
     assert keys[0] == keys[2]
     assert keys[1] == keys[3]
     assert len(keys[0]) + len(keys[1]) == written
+
+
+# ---- updates applied and written without the document -------------------------------
+
+
+def _entry(kind: str, device: str, n: int, target: str = "", body: str = "") -> Entry:
+    return Entry(
+        id=f"{device}-{kind}-{n}",
+        kind=kind,  # type: ignore[arg-type]
+        account=f"acct-{device}",
+        device=device,
+        ts=format_ts(1000 + n, 0),
+        target=target,
+        body=body or f"{kind} {n}",
+        sig="c2ln",
+    )
+
+
+class _Lazy:
+    """A replica whose history stays in a list (its store) and is loaded only when
+    it must be, the way the node uses one: ``ingest`` tries without the document,
+    then loads and applies on DocumentNeeded."""
+
+    def __init__(self, space: str, client: int, indexed: set[tuple[str, str]]) -> None:
+        self.stored: list[bytes] = []
+        self.indexed = indexed
+        self.space, self.client = space, client
+        self.replica = self._reopen(b"\x00", {})
+        self.aside = self.loads = 0
+
+    def _reopen(self, vector: bytes, heads: dict[Any, Any] | None) -> Replica:
+        return Replica(
+            self.space,
+            source=lambda: list(self.stored),
+            client_id=self.client,
+            state_vector=vector,
+            heads=heads,
+        )
+
+    def held(self, keys: list[tuple[str, str]]) -> dict[Any, str]:
+        return {k: "" for k in keys if k in self.indexed}
+
+    def ingest(self, update: bytes) -> Applied:
+        if not self.replica.loaded:
+            try:
+                applied = self.replica.apply(update, held=self.held)
+            except DocumentNeeded:
+                self.loads += 1
+            else:
+                self.aside += 1
+                self.stored.append(update)
+                self.indexed.update(applied.changed)
+                return applied
+        applied = self.replica.apply(update)
+        self.stored.append(update)
+        self.indexed.update(applied.changed)
+        return applied
+
+    def write(self, entries: list[Entry]) -> bytes:
+        update = self.replica.write(entries)
+        self.stored.append(update)
+        self.indexed.update((e.map_name(), e.key()) for e in entries if e.map_name() in INDEXED)
+        return update
+
+    def drop(self) -> None:
+        if self.replica.loaded and self.replica.unload():
+            pass
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_updates_taken_without_the_document_change_what_the_document_would(seed: int) -> None:
+    """Seeded: two devices write messages, edits, reactions, deletions, receipts and
+    read markers (their own, replacing their earlier ones), and a third takes their
+    updates in a random order, dropping its document now and then. Whatever it takes
+    without the document reports the changes the loaded document reports for the
+    same update, and at the end its document, side heads and state vector are those
+    of a replica that applied everything loaded."""
+    rng = random.Random(seed)
+    space = "s"
+    writers = [Replica(space, client_id=11), Replica(space, client_id=22)]
+    names = ["a", "b"]
+    reference = Replica(space, client_id=99)
+    taker = _Lazy(space, 33, set())
+    messages: list[str] = []
+    pending: list[bytes] = []
+    for step in range(60):
+        w = rng.randrange(2)
+        writer, device = writers[w], names[w]
+        roll = rng.random()
+        if roll < 0.4 or not messages:
+            entries = [_entry("msg", device, step)]
+            messages.append(entries[0].id)
+        elif roll < 0.55:
+            entries = [_entry("rcpt", device, step)]
+        elif roll < 0.7:
+            entries = [_entry("read", device, step)]
+        elif roll < 0.8:
+            entries = [_entry("react", device, step, target=rng.choice(messages))]
+        elif roll < 0.9:
+            entries = [_entry("edit", device, step, target=rng.choice(messages))]
+        else:
+            entries = [_entry("del", device, step, target=rng.choice(messages))]
+        update = writer.write(entries)
+        for other in writers:
+            if other is not writer:
+                other.apply(update)
+        pending.append(update)
+        # the taker receives some of what is pending, in order or not
+        while pending and rng.random() < 0.6:
+            at = 0 if rng.random() < 0.8 else rng.randrange(len(pending))
+            got = pending.pop(at)
+            expected = reference.apply(got)
+            before = taker.aside
+            applied = taker.ingest(got)
+            if taker.aside > before:  # taken without the document
+                assert applied.changed == expected.changed, f"step {step}"
+            if rng.random() < 0.2:
+                taker.drop()
+        if rng.random() < 0.15:
+            # a receipt of its own, replacing its earlier one (aside when unloaded)
+            own = taker.write([_entry("rcpt", "c", step)])
+            reference.apply(own)
+            for other in writers:
+                other.apply(own)
+    for got in pending:
+        reference.apply(got)
+        taker.ingest(got)
+    assert taker.aside > 0
+    assert clocks(taker.replica.state_vector()) == clocks(reference.state_vector())
+    heads = taker.replica.known_heads()
+    taker.replica.load()
+    assert clocks(taker.replica.state_vector()) == clocks(reference.state_vector())
+    for name in (*INDEXED, *SIDE):
+        assert dict(taker.replica.entries(name)) == dict(reference.entries(name)), name
+    whole = side_heads(reference.snapshot())
+    assert {k: v[2] for k, v in whole.items()} == {
+        (m, k): v
+        for m in SIDE
+        for k, v in reference.side_values(m).items()  # type: ignore[union-attr]
+    }
+    if heads is not None:
+        assert heads == whole
+
+
+def test_what_only_the_document_knows_makes_it_load_and_changes_nothing() -> None:
+    """A reaction replacing another, a message under a key the index holds, and an
+    update that repeats structs held already each need the document: DocumentNeeded,
+    and the replica states what it stated before."""
+    space = "s"
+    writer = Replica(space, client_id=11)
+    first = writer.write([_entry("msg", "a", 1)])
+    react = writer.write([_entry("react", "a", 2, target="a-msg-1")])
+    taker = _Lazy(space, 33, set())
+    taker.ingest(first)
+    taker.ingest(react)
+    assert taker.aside == 2
+    vector = taker.replica.state_vector()
+    again = writer.write([_entry("react", "a", 3, target="a-msg-1")])  # replaces: origin
+    with pytest.raises(DocumentNeeded):
+        taker.replica.apply(again, held=taker.held)
+    with pytest.raises(DocumentNeeded):  # repeats what is held
+        taker.replica.apply(first, held=taker.held)
+    clash = Replica(space, client_id=5).write([_entry("msg", "a", 1)])  # same key, new item
+    with pytest.raises(DocumentNeeded):
+        taker.replica.apply(clash, held=taker.held)
+    assert taker.replica.state_vector() == vector
+    assert not taker.replica.loaded
+
+
+def test_own_receipts_written_aside_replace_the_previous_one() -> None:
+    """With its side heads known, a replica writes its receipt and read marker
+    without its history, naming the items they replace: applied to the whole
+    document they leave one value under each key, the newest."""
+    space = "s"
+    whole = Replica(space, client_id=44)
+    whole.write([_entry("rcpt", "c", 1), _entry("read", "c", 1)])
+    heads = side_heads(whole.snapshot())
+    lazy = Replica(
+        space,
+        source=lambda: [whole.snapshot()],
+        client_id=44,
+        state_vector=whole.state_vector(),
+        heads=heads,
+    )
+    assert lazy.writes_aside(["rcpt", "read"])
+    updates = [lazy.write([_entry("rcpt", "c", n), _entry("read", "c", n)]) for n in (2, 3)]
+    assert not lazy.loaded
+    for update in updates:
+        whole.apply(update)
+    assert whole.side_values(RECEIPTS) == lazy.side_values(RECEIPTS)
+    assert whole.side_values(RECEIPTS)["c"]["b"] == "rcpt 3"  # type: ignore[index]
+    assert side_heads(whole.snapshot()) == lazy.known_heads()
+    assert clocks(lazy.state_vector()) == clocks(whole.state_vector())
+
+
+def test_live_messages_and_receipts_load_no_chat(homes: list[Path]) -> None:
+    """Two devices level on a chat restart; messages go back and forth, each one's
+    delivery receipt comes back, and each marks the chat read: neither loads the
+    chat's document (a receipt replaced the previous one only in the document
+    before), and every receipt and marker shows where it should."""
+
+    async def main() -> None:
+        with trio.fail_after(60):
+            await level_pair(homes, 40)
+            async with phone_and_laptop(homes) as (phone, laptop):
+                await vectors_exchanged(phone, laptop)
+                for i in range(3):
+                    await phone.send(f"live {i}")
+                    await laptop.send(f"reply {i}")
+                await wait_for(lambda: len(phone.messages()) == len(laptop.messages()) == 46)
+                await laptop.mark_read()
+                await phone.mark_read()
+                last = phone.messages()[-1]
+
+                def marked(node: Node, device: str) -> bool:
+                    markers = notes_of(node).replica.side_values(READ_MARKERS) or {}
+                    return markers.get(device, {}).get("b") == last.ts
+
+                await wait_for(lambda: marked(phone, laptop.device_id))
+                await wait_for(lambda: marked(laptop, phone.device_id))
+                receipts = notes_of(phone).replica.side_values
+                await wait_for(lambda: laptop.device_id in (receipts(RECEIPTS) or {}))
+                assert not notes_of(phone).replica.loaded
+                assert not notes_of(laptop).replica.loaded
+                logged = await phone.log()  # the delivery view reads the document
+                assert logged[-1].message.text == "reply 2"
+                mine = [m for m in logged if m.message.text == "live 2"]
+                assert mine[0].status == "delivered"  # one account: "read" needs another
+                assert mine[0].delivery.read_by == (laptop.device_id,)
+
+    trio.run(main)

@@ -29,6 +29,7 @@ relayed it. Display order is ``(ts, device, id)``: the same on every replica.
 from __future__ import annotations
 
 import base64
+import bisect
 import hashlib
 import operator
 import os
@@ -38,11 +39,12 @@ from typing import Any, Final, Literal
 
 import pycrdt
 
-from p2p.errors import BadSignature, InvalidUpdate, P2PError, PoisonedReplica
+from p2p.errors import BadSignature, DocumentNeeded, InvalidUpdate, P2PError, PoisonedReplica
 from p2p.media.descriptor import Attachment, parse_file_body
 from p2p.proto.clock import is_ts
 from p2p.proto.identity import DeviceKeys, verify
 from p2p.proto.wire import MAX_FRAME, pack
+from p2p.proto.ymap import ItemId, Struct, encode_sets, read_structs, value_at
 from p2p.proto.yupdate import Deps, check_update, encode_uvar, read_varint, strip_deletions
 
 DOMAIN_ENTRY: Final = b"p2p/entry/v1\x00"
@@ -87,6 +89,18 @@ _MAP_OF_KIND: Final[dict[str, str]] = {
 FRESH_KINDS: Final = frozenset({"msg", "file", "edit"})
 """Kinds whose entry goes under a key of its own, new by construction (its own id): one
 that overwrites nothing, so it can be written without the history (``Replica.write``)."""
+SIDE: Final = (READ_MARKERS, RECEIPTS, CONTACTS, LEAVES)
+"""The maps outside the message index: a few keys (one per device or account), each
+value replaced in place. Their current items ("side heads") are known without the
+document (see :meth:`Replica.side_values`)."""
+SIDE_KINDS: Final = frozenset({"read", "rcpt"})
+"""Kinds of ours that replace a side value; written without the history once the side
+heads are known (``Replica.write``)."""
+Heads = dict[tuple[str, str], tuple[int, int, Any]]
+"""(side map, key) -> (client, clock, value) of the item holding the key's value."""
+HeldKeys = Callable[[list[tuple[str, str]]], dict[Any, str]]
+"""Of these (indexed map, key) pairs, those the message index holds, with the account
+of each (``Store.index_held``): what tells a key new without the document."""
 _FIELDS: Final = ("id", "k", "a", "d", "ts", "t", "b", "sig")
 _FIELD_SET: Final = frozenset(_FIELDS)
 _field_values: Final = operator.itemgetter(*_FIELDS)
@@ -425,18 +439,22 @@ class _KeyWatch:
     holding the replica would make a cycle through yrs, which Python's collector cannot
     see, and no replica would ever be freed."""
 
-    __slots__ = ("changes",)
+    __slots__ = ("changes", "side")
 
     def __init__(self) -> None:
         self.changes: Changes | None = None
         """Where to note changes now (None: not watching)."""
+        self.side: Changes | None = None
+        """Where to note changes of the side maps (see :data:`SIDE`)."""
 
     def observer(self, name: str) -> Callable[[Any], None]:
+        side = name in SIDE
+
         def note(event: Any) -> None:
             # runs inside pycrdt's transaction: it must never raise (it would resurface
             # in the writer as an exception group); if reading the event fails, the
             # whole map counts as changed (slow, never wrong)
-            changed = self.changes
+            changed = self.side if side else self.changes
             if changed is None:
                 return  # our own writes, or history loading: nothing to report
             try:
@@ -472,6 +490,7 @@ class Replica:
         client_id: int | None = None,
         reload: UpdateSource | None = None,
         state_vector: bytes | None = None,
+        heads: Heads | None = None,
     ) -> None:
         """``client_id``: the CRDT client this device writes as in this run (bound to
         the device, see ``core.crdt_client``); None for a random one. ``authors``: what
@@ -482,16 +501,21 @@ class Replica:
         on its way to the store), to rebuild the document from after an update made
         pycrdt panic (see :meth:`apply`); without it, ``source``. ``state_vector``: the
         stored history's state vector, known without loading it (see
-        :meth:`state_vector`)."""
+        :meth:`state_vector`); ``heads``: its side heads (see :meth:`side_values`)."""
         self.space = space
         self._source = source
         self._origin = source
         """Where the history loads from again after :meth:`unload`."""
         self._known_sv = state_vector if source is not None else None
         """The state vector of the history not loaded (None: unknown, load to learn it)."""
-        self._aside: pycrdt.Doc[Any] | None = None
-        """Our own entries written while the history is not loaded (see :meth:`write`)."""
+        self._heads: Heads | None = (
+            {} if source is None else dict(heads) if heads is not None else None
+        )
+        """The side heads (None: unknown, learnt at the next load)."""
+        self._aside_clock: int | None = None
+        """Our client's next clock while we write without the history (see :meth:`write`)."""
         self._aside_updates: list[bytes] = []
+        """Our own updates written without the history, for :meth:`finish_load`."""
         self._built = False
         """The history is applied (in a worker thread) and waits for :meth:`finish_load`."""
         self._reload = reload if reload is not None else source
@@ -525,7 +549,8 @@ class Replica:
         # the event as yrs made it, and we read only its ``keys``. Kept: a dropped
         # subscription stops observing.
         self._observers = [
-            self._map_of[name].integrated.observe(self._watch.observer(name)) for name in INDEXED
+            self._map_of[name].integrated.observe(self._watch.observer(name))
+            for name in (*INDEXED, *SIDE)
         ]
 
     def _rebuild(self) -> None:
@@ -560,6 +585,8 @@ class Replica:
                 for update in source():
                     self.apply(update, from_store=True)  # from_store: never calls load
                 self._settle()
+                if self._heads is None:
+                    self._heads = side_heads(bytes(self._doc.get_update()))
                 if self._authors_source is not None:
                     self._authors = dict(self._authors_source())
                     self._latest_ts = max(self._authors.values(), default="")
@@ -583,7 +610,7 @@ class Replica:
         if self._aside_updates:
             self._settle()
         self._source, self._known_sv, self._built = None, None, False
-        self._aside, self._aside_updates = None, []
+        self._aside_clock, self._aside_updates = None, []
 
     @property
     def vector_known(self) -> bool:
@@ -648,6 +675,8 @@ class Replica:
         """Per author device, the newest ``ts`` of its messages this replica holds (not
         verified: what a delivery receipt states). The first call scans the messages;
         later updates are watched."""
+        if self._authors is None and self._source is not None and self._authors_source:
+            self._authors = dict(self._authors_source())  # the index knows, unloaded
         if self._authors is None:
             self._authors = {}
             for _, value in self._maps[MESSAGES].items():
@@ -672,6 +701,7 @@ class Replica:
         from_store: bool = False,
         allowed: Callable[[int], bool] | None = None,
         opens: Callable[[list[tuple[str, str]]], str | None] | None = None,
+        held: HeldKeys | None = None,
     ) -> Applied:
         """Integrate an update (idempotent); InvalidUpdate if pycrdt refuses it.
 
@@ -688,6 +718,10 @@ class Replica:
 
         Should pycrdt panic part-way all the same, the document is rebuilt from its
         history (``reload``) and PoisonedReplica raised: the update is not kept.
+
+        With ``held`` and the history not loaded, the update is applied without it when
+        it can be (see :meth:`_aside_plan`), else DocumentNeeded is raised and nothing
+        changes: the caller loads the history, then applies it again.
         """
         if not from_store and len(update) > MAX_UPDATE:
             raise InvalidUpdate(self.space, f"{len(update)} bytes exceed {MAX_UPDATE}")
@@ -698,16 +732,25 @@ class Replica:
             raise InvalidUpdate(
                 self.space, "the update touches CRDT clients of another account than its sender's"
             )
+        plan = None
+        if held is not None and self._source is not None:
+            plan = self._aside_plan(update, deps, held, others=opens is not None)
+            if plan is None:
+                raise DocumentNeeded(self.space)
         if opens is not None:
             refused = opens(opened or [])
             if refused is not None:
                 raise InvalidUpdate(
                     self.space, f"the update opens {refused}, which is not its sender's"
                 )
+        if plan is not None:
+            return self._apply_aside(plan, deps, clients)
         if not from_store:
             self.load()  # the history first, so that the changes seen are this update's
         changed: Changes = {}
+        side: Changes = {}
         self._watch.changes = None if from_store else changed
+        self._watch.side = None if from_store else side
         took_held = bool(self._held or self._unsettled)
         try:
             self._doc.apply_update(update)
@@ -723,8 +766,12 @@ class Replica:
             self._rebuild()
             raise PoisonedReplica(self.space, reason) from None
         finally:
-            self._watch.changes = None
+            self._watch.changes = self._watch.side = None
         self._track(deps, settle=not from_store)
+        if side and self._heads is not None:
+            self._follow_heads(update, side)
+        if not from_store and (took_held or self._held):
+            self._heads = None  # what came in is not this update's alone: learn at load
         if not from_store and (took_held or self._held):
             # yrs's map events are not to be trusted where held structs came in (a key
             # reported with a value it does not hold, or a change not reported): the
@@ -794,20 +841,17 @@ class Replica:
         one is (with what we wrote aside): a session with a level peer then never loads
         the document."""
         if self._source is not None and self._known_sv is not None:
-            if self._aside is None:
-                return self._known_sv
-            clocks = decode_state_vector(self._known_sv)
-            clocks.update(decode_state_vector(bytes(self._aside.get_state())))
-            return encode_state_vector(clocks)
+            return self._known_sv
         return bytes(self.doc.get_state())
 
     def writes_aside(self, kinds: Iterable[str]) -> bool:
         """Whether entries of these kinds would be written without loading the history
         (see :meth:`write`)."""
-        return (
-            self._source is not None
-            and self._known_sv is not None
-            and FRESH_KINDS.issuperset(kinds)
+        if self._source is None or self._known_sv is None:
+            return False
+        kinds = set(kinds)
+        return FRESH_KINDS.issuperset(kinds) or (
+            self._heads is not None and (FRESH_KINDS | SIDE_KINDS).issuperset(kinds)
         )
 
     def diff(self, state_vector: bytes, keep: Callable[[int], bool] | None = None) -> bytes:
@@ -855,28 +899,166 @@ class Replica:
                 if entry.kind == "msg":
                     self._note_author(entry.to_value())
         self._sv = None  # our own client moved on: ask yrs next time
-        return bytes(doc.get_update(before))
+        update = bytes(doc.get_update(before))
+        sides = {(e.map_name(), e.key()): e.to_value() for e in entries if e.map_name() in SIDE}
+        if sides and self._heads is not None:
+            self._follow_heads(update, sides)
+        return update
 
     def _write_aside(self, entries: list[Entry]) -> bytes:
-        if self._aside is None:
-            self._aside = pycrdt.Doc(client_id=self._doc.client_id)
+        client = self._doc.client_id
+        clock = self._aside_clock
+        if clock is None:  # written and dropped in this run already: go on from there
             assert self._known_sv is not None
-            ours = decode_state_vector(self._known_sv).get(self._doc.client_id, 0)
-            if ours:  # written and dropped in this run already: go on from there
-                self._aside.apply_update(_gc_update(self._doc.client_id, ours))
-        doc = self._aside
-        maps = {
-            name: doc.get(name, type=pycrdt.Map) for name in {_MAP_OF_KIND[e.kind] for e in entries}
-        }
-        before = doc.get_state()
-        with doc.transaction():
-            for entry in entries:
-                maps[_MAP_OF_KIND[entry.kind]][entry.key()] = entry.to_value()
-                self._verified[fingerprint(entry.canonical(self.space), entry.sig)] = True
-        # the aside document counts the seeded range as deleted: no deletion goes out
-        update = strip_deletions(bytes(doc.get_update(before)), lambda _client: False)
+            clock = decode_state_vector(self._known_sv).get(client, 0)
+        heads = self._heads if self._heads is not None else {}
+        sets = []
+        for at, entry in enumerate(entries):
+            name, key, value = entry.map_name(), entry.key(), entry.to_value()
+            origin = None
+            if name in SIDE:  # replaces the current item (none for a key new here)
+                head = heads.get((name, key))
+                origin = None if head is None else (head[0], head[1])
+                heads[(name, key)] = (client, clock + at, value)
+            sets.append((name, key, value, origin))
+            self._verified[fingerprint(entry.canonical(self.space), entry.sig)] = True
+        update = encode_sets(client, clock, sets)
+        self._aside_clock = clock + len(sets)
+        self._known_sv = _advance(self._known_sv, {client: clock + len(sets)})
         self._aside_updates.append(update)
         return update
+
+    # ---- without the document --------------------------------------------------------
+
+    def side_values(self, map_name: str) -> dict[str, Any] | None:
+        """The values of a side map (:data:`SIDE`) by key, without loading the history
+        when its side heads are known (else from the document if loaded; None if
+        neither)."""
+        if self._heads is not None:
+            return {k: v for (m, k), (_, _, v) in self._heads.items() if m == map_name}
+        if self._source is None:
+            return dict(self._map_of[map_name].items())
+        return None
+
+    def known_heads(self) -> Heads | None:
+        """The side heads (for the store's record), None while unknown."""
+        return None if self._heads is None else dict(self._heads)
+
+    def _aside_plan(
+        self, update: bytes, deps: Deps, held: HeldKeys, *, others: bool
+    ) -> _AsidePlan | None:
+        """How ``update`` applies without the history, or None when it cannot:
+
+        - it continues exactly where the known state vector ends, for every client (no
+          struct held back, none we hold already);
+        - every struct is a map set of one value: in an indexed map under a key the
+          index does not hold, or in a side map, under a key new here or replacing
+          the side head (its origin);
+        - it deletes only the side heads it replaces;
+        - from another account (``others``), it deletes no message (that check needs
+          the message, see ``DeviceState``).
+
+        Then the document would report exactly these keys changed, to these values."""
+        if self._heads is None or self._known_sv is None:
+            return None
+        known = decode_state_vector(self._known_sv)
+        if any(known.get(c, 0) != start for c, start in deps._starts.items()):
+            return None
+        if any(known.get(c, 0) < clock for c, clock in deps.needs.items()):
+            return None
+        try:
+            structs, deleted = read_structs(update)
+        except (IndexError, ValueError, UnicodeDecodeError):
+            return None
+        by_id = {(h[0], h[1]): k for k, h in self._heads.items()}
+        plan = _AsidePlan()
+        for st in structs:
+            if not st.single_value or st.right is not None or st.parent_id is not None:
+                return None
+            if st.origin is None:
+                map_key = (st.name or "", st.key or "")
+                if st.key is None or map_key in plan.indexed or map_key in plan.side:
+                    return None
+                if st.name in INDEXED:
+                    if others and st.name == DELETIONS:
+                        return None
+                    plan.indexed[map_key] = st
+                elif st.name in SIDE and map_key not in self._heads:
+                    plan.side[map_key] = st
+                    by_id[st.id] = map_key
+                else:
+                    return None
+            else:
+                if st.origin not in by_id:
+                    return None  # replaces what only the document knows
+                map_key = by_id.pop(st.origin)
+                plan.side[map_key] = st
+                plan.replaced.add(st.origin)
+                by_id[st.id] = map_key
+        if any(n != 1 or (c, clock) not in plan.replaced for c, clock, n in deleted):
+            return None
+        if plan.indexed and held(list(plan.indexed)):
+            return None
+        plan.update = update
+        return plan
+
+    def _apply_aside(self, plan: _AsidePlan, deps: Deps, clients: frozenset[int]) -> Applied:
+        update = plan.update
+        if self._authors is None and self._authors_source is not None:
+            # known before this update's messages, which are noted below: what the
+            # index holds now is all this replica holds (nothing of ours counts)
+            self._authors = dict(self._authors_source())
+        changed: Changes = {k: value_at(update, st.values_at) for k, st in plan.indexed.items()}
+        heads = self._heads
+        assert heads is not None
+        for map_key, st in plan.side.items():
+            heads[map_key] = (st.client, st.clock, value_at(update, st.values_at))
+        self._known_sv = _advance(self._known_sv, deps.ends)
+        for (name, _key), value in changed.items():
+            if name == MESSAGES:
+                self._note_author(value)
+                ts = value.get("ts") if isinstance(value, dict) else None
+                if self._scanned and isinstance(ts, str) and ts > self._latest_ts and is_ts(ts):
+                    self._latest_ts = ts
+        return Applied(changed=changed, clients=clients)
+
+    def _follow_heads(self, update: bytes, side: Changes) -> None:
+        """Keep the side heads after the loaded document took ``update``, which changed
+        the side keys ``side`` (to these values): each new value must be the value of
+        exactly one struct of the update that names its key or follows its head; if
+        not (a concurrent write), the heads are unknown until the next load."""
+        heads = self._heads
+        assert heads is not None
+        try:
+            structs, _ = read_structs(update)
+        except (IndexError, ValueError, UnicodeDecodeError):
+            self._heads = None
+            return
+        by_id = {(h[0], h[1]): k for k, h in heads.items()}
+        candidates: dict[tuple[str, str], list[Struct]] = {}
+        for st in structs:
+            if st.origin is not None:
+                map_key = by_id.get(st.origin)
+            elif st.name in SIDE and st.key is not None:
+                map_key = (st.name, st.key)
+            else:
+                continue
+            if map_key is not None:
+                by_id[st.id] = map_key
+                candidates.setdefault(map_key, []).append(st)
+        for map_key, value in side.items():
+            if value is None:  # removed
+                heads.pop(map_key, None)
+                continue
+            found = [
+                st
+                for st in candidates.get(map_key, [])
+                if st.single_value and value_at(update, st.values_at) == value
+            ]
+            if value is UNREAD or len(found) != 1:
+                self._heads = None
+                return
+            heads[map_key] = (found[0].client, found[0].clock, value)
 
     # ---- reading -------------------------------------------------------------------
 
@@ -992,6 +1174,77 @@ def _verify_entry(canonical: bytes, entry: Entry, signing_key_of: SigningKeyLook
     except (BadSignature, ValueError):
         return False
     return True
+
+
+@dataclass
+class _AsidePlan:
+    """What an update applied without the document changes (see ``_aside_plan``)."""
+
+    indexed: dict[tuple[str, str], Struct] = field(default_factory=dict)
+    side: dict[tuple[str, str], Struct] = field(default_factory=dict)
+    replaced: set[ItemId] = field(default_factory=set)
+    update: bytes = b""
+
+
+def _advance(vector: bytes | None, ends: dict[int, int]) -> bytes:
+    clocks = decode_state_vector(vector or b"\x00")
+    for client, end in ends.items():
+        if end > clocks.get(client, 0):
+            clocks[client] = end
+    return encode_state_vector(clocks)
+
+
+def side_heads(full: bytes) -> Heads:
+    """The side heads of a whole document's encoding (``Doc.get_update()``): per key
+    of a side map, its live item. An item names its key, or follows (origin) one that
+    does: the chain is resolved through the items of every map, deleted ones included
+    (yrs keeps a replaced item's origin; it may merge a run of them into one struct)."""
+    structs, deleted = read_structs(full)
+    dead: dict[int, list[tuple[int, int]]] = {}
+    for client, clock, length in deleted:
+        dead.setdefault(client, []).append((clock, clock + length))
+    for ranges in dead.values():
+        ranges.sort()
+    spans: dict[int, list[Struct]] = {}
+    for st in structs:
+        if st.origin is not None or st.name in SIDE:
+            spans.setdefault(st.client, []).append(st)
+    for lst in spans.values():
+        lst.sort(key=lambda st: st.clock)
+    starts = {c: [st.clock for st in lst] for c, lst in spans.items()}
+
+    def holder(item: ItemId) -> Struct | None:
+        lst = spans.get(item[0])
+        if not lst:
+            return None
+        at = bisect.bisect_right(starts[item[0]], item[1]) - 1
+        if at < 0 or not lst[at].clock <= item[1] < lst[at].clock + lst[at].length:
+            return None
+        return lst[at]
+
+    def key_of(st: Struct) -> tuple[str, str] | None:
+        for _ in range(len(structs) + 1):
+            if st.origin is None:
+                return (st.name, st.key) if st.name in SIDE and st.key is not None else None
+            found = holder(st.origin)
+            if found is None:
+                return None
+            st = found
+        return None
+
+    def alive(st: Struct) -> bool:
+        ranges = dead.get(st.client, [])
+        at = bisect.bisect_right(ranges, (st.clock, 1 << 62)) - 1
+        return st.single_value and not (at >= 0 and ranges[at][0] <= st.clock < ranges[at][1])
+
+    heads: Heads = {}
+    for lst in spans.values():
+        for st in lst:
+            if alive(st):
+                map_key = key_of(st)
+                if map_key is not None:
+                    heads[map_key] = (st.client, st.clock, value_at(full, st.values_at))
+    return heads
 
 
 def decode_state_vector(sv: bytes) -> dict[int, int]:

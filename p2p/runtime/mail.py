@@ -49,6 +49,7 @@ class Mail:
         *,
         emit: Callable[[ev.Event], None],
         loaded: Callable[[str], Awaitable[bool]],
+        aside: Callable[[str, bytes], Ingested | None],
         grant_in: Callable[[bytes], trio.Event | None],
         accepted: Callable[[Ingested, bytes, str], trio.Event],
     ) -> None:
@@ -58,6 +59,8 @@ class Mail:
         self._emit = emit
         self._loaded = loaded
         """Loads a space's document by id (``Writer.load_by_id``)."""
+        self._aside = aside
+        """Applies an envelope without its space's document if it can (``Writer.ingest_aside``)."""
         self._grant_in = grant_in
         self._accepted = accepted
         self._posting = 0
@@ -110,10 +113,12 @@ class Mail:
                     await mail.ack()
                 continue
             space_id = envelope_space(mail.data)
-            if space_id is not None:
-                await self._loaded(space_id)  # applying needs the document
             try:
-                ingested = self._state.ingest(mail.data)
+                ingested = self._aside(space_id, mail.data) if space_id is not None else None
+                if ingested is None:
+                    if space_id is not None:
+                        await self._loaded(space_id)  # applying needs the document
+                    ingested = self._state.ingest(mail.data)
             except (ReplayDetected, UnknownKey):
                 pass  # already here by another path, or a space we do not hold
             except P2PError as exc:

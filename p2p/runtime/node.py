@@ -170,6 +170,7 @@ class Node:
             nursery,
             emit=emit,
             loaded=self.writer.load_by_id,
+            aside=self.writer.ingest_aside,
             grant_in=lambda data: self.conversations.from_mail(data),
             accepted=lambda i, data, came_from: self._accepted(i, data, came_from=came_from),
         )
@@ -546,28 +547,39 @@ class Node:
     # ---- what arrives --------------------------------------------------------------
 
     def _on_envelope(self, peer: Peer, out: EnvelopeIn) -> None:
-        """An envelope from a session: apply it (once its space's document is loaded),
-        or drop it quietly if already here."""
+        """An envelope from a session: apply it without its space's document if it can
+        be, else once the document is loaded; or drop it quietly if already here."""
         space_id = envelope_space(out.data)
+        if space_id is not None and self._ingest(peer, out, aside=space_id):
+            return
         act = partial(self._ingest, peer, out)
         if space_id is None or not self.writer.after_load(
             space_id, act, len(out.data), self._nursery
         ):
             act()
 
-    def _ingest(self, peer: Peer, out: EnvelopeIn) -> None:
+    def _ingest(self, peer: Peer, out: EnvelopeIn, aside: str = "") -> bool:
+        """Apply an envelope (``aside``: its space's id, to apply it without the
+        document; see ``Writer.ingest_aside``). Whether it was dealt with: False only
+        when it waits for the document."""
         try:
-            ingested = self.state.ingest(out.data)
+            if aside:
+                ingested = self.writer.ingest_aside(aside, out.data)
+                if ingested is None:
+                    return False
+            else:
+                ingested = self.state.ingest(out.data)
         except (ReplayDetected, UnknownKey) as exc:
             # the same envelope over two gossip paths, or a space we don't hold: harmless
             log.debug("dropped envelope from %s: %s", peer.device, exc)
             if isinstance(exc, ReplayDetected):
                 self.gossiper.handle(Duplicate(out.data))  # held already: never want it
-            return
+            return True
         except P2PError as exc:
             self.peers.close(peer, exc)
-            return
+            return True
         self._accepted(ingested, out.data, came_from=peer.device or "")
+        return True
 
     def _accepted(self, ingested: Ingested, envelope: bytes, *, came_from: str) -> trio.Event:
         """After an envelope applied, from a session or a mailbox: persist it (in order;

@@ -19,7 +19,7 @@ from typing import Final
 import trio
 
 from p2p.errors import ChatCorrupt
-from p2p.proto.model import RECEIPTS
+from p2p.proto.model import RECEIPTS, Entry
 from p2p.state.device import DeviceState
 
 RECEIPT_DELAY: Final = 1.0
@@ -64,5 +64,10 @@ class Receipts:
                         await self._write(space_id, body)
 
     def _stated(self, space_id: str) -> str:
-        entries = self._state.space(space_id).replica.entries(RECEIPTS)
+        replica = self._state.space(space_id).replica
+        values = replica.side_values(RECEIPTS)  # without the document when known
+        if values is not None:
+            ours = Entry.from_value(values.get(self._state.device_id))
+            return ours.body if ours is not None else ""
+        entries = replica.entries(RECEIPTS)
         return next((e.body for k, e in entries if e and k == self._state.device_id), "")

@@ -44,9 +44,16 @@ from typing import Any, Final, TypeVar
 import trio
 
 from p2p import events as ev
-from p2p.errors import ChatCorrupt, InvalidUpdate, P2PError, StoreCorrupt, WireError
+from p2p.errors import (
+    ChatCorrupt,
+    DocumentNeeded,
+    InvalidUpdate,
+    P2PError,
+    StoreCorrupt,
+    WireError,
+)
 from p2p.proto.model import Entry
-from p2p.state.device import DeviceState, Space, claim_counters, merge_batches
+from p2p.state.device import DeviceState, Ingested, Space, claim_counters, merge_batches
 from p2p.storage.base import Store, WriteBatch
 from p2p.storage.memory import MemoryStore
 
@@ -91,8 +98,10 @@ class Writer:
         self._room = trio.Event()
         self._load_lock = trio.Lock()
         """One replica loads at a time, in a worker thread (see :meth:`load`)."""
+        self._loading: set[str] = set()
+        """Spaces whose document a task is loading (or waits to load)."""
         self._closed = False
-        self._waiting: dict[str, list[Callable[[], None]]] = {}
+        self._waiting: dict[str, list[Callable[[], object]]] = {}
         """Per space whose document loads: what waits for it, in arrival order."""
         self._waiting_size: dict[str, int] = {}
         self._waiting_bytes = 0
@@ -245,6 +254,13 @@ class Writer:
         self._used[space.id] = trio.current_time()
         if space.replica.loaded:
             return
+        self._loading.add(space.id)
+        try:
+            await self._load(space)
+        finally:
+            self._loading.discard(space.id)
+
+    async def _load(self, space: Space) -> None:
         async with self._load_lock:
             if space.id in self._state.set_aside:
                 raise self._state.set_aside[space.id]
@@ -258,8 +274,25 @@ class Writer:
                 if lost and self._state.lacks_own(space.id, self._store):
                     self._write_again(space.id, lost)
 
+    def ingest_aside(self, space_id: str, data: bytes) -> Ingested | None:
+        """Apply an envelope to a space whose document is not loaded, without loading
+        it (``Replica.apply`` says when that can be: messages, and receipts and read
+        markers replacing values whose items are known): None when it cannot, and
+        nothing changed. Not while the document loads or envelopes wait for it: the
+        load reads what the store and this queue hold when it starts, and order is
+        kept. The message index is read here, on the trio thread, as readers do."""
+        space = self._state.spaces.get(space_id)
+        if space is None or space.replica.loaded:
+            return None
+        if space_id in self._waiting or space_id in self._loading:
+            return None
+        try:
+            return self._state.ingest(data, held=self._store.index_held)
+        except DocumentNeeded:
+            return None
+
     def after_load(
-        self, space_id: str, act: Callable[[], None], size: int, nursery: trio.Nursery
+        self, space_id: str, act: Callable[[], object], size: int, nursery: trio.Nursery
     ) -> bool:
         """Have ``act`` (applying something of ``size`` bytes to the space) wait until the
         space's document is loaded, behind whatever already waits for it: whether it

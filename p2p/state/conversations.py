@@ -299,6 +299,8 @@ class Conversations(Part):
         """Member accounts that signed a leave entry in the space and are still on its
         member set (the key has not been rotated without them yet)."""
         space = self._spaces.space(space_id)
+        if not space.shared or space.replica.side_values(LEAVES) == {}:
+            return set()  # nobody ever left: nothing to judge (nor to load)
         d = self._directory
         left = {
             e.account

@@ -61,7 +61,7 @@ from p2p.state.records import (
     required,
     stored_history,
 )
-from p2p.state.sealing import Ingested, Sealing
+from p2p.state.sealing import HeldIndex, Ingested, Sealing
 from p2p.state.spaces import NOTES, Space, SpaceKind, Spaces, crdt_client, device_prefix
 from p2p.storage.base import IndexRow, Store, WriteBatch
 
@@ -486,8 +486,8 @@ class DeviceState:
     def space_key(self, space_id: str, epoch: int) -> bytes:
         return self.sealing.space_key(space_id, epoch)
 
-    def ingest(self, data: bytes) -> Ingested:
-        return self.sealing.ingest(data)
+    def ingest(self, data: bytes, held: HeldIndex | None = None) -> Ingested:
+        return self.sealing.ingest(data, held)
 
     def new_conversation(self, name: str, members: list[str]) -> tuple[str, WriteBatch]:
         return self.conversations.new_conversation(name, members)

@@ -18,6 +18,7 @@ Rules:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -30,7 +31,10 @@ from p2p.state.directory import Directory, Part
 from p2p.state.index import MessageIndex
 from p2p.state.records import COUNTER_BLOCK, Run, required
 from p2p.state.spaces import Spaces
-from p2p.storage.base import Store, WriteBatch
+from p2p.storage.base import IndexKey, Store, WriteBatch
+
+HeldIndex = Callable[[str, Sequence[tuple[str, str]]], dict[IndexKey, str]]
+"""``Store.index_held``: which (map, key) pairs of a space the message index holds."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,11 +130,13 @@ class Sealing(Part):
             raise UnknownKey(space_id, epoch)
         return space.keys[epoch]
 
-    def ingest(self, data: bytes) -> Ingested:
+    def ingest(self, data: bytes, held: HeldIndex | None = None) -> Ingested:
         """Verify, decrypt, replay-check and apply one envelope.
 
         Raises a typed error and changes nothing when any check fails (the replay window
-        moves only after the update applied).
+        moves only after the update applied). With ``held`` (the message index's
+        ``Store.index_held``), a space whose document is not loaded takes the update
+        without it if it can; DocumentNeeded if not (load, then ingest again).
         """
         d = self._directory
         parsed = envelope.parse(data)
@@ -148,7 +154,12 @@ class Sealing(Part):
         allowed = None if author == d.account_id else d.author_client(author)
         # nor open a key that is ours (by its name, or by the value it holds)
         opens = None if allowed is None else partial(self._refused_key, author, opened.space)
-        applied = space.replica.apply(opened.payload, allowed=allowed, opens=opens)
+        applied = space.replica.apply(
+            opened.payload,
+            allowed=allowed,
+            opens=opens,
+            held=None if held is None else partial(held, opened.space),
+        )
         relayable = allowed is not None or all(
             d.client_account(c) == author for c in applied.clients
         )
@@ -184,7 +195,13 @@ class Sealing(Part):
         deletion only of a message of its own account, held or written with it."""
         replica = self._spaces[space_id].replica
         messages = {key for name, key in opened if name == MESSAGES}
-        held = replica.values([*opened, *((MESSAGES, k) for n, k in opened if n == DELETIONS)])
+        # not loaded: applied without the document, which takes only keys the index
+        # does not hold, and no deletion from another account (Replica._aside_plan)
+        held = (
+            replica.values([*opened, *((MESSAGES, k) for n, k in opened if n == DELETIONS)])
+            if replica.loaded
+            else {}
+        )
         for name, key in opened:
             value = held.get((name, key))
             if value is not None and not (isinstance(value, dict) and value.get("a") == account_id):

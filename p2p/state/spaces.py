@@ -31,9 +31,16 @@ from p2p.errors import ChatCorrupt, P2PError, UnknownChat
 from p2p.proto import envelope
 from p2p.proto.authority import Rotation
 from p2p.proto.identity import DeviceKeys, short_id
-from p2p.proto.model import AuthorSource, Replica, UpdateSource, decode_state_vector
+from p2p.proto.model import (
+    SIDE,
+    AuthorSource,
+    Heads,
+    Replica,
+    UpdateSource,
+    decode_state_vector,
+)
 from p2p.proto.wire import pack, unpack
-from p2p.state.records import required, stored_history
+from p2p.state.records import required
 from p2p.storage.base import Store, WriteBatch
 
 NOTES: Final = "notes"
@@ -217,9 +224,12 @@ class Spaces(dict[str, Space]):
         snapshot_seq, log_seq = store.log_seqs(space_id)
         replica = self.replica(
             space_id,
-            source=partial(stored_history, store, space_id),
+            # the store, then what is on its way there: an update applied without the
+            # document may still be queued when a load starts (``Replica.apply``)
+            source=partial(self.history_of, space_id),
             authors=partial(store.index_authors, space_id) if indexed else None,
-            state_vector=stored_vector(store.get(f"sv/{space_id}"), log_seq),
+            state_vector=stored_vector(vectors := store.get(f"sv/{space_id}"), log_seq),
+            heads=stored_heads(vectors, log_seq),
         )
         space = Space(
             space_id,
@@ -259,7 +269,10 @@ class Spaces(dict[str, Space]):
         space = self.get(space_id)
         if space is None or not space.replica.vector_known:
             return {}
-        return vector_record(space_id, space.log_seq + appending, space.replica.state_vector())
+        replica = space.replica
+        return vector_record(
+            space_id, space.log_seq + appending, replica.state_vector(), replica.known_heads()
+        )
 
     def replica(
         self,
@@ -267,6 +280,7 @@ class Spaces(dict[str, Space]):
         source: UpdateSource | None = None,
         authors: AuthorSource | None = None,
         state_vector: bytes | None = None,
+        heads: Heads | None = None,
     ) -> Replica:
         """An empty (or, with ``source``, lazily loaded) replica writing as this run."""
         return Replica(
@@ -274,6 +288,7 @@ class Spaces(dict[str, Space]):
             source=source,
             authors=authors,
             state_vector=state_vector,
+            heads=heads,
             client_id=crdt_client(self.device_id, self.boot),
             reload=partial(self.history_of, space_id),
         )
@@ -284,10 +299,38 @@ class Spaces(dict[str, Space]):
         return () if self.history is None else self.history(space_id)
 
 
-def vector_record(space_id: str, stamp: int, vector: bytes) -> dict[str, bytes]:
-    """The ``sv/<space>`` record stating ``vector`` for a log that reaches seq ``stamp``
-    (read back by :func:`stored_vector`)."""
-    return {f"sv/{space_id}": pack([stamp, vector])}
+def vector_record(
+    space_id: str, stamp: int, vector: bytes, heads: Heads | None = None
+) -> dict[str, bytes]:
+    """The ``sv/<space>`` record stating ``vector`` (and, when known, the side heads:
+    see ``Replica.side_values``) for a log that reaches seq ``stamp`` (read back by
+    :func:`stored_vector` and :func:`stored_heads`)."""
+    if heads is None:
+        return {f"sv/{space_id}": pack([stamp, vector])}
+    rows = [[m, k, client, clock, value] for (m, k), (client, clock, value) in heads.items()]
+    return {f"sv/{space_id}": pack([stamp, vector, rows])}
+
+
+def stored_heads(record: bytes | None, log_seq: int) -> Heads | None:
+    """The side heads an ``sv/`` record states, if it is current (as for
+    :func:`stored_vector`) and states them; None otherwise (learnt at the next load)."""
+    if stored_vector(record, log_seq) is None:
+        return None
+    assert record is not None
+    fields = unpack(record, what="state vector record")
+    if len(fields) != 3 or not isinstance(fields[2], list):
+        return None
+    heads: Heads = {}
+    for row in fields[2]:
+        if not (isinstance(row, list) and len(row) == 5):
+            return None
+        m, k, client, clock, value = row
+        if not (isinstance(m, str) and m in SIDE and isinstance(k, str)):
+            return None
+        if not (type(client) is int and type(clock) is int and client >= 0 and clock >= 0):
+            return None
+        heads[(m, k)] = (client, clock, value)
+    return heads
 
 
 def stored_vector(record: bytes | None, log_seq: int) -> bytes | None:
@@ -300,7 +343,7 @@ def stored_vector(record: bytes | None, log_seq: int) -> bytes | None:
     if record is None:
         return None
     try:
-        stamp, vector = unpack(record, what="state vector record")
+        stamp, vector, *_heads = unpack(record, what="state vector record")
     except (P2PError, ValueError, TypeError):
         return None
     if type(stamp) is not int or stamp != log_seq or not isinstance(vector, bytes):

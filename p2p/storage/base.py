@@ -183,6 +183,12 @@ class Store(MessagePages, Protocol):
         """Hidden rows of ``space`` (any map), in key order."""
         ...
 
+    def index_held(self, space: str, keys: Sequence[tuple[str, str]]) -> dict[IndexKey, str]:
+        """Of these (map, key) pairs, those with a row in ``space`` (shown or hidden),
+        with the account its entry names: whether an update may open a key without its
+        chat's document (``Replica.apply``, written aside)."""
+        ...
+
     def index_by_device(self, space: str, device: str) -> list[IndexRow]:
         """Every index row of ``space`` (any map, shown or hidden) whose entry names
         ``device``, in (map, key) order: the entries a device writes again."""

@@ -329,6 +329,16 @@ class MemoryStore(MessagePages):
         """Shown message rows in display order (the last ``last`` before ``before``)."""
         return shown_messages(self._index_rows(space), last, before, files_only=files_only)
 
+    def index_held(self, space: str, keys: Sequence[tuple[str, str]]) -> dict[IndexKey, str]:
+        """Of these (map, key) pairs, those with a row, and its entry's account."""
+        check_name(space, "space id")
+        state = self._open_state()
+        with state.lock:
+            rows = state.index.get(space, {})
+            return {
+                (space, m, k): rows[(space, m, k)].account for m, k in keys if (space, m, k) in rows
+            }
+
     def index_related(self, space: str, targets: Sequence[str] | None) -> list[IndexRow]:
         """Shown edit, deletion and reaction rows about ``targets`` (None: about any)."""
         wanted = None if targets is None else set(targets)

@@ -50,6 +50,7 @@ from p2p.errors import StoreCorrupt, StoreError
 from p2p.storage.base import (
     INDEXED_MAPS,
     Cursor,
+    IndexKey,
     IndexRow,
     MessagePages,
     RecordChange,
@@ -509,6 +510,24 @@ class SqliteStore(MessagePages):
                         f"{base} AND target IN ({marks})", (space, *chunk)
                     ).fetchall()
         return [self._index_row(row) for row in rows]
+
+    def index_held(self, space: str, keys: Sequence[tuple[str, str]]) -> dict[IndexKey, str]:
+        """Of these (map, key) pairs, those with a row, and its entry's account."""
+        check_name(space, "space id")
+        wanted = list(keys)
+        held: dict[IndexKey, str] = {}
+        with self._session("index_held") as conn:
+            for at in range(0, len(wanted), _RELATED_CHUNK):
+                chunk = wanted[at : at + _RELATED_CHUNK]
+                marks = ", ".join("(?, ?)" for _ in chunk)
+                flat = [part for pair in chunk for part in pair]
+                for map_name, key, account in conn.execute(
+                    f"SELECT map, key, account FROM entries WHERE space = ?"
+                    f" AND (map, key) IN (VALUES {marks})",
+                    (space, *flat),
+                ):
+                    held[(space, map_name, key)] = account
+        return held
 
     def index_rejected(self, space: str) -> list[IndexRow]:
         """Hidden rows of ``space``, in key order."""
