@@ -243,6 +243,45 @@ def test_a_link_killed_midway_leaves_no_device_listed_and_a_retry_links(
     assert got == log(primary)
 
 
+def test_the_new_device_counts_messages_and_bytes_as_history_arrives(tmp_path: Path) -> None:
+    """``p2p link --json`` reports, beside the bytes, the messages received so far and the
+    messages the history holds: exact counts, over several chats, never going back."""
+    phone = tmp_path / "phone"
+    run_p2p(phone, "init", "--name", "phone")
+    chats: list[str] = []
+
+    async def main() -> None:
+        async with p2p.open_node(phone) as node:
+            family = await node.create_chat("family")
+            work = await node.create_chat("work")
+            chats.extend([node.default_chat(), family, work])
+            for i in range(120):
+                await node.send(f"note {i}")
+            for i in range(90):  # big enough that this chat's history spans chunks
+                await node.send(f"family {i} " + "y" * 4000, chat=family)
+            last = ""
+            for i in range(60):
+                last = await node.send(f"work {i}", chat=work)
+            # neither an edit nor a reaction is a message
+            await node.edit(last, "work, edited", chat=work)
+            await node.react(last, "+1", chat=work)
+
+    trio.run(main)
+    sent = 120 + 90 + 60
+    linker = Linker(tmp_path / "laptop", "laptop")
+    run_p2p(phone, "approve", linker.code, "--yes")
+    assert linker.wait() == 0
+    progress = [e for e in linker.events if e.get("event") == "progress"]
+    last = progress[-1]
+    assert last["messages_done"] == last["messages_total"] == sent
+    assert last["done"] == last["total"] > 90 * 4000  # bytes stay bytes
+    counts = [e["messages_done"] for e in progress]
+    assert counts == sorted(counts), counts
+    assert all(e["messages_total"] == sent for e in progress)
+    assert len(set(counts)) >= 3, counts  # counted as each chat arrives, not once at the end
+    assert [len(log(tmp_path / "laptop", c)) for c in chats] == [120, 90, 60]
+
+
 def test_a_new_device_is_announced_to_running_companions(tmp_path: Path) -> None:
     phone_home, laptop_home = tmp_path / "phone", tmp_path / "laptop"
     run_p2p(phone_home, "init", "--name", "phone")
