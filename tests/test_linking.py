@@ -201,6 +201,9 @@ def test_history_transfer_cut_at_half_resumes_without_resending(
     second_start = [e["done"] for e in progress if e["done"] >= kept]
     assert second_start, "the second attempt did not start where the first stopped"
     assert total is None or progress[-1]["total"] == total
+    counts = [e["messages_done"] for e in progress]  # across both attempts
+    assert counts == sorted(counts)
+    assert progress[-1]["messages_done"] == progress[-1]["messages_total"] == 3000
     got = log(tmp_path / "laptop")
     assert len(got) == 3000
     assert len({m["id"] for m in got}) == 3000
@@ -269,8 +272,10 @@ def test_the_new_device_counts_messages_and_bytes_as_history_arrives(tmp_path: P
     trio.run(main)
     sent = 120 + 90 + 60
     linker = Linker(tmp_path / "laptop", "laptop")
-    run_p2p(phone, "approve", linker.code, "--yes")
+    approved = run_p2p(phone, "approve", linker.code, "--yes", "--json").stdout.splitlines()
     assert linker.wait() == 0
+    sending = [e for e in map(json.loads, approved) if e.get("event") == "progress"]
+    assert sending[-1]["messages_done"] == sending[-1]["messages_total"] == sent  # the primary's
     progress = [e for e in linker.events if e.get("event") == "progress"]
     last = progress[-1]
     assert last["messages_done"] == last["messages_total"] == sent
@@ -481,3 +486,12 @@ def test_approving_through_a_running_node_asks_the_person_to_compare(tmp_path: P
         assert len(devices(phone_home)) == 2
     finally:
         phone.stop()
+
+
+def test_the_link_bar_reads_messages_then_megabytes() -> None:
+    from p2p.app.cli import _link_label
+
+    assert _link_label(3_100_000, 380_000_000, 12_345, 1_000_000) == (
+        "12,345 / 1,000,000 messages · 3.1 / 380 MB"
+    )
+    assert _link_label(3_100_000, 38_000_000, None, None) == "3.1 / 38.0 MB"  # count unknown
