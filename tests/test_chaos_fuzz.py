@@ -54,7 +54,14 @@ from p2p.proto.relay_protocol import (
     encode_server,
 )
 from p2p.proto.wire import decode_frame, encode_frame, pack
-from p2p.runtime.linking import DOMAIN_LINK, Parts, _transcript, accept, approve
+from p2p.runtime.linking import (
+    DOMAIN_LINK,
+    Parts,
+    _parse_sizes,
+    _transcript,
+    accept,
+    approve,
+)
 from p2p.state.device import NOTES, DeviceState
 from p2p.storage.memory import MemoryStore
 from p2p.transport.memory import MemoryConnection, MemoryNetwork
@@ -441,7 +448,7 @@ async def fake_device(w: LinkWorld, conn: MemoryConnection, stage: str, rng: ran
         await conn.send(box.seal(w.lhave))
         enroll = decode_frame(box.open(await conn.receive(), who="primary"))
         sizes = msgpack.unpackb(enroll["sizes"])
-        total = sum(n for _, n in sizes.values())
+        total = sum(item[1] for item in sizes.values())
         got = 0
         while got < total:
             got += len(decode_frame(box.open(await conn.receive(), who="primary"))["d"])
@@ -475,8 +482,8 @@ def fuzz_linking(side: str, n: int) -> Tally:
         async def persist(batch: Any) -> None:
             return None
 
-        async def history(space: str) -> bytes:
-            return w.blobs[space]
+        async def history(space: str) -> tuple[bytes, int]:
+            return w.blobs[space], w.phone.space(space).replica.count()
 
         start = time.perf_counter()
         async with trio.open_nursery() as nursery:
@@ -588,6 +595,27 @@ def test_huge_ints_in_enroll_are_a_typed_error() -> None:
     space = next(iter(sizes))
     error = _accept_enroll(w, _enroll_with(w, sizes=pack({space: [2**64 - 1, 10]})))
     assert isinstance(error, P2PError), repr(error)
+
+
+def test_enroll_sizes_carry_message_counts_and_tolerate_an_earlier_primary() -> None:
+    """A space's entry is [hash, bytes, messages]; a primary of an earlier release sends
+    [hash, bytes], which still links, its message count unknown."""
+    digest = bytes(32)
+    assert _parse_sizes(pack({"s": [digest, 10, 7]})) == {"s": (digest, 10, 7)}
+    assert _parse_sizes(pack({"s": [digest, 10]})) == {"s": (digest, 10, None)}
+    for bad in ([digest, 10, -1], [digest, 10, True], [digest, 10, 2**40], [digest, 10, 7, 1]):
+        with pytest.raises((ValueError, P2PError)):
+            _parse_sizes(pack({"s": bad}))
+
+
+def test_an_enroll_with_a_bad_message_count_is_a_typed_error() -> None:
+    w = LinkWorld()
+    sizes = msgpack.unpackb(decode_frame(w.enroll)["sizes"])
+    space = next(iter(sizes))
+    sizes[space] = [*sizes[space], "many"]
+    error = _accept_enroll(w, _enroll_with(w, sizes=pack(sizes)))
+    assert isinstance(error, P2PError), repr(error)
+    assert "enrollment is malformed" in str(error)
 
 
 # ---- mDNS TXT data ----------------------------------------------------------------------

@@ -201,6 +201,9 @@ def test_history_transfer_cut_at_half_resumes_without_resending(
     second_start = [e["done"] for e in progress if e["done"] >= kept]
     assert second_start, "the second attempt did not start where the first stopped"
     assert total is None or progress[-1]["total"] == total
+    counts = [e["messages_done"] for e in progress]  # across both attempts
+    assert counts == sorted(counts)
+    assert progress[-1]["messages_done"] == progress[-1]["messages_total"] == 3000
     got = log(tmp_path / "laptop")
     assert len(got) == 3000
     assert len({m["id"] for m in got}) == 3000
@@ -241,6 +244,47 @@ def test_a_link_killed_midway_leaves_no_device_listed_and_a_retry_links(
     got = log(laptop)
     assert len(got) == 3000
     assert got == log(primary)
+
+
+def test_the_new_device_counts_messages_and_bytes_as_history_arrives(tmp_path: Path) -> None:
+    """``p2p link --json`` reports, beside the bytes, the messages received so far and the
+    messages the history holds: exact counts, over several chats, never going back."""
+    phone = tmp_path / "phone"
+    run_p2p(phone, "init", "--name", "phone")
+    chats: list[str] = []
+
+    async def main() -> None:
+        async with p2p.open_node(phone) as node:
+            family = await node.create_chat("family")
+            work = await node.create_chat("work")
+            chats.extend([node.default_chat(), family, work])
+            for i in range(120):
+                await node.send(f"note {i}")
+            for i in range(90):  # big enough that this chat's history spans chunks
+                await node.send(f"family {i} " + "y" * 4000, chat=family)
+            last = ""
+            for i in range(60):
+                last = await node.send(f"work {i}", chat=work)
+            # neither an edit nor a reaction is a message
+            await node.edit(last, "work, edited", chat=work)
+            await node.react(last, "+1", chat=work)
+
+    trio.run(main)
+    sent = 120 + 90 + 60
+    linker = Linker(tmp_path / "laptop", "laptop")
+    approved = run_p2p(phone, "approve", linker.code, "--yes", "--json").stdout.splitlines()
+    assert linker.wait() == 0
+    sending = [e for e in map(json.loads, approved) if e.get("event") == "progress"]
+    assert sending[-1]["messages_done"] == sending[-1]["messages_total"] == sent  # the primary's
+    progress = [e for e in linker.events if e.get("event") == "progress"]
+    last = progress[-1]
+    assert last["messages_done"] == last["messages_total"] == sent
+    assert last["done"] == last["total"] > 90 * 4000  # bytes stay bytes
+    counts = [e["messages_done"] for e in progress]
+    assert counts == sorted(counts), counts
+    assert all(e["messages_total"] == sent for e in progress)
+    assert len(set(counts)) >= 3, counts  # counted as each chat arrives, not once at the end
+    assert [len(log(tmp_path / "laptop", c)) for c in chats] == [120, 90, 60]
 
 
 def test_a_new_device_is_announced_to_running_companions(tmp_path: Path) -> None:
@@ -442,3 +486,12 @@ def test_approving_through_a_running_node_asks_the_person_to_compare(tmp_path: P
         assert len(devices(phone_home)) == 2
     finally:
         phone.stop()
+
+
+def test_the_link_bar_reads_messages_then_megabytes() -> None:
+    from p2p.app.cli import _link_label
+
+    assert _link_label(3_100_000, 380_000_000, 12_345, 1_000_000) == (
+        "12,345 / 1,000,000 messages · 3.1 / 380 MB"
+    )
+    assert _link_label(3_100_000, 38_000_000, None, None) == "3.1 / 38.0 MB"  # count unknown

@@ -482,6 +482,7 @@ class _LinkScreen:
     def __init__(self, as_json: bool) -> None:
         self.as_json = as_json
         self._shown = -1
+        self._messages: int | None = -1
         self._bar: Any = None
 
     def _emit(self, **fields: Any) -> None:
@@ -503,22 +504,39 @@ class _LinkScreen:
         else:
             say(f"check code: {digits}  (the primary must show the same)")
 
-    def progress(self, done: int, total: int) -> None:
+    def progress(
+        self, done: int, total: int, messages_done: int | None, messages_total: int | None
+    ) -> None:
         percent = 100 * done // total if total else 100
         if self.as_json:
-            if percent // 10 != self._shown // 10 or done == total:
+            # a line per tenth of the bytes, and one whenever a space's messages arrive
+            # (a space's messages come whole, with its last chunk)
+            tenth = percent // 10 != self._shown // 10
+            if tenth or messages_done != self._messages or done == total:
                 self._shown = percent
-                self._emit(event="progress", done=done, total=total)
+                self._messages = messages_done
+                self._emit(
+                    event="progress",
+                    done=done,
+                    total=total,
+                    messages_done=messages_done,
+                    messages_total=messages_total,
+                )
             return
+        label = _link_label(done, total, messages_done, messages_total)
         if self._bar is None:
-            from rich.progress import Progress
+            from rich.progress import BarColumn, Progress, TextColumn
 
-            self._bar = Progress(transient=True)
+            self._bar = Progress(
+                TextColumn("history"), BarColumn(), TextColumn("{task.description}"),
+                transient=True,
+            )  # fmt: skip
             self._bar.start()
-            self._task = self._bar.add_task("history", total=total)
-        self._bar.update(self._task, completed=done)
+            self._task = self._bar.add_task(label, total=total)
+        self._bar.update(self._task, completed=done, description=label)
         if done >= total:
             self._bar.stop()
+            self._bar = None
 
     def failed(self, error: P2PError) -> None:
         if self._bar is not None:
@@ -528,6 +546,21 @@ class _LinkScreen:
             self._emit(event="failed", error=type(error).__name__, detail=str(error))
         else:
             say(f"link attempt failed: {error}; still waiting", file=sys.stderr)
+
+
+def _link_label(
+    done: int, total: int, messages_done: int | None, messages_total: int | None
+) -> str:
+    """What the link's progress bar says: "12,345 / 1,000,000 messages · 3.1 / 380 MB"
+    (bytes alone when the primary states no message count)."""
+
+    def mb(n: int) -> str:
+        return f"{n / 1e6:,.1f}" if n < 100e6 else f"{n / 1e6:,.0f}"
+
+    size = f"{mb(done)} / {mb(total)} MB"
+    if messages_done is None or messages_total is None:
+        return size
+    return f"{messages_done:,} / {messages_total:,} messages · {size}"
 
 
 def cmd_link(args: argparse.Namespace) -> int:

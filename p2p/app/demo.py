@@ -68,7 +68,9 @@ class _CodeCatcher:
     def check(self, digits: str) -> None:
         self.digits = digits
 
-    def progress(self, done: int, total: int) -> None:
+    def progress(
+        self, done: int, total: int, messages_done: int | None, messages_total: int | None
+    ) -> None:
         pass
 
     def failed(self, error: P2PError) -> None:

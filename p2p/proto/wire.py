@@ -108,7 +108,7 @@ SCHEMA: Final[dict[str, dict[str, Field]]] = {
     "enroll": {
         "list": Field(_B, 64 * KiB),  # the signed device list that includes the new device
         "keys": Field(_B, 768 * KiB),  # every space: id, kind, name, epoch, epoch keys
-        "sizes": Field(_B, 64 * KiB),  # every space: history hash and size in bytes
+        "sizes": Field(_B, 64 * KiB),  # every space: history hash, bytes and messages
         "lease": Field(_B, 256),  # the new companion's first lease
     },
     "chunk": {

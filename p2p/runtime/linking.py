@@ -11,7 +11,8 @@ code and dials it. Then, over one connection::
                              possession proof for the account key (its place on the list)
                      (both now show the same six-digit check code)
     new -> primary   lhave   history parts kept from an interrupted earlier try     [boxed]
-    primary -> new   enroll  signed device list with the new device, space keys     [boxed]
+    primary -> new   enroll  signed device list with the new device, space keys,    [boxed]
+                             each space's history size and message count
     primary -> new   chunk*  each space's history, in 256 KiB chunks                 [boxed]
     new -> primary   ldone                                                          [boxed]
 
@@ -83,8 +84,19 @@ CONFIRM_TIMEOUT: Final = 300.0
 """Longest wait for the primary's decision: a person comparing check codes."""
 MAX_HISTORY: Final = 1 << 34
 
-Progress = Callable[[int, int], None]
-"""Called with (bytes done, bytes in all) as history moves."""
+Progress = Callable[[int, int, int | None, int | None], None]
+"""Called with (bytes done, bytes in all, messages done, messages in all) as history
+moves, on both sides. Messages done counts the messages of the spaces whose history is
+wholly on the new device (a space's history is one snapshot, so its messages arrive
+together, with its last chunk): an exact count, never an estimate from bytes. On the new
+device both message counts are None when the primary did not state them (an earlier
+release)."""
+
+
+def no_progress(
+    done: int, total: int, messages_done: int | None, messages_total: int | None
+) -> None:
+    """The default :data:`Progress`: nobody is watching."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,14 +162,15 @@ async def approve(
     *,
     confirm: Callable[[str], Awaitable[bool]],
     persist: Callable[[WriteBatch], Awaitable[None]],
-    history: Callable[[str], Awaitable[bytes]],
+    history: Callable[[str], Awaitable[tuple[bytes, int]]],
     now_ms: int,
-    progress: Progress = lambda done, total: None,
+    progress: Progress = no_progress,
 ) -> Linked:
     """Primary side. ``confirm(check)`` decides (a person comparing screens, or a script);
     ``persist`` makes durable, before the device learns of it, the version of the list
     that adds it, and once the device confirms it holds its history, that list;
-    ``history(space)`` returns the space's history snapshot for this code."""
+    ``history(space)`` returns the space's history snapshot for this code and the number
+    of messages it holds (shown on the new device as they arrive)."""
     commit_bytes = await _raw(conn)
     commitment = _expect(decode_frame(commit_bytes), "lcommit")["c"]
     eph = PrivateKey.generate()
@@ -206,8 +219,11 @@ async def approve(
     base = state.device_list
     bundle, proposed, batch = state.propose_enrollment(entry, now_ms=now_ms)
     await persist(batch)
-    blobs = {s.id: await history(s.id) for s in bundle.enrolled}
-    sizes = {s: [_digest(b), len(b)] for s, b in blobs.items()}
+    blobs: dict[str, bytes] = {}
+    counts: dict[str, int] = {}
+    for s in bundle.enrolled:
+        blobs[s.id], counts[s.id] = await history(s.id)
+    sizes = {s: [_digest(b), len(b), counts[s]] for s, b in blobs.items()}
     keys = [
         [
             s.id,
@@ -231,19 +247,24 @@ async def approve(
         )
     )
     total = sum(len(b) for b in blobs.values())
-    done = sum(
-        min(have.get(s, (b"", 0))[1], len(b)) if have.get(s, (b"", 0))[0] == _digest(b) else 0
+    starts = {
+        s: min(have[s][1], len(b)) if s in have and have[s][0] == _digest(b) else 0
         for s, b in blobs.items()
-    )
+    }
+    done = sum(starts.values())
+    messages_total = sum(counts.values())
+    # the messages of a space count once its last byte is on the device
+    messages_done = sum(counts[s] for s, b in blobs.items() if starts[s] >= len(b))
     sent = 0
-    progress(done, total)
+    progress(done, total, messages_done, messages_total)
     for space_id, blob in blobs.items():
-        start = have[space_id][1] if space_id in have and have[space_id][0] == _digest(blob) else 0
-        for offset in range(start, len(blob), CHUNK):
+        for offset in range(starts[space_id], len(blob), CHUNK):
             piece = blob[offset : offset + CHUNK]
             await conn.send(box.seal(encode_frame("chunk", s=space_id, o=offset, d=piece)))
             sent += len(piece)
-            progress(done + sent, total)
+            if offset + len(piece) >= len(blob):
+                messages_done += counts[space_id]
+            progress(done + sent, total, messages_done, messages_total)
     _expect(await _receive(conn, box, code.device_id), "ldone")
     # only now, with the history on the device, is it listed: a link cut before this
     # (the device killed, the connection dropped, nobody answering) leaves no device
@@ -330,7 +351,7 @@ async def accept(
     *,
     write: Callable[[WriteBatch], Awaitable[None]],
     show_check: Callable[[str], None],
-    progress: Progress = lambda done, total: None,
+    progress: Progress = no_progress,
 ) -> tuple[DeviceState, WriteBatch]:
     """New-device side: answer the primary, receive and keep the history, and return
     the device's state with the batch that makes it durable."""
@@ -377,10 +398,19 @@ async def accept(
     enroll = _expect(await _receive(conn, box, "primary", CONFIRM_TIMEOUT), "enroll")
     device_list, spaces, sizes, rotations = _parse_enroll(enroll, keys, hello["pk"], hello["acct"])
     have = parts.have()
-    total = sum(size for _, size in sizes.values())
-    done = sum(have[s][1] for s in sizes if s in have and have[s][0] == sizes[s][0])
-    progress(done, total)
+    total = sum(size for _, size, _ in sizes.values())
     received = {s: (have[s][1] if s in have and have[s][0] == sizes[s][0] else 0) for s in sizes}
+    done = sum(received.values())
+    counted = all(messages is not None for _, _, messages in sizes.values())
+    messages_total = sum(m or 0 for _, _, m in sizes.values()) if counted else None
+
+    def messages_done() -> int | None:
+        """Messages of the spaces held whole: exact, never an estimate from bytes."""
+        if not counted:
+            return None
+        return sum(m or 0 for s, (_, size, m) in sizes.items() if received[s] >= size)
+
+    progress(done, total, messages_done(), messages_total)
     while any(received[s] < sizes[s][1] for s in sizes):
         chunk = _expect(await _receive(conn, box, "primary"), "chunk")
         space_id, offset, data = chunk["s"], chunk["o"], chunk["d"]
@@ -393,9 +423,9 @@ async def accept(
         await write(parts.batch(space_id, sizes[space_id][0], offset, data))
         received[space_id] += len(data)
         done += len(data)
-        progress(done, total)
+        progress(done, total, messages_done(), messages_total)
     histories = {}
-    for space_id, (digest, _size) in sizes.items():
+    for space_id, (digest, _size, _messages) in sizes.items():
         blob = parts.assemble(space_id, digest)
         if _digest(blob) != digest:
             raise HandshakeFailed(f"history of space {space_id} does not match its hash")
@@ -417,11 +447,11 @@ def _parse_enroll(
 ) -> tuple[
     DeviceList,
     list[EnrolledSpace],
-    dict[str, tuple[bytes, int]],
+    dict[str, tuple[bytes, int, int | None]],
     dict[str, dict[int, bytes]],
 ]:
-    """The list, spaces, history sizes and rotations of an ``enroll`` frame, checked.
-    Each space's history is empty here: it follows in chunks."""
+    """The list, spaces, history sizes (hash, bytes, messages) and rotations of an
+    ``enroll`` frame, checked. Each space's history is empty here: it follows in chunks."""
     try:
         device_list = DeviceList.decode(frame["list"])
     except WireError as exc:
@@ -455,22 +485,35 @@ def _parse_enroll(
             ):
                 raise ValueError("space entry")
             spaces.append(EnrolledSpace(s, str(kind), sname, int(epoch), key_map, b""))
-        raw_sizes = unpack(frame["sizes"], what="sizes")
-        if not isinstance(raw_sizes, dict):
-            raise ValueError("sizes")
-        sizes: dict[str, tuple[bytes, int]] = {}
-        for s, item in raw_sizes.items():
-            digest, n = item
-            if not (isinstance(s, str) and isinstance(digest, bytes) and len(digest) == 32):
-                raise ValueError("size entry")
-            if not (type(n) is int and 0 <= n < MAX_HISTORY):
-                raise ValueError("size entry")
-            sizes[s] = (digest, n)
+        sizes = _parse_sizes(frame["sizes"])
     except (P2PError, ValueError, TypeError) as exc:
         raise WireError(f"the enrollment is malformed: {exc}") from exc
     if set(sizes) != {s.id for s in spaces}:
         raise WireError("the enrollment's history sizes do not match its spaces")
     return device_list, spaces, sizes, rotations
+
+
+def _parse_sizes(data: bytes) -> dict[str, tuple[bytes, int, int | None]]:
+    """``enroll``'s sizes: for each space, its history's hash, its size in bytes and the
+    number of messages it holds. A primary of an earlier release states no message
+    count (``[hash, size]``): the count is then None, and the link goes on."""
+    raw = unpack(data, what="sizes")
+    if not isinstance(raw, dict):
+        raise ValueError("sizes")
+    sizes: dict[str, tuple[bytes, int, int | None]] = {}
+    for s, item in raw.items():
+        if not (isinstance(item, list) and len(item) in (2, 3)):
+            raise ValueError("size entry")
+        digest, n, *counted = item
+        messages = counted[0] if counted else None
+        if not (isinstance(s, str) and isinstance(digest, bytes) and len(digest) == 32):
+            raise ValueError("size entry")
+        if not (type(n) is int and 0 <= n < MAX_HISTORY):
+            raise ValueError("size entry")
+        if messages is not None and not (type(messages) is int and 0 <= messages < MAX_HISTORY):
+            raise ValueError("size entry")
+        sizes[s] = (digest, n, messages)
+    return sizes
 
 
 # ---- orchestration: what `p2p approve` and `p2p link` run ----------------------------
@@ -485,7 +528,7 @@ async def approve_code(
     confirm: Callable[[str], Awaitable[bool]],
     now_s: int,
     connect: str | None = None,
-    progress: Progress = lambda done, total: None,
+    progress: Progress = no_progress,
 ) -> Linked:
     """Check a pairing code and link the device that shows it (primary side).
 
@@ -514,13 +557,19 @@ async def approve_code(
         )
     conn = await _dial_any(addresses)
     cached = f"link/blob/{code.code_id}/"
+    counted = f"link/msgs/{code.code_id}/"
 
-    async def history(space_id: str) -> bytes:
+    async def history(space_id: str) -> tuple[bytes, int]:
         blob = await read(cached + space_id)
-        if blob is None:
-            blob = state.space(space_id).replica.snapshot()
-            await write(WriteBatch(records={cached + space_id: blob}))
-        return blob
+        count = await read(counted + space_id)
+        if blob is None or count is None:
+            # the count is taken with the snapshot, from the same replica, so it is the
+            # number of messages these bytes hold, whatever arrives meanwhile
+            replica = state.space(space_id).replica
+            blob, messages = replica.snapshot(), replica.count()
+            count = messages.to_bytes(8, "big")
+            await write(WriteBatch(records={cached + space_id: blob, counted + space_id: count}))
+        return blob, int.from_bytes(count, "big")
 
     try:
         linked = await approve(
@@ -538,7 +587,7 @@ async def approve_code(
     await write(
         WriteBatch(
             records={f"link/used/{code.code_id}": b"1"},
-            deletes={cached + s for s in state.spaces},
+            deletes={p + s for s in state.spaces for p in (cached, counted)},
         )
     )
     return linked
@@ -563,7 +612,9 @@ class LinkUI(Protocol):
 
     def check(self, digits: str) -> None: ...
 
-    def progress(self, done: int, total: int) -> None: ...
+    def progress(
+        self, done: int, total: int, messages_done: int | None, messages_total: int | None
+    ) -> None: ...
 
     def failed(self, error: P2PError) -> None: ...
 

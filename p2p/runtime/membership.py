@@ -32,7 +32,7 @@ from p2p import events as ev
 from p2p.errors import NodeError, P2PError, RemovedDevice, RollbackRefused, Unlinked
 from p2p.proto.identity import DeviceList
 from p2p.proto.session import DeviceListIn, LeaseIn, LeaveRequested
-from p2p.runtime.linking import Linked, approve_code
+from p2p.runtime.linking import Linked, Progress, approve_code
 from p2p.runtime.mail import Mail
 from p2p.runtime.peers import Peer, Peers
 from p2p.runtime.writer import Writer
@@ -233,7 +233,7 @@ class Membership:
         *,
         confirm: Callable[[str], Awaitable[bool]],
         connect: str | None,
-        progress: Callable[[int, int], None],
+        progress: Progress,
     ) -> Linked:
         """Primary only: link the device showing pairing ``code``."""
 

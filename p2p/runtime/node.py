@@ -72,7 +72,7 @@ from p2p.runtime.conversations import Conversations
 from p2p.runtime.events import EVENT_QUEUE, EventHub
 from p2p.runtime.gossiper import COALESCE_MAX, Gossiper
 from p2p.runtime.home import home_lock, open_home_store
-from p2p.runtime.linking import Linked
+from p2p.runtime.linking import Linked, Progress, no_progress
 from p2p.runtime.mail import MAIL_POSTS, Mail
 from p2p.runtime.membership import Membership
 from p2p.runtime.peers import MAX_HANDSHAKES, SEND_QUEUE, Peer, Peers
@@ -623,9 +623,11 @@ class Node:
         *,
         confirm: Callable[[str], Awaitable[bool]],
         connect: str | None = None,
-        progress: Callable[[int, int], None] = lambda done, total: None,
+        progress: Progress = no_progress,
     ) -> Linked:
-        """Primary only: link the device showing pairing ``code`` (see ``p2p.runtime.linking``)."""
+        """Primary only: link the device showing pairing ``code`` (see ``p2p.runtime.linking``).
+        ``progress(bytes done, bytes in all, messages done, messages in all)`` follows
+        the history as it goes."""
         return await self.membership.approve(
             code, confirm=confirm, connect=connect, progress=progress
         )
