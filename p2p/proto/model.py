@@ -732,6 +732,8 @@ class Replica:
             raise InvalidUpdate(
                 self.space, "the update touches CRDT clients of another account than its sender's"
             )
+        if from_store and self._source is None:
+            self._heads = None  # a history not followed struct by struct: learn at a load
         plan = None
         if held is not None and self._source is not None:
             plan = self._aside_plan(update, deps, held, others=opens is not None)
