@@ -140,6 +140,10 @@ class LocalDevice(Protocol):
 
     def diff(self, space_id: str, state_vector: bytes, peer: str | None = None) -> bytes: ...
 
+    def stored_pieces(
+        self, space_id: str, state_vector: bytes, peer: str | None, start: int, limit: int
+    ) -> Iterator[bytes]: ...
+
     def seal(self, space_id: str, payload: bytes) -> bytes: ...
 
 
@@ -676,31 +680,40 @@ class Session:
         assert self.peer is not None
         return space_id in self.local.spaces_for(self.peer)
 
-    def _on_state_vector(self, space_id: str, sv: bytes) -> list[Output]:
+    def _on_state_vector(self, space_id: str, sv: bytes, start: int | None = None) -> list[Output]:
         if not self._shares(space_id):
             return []  # a space we don't share with this device: say nothing about it
         # a newer vector for a space being caught up supersedes the older answer
         self._catchup = [(s, p) for s, p in self._catchup if s != space_id]
         if covers(sv, self.local.state_vector(space_id)):
             return []  # the peer already holds everything we have
-        if not self.local.has_document(space_id):
+        if start is not None:  # from the store, from that seq on, a stored update at a time
+            pieces = self.local.stored_pieces(space_id, sv, self.peer, start, PIECE)
+        elif not self.local.has_document(space_id):
             return [DocumentWanted(space_id, sv)]
-        missing = self.local.diff(space_id, sv, self.peer)
-        if missing == EMPTY_UPDATE:
+        else:
+            missing = self.local.diff(space_id, sv, self.peer)
+            if missing == EMPTY_UPDATE:
+                return []
+            pieces = split_update(missing, PIECE)
+            del missing  # the generator holds it; nothing else should
+        first = next(pieces, None)
+        if first is None:
             return []
-        pieces = split_update(missing, PIECE)
-        del missing  # the generator holds it; nothing else should
-        out: list[Output] = [self._send_piece(space_id, next(pieces))]
+        out: list[Output] = [self._send_piece(space_id, first)]
         self._catchup.append((space_id, pieces))
         return out
 
-    def answer_state_vector(self, space_id: str, sv: bytes) -> list[Output]:
-        """Answer a state vector put off by :class:`DocumentWanted`, once the document
-        is loaded (nothing if the session ended meanwhile)."""
+    def answer_state_vector(
+        self, space_id: str, sv: bytes, start: int | None = None
+    ) -> list[Output]:
+        """Answer a state vector put off by :class:`DocumentWanted`: once the document
+        is loaded, or (``start``) from the store, from that seq on, without it (see
+        ``DeviceState.first_needed``). Nothing if the session ended meanwhile."""
         if self.state is not SessionState.OPEN:
             return []
         try:
-            return self._on_state_vector(space_id, sv)
+            return self._on_state_vector(space_id, sv, start)
         except P2PError as exc:
             return self._fail(exc)
 

@@ -108,6 +108,45 @@ def _split(data: bytes, limit: int) -> Iterator[bytes]:
     yield from _split_delete_set(delete_set, limit)
 
 
+def trim_update(data: bytes, past: dict[int, int]) -> bytes | None:
+    """``data`` without the structs a replica at state ``past`` (client -> clock) holds
+    whole; None when none is left. A struct it holds in part stays whole (yrs skips the
+    part it holds; our entries are one clock long, so this is rare: a merged run of
+    deleted items, a GC range). The delete set stays whole: a replica that lacks a
+    struct of an update lacks that update's deletions too.
+
+    How a catch-up is answered from the store, a stored update at a time, without the
+    space's document (``Spaces.stored_diff``)."""
+    try:
+        return _trim(data, past)
+    except (_Bad, IndexError) as exc:
+        raise InvalidUpdate("", f"cannot trim a malformed update: {exc}") from None
+
+
+def _trim(data: bytes, past: dict[int, int]) -> bytes | None:
+    blanks: Blanks = []
+    sections: list[tuple[int, int, int, int, int]] = []  # count, client, clock, start, end
+    clients, pos = _uvar(data, 0, _U32, blanks)
+    for _ in range(clients):
+        count, pos = _uvar(data, pos, _U32, blanks)
+        client, pos = _uvar(data, pos, _CLIENT, blanks)
+        clock, pos = _uvar(data, pos, _U32, blanks)
+        held = past.get(client, 0)
+        for _ in range(count):
+            end, length = _struct(data, pos, blanks)
+            if clock + length > held:
+                last = sections[-1] if sections else None
+                if last is not None and last[1] == client and last[4] == pos:
+                    sections[-1] = (last[0] + 1, client, last[2], last[3], end)
+                else:
+                    sections.append((1, client, clock, pos, end))
+            clock += length
+            pos = end
+    if not sections:
+        return None
+    return _encode(data, sections, data[pos:])
+
+
 def _encode(
     data: bytes, sections: list[tuple[int, int, int, int, int]], delete_set: bytes
 ) -> bytes:

@@ -238,6 +238,17 @@ class Peers:
         worker thread, then answer (the session goes on meanwhile)."""
 
         async def load_then_answer() -> None:
+            if self._state.answers_from_store(out.space):
+                try:  # past what the peer holds, in a worker: then stream from the store
+                    start = await trio.to_thread.run_sync(
+                        self._state.first_needed, out.space, out.state_vector, peer.device
+                    )
+                except P2PError:
+                    start = None  # (a malformed vector: the session refuses it below)
+                if start is not None:
+                    answer = peer.session.answer_state_vector(out.space, out.state_vector, start)
+                    self.carry_out(peer, answer)
+                    return
             if await self._load(out.space):
                 self.carry_out(peer, peer.session.answer_state_vector(out.space, out.state_vector))
 

@@ -14,7 +14,8 @@ batch being stored now, and the lock that loads one replica at a time. Rules it 
 - **Bounded memory.** A receiver waits (:meth:`Writer.backpressure`) while
   ``WRITE_QUEUE`` batches wait for the store.
 - **Compaction.** A space with ``COMPACT_AFTER`` updates past its snapshot is folded
-  into a new snapshot after the write that got it there.
+  into a new snapshot after the write that got it there, if its document is loaded
+  (else after a later write that finds it loaded: folding needs the document).
 - **Off the trio thread.** SQLite calls run in a worker thread (:meth:`Writer.run_store`);
   a ``MemoryStore`` is called inline.
 - **Loading.** A space's CRDT loads in a worker thread, one at a time, when something
@@ -231,6 +232,8 @@ class Writer:
             space = self._state.spaces.get(space_id)
             if space is None or not space.compaction_due(COMPACT_AFTER):
                 continue
+            if not space.replica.loaded:
+                continue  # the snapshot needs the document: folded at a later write, loaded
             # every update up to log_seq is in the replica, so this snapshot covers them
             snapshot, upto = space.replica.snapshot(), space.log_seq
             await self.run_store(self._store.compact, space_id, snapshot, upto)

@@ -22,7 +22,7 @@ only what spans parts: creating and loading a state, and adopting device lists.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 
 from p2p.errors import (
@@ -234,6 +234,7 @@ class DeviceState:
                 account_key=AccountKey(seed) if seed else None,
             )
             state.history = partial(stored_history, store)
+            state.spaces.store = store
             # accounts we follow first: indexing a chat checks entries by their lists
             state.directory.load(store)
             if run is None:
@@ -474,6 +475,25 @@ class DeviceState:
 
     def state_vector(self, space_id: str) -> bytes:
         return self.spaces.space(space_id).replica.state_vector()
+
+    def first_needed(self, space_id: str, state_vector: bytes, peer: str | None = None) -> int:
+        return self.sealing.first_needed(space_id, state_vector, peer)
+
+    def stored_pieces(
+        self, space_id: str, state_vector: bytes, peer: str | None, start: int, limit: int
+    ) -> Iterator[bytes]:
+        return self.sealing.stored_pieces(space_id, state_vector, peer, start, limit)
+
+    def answers_from_store(self, space_id: str) -> bool:
+        """Whether a peer's catch-up in this space can be answered from the store
+        without loading the document (see ``Spaces.stored_diff``)."""
+        space = self.spaces.get(space_id)
+        return (
+            space is not None
+            and self.spaces.store is not None
+            and not space.replica.loaded
+            and space.replica.vector_known
+        )
 
     def has_document(self, space_id: str) -> bool:
         """Whether a space's document is loaded (one we do not hold: nothing to load)."""

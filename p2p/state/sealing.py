@@ -18,15 +18,16 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
 from p2p.errors import UnknownDevice, UnknownKey
 from p2p.proto import envelope
 from p2p.proto.identity import DeviceKeys
-from p2p.proto.model import DELETIONS, MESSAGES, Rejected, may_open
+from p2p.proto.model import DELETIONS, MESSAGES, Rejected, decode_state_vector, may_open
 from p2p.proto.wire import unpack
+from p2p.proto.yupdate import strip_deletions
 from p2p.state.directory import Directory, Part
 from p2p.state.index import MessageIndex
 from p2p.state.records import COUNTER_BLOCK, Run, required
@@ -120,6 +121,36 @@ class Sealing(Part):
         if peer is None or self._directory.device_list.signing_key_of(peer) is not None:
             return replica.diff(state_vector)
         return replica.diff(state_vector, keep=self._directory.ours_client)
+
+    def _past(
+        self, space_id: str, state_vector: bytes, peer: str | None
+    ) -> tuple[dict[int, int], Callable[[int], bool] | None]:
+        """What a peer at ``state_vector`` counts as holding, and which clients' deletions
+        it takes (None: all): as :meth:`diff` decides, for a diff read from the store."""
+        past = decode_state_vector(state_vector)
+        if peer is None or self._directory.device_list.signing_key_of(peer) is not None:
+            return past, None
+        keep = self._directory.ours_client
+        ours = decode_state_vector(self._spaces.space(space_id).replica.state_vector())
+        for client, clock in ours.items():
+            if not keep(client):
+                past[client] = max(clock, past.get(client, 0))
+        return past, keep
+
+    def first_needed(self, space_id: str, state_vector: bytes, peer: str | None = None) -> int:
+        """Where in the store a catch-up of ``state_vector`` starts (``Spaces.first_needed``;
+        for a worker thread). InvalidUpdate for a malformed vector."""
+        past, _ = self._past(space_id, state_vector, peer)
+        return self._spaces.first_needed(space_id, past)
+
+    def stored_pieces(
+        self, space_id: str, state_vector: bytes, peer: str | None, start: int, limit: int
+    ) -> Iterator[bytes]:
+        """What a peer at ``state_vector`` lacks, from the store (``Spaces.stored_diff``),
+        in pieces of at most ``limit`` bytes: a catch-up without the document."""
+        past, keep = self._past(space_id, state_vector, peer)
+        for piece in self._spaces.stored_diff(space_id, past, start, limit):
+            yield piece if keep is None else strip_deletions(piece, keep)
 
     # ---- opening ---------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ Rules:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Final, Literal
@@ -40,10 +40,13 @@ from p2p.proto.model import (
     decode_state_vector,
 )
 from p2p.proto.wire import pack, unpack
+from p2p.proto.ysplit import split_update, trim_update
 from p2p.state.records import required
 from p2p.storage.base import Store, WriteBatch
 
 NOTES: Final = "notes"
+STORED_PAGE: Final = 8
+"""Stored updates read at once when a catch-up is answered from the store."""
 """Name of the conversation every account starts with (a note-to-self chat)."""
 
 SpaceKind = Literal["account", "chat"]
@@ -133,6 +136,9 @@ class Spaces(dict[str, Space]):
         (nothing syncs, shows or writes them), their rows left on disk."""
         self.boot = 0
         """This run's number (persisted as ``boot``; part of our CRDT client id)."""
+        self.store: Store | None = None
+        """The store the spaces were read from (None for a state held in memory only):
+        what :meth:`stored_diff` reads, a page at a time."""
         self.history: Callable[[str], Iterable[bytes]] | None = None
         """A space's whole history as it stands: durable, then on its way to the store
         (set by :meth:`load_space`'s loader to the store's; the node adds its write
@@ -292,6 +298,60 @@ class Spaces(dict[str, Space]):
             client_id=crdt_client(self.device_id, self.boot),
             reload=partial(self.history_of, space_id),
         )
+
+    def stored_diff(
+        self, space_id: str, past: dict[int, int], start: int, limit: int
+    ) -> Iterator[bytes]:
+        """What a replica at ``past`` lacks of a space, read from the store (from seq
+        ``start`` on; 0 includes the snapshot), one stored update at a time, trimmed to
+        what it lacks (``ysplit.trim_update``) and cut to ``limit`` bytes: a catch-up
+        answered without loading the document, holding one stored update at a time.
+
+        Only what is durable: an update still on its way to the store reaches the peer
+        as gossip once it is, or at the next exchange of state vectors."""
+        store = self.store
+        if store is None:
+            return
+        after = start
+        if start == 0:
+            covered, snapshot = store.space_snapshot(space_id)
+            if snapshot is not None:
+                trimmed = trim_update(snapshot, past)
+                del snapshot
+                if trimmed is not None:
+                    yield from split_update(trimmed, limit)
+            after = covered
+        while True:
+            rows = store.space_rows(space_id, after, STORED_PAGE)
+            if not rows:
+                return
+            for seq, data in rows:
+                trimmed = trim_update(data, past)
+                if trimmed is not None:
+                    yield from split_update(trimmed, limit)
+                after = seq
+
+    def first_needed(self, space_id: str, past: dict[int, int]) -> int:
+        """The seq to answer ``past`` from (see :meth:`stored_diff`): past every stored
+        update it holds whole, read in order from the start (0: the snapshot is
+        needed). Run in a worker thread: it reads the whole history when the peer
+        lacks only its end."""
+        store = self.store
+        if store is None:
+            return 0
+        covered, snapshot = store.space_snapshot(space_id)
+        if snapshot is not None and trim_update(snapshot, past) is not None:
+            return 0
+        del snapshot
+        after = covered
+        while True:
+            rows = store.space_rows(space_id, after, STORED_PAGE)
+            if not rows:
+                return after
+            for seq, data in rows:
+                if trim_update(data, past) is not None:
+                    return after
+                after = seq
 
     def history_of(self, space_id: str) -> Iterable[bytes]:
         """A space's whole history as it stands (see :attr:`history`); none without a

@@ -170,6 +170,16 @@ class Store(MessagePages, Protocol):
         """The snapshot and the tail of updates of ``space`` (empty log if unknown)."""
         ...
 
+    def space_rows(self, space: str, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` updates of ``space`` after ``after_seq`` (seq, data), in seq
+        order, without the snapshot: a history read a page at a time (a catch-up
+        answered from the store, ``Spaces.stored_diff``)."""
+        ...
+
+    def space_snapshot(self, space: str) -> tuple[int, bytes | None]:
+        """(the seq it covers, the snapshot) of ``space``; (0, None) without one."""
+        ...
+
     def log_seqs(self, space: str) -> tuple[int, int]:
         """(snapshot seq, last seq) of ``space`` without reading any update (0, 0 if
         unknown): what opening needs before it decides to load the CRDT at all."""

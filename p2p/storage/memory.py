@@ -329,6 +329,24 @@ class MemoryStore(MessagePages):
         """Shown message rows in display order (the last ``last`` before ``before``)."""
         return shown_messages(self._index_rows(space), last, before, files_only=files_only)
 
+    def space_rows(self, space: str, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` updates after ``after_seq``, in seq order."""
+        check_name(space, "space id")
+        state = self._open_state()
+        with state.lock:
+            sp = state.spaces.get(space) or _Space()
+            first = sp.snapshot_seq + 1
+            rows = [(first + i, u) for i, u in enumerate(sp.updates)]
+        return [(seq, u) for seq, u in rows if seq > after_seq][:limit]
+
+    def space_snapshot(self, space: str) -> tuple[int, bytes | None]:
+        """(seq covered, snapshot), or (0, None)."""
+        check_name(space, "space id")
+        state = self._open_state()
+        with state.lock:
+            sp = state.spaces.get(space) or _Space()
+            return (sp.snapshot_seq, sp.snapshot) if sp.snapshot is not None else (0, None)
+
     def index_held(self, space: str, keys: Sequence[tuple[str, str]]) -> dict[IndexKey, str]:
         """Of these (map, key) pairs, those with a row, and its entry's account."""
         check_name(space, "space id")

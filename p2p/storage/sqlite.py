@@ -511,6 +511,27 @@ class SqliteStore(MessagePages):
                     ).fetchall()
         return [self._index_row(row) for row in rows]
 
+    def space_rows(self, space: str, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` updates after ``after_seq``, in seq order."""
+        check_name(space, "space id")
+        with self._session("space_rows") as conn:
+            rows = conn.execute(
+                "SELECT seq, data FROM updates WHERE space = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (space, after_seq, limit),
+            ).fetchall()
+        return [(seq, self._blob(data, f"update of space {space!r}")) for seq, data in rows]
+
+    def space_snapshot(self, space: str) -> tuple[int, bytes | None]:
+        """(seq covered, snapshot), or (0, None)."""
+        check_name(space, "space id")
+        with self._session("space_snapshot") as conn:
+            snap = conn.execute(
+                "SELECT seq, data FROM snapshots WHERE space = ?", (space,)
+            ).fetchone()
+        if snap is None:
+            return 0, None
+        return snap[0], self._blob(snap[1], f"snapshot of space {space!r}")
+
     def index_held(self, space: str, keys: Sequence[tuple[str, str]]) -> dict[IndexKey, str]:
         """Of these (map, key) pairs, those with a row, and its entry's account."""
         check_name(space, "space id")

@@ -162,7 +162,13 @@ class End:
         self.media_in.append(out)
 
     def on_document_wanted(self, out: DocumentWanted) -> None:
-        """As the node does (there in a worker thread): load the document, then answer."""
+        """As the node does (there in a worker thread): answer from the store when it
+        can, else load the document, then answer."""
+        if self.state.answers_from_store(out.space):
+            peer = self.session.peer
+            start = self.state.first_needed(out.space, out.state_vector, peer)
+            self.carry_out(self.session.answer_state_vector(out.space, out.state_vector, start))
+            return
         self.documents_loaded.append(out.space)
         self.state.spaces.space(out.space).replica.load()
         self.carry_out(self.session.answer_state_vector(out.space, out.state_vector))
