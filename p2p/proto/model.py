@@ -45,6 +45,7 @@ from p2p.proto.clock import is_ts
 from p2p.proto.identity import DeviceKeys, verify
 from p2p.proto.wire import MAX_FRAME, pack
 from p2p.proto.ymap import ItemId, Struct, encode_sets, read_structs, value_at
+from p2p.proto.ysplit import trim_update
 from p2p.proto.yupdate import Deps, check_update, encode_uvar, read_varint, strip_deletions
 
 DOMAIN_ENTRY: Final = b"p2p/entry/v1\x00"
@@ -951,8 +952,9 @@ class Replica:
     ) -> _AsidePlan | None:
         """How ``update`` applies without the history, or None when it cannot:
 
-        - it continues exactly where the known state vector ends, for every client (no
-          struct held back, none we hold already);
+        - past the structs we hold already (left out: ``ysplit.trim_update``; an update
+          of nothing else changes nothing), it continues exactly where the known state
+          vector ends, for every client (no struct held back);
         - every struct is a map set of one value: in an indexed map under a key the
           index does not hold, or in a side map, under a key new here or replacing
           the side head (its origin);
@@ -964,16 +966,26 @@ class Replica:
         if self._heads is None or self._known_sv is None:
             return None
         known = decode_state_vector(self._known_sv)
-        if any(known.get(c, 0) != start for c, start in deps._starts.items()):
-            return None
-        if any(known.get(c, 0) < clock for c, clock in deps.needs.items()):
-            return None
+        if any(start < known.get(c, 0) for c, start in deps._starts.items()):
+            # a catch-up racing gossip, or a mesh's second copy: what we hold is left
+            # out (its deletions came with it, so an update of nothing else is a no-op)
+            try:
+                trimmed = trim_update(update, known)
+            except InvalidUpdate:
+                return None
+            if trimmed is None:
+                return _AsidePlan()
+            update = trimmed
         try:
             structs, deleted = read_structs(update)
         except (IndexError, ValueError, UnicodeDecodeError):
             return None
+        plan = _AsidePlan(update=update)
+        for st in structs:
+            if st.client not in plan.ends and st.clock != known.get(st.client, 0):
+                return None  # a gap, or a struct we hold in part
+            plan.ends[st.client] = st.clock + st.length
         by_id = {(h[0], h[1]): k for k, h in self._heads.items()}
-        plan = _AsidePlan()
         for st in structs:
             if not st.single_value or st.right is not None or st.parent_id is not None:
                 return None
@@ -1001,7 +1013,6 @@ class Replica:
             return None
         if plan.indexed and held(list(plan.indexed)):
             return None
-        plan.update = update
         return plan
 
     def _apply_aside(self, plan: _AsidePlan, deps: Deps, clients: frozenset[int]) -> Applied:
@@ -1015,7 +1026,7 @@ class Replica:
         assert heads is not None
         for map_key, st in plan.side.items():
             heads[map_key] = (st.client, st.clock, value_at(update, st.values_at))
-        self._known_sv = _advance(self._known_sv, deps.ends)
+        self._known_sv = _advance(self._known_sv, plan.ends)
         for (name, _key), value in changed.items():
             if name == MESSAGES:
                 self._note_author(value)
@@ -1185,7 +1196,10 @@ class _AsidePlan:
     indexed: dict[tuple[str, str], Struct] = field(default_factory=dict)
     side: dict[tuple[str, str], Struct] = field(default_factory=dict)
     replaced: set[ItemId] = field(default_factory=set)
+    ends: dict[int, int] = field(default_factory=dict)
+    """Per client, the clock its structs here end at."""
     update: bytes = b""
+    """The update as applied (without the structs held already)."""
 
 
 def _advance(vector: bytes | None, ends: dict[int, int]) -> bytes:

@@ -533,21 +533,25 @@ class SqliteStore(MessagePages):
         return snap[0], self._blob(snap[1], f"snapshot of space {space!r}")
 
     def index_held(self, space: str, keys: Sequence[tuple[str, str]]) -> dict[IndexKey, str]:
-        """Of these (map, key) pairs, those with a row, and its entry's account."""
+        """Of these (map, key) pairs, those with a row, and its entry's account. One
+        query per map and chunk, ``map = ? AND key IN (...)``: a row-value ``IN`` would
+        search by space only (a scan of the whole chat's rows per query)."""
         check_name(space, "space id")
-        wanted = list(keys)
+        by_map: dict[str, list[str]] = {}
+        for map_name, key in keys:
+            by_map.setdefault(map_name, []).append(key)
         held: dict[IndexKey, str] = {}
         with self._session("index_held") as conn:
-            for at in range(0, len(wanted), _RELATED_CHUNK):
-                chunk = wanted[at : at + _RELATED_CHUNK]
-                marks = ", ".join("(?, ?)" for _ in chunk)
-                flat = [part for pair in chunk for part in pair]
-                for map_name, key, account in conn.execute(
-                    f"SELECT map, key, account FROM entries WHERE space = ?"
-                    f" AND (map, key) IN (VALUES {marks})",
-                    (space, *flat),
-                ):
-                    held[(space, map_name, key)] = account
+            for map_name, wanted in by_map.items():
+                for at in range(0, len(wanted), _RELATED_CHUNK):
+                    chunk = wanted[at : at + _RELATED_CHUNK]
+                    marks = ", ".join("?" * len(chunk))
+                    for key, account in conn.execute(
+                        "SELECT key, account FROM entries WHERE space = ? AND map = ?"
+                        f" AND key IN ({marks})",
+                        (space, map_name, *chunk),
+                    ):
+                        held[(space, map_name, key)] = account
         return held
 
     def index_rejected(self, space: str) -> list[IndexRow]:
