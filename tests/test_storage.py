@@ -697,3 +697,29 @@ def test_update_records_reads_and_writes_in_one_step(store: Store) -> None:
     with pytest.raises(StoreError):
         store.update_records(["a"], lambda current: {"a": "not bytes"})  # type: ignore[dict-item]
     assert store.get("a") == b"1!"  # a refused change writes nothing
+
+
+# --- reading without the document ---------------------------------------------------
+
+
+def test_index_held_names_the_keys_with_a_row_and_their_account(store: Store) -> None:
+    rows = {("s", "m", f"k{i}"): row(f"k{i}", f"{i:04d}") for i in range(1200)}
+    rows[("s", "x", "k1")] = row("k1", "0001", map_name="x", kind="del", target="k1")
+    store.write(WriteBatch(index=rows))
+    asked = [("m", f"k{i}") for i in range(0, 2400, 2)] + [("x", "k1"), ("x", "k2"), ("r", "k1")]
+    held = store.index_held("s", asked)
+    assert set(held) == {("s", "m", f"k{i}") for i in range(0, 1200, 2)} | {("s", "x", "k1")}
+    assert set(held.values()) == {rows[("s", "m", "k0")].account}
+    assert store.index_held("other", asked) == {}
+
+
+def test_space_rows_pages_the_log_after_the_snapshot(store: Store) -> None:
+    append(store, "s", *[bytes([i]) * 3 for i in range(1, 8)])
+    assert store.space_snapshot("s") == (0, None)
+    assert store.space_rows("s", 0, 3) == [(1, b"\x01" * 3), (2, b"\x02" * 3), (3, b"\x03" * 3)]
+    assert store.space_rows("s", 5, 10) == [(6, b"\x06" * 3), (7, b"\x07" * 3)]
+    store.compact("s", b"snap", 4)
+    assert store.space_snapshot("s") == (4, b"snap")
+    assert [seq for seq, _ in store.space_rows("s", 4, 10)] == [5, 6, 7]
+    assert store.space_rows("s", 7, 10) == []
+    assert store.space_rows("nothing", 0, 10) == []
