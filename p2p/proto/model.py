@@ -740,6 +740,8 @@ class Replica:
             plan = self._aside_plan(update, deps, held, others=opens is not None)
             if plan is None:
                 raise DocumentNeeded(self.space)
+        if plan is None and not from_store:
+            self.load()  # the history first: the changes seen, and what ``opens`` reads
         if opens is not None:
             refused = opens(opened or [])
             if refused is not None:
@@ -748,8 +750,6 @@ class Replica:
                 )
         if plan is not None:
             return self._apply_aside(plan, deps, clients)
-        if not from_store:
-            self.load()  # the history first, so that the changes seen are this update's
         changed: Changes = {}
         side: Changes = {}
         self._watch.changes = None if from_store else changed
@@ -773,8 +773,8 @@ class Replica:
         self._track(deps, settle=not from_store)
         if side and self._heads is not None:
             self._follow_heads(update, side)
-        if not from_store and (took_held or self._held):
-            self._heads = None  # what came in is not this update's alone: learn at load
+        if not from_store and (took_held or self._held) and not self._heads_agree():
+            self._heads = None  # held structs came in and changed a side value: learn at load
         if not from_store and (took_held or self._held):
             # yrs's map events are not to be trusted where held structs came in (a key
             # reported with a value it does not hold, or a change not reported): the
@@ -883,11 +883,13 @@ class Replica:
     def write(self, entries: Iterable[Entry]) -> bytes:
         """Add signed local entries in one transaction; return the update it made.
 
-        Entries under keys new by construction (:data:`FRESH_KINDS`) are written aside
-        while the history is not loaded: into a document holding only our client's
-        structs, whose clock it starts where the known state vector says ours is. The
-        update holds the structs the whole document would have made (a new map key has
-        no predecessor to name), so a send into a long chat needs no load; loading takes
+        While the history is not loaded, entries under keys new by construction
+        (:data:`FRESH_KINDS`) and, once the side heads are known, our receipts and read
+        markers (:data:`SIDE_KINDS`) are written aside: encoded by hand
+        (``ymap.encode_sets``) with our client's clocks from where the known state
+        vector says ours is, a new key naming no predecessor and a side value naming
+        the head it replaces (and deleting it), as ``Map.set`` does in the whole
+        document. So a send or a receipt in a long chat needs no load; loading takes
         these updates in. Anything else loads the history first."""
         entries = list(entries)
         if self.writes_aside(e.kind for e in entries):
@@ -1034,6 +1036,20 @@ class Replica:
                 if self._scanned and isinstance(ts, str) and ts > self._latest_ts and is_ts(ts):
                     self._latest_ts = ts
         return Applied(changed=changed, clients=clients)
+
+    def _heads_agree(self) -> bool:
+        """Whether the side heads' values are the loaded document's side maps (small:
+        a few keys each). Where yrs integrated held structs, its events are not to be
+        trusted; structs held back that touched no side value (messages out of order,
+        the common case) leave the heads as they were."""
+        heads = self._heads
+        if heads is None:
+            return False
+        for name in SIDE:
+            mine = {k: v for (m, k), (_, _, v) in heads.items() if m == name}
+            if dict(self._map_of[name].items()) != mine:
+                return False
+        return True
 
     def _follow_heads(self, update: bytes, side: Changes) -> None:
         """Keep the side heads after the loaded document took ``update``, which changed
@@ -1278,13 +1294,6 @@ def decode_state_vector(sv: bytes) -> dict[int, int]:
     if pos != len(sv):
         raise InvalidUpdate("?", "trailing bytes after the state vector")
     return out
-
-
-def _gc_update(client: int, length: int) -> bytes:
-    """A Yjs v1 update holding one garbage-collected range: ``client``'s clocks 0 to
-    ``length`` (what a document needs to go on writing as that client from there)."""
-    structs = b"\x01\x01" + encode_uvar(client) + b"\x00" + b"\x00" + encode_uvar(length)
-    return structs + b"\x00"  # and an empty delete set
 
 
 def encode_state_vector(clocks: dict[int, int]) -> bytes:
