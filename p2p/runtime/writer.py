@@ -18,6 +18,9 @@ batch being stored now, and the lock that loads one replica at a time. Rules it 
   (else after a later write that finds it loaded: folding needs the document).
 - **Off the trio thread.** SQLite calls run in a worker thread (:meth:`Writer.run_store`);
   a ``MemoryStore`` is called inline.
+- **Without the document.** An envelope for a space whose document is not loaded is
+  applied without it when it can be (:meth:`Writer.ingest_aside`: messages, receipts,
+  read markers); never while the document loads or envelopes wait for it.
 - **Loading.** A space's CRDT loads in a worker thread, one at a time, when something
   needs it (:meth:`Writer.load`); what arrives for it meanwhile waits, in order
   (:meth:`Writer.after_load`). A chat whose stored history does not load is set aside
