@@ -676,8 +676,7 @@ class Replica:
         """Per author device, the newest ``ts`` of its messages this replica holds (not
         verified: what a delivery receipt states). The first call scans the messages;
         later updates are watched."""
-        if self._authors is None and self._source is not None and self._authors_source:
-            self._authors = dict(self._authors_source())  # the index knows, unloaded
+        self._authors_from_index()
         if self._authors is None:
             self._authors = {}
             for _, value in self._maps[MESSAGES].items():
@@ -749,7 +748,7 @@ class Replica:
                     self.space, f"the update opens {refused}, which is not its sender's"
                 )
         if plan is not None:
-            return self._apply_aside(plan, deps, clients)
+            return self._apply_aside(plan, clients)
         changed: Changes = {}
         side: Changes = {}
         self._watch.changes = None if from_store else changed
@@ -792,16 +791,28 @@ class Replica:
         if _EVERY in changed:
             names = {name for name, _ in changed if name != "*"}
             changed = {(name, key): UNREAD for name in sorted(names) for key in self._map_of[name]}
-        if self._scanned or self._authors is not None:
-            for (name, key), value in changed.items():
-                if value is UNREAD:
-                    value = self._map_of[name].get(key)
-                ts = value.get("ts") if isinstance(value, dict) else None
-                if self._scanned and isinstance(ts, str) and ts > self._latest_ts and is_ts(ts):
-                    self._latest_ts = ts
-                if name == MESSAGES:
-                    self._note_author(value)
+        self._note_changes(changed)
         return Applied(changed=changed, clients=clients, took_held=took_held)
+
+    def _note_changes(self, changed: Changes) -> None:
+        """Keep what was learnt of the history (its newest ``ts`` once scanned, each
+        author's newest message once asked) after an update changed these keys."""
+        if not (self._scanned or self._authors is not None):
+            return
+        for (name, key), value in changed.items():
+            if value is UNREAD:
+                value = self._map_of[name].get(key)
+            ts = value.get("ts") if isinstance(value, dict) else None
+            if self._scanned and isinstance(ts, str) and ts > self._latest_ts and is_ts(ts):
+                self._latest_ts = ts
+            if name == MESSAGES:
+                self._note_author(value)
+
+    def _authors_from_index(self) -> None:
+        """Learn each author's newest message from the message index (``authors``)
+        while the history is not loaded, if not known yet."""
+        if self._authors is None and self._source is not None and self._authors_source:
+            self._authors = dict(self._authors_source())
 
     def _track(self, deps: Deps, *, settle: bool) -> None:
         """Note what yrs may now hold back. Cheap while every update finds what it needs
@@ -1017,24 +1028,18 @@ class Replica:
             return None
         return plan
 
-    def _apply_aside(self, plan: _AsidePlan, deps: Deps, clients: frozenset[int]) -> Applied:
+    def _apply_aside(self, plan: _AsidePlan, clients: frozenset[int]) -> Applied:
         update = plan.update
-        if self._authors is None and self._authors_source is not None:
-            # known before this update's messages, which are noted below: what the
-            # index holds now is all this replica holds (nothing of ours counts)
-            self._authors = dict(self._authors_source())
+        # known before this update's messages, which are noted below: what the index
+        # holds now is all this replica holds (nothing of ours counts)
+        self._authors_from_index()
         changed: Changes = {k: value_at(update, st.values_at) for k, st in plan.indexed.items()}
         heads = self._heads
         assert heads is not None
         for map_key, st in plan.side.items():
             heads[map_key] = (st.client, st.clock, value_at(update, st.values_at))
         self._known_sv = _advance(self._known_sv, plan.ends)
-        for (name, _key), value in changed.items():
-            if name == MESSAGES:
-                self._note_author(value)
-                ts = value.get("ts") if isinstance(value, dict) else None
-                if self._scanned and isinstance(ts, str) and ts > self._latest_ts and is_ts(ts):
-                    self._latest_ts = ts
+        self._note_changes(changed)
         return Applied(changed=changed, clients=clients)
 
     def _heads_agree(self) -> bool:
@@ -1042,14 +1047,9 @@ class Replica:
         a few keys each). Where yrs integrated held structs, its events are not to be
         trusted; structs held back that touched no side value (messages out of order,
         the common case) leave the heads as they were."""
-        heads = self._heads
-        if heads is None:
+        if self._heads is None:
             return False
-        for name in SIDE:
-            mine = {k: v for (m, k), (_, _, v) in heads.items() if m == name}
-            if dict(self._map_of[name].items()) != mine:
-                return False
-        return True
+        return all(dict(self._map_of[n].items()) == self.side_values(n) for n in SIDE)
 
     def _follow_heads(self, update: bytes, side: Changes) -> None:
         """Keep the side heads after the loaded document took ``update``, which changed

@@ -26,7 +26,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Final
 
-from p2p.proto.yupdate import MAX_DEPTH, _content, _lane, encode_uvar, read_varint
+from p2p.proto.yupdate import MAX_DEPTH, _content, _lane, _span, _text, encode_uvar, read_varint
 
 _GC: Final = 0
 _SKIP: Final = 10
@@ -160,11 +160,7 @@ def value_at(data: bytes, pos: int) -> Any:
 
 
 def _string(data: bytes, pos: int) -> tuple[str, int]:
-    n, pos = read_varint(data, pos)
-    end = pos + n
-    if end > len(data):
-        raise IndexError("string past the end")
-    return data[pos:end].decode("utf-8"), end
+    return _text(data, pos, [])  # (the blanks are the check's concern, not ours)
 
 
 def _skip_any(data: bytes, pos: int) -> int:
@@ -208,10 +204,8 @@ def _read_any(data: bytes, pos: int, depth: int) -> tuple[Any, int]:
     if tag == 122:
         return float(struct.unpack_from(">q", data, pos)[0]), pos + 8
     if tag == 116:
-        n, pos = read_varint(data, pos)
-        if pos + n > len(data):
-            raise IndexError("buffer past the end")
-        return bytes(data[pos : pos + n]), pos + n
+        start, end = _span(data, pos, [])
+        return bytes(data[start:end]), end
     raise ValueError(f"Any tag {tag}")
 
 
