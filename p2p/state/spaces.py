@@ -309,6 +309,27 @@ class Spaces(dict[str, Space]):
 
         Only what is durable: an update still on its way to the store reaches the peer
         as gossip once it is, or at the next exchange of state vectors."""
+        for _, _, data in self._stored(space_id, start):
+            trimmed = trim_update(data, past)
+            if trimmed is not None:
+                yield from split_update(trimmed, limit)
+
+    def first_needed(self, space_id: str, past: dict[int, int]) -> int:
+        """The seq to answer ``past`` from (see :meth:`stored_diff`): past every stored
+        update it holds whole, read in order from the start (0: the snapshot is
+        needed). Run in a worker thread: it reads the whole history when the peer
+        lacks only its end."""
+        end = 0
+        for before, after, data in self._stored(space_id, 0):
+            if trim_update(data, past) is not None:
+                return before
+            end = after
+        return end
+
+    def _stored(self, space_id: str, start: int) -> Iterator[tuple[int, int, bytes]]:
+        """A space's stored updates from seq ``start`` on (0: the snapshot first), read
+        a page at a time: (the seq to start from to read it again, the seq it brings
+        the reader to, the update)."""
         store = self.store
         if store is None:
             return
@@ -316,41 +337,11 @@ class Spaces(dict[str, Space]):
         if start == 0:
             covered, snapshot = store.space_snapshot(space_id)
             if snapshot is not None:
-                trimmed = trim_update(snapshot, past)
-                del snapshot
-                if trimmed is not None:
-                    yield from split_update(trimmed, limit)
+                yield 0, covered, snapshot
             after = covered
-        while True:
-            rows = store.space_rows(space_id, after, STORED_PAGE)
-            if not rows:
-                return
+        while rows := store.space_rows(space_id, after, STORED_PAGE):
             for seq, data in rows:
-                trimmed = trim_update(data, past)
-                if trimmed is not None:
-                    yield from split_update(trimmed, limit)
-                after = seq
-
-    def first_needed(self, space_id: str, past: dict[int, int]) -> int:
-        """The seq to answer ``past`` from (see :meth:`stored_diff`): past every stored
-        update it holds whole, read in order from the start (0: the snapshot is
-        needed). Run in a worker thread: it reads the whole history when the peer
-        lacks only its end."""
-        store = self.store
-        if store is None:
-            return 0
-        covered, snapshot = store.space_snapshot(space_id)
-        if snapshot is not None and trim_update(snapshot, past) is not None:
-            return 0
-        del snapshot
-        after = covered
-        while True:
-            rows = store.space_rows(space_id, after, STORED_PAGE)
-            if not rows:
-                return after
-            for seq, data in rows:
-                if trim_update(data, past) is not None:
-                    return after
+                yield after, seq, data
                 after = seq
 
     def history_of(self, space_id: str) -> Iterable[bytes]:

@@ -335,9 +335,9 @@ class MemoryStore(MessagePages):
         state = self._open_state()
         with state.lock:
             sp = state.spaces.get(space) or _Space()
-            first = sp.snapshot_seq + 1
-            rows = [(first + i, u) for i, u in enumerate(sp.updates)]
-        return [(seq, u) for seq, u in rows if seq > after_seq][:limit]
+            at = max(after_seq - sp.snapshot_seq, 0)  # the tail holds seqs snapshot_seq + 1 ...
+            rows = sp.updates[at : at + limit]
+        return [(sp.snapshot_seq + at + 1 + i, u) for i, u in enumerate(rows)]
 
     def space_snapshot(self, space: str) -> tuple[int, bytes | None]:
         """(seq covered, snapshot), or (0, None)."""
