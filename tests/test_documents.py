@@ -72,6 +72,16 @@ async def level_pair(homes: list[Path], messages: int) -> None:
         await wait_for(lambda: len(laptop.messages()) == messages)
 
 
+@asynccontextmanager
+async def level_then_reopened(homes: list[Path], messages: int) -> AsyncIterator[tuple[Node, Node]]:
+    """The pair level on ``messages`` of the phone's, stopped and started again, each
+    having read the other's state vectors."""
+    await level_pair(homes, messages)
+    async with phone_and_laptop(homes) as (phone, laptop):
+        await vectors_exchanged(phone, laptop)
+        yield phone, laptop
+
+
 def notes_of(n: Node) -> Any:
     [chat] = [s for s in n.state.spaces.values() if s.kind == "chat"]
     return chat
@@ -101,9 +111,7 @@ def test_a_session_with_a_level_peer_loads_no_chat(homes: list[Path]) -> None:
 
     async def main() -> None:
         with trio.fail_after(60):
-            await level_pair(homes, 60)
-            async with phone_and_laptop(homes) as (phone, laptop):
-                await vectors_exchanged(phone, laptop)
+            async with level_then_reopened(homes, 60) as (phone, laptop):
                 await trio.sleep(0.5)  # time for a load, had one started
                 assert not notes_of(phone).replica.loaded
                 assert not notes_of(laptop).replica.loaded
@@ -318,9 +326,7 @@ def test_sends_into_an_unloaded_chat_load_nothing_and_reach_the_peer(homes: list
 
     async def main() -> None:
         with trio.fail_after(60):
-            await level_pair(homes, 30)
-            async with phone_and_laptop(homes) as (phone, laptop):
-                await vectors_exchanged(phone, laptop)
+            async with level_then_reopened(homes, 30) as (phone, laptop):
                 chat = notes_of(phone)
                 await phone.send("cold")
                 assert not chat.replica.loaded
@@ -650,9 +656,7 @@ def test_live_messages_and_receipts_load_no_chat(homes: list[Path]) -> None:
 
     async def main() -> None:
         with trio.fail_after(60):
-            await level_pair(homes, 40)
-            async with phone_and_laptop(homes) as (phone, laptop):
-                await vectors_exchanged(phone, laptop)
+            async with level_then_reopened(homes, 40) as (phone, laptop):
                 for i in range(3):
                     await phone.send(f"live {i}")
                     await laptop.send(f"reply {i}")
@@ -730,9 +734,7 @@ def test_an_unloaded_chat_is_not_folded_into_a_snapshot(
 
     async def main() -> None:
         with trio.fail_after(60):
-            await level_pair(homes, 4)
-            async with phone_and_laptop(homes) as (phone, laptop):
-                await vectors_exchanged(phone, laptop)
+            async with level_then_reopened(homes, 4) as (phone, laptop):
                 for i in range(6):
                     await phone.send(f"past the fold {i}")
                 await wait_for(lambda: len(laptop.messages()) == 10)
