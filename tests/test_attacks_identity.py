@@ -343,6 +343,7 @@ def approve_with(code_text: str, dialed: list[list[str]], now_s: int) -> None:
 
     from p2p.proto.pairing import PairingError
     from p2p.runtime import linking
+    from p2p.storage.memory import MemoryStore
 
     phone, _ = new_account()
 
@@ -369,6 +370,7 @@ def approve_with(code_text: str, dialed: list[list[str]], now_s: int) -> None:
                 code_text,
                 read=read,
                 write=write,
+                history=linking.StoredHistory(phone, MemoryStore()),
                 confirm=confirm,
                 now_s=now_s,
             )
@@ -446,7 +448,7 @@ def test_a_device_whose_key_is_not_the_one_its_code_names_is_not_linked() -> Non
     from test_chaos_fuzz import pipe
 
     from p2p.proto.pairing import PairingCode, PairingError
-    from p2p.runtime.linking import Parts, accept, approve
+    from p2p.runtime.linking import StoredHistory, accept, approve
     from p2p.storage.memory import MemoryStore
 
     phone, _ = DeviceState.create_account("phone")
@@ -462,11 +464,11 @@ def test_a_device_whose_key_is_not_the_one_its_code_names_is_not_linked() -> Non
     async def persist(batch: object) -> None:
         raise AssertionError("nothing is written")
 
-    async def history(space: str) -> bytes:
-        raise AssertionError("no history is sent")
+    class NoHistory(StoredHistory):
+        async def plan(self, space_id: str, have: bytes) -> tuple[int, int]:
+            raise AssertionError("no history is sent")
 
-    async def write(batch: object) -> None:
-        return None
+    history = NoHistory(phone, MemoryStore())
 
     async def main() -> None:
         ours, theirs = pipe()
@@ -475,8 +477,8 @@ def test_a_device_whose_key_is_not_the_one_its_code_names_is_not_linked() -> Non
         async def impostor() -> None:
             with contextlib.suppress(P2PError, trio.EndOfChannel, trio.BrokenResourceError):
                 await accept(
-                    DeviceKeys.generate(), "laptop", code, theirs, Parts(MemoryStore()),
-                    write=write, show_check=lambda digits: None,
+                    DeviceKeys.generate(), "laptop", code, theirs, MemoryStore(),
+                    show_check=lambda digits: None,
                 )  # fmt: skip
 
         with trio.fail_after(10):

@@ -10,7 +10,7 @@ window record, CRDT updates, ``DeviceState.ingest`` and device lists. Here:
   primary), each facing a scripted peer over an in-memory ``Connection``
   (``p2p.transport.memory``) that plays the exchange correctly up to one step and sends a
   mutated frame there: in the clear for ``lhello``/``lauth``, boxed with the right key for
-  ``lhave``, ``enroll``, ``chunk`` and ``ldone`` (so the decoders behind the box are
+  ``lhave``, ``enroll``, ``piece``, ``lsent`` and ``ldone`` (so the decoders behind the box are
   reached), or a mutated box;
 - **mDNS TXT data**: ``MdnsDiscovery.match`` on random property maps, and the whole check
   a resolved service goes through (``MdnsDiscovery._check``: zeroconf's TXT parsing, the
@@ -54,9 +54,10 @@ from p2p.proto.relay_protocol import (
     encode_server,
 )
 from p2p.proto.wire import decode_frame, encode_frame, pack
+from p2p.proto.ysplit import split_update
 from p2p.runtime.linking import (
     DOMAIN_LINK,
-    Parts,
+    StoredHistory,
     _parse_sizes,
     _transcript,
     accept,
@@ -267,11 +268,14 @@ class LinkWorld:
     """A primary with some history, a new device's keys and code, and the valid frames."""
 
     def __init__(self) -> None:
-        self.phone, _ = DeviceState.create_account("phone")
+        self.phone, batch = DeviceState.create_account("phone")
+        self.store = MemoryStore()  # the primary reads the history it sends from a store
+        self.store.write(batch)
+        self.phone.spaces.store = self.store
         notes = self.phone.chat_by_name(NOTES).id
         for i in range(30):
             entry = self.phone.new_entry(notes, "msg", NOW_S * 1000 + i, body=f"history {i}")
-            self.phone.write_local(notes, [entry])
+            self.store.write(self.phone.write_local(notes, [entry])[1])
         self.keys = DeviceKeys.generate()
         self.code = PairingCode.create(
             sign_pk=self.keys.sign_pk,
@@ -281,12 +285,16 @@ class LinkWorld:
         )
         entry = DeviceEntry.of(self.keys, self.phone.device_list.account_pk, "laptop", "companion")
         bundle, _ = self.phone.enroll_public(entry)  # on the list: every run is a resumed link
-        self.blobs = {s: self.phone.space(s).replica.snapshot() for s, *_ in bundle.spaces}
-        sizes = {
-            s: [hashlib.blake2b(b, digest_size=32).digest(), len(b)] for s, b in self.blobs.items()
-        }
+        spaces = sorted(bundle.enrolled, key=lambda s: s.kind != "account")
+        # small pieces, so there are several to fuzz (the real size is 256 KiB)
+        self.pieces = [
+            encode_frame("piece", s=s.id, d=piece)
+            for s in spaces
+            for piece in split_update(s.history, 700)
+        ]
+        sizes = {s.id: [len(s.history), self.phone.space(s.id).replica.count()] for s in spaces}
         keys = [
-            [s, k, n, e, [[x, y] for x, y in ks.items()], []] for s, k, n, e, ks, _ in bundle.spaces
+            [s.id, s.kind, s.name, s.epoch, [[x, y] for x, y in s.keys.items()], []] for s in spaces
         ]
         self.enroll = encode_frame(
             "enroll",
@@ -295,14 +303,9 @@ class LinkWorld:
             sizes=pack(sizes),
             lease=bundle.lease,
         )
-        chunk = 700  # small pieces, so there are several to fuzz (the real size is 256 KiB)
-        self.chunks = [
-            encode_frame("chunk", s=s, o=o, d=b[o : o + chunk])
-            for s, b in self.blobs.items()
-            for o in range(0, len(b), chunk)
-        ]
         self.lhave = encode_frame("lhave", have=pack({}))
-        self.ldone = encode_frame("ldone", n=sum(len(b) for b in self.blobs.values()))
+        self.lsent = encode_frame("lsent", n=sum(len(s.history) for s in spaces))
+        self.ldone = encode_frame("ldone", n=sum(len(s.history) for s in spaces))
         eph = PrivateKey.generate()
         self.lhello = self.hello(eph)
         self.lauth = encode_frame(
@@ -328,7 +331,7 @@ class LinkWorld:
         return encode_frame("lhello", pk=self.phone.keys.sign_pk, eph=eph_pk, acct=acct, mac=mac)
 
 
-STAGES_ACCEPT = ["lhello", "enroll", "chunk"]
+STAGES_ACCEPT = ["lhello", "enroll", "piece", "lsent"]
 STAGES_APPROVE = ["lauth", "lhave", "ldone"]
 
 
@@ -401,11 +404,12 @@ async def fake_primary(
             await conn.send(_bad(rng, w.enroll, box))
             return
         await conn.send(box.seal(w.enroll))
-        bad_at = rng.randrange(len(w.chunks))
-        for i, chunk in enumerate(w.chunks):
-            await conn.send(_bad(rng, chunk, box) if i == bad_at else box.seal(chunk))
+        bad_at = rng.randrange(len(w.pieces)) if stage == "piece" else -1
+        for i, piece in enumerate(w.pieces):
+            await conn.send(_bad(rng, piece, box) if i == bad_at else box.seal(piece))
             if i == bad_at and rng.random() < 0.7:
                 return
+        await conn.send(_bad(rng, w.lsent, box) if stage == "lsent" else box.seal(w.lsent))
     except P2PError:
         return
     finally:
@@ -447,11 +451,9 @@ async def fake_device(w: LinkWorld, conn: MemoryConnection, stage: str, rng: ran
             return
         await conn.send(box.seal(w.lhave))
         enroll = decode_frame(box.open(await conn.receive(), who="primary"))
-        sizes = msgpack.unpackb(enroll["sizes"])
-        total = sum(item[1] for item in sizes.values())
-        got = 0
-        while got < total:
-            got += len(decode_frame(box.open(await conn.receive(), who="primary"))["d"])
+        assert enroll["t"] == "enroll"
+        while decode_frame(box.open(await conn.receive(), who="primary"))["t"] != "lsent":
+            pass  # a piece of history
         await conn.send(_bad(rng, w.ldone, box))
     except P2PError:
         return
@@ -473,17 +475,13 @@ def fuzz_linking(side: str, n: int) -> Tally:
         ours, theirs = pipe()
         store = MemoryStore()
 
-        async def write(batch: Any) -> None:
-            store.write(batch)
-
         async def confirm(check: str) -> bool:
             return True
 
         async def persist(batch: Any) -> None:
             return None
 
-        async def history(space: str) -> tuple[bytes, int]:
-            return w.blobs[space], w.phone.space(space).replica.count()
+        history = StoredHistory(w.phone, w.store)
 
         start = time.perf_counter()
         async with trio.open_nursery() as nursery:
@@ -495,8 +493,8 @@ def fuzz_linking(side: str, n: int) -> Tally:
                 with trio.fail_after(HANG_S):
                     if side == "accept":
                         await accept(
-                            w.keys, "laptop", w.code, ours, Parts(store),
-                            write=write, show_check=lambda digits: None,
+                            w.keys, "laptop", w.code, ours, store,
+                            show_check=lambda digits: None,
                         )  # fmt: skip
                     else:
                         await approve(
@@ -550,16 +548,13 @@ def _accept_enroll(w: LinkWorld, inner: bytes) -> BaseException | None:
         ours, theirs = pipe()
         store = MemoryStore()
 
-        async def write(batch: Any) -> None:
-            store.write(batch)
-
         async with trio.open_nursery() as nursery:
             nursery.start_soon(primary, theirs)
             try:
                 with trio.fail_after(5):
                     await accept(
-                        w.keys, "laptop", w.code, ours, Parts(store),
-                        write=write, show_check=lambda digits: None,
+                        w.keys, "laptop", w.code, ours, store,
+                        show_check=lambda digits: None,
                     )  # fmt: skip
             except Exception as exc:
                 raised.append(exc)
@@ -578,7 +573,7 @@ def _enroll_with(w: LinkWorld, **fields: bytes) -> bytes:
 def test_a_wrong_enroll_the_checks_catch_is_a_typed_error() -> None:
     """The control for the two tests below: the harness reaches _parse_enroll."""
     w = LinkWorld()
-    error = _accept_enroll(w, _enroll_with(w, sizes=pack({"other space": [bytes(32), 10]})))
+    error = _accept_enroll(w, _enroll_with(w, sizes=pack({"other space": [10, 10]})))
     assert isinstance(error, P2PError), repr(error)
     assert "history sizes" in str(error)
 
@@ -597,13 +592,12 @@ def test_huge_ints_in_enroll_are_a_typed_error() -> None:
     assert isinstance(error, P2PError), repr(error)
 
 
-def test_enroll_sizes_carry_message_counts_and_tolerate_an_earlier_primary() -> None:
-    """A space's entry is [hash, bytes, messages]; a primary of an earlier release sends
-    [hash, bytes], which still links, its message count unknown."""
-    digest = bytes(32)
-    assert _parse_sizes(pack({"s": [digest, 10, 7]})) == {"s": (digest, 10, 7)}
-    assert _parse_sizes(pack({"s": [digest, 10]})) == {"s": (digest, 10, None)}
-    for bad in ([digest, 10, -1], [digest, 10, True], [digest, 10, 2**40], [digest, 10, 7, 1]):
+def test_enroll_sizes_state_bytes_and_messages_and_nothing_else() -> None:
+    """A space's entry is [bytes to send, messages it holds]; the hashed snapshot
+    entries of an earlier release ([hash, bytes, messages]) are refused."""
+    assert _parse_sizes(pack({"s": [10, 7]})) == {"s": (10, 7)}
+    bad_entries = ([10, -1], [10, True], [10, 2**40], [bytes(32), 10, 7], [10], [10, "7"])
+    for bad in bad_entries:
         with pytest.raises((ValueError, P2PError)):
             _parse_sizes(pack({"s": bad}))
 

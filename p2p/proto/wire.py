@@ -104,18 +104,18 @@ SCHEMA: Final[dict[str, dict[str, Field]]] = {
         "sig": Field(_B, 64),  # by "pk", over the transcript so far, "bpk" and "name"
         "pop": Field(_B, 64),  # its consent to be listed by "acct" (identity.possession_proof)
     },
-    "lhave": {"have": Field(_B, 64 * KiB)},  # history parts kept from an earlier try
+    "lhave": {"have": Field(_B, 768 * KiB)},  # per space, the vector kept from an earlier try
     "enroll": {
         "list": Field(_B, 64 * KiB),  # the signed device list that includes the new device
         "keys": Field(_B, 768 * KiB),  # every space: id, kind, name, epoch, epoch keys
-        "sizes": Field(_B, 64 * KiB),  # every space: history hash, bytes and messages
+        "sizes": Field(_B, 64 * KiB),  # every space: bytes to send, messages it holds
         "lease": Field(_B, 256),  # the new companion's first lease
     },
-    "chunk": {
+    "piece": {
         "s": Field(_S, MAX_ID),
-        "o": Field(_I, 2**40),
-        "d": Field(_B, 512 * KiB),  # linking.CHUNK of a history snapshot
+        "d": Field(_B, 512 * KiB),  # an update of at most linking.CHUNK bytes of its history
     },
+    "lsent": {"n": Field(_I, 2**40)},  # history bytes sent in this attempt
     "ldone": {"n": Field(_I, 2**40)},
     "abort": {"code": Field(_S, 64)},
     # inside the session box, after the handshake

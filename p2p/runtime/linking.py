@@ -10,11 +10,14 @@ code and dials it. Then, over one connection::
                              by that signing key (whose id the code names), and its
                              possession proof for the account key (its place on the list)
                      (both now show the same six-digit check code)
-    new -> primary   lhave   history parts kept from an interrupted earlier try     [boxed]
+    new -> primary   lhave   per space, the state vector of the history it keeps   [boxed]
+                             from an interrupted earlier try
     primary -> new   enroll  signed device list with the new device, space keys,    [boxed]
-                             each space's history size and message count
-    primary -> new   chunk*  each space's history, in 256 KiB chunks                 [boxed]
-    new -> primary   ldone                                                          [boxed]
+                             per space the bytes to send and the messages it holds
+    primary -> new   piece*  each space's history past that vector, read from the   [boxed]
+                             store in updates of at most 256 KiB, account space first
+    primary -> new   lsent                                                          [boxed]
+    new -> primary   ldone   (everything it got is durable)                         [boxed]
 
 The MAC proves to the new device that the dialer read its code; the signature proves to
 the primary that the device holds a key whose id is the one the code names (the code
@@ -25,9 +28,12 @@ codes agree (1 in 10**6 by chance).
 Boxed frames use the same channel as sync sessions (``p2p.proto.box``), keyed by both
 ephemeral keys *and* the secret.
 
-History is a snapshot per space, computed once per code and kept by the primary until
-the link completes; the new device keeps every chunk it receives on disk, so a link cut
-midway resumes where it stopped, with nothing sent twice.
+History moves as a catch-up does (docs/protocol.md, "Linking"): the primary reads each
+space's stored updates a page at a time, trimmed to what the new device lacks, without
+loading any document; the new device applies each piece without the chat's document
+when it can, and writes it, indexed, before it takes the next. Neither side holds more
+than a piece of a history of any size, and a link cut midway resumes from the state
+vectors the new device's store holds, with nothing sent twice.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -61,6 +67,7 @@ from p2p.proto.identity import (
     short_id,
     verify,
 )
+from p2p.proto.model import MESSAGES
 from p2p.proto.pairing import (
     MAX_TTL_S,
     CheckCodeMismatch,
@@ -72,7 +79,8 @@ from p2p.proto.pairing import (
     check_code,
 )
 from p2p.proto.wire import MAX_HANDSHAKE_FRAME, MAX_ID, decode_frame, encode_frame, pack, unpack
-from p2p.state.device import DeviceState, EnrolledSpace, Enrollment, merge_batches
+from p2p.state.device import DeviceState, EnrolledSpace, Enrollment
+from p2p.state.spaces import stored_vector
 from p2p.storage.base import Store, WriteBatch
 from p2p.transport.base import Connection
 
@@ -83,14 +91,16 @@ STEP_TIMEOUT: Final = 60.0
 CONFIRM_TIMEOUT: Final = 300.0
 """Longest wait for the primary's decision: a person comparing check codes."""
 MAX_HISTORY: Final = 1 << 34
+MAX_VECTOR: Final = 512 * 1024
+"""Largest state vector a new device may state for a space in ``lhave``."""
+EMPTY_VECTOR: Final = b"\x00"
 
 Progress = Callable[[int, int, int | None, int | None], None]
 """Called with (bytes done, bytes in all, messages done, messages in all) as history
-moves, on both sides. Messages done counts the messages of the spaces whose history is
-wholly on the new device (a space's history is one snapshot, so its messages arrive
-together, with its last chunk): an exact count, never an estimate from bytes. On the new
-device both message counts are None when the primary did not state them (an earlier
-release)."""
+moves, on both sides. On the new device, messages done counts the messages it has
+indexed (across attempts: what an earlier one stored counts), an exact count, never an
+estimate from bytes; bytes in all is what it stored before plus what the primary said it
+would send. On the primary, a space's messages count once its last piece is sent."""
 
 
 def no_progress(
@@ -131,10 +141,6 @@ def _commitment(ephemeral: bytes) -> bytes:
     return hashlib.blake2b(ephemeral, digest_size=32, person=b"p2p-link-commit").digest()
 
 
-def _digest(blob: bytes) -> bytes:
-    return hashlib.blake2b(blob, digest_size=32).digest()
-
-
 async def _receive(
     conn: Connection, box: Box | None, who: str, patience: float = STEP_TIMEOUT
 ) -> dict[str, Any]:
@@ -155,6 +161,51 @@ def _expect(frame: dict[str, Any], kind: str) -> dict[str, Any]:
 # ---- primary ------------------------------------------------------------------------
 
 
+class History(Protocol):
+    """Where the primary reads the history it sends (:class:`StoredHistory`)."""
+
+    async def plan(self, space_id: str, have: bytes) -> tuple[int, int]:
+        """(bytes to send to a device holding ``have``, a state vector; messages the
+        space holds). Called once per space, before :meth:`pieces`."""
+        ...
+
+    def pieces(self, space_id: str, have: bytes) -> AsyncIterator[bytes]:
+        """What a device holding ``have`` lacks of the space, in updates of at most
+        :data:`CHUNK` bytes, to apply in order."""
+        ...
+
+
+class StoredHistory:
+    """:class:`History` read from a node's store, without loading any document: the
+    catch-up's reader (``Spaces.stored_diff``), one stored update at a time."""
+
+    def __init__(
+        self,
+        state: DeviceState,
+        store: Store,
+        run: Callable[..., Awaitable[Any]] | None = None,
+    ) -> None:
+        """``run(fn, *args)`` calls the store off the trio thread (the node's writer
+        does it its way; by default a worker thread)."""
+        self._state = state
+        self._store = store
+        self._run = run or trio.to_thread.run_sync
+        self._starts: dict[str, int] = {}
+
+    async def plan(self, space_id: str, have: bytes) -> tuple[int, int]:
+        # where the device's vector leaves off: reads what it holds, in a worker thread
+        start = await self._run(self._state.first_needed, space_id, have)
+        self._starts[space_id] = start
+        size = await self._run(self._store.space_bytes, space_id, start)
+        return size, await self._run(self._store.index_count, space_id, MESSAGES)
+
+    async def pieces(self, space_id: str, have: bytes) -> AsyncIterator[bytes]:
+        start = self._starts.get(space_id, 0)
+        pieces = self._state.stored_pieces(space_id, have, None, start, CHUNK)
+        while (piece := await self._run(next, pieces, None)) is not None:
+            yield piece
+
+
 async def approve(
     state: DeviceState,
     code: PairingCode,
@@ -162,15 +213,14 @@ async def approve(
     *,
     confirm: Callable[[str], Awaitable[bool]],
     persist: Callable[[WriteBatch], Awaitable[None]],
-    history: Callable[[str], Awaitable[tuple[bytes, int]]],
+    history: History,
     now_ms: int,
     progress: Progress = no_progress,
 ) -> Linked:
     """Primary side. ``confirm(check)`` decides (a person comparing screens, or a script);
     ``persist`` makes durable, before the device learns of it, the version of the list
     that adds it, and once the device confirms it holds its history, that list;
-    ``history(space)`` returns the space's history snapshot for this code and the number
-    of messages it holds (shown on the new device as they arrive)."""
+    ``history`` reads what the device lacks of each space."""
     commit_bytes = await _raw(conn)
     commitment = _expect(decode_frame(commit_bytes), "lcommit")["c"]
     eph = PrivateKey.generate()
@@ -219,11 +269,10 @@ async def approve(
     base = state.device_list
     bundle, proposed, batch = state.propose_enrollment(entry, now_ms=now_ms)
     await persist(batch)
-    blobs: dict[str, bytes] = {}
-    counts: dict[str, int] = {}
-    for s in bundle.enrolled:
-        blobs[s.id], counts[s.id] = await history(s.id)
-    sizes = {s: [_digest(b), len(b), counts[s]] for s, b in blobs.items()}
+    # the account space first: the new device follows its contacts before judging chats
+    spaces = sorted(bundle.enrolled, key=lambda s: s.kind != "account")
+    held = {s.id: have.get(s.id, EMPTY_VECTOR) for s in spaces}
+    plans = {s.id: await history.plan(s.id, held[s.id]) for s in spaces}
     keys = [
         [
             s.id,
@@ -233,7 +282,7 @@ async def approve(
             [[e, k] for e, k in s.keys.items()],
             [[e, r] for e, r in bundle.rotations.get(s.id, {}).items()],
         ]
-        for s in bundle.enrolled
+        for s in spaces
     ]
     await conn.send(
         box.seal(
@@ -241,31 +290,25 @@ async def approve(
                 "enroll",
                 list=bundle.device_list,
                 keys=pack(keys),
-                sizes=pack(sizes),
+                sizes=pack({s: [size, count] for s, (size, count) in plans.items()}),
                 lease=bundle.lease,
             )
         )
     )
-    total = sum(len(b) for b in blobs.values())
-    starts = {
-        s: min(have[s][1], len(b)) if s in have and have[s][0] == _digest(b) else 0
-        for s, b in blobs.items()
-    }
-    done = sum(starts.values())
-    messages_total = sum(counts.values())
-    # the messages of a space count once its last byte is on the device
-    messages_done = sum(counts[s] for s, b in blobs.items() if starts[s] >= len(b))
-    sent = 0
-    progress(done, total, messages_done, messages_total)
-    for space_id, blob in blobs.items():
-        for offset in range(starts[space_id], len(blob), CHUNK):
-            piece = blob[offset : offset + CHUNK]
-            await conn.send(box.seal(encode_frame("chunk", s=space_id, o=offset, d=piece)))
+    total = sum(size for size, _ in plans.values())
+    messages_total = sum(count for _, count in plans.values())
+    messages_done = sent = 0
+    progress(0, total, 0, messages_total)
+    for s in spaces:
+        async for piece in history.pieces(s.id, held[s.id]):
+            await conn.send(box.seal(encode_frame("piece", s=s.id, d=piece)))
             sent += len(piece)
-            if offset + len(piece) >= len(blob):
-                messages_done += counts[space_id]
-            progress(done + sent, total, messages_done, messages_total)
+            progress(min(sent, total), total, messages_done, messages_total)
+        messages_done += plans[s.id][1]
+        progress(min(sent, total), total, messages_done, messages_total)
+    await conn.send(box.seal(encode_frame("lsent", n=sent)))
     _expect(await _receive(conn, box, code.device_id), "ldone")
+    progress(total, total, messages_total, messages_total)
     # only now, with the history on the device, is it listed: a link cut before this
     # (the device killed, the connection dropped, nobody answering) leaves no device
     await persist(state.adopt_enrollment(base, proposed, entry))
@@ -283,63 +326,40 @@ async def _raw(conn: Connection) -> bytes:
     return data
 
 
-def _parse_have(data: bytes) -> dict[str, tuple[bytes, int]]:
+def _parse_have(data: bytes) -> dict[str, bytes]:
+    """``lhave``: per space, the state vector of the history the device keeps (checked
+    as a vector where it is used: ``first_needed`` refuses a malformed one)."""
     value = unpack(data, what="history parts")
     if not isinstance(value, dict) or len(value) > 1024:
         raise WireError("history parts are malformed")
-    out = {}
-    for space_id, item in value.items():
+    for space_id, vector in value.items():
         if not (
             isinstance(space_id, str)
             and len(space_id) <= MAX_ID
-            and isinstance(item, list)
-            and len(item) == 2
+            and isinstance(vector, bytes)
+            and len(vector) <= MAX_VECTOR
         ):
             raise WireError("history parts are malformed")
-        digest, size = item
-        if not (
-            isinstance(digest, bytes)
-            and len(digest) == 32
-            and type(size) is int
-            and 0 <= size < MAX_HISTORY
-        ):
-            raise WireError("history parts are malformed")
-        out[space_id] = (digest, size)
-    return out
+    return value
 
 
 # ---- new device ---------------------------------------------------------------------
 
 
-class Parts:
-    """History chunks a new device has received, kept in its store across attempts."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
-    def have(self) -> dict[str, tuple[bytes, int]]:
-        """For each space, the history hash and how many leading bytes are here."""
-        out: dict[str, tuple[bytes, int]] = {}
-        for name in self.store.names("link/part/"):
-            _, _, space_id, digest_hex, offset = name.split("/")
-            size = len(self.store.get(name) or b"")
-            digest = bytes.fromhex(digest_hex)
-            known = out.get(space_id)
-            if known is None or known[0] != digest:
-                out[space_id] = (digest, 0)
-            if int(offset) == out[space_id][1]:
-                out[space_id] = (digest, out[space_id][1] + size)
-        return out
-
-    def batch(self, space_id: str, digest: bytes, offset: int, data: bytes) -> WriteBatch:
-        return WriteBatch(records={f"link/part/{space_id}/{digest.hex()}/{offset:012d}": data})
-
-    def assemble(self, space_id: str, digest: bytes) -> bytes:
-        prefix = f"link/part/{space_id}/{digest.hex()}/"
-        return b"".join(self.store.get(n) or b"" for n in self.store.names(prefix))
-
-    def clear(self) -> WriteBatch:
-        return WriteBatch(deletes=set(self.store.names("link/part/")))
+def kept_history(store: Store, account_pk: bytes) -> dict[str, bytes]:
+    """Per space, the state vector of what an earlier, interrupted link to this account
+    left in ``store`` (``lhave``): each piece was written with its space's vector, so
+    the vector is exactly what is stored. Nothing when the earlier link was to another
+    account (its spaces are dropped once this one completes)."""
+    if store.get("link/account") != account_pk:
+        return {}
+    kept = {}
+    for name in store.names("space/"):
+        space_id = name.removeprefix("space/")
+        vector = stored_vector(store.get(f"sv/{space_id}"), store.log_seqs(space_id)[1])
+        if vector is not None:
+            kept[space_id] = vector
+    return kept
 
 
 async def accept(
@@ -347,14 +367,15 @@ async def accept(
     name: str,
     code: PairingCode,
     conn: Connection,
-    parts: Parts,
+    store: Store,
     *,
-    write: Callable[[WriteBatch], Awaitable[None]],
     show_check: Callable[[str], None],
     progress: Progress = no_progress,
-) -> tuple[DeviceState, WriteBatch]:
-    """New-device side: answer the primary, receive and keep the history, and return
-    the device's state with the batch that makes it durable."""
+) -> DeviceState:
+    """New-device side: answer the primary, receive the history into ``store`` piece by
+    piece, and write the device's records last (``DeviceState.enrolling``); the
+    device's state. Everything is durable before ``ldone`` tells the primary to list
+    the device."""
     # commit to our ephemeral key before seeing the dialer's: nobody in the middle can
     # then search for keys that make both screens show the same six digits
     eph = PrivateKey.generate()
@@ -388,58 +409,55 @@ async def accept(
         initiator=False,
         extra=code.secret,
     )
-    await conn.send(
-        box.seal(
-            encode_frame("lhave", have=pack({s: [d, n] for s, (d, n) in parts.have().items()}))
-        )
-    )
+    kept = await trio.to_thread.run_sync(kept_history, store, hello["acct"])
+    await conn.send(box.seal(encode_frame("lhave", have=pack(kept))))
 
     # the person at the primary compares check codes before this comes
     enroll = _expect(await _receive(conn, box, "primary", CONFIRM_TIMEOUT), "enroll")
     device_list, spaces, sizes, rotations = _parse_enroll(enroll, keys, hello["pk"], hello["acct"])
-    have = parts.have()
-    total = sum(size for _, size, _ in sizes.values())
-    received = {s: (have[s][1] if s in have and have[s][0] == sizes[s][0] else 0) for s in sizes}
-    done = sum(received.values())
-    counted = all(messages is not None for _, _, messages in sizes.values())
-    messages_total = sum(m or 0 for _, _, m in sizes.values()) if counted else None
-
-    def messages_done() -> int | None:
-        """Messages of the spaces held whole: exact, never an estimate from bytes."""
-        if not counted:
-            return None
-        return sum(m or 0 for s, (_, size, m) in sizes.items() if received[s] >= size)
-
-    progress(done, total, messages_done(), messages_total)
-    while any(received[s] < sizes[s][1] for s in sizes):
-        chunk = _expect(await _receive(conn, box, "primary"), "chunk")
-        space_id, offset, data = chunk["s"], chunk["o"], chunk["d"]
-        if (
-            space_id not in sizes
-            or offset != received[space_id]
-            or offset + len(data) > sizes[space_id][1]
-        ):
-            raise HandshakeFailed("history chunk out of order")
-        await write(parts.batch(space_id, sizes[space_id][0], offset, data))
-        received[space_id] += len(data)
-        done += len(data)
-        progress(done, total, messages_done(), messages_total)
-    histories = {}
-    for space_id, (digest, _size, _messages) in sizes.items():
-        blob = parts.assemble(space_id, digest)
-        if _digest(blob) != digest:
-            raise HandshakeFailed(f"history of space {space_id} does not match its hash")
-        histories[space_id] = blob
     bundle = Enrollment(
         lease=enroll["lease"],
         account_pk=device_list.account_pk,
         device_list=device_list.encode(),
-        spaces=[s._replace(history=histories[s.id]) for s in spaces],
+        spaces=spaces,
         rotations=rotations,
     )
-    state, batch = DeviceState.from_enrollment(keys, name, bundle)
-    await conn.send(box.seal(encode_frame("ldone", n=total)))
-    return state, batch
+    state = await trio.to_thread.run_sync(DeviceState.enrolling, keys, name, bundle, store)
+    # what an earlier attempt stored counts as done, in bytes and in messages
+    before = [
+        await trio.to_thread.run_sync(store.space_bytes, s, 0) if s in kept else 0 for s in sizes
+    ]
+    done = sum(before)
+    total = done + sum(size for size, _ in sizes.values())
+    messages_done = 0
+    for space_id in kept:
+        if space_id in sizes:
+            messages_done += await trio.to_thread.run_sync(store.index_count, space_id, MESSAGES)
+    messages_total = sum(count for _, count in sizes.values())
+    progress(done, total, messages_done, messages_total)
+    kinds = {s.id: s.kind for s in spaces}
+    current = ""
+    while (frame := await _receive(conn, box, "primary"))["t"] != "lsent":
+        piece = _expect(frame, "piece")
+        space_id, data = piece["s"], piece["d"]
+        if space_id not in sizes or not isinstance(data, bytes):
+            raise HandshakeFailed("a history piece for no space of the enrollment")
+        if space_id != current:
+            if current:  # one document at most stays loaded: the space in progress
+                state.space(current).replica.unload()
+            if kinds[space_id] != "account" and (not current or kinds[current] == "account"):
+                # the account space is in: follow our contacts before judging chats
+                await trio.to_thread.run_sync(store.write, state.learn_contacts())
+            current = space_id
+        messages_done += await trio.to_thread.run_sync(state.enroll_piece, space_id, data, store)
+        done += len(data)
+        progress(min(done, total), total, messages_done, messages_total)
+    if current:
+        state.space(current).replica.unload()
+    await trio.to_thread.run_sync(store.write, state.finish_enrollment(store))
+    progress(total, total, messages_done, messages_total)
+    await conn.send(box.seal(encode_frame("ldone", n=done)))
+    return state
 
 
 def _parse_enroll(
@@ -447,11 +465,12 @@ def _parse_enroll(
 ) -> tuple[
     DeviceList,
     list[EnrolledSpace],
-    dict[str, tuple[bytes, int, int | None]],
+    dict[str, tuple[int, int]],
     dict[str, dict[int, bytes]],
 ]:
-    """The list, spaces, history sizes (hash, bytes, messages) and rotations of an
-    ``enroll`` frame, checked. Each space's history is empty here: it follows in chunks."""
+    """The list, spaces, history sizes (bytes to come, messages held) and rotations of
+    an ``enroll`` frame, checked. Each space's history is empty here: it follows in
+    pieces."""
     try:
         device_list = DeviceList.decode(frame["list"])
     except WireError as exc:
@@ -490,29 +509,27 @@ def _parse_enroll(
         raise WireError(f"the enrollment is malformed: {exc}") from exc
     if set(sizes) != {s.id for s in spaces}:
         raise WireError("the enrollment's history sizes do not match its spaces")
+    if sum(1 for s in spaces if s.kind == "account") != 1:
+        raise WireError("the enrollment holds no account space, or more than one")
     return device_list, spaces, sizes, rotations
 
 
-def _parse_sizes(data: bytes) -> dict[str, tuple[bytes, int, int | None]]:
-    """``enroll``'s sizes: for each space, its history's hash, its size in bytes and the
-    number of messages it holds. A primary of an earlier release states no message
-    count (``[hash, size]``): the count is then None, and the link goes on."""
+def _parse_sizes(data: bytes) -> dict[str, tuple[int, int]]:
+    """``enroll``'s sizes: for each space, the bytes the primary will send and the
+    messages the space holds."""
     raw = unpack(data, what="sizes")
     if not isinstance(raw, dict):
         raise ValueError("sizes")
-    sizes: dict[str, tuple[bytes, int, int | None]] = {}
+    sizes: dict[str, tuple[int, int]] = {}
     for s, item in raw.items():
-        if not (isinstance(item, list) and len(item) in (2, 3)):
+        if not (isinstance(s, str) and isinstance(item, list) and len(item) == 2):
             raise ValueError("size entry")
-        digest, n, *counted = item
-        messages = counted[0] if counted else None
-        if not (isinstance(s, str) and isinstance(digest, bytes) and len(digest) == 32):
-            raise ValueError("size entry")
+        n, messages = item
         if not (type(n) is int and 0 <= n < MAX_HISTORY):
             raise ValueError("size entry")
-        if messages is not None and not (type(messages) is int and 0 <= messages < MAX_HISTORY):
+        if not (type(messages) is int and 0 <= messages < MAX_HISTORY):
             raise ValueError("size entry")
-        sizes[s] = (digest, n, messages)
+        sizes[s] = (n, messages)
     return sizes
 
 
@@ -525,6 +542,7 @@ async def approve_code(
     *,
     read: Callable[[str], Awaitable[bytes | None]],
     write: Callable[[WriteBatch], Awaitable[None]],
+    history: History,
     confirm: Callable[[str], Awaitable[bool]],
     now_s: int,
     connect: str | None = None,
@@ -535,8 +553,8 @@ async def approve_code(
     Refuses, before dialing: a malformed, expired or used code, one that states a life
     longer than ``MAX_TTL_S``, one naming no local address (without ``connect``), a
     non-primary, and a fifth companion. ``read``/``write`` reach the primary's store;
-    the history snapshot is cached there per code until the link completes, so a retry
-    resumes.
+    ``history`` reads the histories from it (:class:`StoredHistory`). A retry resumes
+    from what the new device stored: it says so in ``lhave``.
     """
     code = PairingCode.decode(code_text)
     code.check_fresh(now_s)
@@ -556,21 +574,6 @@ async def approve_code(
             "give the new device's address with --connect HOST:PORT"
         )
     conn = await _dial_any(addresses)
-    cached = f"link/blob/{code.code_id}/"
-    counted = f"link/msgs/{code.code_id}/"
-
-    async def history(space_id: str) -> tuple[bytes, int]:
-        blob = await read(cached + space_id)
-        count = await read(counted + space_id)
-        if blob is None or count is None:
-            # the count is taken with the snapshot, from the same replica, so it is the
-            # number of messages these bytes hold, whatever arrives meanwhile
-            replica = state.space(space_id).replica
-            blob, messages = replica.snapshot(), replica.count()
-            count = messages.to_bytes(8, "big")
-            await write(WriteBatch(records={cached + space_id: blob, counted + space_id: count}))
-        return blob, int.from_bytes(count, "big")
-
     try:
         linked = await approve(
             state,
@@ -584,12 +587,7 @@ async def approve_code(
         )
     finally:
         await conn.aclose()
-    await write(
-        WriteBatch(
-            records={f"link/used/{code.code_id}": b"1"},
-            deletes={p + s for s in state.spaces for p in (cached, counted)},
-        )
-    )
+    await write(WriteBatch(records={f"link/used/{code.code_id}": b"1"}))
     return linked
 
 
@@ -648,13 +646,9 @@ async def wait_for_primary(
             store.write,
             WriteBatch(records={"device/keys": keys.to_record(), "device/name": name.encode()}),
         )
-        parts = Parts(store)
         transport = TcpTransport(listen)
         enrolled: list[DeviceState] = []
         attempt = trio.Lock()
-
-        async def write(batch: WriteBatch) -> None:
-            await trio.to_thread.run_sync(store.write, batch)
 
         async with trio.open_nursery() as nursery:
 
@@ -663,11 +657,10 @@ async def wait_for_primary(
                     try:
                         if enrolled:
                             return
-                        state, batch = await accept(
-                            keys, name, code, conn, parts,
-                            write=write, show_check=ui.check, progress=ui.progress,
+                        state = await accept(
+                            keys, name, code, conn, store,
+                            show_check=ui.check, progress=ui.progress,
                         )  # fmt: skip
-                        await write(merge_batches([batch, parts.clear()]))
                         enrolled.append(state)
                         nursery.cancel_scope.cancel()
                     except (P2PError, trio.TooSlowError) as exc:

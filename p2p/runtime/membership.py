@@ -32,7 +32,7 @@ from p2p import events as ev
 from p2p.errors import NodeError, P2PError, RemovedDevice, RollbackRefused, Unlinked
 from p2p.proto.identity import DeviceList
 from p2p.proto.session import DeviceListIn, LeaseIn, LeaveRequested
-from p2p.runtime.linking import Linked, Progress, approve_code
+from p2p.runtime.linking import Linked, Progress, StoredHistory, approve_code
 from p2p.runtime.mail import Mail
 from p2p.runtime.peers import Peer, Peers
 from p2p.runtime.writer import Writer
@@ -240,12 +240,13 @@ class Membership:
         async def read(name: str) -> bytes | None:
             return await trio.to_thread.run_sync(self._store.get, name)
 
-        await self._writer.load_all()  # the new device gets every space's history
         linked = await approve_code(
             self._state,
             code,
             read=read,
             write=self._writer.commit,
+            # from the store, loading no document: a history of any size (linking.py)
+            history=StoredHistory(self._state, self._store, self._writer.run_store),
             confirm=confirm,
             now_s=self._wall_ms() // 1000,
             connect=connect,

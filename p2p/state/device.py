@@ -28,6 +28,7 @@ from functools import partial
 from p2p.errors import (
     ChatCorrupt,
     DeviceListError,
+    DocumentNeeded,
     NotInitialized,
     P2PError,
     StoreCorrupt,
@@ -43,7 +44,7 @@ from p2p.proto.identity import (
     DeviceList,
     parse_device_list,
 )
-from p2p.proto.model import Entry, Kind, Message, new_id
+from p2p.proto.model import MESSAGES, Entry, Kind, Message, encode_state_vector, new_id
 from p2p.proto.wire import unpack
 from p2p.state.authoring import Author
 from p2p.state.contacts import Contact, Contacts
@@ -62,7 +63,15 @@ from p2p.state.records import (
     stored_history,
 )
 from p2p.state.sealing import HeldIndex, Ingested, Sealing
-from p2p.state.spaces import NOTES, Space, SpaceKind, Spaces, crdt_client, device_prefix
+from p2p.state.spaces import (
+    NOTES,
+    Space,
+    SpaceKind,
+    Spaces,
+    crdt_client,
+    device_prefix,
+    vector_record,
+)
 from p2p.storage.base import IndexRow, Store, WriteBatch
 
 __all__ = [
@@ -174,6 +183,91 @@ class DeviceState:
         batch = merge_batches(batches)
         batch.records.update(state.spaces.vector_records(batch.appends))  # see Spaces
         return state, batch
+
+    # ---- a new device's history as it arrives (linking) -----------------------------
+
+    @classmethod
+    def enrolling(
+        cls, keys: DeviceKeys, name: str, bundle: Enrollment, store: Store
+    ) -> DeviceState:
+        """A new companion's state while its history arrives (``p2p link``), kept in
+        ``store`` as it comes, so that a history of any size is held one piece at a
+        time, and a link cut midway resumes from what is stored:
+
+        - each space's records are written now (again when a link resumes: its keys
+          may have moved on), with the state vector of what the store holds of it;
+        - its history follows piece by piece (:meth:`enroll_piece`);
+        - the device's own records come last (:meth:`finish_enrollment`): until then
+          the home holds no linked device. ``bundle``'s histories are not read.
+
+        Does I/O (a worker thread's job), unlike the rest of this class."""
+        device_list = parse_device_list(bundle.device_list, bundle.account_pk)
+        if keys.device_id not in device_list.ids:
+            raise DeviceListError("the enrollment's device list does not hold this device")
+        state = cls(keys=keys, name=name, device_list=device_list)
+        state.lease = bundle.lease
+        state.history = partial(stored_history, store)
+        state.spaces.store = store
+        batches = [WriteBatch(records={"link/account": bundle.account_pk})]
+        for space in bundle.enrolled:
+            if space.kind not in ("account", "chat"):
+                raise DeviceListError(f"enrollment names an unknown space kind {space.kind!r}")
+            batch = state.add_space(
+                space.id,
+                space.kind,  # type: ignore[arg-type]
+                space.name,
+                epoch=space.epoch,
+                keys=space.keys,
+                rotations=bundle.rotations.get(space.id),
+            )
+            if store.log_seqs(space.id)[1] == 0:  # none of it here yet: an empty history
+                batch.records.update(vector_record(space.id, 0, encode_state_vector({}), {}))
+            batches.append(batch)
+        store.write(merge_batches(batches))
+        for space in bundle.enrolled:  # each over the store now, its document unloaded
+            state.spaces.load_space(store, space.id, required(store, f"space/{space.id}"))
+        return state
+
+    def enroll_piece(self, space_id: str, piece: bytes, store: Store) -> int:
+        """Apply one piece of a space's history (see :meth:`enrolling`), index it and
+        write it, with the space's state vector, in one batch; the messages it
+        brought. Without the chat's document when the piece allows it
+        (``Replica.apply``: messages under new keys, receipts and read markers after
+        their heads); else the document is loaded from what is stored and stays
+        loaded until the caller unloads it. A worker thread's job: it writes."""
+        space = self.spaces.space(space_id)
+        replica = space.replica
+        try:
+            held = None if replica.loaded else partial(store.index_held, space_id)
+            applied = replica.apply(piece, held=held)
+        except DocumentNeeded:
+            applied = replica.apply(piece)
+        rows, _rejected = self.index.rows(space_id, applied.changed)
+        batch = WriteBatch(appends=[(space_id, piece)], index=rows)
+        batch.records.update(self.spaces.vector_records(batch.appends))
+        store.write(batch)
+        space.appended()
+        return sum(1 for (_, m, _), row in rows.items() if m == MESSAGES and row is not None)
+
+    def finish_enrollment(self, store: Store) -> WriteBatch:
+        """The last batch of a link (see :meth:`enrolling`): the device's own records
+        and the contacts its account space names; and, gone, the records of spaces an
+        earlier, abandoned link left here that this enrollment does not hold (their
+        updates and index rows stay on disk, read by nothing)."""
+        gone: set[str] = {"link/account"}
+        for name in store.names("space/"):
+            space_id = name.removeprefix("space/")
+            if space_id not in self.spaces:
+                gone |= {name, f"sv/{space_id}", f"indexed/{space_id}"}
+                gone.update(store.names(f"spacekey/{space_id}/"))
+                gone.update(store.names(f"spacerot/{space_id}/"))
+        return merge_batches(
+            [
+                self.learn_contacts(),
+                self._identity_batch(),
+                WriteBatch(records={"device/lease": self.lease}, deletes=gone),
+            ]
+        )
 
     def _identity_batch(self) -> WriteBatch:
         records = {

@@ -141,11 +141,12 @@ class Companions(Part):
         return WriteBatch(records={"device/lease": data})
 
     def enroll_public(
-        self, entry: DeviceEntry, *, now_ms: int | None = None
+        self, entry: DeviceEntry, *, now_ms: int | None = None, history: bool = True
     ) -> tuple[Enrollment, WriteBatch]:
         """Primary only: add a companion, knowing only its public keys (again for a
         device already on the list: a link resumed after a drop), and build its
-        enrollment bundle."""
+        enrollment bundle (``history`` False: without the histories, which a link
+        sends from the store, see ``p2p.runtime.linking``)."""
         if self._account_key is None:
             raise DeviceListError("only the primary can link a device")
         directory = self._directory
@@ -154,17 +155,25 @@ class Companions(Part):
                 self._account_key, entry, self._grant, version=self._next_version()
             )
         own = directory.device_list
-        bundle = self._bundle(own, self.issue_lease(entry.device_id, now_ms))
+        bundle = self._bundle(own, self.issue_lease(entry.device_id, now_ms), history)
         return bundle, WriteBatch(records={"account/list": own.encode()})
 
-    def _bundle(self, device_list: DeviceList, lease: bytes) -> Enrollment:
-        """What a new device gets: its list and lease, every space with its history."""
+    def _bundle(self, device_list: DeviceList, lease: bytes, history: bool) -> Enrollment:
+        """What a new device gets: its list and lease, every space with its keys and
+        (``history``) its whole history, which loads every space's document."""
         return Enrollment(
             lease=lease,
             account_pk=device_list.account_pk,
             device_list=device_list.encode(),
             spaces=[
-                EnrolledSpace(s.id, s.kind, s.name, s.epoch, dict(s.keys), s.replica.snapshot())
+                EnrolledSpace(
+                    s.id,
+                    s.kind,
+                    s.name,
+                    s.epoch,
+                    dict(s.keys),
+                    s.replica.snapshot() if history else b"",
+                )
                 for s in self._spaces.values()
             ],
             rotations={s.id: dict(s.rotations) for s in self._spaces.values() if s.rotations},
@@ -180,19 +189,20 @@ class Companions(Part):
         be durable before the device sees the list, so that no later list of ours
         claims the same version (two lists of one version are a fork peers refuse).
         A device already on the list (a link resumed after its list was adopted) gets
-        the current list."""
+        the current list. The bundle holds no history: a link sends each space's
+        history from the store (``p2p.runtime.linking``)."""
         if self._account_key is None:
             raise DeviceListError("only the primary can link a device")
         directory = self._directory
         if entry.device_id in directory.device_list.ids:
-            bundle, batch = self.enroll_public(entry, now_ms=now_ms)
+            bundle, batch = self.enroll_public(entry, now_ms=now_ms, history=False)
             return bundle, directory.device_list, batch
         version = self._next_version()
         proposed = directory.device_list.with_device(
             self._account_key, entry, self._grant, version=version
         )
         self.list_floor = version
-        bundle = self._bundle(proposed, self.issue_lease(entry.device_id, now_ms))
+        bundle = self._bundle(proposed, self.issue_lease(entry.device_id, now_ms), False)
         return bundle, proposed, WriteBatch(records={"account/floor": pack(version)})
 
     def adopt_enrollment(

@@ -185,6 +185,17 @@ class Store(MessagePages, Protocol):
         unknown): what opening needs before it decides to load the CRDT at all."""
         ...
 
+    def space_bytes(self, space: str, after_seq: int) -> int:
+        """The bytes of ``space``'s stored updates after ``after_seq`` (0: its snapshot
+        too), without reading them: what a link still has to send (``p2p link`` shows
+        it as the transfer's size)."""
+        ...
+
+    def index_count(self, space: str, map_name: str) -> int:
+        """How many rows of one map ``space``'s index holds, shown or hidden: the
+        messages a chat holds (``m``), counted without its CRDT."""
+        ...
+
     def index_related(self, space: str, targets: Sequence[str] | None) -> list[IndexRow]:
         """Shown edit, deletion and reaction rows about ``targets`` (None: about any)."""
         ...

@@ -347,6 +347,25 @@ class MemoryStore(MessagePages):
             sp = state.spaces.get(space) or _Space()
             return (sp.snapshot_seq, sp.snapshot) if sp.snapshot is not None else (0, None)
 
+    def space_bytes(self, space: str, after_seq: int) -> int:
+        """Bytes of the updates after ``after_seq`` (0: the snapshot too)."""
+        check_name(space, "space id")
+        state = self._open_state()
+        with state.lock:
+            sp = state.spaces.get(space) or _Space()
+            at = max(after_seq - sp.snapshot_seq, 0)
+            size = sum(map(len, sp.updates[at:]))
+            if after_seq == 0 and sp.snapshot is not None:
+                size += len(sp.snapshot)
+        return size
+
+    def index_count(self, space: str, map_name: str) -> int:
+        """Rows of one map of ``space``'s index."""
+        check_name(space, "space id")
+        state = self._open_state()
+        with state.lock:
+            return sum(1 for _, m, _ in state.index.get(space, {}) if m == map_name)
+
     def index_held(self, space: str, keys: Sequence[tuple[str, str]]) -> dict[IndexKey, str]:
         """Of these (map, key) pairs, those with a row, and its entry's account."""
         check_name(space, "space id")

@@ -532,6 +532,32 @@ class SqliteStore(MessagePages):
             return 0, None
         return snap[0], self._blob(snap[1], f"snapshot of space {space!r}")
 
+    def space_bytes(self, space: str, after_seq: int) -> int:
+        """Bytes of the updates after ``after_seq`` (0: the snapshot too), summed by
+        SQLite from the rows' lengths (no blob is read)."""
+        check_name(space, "space id")
+        with self._session("space_bytes") as conn:
+            (size,) = conn.execute(
+                "SELECT coalesce(sum(length(data)), 0) FROM updates WHERE space = ? AND seq > ?",
+                (space, after_seq),
+            ).fetchone()
+            if after_seq == 0:
+                (snap,) = conn.execute(
+                    "SELECT coalesce(sum(length(data)), 0) FROM snapshots WHERE space = ?",
+                    (space,),
+                ).fetchone()
+                size += snap
+        return int(size)
+
+    def index_count(self, space: str, map_name: str) -> int:
+        """Rows of one map of ``space``'s index (counted on its primary key)."""
+        check_name(space, "space id")
+        with self._session("index_count") as conn:
+            (count,) = conn.execute(
+                "SELECT count(*) FROM entries WHERE space = ? AND map = ?", (space, map_name)
+            ).fetchone()
+        return int(count)
+
     def index_held(self, space: str, keys: Sequence[tuple[str, str]]) -> dict[IndexKey, str]:
         """Of these (map, key) pairs, those with a row, and its entry's account. One
         query per map and chunk, ``map = ? AND key IN (...)``: a row-value ``IN`` would
