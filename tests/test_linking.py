@@ -495,3 +495,162 @@ def test_the_link_bar_reads_messages_then_megabytes() -> None:
         "12,345 / 1,000,000 messages · 3.1 / 380 MB"
     )
     assert _link_label(3_100_000, 38_000_000, None, None) == "3.1 / 38.0 MB"  # count unknown
+
+
+# ---- history of any size: what a link holds in memory ------------------------------
+
+
+class CodeScreen:
+    """The new device's screen, in process: keeps the code and the progress."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.ready = trio.Event()
+        self.progress_seen: list[tuple[int, int, int | None, int | None]] = []
+        self.failures: list[Exception] = []
+
+    def code(self, text: str, device: str) -> None:
+        self.text = text
+        self.ready.set()
+
+    def check(self, digits: str) -> None:
+        pass
+
+    def progress(
+        self, done: int, total: int, messages_done: int | None, messages_total: int | None
+    ) -> None:
+        self.progress_seen.append((done, total, messages_done, messages_total))
+
+    def failed(self, error: Exception) -> None:
+        self.failures.append(error)
+
+
+def link_in_process(primary: Path, new: Path) -> CodeScreen:
+    """``p2p link`` and ``p2p approve`` in this process, over loopback TCP: the primary
+    a node opened on ``primary``, the new device ``wait_for_primary`` on ``new``."""
+    from p2p.runtime.linking import wait_for_primary
+
+    screen = CodeScreen()
+
+    async def yes(digits: str) -> bool:
+        return True
+
+    async def main() -> None:
+        with trio.fail_after(120):
+            async with p2p.open_node(primary) as node, trio.open_nursery() as nursery:
+
+                async def new_device() -> None:
+                    await wait_for_primary(
+                        new, "laptop", listen="127.0.0.1:0", ttl_s=100,
+                        now_s=int(time.time()), ui=screen,
+                    )  # fmt: skip
+
+                nursery.start_soon(new_device)
+                await screen.ready.wait()
+                await node.approve(screen.text, confirm=yes)
+
+    trio.run(main)
+    return screen
+
+
+@pytest.fixture
+def loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The space of every document loaded from now on, on any device of this process."""
+    from p2p.proto.model import Replica
+
+    seen: list[str] = []
+    original = Replica.load
+
+    def load(self: Replica, *args: Any, **kwargs: Any) -> None:
+        if not self.loaded:
+            seen.append(self.space)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Replica, "load", load)
+    return seen
+
+
+def chats_of(home: Path) -> dict[str, str]:
+    """Chat name -> id, of the device stored in ``home``."""
+    from p2p.runtime.home import open_home_store
+
+    store = open_home_store(home)
+    try:
+        state = DeviceState.load(store)
+        return {s.name: s.id for s in state.spaces.values() if s.kind == "chat"}
+    finally:
+        store.close()
+
+
+def test_a_link_loads_no_chat_on_either_side(tmp_path: Path, loads: list[str]) -> None:
+    """The primary sends each chat from its store and the new device writes each piece
+    as it comes: messages, receipts and read markers of two chats move without either
+    side loading a chat's document (it loaded every one before: the primary to take a
+    snapshot, the new device to build each chat whole in memory)."""
+    phone, laptop = tmp_path / "phone", tmp_path / "laptop"
+    run_p2p(phone, "init", "--name", "phone")
+
+    async def write() -> None:
+        async with p2p.open_node(phone) as node:
+            family = await node.create_chat("family")
+            for i in range(150):
+                await node.send(f"note {i} " + "n" * 300)
+                await node.send(f"family {i} " + "f" * 300, chat=family)
+            await node.mark_read()
+            await node.mark_read(chat=family)
+
+    trio.run(write)
+    chats = set(chats_of(phone).values())
+    loads.clear()
+    screen = link_in_process(phone, laptop)
+    assert not screen.failures
+    assert not chats & set(loads), "a chat's document was loaded"
+    assert log(laptop) == log(phone)
+    assert log(laptop, "family") == log(phone, "family")
+    done, total, messages_done, messages_total = screen.progress_seen[-1]
+    assert done == total > 300 * 300
+    assert messages_done == messages_total == 300
+
+
+def test_a_compacted_history_with_edits_and_deletions_links_exactly(
+    tmp_path: Path, loads: list[str]
+) -> None:
+    """A chat folded into a snapshot, with edits, deletions and reactions replaced: what
+    only the document can judge makes the new device load that chat (and only that
+    one), and it ends with the primary's messages, edits, deletions and reactions."""
+    from p2p.runtime.home import open_home_store
+
+    phone, laptop = tmp_path / "phone", tmp_path / "laptop"
+    run_p2p(phone, "init", "--name", "phone")
+
+    async def write() -> None:
+        async with p2p.open_node(phone) as node:
+            family = await node.create_chat("family")
+            ids = [await node.send(f"family {i}", chat=family) for i in range(40)]
+            await node.edit(ids[3], "family 3, edited", chat=family)
+            await node.delete(ids[5], chat=family)
+            await node.react(ids[7], "+1", chat=family)
+            await node.react(ids[7], "heart", chat=family)  # replaces the first
+            for i in range(20):
+                await node.send(f"note {i}")
+
+    trio.run(write)
+    family = chats_of(phone)["family"]
+    store = open_home_store(phone)
+    try:  # fold the family chat into a snapshot, as the writer does after many updates
+        state = DeviceState.load(store)
+        replica = state.space(family).replica
+        store.compact(family, replica.snapshot(), store.log_seqs(family)[1])
+    finally:
+        store.close()
+    loads.clear()
+    screen = link_in_process(phone, laptop)
+    assert not screen.failures
+    assert set(loads) & set(chats_of(phone).values()) <= {family}
+    theirs = log(laptop, "family")
+    assert theirs == log(phone, "family")
+    by_text = {m["text"]: m for m in theirs}
+    assert by_text["family 3, edited"]["edited"]
+    assert "family 5" not in by_text and sum(m["deleted"] for m in theirs) == 1
+    assert list(by_text["family 7"]["reactions"].values()) == ["heart"]
+    assert log(laptop) == log(phone)

@@ -509,12 +509,15 @@ class _LinkScreen:
     ) -> None:
         percent = 100 * done // total if total else 100
         if self.as_json:
-            # a line per tenth of the bytes, and one whenever a space's messages arrive
-            # (a space's messages come whole, with its last chunk)
-            tenth = percent // 10 != self._shown // 10
-            if tenth or messages_done != self._messages or done == total:
+            # a line per hundredth of the bytes or of the messages, and the last one
+            counted = (
+                None
+                if messages_done is None or not messages_total
+                else 100 * messages_done // messages_total
+            )
+            if percent != self._shown or counted != self._messages or done == total:
                 self._shown = percent
-                self._messages = messages_done
+                self._messages = counted
                 self._emit(
                     event="progress",
                     done=done,

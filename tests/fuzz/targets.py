@@ -77,7 +77,8 @@ def _frame_seeds() -> list[bytes]:
         wire.encode_frame("ping", n=1),
         wire.encode_frame("hello", eph=bytes(32), nonce=bytes(32), tags=bytes(64)),
         wire.encode_frame("env", e=b"x" * 100),
-        wire.encode_frame("chunk", s="space", o=0, d=b"data"),
+        wire.encode_frame("piece", s="space", d=b"data"),
+        wire.encode_frame("lsent", n=4),
     ]
 
 
