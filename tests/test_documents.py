@@ -762,3 +762,31 @@ def test_an_update_partly_held_is_taken_for_what_it_adds() -> None:
     assert set(applied.changed) == {(MESSAGES, "a-msg-2")}
     assert clocks(taker.replica.state_vector()) == clocks(writer.state_vector())
     assert (taker.replica.side_values(RECEIPTS) or {})["a"]["b"] == "rcpt 3"
+
+
+def test_judging_what_an_unloaded_chat_takes_keeps_nothing_per_message() -> None:
+    """A message taken without the document is judged once, into the message index:
+    the replica keeps no cache of that signature check. It kept one per message, for
+    as long as the node ran (a linked chat of 300,000 held ~30 MB of them). With the
+    document loaded, whose readers judge its values again, checks are cached."""
+    space = "s"
+    writer = Replica(space, client_id=11)
+    taker = _Lazy(space, 33, set())
+    updates = [writer.write([_entry("msg", "a", i)]) for i in range(50)]
+
+    def judged(replica: Replica, applied: Applied) -> list[str]:
+        return [
+            type(replica.judge_key(m, k, lambda device: None, lambda d, a: True, v)[1]).__name__
+            for (m, k), v in applied.changed.items()
+        ]
+
+    verdicts = []
+    for update in updates:
+        verdicts += judged(taker.replica, taker.ingest(update))
+    assert taker.aside == 50
+    assert verdicts == ["Rejected"] * 50  # no key for device "a": the same verdict either way
+    assert len(taker.replica._verified) == 0
+    loaded = Replica(space, client_id=44)
+    for update in updates:
+        assert judged(loaded, loaded.apply(update)) == ["Rejected"]
+    assert len(loaded._verified) == 50

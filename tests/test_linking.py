@@ -655,3 +655,35 @@ def test_a_compacted_history_with_edits_and_deletions_links_exactly(
     assert sum(m["deleted"] for m in theirs) == 1
     assert list(by_text["family 7"]["reactions"].values()) == ["heart"]
     assert log(laptop) == log(phone)
+
+
+def test_a_new_device_verifies_every_entry_its_primary_did_not_write() -> None:
+    """The link's box stands for the primary (the account key signed the list that
+    names the new device), so the primary's own entries are taken on its word, as a
+    session takes its sender's: every other entry's signature is checked. A tablet's
+    message altered in the primary's store stays hidden on the new device."""
+    from dataclasses import replace
+
+    from p2p.proto.ysplit import split_update
+    from p2p.storage.memory import MemoryStore
+
+    phone, _ = DeviceState.create_account("phone")
+    tablet_keys = DeviceKeys.generate()
+    bundle, _ = phone.enroll(tablet_keys, "tablet")
+    tablet, _ = DeviceState.from_enrollment(tablet_keys, "tablet", bundle)
+    chat = phone.chat_by_name(NOTES).id
+    phone.write_local(chat, [phone.new_entry(chat, "msg", 1000, body="the phone's")])
+    real = tablet.new_entry(chat, "msg", 2000, body="the tablet's")
+    phone.space(chat).replica.write([replace(real, body="altered")])
+    laptop_keys = DeviceKeys.generate()
+    bundle, _ = phone.enroll(laptop_keys, "laptop")
+    store = MemoryStore()
+    laptop = DeviceState.enrolling(laptop_keys, "laptop", bundle, store)
+    for space in sorted(bundle.enrolled, key=lambda s: s.kind != "account"):
+        for piece in split_update(space.history, 300):
+            laptop.enroll_piece(space.id, piece, store)
+    store.write(laptop.finish_enrollment(store))
+    hidden = {row.key: row.reason for row in store.index_rejected(chat)}
+    assert hidden == {real.id: "bad signature"}
+    shown = store.index_messages(chat)
+    assert [row.body for row in shown] == ["the phone's"]

@@ -937,7 +937,6 @@ class Replica:
                 origin = None if head is None else (head[0], head[1])
                 heads[(name, key)] = (client, clock + at, value)
             sets.append((name, key, value, origin))
-            self._verified[fingerprint(entry.canonical(self.space), entry.sig)] = True
         update = encode_sets(client, clock, sets)
         self._aside_clock = clock + len(sets)
         self._known_sv = _advance(self._known_sv, {client: clock + len(sets)})
@@ -1136,9 +1135,13 @@ class Replica:
         *,
         vouched_by: str = "",
     ) -> Judged:
-        """:func:`judge` with this replica's cache of signature checks."""
+        """:func:`judge` with this replica's cache of signature checks, kept only while
+        the document is loaded: its readers judge its values again, whereas a value
+        taken without the document is judged once, into the message index (a cache
+        kept then would grow by an entry per message for as long as the node runs)."""
+        verified = self._verified if self.loaded else None
         return judge(
-            self.space, key, entry, signing_key_of, belongs, self._verified, vouched_by=vouched_by
+            self.space, key, entry, signing_key_of, belongs, verified, vouched_by=vouched_by
         )
 
     def judge_all(

@@ -234,7 +234,13 @@ class DeviceState:
         brought. Without the chat's document when the piece allows it
         (``Replica.apply``: messages under new keys, receipts and read markers after
         their heads); else the document is loaded from what is stored and stays
-        loaded until the caller unloads it. A worker thread's job: it writes."""
+        loaded until the caller unloads it. A worker thread's job: it writes.
+
+        The pieces come from our primary, over the link's box, whose far end holds the
+        account key (it signed the list that names this device): as in a session, an
+        entry its sender authored (the primary's own) is authenticated by the channel,
+        and every other entry's signature is verified (security.md, "Entry
+        signatures")."""
         space = self.spaces.space(space_id)
         replica = space.replica
         try:
@@ -242,7 +248,9 @@ class DeviceState:
             applied = replica.apply(piece, held=held)
         except DocumentNeeded:
             applied = replica.apply(piece)
-        rows, _rejected = self.index.rows(space_id, applied.changed)
+        primary = self.device_list.primary.device_id
+        vouched_by = "" if applied.took_held else primary
+        rows, _rejected = self.index.rows(space_id, applied.changed, vouched_by=vouched_by)
         batch = WriteBatch(appends=[(space_id, piece)], index=rows)
         batch.records.update(self.spaces.vector_records(batch.appends))
         store.write(batch)

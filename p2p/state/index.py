@@ -90,7 +90,9 @@ class MessageIndex(Part):
         for e in entries:
             name, key = e.map_name(), e.key()
             if name in INDEXED_MAPS:
-                judged = replica.judge_entry(key, e, d.any_signing_key, d.belongs)
+                judged = replica.judge_entry(
+                    key, e, d.any_signing_key, d.belongs, vouched_by=self._keys.device_id
+                )
                 rows[(space_id, name, key)] = index_row(space_id, name, key, e, judged)
         return rows
 
