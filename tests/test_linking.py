@@ -657,12 +657,18 @@ def test_a_compacted_history_with_edits_and_deletions_links_exactly(
     assert log(laptop) == log(phone)
 
 
-def test_a_new_device_verifies_every_entry_its_primary_did_not_write() -> None:
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_new_device_verifies_every_entry_its_primary_did_not_write(threads: int) -> None:
     """The link's box stands for the primary (the account key signed the list that
     names the new device), so the primary's own entries are taken on its word, as a
     session takes its sender's: every other entry's signature is checked. A tablet's
-    message altered in the primary's store stays hidden on the new device."""
+    message altered in the primary's store stays hidden on the new device, whether
+    the checks run in line or beforehand on two threads (as ``p2p link`` runs them)."""
+    from concurrent.futures import ThreadPoolExecutor
     from dataclasses import replace
+    from functools import partial
+
+    from p2p.runtime.linking import _check_on_two_threads
 
     from p2p.proto.ysplit import split_update
     from p2p.storage.memory import MemoryStore
@@ -679,9 +685,12 @@ def test_a_new_device_verifies_every_entry_its_primary_did_not_write() -> None:
     bundle, _ = phone.enroll(laptop_keys, "laptop")
     store = MemoryStore()
     laptop = DeviceState.enrolling(laptop_keys, "laptop", bundle, store)
+    helper = ThreadPoolExecutor(max_workers=1)
+    check_all = partial(_check_on_two_threads, helper) if threads == 2 else None
     for space in sorted(bundle.enrolled, key=lambda s: s.kind != "account"):
         for piece in split_update(space.history, 300):
-            laptop.enroll_piece(space.id, piece, store)
+            laptop.enroll_piece(space.id, piece, store, check_all)
+    helper.shutdown()
     store.write(laptop.finish_enrollment(store))
     hidden = {row.key: row.reason for row in store.index_rejected(chat)}
     assert hidden == {real.id: "bad signature"}

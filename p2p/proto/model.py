@@ -1116,15 +1116,20 @@ class Replica:
         value: Any = UNREAD,
         *,
         vouched_by: str = "",
+        verified: dict[bytes, bool] | None = None,
     ) -> tuple[Entry | None, Judged] | None:
         """The parsed value under ``key`` (``value`` when the caller saw it change) and
-        its :func:`judge` (``vouched_by``: see there); None when no value is there."""
+        its :func:`judge` (``vouched_by``, ``verified``: see there and
+        :meth:`judge_entry`); None when no value is there."""
         if value is UNREAD:
             value = self._maps[map_name].get(key)
         if value is None:
             return None
         entry = Entry.from_value(value)
-        return entry, self.judge_entry(key, entry, signing_key_of, belongs, vouched_by=vouched_by)
+        judged = self.judge_entry(
+            key, entry, signing_key_of, belongs, vouched_by=vouched_by, verified=verified
+        )
+        return entry, judged
 
     def judge_entry(
         self,
@@ -1134,12 +1139,15 @@ class Replica:
         belongs: DeviceInAccount,
         *,
         vouched_by: str = "",
+        verified: dict[bytes, bool] | None = None,
     ) -> Judged:
         """:func:`judge` with this replica's cache of signature checks, kept only while
         the document is loaded: its readers judge its values again, whereas a value
         taken without the document is judged once, into the message index (a cache
-        kept then would grow by an entry per message for as long as the node runs)."""
-        verified = self._verified if self.loaded else None
+        kept then would grow by an entry per message for as long as the node runs).
+        ``verified``: checks run beforehand (:func:`signature_checks`), used instead."""
+        if verified is None:
+            verified = self._verified if self.loaded else None
         return judge(
             self.space, key, entry, signing_key_of, belongs, verified, vouched_by=vouched_by
         )
@@ -1200,12 +1208,56 @@ def _verify_entry(canonical: bytes, entry: Entry, signing_key_of: SigningKeyLook
     public_key = signing_key_of(entry.device)
     if public_key is None:
         return False
+    return _signature_ok(public_key, canonical, entry.sig)
+
+
+def _signature_ok(public_key: bytes, canonical: bytes, sig: str) -> bool:
     try:
-        signature = base64.b64decode(entry.sig, validate=True)
+        signature = base64.b64decode(sig, validate=True)
         verify(public_key, DOMAIN_ENTRY, canonical, signature)
     except (BadSignature, ValueError):
         return False
     return True
+
+
+@dataclass(frozen=True, slots=True)
+class SignatureCheck:
+    """One entry's signature check, ready to run anywhere (see :func:`signature_checks`)."""
+
+    fingerprint: bytes
+    """The key :func:`judge` caches its outcome by (:func:`fingerprint`)."""
+    public_key: bytes
+    canonical: bytes
+    sig: str
+
+    def passes(self) -> bool:
+        """Run it: pynacl lets go of the GIL while it verifies, so several threads run
+        checks at once."""
+        return _signature_ok(self.public_key, self.canonical, self.sig)
+
+
+def signature_checks(
+    space: str, changes: Changes, signing_key_of: SigningKeyLookup, *, vouched_by: str = ""
+) -> list[SignatureCheck]:
+    """The signature checks judging these changes (:func:`judge`) will need: each value
+    read (not :data:`UNREAD`), filed under its own key, not authored by ``vouched_by``,
+    from a device with a key. Run beforehand, on several threads, their outcomes by
+    fingerprint are what :func:`judge` takes as ``verified``: the judging is the same,
+    only the Ed25519 work is spread (a new device verifies every entry another device
+    wrote: the largest cost of a link)."""
+    checks = []
+    for (_, key), value in changes.items():
+        entry = None if value is UNREAD else Entry.from_value(value)
+        if entry is None or entry.key() != key or (vouched_by and entry.device == vouched_by):
+            continue
+        public_key = signing_key_of(entry.device)
+        if public_key is None:
+            continue
+        canonical = entry.canonical(space)
+        checks.append(
+            SignatureCheck(fingerprint(canonical, entry.sig), public_key, canonical, entry.sig)
+        )
+    return checks
 
 
 @dataclass

@@ -42,7 +42,9 @@ import hashlib
 import hmac
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final, Protocol
 
 import trio
@@ -67,7 +69,7 @@ from p2p.proto.identity import (
     short_id,
     verify,
 )
-from p2p.proto.model import MESSAGES
+from p2p.proto.model import MESSAGES, SignatureCheck
 from p2p.proto.pairing import (
     MAX_TTL_S,
     CheckCodeMismatch,
@@ -346,6 +348,24 @@ def _parse_have(data: bytes) -> dict[str, bytes]:
 # ---- new device ---------------------------------------------------------------------
 
 
+def _check_on_two_threads(
+    helper: ThreadPoolExecutor, checks: list[SignatureCheck]
+) -> dict[bytes, bool]:
+    """Run a piece's signature checks, half on the calling (worker) thread and half on
+    ``helper``'s: the new device's largest cost when the history is other devices'
+    entries, and pynacl lets go of the GIL while it verifies."""
+    half = len(checks) // 2
+    theirs = helper.submit(_check_each, checks[half:]) if checks[half:] else None
+    outcomes = _check_each(checks[:half])
+    if theirs is not None:
+        outcomes.update(theirs.result())
+    return outcomes
+
+
+def _check_each(checks: list[SignatureCheck]) -> dict[bytes, bool]:
+    return {check.fingerprint: check.passes() for check in checks}
+
+
 def kept_history(store: Store, account_pk: bytes) -> dict[str, bytes]:
     """Per space, the state vector of what an earlier, interrupted link to this account
     left in ``store`` (``lhave``): each piece was written with its space's vector, so
@@ -437,21 +457,28 @@ async def accept(
     progress(done, total, messages_done, messages_total)
     kinds = {s.id: s.kind for s in spaces}
     current = ""
-    while (frame := await _receive(conn, box, "primary"))["t"] != "lsent":
-        piece = _expect(frame, "piece")
-        space_id, data = piece["s"], piece["d"]
-        if space_id not in sizes or not isinstance(data, bytes):
-            raise HandshakeFailed("a history piece for no space of the enrollment")
-        if space_id != current:
-            if current:  # one document at most stays loaded: the space in progress
-                state.space(current).replica.unload()
-            if kinds[space_id] != "account" and (not current or kinds[current] == "account"):
-                # the account space is in: follow our contacts before judging chats
-                await trio.to_thread.run_sync(store.write, state.learn_contacts())
-            current = space_id
-        messages_done += await trio.to_thread.run_sync(state.enroll_piece, space_id, data, store)
-        done += len(data)
-        progress(min(done, total), total, messages_done, messages_total)
+    helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p2p-link-checks")
+    check_all = partial(_check_on_two_threads, helper)
+    try:
+        while (frame := await _receive(conn, box, "primary"))["t"] != "lsent":
+            piece = _expect(frame, "piece")
+            space_id, data = piece["s"], piece["d"]
+            if space_id not in sizes or not isinstance(data, bytes):
+                raise HandshakeFailed("a history piece for no space of the enrollment")
+            if space_id != current:
+                if current:  # one document at most stays loaded: the space in progress
+                    state.space(current).replica.unload()
+                if kinds[space_id] != "account" and (not current or kinds[current] == "account"):
+                    # the account space is in: follow our contacts before judging chats
+                    await trio.to_thread.run_sync(store.write, state.learn_contacts())
+                current = space_id
+            messages_done += await trio.to_thread.run_sync(
+                state.enroll_piece, space_id, data, store, check_all
+            )
+            done += len(data)
+            progress(min(done, total), total, messages_done, messages_total)
+    finally:
+        helper.shutdown(wait=False, cancel_futures=True)
     if current:
         state.space(current).replica.unload()
     await trio.to_thread.run_sync(store.write, state.finish_enrollment(store))

@@ -44,7 +44,16 @@ from p2p.proto.identity import (
     DeviceList,
     parse_device_list,
 )
-from p2p.proto.model import MESSAGES, Entry, Kind, Message, encode_state_vector, new_id
+from p2p.proto.model import (
+    MESSAGES,
+    Entry,
+    Kind,
+    Message,
+    SignatureCheck,
+    encode_state_vector,
+    new_id,
+    signature_checks,
+)
 from p2p.proto.wire import unpack
 from p2p.state.authoring import Author
 from p2p.state.contacts import Contact, Contacts
@@ -228,7 +237,13 @@ class DeviceState:
             state.spaces.load_space(store, space.id, required(store, f"space/{space.id}"))
         return state
 
-    def enroll_piece(self, space_id: str, piece: bytes, store: Store) -> int:
+    def enroll_piece(
+        self,
+        space_id: str,
+        piece: bytes,
+        store: Store,
+        check_all: Callable[[list[SignatureCheck]], dict[bytes, bool]] | None = None,
+    ) -> int:
         """Apply one piece of a space's history (see :meth:`enrolling`), index it and
         write it, with the space's state vector, in one batch; the messages it
         brought. Without the chat's document when the piece allows it
@@ -240,7 +255,8 @@ class DeviceState:
         account key (it signed the list that names this device): as in a session, an
         entry its sender authored (the primary's own) is authenticated by the channel,
         and every other entry's signature is verified (security.md, "Entry
-        signatures")."""
+        signatures"). ``check_all`` runs those checks (on several threads, say) before
+        the entries are judged."""
         space = self.spaces.space(space_id)
         replica = space.replica
         try:
@@ -250,7 +266,15 @@ class DeviceState:
             applied = replica.apply(piece)
         primary = self.device_list.primary.device_id
         vouched_by = "" if applied.took_held else primary
-        rows, _rejected = self.index.rows(space_id, applied.changed, vouched_by=vouched_by)
+        verified = None
+        if check_all is not None:
+            checks = signature_checks(
+                space_id, applied.changed, self.directory.any_signing_key, vouched_by=vouched_by
+            )
+            verified = check_all(checks)
+        rows, _rejected = self.index.rows(
+            space_id, applied.changed, vouched_by=vouched_by, verified=verified
+        )
         batch = WriteBatch(appends=[(space_id, piece)], index=rows)
         batch.records.update(self.spaces.vector_records(batch.appends))
         store.write(batch)

@@ -60,17 +60,29 @@ class MessageIndex(Part):
         return batch
 
     def rows(
-        self, space_id: str, changed: Changes, *, vouched_by: str = ""
+        self,
+        space_id: str,
+        changed: Changes,
+        *,
+        vouched_by: str = "",
+        verified: dict[bytes, bool] | None = None,
     ) -> tuple[IndexRows, list[Rejected]]:
         """Index rows for the keys an update changed, judged now (verified once, here;
-        ``vouched_by``: the device that signed the envelope, see ``model.judge``)."""
+        ``vouched_by``: the device that signed the envelope, see ``model.judge``;
+        ``verified``: signature checks run beforehand, ``model.signature_checks``)."""
         replica = self._spaces.space(space_id).replica
         d = self._directory
         rows: IndexRows = {}
         rejected: list[Rejected] = []
         for (map_name, key), value in changed.items():
             found = replica.judge_key(
-                map_name, key, d.any_signing_key, d.belongs, value, vouched_by=vouched_by
+                map_name,
+                key,
+                d.any_signing_key,
+                d.belongs,
+                value,
+                vouched_by=vouched_by,
+                verified=verified,
             )
             if found is None:  # the key was removed
                 rows[(space_id, map_name, key)] = None
