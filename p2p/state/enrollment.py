@@ -20,9 +20,12 @@ Rules:
 - A companion runs on a lease from its primary, renewed at every meeting; it shows its
   latest lease to peers, and companions refuse each other's expired leases.
 - A new companion gets an :class:`Enrollment`: the list, its first lease, and each
-  space with its keys and whole history; it applies the account space first (its
-  contact book says whom to follow), then each chat, in pieces no larger than an update
-  a peer could send (:func:`enrolled_history`).
+  space with its keys, and in memory (tests, ``p2p.testing``) each space's whole
+  history too; it applies the account space first (its contact book says whom to
+  follow), then each chat, in pieces no larger than an update a peer could send
+  (:func:`enrolled_history`). A real link carries no history in the bundle: the
+  primary sends it from its store and the new device writes it piece by piece
+  (``DeviceState.enrolling``, ``p2p.runtime.linking``).
 """
 
 from __future__ import annotations
