@@ -668,9 +668,8 @@ def test_a_new_device_verifies_every_entry_its_primary_did_not_write(threads: in
     from dataclasses import replace
     from functools import partial
 
-    from p2p.runtime.linking import _check_on_two_threads
-
     from p2p.proto.ysplit import split_update
+    from p2p.runtime.linking import _check_on_two_threads
     from p2p.storage.memory import MemoryStore
 
     phone, _ = DeviceState.create_account("phone")
