@@ -126,6 +126,7 @@ def trim_update(data: bytes, past: dict[int, int]) -> bytes | None:
 def _trim(data: bytes, past: dict[int, int]) -> bytes | None:
     blanks: Blanks = []
     sections: list[tuple[int, int, int, int, int]] = []  # count, client, clock, start, end
+    dropped = False
     clients, pos = _uvar(data, 0, _U32, blanks)
     for _ in range(clients):
         count, pos = _uvar(data, pos, _U32, blanks)
@@ -140,17 +141,24 @@ def _trim(data: bytes, past: dict[int, int]) -> bytes | None:
                     sections[-1] = (last[0] + 1, client, last[2], last[3], end)
                 else:
                     sections.append((1, client, clock, pos, end))
+            else:
+                dropped = True
             clock += length
             pos = end
     if not sections:
         return None
-    return _encode(data, sections, data[pos:])
+    if not dropped:  # the very bytes: a snapshot of 100 MB is not copied to send it
+        return data
+    view = memoryview(data)
+    return _encode(view, sections, view[pos:])
 
 
 def _encode(
-    data: bytes, sections: list[tuple[int, int, int, int, int]], delete_set: bytes
+    data: bytes | memoryview,
+    sections: list[tuple[int, int, int, int, int]],
+    delete_set: bytes | memoryview,
 ) -> bytes:
-    out = [encode_uvar(len(sections))]
+    out: list[bytes | memoryview] = [encode_uvar(len(sections))]
     for count, client, clock, start, end in sections:
         out += (encode_uvar(count), encode_uvar(client), encode_uvar(clock), data[start:end])
     out.append(delete_set)
