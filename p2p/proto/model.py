@@ -1274,7 +1274,7 @@ class _AsidePlan:
 
 
 def _advance(vector: bytes | None, ends: dict[int, int]) -> bytes:
-    clocks = decode_state_vector(vector or b"\x00")
+    clocks = decode_state_vector(vector or EMPTY_STATE_VECTOR)
     for client, end in ends.items():
         if end > clocks.get(client, 0):
             clocks[client] = end
@@ -1349,6 +1349,10 @@ def decode_state_vector(sv: bytes) -> dict[int, int]:
     if pos != len(sv):
         raise InvalidUpdate("?", "trailing bytes after the state vector")
     return out
+
+
+EMPTY_STATE_VECTOR: Final = b"\x00"
+"""The state vector of a replica holding nothing (no clients)."""
 
 
 def encode_state_vector(clocks: dict[int, int]) -> bytes:

@@ -69,7 +69,7 @@ from p2p.proto.identity import (
     short_id,
     verify,
 )
-from p2p.proto.model import MESSAGES, SignatureCheck
+from p2p.proto.model import EMPTY_STATE_VECTOR, MESSAGES, SignatureCheck
 from p2p.proto.pairing import (
     MAX_TTL_S,
     CheckCodeMismatch,
@@ -95,7 +95,6 @@ CONFIRM_TIMEOUT: Final = 300.0
 MAX_HISTORY: Final = 1 << 34
 MAX_VECTOR: Final = 512 * 1024
 """Largest state vector a new device may state for a space in ``lhave``."""
-EMPTY_VECTOR: Final = b"\x00"
 
 Progress = Callable[[int, int, int | None, int | None], None]
 """Called with (bytes done, bytes in all, messages done, messages in all) as history
@@ -273,7 +272,7 @@ async def approve(
     await persist(batch)
     # the account space first: the new device follows its contacts before judging chats
     spaces = sorted(bundle.enrolled, key=lambda s: s.kind != "account")
-    held = {s.id: have.get(s.id, EMPTY_VECTOR) for s in spaces}
+    held = {s.id: have.get(s.id, EMPTY_STATE_VECTOR) for s in spaces}
     plans = {s.id: await history.plan(s.id, held[s.id]) for s in spaces}
     keys = [
         [
@@ -382,6 +381,12 @@ def kept_history(store: Store, account_pk: bytes) -> dict[str, bytes]:
     return kept
 
 
+def _stored_of(store: Store, space_ids: set[str]) -> tuple[int, int]:
+    """The history bytes and messages ``store`` holds of these spaces."""
+    size = sum(store.space_bytes(space_id, 0) for space_id in space_ids)
+    return size, sum(store.index_count(space_id, MESSAGES) for space_id in space_ids)
+
+
 async def accept(
     keys: DeviceKeys,
     name: str,
@@ -444,15 +449,8 @@ async def accept(
     )
     state = await trio.to_thread.run_sync(DeviceState.enrolling, keys, name, bundle, store)
     # what an earlier attempt stored counts as done, in bytes and in messages
-    before = [
-        await trio.to_thread.run_sync(store.space_bytes, s, 0) if s in kept else 0 for s in sizes
-    ]
-    done = sum(before)
+    done, messages_done = await trio.to_thread.run_sync(_stored_of, store, kept.keys() & sizes)
     total = done + sum(size for size, _ in sizes.values())
-    messages_done = 0
-    for space_id in kept:
-        if space_id in sizes:
-            messages_done += await trio.to_thread.run_sync(store.index_count, space_id, MESSAGES)
     messages_total = sum(count for _, count in sizes.values())
     progress(done, total, messages_done, messages_total)
     kinds = {s.id: s.kind for s in spaces}

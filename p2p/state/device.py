@@ -45,12 +45,12 @@ from p2p.proto.identity import (
     parse_device_list,
 )
 from p2p.proto.model import (
+    EMPTY_STATE_VECTOR,
     MESSAGES,
     Entry,
     Kind,
     Message,
     SignatureCheck,
-    encode_state_vector,
     new_id,
     signature_checks,
 )
@@ -169,25 +169,12 @@ class DeviceState:
         cls, keys: DeviceKeys, name: str, bundle: Enrollment
     ) -> tuple[DeviceState, WriteBatch]:
         """A companion's state from the bundle its primary sent."""
-        device_list = parse_device_list(bundle.device_list, bundle.account_pk)
-        if keys.device_id not in device_list.ids:
-            raise DeviceListError("the enrollment's device list does not hold this device")
-        state = cls(keys=keys, name=name, device_list=device_list)
-        state.lease = bundle.lease
-        batches = [state._identity_batch(), WriteBatch(records={"device/lease": bundle.lease})]
-        for space in bundle.enrolled:
-            if space.kind not in ("account", "chat"):
-                raise DeviceListError(f"enrollment names an unknown space kind {space.kind!r}")
-            batches.append(
-                state.add_space(
-                    space.id,
-                    space.kind,  # type: ignore[arg-type]
-                    space.name,
-                    epoch=space.epoch,
-                    keys=space.keys,
-                    rotations=bundle.rotations.get(space.id),
-                )
-            )
+        state, added = cls._from_bundle(keys, name, bundle)
+        batches = [
+            state._identity_batch(),
+            WriteBatch(records={"device/lease": bundle.lease}),
+            *added.values(),
+        ]
         batches += enrolled_history(bundle, state.spaces, state.index, state.learn_contacts)
         batch = merge_batches(batches)
         batch.records.update(state.spaces.vector_records(batch.appends))  # see Spaces
@@ -210,29 +197,14 @@ class DeviceState:
           the home holds no linked device. ``bundle``'s histories are not read.
 
         Does I/O (a worker thread's job), unlike the rest of this class."""
-        device_list = parse_device_list(bundle.device_list, bundle.account_pk)
-        if keys.device_id not in device_list.ids:
-            raise DeviceListError("the enrollment's device list does not hold this device")
-        state = cls(keys=keys, name=name, device_list=device_list)
-        state.lease = bundle.lease
+        state, added = cls._from_bundle(keys, name, bundle)
         state.history = partial(stored_history, store)
         state.spaces.store = store
-        batches = [WriteBatch(records={"link/account": bundle.account_pk})]
-        for space in bundle.enrolled:
-            if space.kind not in ("account", "chat"):
-                raise DeviceListError(f"enrollment names an unknown space kind {space.kind!r}")
-            batch = state.add_space(
-                space.id,
-                space.kind,  # type: ignore[arg-type]
-                space.name,
-                epoch=space.epoch,
-                keys=space.keys,
-                rotations=bundle.rotations.get(space.id),
-            )
-            if store.log_seqs(space.id)[1] == 0:  # none of it here yet: an empty history
-                batch.records.update(vector_record(space.id, 0, encode_state_vector({}), {}))
-            batches.append(batch)
-        store.write(merge_batches(batches))
+        for space_id, batch in added.items():
+            if store.log_seqs(space_id)[1] == 0:  # none of it here yet: an empty history
+                batch.records.update(vector_record(space_id, 0, EMPTY_STATE_VECTOR, {}))
+        link = WriteBatch(records={"link/account": bundle.account_pk})
+        store.write(merge_batches([link, *added.values()]))
         for space in bundle.enrolled:  # each over the store now, its document unloaded
             state.spaces.load_space(store, space.id, required(store, f"space/{space.id}"))
         return state
@@ -300,6 +272,32 @@ class DeviceState:
                 WriteBatch(records={"device/lease": self.lease}, deletes=gone),
             ]
         )
+
+    @classmethod
+    def _from_bundle(
+        cls, keys: DeviceKeys, name: str, bundle: Enrollment
+    ) -> tuple[DeviceState, dict[str, WriteBatch]]:
+        """A companion's state from an enrollment bundle: its list (which must hold this
+        device) and lease, and each space added empty, with the batch keeping it (its
+        history is the caller's: in memory, or piece by piece)."""
+        device_list = parse_device_list(bundle.device_list, bundle.account_pk)
+        if keys.device_id not in device_list.ids:
+            raise DeviceListError("the enrollment's device list does not hold this device")
+        state = cls(keys=keys, name=name, device_list=device_list)
+        state.lease = bundle.lease
+        added = {}
+        for space in bundle.enrolled:
+            if space.kind not in ("account", "chat"):
+                raise DeviceListError(f"enrollment names an unknown space kind {space.kind!r}")
+            added[space.id] = state.add_space(
+                space.id,
+                space.kind,  # type: ignore[arg-type]
+                space.name,
+                epoch=space.epoch,
+                keys=space.keys,
+                rotations=bundle.rotations.get(space.id),
+            )
+        return state, added
 
     def _identity_batch(self) -> WriteBatch:
         records = {
