@@ -38,6 +38,7 @@ from p2p.proto.model import (
 )
 from p2p.proto.model import decode_state_vector as clocks
 from p2p.proto.wire import pack
+from p2p.proto.ysplit import split_update
 from p2p.runtime.node import Node
 from p2p.state.device import DeviceState, claim_run, merge_batches
 from p2p.state.spaces import stored_vector, vector_record
@@ -595,6 +596,101 @@ def test_updates_taken_without_the_document_change_what_the_document_would(seed:
     }
     if heads is not None:
         assert heads == whole
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_folded_snapshot_is_taken_piece_by_piece_without_the_document(seed: int) -> None:
+    """Seeded: two devices write over several runs each (a new CRDT client per run, as
+    ``crdt_client`` makes them): messages, edits, deletions, reactions and receipts
+    and read markers replacing their earlier ones, across runs. Their chat is folded
+    into one snapshot (replaced items become runs of deleted content) and cut into
+    small pieces. A replica new to the chat takes every piece without the document,
+    following the key chains, and ends with what loading the snapshot gives: the same
+    values, side heads and state vector."""
+    rng = random.Random(seed)
+    space = "s"
+    runs = {"a": 0, "b": 0}
+    prefix = {"a": 3, "b": 5}
+
+    def new_run(device: str, history: bytes) -> Replica:
+        runs[device] += 1
+        replica = Replica(space, client_id=(prefix[device] << 17) | runs[device])
+        if history:
+            replica.apply(history)
+        return replica
+
+    reference = Replica(space, client_id=99)
+    writers = {d: new_run(d, b"") for d in runs}
+    messages: list[str] = []
+    for step in range(120):
+        device = rng.choice(list(runs))
+        if rng.random() < 0.08:  # the device restarts: its next writes are a new client
+            writers[device] = new_run(device, reference.snapshot())
+        roll = rng.random()
+        if roll < 0.35 or not messages:
+            entry = _entry("msg", device, step)
+            messages.append(entry.id)
+        elif roll < 0.55:
+            entry = _entry("rcpt", device, step)
+        elif roll < 0.7:
+            entry = _entry("read", device, step)
+        elif roll < 0.85:
+            entry = _entry("react", device, step, target=rng.choice(messages[:4]))
+        elif roll < 0.93:
+            entry = _entry("edit", device, step, target=rng.choice(messages))
+        else:
+            entry = _entry("del", device, step, target=rng.choice(messages))
+        update = writers[device].write([entry])
+        reference.apply(update)
+        for other, replica in writers.items():
+            if other != device:
+                replica.apply(update)
+    snapshot = reference.snapshot()
+    pieces = list(split_update(snapshot, 400))
+    assert len(pieces) > 10
+    taker = _Lazy(space, 77, set())
+    assert taker.replica.follow_chains()
+    for piece in pieces:
+        taker.ingest(piece)
+    assert taker.loads == 0, "every piece taken without the document"
+    assert clocks(taker.replica.state_vector()) == clocks(reference.state_vector())
+    heads = taker.replica.known_heads()
+    assert heads == side_heads(snapshot)
+    taker.replica.load()
+    for name in (*INDEXED, *SIDE):
+        assert dict(taker.replica.entries(name)) == dict(reference.entries(name)), name
+        assert {k for m, k in taker.indexed if m == name} == (
+            {k for k, _ in reference.entries(name)} if name in INDEXED else set()
+        ), name
+
+
+def test_a_chain_that_forks_or_deletes_a_value_needs_the_document() -> None:
+    """What the key chains cannot name goes to the document, and changes nothing
+    before: an item following one that is not the tail of its key (two devices
+    replacing the same receipt at once), and a delete set naming a value."""
+    space = "s"
+    base = Replica(space, client_id=1)
+    first = base.write([_entry("read", "a", 1)])
+    left, right = Replica(space, client_id=2), Replica(space, client_id=3)
+    for r in (left, right):
+        r.apply(first)
+    fork_a = left.write([_entry("read", "a", 2)])
+    fork_b = right.write([_entry("read", "a", 3)])
+    taker = _Lazy(space, 77, set())
+    assert taker.replica.follow_chains()
+    taker.ingest(first)
+    taker.ingest(fork_a)
+    vector = taker.replica.state_vector()
+    with pytest.raises(DocumentNeeded):
+        taker.replica.apply(fork_b, held=taker.held)
+    assert taker.replica.state_vector() == vector
+    message = base.write([_entry("msg", "a", 4)])
+    taker.ingest(message)
+    clock = clocks(base.state_vector())[1] - 1  # the message's item
+    erase = bytes([0, 1, 1, 1, clock, 1])  # no structs; delete set: client 1, that clock
+    with pytest.raises(DocumentNeeded):
+        taker.replica.apply(erase, held=taker.held)
+    assert not taker.replica.loaded
 
 
 def test_what_only_the_document_knows_makes_it_load_and_changes_nothing() -> None:

@@ -33,6 +33,7 @@ import bisect
 import hashlib
 import operator
 import os
+from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
@@ -409,6 +410,8 @@ UNREAD: Final = _Unread()
 """A changed key whose new value was not seen: read it from the document."""
 Changes = dict[tuple[str, str], Any]
 """(map, key) -> the key's new value (None once removed, UNREAD if not seen)."""
+_DELETED_CONTENT: Final = 1
+"""The content kind of a run of deleted items (``p2p.proto.yupdate``'s numbering)."""
 _EVERY: Final = ("*", "*")
 """Marks changes whose keys could not be read (see ``_KeyWatch``)."""
 
@@ -525,6 +528,9 @@ class Replica:
         self._watch = _KeyWatch()
         self._new_doc()
         self._verified: dict[bytes, bool] = {}
+        self._chains: KeyChains | None = None
+        """Followed while a history is taken from empty without the document."""
+        self._chains_lost = False
         self._loading = False
         self._latest_ts = ""
         self._scanned = False
@@ -595,6 +601,9 @@ class Replica:
                 if check is not None:
                     check()
                 self._built = True
+                if self._chains is not None and self._chains.waiting:
+                    self._chains_lost = True  # yrs integrates them unwatched: see above
+                self._chains = None  # the document knows every chain now
             finally:
                 self._loading = False
         if finish:
@@ -626,6 +635,7 @@ class Replica:
         The caller keeps the rule that makes this safe: everything the document holds
         is durable (nothing of this space waits for the store), so loading it again
         gives the same document, and our CRDT client's clock goes on where it was."""
+        self._chains, self._chains_lost = None, False  # the caller is done taking it
         if self._source is not None or self._origin is None or self._loading:
             return False
         if self._held or self._unsettled:
@@ -956,8 +966,19 @@ class Replica:
         return None
 
     def known_heads(self) -> Heads | None:
-        """The side heads (for the store's record), None while unknown."""
-        return None if self._heads is None else dict(self._heads)
+        """The side heads (for the store's record), None while unknown (or while an
+        item taken by the key chains waits: it may yet be a side value)."""
+        if self._heads is None or (self._chains is not None and self._chains.waiting):
+            return None
+        return dict(self._heads)
+
+    @property
+    def chains_unresolved(self) -> bool:
+        """Whether items taken by the key chains (:meth:`follow_chains`) are left
+        waiting for an item that never came, or the document loaded while some
+        waited: their keys' values are then known only to the document (the caller
+        builds the index from it)."""
+        return self._chains_lost or (self._chains is not None and bool(self._chains.waiting))
 
     def _aside_plan(
         self, update: bytes, deps: Deps, held: HeldKeys, *, others: bool
@@ -997,6 +1018,8 @@ class Replica:
             if st.client not in plan.ends and st.clock != known.get(st.client, 0):
                 return None  # a gap, or a struct we hold in part
             plan.ends[st.client] = st.clock + st.length
+        if self._chains is not None:
+            return self._chain_plan(plan, structs, deleted, self._chains, held, others=others)
         by_id = {(h[0], h[1]): k for k, h in self._heads.items()}
         for st in structs:
             if not st.single_value or st.right is not None or st.parent_id is not None:
@@ -1027,6 +1050,122 @@ class Replica:
             return None
         return plan
 
+    def follow_chains(self) -> bool:
+        """Start following every key's chain of items (:class:`KeyChains`), for a
+        history taken from empty without the document (a link's pieces). Whether it
+        started: only while nothing is held here (the chains must hold every item);
+        they end when the document loads or the replica unloads."""
+        if self._chains is not None:
+            return True
+        if self._source is None or self._built or self._heads != {}:
+            return False
+        if decode_state_vector(self._known_sv or EMPTY_STATE_VECTOR):
+            return False
+        self._chains = KeyChains()
+        return True
+
+    def _chain_plan(
+        self,
+        plan: _AsidePlan,
+        structs: list[Struct],
+        deleted: list[tuple[int, int, int]],
+        chains: KeyChains,
+        held: HeldKeys,
+        *,
+        others: bool,
+    ) -> _AsidePlan | None:
+        """:meth:`_aside_plan` where every item here is known (:class:`KeyChains`):
+        each struct is one value or a run of deleted content, and follows its key's
+        tail (or opens a key that has none). An item that follows the tail lands
+        rightmost in its key's list, where yrs keeps a map key's value: a live one is
+        the value (replacing a live tail of a side map as a side head is replaced),
+        a deleted one changes nothing. An item following one not here yet waits for
+        it (yrs holds it back the same way), and is placed when it comes. The delete
+        set may name only runs of deleted content and the side heads replaced. So a
+        folded snapshot (whose replaced items are runs of deleted content, each chain
+        ending in its key's value) is taken piece by piece; anything else (a fork, a
+        value deleted, an item following a message) is left to the document."""
+        update = plan.update
+        known = decode_state_vector(self._known_sv or EMPTY_STATE_VECTOR)
+        here = dict(known)  # what is here: held before, or met in this update so far
+        tails: dict[tuple[str, str], tuple[ItemId, bool]] = {}
+        keys_at: dict[ItemId, tuple[str, str] | None] = {}
+        dead: DeadRuns = {}
+        waiting = {origin: list(items) for origin, items in chains.waiting.items()}
+        waits_at = set(chains.waits_at)
+
+        def key_at(item: ItemId) -> tuple[str, str] | None:
+            return keys_at[item] if item in keys_at else chains.keys_at.get(item)
+
+        def place(item: Waiting, map_key: tuple[str, str]) -> bool:
+            """Put ``item`` at the end of ``map_key``'s list, then what waited for it."""
+            todo = [(item, map_key)]
+            while todo:
+                item, map_key = todo.pop()
+                tail = tails.get(map_key) or chains.tails.get(map_key)
+                if (item.origin is None) != (tail is None):
+                    return False  # a second first item of the key: a fork
+                if tail is not None and tail[1]:  # follows a value: replaces it
+                    if item.dead or map_key[0] not in SIDE:
+                        return False  # removes a value, or replaces an indexed one
+                    plan.replaced.add(tail[0])
+                if not item.dead:
+                    if map_key[0] in INDEXED:
+                        if map_key in plan.values or (others and map_key[0] == DELETIONS):
+                            return False
+                    elif map_key[0] not in SIDE:
+                        return False
+                    plan.values[map_key] = (item.first, item.value)
+                if item.dead or map_key[0] != MESSAGES:  # a message is never followed
+                    if tail is not None:
+                        keys_at[tail[0]] = None
+                    tails[map_key] = (item.last, not item.dead)
+                    keys_at[item.last] = map_key
+                    waits_at.discard(item.last)
+                    todo += [(w, map_key) for w in waiting.pop(item.last, [])]
+            return True
+
+        for st in structs:
+            is_dead = st.kind == _DELETED_CONTENT
+            if st.right is not None or st.parent_id is not None:
+                return None
+            if not is_dead and not st.single_value:
+                return None
+            item = Waiting(
+                first=st.id,
+                last=(st.client, st.clock + st.length - 1),
+                origin=st.origin,
+                dead=is_dead,
+                value=None if is_dead else value_at(update, st.values_at),
+            )
+            if is_dead:
+                _add_run(dead, st.client, st.clock, st.clock + st.length)
+            here[st.client] = st.clock + st.length
+            if st.origin is None:
+                if st.key is None or st.name not in MAPS:
+                    return None
+                if not place(item, (st.name, st.key)):
+                    return None
+            elif (found := key_at(st.origin)) is not None:
+                if not place(item, found):
+                    return None
+            elif st.origin in waits_at or st.origin[1] >= here.get(st.origin[0], 0):
+                waiting.setdefault(st.origin, []).append(item)  # its origin is not here yet
+                waits_at.add(item.last)
+            else:
+                return None  # follows an item that ends no list: a fork, or a message
+        for client, clock, length in deleted:
+            if not (
+                (length == 1 and (client, clock) in plan.replaced)
+                or chains.dead_holds(client, clock, clock + length, dead)
+            ):
+                return None
+        indexed = [k for k in plan.values if k[0] in INDEXED]
+        if indexed and held(indexed):
+            return None
+        plan.chains = ChainsLearnt(tails, keys_at, dead, waiting, waits_at)
+        return plan
+
     def _apply_aside(self, plan: _AsidePlan, clients: frozenset[int]) -> Applied:
         update = plan.update
         # known before this update's messages, which are noted below: what the index
@@ -1037,7 +1176,14 @@ class Replica:
         assert heads is not None
         for map_key, st in plan.side.items():
             heads[map_key] = (st.client, st.clock, value_at(update, st.values_at))
+        for map_key, ((client, clock), value) in plan.values.items():  # by the key chains
+            if map_key[0] in INDEXED:
+                changed[map_key] = value
+            else:
+                heads[map_key] = (client, clock, value)
         self._known_sv = _advance(self._known_sv, plan.ends)
+        if self._chains is not None and plan.chains is not None:
+            self._chains.take(plan.chains)
         self._note_changes(changed)
         return Applied(changed=changed, clients=clients)
 
@@ -1271,6 +1417,104 @@ class _AsidePlan:
     """Per client, the clock its structs here end at."""
     update: bytes = b""
     """The update as applied (without the structs held already)."""
+    values: dict[tuple[str, str], tuple[ItemId, Any]] = field(default_factory=dict)
+    """Keys given a value by the key chains, with the item holding it."""
+    chains: ChainsLearnt | None = None
+    """What the update teaches the key chains (see ``Replica._chain_plan``)."""
+
+
+class KeyChains:
+    """What a replica that took its history from empty without the document knows of
+    each key's list of items: which item ends it (its *tail*), whether that one is the
+    key's value, and which clock ranges hold deleted content.
+
+    Why: a folded snapshot (``Replica.snapshot`` of a document that collects garbage)
+    keeps a replaced receipt, read marker or reaction as a run of deleted content in
+    its key's list, and the key's value as the last item. Only the first item of a
+    list names its key; the others follow the item before them (their origin), often
+    in an earlier piece. Knowing the tails, a receiver names each item's key as it
+    comes and takes the snapshot a piece at a time; the memory is one tail per key
+    that was ever replaced (a message is never followed, so it is not kept) and one
+    range per run of deleted content."""
+
+    __slots__ = ("_dead", "keys_at", "tails", "waiting", "waits_at")
+
+    def __init__(self) -> None:
+        self.tails: dict[tuple[str, str], tuple[ItemId, bool]] = {}
+        """(map, key) -> (the last id of its list's last item, whether it is the value)."""
+        self.keys_at: dict[ItemId, tuple[str, str]] = {}
+        """The same, from the tail's id."""
+        self._dead: DeadRuns = {}
+        """Per client, the clock ranges of deleted content."""
+        self.waiting: dict[ItemId, list[Waiting]] = {}
+        """Items whose origin is not here yet, by that origin (few: an item replacing
+        one of a client listed later, such as another device's reaction)."""
+        self.waits_at: set[ItemId] = set()
+        """The last ids of the waiting items (an item may follow one that waits)."""
+
+    def take(self, learnt: ChainsLearnt) -> None:
+        """Learn what an update applied without the document brought."""
+        self.tails.update(learnt.tails)
+        for item, map_key in learnt.keys_at.items():
+            if map_key is None:
+                self.keys_at.pop(item, None)
+            else:
+                self.keys_at[item] = map_key
+        for client, ranges in learnt.dead.items():
+            for at in range(0, len(ranges), 2):
+                _add_run(self._dead, client, ranges[at], ranges[at + 1])
+        self.waiting, self.waits_at = learnt.waiting, learnt.waits_at
+
+    def dead_holds(self, client: int, start: int, end: int, more: DeadRuns) -> bool:
+        """Whether clocks ``start``..``end`` of ``client`` are all deleted content, known
+        here or in ``more`` (an update's own runs)."""
+        known = self._dead.get(client)
+        extra = more.get(client)
+        reach = start
+        while reach < end:
+            for ranges in (known, extra):
+                if ranges is not None:
+                    at = bisect.bisect_right(ranges, reach) - 1
+                    if at >= 0 and at % 2 == 0 and ranges[at + 1] > reach:
+                        reach = ranges[at + 1]
+                        break
+            else:
+                return False
+        return True
+
+
+@dataclass(slots=True)
+class Waiting:
+    """An item whose key is not known yet (see :class:`KeyChains`)."""
+
+    first: ItemId
+    last: ItemId
+    origin: ItemId | None
+    dead: bool
+    value: Any
+
+
+@dataclass(slots=True)
+class ChainsLearnt:
+    """What one update teaches :class:`KeyChains` (kept apart until it is applied)."""
+
+    tails: dict[tuple[str, str], tuple[ItemId, bool]]
+    keys_at: dict[ItemId, tuple[str, str] | None]
+    dead: DeadRuns
+    waiting: dict[ItemId, list[Waiting]]
+    waits_at: set[ItemId]
+
+
+DeadRuns = dict[int, "array[int]"]
+"""Per client, clock ranges as [start, end, ...] in increasing order, adjacent ones merged."""
+
+
+def _add_run(runs: DeadRuns, client: int, start: int, end: int) -> None:
+    ranges = runs.setdefault(client, array("q"))
+    if ranges and ranges[-1] == start:
+        ranges[-1] = end
+    else:
+        ranges.extend((start, end))
 
 
 def _advance(vector: bytes | None, ends: dict[int, int]) -> bytes:

@@ -19,6 +19,7 @@ walk trusts it; a malformed update raises InvalidUpdate all the same (it cannot 
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterator
 from typing import Final
 
@@ -62,7 +63,14 @@ def split_update(data: bytes, limit: int) -> Iterator[bytes]:
     An update that fits is yielded as it is (a small catch-up costs nothing more). A
     single struct larger than ``limit`` goes alone in a piece that exceeds it: the
     caller's envelope then refuses it, as it refused the whole update before (our
-    entries are bounded far below any limit used here)."""
+    entries are bounded far below any limit used here).
+
+    The pieces take the clients in increasing order of client id, whatever order the
+    update lists them in (yrs lists the highest first). A device's runs write as
+    increasing client ids (``p2p.state.spaces.crdt_client``), so an item that replaces
+    one its device wrote in an earlier run comes after the item it follows: a receiver
+    taking a folded snapshot's pieces without the document can then name every item's
+    key as it comes (``p2p.proto.model.Replica``, "key chains")."""
     if len(data) <= limit:
         yield data
         return
@@ -74,15 +82,23 @@ def split_update(data: bytes, limit: int) -> Iterator[bytes]:
 
 def _split(data: bytes, limit: int) -> Iterator[bytes]:
     blanks: Blanks = []  # required by the readers; not needed here
-    sections: list[tuple[int, int, int, int, int]] = []  # count, client, clock, start, end
-    used = 1 + len(EMPTY_DELETE_SET)
+    found: list[tuple[int, int, int, array[int], array[int]]] = []
     clients, pos = _uvar(data, 0, _U32, blanks)
-    for _ in range(clients):
+    for _ in range(clients):  # where each struct ends, and its length, per client
         count, pos = _uvar(data, pos, _U32, blanks)
         client, pos = _uvar(data, pos, _CLIENT, blanks)
         clock, pos = _uvar(data, pos, _U32, blanks)
+        ends, lengths = array("q"), array("q")
+        found.append((client, clock, pos, ends, lengths))
         for _ in range(count):
-            end, length = _struct(data, pos, blanks)
+            pos, length = _struct(data, pos, blanks)
+            ends.append(pos)
+            lengths.append(length)
+    delete_set = data[pos:]
+    sections: list[tuple[int, int, int, int, int]] = []  # count, client, clock, start, end
+    used = 1 + len(EMPTY_DELETE_SET)
+    for client, clock, pos, ends, lengths in sorted(found, key=lambda run: run[0]):
+        for end, length in zip(ends, lengths, strict=True):
             size = end - pos
             last = sections[-1] if sections else None
             joins = last is not None and last[1] == client and last[4] == pos
@@ -99,7 +115,6 @@ def _split(data: bytes, limit: int) -> Iterator[bytes]:
             used += grow
             clock += length
             pos = end
-    delete_set = data[pos:]
     if used - len(EMPTY_DELETE_SET) + len(delete_set) <= limit:
         yield _encode(data, sections, delete_set)
         return

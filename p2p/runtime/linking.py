@@ -465,7 +465,7 @@ async def accept(
                 raise HandshakeFailed("a history piece for no space of the enrollment")
             if space_id != current:
                 if current:  # one document at most stays loaded: the space in progress
-                    state.space(current).replica.unload()
+                    await trio.to_thread.run_sync(state.space_taken, current, store)
                 if kinds[space_id] != "account" and (not current or kinds[current] == "account"):
                     # the account space is in: follow our contacts before judging chats
                     await trio.to_thread.run_sync(store.write, state.learn_contacts())
@@ -478,7 +478,7 @@ async def accept(
     finally:
         helper.shutdown(wait=False, cancel_futures=True)
     if current:
-        state.space(current).replica.unload()
+        await trio.to_thread.run_sync(state.space_taken, current, store)
     await trio.to_thread.run_sync(store.write, state.finish_enrollment(store))
     progress(total, total, messages_done, messages_total)
     await conn.send(box.seal(encode_frame("ldone", n=done)))

@@ -232,7 +232,10 @@ class DeviceState:
         space = self.spaces.space(space_id)
         replica = space.replica
         try:
-            held = None if replica.loaded else partial(store.index_held, space_id)
+            held = None
+            if not replica.loaded:
+                held = partial(store.index_held, space_id)
+                replica.follow_chains()  # a space new here: a folded snapshot's pieces too
             applied = replica.apply(piece, held=held)
         except DocumentNeeded:
             applied = replica.apply(piece)
@@ -252,6 +255,17 @@ class DeviceState:
         store.write(batch)
         space.appended()
         return sum(1 for (_, m, _), row in rows.items() if m == MESSAGES and row is not None)
+
+    def space_taken(self, space_id: str, store: Store) -> None:
+        """A space's pieces are all in (see :meth:`enroll_piece`): drop its document.
+        Should items taken without it have waited for one that never came (or the
+        document loaded while some waited), the keys they hold are not indexed: the
+        space's index is marked incomplete, and built from the document when the
+        node opens (``DeviceState.load``). A worker thread's job: it writes."""
+        replica = self.spaces.space(space_id).replica
+        if replica.chains_unresolved:
+            store.write(WriteBatch(deletes={f"indexed/{space_id}"}))
+        replica.unload()
 
     def finish_enrollment(self, store: Store) -> WriteBatch:
         """The last batch of a link (see :meth:`enrolling`): the device's own records
