@@ -38,7 +38,8 @@ from p2p.proto.model import (
 )
 from p2p.proto.model import decode_state_vector as clocks
 from p2p.proto.wire import pack
-from p2p.proto.ysplit import split_update
+from p2p.proto.ysplit import split_update, trim_update
+from p2p.proto.yupdate import strip_deletions
 from p2p.runtime.node import Node
 from p2p.state.device import DeviceState, claim_run, merge_batches
 from p2p.state.spaces import stored_vector, vector_record
@@ -691,6 +692,39 @@ def test_a_chain_that_forks_or_deletes_a_value_needs_the_document() -> None:
     with pytest.raises(DocumentNeeded):
         taker.replica.apply(erase, held=taker.held)
     assert not taker.replica.loaded
+
+
+def test_an_item_waits_for_the_item_it_follows_and_its_key_is_known_once_it_comes() -> None:
+    """A read marker replaced in a later run (a higher client) comes first: it waits,
+    unindexed and out of the side heads (which are not stated meanwhile), and takes
+    its key when the item it follows arrives. Were the document to load while it
+    waits, the chains say so (its key then changes unwatched: the index is rebuilt)."""
+    space = "s"
+    first_run = Replica(space, client_id=1)
+    second_run = Replica(space, client_id=2)
+    second_run.apply(first_run.write([_entry("read", "a", 1)]))
+    second_run.write([_entry("read", "a", 2)])
+    folded = second_run.snapshot()  # the first marker is a run of deleted content now
+    replaced = strip_deletions(trim_update(folded, {1: 1}) or b"", lambda _: False)
+    opened = trim_update(folded, {2: 1}) or b""  # with the delete set
+    for load_while_waiting in (False, True):
+        taker = _Lazy(space, 77, set())
+        assert taker.replica.follow_chains()
+        applied = taker.ingest(replaced)
+        assert applied.changed == {} and taker.aside == 1
+        assert taker.replica.known_heads() is None
+        assert taker.replica.chains_unresolved
+        if load_while_waiting:
+            taker.replica.load()
+            taker.ingest(opened)
+            assert taker.replica.chains_unresolved  # the index must be built again
+            continue
+        taker.ingest(opened)
+        assert taker.aside == 2 and not taker.replica.chains_unresolved
+        heads = taker.replica.known_heads()
+        assert heads is not None and heads[(READ_MARKERS, "a")][2]["ts"] == format_ts(1002, 0)
+        taker.replica.unload()
+        assert not taker.replica.chains_unresolved
 
 
 def test_what_only_the_document_knows_makes_it_load_and_changes_nothing() -> None:
