@@ -38,6 +38,7 @@ from p2p.proto.model import (
 )
 from p2p.proto.model import decode_state_vector as clocks
 from p2p.proto.wire import pack
+from p2p.proto.ysplit import split_update
 from p2p.runtime.node import Node
 from p2p.state.device import DeviceState, claim_run, merge_batches
 from p2p.state.spaces import stored_vector, vector_record
@@ -684,7 +685,8 @@ def test_live_messages_and_receipts_load_no_chat(homes: list[Path]) -> None:
     trio.run(main)
 
 
-def test_a_catch_up_from_the_store_brings_what_the_document_diff_brings() -> None:
+@pytest.mark.parametrize("part", [1 << 20, 256], ids=["one-part", "parts"])
+def test_a_catch_up_from_the_store_brings_what_the_document_diff_brings(part: int) -> None:
     """Answered from the store (snapshot, then a page of stored updates at a time,
     each trimmed to what the peer lacks), a catch-up leaves the peer with the document
     the whole diff leaves it with, in about as many bytes, starting past every stored
@@ -701,7 +703,9 @@ def test_a_catch_up_from_the_store_brings_what_the_document_diff_brings() -> Non
         store.write(batch)
         if i == 19:  # the first half folded into a snapshot
             space = state.spaces[chat]
-            store.compact(chat, space.replica.snapshot(), store.log_seqs(chat)[1])
+            parts = [bytes(p) for p in split_update(space.replica.snapshot(), part)]
+            assert (len(parts) > 1) == (part == 256)
+            store.compact(chat, parts, store.log_seqs(chat)[1])
     whole = state.spaces[chat].replica
     last = store.log_seqs(chat)[1]
     store.write(WriteBatch(records=vector_record(chat, last, whole.state_vector())))

@@ -20,6 +20,7 @@ import p2p
 from p2p.errors import HandshakeFailed, RemovedDevice, RollbackRefused, UnknownKey
 from p2p.proto.identity import DeviceKeys
 from p2p.proto.pairing import PairingCode, check_code, same_check_code
+from p2p.proto.ysplit import split_update
 from p2p.state.device import NOTES, DeviceState
 from p2p.testing.sessions import Pair
 
@@ -640,7 +641,9 @@ def test_a_compacted_history_with_edits_and_deletions_links_exactly(
     try:  # fold the family chat into a snapshot, as the writer does after many updates
         state = DeviceState.load(store)
         replica = state.space(family).replica
-        store.compact(family, replica.snapshot(), store.log_seqs(family)[1])
+        parts = [bytes(p) for p in split_update(replica.snapshot(), 1024)]  # several
+        assert len(parts) > 1
+        store.compact(family, parts, store.log_seqs(family)[1])
     finally:
         store.close()
     loads.clear()
