@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import random
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from p2p.proto.ysplit import split_update
 from p2p.runtime.node import Node
 from p2p.state.device import DeviceState, claim_run, merge_batches
 from p2p.state.spaces import stored_vector, vector_record
-from p2p.storage.base import WriteBatch
+from p2p.storage.base import SpaceLog, WriteBatch
 from p2p.storage.memory import MemoryStore
 from p2p.storage.sqlite import SqliteStore
 from p2p.testing import provision_account, provision_homes
@@ -727,6 +727,67 @@ def test_a_catch_up_from_the_store_brings_what_the_document_diff_brings(part: in
         raw = len(whole.diff(vector)) if held < 40 else 0
         assert sum(map(len, pieces)) <= 1.05 * raw + 16 * len(pieces), held
         assert (held >= 20) == (start > 0), held  # past the snapshot once held whole
+
+
+class _PartReader(MemoryStore):
+    """A store that records the snapshot parts read and can compact the chat again
+    right after part 1 is read (as the writer may, in another worker thread)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts_read: list[int] = []
+        self.after_part_1: Callable[[], None] | None = None
+
+    def snapshot_part(self, space: str, part: int) -> tuple[int, bytes] | None:
+        read = super().snapshot_part(space, part)
+        self.parts_read.append(part)
+        if part == 1 and self.after_part_1 is not None:
+            then, self.after_part_1 = self.after_part_1, None
+            then()
+        return read
+
+    def load_space(self, space: str) -> SpaceLog:
+        raise AssertionError("a catch-up from the store read the whole snapshot")
+
+
+@pytest.mark.parametrize("new_part", [128, 1 << 20], ids=["more-parts", "one-part"])
+def test_a_catch_up_from_the_store_reads_one_part_at_a_time_and_survives_a_compaction(
+    new_part: int,
+) -> None:
+    """A catch-up answered from the store takes the snapshot a part at a time, never
+    the whole of it. When the chat is compacted again between two parts (into more
+    parts, or fewer), what the peer gets is still the whole chat: the parts are read
+    again from the new snapshot's first, not mixed with the old one's."""
+    store = _PartReader()
+    state, batch = DeviceState.create_account("phone")
+    store.write(batch)
+    chat = next(s.id for s in state.spaces.values() if s.kind == "chat")
+    for i in range(40):
+        entry = state.new_entry(chat, "msg", 1000 + i, body=f"m{i} " + "x" * 40)
+        store.write(state.write_local(chat, [entry])[1])
+        if i == 19:
+            parts = [bytes(p) for p in split_update(state.spaces[chat].replica.snapshot(), 256)]
+            store.compact(chat, parts, store.log_seqs(chat)[1])
+    whole = state.spaces[chat].replica
+    last = store.log_seqs(chat)[1]
+    store.write(WriteBatch(records=vector_record(chat, last, whole.state_vector())))
+    assert len(MemoryStore.load_space(store, chat).snapshot_parts) > 2
+
+    def compact_again() -> None:
+        snapshot = whole.snapshot()
+        store.compact(chat, [bytes(p) for p in split_update(snapshot, new_part)], last)
+
+    store.after_part_1 = compact_again
+    reopened = DeviceState.load(store)
+    peer = Replica(chat, client_id=7)
+    vector = peer.state_vector()
+    for piece in reopened.stored_pieces(chat, vector, None, 0, 1024):
+        peer.apply(piece)
+    assert store.after_part_1 is None  # the compaction came between two parts
+    # part 2 is the new snapshot's (another seq) or none (fewer parts): from 0 again
+    assert store.parts_read[:4] == [0, 1, 2, 0]
+    assert clocks(peer.state_vector()) == clocks(whole.state_vector())
+    assert sorted(peer.entries(MESSAGES)) == sorted(whole.entries(MESSAGES))
 
 
 def test_an_unloaded_chat_is_not_folded_into_a_snapshot(
