@@ -31,10 +31,10 @@ the rows, have no target); the partial index
 ``entries_hidden`` lists hidden entries without reading the shown ones. Schema version 1
 (no index) is migrated on open: the table is created empty, and
 ``p2p.state.device.DeviceState.load`` fills it for every space without an ``indexed/<space>``
-record. Schema version 2 (one snapshot row per space, ``snapshots(space TEXT PRIMARY
-KEY, seq, data)``) is migrated on open: each snapshot becomes part 0 of its space, one
-large part that still loads and is sent as before, until the next compaction writes
-bounded parts.
+record. Schema versions 1 and 2 (one snapshot row per space, ``snapshots(space TEXT
+PRIMARY KEY, seq, data)``) are migrated on open, in one transaction: each snapshot
+becomes part 0 of its space, one large part that still loads and is sent as before,
+until the next compaction writes bounded parts.
 
 Durability: WAL journal, ``synchronous=FULL`` by default, and every ``write`` and
 ``compact`` is a single ``BEGIN IMMEDIATE ... COMMIT``. With FULL, SQLite syncs the WAL
@@ -45,7 +45,8 @@ may lose the last commits on power loss; only use it where that is acceptable.
 Bad input: the file on disk is input too. Opening refuses, with
 :class:`~p2p.errors.StoreCorrupt` naming the path, a file that is not SQLite, a database
 of another schema version or without our tables, and one that fails ``quick_check``.
-Values read back are type-checked, and a space's log must be contiguous. No raw
+Values read back are type-checked, a space's log must be contiguous, and its snapshot's
+parts must state one seq and be numbered without a gap. No raw
 ``sqlite3`` exception ever leaves this module: they become :class:`~p2p.errors.StoreError`.
 """
 
