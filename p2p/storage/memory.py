@@ -219,7 +219,7 @@ class _Space:
     """One space's log: a snapshot (its parts) standing for seqs 1..snapshot_seq, then
     the tail."""
 
-    snapshot: list[bytes] = field(default_factory=list)
+    parts: list[bytes] = field(default_factory=list)
     snapshot_seq: int = 0
     updates: list[bytes] = field(default_factory=list)
 
@@ -316,7 +316,7 @@ class MemoryStore(MessagePages):
         with state.lock:
             sp = state.spaces.get(space) or _Space()
             return SpaceLog(
-                snapshot_parts=list(sp.snapshot),
+                snapshot_parts=list(sp.parts),
                 snapshot_seq=sp.snapshot_seq,
                 updates=list(sp.updates),  # a copy: the caller may consume or extend it
                 last_seq=sp.last_seq,
@@ -359,7 +359,7 @@ class MemoryStore(MessagePages):
         state = self._open_state()
         with state.lock:
             sp = state.spaces.get(space) or _Space()
-            return (sp.snapshot_seq, sp.snapshot[part]) if part < len(sp.snapshot) else None
+            return (sp.snapshot_seq, sp.parts[part]) if part < len(sp.parts) else None
 
     def space_bytes(self, space: str, after_seq: int) -> int:
         """Bytes of the updates after ``after_seq`` (0: the snapshot too)."""
@@ -370,7 +370,7 @@ class MemoryStore(MessagePages):
             at = max(after_seq - sp.snapshot_seq, 0)
             size = sum(map(len, sp.updates[at:]))
             if after_seq == 0:
-                size += sum(map(len, sp.snapshot))
+                size += sum(map(len, sp.parts))
         return size
 
     def index_count(self, space: str, map_name: str) -> int:
@@ -434,7 +434,7 @@ class MemoryStore(MessagePages):
             sp = state.spaces.get(space) or _Space()
             check_compact(sp.snapshot_seq, sp.last_seq, upto_seq, space)
             del sp.updates[: upto_seq - sp.snapshot_seq]
-            sp.snapshot = data
+            sp.parts = data
             sp.snapshot_seq = upto_seq
             state.spaces[space] = sp
 
