@@ -74,14 +74,17 @@ def build(home: Path, n: int, *, seed: int = 4) -> dict[str, Any]:
 
 
 def compacted_copy(home: Path, copy: Path, space: str, snapshot: bytes) -> None:
-    """``copy``: the same home after the node's compaction (one snapshot, empty tail)."""
+    """``copy``: the same home after the node's compaction (one snapshot, in parts as
+    the node stores it, and an empty tail)."""
+    from p2p.proto.ysplit import split_update
     from p2p.runtime.home import open_home_store
+    from p2p.storage.base import SNAPSHOT_PART
 
     shutil.copytree(home, copy)
     store = open_home_store(copy)
     try:
-        last = store.load_space(space).last_seq
-        store.compact(space, snapshot, last)
+        last = store.log_seqs(space)[1]
+        store.compact(space, [bytes(p) for p in split_update(snapshot, SNAPSHOT_PART)], last)
     finally:
         store.close()
 

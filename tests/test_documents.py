@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import random
 import sqlite3
-from collections.abc import AsyncIterator
+import tracemalloc
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from p2p.proto.yupdate import strip_deletions
 from p2p.runtime.node import Node
 from p2p.state.device import DeviceState, claim_run, merge_batches
 from p2p.state.spaces import stored_vector, vector_record
-from p2p.storage.base import WriteBatch
+from p2p.storage.base import SpaceLog, WriteBatch
 from p2p.storage.memory import MemoryStore
 from p2p.storage.sqlite import SqliteStore
 from p2p.testing import provision_account, provision_homes
@@ -711,7 +712,8 @@ def test_an_item_waits_for_the_item_it_follows_and_its_key_is_known_once_it_come
         taker = _Lazy(space, 77, set())
         assert taker.replica.follow_chains()
         applied = taker.ingest(replaced)
-        assert applied.changed == {} and taker.aside == 1
+        assert applied.changed == {}
+        assert taker.aside == 1
         assert taker.replica.known_heads() is None
         assert taker.replica.chains_unresolved
         if load_while_waiting:
@@ -720,9 +722,11 @@ def test_an_item_waits_for_the_item_it_follows_and_its_key_is_known_once_it_come
             assert taker.replica.chains_unresolved  # the index must be built again
             continue
         taker.ingest(opened)
-        assert taker.aside == 2 and not taker.replica.chains_unresolved
+        assert taker.aside == 2
+        assert not taker.replica.chains_unresolved
         heads = taker.replica.known_heads()
-        assert heads is not None and heads[(READ_MARKERS, "a")][2]["ts"] == format_ts(1002, 0)
+        assert heads is not None
+        assert heads[(READ_MARKERS, "a")][2]["ts"] == format_ts(1002, 0)
         taker.replica.unload()
         assert not taker.replica.chains_unresolved
 
@@ -814,7 +818,8 @@ def test_live_messages_and_receipts_load_no_chat(homes: list[Path]) -> None:
     trio.run(main)
 
 
-def test_a_catch_up_from_the_store_brings_what_the_document_diff_brings() -> None:
+@pytest.mark.parametrize("part", [1 << 20, 256], ids=["one-part", "parts"])
+def test_a_catch_up_from_the_store_brings_what_the_document_diff_brings(part: int) -> None:
     """Answered from the store (snapshot, then a page of stored updates at a time,
     each trimmed to what the peer lacks), a catch-up leaves the peer with the document
     the whole diff leaves it with, in about as many bytes, starting past every stored
@@ -831,7 +836,9 @@ def test_a_catch_up_from_the_store_brings_what_the_document_diff_brings() -> Non
         store.write(batch)
         if i == 19:  # the first half folded into a snapshot
             space = state.spaces[chat]
-            store.compact(chat, space.replica.snapshot(), store.log_seqs(chat)[1])
+            parts = [bytes(p) for p in split_update(space.replica.snapshot(), part)]
+            assert (len(parts) > 1) == (part == 256)
+            store.compact(chat, parts, store.log_seqs(chat)[1])
     whole = state.spaces[chat].replica
     last = store.log_seqs(chat)[1]
     store.write(WriteBatch(records=vector_record(chat, last, whole.state_vector())))
@@ -853,6 +860,108 @@ def test_a_catch_up_from_the_store_brings_what_the_document_diff_brings() -> Non
         raw = len(whole.diff(vector)) if held < 40 else 0
         assert sum(map(len, pieces)) <= 1.05 * raw + 16 * len(pieces), held
         assert (held >= 20) == (start > 0), held  # past the snapshot once held whole
+
+
+class _PartReader(MemoryStore):
+    """A store that records the snapshot parts read and can compact the chat again
+    right after part 1 is read (as the writer may, in another worker thread)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts_read: list[int] = []
+        self.after_part_1: Callable[[], None] | None = None
+
+    def snapshot_part(self, space: str, part: int) -> tuple[int, bytes] | None:
+        read = super().snapshot_part(space, part)
+        self.parts_read.append(part)
+        if part == 1 and self.after_part_1 is not None:
+            then, self.after_part_1 = self.after_part_1, None
+            then()
+        return read
+
+    def load_space(self, space: str) -> SpaceLog:
+        raise AssertionError("a catch-up from the store read the whole snapshot")
+
+
+@pytest.mark.parametrize("new_part", [128, 1 << 20], ids=["more-parts", "one-part"])
+def test_a_catch_up_from_the_store_reads_one_part_at_a_time_and_survives_a_compaction(
+    new_part: int,
+) -> None:
+    """A catch-up answered from the store takes the snapshot a part at a time, never
+    the whole of it. When the chat is compacted again between two parts (into more
+    parts, or fewer), what the peer gets is still the whole chat: the parts are read
+    again from the new snapshot's first, not mixed with the old one's."""
+    store = _PartReader()
+    state, batch = DeviceState.create_account("phone")
+    store.write(batch)
+    chat = next(s.id for s in state.spaces.values() if s.kind == "chat")
+    for i in range(40):
+        entry = state.new_entry(chat, "msg", 1000 + i, body=f"m{i} " + "x" * 40)
+        store.write(state.write_local(chat, [entry])[1])
+        if i == 19:
+            parts = [bytes(p) for p in split_update(state.spaces[chat].replica.snapshot(), 256)]
+            store.compact(chat, parts, store.log_seqs(chat)[1])
+    whole = state.spaces[chat].replica
+    last = store.log_seqs(chat)[1]
+    store.write(WriteBatch(records=vector_record(chat, last, whole.state_vector())))
+    assert len(MemoryStore.load_space(store, chat).snapshot_parts) > 2
+
+    def compact_again() -> None:
+        snapshot = whole.snapshot()
+        store.compact(chat, [bytes(p) for p in split_update(snapshot, new_part)], last)
+
+    store.after_part_1 = compact_again
+    reopened = DeviceState.load(store)
+    peer = Replica(chat, client_id=7)
+    vector = peer.state_vector()
+    for piece in reopened.stored_pieces(chat, vector, None, 0, 1024):
+        peer.apply(piece)
+    assert store.after_part_1 is None  # the compaction came between two parts
+    # part 2 is the new snapshot's (another seq) or none (fewer parts): from 0 again
+    assert store.parts_read[:4] == [0, 1, 2, 0]
+    assert clocks(peer.state_vector()) == clocks(whole.state_vector())
+    assert sorted(peer.entries(MESSAGES)) == sorted(whole.entries(MESSAGES))
+
+
+def test_a_catch_up_from_a_snapshot_in_parts_holds_one_part_at_a_time(tmp_path: Path) -> None:
+    """What a catch-up from the store allocates is about one part, not the snapshot:
+    a chat folded into parts of 16 KiB is answered holding well under a tenth of it
+    (a snapshot read whole would be read once by SQLite and once into Python)."""
+    store = SqliteStore(tmp_path / "p2p.db", synchronous="OFF")
+    state, batch = DeviceState.create_account("phone")
+    store.write(batch)
+    chat = next(s.id for s in state.spaces.values() if s.kind == "chat")
+    for b in range(4):
+        entries = [
+            state.new_entry(chat, "msg", 1000 + 300 * b + i, body=f"{i} " + "x" * 300)
+            for i in range(300)
+        ]
+        store.write(state.write_local(chat, entries)[1])
+    whole = state.spaces[chat].replica
+    snapshot = whole.snapshot()
+    last = store.log_seqs(chat)[1]
+    store.compact(chat, [bytes(p) for p in split_update(snapshot, 16 * 1024)], last)
+    store.write(WriteBatch(records=vector_record(chat, last, whole.state_vector())))
+    store.close()
+    store = SqliteStore(tmp_path / "p2p.db")
+    try:
+        reopened = DeviceState.load(store)
+        peer = Replica(chat, client_id=7)
+        vector = peer.state_vector()
+        pieces = reopened.stored_pieces(chat, vector, None, 0, 64 * 1024)
+        tracemalloc.start()
+        try:
+            sent = 0
+            for piece in pieces:
+                sent += len(piece)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    finally:
+        store.close()
+    assert len(snapshot) > 300_000
+    assert sent >= len(snapshot)
+    assert peak < len(snapshot) / 10, (peak, len(snapshot))
 
 
 def test_an_unloaded_chat_is_not_folded_into_a_snapshot(

@@ -20,6 +20,7 @@ import p2p
 from p2p.errors import HandshakeFailed, RemovedDevice, RollbackRefused, UnknownKey
 from p2p.proto.identity import DeviceKeys
 from p2p.proto.pairing import PairingCode, check_code, same_check_code
+from p2p.proto.ysplit import split_update
 from p2p.state.device import NOTES, DeviceState
 from p2p.testing.sessions import Pair
 
@@ -612,8 +613,9 @@ def test_a_link_loads_no_chat_on_either_side(tmp_path: Path, loads: list[str]) -
     assert messages_done == messages_total == 300
 
 
+@pytest.mark.parametrize("part", [1 << 20, 1024], ids=["one part", "parts"])
 def test_a_compacted_history_with_edits_and_deletions_links_exactly(
-    tmp_path: Path, loads: list[str]
+    tmp_path: Path, loads: list[str], part: int
 ) -> None:
     """A chat written over three runs of the phone (three CRDT clients) and folded
     into a snapshot, with edits, deletions and a reaction replaced in each run: its
@@ -645,7 +647,11 @@ def test_a_compacted_history_with_edits_and_deletions_links_exactly(
     try:  # fold the family chat into a snapshot, as the writer does after many updates
         state = DeviceState.load(store)
         replica = state.space(family).replica
-        store.compact(family, replica.snapshot(), store.log_seqs(family)[1])
+        # one part lists the clients as yrs does, the highest first: an item then comes
+        # before the one it follows; parts list them in increasing order
+        parts = [bytes(p) for p in split_update(replica.snapshot(), part)]
+        assert (len(parts) > 1) == (part == 1024)
+        store.compact(family, parts, store.log_seqs(family)[1])
     finally:
         store.close()
     loads.clear()

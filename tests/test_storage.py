@@ -33,6 +33,7 @@ from p2p.storage import (
 )
 from p2p.storage.base import IndexRow
 from p2p.storage.memory import MAX_NAME
+from p2p.storage.sqlite import SCHEMA_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,7 +114,7 @@ def test_log_seqs_without_reading_updates(store: Store) -> None:
     assert store.log_seqs("s") == (0, 0)
     append(store, "s", b"u1", b"u2", b"u3")
     assert store.log_seqs("s") == (0, 3)
-    store.compact("s", b"snap", 2)
+    store.compact("s", [b"snap"], 2)
     assert store.log_seqs("s") == (2, 3)
 
 
@@ -236,7 +237,9 @@ def test_batch_with_one_bad_name_applies_nothing(store: Store) -> None:
         store.write(bad)
     assert store.get("keep") == b"old"
     assert store.get("other") is None
-    assert store.load_space("s") == SpaceLog(snapshot=None, snapshot_seq=0, updates=[], last_seq=0)
+    assert store.load_space("s") == SpaceLog(
+        snapshot_parts=[], snapshot_seq=0, updates=[], last_seq=0
+    )
     assert store.spaces() == []
 
 
@@ -259,7 +262,7 @@ def test_empty_batch_is_a_no_op(store: Store) -> None:
 
 def test_unknown_space_is_an_empty_log(store: Store) -> None:
     log = store.load_space("nobody")
-    assert log == SpaceLog(snapshot=None, snapshot_seq=0, updates=[], last_seq=0)
+    assert log == SpaceLog(snapshot_parts=[], snapshot_seq=0, updates=[], last_seq=0)
     assert store.spaces() == []
 
 
@@ -269,7 +272,7 @@ def test_appends_keep_order_and_number_from_one(store: Store) -> None:
     append(store, "a", b"a4")
     a = store.load_space("a")
     assert a.updates == [b"a1", b"a2", b"a3", b"a4"]
-    assert (a.snapshot, a.snapshot_seq, a.last_seq) == (None, 0, 4)
+    assert (a.snapshot_parts, a.snapshot_seq, a.last_seq) == ([], 0, 4)
     b = store.load_space("b")
     assert b.updates == [b"b1", b"b2"]
     assert b.last_seq == 2
@@ -290,46 +293,83 @@ def test_load_space_returns_a_fresh_list(store: Store) -> None:
 
 def test_compaction_keeps_later_updates(store: Store) -> None:
     append(store, "s", *[f"u{i}".encode() for i in range(1, 11)])
-    store.compact("s", b"snap@6", 6)
+    store.compact("s", [b"snap@6"], 6)
     log = store.load_space("s")
-    assert log.snapshot == b"snap@6"
+    assert log.snapshot_parts == [b"snap@6"]
     assert log.snapshot_seq == 6
     assert log.updates == [b"u7", b"u8", b"u9", b"u10"]
     assert log.last_seq == 10
     # numbering continues after the snapshot and the tail
     append(store, "s", b"u11")
     assert store.load_space("s").last_seq == 11
-    store.compact("s", b"snap@9", 9)
+    store.compact("s", [b"snap@9"], 9)
     log = store.load_space("s")
-    assert (log.snapshot, log.snapshot_seq, log.updates) == (b"snap@9", 9, [b"u10", b"u11"])
+    assert (log.snapshot_parts, log.snapshot_seq, log.updates) == ([b"snap@9"], 9, [b"u10", b"u11"])
 
 
 def test_full_compaction_keeps_space_and_numbering(store: Store) -> None:
     append(store, "s", b"u1", b"u2", b"u3")
-    store.compact("s", b"all", 3)
+    store.compact("s", [b"all"], 3)
     log = store.load_space("s")
-    assert (log.snapshot, log.snapshot_seq, log.updates, log.last_seq) == (b"all", 3, [], 3)
+    assert (log.snapshot_parts, log.snapshot_seq, log.updates, log.last_seq) == ([b"all"], 3, [], 3)
     assert store.spaces() == ["s"]
     append(store, "s", b"u4")
     log = store.load_space("s")
     assert (log.updates, log.last_seq) == ([b"u4"], 4)
-    store.compact("s", b"all again", 3)  # same point, new bytes: allowed
-    assert store.load_space("s").snapshot == b"all again"
+    store.compact("s", [b"all again"], 3)  # same point, new bytes: allowed
+    assert store.load_space("s").snapshot_parts == [b"all again"]
+
+
+def test_a_snapshot_in_parts_is_read_back_in_order_and_one_at_a_time(store: Store) -> None:
+    append(store, "s", *[f"u{i}".encode() for i in range(1, 8)])
+    store.compact("s", [b"p0", bytearray(b"p-1"), memoryview(b"p--2")], 5)
+    log = store.load_space("s")
+    assert (log.snapshot_parts, log.snapshot_seq, log.updates) == (
+        [b"p0", b"p-1", b"p--2"],
+        5,
+        [b"u6", b"u7"],
+    )
+    assert all(type(part) is bytes for part in log.snapshot_parts)
+    assert [store.snapshot_part("s", i) for i in range(4)] == [
+        (5, b"p0"),
+        (5, b"p-1"),
+        (5, b"p--2"),
+        None,
+    ]
+    assert store.log_seqs("s") == (5, 7)
+    assert store.space_bytes("s", 0) == 2 + 3 + 4 + 2 * 2  # every part, then the tail
+    assert store.space_bytes("s", 5) == 4
+    assert store.spaces() == ["s"]
+    # a new snapshot of fewer parts replaces every old part
+    store.compact("s", [b"q0", b"q1"], 7)
+    assert store.load_space("s").snapshot_parts == [b"q0", b"q1"]
+    assert store.snapshot_part("s", 2) is None
+    assert store.log_seqs("s") == (7, 7)
+    assert store.space_bytes("s", 0) == 4
+    append(store, "s", b"u8")
+    assert store.load_space("s").last_seq == 8
+    assert store.snapshot_part("nobody", 0) is None
+    with pytest.raises(StoreError):
+        store.snapshot_part("s", -1)
 
 
 @pytest.mark.parametrize("upto", [6, 100, 0, 1, -1])
 def test_compaction_refuses_bad_upto(store: Store, upto: int) -> None:
     append(store, "s", b"u1", b"u2", b"u3", b"u4", b"u5")
-    store.compact("s", b"snap@2", 2)
+    store.compact("s", [b"snap@2"], 2)
     with pytest.raises(StoreError):
-        store.compact("s", b"bad", upto)  # past the end, or older than the snapshot
+        store.compact("s", [b"bad"], upto)  # past the end, or older than the snapshot
     log = store.load_space("s")
-    assert (log.snapshot, log.snapshot_seq, log.updates) == (b"snap@2", 2, [b"u3", b"u4", b"u5"])
+    assert (log.snapshot_parts, log.snapshot_seq, log.updates) == (
+        [b"snap@2"],
+        2,
+        [b"u3", b"u4", b"u5"],
+    )
 
 
 def test_compaction_of_unknown_space_refused(store: Store) -> None:
     with pytest.raises(StoreError):
-        store.compact("nobody", b"snap", 1)
+        store.compact("nobody", [b"snap"], 1)
     assert store.spaces() == []
 
 
@@ -338,10 +378,17 @@ def test_compaction_refuses_bad_arguments(store: Store) -> None:
     with pytest.raises(StoreError):
         store.compact("s", "text", 1)  # type: ignore[arg-type]
     with pytest.raises(StoreError):
-        store.compact("s", b"snap", True)
+        store.compact("s", b"one part, not in a list", 1)  # type: ignore[arg-type]
     with pytest.raises(StoreError):
-        store.compact("s", b"snap", 1.0)  # type: ignore[arg-type]
-    assert store.load_space("s").snapshot is None
+        store.compact("s", [], 1)  # no part: the updates would be replaced by nothing
+    with pytest.raises(StoreError):
+        store.compact("s", [b"part", "text"], 1)  # type: ignore[list-item]
+    with pytest.raises(StoreError):
+        store.compact("s", [b"snap"], True)
+    with pytest.raises(StoreError):
+        store.compact("s", [b"snap"], 1.0)  # type: ignore[arg-type]
+    assert store.load_space("s").snapshot_parts == []
+    assert store.load_space("s").updates == [b"u1"]
 
 
 def test_concurrent_writers_lose_nothing(store: Store) -> None:
@@ -409,13 +456,13 @@ def test_sqlite_reopen_keeps_everything(tmp_path: Path) -> None:
         s.write(WriteBatch(deletes={"gone"}))
         append(s, "a", b"a1", b"a2", b"a3")
         append(s, "b", b"b1")
-        s.compact("a", b"snap", 2)
+        s.compact("a", [b"snap"], 2)
     with SqliteStore(str(path)) as s:
         assert s.names("") == ["device/key"]
         assert s.get("device/key") == b"k"
         assert s.spaces() == ["a", "b"]
         assert s.load_space("a") == SpaceLog(
-            snapshot=b"snap", snapshot_seq=2, updates=[b"a3"], last_seq=3
+            snapshot_parts=[b"snap"], snapshot_seq=2, updates=[b"a3"], last_seq=3
         )
         append(s, "a", b"a4")
         assert s.load_space("a").last_seq == 4
@@ -656,11 +703,130 @@ def test_sqlite_schema_1_file_is_migrated_on_open(tmp_path: Path) -> None:
         s.write(WriteBatch(index={("s", "m", "k"): row}))
     with SqliteStore(path) as s:
         assert s.index_messages("s") == [row]
+    assert _schema_version(path) == SCHEMA_VERSION
+
+
+def _schema_version(path: Path) -> int:
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        return int(conn.execute("PRAGMA user_version").fetchone()[0])
     finally:
         conn.close()
+
+
+def _write_v1_file(path: Path) -> None:
+    """The tables of schema version 1 (before the message index and snapshot parts)."""
+    _edit_db(
+        path,
+        "CREATE TABLE records (name TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL)",
+        "CREATE TABLE updates (space TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL,"
+        " PRIMARY KEY (space, seq)) WITHOUT ROWID",
+        "CREATE TABLE snapshots (space TEXT PRIMARY KEY NOT NULL, seq INTEGER NOT NULL,"
+        " data BLOB NOT NULL)",
+        "PRAGMA user_version = 1",
+    )
+
+
+def _write_v2_file(path: Path) -> None:
+    """A store as schema version 2 wrote it, made by hand: one snapshot row per space."""
+    _write_v1_file(path)
+    _edit_db(
+        path,
+        "CREATE TABLE entries (space TEXT NOT NULL, map TEXT NOT NULL, key TEXT NOT NULL,"
+        " id TEXT NOT NULL, kind TEXT NOT NULL, account TEXT NOT NULL, device TEXT NOT NULL,"
+        " ts TEXT NOT NULL, target TEXT NOT NULL, body TEXT NOT NULL, sig TEXT NOT NULL,"
+        " reason TEXT NOT NULL, UNIQUE (space, map, key))",
+        "CREATE INDEX entries_shown ON entries (space, map, reason, kind, ts, device, id)",
+        "CREATE INDEX entries_target ON entries (space, target) WHERE target != ''",
+        "CREATE INDEX entries_hidden ON entries (space, map, key) WHERE reason != ''",
+        "INSERT INTO entries VALUES ('a', 'm', 'k', 'k', 'msg', '', '', '1.000000', '', 'hi',"
+        " '', '')",
+        "PRAGMA user_version = 2",
+    )
+
+
+def _fill_old_file(path: Path) -> None:
+    """A record, and two spaces: one compacted (snapshot at 2, update 3), one not."""
+    _edit_db(
+        path,
+        "INSERT INTO records VALUES ('r', x'01')",
+        "INSERT INTO snapshots VALUES ('a', 2, x'aa0102')",
+        "INSERT INTO updates VALUES ('a', 3, x'a3')",
+        "INSERT INTO updates VALUES ('b', 1, x'b1')",
+        "INSERT INTO snapshots VALUES ('c', 4, x'cc')",  # compacted whole: no updates left
+    )
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_sqlite_one_row_snapshots_become_part_0_on_open(tmp_path: Path, version: int) -> None:
+    """A store written before snapshots had parts (schema 1 or 2) opens: each space's
+    snapshot row is its part 0 (one large part, read and sent as before), the rest is
+    kept, and the next compaction writes parts."""
+    path = tmp_path / "p2p.db"
+    (_write_v1_file if version == 1 else _write_v2_file)(path)
+    _fill_old_file(path)
+    with SqliteStore(path) as s:
+        assert s.get("r") == b"\x01"
+        assert s.spaces() == ["a", "b", "c"]
+        assert s.load_space("a") == SpaceLog(
+            snapshot_parts=[b"\xaa\x01\x02"], snapshot_seq=2, updates=[b"\xa3"], last_seq=3
+        )
+        assert s.load_space("c") == SpaceLog(
+            snapshot_parts=[b"\xcc"], snapshot_seq=4, updates=[], last_seq=4
+        )
+        assert s.snapshot_part("a", 0) == (2, b"\xaa\x01\x02")
+        assert s.snapshot_part("a", 1) is None
+        assert (s.log_seqs("a"), s.log_seqs("b"), s.log_seqs("c")) == ((2, 3), (0, 1), (4, 4))
+        assert s.space_bytes("a", 0) == 4
+        assert [m.body for m in s.index_messages("a")] == ([] if version == 1 else ["hi"])
+        append(s, "c", b"c5")  # numbering goes on past the migrated snapshot
+        s.compact("a", [b"n0", b"n1"], 3)
+    assert _schema_version(path) == SCHEMA_VERSION
+    with SqliteStore(path) as s:
+        assert s.load_space("a") == SpaceLog(
+            snapshot_parts=[b"n0", b"n1"], snapshot_seq=3, updates=[], last_seq=3
+        )
+        assert s.load_space("c").updates == [b"c5"]
+        assert s.load_space("c").last_seq == 5
+
+
+def _read_parts(store: Store, space: str) -> list[tuple[int, bytes]]:
+    """Every part of a snapshot, read as ``Spaces._stored`` does: one at a time."""
+    parts = []
+    while (read := store.snapshot_part(space, len(parts))) is not None:
+        parts.append(read)
+    return parts
+
+
+@pytest.mark.parametrize(
+    "statements",
+    [
+        ("UPDATE snapshots SET data = 'text' WHERE part = 1",),
+        ("UPDATE snapshots SET seq = 3 WHERE part = 1",),
+        ("DELETE FROM snapshots WHERE part = 1",),
+        ("DELETE FROM snapshots WHERE part = 0",),
+        ("UPDATE snapshots SET part = 5 WHERE part = 2",),
+        ("UPDATE snapshots SET part = 1.5 WHERE part = 1",),
+        ("UPDATE snapshots SET seq = 'two'",),
+    ],
+    ids=["not-a-blob", "seqs-disagree", "gap", "no-part-0", "gap-at-end", "real-part", "text-seq"],
+)
+def test_sqlite_bad_snapshot_parts_are_corrupt(tmp_path: Path, statements: tuple[str, ...]) -> None:
+    path = tmp_path / "p2p.db"
+    with SqliteStore(path) as s:
+        append(s, "s", b"u1", b"u2", b"u3")
+        s.compact("s", [b"p0", b"p1", b"p2"], 2)
+    _edit_db(path, *statements)
+    with SqliteStore(path) as s:
+        with pytest.raises(StoreCorrupt, match="snapshot"):
+            s.load_space("s")
+        with pytest.raises(StoreCorrupt, match="snapshot"):
+            _read_parts(s, "s")  # one at a time, as a catch-up does: met at some part
+        if "data" not in statements[0]:  # a blob's type is only seen when it is read
+            with pytest.raises(StoreCorrupt, match="snapshot"):
+                s.log_seqs("s")
+            with pytest.raises(StoreCorrupt, match="snapshot"):
+                s.compact("s", [b"new"], 3)
 
 
 def test_index_by_device_gives_one_devices_rows(store: Store) -> None:
@@ -715,11 +881,12 @@ def test_index_held_names_the_keys_with_a_row_and_their_account(store: Store) ->
 
 def test_space_rows_pages_the_log_after_the_snapshot(store: Store) -> None:
     append(store, "s", *[bytes([i]) * 3 for i in range(1, 8)])
-    assert store.space_snapshot("s") == (0, None)
+    assert store.snapshot_part("s", 0) is None
     assert store.space_rows("s", 0, 3) == [(1, b"\x01" * 3), (2, b"\x02" * 3), (3, b"\x03" * 3)]
     assert store.space_rows("s", 5, 10) == [(6, b"\x06" * 3), (7, b"\x07" * 3)]
-    store.compact("s", b"snap", 4)
-    assert store.space_snapshot("s") == (4, b"snap")
+    store.compact("s", [b"snap"], 4)
+    assert store.snapshot_part("s", 0) == (4, b"snap")
+    assert store.snapshot_part("s", 1) is None
     assert [seq for seq, _ in store.space_rows("s", 4, 10)] == [5, 6, 7]
     assert store.space_rows("s", 7, 10) == []
     assert store.space_rows("nothing", 0, 10) == []

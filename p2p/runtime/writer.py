@@ -57,8 +57,9 @@ from p2p.errors import (
     WireError,
 )
 from p2p.proto.model import Entry
+from p2p.proto.ysplit import split_update
 from p2p.state.device import DeviceState, Ingested, Space, claim_counters, merge_batches
-from p2p.storage.base import Store, WriteBatch
+from p2p.storage.base import SNAPSHOT_PART, Store, WriteBatch
 from p2p.storage.memory import MemoryStore
 
 log = logging.getLogger("p2p.runtime.node")  # one logger for all of the node's lines
@@ -239,8 +240,15 @@ class Writer:
                 continue  # the snapshot needs the document: folded at a later write, loaded
             # every update up to log_seq is in the replica, so this snapshot covers them
             snapshot, upto = space.replica.snapshot(), space.log_seq
-            await self.run_store(self._store.compact, space_id, snapshot, upto)
+            await self.run_store(self._store_snapshot, space_id, snapshot, upto)
             space.compacted(upto)
+
+    def _store_snapshot(self, space_id: str, snapshot: bytes, upto: int) -> None:
+        """Store ``snapshot`` in parts of at most :data:`SNAPSHOT_PART` bytes (a reader
+        then holds one part at a time, not the chat), cut here, in the worker thread
+        ``run_store`` calls it in: cutting a large chat's snapshot takes a while."""
+        parts = [bytes(part) for part in split_update(snapshot, SNAPSHOT_PART)]
+        self._store.compact(space_id, parts, upto)
 
     async def run_store(self, fn: Callable[..., T], *args: Any) -> T:
         """Call the store (or what reads it) off the trio thread when it does disk I/O."""

@@ -81,11 +81,16 @@ def claim_counters(store: Store) -> int:
 
 
 def stored_history(store: Store, space_id: str) -> Iterator[bytes]:
-    """A space's stored updates, snapshot first (what a lazy ``Replica`` loads)."""
+    """A space's stored updates, the snapshot's parts first (what a lazy ``Replica``
+    loads). Read in one call (the parts and the tail of one moment: a compaction cannot
+    come between them); each part is let go once it is handed over, so the parts
+    applied already need not stay in memory beside the document they built."""
     log = store.load_space(space_id)
-    if log.snapshot is not None:
-        yield log.snapshot  # as large as the chat
-    yield from log.updates
+    parts, updates = log.snapshot_parts[::-1], log.updates
+    del log
+    while parts:
+        yield parts.pop()
+    yield from updates
 
 
 def required(store: Store, name: str) -> bytes:

@@ -327,17 +327,38 @@ class Spaces(dict[str, Space]):
         return end
 
     def _stored(self, space_id: str, start: int) -> Iterator[tuple[int, int, bytes]]:
-        """A space's stored updates from seq ``start`` on (0: the snapshot first), read
-        a page at a time: (the seq to start from to read it again, the seq it brings
-        the reader to, the update)."""
+        """A space's stored updates from seq ``start`` on (0: the snapshot's parts
+        first, each its own update), read a part or a page at a time: (the seq to start
+        from to read it again, the seq it brings the reader to, the update). A snapshot
+        part is read again from 0, and brings the reader to the seq the whole snapshot
+        covers: one part alone does not stand for any seq.
+
+        One part is held at a time, never the whole snapshot. A compaction that
+        replaces the snapshot between two parts shows as a part stating another seq:
+        the parts are then read again from the first (what was yielded already is
+        harmless to apply twice), so that the parts yielded are one snapshot's."""
         store = self.store
         if store is None:
             return
         after = start
         if start == 0:
-            covered, snapshot = store.space_snapshot(space_id)
-            if snapshot is not None:
-                yield 0, covered, snapshot
+            covered, part = 0, 0
+            while True:
+                read = store.snapshot_part(space_id, part)
+                if read is None:
+                    if part == 0 or store.log_seqs(space_id)[0] == covered:
+                        break
+                    part = 0  # compacted meanwhile into fewer parts: the new snapshot
+                    continue
+                seq, data = read
+                del read
+                if part > 0 and seq != covered:
+                    part = 0  # compacted meanwhile: the new snapshot, from its first part
+                    continue
+                covered = seq
+                yield 0, covered, data
+                del data  # hold one part at a time
+                part += 1
             after = covered
         while rows := store.space_rows(space_id, after, STORED_PAGE):
             for seq, data in rows:

@@ -9,7 +9,10 @@ What is stored:
 - *records*: small named values (device keys, the signed device list, space epoch keys,
   per-sender replay windows, the local envelope counter). Keys are ``/``-separated names.
 - *update logs*: per space, an append-only sequence of CRDT updates, numbered from 1,
-  plus at most one snapshot that stands for every update up to a sequence number.
+  plus at most one snapshot that stands for every update up to a sequence number. The
+  snapshot is stored as an ordered sequence of parts of at most :data:`SNAPSHOT_PART`
+  bytes (one part, of any size, in a store written before parts existed), so that it
+  can be read and sent one part at a time.
 - *the message index*: per space, one :class:`IndexRow` per key of the chat maps
   (messages, edits, deletions, reactions), holding that key's current entry as checked
   when it arrived (signature, account). It is written in the same batch as the update
@@ -27,6 +30,11 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol, TypeAlias
 
 from p2p.errors import StoreError
+
+SNAPSHOT_PART: Final = 256 * 1024
+"""Largest part of a stored snapshot the writer makes (``p2p.runtime.writer``): what a
+reader of the store holds at once when it answers a catch-up or a link from a snapshot
+(``Spaces.stored_diff``), however large the chat. The same size as a link's pieces."""
 
 INDEXED_MAPS: Final = ("m", "e", "x", "r")
 """The chat maps the index mirrors (``p2p.proto.model``): messages, edits, deletions, reactions."""
@@ -87,10 +95,11 @@ RecordChange: TypeAlias = Callable[[Mapping[str, bytes | None]], Mapping[str, by
 
 @dataclass(frozen=True, kw_only=True)
 class SpaceLog:
-    """Everything stored for one space: load the snapshot, then apply the updates."""
+    """Everything stored for one space: apply the snapshot's parts, then the updates."""
 
-    snapshot: bytes | None
-    """A full-state update standing for every update with seq <= ``snapshot_seq``."""
+    snapshot_parts: list[bytes]
+    """The parts of the snapshot, in order (empty when there is none): updates whose
+    merge is the full state of every update with seq <= ``snapshot_seq``."""
     snapshot_seq: int
     """Sequence number the snapshot covers (0 when there is none)."""
     updates: list[bytes]
@@ -176,8 +185,12 @@ class Store(MessagePages, Protocol):
         answered from the store, ``Spaces.stored_diff``)."""
         ...
 
-    def space_snapshot(self, space: str) -> tuple[int, bytes | None]:
-        """(the seq it covers, the snapshot) of ``space``; (0, None) without one."""
+    def snapshot_part(self, space: str, part: int) -> tuple[int, bytes] | None:
+        """(the seq the snapshot covers, its part number ``part``) of ``space``; None
+        past the last part (or without a snapshot). Parts are numbered from 0: a reader
+        takes them one at a time, holding one part, not the snapshot (``Spaces._stored``).
+        The seq comes with each part so that a reader sees a compaction that replaced
+        the snapshot between two of its reads."""
         ...
 
     def log_seqs(self, space: str) -> tuple[int, int]:
@@ -226,8 +239,9 @@ class Store(MessagePages, Protocol):
         timestamp a chat holds, without loading its CRDT."""
         ...
 
-    def compact(self, space: str, snapshot: bytes, upto_seq: int) -> None:
-        """Replace updates with seq <= ``upto_seq`` by ``snapshot``; atomic and durable.
+    def compact(self, space: str, parts: Sequence[bytes], upto_seq: int) -> None:
+        """Replace the snapshot and the updates with seq <= ``upto_seq`` by a snapshot
+        made of ``parts`` (in order; at least one); atomic and durable.
 
         Updates appended after ``upto_seq`` (for example while the snapshot was being
         computed) stay in the log.

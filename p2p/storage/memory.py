@@ -75,6 +75,18 @@ def check_value(value: object, what: str = "value") -> bytes:
     raise StoreError(f"{what} must be bytes, not {type(value).__name__}")
 
 
+def check_parts(parts: object) -> list[bytes]:
+    """The parts of a snapshot given to ``Store.compact``, each checked and copied like
+    any value (:func:`check_value`), else StoreError. A bytes-like object is refused
+    rather than taken for a sequence (of ints), and so is an empty sequence: it would
+    replace the updates it covers by nothing."""
+    if isinstance(parts, str | bytes | bytearray | memoryview) or not isinstance(parts, Sequence):
+        raise StoreError(f"snapshot parts must be a sequence of bytes, not {type(parts).__name__}")
+    if not parts:
+        raise StoreError("a snapshot needs at least one part")
+    return [check_value(part, f"snapshot part {i}") for i, part in enumerate(parts)]
+
+
 def check_seq(seq: object, what: str = "sequence number") -> int:
     """Return ``seq`` if it is a plain non-negative int (bool refused), else StoreError."""
     if type(seq) is not int or seq < 0:
@@ -204,9 +216,10 @@ def check_compact(snapshot_seq: int, last_seq: int, upto_seq: int, space: str) -
 
 @dataclass
 class _Space:
-    """One space's log: a snapshot standing for seqs 1..snapshot_seq, then the tail."""
+    """One space's log: a snapshot (its parts) standing for seqs 1..snapshot_seq, then
+    the tail."""
 
-    snapshot: bytes | None = None
+    parts: list[bytes] = field(default_factory=list)
     snapshot_seq: int = 0
     updates: list[bytes] = field(default_factory=list)
 
@@ -303,7 +316,7 @@ class MemoryStore(MessagePages):
         with state.lock:
             sp = state.spaces.get(space) or _Space()
             return SpaceLog(
-                snapshot=sp.snapshot,
+                snapshot_parts=list(sp.parts),
                 snapshot_seq=sp.snapshot_seq,
                 updates=list(sp.updates),  # a copy: the caller may consume or extend it
                 last_seq=sp.last_seq,
@@ -339,13 +352,14 @@ class MemoryStore(MessagePages):
             rows = sp.updates[at : at + limit]
         return [(sp.snapshot_seq + at + 1 + i, u) for i, u in enumerate(rows)]
 
-    def space_snapshot(self, space: str) -> tuple[int, bytes | None]:
-        """(seq covered, snapshot), or (0, None)."""
+    def snapshot_part(self, space: str, part: int) -> tuple[int, bytes] | None:
+        """(seq covered, snapshot part ``part``), or None past the last part."""
         check_name(space, "space id")
+        check_seq(part, "part")
         state = self._open_state()
         with state.lock:
             sp = state.spaces.get(space) or _Space()
-            return (sp.snapshot_seq, sp.snapshot) if sp.snapshot is not None else (0, None)
+            return (sp.snapshot_seq, sp.parts[part]) if part < len(sp.parts) else None
 
     def space_bytes(self, space: str, after_seq: int) -> int:
         """Bytes of the updates after ``after_seq`` (0: the snapshot too)."""
@@ -355,8 +369,8 @@ class MemoryStore(MessagePages):
             sp = state.spaces.get(space) or _Space()
             at = max(after_seq - sp.snapshot_seq, 0)
             size = sum(map(len, sp.updates[at:]))
-            if after_seq == 0 and sp.snapshot is not None:
-                size += len(sp.snapshot)
+            if after_seq == 0:
+                size += sum(map(len, sp.parts))
         return size
 
     def index_count(self, space: str, map_name: str) -> int:
@@ -409,17 +423,18 @@ class MemoryStore(MessagePages):
                 newest[row.device] = row.ts
         return newest
 
-    def compact(self, space: str, snapshot: bytes, upto_seq: int) -> None:
-        """Replace updates with seq <= ``upto_seq`` by ``snapshot``; later ones stay."""
+    def compact(self, space: str, parts: Sequence[bytes], upto_seq: int) -> None:
+        """Replace the snapshot and updates with seq <= ``upto_seq`` by ``parts``; later
+        updates stay."""
         check_name(space, "space id")
-        data = check_value(snapshot, "snapshot")
+        data = check_parts(parts)
         check_seq(upto_seq, "upto_seq")
         state = self._open_state()
         with state.lock:
             sp = state.spaces.get(space) or _Space()
             check_compact(sp.snapshot_seq, sp.last_seq, upto_seq, space)
             del sp.updates[: upto_seq - sp.snapshot_seq]
-            sp.snapshot = data
+            sp.parts = data
             sp.snapshot_seq = upto_seq
             state.spaces[space] = sp
 

@@ -4,7 +4,7 @@ Layout (schema version :data:`SCHEMA_VERSION`, kept in ``PRAGMA user_version``):
 
     records(name TEXT PRIMARY KEY, value BLOB)
     updates(space TEXT, seq INTEGER, data BLOB, PRIMARY KEY (space, seq)) WITHOUT ROWID
-    snapshots(space TEXT PRIMARY KEY, seq INTEGER, data BLOB)
+    snapshots(space TEXT, part INTEGER, seq INTEGER, data BLOB, PRIMARY KEY (space, part))
     entries(space, map, key, id, kind, account, device, ts, target, body, sig, reason:
             all TEXT, UNIQUE (space, map, key))          -- the message index
     entries_shown  ON entries (space, map, reason, kind, ts, device, id)
@@ -14,6 +14,15 @@ Layout (schema version :data:`SCHEMA_VERSION`, kept in ``PRAGMA user_version``):
 ``updates`` is WITHOUT ROWID so that the rows of one space sit together in primary-key
 order: loading a space's tail is one range scan, with no sort and no second lookup.
 
+``snapshots`` holds each space's snapshot as parts numbered 0..n-1, applied in that
+order, whose merge is the full state of every update up to ``seq``: every part of a
+space has the same ``seq``, and parts are numbered without gaps (both checked when read;
+anything else is :class:`~p2p.errors.StoreCorrupt`). The node writes parts of at most
+``p2p.storage.base.SNAPSHOT_PART`` bytes, so a reader holds one part at a time
+(``snapshot_part``), never a whole chat's snapshot. It is a rowid table (with the
+primary key as an index): its rows are large, and ``seq`` comes before ``data`` so that
+reading it does not read the blob.
+
 ``entries`` is the message index (``p2p.storage.base.IndexRow``), written in the same
 transaction as the update that changed it. ``entries_shown`` serves "the last N messages
 before X" as one backward range scan in display order; ``entries_target`` finds the
@@ -22,7 +31,10 @@ the rows, have no target); the partial index
 ``entries_hidden`` lists hidden entries without reading the shown ones. Schema version 1
 (no index) is migrated on open: the table is created empty, and
 ``p2p.state.device.DeviceState.load`` fills it for every space without an ``indexed/<space>``
-record.
+record. Schema versions 1 and 2 (one snapshot row per space, ``snapshots(space TEXT
+PRIMARY KEY, seq, data)``) are migrated on open, in one transaction: each snapshot
+becomes part 0 of its space, one large part that still loads and is sent as before,
+until the next compaction writes bounded parts.
 
 Durability: WAL journal, ``synchronous=FULL`` by default, and every ``write`` and
 ``compact`` is a single ``BEGIN IMMEDIATE ... COMMIT``. With FULL, SQLite syncs the WAL
@@ -33,7 +45,8 @@ may lose the last commits on power loss; only use it where that is acceptable.
 Bad input: the file on disk is input too. Opening refuses, with
 :class:`~p2p.errors.StoreCorrupt` naming the path, a file that is not SQLite, a database
 of another schema version or without our tables, and one that fails ``quick_check``.
-Values read back are type-checked, and a space's log must be contiguous. No raw
+Values read back are type-checked, a space's log must be contiguous, and its snapshot's
+parts must state one seq and be numbered without a gap. No raw
 ``sqlite3`` exception ever leaves this module: they become :class:`~p2p.errors.StoreError`.
 """
 
@@ -62,14 +75,14 @@ from p2p.storage.memory import (
     check_batch,
     check_compact,
     check_name,
+    check_parts,
     check_seq,
-    check_value,
     checked_change,
     index_values,
 )
 from p2p.storage.transaction import write_transaction
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 """Bump on any change to the tables below (and teach :class:`SqliteStore` to migrate)."""
 
 _INDEX_SCHEMA: Final = (
@@ -82,6 +95,11 @@ _INDEX_SCHEMA: Final = (
     "CREATE INDEX entries_hidden ON entries (space, map, key) WHERE reason != ''",
 )
 """Added by version 2 (see :meth:`SqliteStore._migrate`)."""
+_SNAPSHOTS_SCHEMA: Final = (
+    "CREATE TABLE snapshots (space TEXT NOT NULL, part INTEGER NOT NULL,"
+    " seq INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (space, part))"
+)
+"""Version 3: a snapshot in parts (see :meth:`SqliteStore._migrate`)."""
 _COLUMNS_V1: Final = {
     "records": ["name", "value"],
     "updates": ["space", "seq", "data"],
@@ -101,11 +119,13 @@ _SCHEMA: Final = (
     "CREATE TABLE records (name TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL)",
     "CREATE TABLE updates (space TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL,"
     " PRIMARY KEY (space, seq)) WITHOUT ROWID",
-    "CREATE TABLE snapshots (space TEXT PRIMARY KEY NOT NULL, seq INTEGER NOT NULL,"
-    " data BLOB NOT NULL)",
+    _SNAPSHOTS_SCHEMA,
     *_INDEX_SCHEMA,
 )
-_COLUMNS: Final = {**_COLUMNS_V1, "entries": list(INDEX_TEXT)}
+_COLUMNS_V2: Final = {**_COLUMNS_V1, "entries": list(INDEX_TEXT)}
+_COLUMNS: Final = {**_COLUMNS_V2, "snapshots": ["space", "part", "seq", "data"]}
+_COLUMNS_OF: Final = {1: _COLUMNS_V1, 2: _COLUMNS_V2, SCHEMA_VERSION: _COLUMNS}
+"""The tables of each schema version that still opens (the older ones are migrated)."""
 _SYNCHRONOUS: Final = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
 _BUSY_TIMEOUT: Final = 5.0
 """Seconds to wait for another connection's lock before giving up with StoreError."""
@@ -116,7 +136,7 @@ _CORRUPT_CODES: Final = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
 # placeholders: numbered ones with a tuple warn from Python 3.12 and fail from 3.14.
 _LAST_SEQ_SQL: Final = (
     "SELECT max(coalesce((SELECT max(seq) FROM updates WHERE space = ?), 0),"
-    " coalesce((SELECT seq FROM snapshots WHERE space = ?), 0))"
+    " coalesce((SELECT max(seq) FROM snapshots WHERE space = ?), 0))"
 )
 
 # Distinct spaces of ``updates`` by skip-scan: jump from one space to the next through the
@@ -218,7 +238,7 @@ class SqliteStore(MessagePages):
             self._check_schema(conn, version)
             self._quick_check(conn)
             self._set_wal(conn)
-            if version == 1:
+            if version != SCHEMA_VERSION:
                 self._migrate(conn)
         conn.execute(f"PRAGMA synchronous = {synchronous}")  # one of _SYNCHRONOUS
 
@@ -238,19 +258,32 @@ class SqliteStore(MessagePages):
         self._check_schema(conn, conn.execute("PRAGMA user_version").fetchone()[0])
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
-        """Version 1 -> 2: add the (empty) message index, in one transaction.
+        """Bring a version 1 or 2 store to :data:`SCHEMA_VERSION`, in one transaction.
 
-        ``DeviceState.load`` then builds each space's rows from its CRDT, once.
+        1 -> 2: add the (empty) message index; ``DeviceState.load`` then builds each
+        space's rows from its CRDT, once. 2 -> 3: snapshots in parts; each space's one
+        snapshot row becomes its part 0 (SQLite cannot change a primary key in place,
+        so the table is copied; SQLite moves the blobs, Python never holds one). A
+        crash before COMMIT leaves the old version, migrated again at the next open.
         """
         with write_transaction(conn):
-            if conn.execute("PRAGMA user_version").fetchone()[0] == 1:  # not raced
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 1:  # not raced: another process may have migrated meanwhile
                 for statement in _INDEX_SCHEMA:
                     conn.execute(statement)
+            if version in (1, 2):
+                conn.execute("ALTER TABLE snapshots RENAME TO snapshots_v2")
+                conn.execute(_SNAPSHOTS_SCHEMA)
+                conn.execute(
+                    "INSERT INTO snapshots (space, part, seq, data)"
+                    " SELECT space, 0, seq, data FROM snapshots_v2"
+                )
+                conn.execute("DROP TABLE snapshots_v2")
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._check_schema(conn, conn.execute("PRAGMA user_version").fetchone()[0])
 
     def _check_schema(self, conn: sqlite3.Connection, version: object) -> None:
-        if version not in (1, SCHEMA_VERSION):
+        if version not in _COLUMNS_OF:
             raise StoreCorrupt(
                 f"{self._path}: schema version {version!r}, expected {SCHEMA_VERSION}"
                 " (not a p2p store, or one written by another version of p2p)"
@@ -259,7 +292,7 @@ class SqliteStore(MessagePages):
             name: kind
             for kind, name in conn.execute("SELECT type, name FROM sqlite_master").fetchall()
         }
-        for table, columns in (_COLUMNS if version == SCHEMA_VERSION else _COLUMNS_V1).items():
+        for table, columns in _COLUMNS_OF[version].items():
             if kinds.get(table) != "table":
                 raise StoreCorrupt(f"{self._path}: table {table!r} is missing")
             found = [row[1] for row in conn.execute(f"PRAGMA table_info({table})").fetchall()]
@@ -421,19 +454,19 @@ class SqliteStore(MessagePages):
         """
         check_name(space, "space id")
         with self._session("load_space") as conn:
-            snap = conn.execute(
-                "SELECT seq, data FROM snapshots WHERE space = ?", (space,)
-            ).fetchone()
-            snapshot_seq, snapshot = (0, None) if snap is None else snap
+            snapshot_seq = self._snapshot_seq(conn, space)
+            parts = conn.execute(
+                "SELECT data FROM snapshots WHERE space = ? ORDER BY part", (space,)
+            ).fetchall()
             rows = conn.execute(
                 "SELECT data FROM updates WHERE space = ? AND seq > ? ORDER BY seq",
                 (space, snapshot_seq),
             ).fetchall()
             last_seq = self._last_seq(conn, space)
-        if snap is not None:
-            if type(snapshot_seq) is not int or snapshot_seq < 1:
-                raise StoreCorrupt(f"{self._path}: space {space!r} has snapshot seq {snap[0]!r}")
-            snapshot = self._blob(snapshot, f"snapshot of space {space!r}")
+        snapshot_parts = [
+            self._blob(data, f"part {i} of the snapshot of space {space!r}")
+            for i, (data,) in enumerate(parts)
+        ]
         updates = [row[0] for row in rows]
         # seqs are unique integers above snapshot_seq, so "last - snapshot == count" means
         # the tail is exactly snapshot_seq+1 .. last_seq. A gap would silently drop
@@ -446,7 +479,7 @@ class SqliteStore(MessagePages):
         if not all(type(data) is bytes for data in updates):
             raise StoreCorrupt(f"{self._path}: space {space!r} holds updates that are not blobs")
         return SpaceLog(
-            snapshot=snapshot,
+            snapshot_parts=snapshot_parts,
             snapshot_seq=snapshot_seq,
             updates=updates,
             last_seq=last_seq,
@@ -456,12 +489,7 @@ class SqliteStore(MessagePages):
         """(snapshot seq, last seq) of ``space`` from the primary keys, no blob read."""
         check_name(space, "space id")
         with self._session("log_seqs") as conn:
-            row = conn.execute("SELECT seq FROM snapshots WHERE space = ?", (space,)).fetchone()
-            last_seq = self._last_seq(conn, space)
-        snapshot_seq = 0 if row is None else row[0]
-        if type(snapshot_seq) is not int or snapshot_seq < 0:
-            raise StoreCorrupt(f"{self._path}: space {space!r} has snapshot seq {snapshot_seq!r}")
-        return snapshot_seq, last_seq
+            return self._snapshot_seq(conn, space), self._last_seq(conn, space)
 
     def _message_page(
         self, space: str, last: int | None, before: Cursor | None, files_only: bool
@@ -521,16 +549,25 @@ class SqliteStore(MessagePages):
             ).fetchall()
         return [(seq, self._blob(data, f"update of space {space!r}")) for seq, data in rows]
 
-    def space_snapshot(self, space: str) -> tuple[int, bytes | None]:
-        """(seq covered, snapshot), or (0, None)."""
+    def snapshot_part(self, space: str, part: int) -> tuple[int, bytes] | None:
+        """(seq covered, snapshot part ``part``), or None past the last part: one row
+        read by its primary key. The first part (and the end) check every part's seq
+        and numbering first (:meth:`_snapshot_seq`, no blob read), so that a reader
+        taking the parts in order meets a bad snapshot before it sends any of it."""
         check_name(space, "space id")
-        with self._session("space_snapshot") as conn:
-            snap = conn.execute(
-                "SELECT seq, data FROM snapshots WHERE space = ?", (space,)
+        check_seq(part, "part")
+        with self._session("snapshot_part") as conn:
+            row = conn.execute(
+                "SELECT seq, data FROM snapshots WHERE space = ? AND part = ?", (space, part)
             ).fetchone()
-        if snap is None:
-            return 0, None
-        return snap[0], self._blob(snap[1], f"snapshot of space {space!r}")
+            if part == 0 or row is None:
+                self._snapshot_seq(conn, space)
+        if row is None:
+            return None
+        seq, data = row
+        if type(seq) is not int or seq < 1:
+            raise StoreCorrupt(f"{self._path}: space {space!r} has snapshot seq {seq!r}")
+        return seq, self._blob(data, f"part {part} of the snapshot of space {space!r}")
 
     def space_bytes(self, space: str, after_seq: int) -> int:
         """Bytes of the updates after ``after_seq`` (0: the snapshot too), summed by
@@ -629,27 +666,25 @@ class SqliteStore(MessagePages):
             raise StoreCorrupt(f"{self._path}: index rows of {space!r} hold non-text values")
         return dict(rows)
 
-    def compact(self, space: str, snapshot: bytes, upto_seq: int) -> None:
-        """Replace updates with seq <= ``upto_seq`` by ``snapshot``, in one transaction.
+    def compact(self, space: str, parts: Sequence[bytes], upto_seq: int) -> None:
+        """Replace the snapshot and updates with seq <= ``upto_seq`` by a snapshot of
+        ``parts``, in one transaction.
 
-        Deleting the updates and writing the snapshot commit together, so a crash leaves
-        either the old log or the new snapshot, never a snapshot missing its updates or
-        the other way round.
+        Deleting the updates and the old parts and writing the new ones commit together,
+        so a crash leaves either the old log or the new snapshot, never a snapshot
+        missing its updates or parts of two snapshots.
         """
         check_name(space, "space id")
-        data = check_value(snapshot, "snapshot")
+        data = check_parts(parts)
         check_seq(upto_seq, "upto_seq")
         with self._transaction("compact") as conn:
-            row = conn.execute("SELECT seq FROM snapshots WHERE space = ?", (space,)).fetchone()
-            snapshot_seq = 0 if row is None else row[0]
-            if type(snapshot_seq) is not int:
-                raise StoreCorrupt(f"{self._path}: space {space!r} has snapshot seq {row}")
+            snapshot_seq = self._snapshot_seq(conn, space)
             check_compact(snapshot_seq, self._last_seq(conn, space), upto_seq, space)
             conn.execute("DELETE FROM updates WHERE space = ? AND seq <= ?", (space, upto_seq))
-            conn.execute(
-                "INSERT INTO snapshots (space, seq, data) VALUES (?, ?, ?)"
-                " ON CONFLICT (space) DO UPDATE SET seq = excluded.seq, data = excluded.data",
-                (space, upto_seq, data),
+            conn.execute("DELETE FROM snapshots WHERE space = ?", (space,))
+            conn.executemany(
+                "INSERT INTO snapshots (space, part, seq, data) VALUES (?, ?, ?, ?)",
+                [(space, i, upto_seq, part) for i, part in enumerate(data)],
             )
 
     def close(self) -> None:
@@ -679,6 +714,31 @@ class SqliteStore(MessagePages):
         if type(value) is not int:
             raise StoreCorrupt(f"{self._path}: space {space!r} has a non-integer seq {value!r}")
         return value
+
+    def _snapshot_seq(self, conn: sqlite3.Connection, space: str) -> int:
+        """The seq ``space``'s snapshot covers (0 without one), read from the parts'
+        primary keys and seqs, no blob read; StoreCorrupt unless every part states the
+        same seq and they are numbered 0..n-1 without a gap (a missing part would
+        silently drop messages, as a gap in the log would)."""
+        count, numbered, first, last, low, high = conn.execute(
+            "SELECT count(*), coalesce(sum(typeof(part) = 'integer'), 0), min(part),"
+            " max(part), min(seq), max(seq) FROM snapshots WHERE space = ?",
+            (space,),
+        ).fetchone()
+        if count == 0:
+            return 0
+        # integer parts are unique (the primary key): from 0 to count - 1 means all there
+        if numbered != count or (first, last) != (0, count - 1):
+            raise StoreCorrupt(
+                f"{self._path}: the snapshot of space {space!r} has parts missing"
+                f" ({count} parts numbered {first!r} to {last!r})"
+            )
+        if type(low) is not int or low != high or low < 1:
+            raise StoreCorrupt(
+                f"{self._path}: the snapshot parts of space {space!r} disagree on the seq"
+                f" they cover ({low!r} to {high!r})"
+            )
+        return low
 
     def _index_row(self, row: tuple[object, ...]) -> IndexRow:
         """An index row read back; StoreCorrupt if the file was edited into nonsense."""
