@@ -509,6 +509,39 @@ def cold_start(phone: Path, chat: str, runs: int = 3) -> dict[str, Any]:
     return {"best": min(results, key=lambda r: r["send_s"]), "runs": results}
 
 
+def _fold_child(home: str) -> dict[str, Any]:
+    """Fold ``home``'s largest chat into a snapshot stored in parts, as the writer does
+    once a loaded chat's log grows long (its own process: the chat's document is
+    loaded for it, as on the phone)."""
+    from p2p.proto.ysplit import split_update
+    from p2p.runtime.home import open_home_store
+    from p2p.state.device import DeviceState
+    from p2p.storage.base import SNAPSHOT_PART
+
+    store = open_home_store(Path(home))
+    try:
+        state = DeviceState.load(store)
+        chats = [s for s in state.spaces.values() if s.kind == "chat"]
+        big = max(chats, key=lambda s: store.log_seqs(s.id)[1])
+        t0 = time.perf_counter()
+        snapshot = big.replica.snapshot()
+        parts = [bytes(part) for part in split_update(snapshot, SNAPSHOT_PART)]
+        store.compact(big.id, parts, store.log_seqs(big.id)[1])
+        return {
+            "chat": big.name,
+            "bytes": len(snapshot),
+            "parts": len(parts),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+    finally:
+        store.close()
+
+
+def fold_largest_chat(home: Path) -> dict[str, Any]:
+    """S8 ``--million``, compacted: the account as a phone in use holds it."""
+    return _child("fold", str(home))  # type: ignore[no-any-return]
+
+
 def main() -> None:
     what, *args = sys.argv[1:]
     if what == "setup":
@@ -518,6 +551,8 @@ def main() -> None:
         out = _chat_child(phone, laptop, space, int(n), int(seed), snap)
     elif what == "cold":
         out = _cold_child(args[0], args[1])
+    elif what == "fold":
+        out = _fold_child(args[0])
     else:
         raise SystemExit(f"unknown step {what!r}")
     print(json.dumps(out), flush=True)

@@ -32,6 +32,7 @@ from p2p.proto.model import Entry, Message, Rejected, Replica, SigningKeyLookup,
 from p2p.state.device import NOTES, DeviceState, index_view
 from p2p.storage import MemoryStore, SqliteStore, Store, WriteBatch
 from p2p.storage.base import IndexRow
+from p2p.storage.sqlite import SCHEMA_VERSION
 
 WALL = 1_767_225_600_000
 
@@ -445,9 +446,14 @@ def test_store_without_index_is_migrated_on_open(tmp_path: Path) -> None:
 
     written = trio.run(fill)
     conn = sqlite3.connect(home / "p2p.db")
-    try:  # back to schema version 1: no index table, no markers
+    try:  # back to schema version 1: no index table, no markers, one-row snapshots
         conn.execute("DROP TABLE entries")
         conn.execute("DELETE FROM records WHERE name LIKE 'indexed/%'")
+        conn.execute("DROP TABLE snapshots")
+        conn.execute(
+            "CREATE TABLE snapshots (space TEXT PRIMARY KEY NOT NULL, seq INTEGER NOT NULL,"
+            " data BLOB NOT NULL)"
+        )
         conn.execute("PRAGMA user_version = 1")
         conn.commit()
     finally:
@@ -460,7 +466,7 @@ def test_store_without_index_is_migrated_on_open(tmp_path: Path) -> None:
     assert trio.run(reopen) == written
     conn = sqlite3.connect(home / "p2p.db")
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert conn.execute("SELECT count(*) FROM entries WHERE map = 'm'").fetchone()[0] == 12
     finally:
         conn.close()
