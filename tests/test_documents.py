@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pycrdt
 import pytest
 import trio
 from procs import tcp_node, wait_for
@@ -692,6 +693,42 @@ def test_a_chain_that_forks_or_deletes_a_value_needs_the_document() -> None:
     erase = bytes([0, 1, 1, 1, clock, 1])  # no structs; delete set: client 1, that clock
     with pytest.raises(DocumentNeeded):
         taker.replica.apply(erase, held=taker.held)
+    assert not taker.replica.loaded
+
+
+def test_a_fork_found_when_waiting_items_come_in_or_a_message_opened_twice_needs_the_document() -> (
+    None
+):
+    """Two items waiting for the same one (two devices replaced one receipt at once,
+    both seen before it): the second cannot follow the first's key, so the document
+    judges. A message key opened again by a deleted item (which yrs would put last,
+    hiding the message) goes to the document too."""
+    space = "s"
+    base = Replica(space, client_id=1)
+    first = base.write([_entry("read", "a", 1)])
+    forks = []
+    for client, n in ((2, 2), (3, 3)):
+        other = Replica(space, client_id=client)
+        other.apply(first)
+        forks.append(strip_deletions(other.write([_entry("read", "a", n)]), lambda _: False))
+    taker = _Lazy(space, 77, set())
+    assert taker.replica.follow_chains()
+    for fork in forks:
+        taker.ingest(fork)
+    assert taker.aside == 2
+    with pytest.raises(DocumentNeeded):
+        taker.replica.apply(first, held=taker.held)
+
+    taker = _Lazy(space, 77, set())
+    assert taker.replica.follow_chains()
+    message = _entry("msg", "a", 4)
+    taker.ingest(Replica(space, client_id=1).write([message]))
+    doc: pycrdt.Doc[Any] = pycrdt.Doc(client_id=5)
+    messages = doc.get(MESSAGES, type=pycrdt.Map)
+    messages[message.key()] = message.to_value()
+    del messages[message.key()]
+    with pytest.raises(DocumentNeeded):
+        taker.replica.apply(bytes(doc.get_update()), held=taker.held)
     assert not taker.replica.loaded
 
 

@@ -1093,6 +1093,7 @@ class Replica:
         dead: DeadRuns = {}
         waiting = {origin: list(items) for origin, items in chains.waiting.items()}
         waits_at = set(chains.waits_at)
+        messages: set[tuple[str, str]] = set()  # opened here: their lists are not followed
 
         def key_at(item: ItemId) -> tuple[str, str] | None:
             return keys_at[item] if item in keys_at else chains.keys_at.get(item)
@@ -1105,6 +1106,12 @@ class Replica:
                 tail = tails.get(map_key) or chains.tails.get(map_key)
                 if (item.origin is None) != (tail is None):
                     return False  # a second first item of the key: a fork
+                if tail is not None and tail[0] != item.origin:
+                    return False  # two items follow one: a fork
+                if map_key[0] == MESSAGES and item.origin is None:
+                    if map_key in messages:
+                        return False  # a second first item of a message: a fork
+                    messages.add(map_key)
                 if tail is not None and tail[1]:  # follows a value: replaces it
                     if item.dead or map_key[0] not in SIDE:
                         return False  # removes a value, or replaces an indexed one
@@ -1160,7 +1167,7 @@ class Replica:
                 or chains.dead_holds(client, clock, clock + length, dead)
             ):
                 return None
-        indexed = [k for k in plan.values if k[0] in INDEXED]
+        indexed = list({k for k in plan.values if k[0] in INDEXED} | messages)
         if indexed and held(indexed):
             return None
         plan.chains = ChainsLearnt(tails, keys_at, dead, waiting, waits_at)
