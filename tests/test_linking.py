@@ -613,26 +613,22 @@ def test_a_link_loads_no_chat_on_either_side(tmp_path: Path, loads: list[str]) -
     assert messages_done == messages_total == 300
 
 
-@pytest.mark.parametrize("part", [1 << 20, 1024], ids=["one part", "parts"])
-def test_a_compacted_history_with_edits_and_deletions_links_exactly(
-    tmp_path: Path, loads: list[str], part: int
-) -> None:
-    """A chat written over three runs of the phone (three CRDT clients) and folded
-    into a snapshot, with edits, deletions and a reaction replaced in each run: its
-    replaced items are runs of deleted content, whose keys the new device follows
-    through their chains (even where an item comes before the one it follows). No
-    chat's document loads on either side, and the new device ends with the primary's
-    messages, edits, deletions and reactions."""
+def folded_family(phone: Path, part: int, messages: int = 20) -> str:
+    """A primary whose chat "family" was written over three runs (three CRDT clients),
+    with an edit, a deletion and a reaction replaced in each, then folded into a
+    snapshot stored in parts of ``part`` bytes (as the writer folds a loaded chat).
+    One part lists the clients as yrs does, the highest first (an item then comes
+    before the one it follows); parts list them in increasing order."""
     from p2p.runtime.home import open_home_store
 
-    phone, laptop = tmp_path / "phone", tmp_path / "laptop"
     run_p2p(phone, "init", "--name", "phone")
     ids: list[str] = []
 
     async def write(run: int) -> None:
         async with p2p.open_node(phone) as node:
             family = await node.create_chat("family") if run == 0 else "family"
-            ids.extend([await node.send(f"family {run}.{i}", chat=family) for i in range(20)])
+            for i in range(messages):
+                ids.append(await node.send(f"family {run}.{i}", chat=family))
             await node.edit(ids[3 + run], f"family {run}, edited", chat=family)
             await node.delete(ids[10 + run], chat=family)
             for emoji in ("+1", "heart")[: 1 + run % 2]:
@@ -644,20 +640,18 @@ def test_a_compacted_history_with_edits_and_deletions_links_exactly(
         trio.run(write, run)
     family = chats_of(phone)["family"]
     store = open_home_store(phone)
-    try:  # fold the family chat into a snapshot, as the writer does after many updates
-        state = DeviceState.load(store)
-        replica = state.space(family).replica
-        # one part lists the clients as yrs does, the highest first: an item then comes
-        # before the one it follows; parts list them in increasing order
+    try:
+        replica = DeviceState.load(store).space(family).replica
         parts = [bytes(p) for p in split_update(replica.snapshot(), part)]
-        assert (len(parts) > 1) == (part == 1024)
+        assert (len(parts) > 1) == (part < 100_000)
         store.compact(family, parts, store.log_seqs(family)[1])
     finally:
         store.close()
-    loads.clear()
-    screen = link_in_process(phone, laptop)
-    assert not screen.failures
-    assert not set(loads) & set(chats_of(phone).values())
+    return family
+
+
+def assert_family_linked(phone: Path, laptop: Path) -> None:
+    """The new device shows the folded family chat (and the rest) as the primary does."""
     theirs = log(laptop, "family")
     assert theirs == log(phone, "family")
     by_text = {m["text"]: m for m in theirs}
@@ -665,6 +659,44 @@ def test_a_compacted_history_with_edits_and_deletions_links_exactly(
     assert sum(m["deleted"] for m in theirs) == 3
     assert list(by_text["family 0.7"]["reactions"].values()) == ["+1 2"]
     assert log(laptop) == log(phone)
+
+
+@pytest.mark.parametrize("part", [1 << 20, 1024], ids=["one part", "parts"])
+def test_a_compacted_history_with_edits_and_deletions_links_exactly(
+    tmp_path: Path, loads: list[str], part: int
+) -> None:
+    """A chat written over three runs of the phone and folded into a snapshot, with
+    edits, deletions and a reaction replaced in each run: its replaced items are runs
+    of deleted content, whose keys the new device follows through their chains (even
+    where an item comes before the one it follows). No chat's document loads on
+    either side, and the new device ends with the primary's messages, edits,
+    deletions and reactions."""
+    phone, laptop = tmp_path / "phone", tmp_path / "laptop"
+    folded_family(phone, part)
+    loads.clear()
+    screen = link_in_process(phone, laptop)
+    assert not screen.failures
+    assert not set(loads) & set(chats_of(phone).values())
+    assert_family_linked(phone, laptop)
+
+
+def test_a_compacted_history_cut_midway_resumes_and_links_exactly(tmp_path: Path) -> None:
+    """The folded chat's link is cut part-way: the new device kept what it took by the
+    key chains (values indexed, side heads stated), and the next attempt, which holds
+    part of the chat and so follows no chains, ends equal to the primary."""
+    phone = tmp_path / "phone"
+    folded_family(phone, 1024, messages=300)
+    linker = Linker(tmp_path / "laptop", "laptop")
+    target = PairingCode.decode(linker.code).addresses[0]
+    proxy = CuttingProxy(target, limit=60_000)  # within the family chat's pieces
+    cut = run_p2p(phone, "approve", linker.code, "--yes", "--connect", proxy.address, check=False)
+    assert cut.returncode == 1
+    wait_until(lambda: any(e.get("event") == "failed" for e in linker.events), timeout=20)
+    assert max(e["done"] for e in linker.events if e.get("event") == "progress") > 0
+    resumed = run_p2p(phone, "approve", linker.code, "--yes", "--json")
+    assert json.loads(resumed.stdout.splitlines()[-1])["event"] == "linked"
+    assert linker.wait() == 0
+    assert_family_linked(phone, tmp_path / "laptop")
 
 
 @pytest.mark.parametrize("threads", [1, 2])

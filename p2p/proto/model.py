@@ -1138,6 +1138,19 @@ class Replica:
                 return None
             if not is_dead and not st.single_value:
                 return None
+            if st.name == MESSAGES and st.origin is None and not is_dead:  # the most common
+                map_key = (MESSAGES, st.key or "")
+                if (
+                    st.key is None
+                    or map_key in messages
+                    or map_key in tails
+                    or map_key in chains.tails
+                ):
+                    return None  # a message opened twice
+                messages.add(map_key)
+                plan.values[map_key] = (st.id, value_at(update, st.values_at))
+                here[st.client] = st.clock + st.length
+                continue
             item = Waiting(
                 first=st.id,
                 last=(st.client, st.clock + st.length - 1),
