@@ -416,13 +416,14 @@ def ours_rest(
         lap.stop()
 
 
-def ours_catchup(base: Path, n: int, timeout: float) -> dict[str, Any]:
+def ours_catchup(base: Path, n: int, timeout: float, *, fold: bool = False) -> dict[str, Any]:
     """S8 catch-up: a laptop linked while empty was away while the phone wrote ``n``
-    messages into one chat; both then run (``p2p run``, the laptop dialing the phone):
-    seconds from the connection until the laptop's index holds them all, and the peak
-    memory of each process."""
+    messages into one chat (with ``fold``, then folded into a snapshot in parts); both
+    then run (``p2p run``, the laptop dialing the phone): seconds from the connection
+    until the laptop's index holds them all, and the peak memory of each process."""
     account = build_account(base, [n], laptop=True, snapshots=False, laptop_holds=False)
     phone, laptop = account["phone"], account["laptop"]
+    folded = fold_largest_chat(phone) if fold else None
     with _running_pair(phone, laptop) as (ph, lap):
         peak = Peak({"phone": ph.proc.pid, "laptop": lap.proc.pid})
         lap.wait_line("peer_connected", timeout)
@@ -443,6 +444,7 @@ def ours_catchup(base: Path, n: int, timeout: float) -> dict[str, Any]:
         "phone_mb": mb["phone"],
         "laptop_mb": mb["laptop"],
         "held": held,
+        "folded": folded,
     }
 
 

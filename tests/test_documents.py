@@ -652,7 +652,7 @@ def test_a_folded_snapshot_is_taken_piece_by_piece_without_the_document(seed: in
     pieces = list(split_update(snapshot, 400))
     assert len(pieces) > 10
     taker = _Lazy(space, 77, set())
-    assert taker.replica.follow_chains()
+    assert taker.replica.follow_chains(waits=True)
     for piece in pieces:
         taker.ingest(piece)
     assert taker.loads == 0, "every piece taken without the document"
@@ -680,7 +680,7 @@ def test_a_chain_that_forks_or_deletes_a_value_needs_the_document() -> None:
     fork_a = left.write([_entry("read", "a", 2)])
     fork_b = right.write([_entry("read", "a", 3)])
     taker = _Lazy(space, 77, set())
-    assert taker.replica.follow_chains()
+    assert taker.replica.follow_chains(waits=True)
     taker.ingest(first)
     taker.ingest(fork_a)
     vector = taker.replica.state_vector()
@@ -712,7 +712,7 @@ def test_a_fork_found_when_waiting_items_come_in_or_a_message_opened_twice_needs
         other.apply(first)
         forks.append(strip_deletions(other.write([_entry("read", "a", n)]), lambda _: False))
     taker = _Lazy(space, 77, set())
-    assert taker.replica.follow_chains()
+    assert taker.replica.follow_chains(waits=True)
     for fork in forks:
         taker.ingest(fork)
     assert taker.aside == 2
@@ -720,7 +720,7 @@ def test_a_fork_found_when_waiting_items_come_in_or_a_message_opened_twice_needs
         taker.replica.apply(first, held=taker.held)
 
     taker = _Lazy(space, 77, set())
-    assert taker.replica.follow_chains()
+    assert taker.replica.follow_chains(waits=True)
     message = _entry("msg", "a", 4)
     taker.ingest(Replica(space, client_id=1).write([message]))
     doc: pycrdt.Doc[Any] = pycrdt.Doc(client_id=5)
@@ -736,7 +736,8 @@ def test_an_item_waits_for_the_item_it_follows_and_its_key_is_known_once_it_come
     """A read marker replaced in a later run (a higher client) comes first: it waits,
     unindexed and out of the side heads (which are not stated meanwhile), and takes
     its key when the item it follows arrives. Were the document to load while it
-    waits, the chains say so (its key then changes unwatched: the index is rebuilt)."""
+    waits, the chains say so (its key then changes unwatched: the index is rebuilt).
+    Chains a catch-up begins (not a link's) let no item wait: the document judges it."""
     space = "s"
     first_run = Replica(space, client_id=1)
     second_run = Replica(space, client_id=2)
@@ -745,9 +746,17 @@ def test_an_item_waits_for_the_item_it_follows_and_its_key_is_known_once_it_come
     folded = second_run.snapshot()  # the first marker is a run of deleted content now
     replaced = strip_deletions(trim_update(folded, {1: 1}) or b"", lambda _: False)
     opened = trim_update(folded, {2: 1}) or b""  # with the delete set
+    catching_up = _Lazy(space, 77, set())  # chains begin by themselves, and never wait
+    with pytest.raises(DocumentNeeded):
+        catching_up.replica.apply(replaced, held=catching_up.held)
+    assert catching_up.ingest(opened).changed == {}
+    assert catching_up.aside == 1
+    assert catching_up.ingest(replaced).changed == {}
+    assert catching_up.aside == 2
+    assert catching_up.replica.known_heads() == side_heads(folded)
     for load_while_waiting in (False, True):
         taker = _Lazy(space, 77, set())
-        assert taker.replica.follow_chains()
+        assert taker.replica.follow_chains(waits=True)
         applied = taker.ingest(replaced)
         assert applied.changed == {}
         assert taker.aside == 1

@@ -746,6 +746,7 @@ class Replica:
             self._heads = None  # a history not followed struct by struct: learn at a load
         plan = None
         if held is not None and self._source is not None:
+            self.follow_chains()  # a space empty here: a folded snapshot's pieces too
             plan = self._aside_plan(update, deps, held, others=opens is not None)
             if plan is None:
                 raise DocumentNeeded(self.space)
@@ -1050,18 +1051,21 @@ class Replica:
             return None
         return plan
 
-    def follow_chains(self) -> bool:
+    def follow_chains(self, *, waits: bool = False) -> bool:
         """Start following every key's chain of items (:class:`KeyChains`), for a
-        history taken from empty without the document (a link's pieces). Whether it
-        started: only while nothing is held here (the chains must hold every item);
-        they end when the document loads or the replica unloads."""
+        history taken from empty without the document: a link's pieces, or a catch-up
+        (or the first live update) of a space empty here. Whether it started: only
+        while nothing is held here (the chains must know every item); they end when
+        the document loads or the replica unloads. ``waits``: an item whose origin is
+        not here yet may wait for it (a link, whose caller checks at the end that none
+        is left: ``DeviceState.space_taken``); else such an update needs the document."""
         if self._chains is not None:
             return True
         if self._source is None or self._built or self._heads != {}:
             return False
-        if decode_state_vector(self._known_sv or EMPTY_STATE_VECTOR):
+        if self._known_sv != EMPTY_STATE_VECTOR:
             return False
-        self._chains = KeyChains()
+        self._chains = KeyChains(waits=waits)
         return True
 
     def _chain_plan(
@@ -1169,6 +1173,8 @@ class Replica:
             elif (found := key_at(st.origin)) is not None:
                 if not place(item, found):
                     return None
+            elif not chains.waits:
+                return None  # follows an item not taken by the chains
             elif st.origin in waits_at or st.origin[1] >= here.get(st.origin[0], 0):
                 waiting.setdefault(st.origin, []).append(item)  # its origin is not here yet
                 waits_at.add(item.last)
@@ -1457,9 +1463,11 @@ class KeyChains:
     that was ever replaced (a message is never followed, so it is not kept) and one
     range per run of deleted content."""
 
-    __slots__ = ("_dead", "keys_at", "tails", "waiting", "waits_at")
+    __slots__ = ("_dead", "keys_at", "tails", "waiting", "waits", "waits_at")
 
-    def __init__(self) -> None:
+    def __init__(self, *, waits: bool) -> None:
+        self.waits = waits
+        """Whether an item may wait for the one it follows (see ``Replica.follow_chains``)."""
         self.tails: dict[tuple[str, str], tuple[ItemId, bool]] = {}
         """(map, key) -> (the last id of its list's last item, whether it is the value)."""
         self.keys_at: dict[ItemId, tuple[str, str]] = {}

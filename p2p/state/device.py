@@ -235,7 +235,7 @@ class DeviceState:
             held = None
             if not replica.loaded:
                 held = partial(store.index_held, space_id)
-                replica.follow_chains()  # a space new here: a folded snapshot's pieces too
+                replica.follow_chains(waits=True)  # items may wait: see space_taken
             applied = replica.apply(piece, held=held)
         except DocumentNeeded:
             applied = replica.apply(piece)
