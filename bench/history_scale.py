@@ -52,6 +52,7 @@ from common import BENCH, ROOT, Child, body, peak_rss_mb
 
 WALL = 1_767_225_600_000
 BATCH = 1000
+REACTIONS = ("+1", "heart", "laugh")
 LOOPBACK = ("--listen", "127.0.0.1:0", "--no-mdns")
 
 
@@ -163,10 +164,20 @@ def _chat_child(phone: str, laptop: str, space_id: str, n: int, seed: int, snap:
     other = open_home_store(laptop) if laptop else None
     try:
         state = DeviceState.load(store, claim_run(store))
+        opening = ""
         for first in range(0, n, BATCH):
             entries = [
                 state.new_entry(space_id, "msg", WALL + i, body=body(rng))
                 for i in range(first, min(n, first + BATCH))
+            ]
+            opening = opening or entries[0].id
+            # what a person's chat also holds: a read marker moved on, a reaction changed
+            # (each replaces the one before: a folded chat keeps those as deleted runs)
+            entries += [
+                state.new_entry(space_id, "read", WALL + first, body=entries[-1].ts),
+                state.new_entry(
+                    space_id, "react", WALL + first, target=opening, body=REACTIONS[first % 3]
+                ),
             ]
             _update, batch = state.write_local(space_id, entries)
             store.write(batch)
