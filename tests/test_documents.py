@@ -779,18 +779,27 @@ def test_an_item_waits_for_the_item_it_follows_and_its_key_is_known_once_it_come
 
 def test_what_only_the_document_knows_makes_it_load_and_changes_nothing() -> None:
     """A reaction replacing another and a message under a key the index holds each
-    need the document: DocumentNeeded, and the replica states what it stated before.
-    An update of structs held already changes nothing, without the document."""
+    need the document once the replica holds a history it did not follow (opened from
+    its store): DocumentNeeded, and the replica states what it stated before. One
+    following the key chains from empty takes the reaction changed (its index row
+    rewritten). An update of structs held already changes nothing, without the
+    document."""
     space = "s"
     writer = Replica(space, client_id=11)
     first = writer.write([_entry("msg", "a", 1)])
     react = writer.write([_entry("react", "a", 2, target="a-msg-1")])
+    again = writer.write([_entry("react", "a", 3, target="a-msg-1")])  # replaces: origin
+    following = _Lazy(space, 33, set())
+    for update in (first, react):
+        following.ingest(update)
+    assert following.ingest(again).changed == {("r", "a-msg-1/acct-a"): again_value(writer)}
+    assert following.aside == 3
     taker = _Lazy(space, 33, set())
     taker.ingest(first)
     taker.ingest(react)
     assert taker.aside == 2
+    taker.replica = taker._reopen(taker.replica.state_vector(), taker.replica.known_heads())
     vector = taker.replica.state_vector()
-    again = writer.write([_entry("react", "a", 3, target="a-msg-1")])  # replaces: origin
     with pytest.raises(DocumentNeeded):
         taker.replica.apply(again, held=taker.held)
     repeated = taker.replica.apply(first, held=taker.held)  # all held: changes nothing
@@ -800,6 +809,12 @@ def test_what_only_the_document_knows_makes_it_load_and_changes_nothing() -> Non
         taker.replica.apply(clash, held=taker.held)
     assert taker.replica.state_vector() == vector
     assert not taker.replica.loaded
+
+
+def again_value(writer: Replica) -> Any:
+    """The reaction ``writer`` holds now (its map ``r``'s only value)."""
+    (value,) = (v for _, v in writer.doc.get("r", type=pycrdt.Map).items())
+    return value
 
 
 def test_own_receipts_written_aside_replace_the_previous_one() -> None:

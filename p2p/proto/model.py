@@ -1082,7 +1082,8 @@ class Replica:
         each struct is one value or a run of deleted content, and follows its key's
         tail (or opens a key that has none). An item that follows the tail lands
         rightmost in its key's list, where yrs keeps a map key's value: a live one is
-        the value (replacing a live tail of a side map as a side head is replaced),
+        the value (replacing a live tail: a side head, or an indexed value such as a
+        reaction changed, whose index row it rewrites),
         a deleted one changes nothing. An item following one not here yet waits for
         it (yrs holds it back the same way), and is placed when it comes. The delete
         set may name only runs of deleted content and the side heads replaced. So a
@@ -1098,6 +1099,7 @@ class Replica:
         waiting = {origin: list(items) for origin, items in chains.waiting.items()}
         waits_at = set(chains.waits_at)
         messages: set[tuple[str, str]] = set()  # opened here: their lists are not followed
+        replacing: set[tuple[str, str]] = set()
 
         def key_at(item: ItemId) -> tuple[str, str] | None:
             return keys_at[item] if item in keys_at else chains.keys_at.get(item)
@@ -1117,9 +1119,10 @@ class Replica:
                         return False  # a second first item of a message: a fork
                     messages.add(map_key)
                 if tail is not None and tail[1]:  # follows a value: replaces it
-                    if item.dead or map_key[0] not in SIDE:
-                        return False  # removes a value, or replaces an indexed one
+                    if item.dead:
+                        return False  # removes the value
                     plan.replaced.add(tail[0])
+                    replacing.add(map_key)  # the index holds the value it replaces
                 if not item.dead:
                     if map_key[0] in INDEXED:
                         if map_key in plan.values or (others and map_key[0] == DELETIONS):
@@ -1186,7 +1189,7 @@ class Replica:
                 or chains.dead_holds(client, clock, clock + length, dead)
             ):
                 return None
-        indexed = list({k for k in plan.values if k[0] in INDEXED} | messages)
+        indexed = list({k for k in plan.values if k[0] in INDEXED} - replacing | messages)
         if indexed and held(indexed):
             return None
         plan.chains = ChainsLearnt(tails, keys_at, dead, waiting, waits_at)
