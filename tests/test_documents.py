@@ -43,7 +43,7 @@ from p2p.proto.wire import pack
 from p2p.proto.ysplit import split_update, trim_update
 from p2p.proto.yupdate import strip_deletions
 from p2p.runtime.node import Node
-from p2p.state.device import DeviceState, claim_run, merge_batches
+from p2p.state.device import NOTES, DeviceState, claim_run, merge_batches
 from p2p.state.spaces import stored_vector, vector_record
 from p2p.storage.base import SpaceLog, WriteBatch
 from p2p.storage.memory import MemoryStore
@@ -775,6 +775,34 @@ def test_an_item_waits_for_the_item_it_follows_and_its_key_is_known_once_it_come
         assert heads[(READ_MARKERS, "a")][2]["ts"] == format_ts(1002, 0)
         taker.replica.unload()
         assert not taker.replica.chains_unresolved
+
+
+def test_a_history_written_with_its_document_loaded_is_taken_without_it() -> None:
+    """Updates a device wrote with its chat loaded (each batch: messages, its read
+    marker moved on and its reaction changed) carry the document's whole delete set,
+    with adjacent replaced items merged into one range. A replica new to the chat
+    takes every one without the document (the replaced values are known deleted), and
+    ends with the writer's values and side heads."""
+    phone, _ = DeviceState.create_account("phone")
+    chat = phone.chat_by_name(NOTES).id
+    updates, opening = [], ""
+    for batch in range(6):
+        entries = [phone.new_entry(chat, "msg", 1000 + batch * 10 + i) for i in range(4)]
+        opening = opening or entries[0].id
+        entries += [
+            phone.new_entry(chat, "read", 1000 + batch * 10, body=entries[-1].ts),
+            phone.new_entry(chat, "react", 1000 + batch * 10, target=opening, body=str(batch)),
+        ]
+        updates.append(phone.write_local(chat, entries)[0])
+    taker = _Lazy(chat, 77, set())
+    for update in updates:
+        taker.ingest(update)
+    assert taker.loads == 0
+    writer = phone.space(chat).replica
+    assert taker.replica.known_heads() == side_heads(writer.snapshot())
+    taker.replica.load()
+    for name in (*INDEXED, *SIDE):
+        assert dict(taker.replica.entries(name)) == dict(writer.entries(name)), name
 
 
 def test_what_only_the_document_knows_makes_it_load_and_changes_nothing() -> None:

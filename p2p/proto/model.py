@@ -1123,6 +1123,7 @@ class Replica:
                         return False  # removes the value
                     plan.replaced.add(tail[0])
                     replacing.add(map_key)  # the index holds the value it replaces
+                    _add_run(dead, tail[0][0], tail[0][1], tail[0][1] + 1)  # deleted now
                 if not item.dead:
                     if map_key[0] in INDEXED:
                         if map_key in plan.values or (others and map_key[0] == DELETIONS):
@@ -1183,12 +1184,15 @@ class Replica:
                 waits_at.add(item.last)
             else:
                 return None  # follows an item that ends no list: a fork, or a message
-        for client, clock, length in deleted:
-            if not (
-                (length == 1 and (client, clock) in plan.replaced)
-                or chains.dead_holds(client, clock, clock + length, dead)
-            ):
-                return None
+        for client, clock, length in deleted:  # runs of deleted content, values replaced
+            reach, end = clock, clock + length
+            while reach < end:
+                if (client, reach) in plan.replaced:
+                    reach += 1
+                elif (beyond := chains.dead_reach(client, reach, dead)) is not None:
+                    reach = beyond
+                else:
+                    return None
         indexed = list({k for k in plan.values if k[0] in INDEXED} - replacing | messages)
         if indexed and held(indexed):
             return None
@@ -1496,22 +1500,15 @@ class KeyChains:
                 _add_run(self._dead, client, ranges[at], ranges[at + 1])
         self.waiting, self.waits_at = learnt.waiting, learnt.waits_at
 
-    def dead_holds(self, client: int, start: int, end: int, more: DeadRuns) -> bool:
-        """Whether clocks ``start``..``end`` of ``client`` are all deleted content, known
-        here or in ``more`` (an update's own runs)."""
-        known = self._dead.get(client)
-        extra = more.get(client)
-        reach = start
-        while reach < end:
-            for ranges in (known, extra):
-                if ranges is not None:
-                    at = bisect.bisect_right(ranges, reach) - 1
-                    if at >= 0 and at % 2 == 0 and ranges[at + 1] > reach:
-                        reach = ranges[at + 1]
-                        break
-            else:
-                return False
-        return True
+    def dead_reach(self, client: int, clock: int, more: DeadRuns) -> int | None:
+        """Where the run of deleted content holding ``clock`` of ``client`` ends, known
+        here or in ``more`` (an update's own runs); None when no run holds it."""
+        for ranges in (self._dead.get(client), more.get(client)):
+            if ranges is not None:
+                at = bisect.bisect_right(ranges, clock) - 1
+                if at >= 0 and at % 2 == 0 and ranges[at + 1] > clock:
+                    return ranges[at + 1]
+        return None
 
 
 @dataclass(slots=True)
@@ -1541,11 +1538,28 @@ DeadRuns = dict[int, "array[int]"]
 
 
 def _add_run(runs: DeadRuns, client: int, start: int, end: int) -> None:
+    """Add clocks ``start``..``end`` of ``client`` (not held yet) to ``runs``: at the end
+    (a struct just read), or in place (a value replaced, older than what was read)."""
     ranges = runs.setdefault(client, array("q"))
-    if ranges and ranges[-1] == start:
-        ranges[-1] = end
+    if not ranges or start >= ranges[-1]:
+        if ranges and ranges[-1] == start:
+            ranges[-1] = end
+        else:
+            ranges.extend((start, end))
+        return
+    at = bisect.bisect_right(ranges, start)  # even: between two runs
+    if at % 2:
+        return  # inside a run already
+    joins_left = at > 0 and ranges[at - 1] == start
+    joins_right = at < len(ranges) and ranges[at] == end
+    if joins_left and joins_right:
+        del ranges[at - 1 : at + 1]
+    elif joins_left:
+        ranges[at - 1] = end
+    elif joins_right:
+        ranges[at] = start
     else:
-        ranges.extend((start, end))
+        ranges[at:at] = array("q", (start, end))
 
 
 def _advance(vector: bytes | None, ends: dict[int, int]) -> bytes:
