@@ -1053,8 +1053,8 @@ class Replica:
     def follow_chains(self, *, waits: bool = False) -> bool:
         """Start following every key's chain of items (:class:`KeyChains`), for a
         history taken from empty without the document (a link's pieces). Whether it
-        started: only
-        while nothing is held here (the chains must know every item); they end when
+        started: only while nothing is held here (the chains must know every item); they
+        end when
         the document loads or the replica unloads. ``waits``: an item whose origin is
         not here yet may wait for it (a link, whose caller checks at the end that none
         is left: ``DeviceState.space_taken``); else such an update needs the document."""
