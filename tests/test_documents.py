@@ -1015,6 +1015,85 @@ def test_a_catch_up_from_the_store_reads_one_part_at_a_time_and_survives_a_compa
     assert sorted(peer.entries(MESSAGES)) == sorted(whole.entries(MESSAGES))
 
 
+def _chat_with_log(store: MemoryStore, count: int) -> tuple[DeviceState, str]:
+    """A phone's state whose chat holds ``count`` stored updates (no snapshot) and a
+    current ``sv/`` record, so that a reopened state answers a catch-up from the store."""
+    state, batch = DeviceState.create_account("phone")
+    store.write(batch)
+    chat = next(s.id for s in state.spaces.values() if s.kind == "chat")
+    for i in range(count):
+        entry = state.new_entry(chat, "msg", 1000 + i, body=f"m{i}")
+        store.write(state.write_local(chat, [entry])[1])
+    replica = state.spaces[chat].replica
+    last = store.log_seqs(chat)[1]
+    store.write(WriteBatch(records=vector_record(chat, last, replica.state_vector())))
+    return state, chat
+
+
+def test_a_catch_up_from_the_store_ends_where_the_log_ended_when_it_began() -> None:
+    """Updates stored while a catch-up from the store is being sent are not part of
+    it: they reach the peer as gossip. Read to the log's moving end, two devices each
+    catching the other up sent each other back, without end, every update each stored
+    of the other's catch-up (a random convergence history livelocked on it)."""
+    store = MemoryStore()
+    state, chat = _chat_with_log(store, 20)
+    before = clocks(state.spaces[chat].replica.state_vector())
+    reopened = DeviceState.load(store)
+    peer = Replica(chat, client_id=7)
+    pieces = reopened.stored_pieces(chat, peer.state_vector(), None, 0, 1 << 20)
+    peer.apply(next(pieces))
+    for i in range(12):  # stored meanwhile, more than a page of them
+        entry = state.new_entry(chat, "msg", 2000 + i, body=f"later {i}")
+        store.write(state.write_local(chat, [entry])[1])
+    rest = list(pieces)
+    for piece in rest:
+        peer.apply(piece)
+    assert len(rest) == 19
+    assert clocks(peer.state_vector()) == before
+
+
+class _FoldingReader(MemoryStore):
+    """A store whose chat is folded into a snapshot right after the first page of its
+    updates is read (as the writer may, in another worker thread)."""
+
+    fold: Callable[[], None] | None = None
+
+    def space_rows(self, space: str, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
+        rows = super().space_rows(space, after_seq, limit)
+        if self.fold is not None:
+            then, self.fold = self.fold, None
+            then()
+        return rows
+
+
+@pytest.mark.parametrize("reads", [1, 9], ids=["after-a-page", "after-two-pages"])
+def test_a_catch_up_from_the_store_survives_a_fold_of_updates_it_has_not_read(
+    reads: int,
+) -> None:
+    """A compaction that folds updates the catch-up has not read yet into the snapshot
+    sends the reader back to that snapshot: the peer still gets the whole chat (the
+    rows after the reader's seq were gone, and the peer silently lacked them)."""
+    store = _FoldingReader()
+    state, chat = _chat_with_log(store, 30)
+    whole = state.spaces[chat].replica
+    last = store.log_seqs(chat)[1]
+
+    def fold() -> None:
+        store.compact(chat, [bytes(p) for p in split_update(whole.snapshot(), 256)], last)
+
+    reopened = DeviceState.load(store)
+    peer = Replica(chat, client_id=7)
+    pieces = reopened.stored_pieces(chat, peer.state_vector(), None, 0, 1 << 20)
+    for _ in range(reads):
+        peer.apply(next(pieces))  # the first page is read
+    store.fold = fold
+    for piece in pieces:
+        peer.apply(piece)
+    assert store.fold is None and store.log_seqs(chat)[0] == last
+    assert clocks(peer.state_vector()) == clocks(whole.state_vector())
+    assert sorted(peer.entries(MESSAGES)) == sorted(whole.entries(MESSAGES))
+
+
 def test_a_catch_up_from_a_snapshot_in_parts_holds_one_part_at_a_time(tmp_path: Path) -> None:
     """What a catch-up from the store allocates is about one part, not the snapshot:
     a chat folded into parts of 16 KiB is answered holding well under a tenth of it

@@ -22,7 +22,7 @@ Rules:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Final, Literal
@@ -333,37 +333,63 @@ class Spaces(dict[str, Space]):
         part is read again from 0, and brings the reader to the seq the whole snapshot
         covers: one part alone does not stand for any seq.
 
+        The log as it stands when the first item is asked for: an update stored later
+        (one a peer is sending us meanwhile, say) is not read. It reaches a peer as
+        gossip; read here, two devices catching each other up would send each other,
+        without end, what each stored of the other's catch-up.
+
         One part is held at a time, never the whole snapshot. A compaction that
         replaces the snapshot between two parts shows as a part stating another seq:
         the parts are then read again from the first (what was yielded already is
-        harmless to apply twice), so that the parts yielded are one snapshot's."""
+        harmless to apply twice), so that the parts yielded are one snapshot's. One
+        that folds updates not read yet into the snapshot (it then covers a seq past
+        the reader's) sends the reader back to the snapshot too."""
         store = self.store
         if store is None:
             return
+        end = store.log_seqs(space_id)[1]
         after = start
-        if start == 0:
-            covered, part = 0, 0
-            while True:
-                read = store.snapshot_part(space_id, part)
-                if read is None:
-                    if part == 0 or store.log_seqs(space_id)[0] == covered:
-                        break
-                    part = 0  # compacted meanwhile into fewer parts: the new snapshot
-                    continue
-                seq, data = read
-                del read
-                if part > 0 and seq != covered:
-                    part = 0  # compacted meanwhile: the new snapshot, from its first part
-                    continue
-                covered = seq
-                yield 0, covered, data
-                del data  # hold one part at a time
-                part += 1
-            after = covered
-        while rows := store.space_rows(space_id, after, STORED_PAGE):
-            for seq, data in rows:
-                yield after, seq, data
-                after = seq
+        while True:
+            if after == 0:
+                after = yield from self._stored_snapshot(store, space_id)
+            while after < end:
+                rows = store.space_rows(space_id, after, STORED_PAGE)
+                if store.log_seqs(space_id)[0] > after:  # folded meanwhile: rows missed
+                    break
+                if not rows:
+                    return
+                for seq, data in rows:
+                    if seq > end:
+                        return
+                    yield after, seq, data
+                    after = seq
+            else:
+                return
+            after = 0
+
+    @staticmethod
+    def _stored_snapshot(
+        store: Store, space_id: str
+    ) -> Generator[tuple[int, int, bytes], None, int]:
+        """The snapshot's parts, one at a time, as :meth:`_stored` yields them; returns
+        the seq the snapshot covers (0: there is none)."""
+        covered, part = 0, 0
+        while True:
+            read = store.snapshot_part(space_id, part)
+            if read is None:
+                if part == 0 or store.log_seqs(space_id)[0] == covered:
+                    return covered
+                part = 0  # compacted meanwhile into fewer parts: the new snapshot
+                continue
+            seq, data = read
+            del read
+            if part > 0 and seq != covered:
+                part = 0  # compacted meanwhile: the new snapshot, from its first part
+                continue
+            covered = seq
+            yield 0, covered, data
+            del data  # hold one part at a time
+            part += 1
 
     def history_of(self, space_id: str) -> Iterable[bytes]:
         """A space's whole history as it stands (see :attr:`history`); none without a
