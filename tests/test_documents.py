@@ -842,6 +842,30 @@ def test_what_only_the_document_knows_makes_it_load_and_changes_nothing() -> Non
     assert not taker.replica.loaded
 
 
+def test_a_write_with_the_document_loaded_carries_only_its_own_deletions() -> None:
+    """An update written with the chat's document loaded carries the deletions its
+    transaction made, not the document's whole delete set: a peer holding the chat
+    without its document (a history it did not follow, side heads known) then takes a
+    read marker moved on and a message without loading. Carrying every earlier
+    replaced marker, such an update made every such peer load the chat (the phone of
+    S8C peaked at 815 MB on a laptop's receipts)."""
+    space = "s"
+    writer = Replica(space, client_id=11)
+    assert writer.loaded
+    history = [writer.write([_entry("msg", "a", 1), _entry("read", "a", 1)])]
+    history += [writer.write([_entry("read", "a", n)]) for n in (2, 3)]
+    taker = _Lazy(space, 33, set())
+    for update in history:
+        taker.ingest(update)
+    taker.replica = taker._reopen(taker.replica.state_vector(), taker.replica.known_heads())
+    moved_on = writer.write([_entry("msg", "a", 4), _entry("read", "a", 4)])
+    assert len(strip_deletions(moved_on, lambda _: False)) < len(moved_on)  # deletes one
+    applied = taker.replica.apply(moved_on, held=taker.held)
+    assert not taker.replica.loaded
+    assert ("m", "a-msg-4") in applied.changed
+    assert taker.replica.side_values(READ_MARKERS) == writer.side_values(READ_MARKERS)
+
+
 def again_value(writer: Replica) -> Any:
     """The reaction ``writer`` holds now (its map ``r``'s only value)."""
     (value,) = (v for _, v in writer.doc.get("r", type=pycrdt.Map).items())

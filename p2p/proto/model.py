@@ -916,16 +916,23 @@ class Replica:
         if self.writes_aside(e.kind for e in entries):
             return self._write_aside(entries)
         doc = self.doc
-        before = doc.get_state()
-        with doc.transaction():
-            for entry in entries:
-                self._map_of[_MAP_OF_KIND[entry.kind]][entry.key()] = entry.to_value()
-                # we signed it ourselves
-                self._verified[fingerprint(entry.canonical(self.space), entry.sig)] = True
-                if entry.kind == "msg":
-                    self._note_author(entry.to_value())
+        made: list[bytes] = []
+        # the transaction's own update: its structs and only the deletions it made (a
+        # diff from the state before would carry the document's whole delete set, and
+        # a peer taking updates without its document would have to load it for that)
+        watch = doc.observe(lambda event: made.append(bytes(event.update)))
+        try:
+            with doc.transaction():
+                for entry in entries:
+                    self._map_of[_MAP_OF_KIND[entry.kind]][entry.key()] = entry.to_value()
+                    # we signed it ourselves
+                    self._verified[fingerprint(entry.canonical(self.space), entry.sig)] = True
+                    if entry.kind == "msg":
+                        self._note_author(entry.to_value())
+        finally:
+            doc.unobserve(watch)
         self._sv = None  # our own client moved on: ask yrs next time
-        update = bytes(doc.get_update(before))
+        update = made[0] if made else EMPTY_UPDATE  # no entries: no transaction event
         sides = {(e.map_name(), e.key()): e.to_value() for e in entries if e.map_name() in SIDE}
         if sides and self._heads is not None:
             self._follow_heads(update, sides)
@@ -1641,6 +1648,8 @@ def decode_state_vector(sv: bytes) -> dict[int, int]:
 
 EMPTY_STATE_VECTOR: Final = b"\x00"
 """The state vector of a replica holding nothing (no clients)."""
+EMPTY_UPDATE: Final = b"\x00\x00"
+"""An update of nothing: no structs, no deletions."""
 
 
 def encode_state_vector(clocks: dict[int, int]) -> bytes:

@@ -76,7 +76,7 @@ from p2p.errors import (
 from p2p.proto.box import Box, shared_secret
 from p2p.proto.envelope import MAX_PAYLOAD
 from p2p.proto.identity import DeviceKeys, DeviceList, account_tag, check_lease, verify
-from p2p.proto.model import covers
+from p2p.proto.model import EMPTY_UPDATE, covers
 from p2p.proto.wire import (
     DIGEST_SIZE,
     MAX_DIGESTS,
@@ -91,7 +91,6 @@ DOMAIN_HANDSHAKE: Final = b"p2p/handshake/v1\x00"
 HANDSHAKE_TIMEOUT: Final = 10.0
 PING_INTERVAL: Final = 15.0
 IDLE_TIMEOUT: Final = 45.0
-EMPTY_UPDATE: Final = b"\x00\x00"
 MAX_TAGS: Final = 64
 """Discovery keys a hello carries tags for (and a receiver checks): our account's
 epochs, then those of conversations shared with other accounts."""
