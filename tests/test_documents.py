@@ -737,7 +737,7 @@ def test_an_item_waits_for_the_item_it_follows_and_its_key_is_known_once_it_come
     unindexed and out of the side heads (which are not stated meanwhile), and takes
     its key when the item it follows arrives. Were the document to load while it
     waits, the chains say so (its key then changes unwatched: the index is rebuilt).
-    Chains that let no item wait leave it to the document."""
+    Chains a catch-up begins (not a link's) let no item wait: the document judges it."""
     space = "s"
     first_run = Replica(space, client_id=1)
     second_run = Replica(space, client_id=2)
@@ -746,8 +746,7 @@ def test_an_item_waits_for_the_item_it_follows_and_its_key_is_known_once_it_come
     folded = second_run.snapshot()  # the first marker is a run of deleted content now
     replaced = strip_deletions(trim_update(folded, {1: 1}) or b"", lambda _: False)
     opened = trim_update(folded, {2: 1}) or b""  # with the delete set
-    catching_up = _Lazy(space, 77, set())  # chains that let nothing wait
-    assert catching_up.replica.follow_chains()
+    catching_up = _Lazy(space, 77, set())  # chains begin by themselves, and never wait
     with pytest.raises(DocumentNeeded):
         catching_up.replica.apply(replaced, held=catching_up.held)
     assert catching_up.ingest(opened).changed == {}
@@ -796,7 +795,6 @@ def test_a_history_written_with_its_document_loaded_is_taken_without_it() -> Non
         ]
         updates.append(phone.write_local(chat, entries)[0])
     taker = _Lazy(chat, 77, set())
-    assert taker.replica.follow_chains()  # as a link does
     for update in updates:
         taker.ingest(update)
     assert taker.loads == 0
@@ -811,7 +809,7 @@ def test_what_only_the_document_knows_makes_it_load_and_changes_nothing() -> Non
     """A reaction replacing another and a message under a key the index holds each
     need the document once the replica holds a history it did not follow (opened from
     its store): DocumentNeeded, and the replica states what it stated before. One
-    following the key chains from empty (a link) takes the reaction changed (its index row
+    following the key chains from empty takes the reaction changed (its index row
     rewritten). An update of structs held already changes nothing, without the
     document."""
     space = "s"
@@ -820,7 +818,6 @@ def test_what_only_the_document_knows_makes_it_load_and_changes_nothing() -> Non
     react = writer.write([_entry("react", "a", 2, target="a-msg-1")])
     again = writer.write([_entry("react", "a", 3, target="a-msg-1")])  # replaces: origin
     following = _Lazy(space, 33, set())
-    assert following.replica.follow_chains()
     for update in (first, react):
         following.ingest(update)
     assert following.ingest(again).changed == {("r", "a-msg-1/acct-a"): again_value(writer)}

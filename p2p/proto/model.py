@@ -746,6 +746,7 @@ class Replica:
             self._heads = None  # a history not followed struct by struct: learn at a load
         plan = None
         if held is not None and self._source is not None:
+            self.follow_chains()  # a space empty here: a folded snapshot's pieces too
             plan = self._aside_plan(update, deps, held, others=opens is not None)
             if plan is None:
                 raise DocumentNeeded(self.space)
@@ -1059,9 +1060,9 @@ class Replica:
 
     def follow_chains(self, *, waits: bool = False) -> bool:
         """Start following every key's chain of items (:class:`KeyChains`), for a
-        history taken from empty without the document (a link's pieces). Whether it
-        started: only while nothing is held here (the chains must know every item); they
-        end when
+        history taken from empty without the document: a link's pieces, or a catch-up
+        (or the first live update) of a space empty here. Whether it started: only
+        while nothing is held here (the chains must know every item); they end when
         the document loads or the replica unloads. ``waits``: an item whose origin is
         not here yet may wait for it (a link, whose caller checks at the end that none
         is left: ``DeviceState.space_taken``); else such an update needs the document."""
