@@ -667,6 +667,93 @@ def test_a_folded_snapshot_is_taken_piece_by_piece_without_the_document(seed: in
         ), name
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_a_history_held_here_learns_its_key_chains_and_takes_the_rest_without_the_document(
+    seed: int,
+) -> None:
+    """Seeded: two devices write messages, edits, deletions, reactions changed, and
+    receipts and read markers moved on. A third held the first part of their history
+    when it opened (it follows no chains: a reaction changed needs the document). It
+    reads its key chains from what it holds (``learn_chains``, no document built),
+    then takes the rest without the document, and ends with what a replica that
+    applied everything loaded holds: values, side heads, state vector."""
+    rng = random.Random(seed)
+    space = "s"
+    writers = {"a": Replica(space, client_id=11), "b": Replica(space, client_id=22)}
+    reference = Replica(space, client_id=99)
+    messages: list[str] = []
+    updates: list[bytes] = []
+    for step in range(120):
+        device = rng.choice(list(writers))
+        roll = rng.random()
+        if roll < 0.35 or not messages:
+            entry = _entry("msg", device, step)
+            messages.append(entry.id)
+        elif roll < 0.5:
+            entry = _entry("rcpt", device, step)
+        elif roll < 0.65:
+            entry = _entry("read", device, step)
+        elif roll < 0.85:
+            entry = _entry("react", device, step, target=rng.choice(messages[:3]))
+        elif roll < 0.93:
+            entry = _entry("edit", device, step, target=rng.choice(messages))
+        else:
+            entry = _entry("del", device, step, target=rng.choice(messages))
+        update = writers[device].write([entry])
+        reference.apply(update)
+        for other, replica in writers.items():
+            if other != device:
+                replica.apply(update)
+        updates.append(update)
+    held, rest = updates[:40], updates[40:]
+    taker = _Lazy(space, 77, set())
+    for update in held:
+        taker.ingest(update)
+    taker.replica = taker._reopen(taker.replica.state_vector(), taker.replica.known_heads())
+    assert not taker.replica.follows_chains
+    learnt = taker.replica.learn_chains(iter(taker.stored))
+    assert learnt is not None
+    assert taker.replica.use_chains(learnt)
+    for update in rest:
+        taker.ingest(update)
+    assert taker.loads == 0, "every update taken without the document"
+    assert clocks(taker.replica.state_vector()) == clocks(reference.state_vector())
+    assert taker.replica.known_heads() == side_heads(reference.snapshot())
+    taker.replica.load()
+    for name in (*INDEXED, *SIDE):
+        assert dict(taker.replica.entries(name)) == dict(reference.entries(name)), name
+
+
+def test_key_chains_are_not_learnt_from_a_history_with_a_fork_nor_used_once_it_moved_on() -> (
+    None
+):
+    """A history in which two items follow one (two devices replacing the same read
+    marker at once) has no chains to learn: only the document orders the fork. Chains
+    read from a history that grew meanwhile (a write of ours while they were read)
+    are not used: they would not know the newest items."""
+    space = "s"
+    base = Replica(space, client_id=1)
+    first = base.write([_entry("read", "a", 1)])
+    left, right = Replica(space, client_id=2), Replica(space, client_id=3)
+    for r in (left, right):
+        r.apply(first)
+    forked = [first, left.write([_entry("read", "a", 2)]), right.write([_entry("read", "a", 3)])]
+    taker = _Lazy(space, 77, set())
+    for update in forked:
+        taker.ingest(update)
+    taker.replica = taker._reopen(taker.replica.state_vector(), taker.replica.known_heads())
+    assert taker.replica.learn_chains(iter(taker.stored)) is None
+    plain = _Lazy(space, 78, set())
+    plain.ingest(first)
+    plain.replica = plain._reopen(plain.replica.state_vector(), plain.replica.known_heads())
+    learnt = plain.replica.learn_chains(iter(plain.stored))
+    assert learnt is not None
+    plain.write([_entry("msg", "c", 9)])  # written aside: the history moved on
+    assert not plain.replica.loaded
+    assert not plain.replica.use_chains(learnt)
+    assert not plain.replica.follows_chains
+
+
 def test_a_chain_that_forks_or_deletes_a_value_needs_the_document() -> None:
     """What the key chains cannot name goes to the document, and changes nothing
     before: an item following one that is not the tail of its key (two devices
@@ -893,6 +980,34 @@ def test_own_receipts_written_aside_replace_the_previous_one() -> None:
     assert whole.side_values(RECEIPTS)["c"]["b"] == "rcpt 3"  # type: ignore[index]
     assert side_heads(whole.snapshot()) == lazy.known_heads()
     assert clocks(lazy.state_vector()) == clocks(whole.state_vector())
+
+
+def test_a_reaction_changed_in_a_chat_held_here_is_taken_without_its_document(
+    homes: list[Path],
+) -> None:
+    """Two devices level on a chat with a reaction restart (neither follows key chains
+    then); the phone changes its reaction. The laptop reads the chat's key chains from
+    its store (no document built) and takes the change without loading the chat: the
+    new reaction shows. It loaded the whole chat for this before."""
+
+    async def main() -> None:
+        with trio.fail_after(60):
+            async with phone_and_laptop(homes) as (phone, laptop):
+                first = await phone.send("react to me")
+                for i in range(3):
+                    await phone.send(f"m{i}")
+                await phone.react(first, "+1")
+                await wait_for(lambda: laptop.messages()[0].reactions != {})
+            async with phone_and_laptop(homes) as (phone, laptop):
+                await vectors_exchanged(phone, laptop)
+                held = notes_of(laptop).replica
+                assert not held.loaded and not held.follows_chains
+                await phone.react(first, "heart")
+                await wait_for(lambda: "heart" in laptop.messages()[0].reactions.values())
+                assert not held.loaded
+                assert held.follows_chains
+
+    trio.run(main)
 
 
 def test_live_messages_and_receipts_load_no_chat(homes: list[Path]) -> None:

@@ -954,6 +954,8 @@ class Replica:
                 head = heads.get((name, key))
                 origin = None if head is None else (head[0], head[1])
                 heads[(name, key)] = (client, clock + at, value)
+                if self._chains is not None:  # our item ends its key's list now
+                    self._chains.wrote((name, key), (client, clock + at))
             sets.append((name, key, value, origin))
         update = encode_sets(client, clock, sets)
         self._aside_clock = clock + len(sets)
@@ -979,6 +981,11 @@ class Replica:
         if self._heads is None or (self._chains is not None and self._chains.waiting):
             return None
         return dict(self._heads)
+
+    @property
+    def follows_chains(self) -> bool:
+        """Whether the key chains are followed (:meth:`follow_chains`, :meth:`use_chains`)."""
+        return self._chains is not None
 
     @property
     def chains_unresolved(self) -> bool:
@@ -1027,7 +1034,9 @@ class Replica:
                 return None  # a gap, or a struct we hold in part
             plan.ends[st.client] = st.clock + st.length
         if self._chains is not None:
-            return self._chain_plan(plan, structs, deleted, self._chains, held, others=others)
+            return self._chain_plan(
+                plan, structs, deleted, self._chains, held, others=others, known=known
+            )
         by_id = {(h[0], h[1]): k for k, h in self._heads.items()}
         for st in structs:
             if not st.single_value or st.right is not None or st.parent_id is not None:
@@ -1075,6 +1084,67 @@ class Replica:
         self._chains = KeyChains(waits=waits)
         return True
 
+    def learn_chains(self, history: Iterable[bytes]) -> LearntChains | None:
+        """The key chains of a history held here, read from the store (``history``: the
+        snapshot's parts, then the log) struct by struct, without building the document;
+        None when they cannot be (a fork, an item following a message, an item left
+        waiting: what only the document resolves). Thread-safe: it reads nothing of the
+        replica but its rules, so a worker thread runs it; :meth:`use_chains` then
+        starts following them, on the thread that applies.
+
+        Why: a chat held here when the node opened follows no chains, and a catch-up
+        into it (a reaction changed while this device was away, or the peer's chat
+        folded into a snapshot) would load its whole document. Reading the history
+        once costs about what a link of it costs; the chains then cost one tail per key
+        ever replaced and one range per run of deleted content."""
+        chains = KeyChains(waits=True)
+        known: dict[int, int] = {}
+
+        def nothing_held(keys: list[tuple[str, str]]) -> dict[Any, str]:
+            return {}  # the history itself is what is held
+
+        for update in history:
+            try:
+                structs, deleted = read_structs(update)
+                if any(st.clock < known.get(st.client, 0) for st in structs):
+                    trimmed = trim_update(update, known)  # written twice (a load's race)
+                    if trimmed is None:
+                        continue
+                    update = trimmed
+                    structs, deleted = read_structs(update)
+            except (IndexError, ValueError, UnicodeDecodeError, InvalidUpdate):
+                return None
+            plan = _AsidePlan(update=update)
+            for st in structs:
+                if st.client not in plan.ends and st.clock != known.get(st.client, 0):
+                    return None  # held back by yrs until a later update: not followed
+                plan.ends[st.client] = st.clock + st.length
+            taken = self._chain_plan(
+                plan, structs, deleted, chains, nothing_held, others=False, known=known
+            )
+            if taken is None or taken.chains is None:
+                return None
+            chains.take(taken.chains)
+            known.update(plan.ends)
+        if chains.waiting:
+            return None
+        chains.waits = False
+        return LearntChains(chains, encode_state_vector(known))
+
+    def use_chains(self, learnt: LearntChains) -> bool:
+        """Follow the key chains :meth:`learn_chains` read, if they are still this
+        replica's (its history unchanged since, the document not loaded meanwhile):
+        whether it does. A reaction changed or a folded snapshot's pieces then apply
+        without the document, as for a chat taken from empty."""
+        if self._chains is not None:
+            return True
+        if self._source is None or self._built or self._loading or self._heads is None:
+            return False
+        if self._known_sv is None or not _same_vector(self._known_sv, learnt.vector):
+            return False
+        self._chains = learnt.chains
+        return True
+
     def _chain_plan(
         self,
         plan: _AsidePlan,
@@ -1084,6 +1154,7 @@ class Replica:
         held: HeldKeys,
         *,
         others: bool,
+        known: dict[int, int],
     ) -> _AsidePlan | None:
         """:meth:`_aside_plan` where every item here is known (:class:`KeyChains`):
         each struct is one value or a run of deleted content, and follows its key's
@@ -1098,7 +1169,6 @@ class Replica:
         ending in its key's value) is taken piece by piece; anything else (a fork, a
         value deleted, an item following a message) is left to the document."""
         update = plan.update
-        known = decode_state_vector(self._known_sv or EMPTY_STATE_VECTOR)
         here = dict(known)  # what is here: held before, or met in this update so far
         tails: dict[tuple[str, str], tuple[ItemId, bool]] = {}
         keys_at: dict[ItemId, tuple[str, str] | None] = {}
@@ -1507,6 +1577,15 @@ class KeyChains:
                 _add_run(self._dead, client, ranges[at], ranges[at + 1])
         self.waiting, self.waits_at = learnt.waiting, learnt.waits_at
 
+    def wrote(self, map_key: tuple[str, str], item: ItemId) -> None:
+        """Our own write without the document gave ``map_key`` the value ``item``
+        (following the key's tail): it is the tail now."""
+        old = self.tails.get(map_key)
+        if old is not None:
+            self.keys_at.pop(old[0], None)
+        self.tails[map_key] = (item, True)
+        self.keys_at[item] = map_key
+
     def dead_reach(self, client: int, clock: int, more: DeadRuns) -> int | None:
         """Where the run of deleted content holding ``clock`` of ``client`` ends, known
         here or in ``more`` (an update's own runs); None when no run holds it."""
@@ -1527,6 +1606,21 @@ class Waiting:
     origin: ItemId | None
     dead: bool
     value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class LearntChains:
+    """The key chains of a stored history (:meth:`Replica.learn_chains`) and the state
+    vector of the history they were read from."""
+
+    chains: KeyChains
+    vector: bytes
+
+
+def _same_vector(a: bytes, b: bytes) -> bool:
+    """Whether two state vectors state the same clocks (their encodings may order the
+    clients differently)."""
+    return decode_state_vector(a) == decode_state_vector(b)
 
 
 @dataclass(slots=True)

@@ -49,6 +49,7 @@ class Mail:
         *,
         emit: Callable[[ev.Event], None],
         loaded: Callable[[str], Awaitable[bool]],
+        learnt: Callable[[str], Awaitable[bool]],
         aside: Callable[[str, bytes], Ingested | None],
         grant_in: Callable[[bytes], trio.Event | None],
         accepted: Callable[[Ingested, bytes, str], trio.Event],
@@ -59,6 +60,8 @@ class Mail:
         self._emit = emit
         self._loaded = loaded
         """Loads a space's document by id (``Writer.load_by_id``)."""
+        self._learnt = learnt
+        """Reads a space's key chains from its history, if it can (``Writer.learn_chains``)."""
         self._aside = aside
         """Applies an envelope without its space's document if it can (``Writer.ingest_aside``)."""
         self._grant_in = grant_in
@@ -115,6 +118,8 @@ class Mail:
             space_id = envelope_space(mail.data)
             try:
                 ingested = self._aside(space_id, mail.data) if space_id is not None else None
+                if ingested is None and space_id is not None and await self._learnt(space_id):
+                    ingested = self._aside(space_id, mail.data)  # by the key chains
                 if ingested is None:
                     if space_id is not None:
                         await self._loaded(space_id)  # applying needs the document

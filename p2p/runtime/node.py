@@ -170,6 +170,7 @@ class Node:
             nursery,
             emit=emit,
             loaded=self.writer.load_by_id,
+            learnt=self.writer.learn_chains,
             aside=self.writer.ingest_aside,
             grant_in=lambda data: self.conversations.from_mail(data),
             accepted=lambda i, data, came_from: self._accepted(i, data, came_from=came_from),
@@ -553,18 +554,21 @@ class Node:
         if space_id is not None and self._ingest(peer, out, aside=space_id):
             return
         act = partial(self._ingest, peer, out)
+        in_turn = partial(self._ingest, peer, out, aside=space_id or "", in_turn=True)
         if space_id is None or not self.writer.after_load(
-            space_id, act, len(out.data), self._nursery
+            space_id, act, len(out.data), self._nursery, in_turn
         ):
             act()
 
-    def _ingest(self, peer: Peer, out: EnvelopeIn, aside: str = "") -> bool:
+    def _ingest(
+        self, peer: Peer, out: EnvelopeIn, aside: str = "", *, in_turn: bool = False
+    ) -> bool:
         """Apply an envelope (``aside``: its space's id, to apply it without the
-        document; see ``Writer.ingest_aside``). Whether it was dealt with: False only
-        when it waits for the document."""
+        document; see ``Writer.ingest_aside``, and ``in_turn`` there). Whether it was
+        dealt with: False only when it waits for the document."""
         try:
             if aside:
-                ingested = self.writer.ingest_aside(aside, out.data)
+                ingested = self.writer.ingest_aside(aside, out.data, in_turn=in_turn)
                 if ingested is None:
                     return False
             else:

@@ -41,6 +41,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, TypeVar
@@ -64,6 +65,8 @@ from p2p.storage.memory import MemoryStore
 
 log = logging.getLogger("p2p.runtime.node")  # one logger for all of the node's lines
 T = TypeVar("T")
+Aside = Callable[[], bool]
+"""Applies something waiting for a space's document without it: whether it could."""
 
 WRITE_QUEUE: Final = 4096
 """Batches waiting for the store before receivers are made to wait too."""
@@ -106,7 +109,10 @@ class Writer:
         self._loading: set[str] = set()
         """Spaces whose document a task is loading (or waits to load)."""
         self._closed = False
-        self._waiting: dict[str, list[Callable[[], object]]] = {}
+        self._waiting: dict[str, list[tuple[Callable[[], object], Aside | None]]] = {}
+        self._unlearnt: set[str] = set()
+        """Spaces whose key chains could not be read from their history (a fork, an
+        item following a message): they load, and are not read again this run."""
         """Per space whose document loads: what waits for it, in arrival order."""
         self._waiting_size: dict[str, int] = {}
         self._waiting_bytes = 0
@@ -224,10 +230,15 @@ class Writer:
         what is on its way there (what a replica an update poisoned is rebuilt from;
         see ``Replica.apply``). The queue is read first: what leaves it meanwhile is in
         the store by the time the store is read (applied twice: harmless)."""
-        pending = [u for s, u in self._inflight if s == space_id]
-        pending += [u for b, _, _ in self._writes for s, u in b.appends if s == space_id]
+        pending = self._on_the_way(space_id)
         yield from stored(space_id)
         yield from pending
+
+    def _on_the_way(self, space_id: str) -> list[bytes]:
+        """A space's updates queued for the store or being written, in order."""
+        pending = [u for s, u in self._inflight if s == space_id]
+        pending += [u for b, _, _ in self._writes for s, u in b.appends if s == space_id]
+        return pending
 
     async def _compact(self, appends: list[tuple[str, bytes]]) -> None:
         """Fold a space's update log into a snapshot once its tail grows long, so that
@@ -288,17 +299,18 @@ class Writer:
                 if lost and self._state.lacks_own(space.id, self._store):
                     self._write_again(space.id, lost)
 
-    def ingest_aside(self, space_id: str, data: bytes) -> Ingested | None:
+    def ingest_aside(self, space_id: str, data: bytes, *, in_turn: bool = False) -> Ingested | None:
         """Apply an envelope to a space whose document is not loaded, without loading
         it (``Replica.apply`` says when that can be: messages, and receipts and read
         markers replacing values whose items are known): None when it cannot, and
         nothing changed. Not while the document loads or envelopes wait for it: the
         load reads what the store and this queue hold when it starts, and order is
-        kept. The message index is read here, on the trio thread, as readers do."""
+        kept (``in_turn``: this envelope is the first of those waiting, taken in its
+        turn). The message index is read here, on the trio thread, as readers do."""
         space = self._state.spaces.get(space_id)
         if space is None or space.replica.loaded:
             return None
-        if space_id in self._waiting or space_id in self._loading:
+        if not in_turn and (space_id in self._waiting or space_id in self._loading):
             return None
         try:
             return self._state.ingest(data, held=self._store.index_held)
@@ -306,20 +318,30 @@ class Writer:
             return None
 
     def after_load(
-        self, space_id: str, act: Callable[[], object], size: int, nursery: trio.Nursery
+        self,
+        space_id: str,
+        act: Callable[[], object],
+        size: int,
+        nursery: trio.Nursery,
+        aside: Aside | None = None,
     ) -> bool:
         """Have ``act`` (applying something of ``size`` bytes to the space) wait until the
         space's document is loaded, behind whatever already waits for it: whether it
         waits (False: the document is loaded and nothing waits, act now). A load takes
         seconds for a long history; the receiver's loop goes on meanwhile, and
-        :meth:`backpressure` bounds what waits."""
+        :meth:`backpressure` bounds what waits.
+
+        First the space's key chains are read from its history, when they can be
+        (:meth:`learn_chains`): what waits is then tried in turn without the document
+        (``aside``: whether it was taken so), and the document loads only for the
+        first that still needs it, the rest behind it."""
         waiting = self._waiting.get(space_id)
         if waiting is None:
             if self._state.has_document(space_id):
                 return False
             waiting = self._waiting[space_id] = []
             nursery.start_soon(self._load_then_act, space_id)
-        waiting.append(act)
+        waiting.append((act, aside))
         self._waiting_size[space_id] = self._waiting_size.get(space_id, 0) + size
         self._waiting_bytes += size
         return True
@@ -327,15 +349,48 @@ class Writer:
     async def _load_then_act(self, space_id: str) -> None:
         loaded = False
         try:
-            loaded = await self.load_by_id(space_id)
+            if await self.learn_chains(space_id):
+                waiting = self._waiting[space_id]
+                while waiting and (aside := waiting[0][1]) is not None and aside():
+                    waiting.pop(0)  # taken without the document, in its turn
+                loaded = not waiting  # nothing left to load for
+            if not loaded:
+                loaded = await self.load_by_id(space_id)
         finally:
             acts = self._waiting.pop(space_id)
             self._waiting_bytes -= self._waiting_size.pop(space_id)
             self._unblocked.set()
         # not loaded: set aside (what waited is refused with it), or the node closes
         # (state vectors bring it again next time); acting would load on this thread
-        for act in acts if loaded else ():
+        for act, _ in acts if loaded else ():
             act()
+
+    async def learn_chains(self, space_id: str) -> bool:
+        """Read the key chains of a space held here from its stored history, in a
+        worker thread, and follow them (``Replica.learn_chains``): whether its replica
+        follows key chains now. Once per space and run when they cannot be read. A
+        chat held when the node opened then takes a reaction changed, or a peer's
+        folded snapshot, without loading its document."""
+        space = self._state.spaces.get(space_id)
+        if space is None or space_id in self._unlearnt:
+            return False
+        replica = space.replica
+        if replica.follows_chains:
+            return True
+        if replica.loaded or not replica.vector_known or replica.known_heads() is None:
+            return False
+        # the queue first: what leaves it meanwhile is read twice (the reader skips
+        # what it holds); the store a part or a page at a time, never whole
+        pending = self._on_the_way(space_id)
+        history = itertools.chain(self._state.spaces.stored_updates(space_id), pending)
+        try:
+            learnt = await self.run_store(replica.learn_chains, history)
+        except (StoreCorrupt, WireError):
+            learnt = None  # the load that follows sets it aside
+        if learnt is None:
+            self._unlearnt.add(space_id)
+            return False
+        return replica.use_chains(learnt)  # not if the history moved on meanwhile
 
     async def learn_vectors(self) -> None:
         """Make every space's state vector known without its document: one without a

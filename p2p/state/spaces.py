@@ -314,6 +314,13 @@ class Spaces(dict[str, Space]):
             if trimmed is not None:
                 yield from split_update(trimmed, limit)
 
+    def stored_updates(self, space_id: str) -> Iterator[bytes]:
+        """A space's stored history as the store holds it when first read from (the
+        snapshot's parts, then the log), one part or page at a time: what
+        ``Replica.learn_chains`` reads, in a worker thread."""
+        for _, _, data in self._stored(space_id, 0):
+            yield data
+
     def first_needed(self, space_id: str, past: dict[int, int]) -> int:
         """The seq to answer ``past`` from (see :meth:`stored_diff`): past every stored
         update it holds whole, read in order from the start (0: the snapshot is
