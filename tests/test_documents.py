@@ -724,9 +724,7 @@ def test_a_history_held_here_learns_its_key_chains_and_takes_the_rest_without_th
         assert dict(taker.replica.entries(name)) == dict(reference.entries(name)), name
 
 
-def test_key_chains_are_not_learnt_from_a_history_with_a_fork_nor_used_once_it_moved_on() -> (
-    None
-):
+def test_key_chains_are_not_learnt_from_a_history_with_a_fork_nor_used_once_it_moved_on() -> None:
     """A history in which two items follow one (two devices replacing the same read
     marker at once) has no chains to learn: only the document orders the fork. Chains
     read from a history that grew meanwhile (a write of ours while they were read)
@@ -1001,7 +999,8 @@ def test_a_reaction_changed_in_a_chat_held_here_is_taken_without_its_document(
             async with phone_and_laptop(homes) as (phone, laptop):
                 await vectors_exchanged(phone, laptop)
                 held = notes_of(laptop).replica
-                assert not held.loaded and not held.follows_chains
+                assert not held.loaded
+                assert not held.follows_chains
                 await phone.react(first, "heart")
                 await wait_for(lambda: "heart" in laptop.messages()[0].reactions.values())
                 assert not held.loaded
@@ -1225,7 +1224,8 @@ def test_a_catch_up_from_the_store_survives_a_fold_of_updates_it_has_not_read(
     store.fold = fold
     for piece in pieces:
         peer.apply(piece)
-    assert store.fold is None and store.log_seqs(chat)[0] == last
+    assert store.fold is None
+    assert store.log_seqs(chat)[0] == last
     assert clocks(peer.state_vector()) == clocks(whole.state_vector())
     assert sorted(peer.entries(MESSAGES)) == sorted(whole.entries(MESSAGES))
 
