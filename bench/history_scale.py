@@ -151,9 +151,12 @@ def _setup_child(phone: str, chats: int) -> dict[str, Any]:
         store.close()
 
 
-def _chat_child(phone: str, laptop: str, space_id: str, n: int, seed: int, snap: str) -> Any:
+def _chat_child(
+    phone: str, laptop: str, space_id: str, n: int, seed: int, snap: str, held: int = -1
+) -> Any:
     """Append ``n`` signed messages to one chat of ``phone`` (the same updates and index
-    rows to ``laptop``'s store, when given); the chat's whole update to ``snap``."""
+    rows to ``laptop``'s store, when given: all of them, or the first ``held``); the
+    chat's whole update to ``snap``."""
     from p2p.runtime.home import open_home_store
     from p2p.state.device import DeviceState, claim_run
     from p2p.state.spaces import vector_record
@@ -164,7 +167,9 @@ def _chat_child(phone: str, laptop: str, space_id: str, n: int, seed: int, snap:
     other = open_home_store(laptop) if laptop else None
     try:
         state = DeviceState.load(store, claim_run(store))
+        replica = state.space(space_id).replica
         opening = ""
+        laptop_state: tuple[bytes, Any] | None = None  # its vector and heads, once it stops
         for first in range(0, n, BATCH):
             entries = [
                 state.new_entry(space_id, "msg", WALL + i, body=body(rng))
@@ -181,16 +186,19 @@ def _chat_child(phone: str, laptop: str, space_id: str, n: int, seed: int, snap:
             ]
             _update, batch = state.write_local(space_id, entries)
             store.write(batch)
-            if other is not None:  # a companion that caught all of it up
+            if other is not None and laptop_state is None:  # a companion that caught up
                 other.write(WriteBatch(appends=batch.appends, index=batch.index))
+                if 0 <= held <= first + BATCH:  # then away for the rest
+                    laptop_state = replica.state_vector(), replica.known_heads()
         # the state vector record a node writes with every append (p2p.state.spaces)
-        replica = state.space(space_id).replica
         vector, heads = replica.state_vector(), replica.known_heads()
-        for written in (store, other):
+        for written, (at, heads_at) in (
+            (store, (vector, heads)),
+            (other, laptop_state or (vector, heads)),
+        ):
             if written is not None:
                 stamp = written.log_seqs(space_id)[1]
-                record = vector_record(space_id, stamp, vector, heads)
-                written.write(WriteBatch(records=record))
+                written.write(WriteBatch(records=vector_record(space_id, stamp, at, heads_at)))
         snapshot = state.space(space_id).replica.snapshot()
         if snap:
             Path(snap).write_bytes(snapshot)
@@ -220,13 +228,14 @@ def build_account(
     *,
     laptop: bool,
     snapshots: bool = True,
-    laptop_holds: bool = True,
+    laptop_holds: int | None = None,
 ) -> dict[str, Any]:
     """A phone at ``base/phone`` with one chat per entry of ``sizes`` (the first is
     notes), each holding that many messages; with ``laptop``, a companion at
-    ``base/laptop`` linked while empty that then holds the same history (or, without
-    ``laptop_holds``, stays empty: away while it was written). Each chat's
-    whole update goes to ``base/snap/N.bin`` for the baseline."""
+    ``base/laptop`` linked while empty that then holds the same history (or, with
+    ``laptop_holds``, the first that many messages of each chat: away while the rest
+    was written). Each chat's whole update goes to ``base/snap/N.bin`` for the
+    baseline."""
     phone, lap, snap = base / "phone", base / "laptop", base / "snap"
     snap.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -242,11 +251,12 @@ def build_account(
         got = _child(
             "chat",
             str(phone),
-            str(lap) if laptop and laptop_holds else "",
+            str(lap) if laptop and laptop_holds != 0 else "",
             space_id,
             str(n),
             str(1000 + i),
             str(path or ""),
+            str(-1 if laptop_holds is None else laptop_holds),
         )
         total_bytes += got["bytes"]
         builder_mb = max(builder_mb, got["peak_mb"])
@@ -427,12 +437,15 @@ def ours_rest(
         lap.stop()
 
 
-def ours_catchup(base: Path, n: int, timeout: float, *, fold: bool = False) -> dict[str, Any]:
+def ours_catchup(
+    base: Path, n: int, timeout: float, *, fold: bool = False, held: int = 0
+) -> dict[str, Any]:
     """S8 catch-up: a laptop linked while empty was away while the phone wrote ``n``
-    messages into one chat (with ``fold``, then folded into a snapshot in parts); both
-    then run (``p2p run``, the laptop dialing the phone): seconds from the connection
-    until the laptop's index holds them all, and the peak memory of each process."""
-    account = build_account(base, [n], laptop=True, snapshots=False, laptop_holds=False)
+    messages into one chat (with ``held``, after the laptop took the chat's first
+    ``held`` of them; with ``fold``, then folded into a snapshot in parts); both then
+    run (``p2p run``, the laptop dialing the phone): seconds from the connection until
+    the laptop's index holds them all, and the peak memory of each process."""
+    account = build_account(base, [held + n], laptop=True, snapshots=False, laptop_holds=held)
     phone, laptop = account["phone"], account["laptop"]
     folded = fold_largest_chat(phone) if fold else None
     with _running_pair(phone, laptop) as (ph, lap):
@@ -440,21 +453,22 @@ def ours_catchup(base: Path, n: int, timeout: float, *, fold: bool = False) -> d
         lap.wait_line("peer_connected", timeout)
         start = time.monotonic()
         deadline = start + timeout
-        while history_size.messages_in(laptop) < n and time.monotonic() < deadline:
+        while history_size.messages_in(laptop) < held + n and time.monotonic() < deadline:
             time.sleep(0.25)
         seconds = time.monotonic() - start
-        held = history_size.messages_in(laptop)
+        came = history_size.messages_in(laptop) - held
         mb = peak.stop()
     return {
-        "ok": held >= n,
-        "why": "" if held >= n else f"{held:,} of {n:,} after {timeout:.0f} s",
+        "ok": came >= n,
+        "why": "" if came >= n else f"{came:,} of {n:,} after {timeout:.0f} s",
         "messages": n,
+        "held_before": held,
         "crdt_bytes": account["crdt_bytes"],
         "seconds": round(seconds, 2),
-        "msg_per_s": round(held / seconds) if seconds else 0,
+        "msg_per_s": round(came / seconds) if seconds else 0,
         "phone_mb": mb["phone"],
         "laptop_mb": mb["laptop"],
-        "held": held,
+        "held": held + came,
         "folded": folded,
     }
 
@@ -560,8 +574,8 @@ def main() -> None:
     if what == "setup":
         out: Any = _setup_child(args[0], int(args[1]))
     elif what == "chat":
-        phone, laptop, space, n, seed, snap = args
-        out = _chat_child(phone, laptop, space, int(n), int(seed), snap)
+        phone, laptop, space, n, seed, snap, held = args
+        out = _chat_child(phone, laptop, space, int(n), int(seed), snap, int(held))
     elif what == "cold":
         out = _cold_child(args[0], args[1])
     elif what == "fold":

@@ -801,16 +801,31 @@ def s8_million(r: Report, scale: Scale) -> None:
             )
 
 
+def _catchup_shape(shape: str, run: dict[str, Any]) -> str:
+    if run["folded"] is not None:
+        return f"folded: {run['folded']['parts']} parts"
+    if run["held_before"]:
+        return f"logs, laptop held {run['held_before']:,} before"
+    return shape
+
+
 def s8_catchup(r: Report, n: int) -> None:
     """Ours alone: a companion away while ``n`` messages were written comes level, from
     the phone's chat as update logs and folded into a snapshot (as a phone in use folds
-    a loaded chat)."""
+    a loaded chat), and from logs into a laptop that held the chat's first messages
+    before it went away (the reaction it saw then changes while it is away)."""
     say(f"S8 catch-up: a companion away while {n:,} messages were written to one chat")
     runs: dict[str, dict[str, Any]] = {}
-    for shape in ("logs", "folded"):
+    # the "held" shape: the laptop took the chat's first 20,000 (of 300,000) first
+    held = max(1, n // 15 // history_scale.BATCH) * history_scale.BATCH
+    for shape in ("logs", "folded", "held"):
         with tempfile.TemporaryDirectory(prefix="p2p-catchup-") as tmp:
             runs[shape] = history_scale.ours_catchup(
-                Path(tmp), n, timeout=1800, fold=shape == "folded"
+                Path(tmp),
+                n,
+                timeout=1800,
+                fold=shape == "folded",
+                held=held if shape == "held" else 0,
             )
     r.results["s8_catchup"] = runs
     ours = runs["logs"]
@@ -828,7 +843,7 @@ def s8_catchup(r: Report, n: int) -> None:
         ],
         [
             [
-                shape if run["folded"] is None else f"folded: {run['folded']['parts']} parts",
+                _catchup_shape(shape, run),
                 "ok" if run["ok"] else f"FAILED {run['why'][:60]}",
                 run["seconds"],
                 run["msg_per_s"],
