@@ -27,9 +27,11 @@ from p2p.errors import DocumentNeeded
 from p2p.proto.clock import format_ts
 from p2p.proto.identity import DeviceKeys
 from p2p.proto.model import (
+    DELETIONS,
     EDITS,
     INDEXED,
     MESSAGES,
+    REACTIONS,
     READ_MARKERS,
     RECEIPTS,
     SIDE,
@@ -343,7 +345,9 @@ def test_sends_into_an_unloaded_chat_load_nothing_and_reach_the_peer(homes: list
                 assert not chat.replica.loaded
                 await phone.mark_read()  # replaces our read marker, whose item is known
                 assert not chat.replica.loaded
-                await phone.react(shown_first(phone), "+1")  # a reaction: loads first
+                await phone.react(shown_first(phone), "+1")  # by key chains read from the store
+                assert not chat.replica.loaded
+                await phone.delivery()  # loads: takes in the reaction written aside
                 assert chat.replica.loaded
                 await phone.send("last")
                 await wait_for(lambda: len(laptop.messages()) == 34)
@@ -383,18 +387,18 @@ def test_a_linked_device_states_its_vectors_without_loading() -> None:
 
 
 def test_a_node_drops_a_chat_by_itself_once_idle(homes: list[Path]) -> None:
-    """``idle_unload``: a chat loaded for a reaction is dropped by the node's own task
-    once unused that long, and loads again for the next use."""
+    """``idle_unload``: a chat loaded for the delivery view is dropped by the node's
+    own task once unused that long, and loads again for the next use."""
 
     async def main() -> None:
         with trio.fail_after(30):
             async with tcp_node(homes[0], idle_unload=0.4) as phone:
                 await phone.send("hello")
                 chat = notes_of(phone)
-                await phone.react(shown_first(phone), "+1")  # may replace one: loads
+                await phone.delivery()  # reads receipts: loads the chat
                 assert chat.replica.loaded
                 await wait_for(lambda: not chat.replica.loaded)
-                await phone.react(shown_first(phone), "-1")
+                await phone.delivery()
                 assert chat.replica.loaded
                 assert [m.text for m in phone.messages()] == ["hello"]
 
@@ -724,6 +728,46 @@ def test_a_history_held_here_learns_its_key_chains_and_takes_the_rest_without_th
         assert dict(taker.replica.entries(name)) == dict(reference.entries(name)), name
 
 
+def test_own_reactions_and_deletions_are_written_aside_while_the_key_chains_are_followed() -> None:
+    """Following the key chains (read from the history held here), a replica writes its
+    reaction changed, a reaction on a message it had not reacted to, and a deletion
+    without its history: each names the item its key's list ends with (and deletes
+    it), as ``Map.set`` would. Applied to the whole document they leave the values a
+    loaded writer leaves; without the chains such a write loads the history."""
+    space = "s"
+    other = Replica(space, client_id=11)
+    history = [
+        other.write([_entry("msg", "a", 1), _entry("msg", "a", 2)]),
+        other.write([_entry("react", "c", 3, target="a-msg-1")]),
+    ]
+    whole = Replica(space, client_id=99)
+    for update in history:
+        whole.apply(update)
+    taker = _Lazy(space, 33, set())
+    for update in history:
+        taker.ingest(update)
+    taker.replica = taker._reopen(taker.replica.state_vector(), taker.replica.known_heads())
+    assert not taker.replica.writes_aside(["react"])
+    learnt = taker.replica.learn_chains(iter(taker.stored))
+    assert learnt is not None
+    assert taker.replica.use_chains(learnt)
+    assert taker.replica.writes_aside(["react", "del"])
+    changed = taker.write([_entry("react", "c", 4, target="a-msg-1")])
+    again = taker.write([_entry("react", "c", 5, target="a-msg-1")])  # follows ours
+    fresh = taker.write([_entry("react", "c", 6, target="a-msg-2")])
+    deleted = taker.write([_entry("del", "c", 7, target="a-msg-2")])
+    assert not taker.replica.loaded
+    for update in (changed, again, fresh, deleted):
+        whole.apply(update)
+    reactions = dict(whole.entries(REACTIONS))
+    assert reactions["a-msg-1/acct-c"].body == "react 5"  # type: ignore[union-attr]
+    assert reactions["a-msg-2/acct-c"].body == "react 6"  # type: ignore[union-attr]
+    assert set(dict(whole.entries(DELETIONS))) == {"a-msg-2"}
+    taker.replica.load()
+    for name in (*INDEXED, *SIDE):
+        assert dict(taker.replica.entries(name)) == dict(whole.entries(name)), name
+
+
 def test_key_chains_are_not_learnt_from_a_history_with_a_fork_nor_used_once_it_moved_on() -> None:
     """A history in which two items follow one (two devices replacing the same read
     marker at once) has no chains to learn: only the document orders the fork. Chains
@@ -986,7 +1030,8 @@ def test_a_reaction_changed_in_a_chat_held_here_is_taken_without_its_document(
     """Two devices level on a chat with a reaction restart (neither follows key chains
     then); the phone changes its reaction. The laptop reads the chat's key chains from
     its store (no document built) and takes the change without loading the chat: the
-    new reaction shows. It loaded the whole chat for this before."""
+    new reaction shows. Then it changes the account's reaction itself, still without
+    the chat. It loaded the whole chat for each before."""
 
     async def main() -> None:
         with trio.fail_after(60):
@@ -1005,6 +1050,9 @@ def test_a_reaction_changed_in_a_chat_held_here_is_taken_without_its_document(
                 await wait_for(lambda: "heart" in laptop.messages()[0].reactions.values())
                 assert not held.loaded
                 assert held.follows_chains
+                await laptop.react(first, "laugh")  # the account's reaction, changed again
+                await wait_for(lambda: "laugh" in phone.messages()[0].reactions.values())
+                assert not held.loaded
 
     trio.run(main)
 

@@ -424,7 +424,10 @@ def test_open_node_reads_the_last_messages_without_loading_the_crdt(tmp_path: Pa
             assert shown[space.id].loaded is False
             await node.send("one more")  # a new key: written without the document
             assert not space.replica.loaded
-            await node.react(ids[0], "🎉")  # may replace a reaction: it loads now
+            await node.react(ids[0], "🎉")  # by key chains read from the store
+            assert not space.replica.loaded
+            assert node.messages()[0].reactions == {node.account_id: "🎉"}
+            await node.delivery()  # reads receipts: it loads now
             assert space.replica.loaded
             assert [m.text for m in node.messages(last=2)] == ["message 29", "one more"]
 

@@ -98,6 +98,10 @@ document (see :meth:`Replica.side_values`)."""
 SIDE_KINDS: Final = frozenset({"read", "rcpt"})
 """Kinds of ours that replace a side value; written without the history once the side
 heads are known (``Replica.write``)."""
+CHAINED_KINDS: Final = frozenset({"react", "del"})
+"""Kinds of ours that may replace an indexed value (a reaction changed, a message
+deleted again): written without the history while the key chains are followed, which
+know the item holding each key's value (``Replica.write``)."""
 Heads = dict[tuple[str, str], tuple[int, int, Any]]
 """(side map, key) -> (client, clock, value) of the item holding the key's value."""
 HeldKeys = Callable[[list[tuple[str, str]]], dict[Any, str]]
@@ -875,8 +879,17 @@ class Replica:
         if self._source is None or self._known_sv is None:
             return False
         kinds = set(kinds)
-        return FRESH_KINDS.issuperset(kinds) or (
-            self._heads is not None and (FRESH_KINDS | SIDE_KINDS).issuperset(kinds)
+        if FRESH_KINDS.issuperset(kinds):
+            return True
+        if self._heads is None:
+            return False
+        if (FRESH_KINDS | SIDE_KINDS).issuperset(kinds):
+            return True
+        chains = self._chains
+        return (
+            chains is not None
+            and not chains.waiting
+            and (FRESH_KINDS | SIDE_KINDS | CHAINED_KINDS).issuperset(kinds)
         )
 
     def diff(self, state_vector: bytes, keep: Callable[[int], bool] | None = None) -> bytes:
@@ -907,7 +920,9 @@ class Replica:
 
         While the history is not loaded, entries under keys new by construction
         (:data:`FRESH_KINDS`) and, once the side heads are known, our receipts and read
-        markers (:data:`SIDE_KINDS`) are written aside: encoded by hand
+        markers (:data:`SIDE_KINDS`), and while the key chains are followed our
+        reactions and deletions (:data:`CHAINED_KINDS`, naming the item their key's
+        list ends with) are written aside: encoded by hand
         (``ymap.encode_sets``) with our client's clocks from where the known state
         vector says ours is, a new key naming no predecessor and a side value naming
         the head it replaces (and deleting it), as ``Map.set`` does in the whole
@@ -954,8 +969,11 @@ class Replica:
                 head = heads.get((name, key))
                 origin = None if head is None else (head[0], head[1])
                 heads[(name, key)] = (client, clock + at, value)
-                if self._chains is not None:  # our item ends its key's list now
-                    self._chains.wrote((name, key), (client, clock + at))
+            elif entry.kind in CHAINED_KINDS and self._chains is not None:
+                tail = self._chains.tails.get((name, key))  # its value's item, if any
+                origin = None if tail is None else tail[0]
+            if self._chains is not None and (name in SIDE or entry.kind in CHAINED_KINDS):
+                self._chains.wrote((name, key), (client, clock + at))  # ends its list now
             sets.append((name, key, value, origin))
         update = encode_sets(client, clock, sets)
         self._aside_clock = clock + len(sets)

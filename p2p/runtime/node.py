@@ -55,7 +55,7 @@ from p2p.media.store import BlobStore
 from p2p.proto.contacts import ContactCode
 from p2p.proto.envelope import envelope_space
 from p2p.proto.gossip import RECENT_ENVELOPES, WANT_TASKS, Accepted, Duplicate
-from p2p.proto.model import MAX_BODY, Message
+from p2p.proto.model import CHAINED_KINDS, MAX_BODY, Message
 from p2p.proto.session import (
     DeviceListIn,
     EnvelopeIn,
@@ -465,6 +465,8 @@ class Node:
         if self.removed:  # nobody would accept it, and it would sit in the store forever
             raise Unlinked(self.device_id, self.account_id)
         space = self._chat(chat)
+        if kind in CHAINED_KINDS and not space.replica.writes_aside([kind]):
+            await self.writer.learn_chains(space.id)  # then a reaction needs no history
         if space.replica.writes_aside([kind]):  # a new key: no need for the history
             newest = self.messages(space.id, last=1)
             seen = newest[-1].ts if newest else ""
