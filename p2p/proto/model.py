@@ -1110,9 +1110,9 @@ class Replica:
         replica but its rules, so a worker thread runs it; :meth:`use_chains` then
         starts following them, on the thread that applies.
 
-        Why: a chat held here when the node opened follows no chains, and a catch-up
-        into it (a reaction changed while this device was away, or the peer's chat
-        folded into a snapshot) would load its whole document. Reading the history
+        Why: a chat held here when the node opened follows no chains, and a reaction
+        changed in it (live, or while this device was away; ours too) would load its
+        whole document. Reading the history
         once costs about what a link of it costs; the chains then cost one tail per key
         ever replaced and one range per run of deleted content."""
         chains = KeyChains(waits=True)

@@ -110,10 +110,11 @@ class Writer:
         """Spaces whose document a task is loading (or waits to load)."""
         self._closed = False
         self._waiting: dict[str, list[tuple[Callable[[], object], Aside | None]]] = {}
+        """Per space whose document loads: what waits for it, in arrival order (and
+        how to try it without the document, once the key chains are read)."""
         self._unlearnt: set[str] = set()
         """Spaces whose key chains could not be read from their history (a fork, an
         item following a message): they load, and are not read again this run."""
-        """Per space whose document loads: what waits for it, in arrival order."""
         self._waiting_size: dict[str, int] = {}
         self._waiting_bytes = 0
         self._unblocked = trio.Event()
@@ -369,8 +370,8 @@ class Writer:
         """Read the key chains of a space held here from its stored history, in a
         worker thread, and follow them (``Replica.learn_chains``): whether its replica
         follows key chains now. Once per space and run when they cannot be read. A
-        chat held when the node opened then takes a reaction changed, or a peer's
-        folded snapshot, without loading its document."""
+        chat held when the node opened then takes a reaction changed (a peer's, or
+        ours) without loading its document."""
         space = self._state.spaces.get(space_id)
         if space is None or space_id in self._unlearnt:
             return False
