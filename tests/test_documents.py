@@ -21,7 +21,7 @@ from typing import Any
 import pycrdt
 import pytest
 import trio
-from procs import tcp_node, wait_for
+from procs import Relay, tcp_node, wait_for
 
 from p2p.errors import DocumentNeeded
 from p2p.proto.clock import format_ts
@@ -728,6 +728,32 @@ def test_a_history_held_here_learns_its_key_chains_and_takes_the_rest_without_th
         assert dict(taker.replica.entries(name)) == dict(reference.entries(name)), name
 
 
+def test_key_chains_are_learnt_from_a_history_stored_out_of_order() -> None:
+    """A device stores updates as they arrive: a live one can come (and be stored, yrs
+    holding it back) before the catch-up piece it continues. Reading the chains, such
+    an update waits until the one it continues is read, as yrs makes it wait; the
+    chains then take a reaction changed without the document."""
+    space = "s"
+    writer = Replica(space, client_id=11)
+    opened = writer.write([_entry("msg", "a", 1), _entry("react", "a", 2, target="a-msg-1")])
+    piece = writer.write([_entry("msg", "a", 3)])
+    live = writer.write([_entry("msg", "a", 4), _entry("read", "a", 4)])
+    changed = writer.write([_entry("react", "a", 5, target="a-msg-1")])
+    taker = _Lazy(space, 33, set())
+    taker.ingest(opened)
+    taker.replica.load()
+    for update in (live, piece):  # stored in the order they came
+        taker.ingest(update)
+    assert taker.stored == [opened, live, piece]
+    taker.replica = taker._reopen(taker.replica.state_vector(), side_heads(writer.snapshot()))
+    learnt = taker.replica.learn_chains(iter(taker.stored))
+    assert learnt is not None
+    assert taker.replica.use_chains(learnt)
+    applied = taker.replica.apply(changed, held=taker.held)
+    assert applied.changed == {("r", "a-msg-1/acct-a"): again_value(writer)}
+    assert not taker.replica.loaded
+
+
 def test_own_reactions_and_deletions_are_written_aside_while_the_key_chains_are_followed() -> None:
     """Following the key chains (read from the history held here), a replica writes its
     reaction changed, a reaction on a message it had not reacted to, and a deletion
@@ -1024,6 +1050,11 @@ def test_own_receipts_written_aside_replace_the_previous_one() -> None:
     assert clocks(lazy.state_vector()) == clocks(whole.state_vector())
 
 
+def reacted(node: Node, emoji: str) -> bool:
+    """Whether some message of ``node``'s notes shows the reaction ``emoji``."""
+    return any(emoji in m.reactions.values() for m in node.messages())
+
+
 def test_a_reaction_changed_in_a_chat_held_here_is_taken_without_its_document(
     homes: list[Path],
 ) -> None:
@@ -1040,19 +1071,63 @@ def test_a_reaction_changed_in_a_chat_held_here_is_taken_without_its_document(
                 for i in range(3):
                     await phone.send(f"m{i}")
                 await phone.react(first, "+1")
-                await wait_for(lambda: laptop.messages()[0].reactions != {})
+                await wait_for(lambda: any(m.reactions for m in laptop.messages()))
             async with phone_and_laptop(homes) as (phone, laptop):
                 await vectors_exchanged(phone, laptop)
                 held = notes_of(laptop).replica
+                # level first: a live struct overtaking a catch-up piece loads the chat
+                # (architecture.md, Known limits (b)), whatever the key chains know
+                await wait_for(
+                    lambda: (
+                        clocks(notes_of(phone).replica.state_vector())
+                        == clocks(held.state_vector())
+                    )
+                )
                 assert not held.loaded
                 assert not held.follows_chains
                 await phone.react(first, "heart")
-                await wait_for(lambda: "heart" in laptop.messages()[0].reactions.values())
+                await wait_for(lambda: reacted(laptop, "heart"))
                 assert not held.loaded
                 assert held.follows_chains
                 await laptop.react(first, "laugh")  # the account's reaction, changed again
-                await wait_for(lambda: "laugh" in phone.messages()[0].reactions.values())
+                await wait_for(lambda: reacted(phone, "laugh"))
                 assert not held.loaded
+
+    trio.run(main)
+
+
+def test_a_reaction_changed_that_comes_by_mail_is_taken_without_the_chat(
+    homes: list[Path], relay: Relay
+) -> None:
+    """The laptop is off while the phone changes its reaction: the envelope waits in
+    the laptop's relay mailbox. The laptop starts alone, drains it, reads the chat's key
+    chains from its store and takes the reaction without loading the chat."""
+    relays = [relay.url]
+
+    def mails() -> int:
+        with contextlib.closing(sqlite3.connect(relay.data / "relay.db")) as conn:
+            count: int = conn.execute("SELECT count(*) FROM mail").fetchone()[0]
+            return count
+
+    async def main() -> None:
+        with trio.fail_after(60):
+            async with (
+                tcp_node(homes[0], relays=relays) as phone,
+                tcp_node(homes[1], peers=[phone.address], relays=relays) as laptop,
+            ):
+                first = await phone.send("react to me")
+                await phone.react(first, "+1")
+                await wait_for(lambda: any(m.reactions for m in laptop.messages()))
+            async with tcp_node(homes[0], relays=relays) as phone:
+                await phone.relays[0].wait_connected()
+                before = mails()
+                await phone.react(first, "heart")
+                await wait_for(lambda: mails() > before)
+            async with tcp_node(homes[1], relays=relays) as laptop:
+                held = notes_of(laptop).replica
+                await wait_for(lambda: reacted(laptop, "heart"))
+                assert not held.loaded
+                assert held.follows_chains
 
     trio.run(main)
 

@@ -98,6 +98,9 @@ document (see :meth:`Replica.side_values`)."""
 SIDE_KINDS: Final = frozenset({"read", "rcpt"})
 """Kinds of ours that replace a side value; written without the history once the side
 heads are known (``Replica.write``)."""
+LEARN_LATER: Final = 64
+"""Stored updates that continue one not read yet, held while the key chains are read
+from a store (``Replica.learn_chains``); past it, the chat loads instead."""
 CHAINED_KINDS: Final = frozenset({"react", "del"})
 """Kinds of ours that may replace an indexed value (a reaction changed, a message
 deleted again): written without the history while the key chains are followed, which
@@ -1117,17 +1120,20 @@ class Replica:
         ever replaced and one range per run of deleted content."""
         chains = KeyChains(waits=True)
         known: dict[int, int] = {}
+        later: list[bytes] = []  # stored before the updates they continue (a gap)
 
         def nothing_held(keys: list[tuple[str, str]]) -> dict[Any, str]:
             return {}  # the history itself is what is held
 
-        for update in history:
+        def take(update: bytes) -> bool | None:
+            """Follow one stored update: True, False when it continues a struct not
+            read yet (stored out of order: yrs held it back), None when it cannot be."""
             try:
                 structs, deleted = read_structs(update)
                 if any(st.clock < known.get(st.client, 0) for st in structs):
                     trimmed = trim_update(update, known)  # written twice (a load's race)
                     if trimmed is None:
-                        continue
+                        return True
                     update = trimmed
                     structs, deleted = read_structs(update)
             except (IndexError, ValueError, UnicodeDecodeError, InvalidUpdate):
@@ -1135,7 +1141,7 @@ class Replica:
             plan = _AsidePlan(update=update)
             for st in structs:
                 if st.client not in plan.ends and st.clock != known.get(st.client, 0):
-                    return None  # held back by yrs until a later update: not followed
+                    return False if st.clock > known.get(st.client, 0) else None
                 plan.ends[st.client] = st.clock + st.length
             taken = self._chain_plan(
                 plan, structs, deleted, chains, nothing_held, others=False, known=known
@@ -1144,7 +1150,28 @@ class Replica:
                 return None
             chains.take(taken.chains)
             known.update(plan.ends)
-        if chains.waiting:
+            return True
+
+        for update in history:
+            done = take(update)
+            if done is None:
+                return None
+            if not done:
+                later.append(update)
+                if len(later) > LEARN_LATER:
+                    return None  # a history this out of order: the document orders it
+                continue
+            while later:  # what waited for this one may follow now, in turn
+                for at, waited in enumerate(later):
+                    done = take(waited)
+                    if done is None:
+                        return None
+                    if done:
+                        del later[at]
+                        break
+                else:
+                    break
+        if later or chains.waiting:
             return None
         chains.waits = False
         return LearntChains(chains, encode_state_vector(known))
