@@ -30,6 +30,7 @@ from p2p.proto.model import (
     DELETIONS,
     EDITS,
     INDEXED,
+    LEARN_LATER,
     MESSAGES,
     REACTIONS,
     READ_MARKERS,
@@ -752,6 +753,24 @@ def test_key_chains_are_learnt_from_a_history_stored_out_of_order() -> None:
     applied = taker.replica.apply(changed, held=taker.held)
     assert applied.changed == {("r", "a-msg-1/acct-a"): again_value(writer)}
     assert not taker.replica.loaded
+
+
+def test_reading_key_chains_holds_a_bounded_amount_of_a_history_out_of_order() -> None:
+    """Updates stored before the one they continue are held while the chains are read,
+    up to ``LEARN_LATER`` bytes: a history further out of order (a member's device
+    can store it so) is left to the document rather than held in memory."""
+    space = "s"
+    writer = Replica(space, client_id=11)
+    first = writer.write([_entry("msg", "a", 0)])
+    gap = writer.write([_entry("msg", "a", 1)])
+    rest = [  # few updates, each of five long messages
+        writer.write([_entry("msg", "a", 10 * n + i, body="x" * 60_000) for i in range(5)])
+        for n in range(1, 21)
+    ]
+    assert sum(map(len, rest)) > LEARN_LATER
+    held = Replica(space, source=list, client_id=33, state_vector=b"\x00", heads={})
+    assert held.learn_chains(iter([first, *rest, gap])) is None
+    assert held.learn_chains(iter([first, *rest[:5], gap, *rest[5:]])) is not None
 
 
 def test_own_reactions_and_deletions_are_written_aside_while_the_key_chains_are_followed() -> None:

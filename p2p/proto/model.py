@@ -98,9 +98,10 @@ document (see :meth:`Replica.side_values`)."""
 SIDE_KINDS: Final = frozenset({"read", "rcpt"})
 """Kinds of ours that replace a side value; written without the history once the side
 heads are known (``Replica.write``)."""
-LEARN_LATER: Final = 64
-"""Stored updates that continue one not read yet, held while the key chains are read
-from a store (``Replica.learn_chains``); past it, the chat loads instead."""
+LEARN_LATER: Final = 4 * 1024 * 1024
+"""Bytes of stored updates that continue one not read yet, held while the key chains
+are read from a store (``Replica.learn_chains``); past it, the chat loads instead (a
+history this far out of order is the document's to order)."""
 CHAINED_KINDS: Final = frozenset({"react", "del"})
 """Kinds of ours that may replace an indexed value (a reaction changed, a message
 deleted again): written without the history while the key chains are followed, which
@@ -1158,7 +1159,7 @@ class Replica:
                 return None
             if not done:
                 later.append(update)
-                if len(later) > LEARN_LATER:
+                if sum(map(len, later)) > LEARN_LATER:
                     return None  # a history this out of order: the document orders it
                 continue
             while later:  # what waited for this one may follow now, in turn
