@@ -1051,10 +1051,8 @@ class Replica:
         except (IndexError, ValueError, UnicodeDecodeError):
             return None
         plan = _AsidePlan(update=update)
-        for st in structs:
-            if st.client not in plan.ends and st.clock != known.get(st.client, 0):
-                return None  # a gap, or a struct we hold in part
-            plan.ends[st.client] = st.clock + st.length
+        if _struct_ends(structs, known, plan.ends) is not None:
+            return None  # a gap, or a struct we hold in part
         if self._chains is not None:
             return self._chain_plan(
                 plan, structs, deleted, self._chains, held, others=others, known=known
@@ -1121,72 +1119,98 @@ class Replica:
         ever replaced and one range per run of deleted content."""
         chains = KeyChains(waits=True)
         known: dict[int, int] = {}
-        later: list[bytes] = []  # stored before the updates they continue (a gap)
+        later: dict[int, list[tuple[int, bytes]]] = {}
+        """Per client, updates stored before the one they continue (yrs held them
+        back), with the clock of that client they wait for."""
+        later_bytes = 0
 
         def nothing_held(keys: list[tuple[str, str]]) -> dict[Any, str]:
             return {}  # the history itself is what is held
 
-        def take(update: bytes) -> bool | None:
-            """Follow one stored update: True, False when it continues a struct not
-            read yet (stored out of order: yrs held it back), None when it cannot be."""
+        def take(update: bytes) -> tuple[dict[int, int], ItemId | None]:
+            """Follow one stored update: (per client, the clock its structs end at;
+            None), or ({}, the struct not read yet it continues). _Unlearnable when
+            it cannot be followed."""
             try:
                 structs, deleted = read_structs(update)
                 if any(st.clock < known.get(st.client, 0) for st in structs):
                     trimmed = trim_update(update, known)  # written twice (a load's race)
                     if trimmed is None:
-                        return True
+                        return {}, None
                     update = trimmed
                     structs, deleted = read_structs(update)
             except (IndexError, ValueError, UnicodeDecodeError, InvalidUpdate):
-                return None
+                raise _Unlearnable from None
             plan = _AsidePlan(update=update)
-            for st in structs:
-                if st.client not in plan.ends and st.clock != known.get(st.client, 0):
-                    return False if st.clock > known.get(st.client, 0) else None
-                plan.ends[st.client] = st.clock + st.length
+            gap = _struct_ends(structs, known, plan.ends)
+            if gap is not None:
+                if gap[1] < known.get(gap[0], 0):
+                    raise _Unlearnable  # a struct held in part
+                return {}, gap
             taken = self._chain_plan(
                 plan, structs, deleted, chains, nothing_held, others=False, known=known
             )
             if taken is None or taken.chains is None:
-                return None
+                raise _Unlearnable
             chains.take(taken.chains)
             known.update(plan.ends)
-            return True
+            return plan.ends, None
 
-        for update in history:
-            done = take(update)
-            if done is None:
-                return None
-            if not done:
-                later.append(update)
-                if sum(map(len, later)) > LEARN_LATER:
-                    return None  # a history this out of order: the document orders it
-                continue
-            while later:  # what waited for this one may follow now, in turn
-                for at, waited in enumerate(later):
-                    done = take(waited)
-                    if done is None:
-                        return None
-                    if done:
-                        del later[at]
-                        break
-                else:
-                    break
-        if later or chains.waiting:
+        def follow(update: bytes) -> None:
+            """Take ``update``, then what waited for what it brought, in turn."""
+            nonlocal later_bytes
+            todo = [update]
+            while todo:
+                update = todo.pop()
+                ends, gap = take(update)
+                if gap is not None:
+                    later.setdefault(gap[0], []).append((gap[1], update))
+                    later_bytes += len(update)
+                    if later_bytes > LEARN_LATER:
+                        raise _Unlearnable  # this far out of order: the document orders it
+                    continue
+                for client, end in ends.items():
+                    waited = later.get(client)
+                    if waited:
+                        ready = [u for clock, u in waited if clock <= end]
+                        later[client] = [(clock, u) for clock, u in waited if clock > end]
+                        later_bytes -= sum(map(len, ready))
+                        todo += ready
+
+        try:
+            for update in history:
+                follow(update)
+        except _Unlearnable:
+            return None
+        if later_bytes or chains.waiting:
             return None
         chains.waits = False
         return LearntChains(chains, encode_state_vector(known))
 
+    @property
+    def chains_learnable(self) -> bool:
+        """Whether :meth:`learn_chains` is worth running: no chains followed yet, the
+        document not loaded (nor loading), its state vector and side heads known."""
+        return (
+            self._chains is None
+            and self._source is not None
+            and not self._built
+            and not self._loading
+            and self._heads is not None
+            and self._known_sv is not None
+        )
+
     def use_chains(self, learnt: LearntChains) -> bool:
         """Follow the key chains :meth:`learn_chains` read, if they are still this
         replica's (its history unchanged since, the document not loaded meanwhile):
-        whether it does. A reaction changed or a folded snapshot's pieces then apply
-        without the document, as for a chat taken from empty."""
+        whether it does. A reaction changed, ours or a peer's, then applies without
+        the document, as for a chat taken from empty."""
         if self._chains is not None:
             return True
-        if self._source is None or self._built or self._loading or self._heads is None:
+        if not self.chains_learnable:
             return False
-        if self._known_sv is None or not _same_vector(self._known_sv, learnt.vector):
+        assert self._known_sv is not None
+        if not _same_vector(self._known_sv, learnt.vector):
             return False
         self._chains = learnt.chains
         return True
@@ -1661,6 +1685,23 @@ class LearntChains:
 
     chains: KeyChains
     vector: bytes
+
+
+class _Unlearnable(Exception):
+    """A stored history whose key chains cannot be read (``Replica.learn_chains``)."""
+
+
+def _struct_ends(
+    structs: list[Struct], known: dict[int, int], ends: dict[int, int]
+) -> ItemId | None:
+    """Fill ``ends`` (per client, the clock its structs end at) when ``structs``
+    continue each client exactly where ``known`` ends; else the first struct that
+    does not, as (client, clock): past the end (a gap), or before it (held in part)."""
+    for st in structs:
+        if st.client not in ends and st.clock != known.get(st.client, 0):
+            return st.client, st.clock
+        ends[st.client] = st.clock + st.length
+    return None
 
 
 def _same_vector(a: bytes, b: bytes) -> bool:

@@ -378,7 +378,7 @@ class Writer:
         replica = space.replica
         if replica.follows_chains:
             return True
-        if replica.loaded or not replica.vector_known or replica.known_heads() is None:
+        if not replica.chains_learnable:
             return False
         # the queue first: what leaves it meanwhile is read twice (the reader skips
         # what it holds); the store a part or a page at a time, never whole
