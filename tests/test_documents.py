@@ -606,6 +606,38 @@ def test_updates_taken_without_the_document_change_what_the_document_would(seed:
         assert heads == whole
 
 
+def _random_entry(rng: random.Random, device: str, step: int, messages: list[str]) -> Entry:
+    """One entry of a random chat history: a message (its id joins ``messages``), a
+    receipt or read marker moved on, a reaction to one of the first messages (so that
+    reactions replace one another), an edit or a deletion."""
+    roll = rng.random()
+    if roll < 0.35 or not messages:
+        entry = _entry("msg", device, step)
+        messages.append(entry.id)
+        return entry
+    if roll < 0.55:
+        return _entry("rcpt", device, step)
+    if roll < 0.7:
+        return _entry("read", device, step)
+    if roll < 0.85:
+        return _entry("react", device, step, target=rng.choice(messages[:4]))
+    kind = "edit" if roll < 0.93 else "del"
+    return _entry(kind, device, step, target=rng.choice(messages))
+
+
+def _write_everywhere(
+    writers: dict[str, Replica], device: str, entry: Entry, reference: Replica
+) -> bytes:
+    """``device``'s writer writes ``entry``; the update reaches the other writers and
+    ``reference``. The update."""
+    update = writers[device].write([entry])
+    reference.apply(update)
+    for other, replica in writers.items():
+        if other != device:
+            replica.apply(update)
+    return update
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_a_folded_snapshot_is_taken_piece_by_piece_without_the_document(seed: int) -> None:
     """Seeded: two devices write over several runs each (a new CRDT client per run, as
@@ -634,25 +666,8 @@ def test_a_folded_snapshot_is_taken_piece_by_piece_without_the_document(seed: in
         device = rng.choice(list(runs))
         if rng.random() < 0.08:  # the device restarts: its next writes are a new client
             writers[device] = new_run(device, reference.snapshot())
-        roll = rng.random()
-        if roll < 0.35 or not messages:
-            entry = _entry("msg", device, step)
-            messages.append(entry.id)
-        elif roll < 0.55:
-            entry = _entry("rcpt", device, step)
-        elif roll < 0.7:
-            entry = _entry("read", device, step)
-        elif roll < 0.85:
-            entry = _entry("react", device, step, target=rng.choice(messages[:4]))
-        elif roll < 0.93:
-            entry = _entry("edit", device, step, target=rng.choice(messages))
-        else:
-            entry = _entry("del", device, step, target=rng.choice(messages))
-        update = writers[device].write([entry])
-        reference.apply(update)
-        for other, replica in writers.items():
-            if other != device:
-                replica.apply(update)
+        entry = _random_entry(rng, device, step, messages)
+        _write_everywhere(writers, device, entry, reference)
     snapshot = reference.snapshot()
     pieces = list(split_update(snapshot, 400))
     assert len(pieces) > 10
@@ -690,26 +705,8 @@ def test_a_history_held_here_learns_its_key_chains_and_takes_the_rest_without_th
     updates: list[bytes] = []
     for step in range(120):
         device = rng.choice(list(writers))
-        roll = rng.random()
-        if roll < 0.35 or not messages:
-            entry = _entry("msg", device, step)
-            messages.append(entry.id)
-        elif roll < 0.5:
-            entry = _entry("rcpt", device, step)
-        elif roll < 0.65:
-            entry = _entry("read", device, step)
-        elif roll < 0.85:
-            entry = _entry("react", device, step, target=rng.choice(messages[:3]))
-        elif roll < 0.93:
-            entry = _entry("edit", device, step, target=rng.choice(messages))
-        else:
-            entry = _entry("del", device, step, target=rng.choice(messages))
-        update = writers[device].write([entry])
-        reference.apply(update)
-        for other, replica in writers.items():
-            if other != device:
-                replica.apply(update)
-        updates.append(update)
+        entry = _random_entry(rng, device, step, messages)
+        updates.append(_write_everywhere(writers, device, entry, reference))
     held, rest = updates[:40], updates[40:]
     taker = _Lazy(space, 77, set())
     for update in held:
